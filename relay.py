@@ -1,0 +1,2001 @@
+"""flow-relay: a single-host relay control plane for AI coding-agent sessions.
+
+One module, read top to bottom; each section uses only those above it.
+``grep -n -A1 '^#\\{64\\}' relay.py`` prints this table of contents:
+
+    Constants and logging
+    Errors
+    Configuration (flow/relay.toml)
+    Ledger model
+    Ledger store (lock, atomic write, failpoints, stream logs, archive)
+    Domain operations (pure: ledger in, ledger and reply out)
+    Projections (status, inspect, inventory, cleanup, recover)
+    Commit (the one place mutations are applied and made durable)
+    Serving helpers and the security rule
+    CLI
+
+The live server (``python -m relay serve``) is a trio application whose
+nursery tree is::
+
+    serve()                       root nursery
+    |-- ledger owner              group-commits mutations under the file lock
+    |-- heartbeat nursery         lease-expiry reaper
+    |-- supervision nursery       provider subprocesses (live runtime)
+    `-- hypercorn                 quart-trio app: HTTP, SSE, WebSocket, Connect RPCs
+
+Nothing at import time pulls in trio, quart or hypercorn: ``python -m relay
+status`` must start about as fast as Python itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+try:  # the bare SHA-256 module loads in a fraction of hashlib's OpenSSL start-up
+    from _sha256 import sha256 as _sha256
+except ImportError:  # pragma: no cover - other builds
+    from hashlib import sha256 as _sha256
+
+################################################################
+# Fast read path (status before the heavy imports)
+################################################################
+
+# ``python -m relay status`` is what operators and health checks run most, so
+# it must cost little more than starting Python.  attrs alone costs more than
+# that on a small machine, so this section uses only the standard library:
+# it reads the ledger bytes, verifies their checksum, and builds the projection
+# from plain JSON.  It trusts a ledger only when its checksum is the one the
+# last writer recorded as validated (``flow/tmp/relay/ledger.validated``);
+# anything else (absent memo, damage, a hand-edited file) falls through to the
+# full path below, which validates with the typed model.  Both paths build the
+# projection with ``status_doc``, so they cannot disagree.
+
+PROJECTION = "relay_generated_state_v1"
+OWNER = "relay"
+LEDGER_REL = os.path.join("flow", "state", "relay", "relay-state.json")
+MEMO_REL = os.path.join("flow", "tmp", "relay", "ledger.validated")
+_CHECKSUM_TAIL = b',"checksum":"sha256:'
+_LIVE = ("active", "waiting")
+
+
+def iso(t: float) -> str:
+    """Fixed-width UTC stamp (microseconds), so string order is time order."""
+    micros = int(round(t * 1_000_000))
+    secs, frac = divmod(micros, 1_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{frac:06d}Z"
+
+
+def split_checksum(data: bytes) -> tuple[bytes, bytes] | None:
+    """(body, claimed hex digest) of ledger bytes, or None if the checksum is
+    missing or wrong.  The body is the canonical JSON the digest covers."""
+    cut = data.rfind(_CHECKSUM_TAIL)
+    if cut < 0 or not data.endswith(b'"}\n'):
+        return None
+    body = data[:cut] + b"}"
+    claimed = data[cut + len(_CHECKSUM_TAIL) : -3]
+    if _sha256(body).hexdigest().encode() != claimed:  # integrity, not a secret
+        return None
+    return body, claimed
+
+
+def _count_files(directory: str) -> int:
+    return sum(len(files) for _, _, files in os.walk(directory))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _runtime_warnings(runtime: dict) -> list[dict]:
+    if runtime.get("status") == "serving" and runtime.get("pid") and not _pid_alive(runtime["pid"]):
+        return [{
+            "owner": OWNER, "code": "runtime_stale", "path": LEDGER_REL, "severity": "warning",
+            "message": f"runtime says serving at {runtime['endpoint']} by pid {runtime['pid']}, "
+                       "which is not running",
+            "repair": "run `python -m relay shutdown` to record the stop, or `python -m relay serve`",
+        }]
+    return []
+
+
+def _relay_mode(doc: dict | None, warnings: list[dict]) -> str:
+    if any(w["code"] == "ledger_invalid" for w in warnings):
+        return "degraded"
+    runtime_status = doc["runtime"]["status"] if doc else "absent"
+    return {"absent": "unbootstrapped", "bootstrapped": "ready", "serving": "serving",
+            "stopped": "stopped"}.get(runtime_status, "unknown")
+
+
+_EMPTY_RUNTIME = {"status": "absent", "endpoint": "", "mode": "", "token_id": "", "pid": 0,
+                  "bootstrapped_at": "", "served_at": "", "shutdown_at": ""}
+
+
+def status_doc(root: str, doc: dict | None, warnings: list[dict], now: float) -> dict:
+    """The relay projection over a validated ledger document (or None)."""
+    if doc is not None:
+        warnings = warnings + _runtime_warnings(doc["runtime"])
+    view = doc or {"revision": 0, "runtime": _EMPTY_RUNTIME, "profiles": {}, "sessions": {},
+                   "leases": {}, "quarantines": {}, "control_requests": {}, "cursors": {}}
+    stamp = iso(now)
+    live = [x["state"] for x in view["leases"].values()
+            if x["state"] in _LIVE and x["expires_at"] > stamp]
+    state_dir = os.path.join(root, "flow", "state", "relay")
+    tmp_dir = os.path.join(root, "flow", "tmp", "relay")
+    return {
+        "status": "fail" if any(w["severity"] == "error" for w in warnings) else "pass",
+        "projection": PROJECTION,
+        "relay_mode": _relay_mode(doc, warnings),
+        "ledger_path": LEDGER_REL,
+        "state_present": os.path.isdir(state_dir),
+        "tmp_present": os.path.isdir(tmp_dir),
+        "ledger_present": os.path.exists(os.path.join(root, LEDGER_REL)),
+        "durable_artifacts": _count_files(state_dir),
+        "tmp_artifacts": _count_files(tmp_dir),
+        "revision": view["revision"],
+        "profiles": len(view["profiles"]),
+        "sessions": len(view["sessions"]),
+        "active_leases": live.count("active"),
+        "waiting_leases": live.count("waiting"),
+        "active_quarantines": sum(1 for q in view["quarantines"].values() if q["state"] == "active"),
+        "control_requests": len(view["control_requests"]),
+        "events": sum(c["events"] for c in view["cursors"].values()),
+        "results": sum(c["results"] for c in view["cursors"].values()),
+        "runtime": dict(view["runtime"]),
+        "warnings": warnings,
+    }
+
+
+def status_text(doc: dict) -> str:
+    lines = [f"relay {doc['status']}: mode {doc['relay_mode']}, revision {doc['revision']}, "
+             f"{doc['profiles']} profiles, {doc['sessions']} sessions, "
+             f"{doc['active_leases']} active leases, {doc['active_quarantines']} quarantines, "
+             f"{doc['events']} events, {doc['results']} results"]
+    lines += [f"{w['severity']}: {w['path']}: {w['message']}; next: {w['repair']}"
+              for w in doc["warnings"]]
+    return "\n".join(lines)
+
+
+def _fast_status(argv: list[str]) -> int | None:
+    """Answer ``status [--json] [--root DIR]`` without heavy imports, or return
+    None to let the full CLI answer (any other command, or a ledger this path
+    cannot vouch for)."""
+    args, root, as_json = list(argv), os.environ.get("FLOW_ROOT") or ".", False
+    if "--root" in args:
+        i = args.index("--root")
+        if i + 1 >= len(args):
+            return None
+        root = args[i + 1]
+        del args[i : i + 2]
+    if "--json" in args:
+        args.remove("--json")
+        as_json = True
+    if args != ["status"]:
+        return None
+    doc = None
+    try:
+        with open(os.path.join(root, LEDGER_REL), "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return None
+    else:
+        split = split_checksum(data)
+        try:
+            with open(os.path.join(root, MEMO_REL), "rb") as f:
+                memo = f.read()
+        except OSError:
+            return None
+        if split is None or split[1] != memo:
+            return None
+        doc = json.loads(split[0])
+    out = status_doc(root, doc, [], time.time())
+    sys.stdout.write((json.dumps(out, sort_keys=True) if as_json else status_text(out)) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    _fast_exit = _fast_status(sys.argv[1:])
+    if _fast_exit is not None:
+        sys.exit(_fast_exit)
+
+# The full module: everything below may import attrs and relay_client.
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import fcntl  # noqa: E402
+import hashlib  # noqa: E402
+import hmac  # noqa: E402
+import ipaddress  # noqa: E402
+import secrets  # noqa: E402
+import shlex  # noqa: E402
+import signal  # noqa: E402
+import zlib  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from datetime import UTC, datetime  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Final  # noqa: E402
+
+import attrs  # noqa: E402
+
+import relay_client as rc  # noqa: E402
+from relay_client import (  # noqa: E402
+    AlreadyExists,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    RelayError,
+    check_id,
+    from_json,
+    to_json,
+)
+
+__all__ = [
+    "Config",
+    "Ctx",
+    "Ledger",
+    "Store",
+    "commit",
+    "load_config",
+    "main",
+]
+
+################################################################
+# Constants and logging
+################################################################
+
+SECONDS: Final = 1
+MINUTES: Final = 60 * SECONDS
+HOURS: Final = 60 * MINUTES
+KIB: Final = 1024
+MIB: Final = 1024 * KIB
+
+SCHEMA_ID: Final = "flow-relay/relay-state/v1"
+
+LEDGER_NAME: Final = "relay-state.json"
+LOCK_NAME: Final = "relay-state.lock"
+MEMO_NAME: Final = "ledger.validated"
+TEMP_PREFIX: Final = ".relay-state.json.tmp."
+STREAMS_DIR: Final = "streams"
+ARCHIVE_DIR: Final = "archive"
+SET_ASIDE_DIR: Final = "set-aside"
+STREAM_KINDS: Final = ("events", "results")
+
+#: The exit codes of the CLI.
+EXIT_OK: Final = 0
+EXIT_REFUSED: Final = 1
+EXIT_USAGE: Final = 2
+
+FAILPOINTS: Final = (
+    "after_lock",
+    "after_temp_write",
+    "after_temp_fsync",
+    "after_rename",
+    "after_dir_fsync",
+    "before_ack",
+)
+
+
+def _log(message: str) -> None:
+    """Operator-facing diagnostics go to stderr; stdout is for results."""
+    print(f"relay: {message}", file=sys.stderr, flush=True)
+
+
+def _failpoint(name: str) -> None:
+    """``RELAY_FAILPOINT=<name>`` makes this process SIGKILL itself here.
+
+    Used by the crash tests to stop a writer at each step of a durable write.
+    """
+    if os.environ.get("RELAY_FAILPOINT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def parse_iso(stamp: str) -> float:
+    return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+
+
+def _canonical(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(_canonical(value)).hexdigest()
+
+
+################################################################
+# Errors
+################################################################
+
+# The status codes and the error hierarchy live in relay_client (the generated
+# "_pb2" of this service); this section only adds the relay's own helpers.
+
+
+class LedgerInvalid(FailedPrecondition):
+    """The ledger file does not parse or validate; mutations are refused."""
+
+
+def _not_found(kind: str, ident: str, hint: str) -> NotFound:
+    return NotFound(f"{kind} {ident!r} does not exist", hint=hint)
+
+
+def _io_failure(what: str, exc: OSError) -> Internal:
+    return Internal(
+        f"could not {what}: {exc.strerror or exc}; nothing was changed",
+        hint="check the disk (df -h, dmesg) and run the command again",
+    )
+
+
+################################################################
+# Configuration (flow/relay.toml)
+################################################################
+
+
+@attrs.frozen
+class Config:
+    """Settings from ``flow/relay.toml``; every number carries its unit."""
+
+    default_ttl_seconds: int = 5 * MINUTES
+    max_ttl_seconds: int = 24 * HOURS
+    control_request_retention_seconds: int = 24 * HOURS
+    lease_retention_seconds: int = 1 * HOURS
+    request_retention_seconds: int = 10 * MINUTES
+    max_request_records: int = 1000
+    compact_interval_seconds: int = 1 * MINUTES
+    max_record_bytes: int = 256 * KIB
+    host: str = "127.0.0.1"
+    port: int = 9876
+    max_body_bytes: int = 1 * MIB
+    reaper_interval_seconds: float = 1.0
+    sse_keepalive_seconds: float = 15.0
+    subscriber_buffer: int = 256
+
+
+# Table key -> (section, toml key); one place names the file's layout.
+_CONFIG_KEYS: Final = {
+    "default_ttl_seconds": ("leases", "default_ttl_seconds"),
+    "max_ttl_seconds": ("leases", "max_ttl_seconds"),
+    "control_request_retention_seconds": ("ledger", "control_request_retention_seconds"),
+    "lease_retention_seconds": ("ledger", "lease_retention_seconds"),
+    "request_retention_seconds": ("ledger", "request_retention_seconds"),
+    "max_request_records": ("ledger", "max_request_records"),
+    "compact_interval_seconds": ("ledger", "compact_interval_seconds"),
+    "max_record_bytes": ("streams", "max_record_bytes"),
+    "host": ("serve", "host"),
+    "port": ("serve", "port"),
+    "max_body_bytes": ("serve", "max_body_bytes"),
+    "reaper_interval_seconds": ("serve", "reaper_interval_seconds"),
+    "sse_keepalive_seconds": ("serve", "sse_keepalive_seconds"),
+    "subscriber_buffer": ("serve", "subscriber_buffer"),
+}
+
+
+def load_config(flow_dir: Path) -> Config:
+    """Read ``relay.toml``, refusing unknown keys and wrong types loudly."""
+    path = flow_dir / "relay.toml"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return Config()
+    import tomllib
+
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidArgument(f"{path} is not valid TOML: {exc}", hint=f"fix {path}") from None
+    by_place = {place: name for name, place in _CONFIG_KEYS.items()}
+    defaults = Config()
+    values: dict[str, Any] = {}
+    for section, table in doc.items():
+        if not isinstance(table, dict):
+            raise InvalidArgument(f"{path}: [{section}] must be a table", hint=f"fix {path}")
+        for key, value in table.items():
+            name = by_place.get((section, key))
+            if name is None:
+                raise InvalidArgument(
+                    f"{path}: unknown setting {section}.{key}",
+                    hint="see specs/flow-relay-contract.md for the settings",
+                )
+            want = type(getattr(defaults, name))
+            ok = isinstance(value, want) and not isinstance(value, bool)
+            if want is float and isinstance(value, int) and not isinstance(value, bool):
+                value, ok = float(value), True
+            if not ok or (isinstance(value, (int, float)) and value <= 0):
+                raise InvalidArgument(
+                    f"{path}: {section}.{key} must be a positive {want.__name__}",
+                    hint=f"fix {path}",
+                )
+            values[name] = value
+    return Config(**values)
+
+
+################################################################
+# Ledger model
+################################################################
+
+
+@attrs.frozen
+class TokenRecord:
+    """A bearer token: only its SHA-256 digest is ever stored."""
+
+    token_id: str
+    digest: str
+    state: str = "active"  # active | rotated | revoked
+    label: str = ""
+    created_at: str = ""
+    grace_until: str = ""
+    revoked_at: str = ""
+
+
+@attrs.frozen
+class RequestRecord:
+    """An applied mutation's idempotency key, kept for a retention window so a
+    retried call returns the first answer instead of applying twice."""
+
+    method: str
+    digest: str
+    reply: dict[str, Any]
+    recorded_at: str
+
+
+@attrs.frozen
+class Ledger:
+    """The relay's durable truth: ``flow/state/relay/relay-state.json``."""
+
+    schema: str = SCHEMA_ID
+    revision: int = 0
+    updated_at: str = ""
+    compacted_at: str = ""
+    runtime: rc.Runtime = rc.Runtime()
+    profiles: dict[str, rc.Profile] = attrs.Factory(dict)
+    sessions: dict[str, rc.Session] = attrs.Factory(dict)
+    leases: dict[str, rc.Lease] = attrs.Factory(dict)
+    control_requests: dict[str, rc.ControlRequest] = attrs.Factory(dict)
+    cursors: dict[str, rc.Cursor] = attrs.Factory(dict)
+    tokens: dict[str, TokenRecord] = attrs.Factory(dict)
+    quarantines: dict[str, rc.Quarantine] = attrs.Factory(dict)
+    requests: dict[str, RequestRecord] = attrs.Factory(dict)
+
+
+def _put(mapping: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """A copy of ``mapping`` with ``key`` set: ledgers are values, never edited."""
+    new = dict(mapping)
+    new[key] = value
+    return new
+
+
+def encode_ledger(ledger: Ledger) -> bytes:
+    """Canonical bytes with a trailing SHA-256 checksum of everything before it."""
+    body = _canonical(to_json(ledger))
+    digest = hashlib.sha256(body).hexdigest()
+    return body[:-1] + b',"checksum":"sha256:' + digest.encode() + b'"}\n'
+
+
+def decode_ledger(data: bytes) -> Ledger:
+    """Parse and validate ledger bytes; anything off raises ``LedgerInvalid``."""
+    hint = ("run `python -m relay state inventory` to see it, then "
+            "`python -m relay state reset --owner relay --apply` to set it aside")
+    if not data.strip():
+        raise LedgerInvalid("ledger is empty", hint=hint)
+    if data.rfind(_CHECKSUM_TAIL) < 0 or not data.endswith(b'"}\n'):
+        raise LedgerInvalid("ledger is truncated or has no checksum", hint=hint)
+    split = split_checksum(data)
+    if split is None:
+        raise LedgerInvalid("ledger checksum does not match its contents", hint=hint)
+    body = split[0]
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise LedgerInvalid(f"ledger is not valid JSON: {exc}", hint=hint) from None
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA_ID:
+        got = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
+        raise LedgerInvalid(f"ledger has schema {got!r}, expected {SCHEMA_ID!r}", hint=hint)
+    try:
+        ledger = from_json(Ledger, doc)
+    except RelayError as exc:
+        raise LedgerInvalid(f"ledger does not validate: {exc.message}", hint=hint) from None
+    _check_ledger_keys(ledger, hint)
+    return ledger
+
+
+def _check_ledger_keys(ledger: Ledger, hint: str) -> None:
+    """Map keys must equal the ids inside their records."""
+    for name, key_field in (
+        ("profiles", "name"), ("sessions", "session_id"), ("leases", "lease_id"),
+        ("control_requests", "request_id"), ("cursors", "session_id"),
+        ("tokens", "token_id"), ("quarantines", "session_id"),
+    ):
+        for key, record in getattr(ledger, name).items():
+            if getattr(record, key_field) != key or not rc.ID_PATTERN.fullmatch(key):
+                raise LedgerInvalid(f"ledger {name} entry {key!r} is inconsistent", hint=hint)
+    if ledger.revision < 0:
+        raise LedgerInvalid("ledger revision is negative", hint=hint)
+
+
+################################################################
+# Ledger store (lock, atomic write, failpoints, stream logs, archive)
+################################################################
+
+# A stream log is a file of lines ``<crc32 8 hex> <record JSON>\n``.  The ledger
+# records how many bytes of it are committed (``Cursor.events_bytes``); bytes
+# past that are a torn or unacknowledged tail and are cut off before the next
+# append, and never read.  Appending therefore costs the same at any history
+# length, and a reader can binary-search a log by sequence number.
+
+
+def encode_record(record: rc.StreamRecord) -> bytes:
+    body = _canonical(to_json(record))
+    return b"%08x " % zlib.crc32(body) + body + b"\n"
+
+
+def decode_record(line: bytes) -> rc.StreamRecord:
+    """One log line -> record; raises ValueError on any damage."""
+    if len(line) < 11 or line[8:9] != b" " or not line.endswith(b"\n"):
+        raise ValueError("malformed stream record")
+    body = line[9:-1]
+    if int(line[:8], 16) != zlib.crc32(body):
+        raise ValueError("stream record checksum mismatch")
+    return from_json(rc.StreamRecord, json.loads(body))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+@attrs.define(eq=False)
+class Store:
+    """Files of one workspace.  Sync by design: the CLI uses it directly and the
+    server calls it through one ``trio.to_thread.run_sync`` hop per commit."""
+
+    root: Path
+    _cache: tuple[tuple[int, int, int], Ledger] | None = None
+    _orphans_checked: bool = False
+
+    @property
+    def flow(self) -> Path:
+        return self.root / "flow"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.flow / "state" / "relay"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.flow / "tmp" / "relay"
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.state_dir / LEDGER_NAME
+
+    @property
+    def lock_path(self) -> Path:
+        return self.tmp_dir / LOCK_NAME
+
+    def stream_path(self, session_id: str, stream: str) -> Path:
+        check_id("session", session_id)
+        return self.state_dir / STREAMS_DIR / session_id / f"{stream}.log"
+
+    # -- the lock ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the exclusive ``flock`` that serializes every mutation."""
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            _failpoint("after_lock")
+            yield
+        finally:
+            os.close(fd)  # closing drops the flock
+
+    # -- reading ----------------------------------------------------------------
+
+    def read(self) -> Ledger | None:
+        """The current ledger (None when absent); no lock, the rename makes every
+        read whole.  Raises ``LedgerInvalid`` for a damaged file."""
+        try:
+            fd = os.open(self.ledger_path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self._cache = None
+            return None
+        try:
+            st = os.fstat(fd)
+            key = (st.st_ino, st.st_size, st.st_mtime_ns)
+            if self._cache is not None and self._cache[0] == key:
+                return self._cache[1]
+            with os.fdopen(os.dup(fd), "rb") as f:
+                data = f.read()
+        finally:
+            os.close(fd)
+        ledger = decode_ledger(data)
+        self._cache = (key, ledger)
+        return ledger
+
+    # -- writing ----------------------------------------------------------------
+
+    def write(self, ledger: Ledger) -> None:
+        """Temp file in the same directory, fsync, rename, fsync the directory.
+
+        A failure at any step fails the write and is never retried on the same
+        descriptor (after a failed fsync the kernel may have dropped the dirty
+        pages: the PostgreSQL lesson); the ledger stays the old or the new one.
+        """
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        data = encode_ledger(ledger)
+        tmp = self.state_dir / f"{TEMP_PREFIX}{os.getpid()}.{secrets.token_hex(4)}"
+        self._cache = None
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                _write_all(fd, data)
+                _failpoint("after_temp_write")
+                os.fsync(fd)
+                _failpoint("after_temp_fsync")
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.ledger_path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise _io_failure("write the ledger", exc) from exc
+        _failpoint("after_rename")
+        try:
+            _fsync_dir(self.state_dir)
+        except OSError as exc:
+            raise _io_failure("fsync the ledger directory", exc) from exc
+        _failpoint("after_dir_fsync")
+        self._record_validated(data)
+
+    def _record_validated(self, data: bytes) -> None:
+        """Tell the fast status path that these exact bytes came from the typed
+        model.  Scratch, not truth: losing it only makes ``status`` slower."""
+        claimed = split_checksum(data)
+        with contextlib.suppress(OSError):
+            memo = self.tmp_dir / MEMO_NAME
+            tmp = memo.with_name(f"{MEMO_NAME}.{os.getpid()}")
+            tmp.write_bytes(claimed[1] if claimed else b"")
+            os.replace(tmp, memo)
+
+    def remove_orphan_temps(self) -> list[str]:
+        """Delete temp files a crashed writer left (call only under the lock)."""
+        removed = []
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.state_dir):
+                if entry.name.startswith(TEMP_PREFIX):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                    removed.append(entry.name)
+        self._orphans_checked = True
+        return removed
+
+    # -- stream logs ------------------------------------------------------------
+
+    def append_records(self, session_id: str, stream: str, committed: int,
+                       records: list[rc.StreamRecord]) -> int:
+        """Cut the log back to its committed length, append, fsync; returns the
+        new length.  The caller commits that length in the ledger."""
+        path = self.stream_path(session_id, stream)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = b"".join(encode_record(r) for r in records)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise _io_failure(f"open {path}", exc) from exc
+        try:
+            if os.fstat(fd).st_size != committed:
+                os.ftruncate(fd, committed)
+            os.lseek(fd, committed, os.SEEK_SET)
+            _write_all(fd, data)
+            os.fsync(fd)
+        except OSError as exc:
+            raise _io_failure(f"append to {path}", exc) from exc
+        finally:
+            os.close(fd)
+        if committed == 0:
+            try:
+                _fsync_dir(path.parent)
+            except OSError as exc:
+                raise _io_failure(f"fsync {path.parent}", exc) from exc
+        return committed + len(data)
+
+    def read_records(self, session_id: str, stream: str, committed: int, after: int,
+                     limit: int) -> list[rc.StreamRecord]:
+        """Records with seq > ``after``, in order, from the committed part only."""
+        if committed == 0:
+            return []
+        path = self.stream_path(session_id, stream)
+        with open(path, "rb") as f:
+            start = _seek_after(f, committed, after)
+            f.seek(start)
+            out = []
+            while len(out) < limit and f.tell() < committed:
+                record = decode_record(f.readline())
+                if record.seq > after:
+                    out.append(record)
+            return out
+
+    def scan_records(self, session_id: str, stream: str, committed: int) -> Iterator[rc.StreamRecord]:
+        """Every committed record, checking checksums (used by gate and tests)."""
+        if committed == 0:
+            return
+        with open(self.stream_path(session_id, stream), "rb") as f:
+            while f.tell() < committed:
+                yield decode_record(f.readline())
+
+    # -- archive ------------------------------------------------------------------
+
+    def archive(self, name: str, rows: list[dict[str, Any]]) -> None:
+        """Append rows to ``archive/<name>.jsonl`` durably, before the ledger
+        drops them (a crash in between only repeats a row in the archive)."""
+        directory = self.state_dir / ARCHIVE_DIR
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{name}.jsonl"
+        data = b"".join(_canonical(r) + b"\n" for r in rows)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            _fsync_dir(directory)
+        except OSError as exc:
+            raise _io_failure(f"append to {path}", exc) from exc
+
+
+def _seq_at(f: Any, offset: int) -> tuple[int, int] | None:
+    """(seq, line start) of the first whole line at or after ``offset``."""
+    if offset:
+        f.seek(offset - 1)
+        f.readline()  # finish the line ``offset`` falls in
+    start = f.tell()
+    line = f.readline()
+    if not line:
+        return None
+    return decode_record(line).seq, start
+
+
+def _seek_after(f: Any, committed: int, after: int) -> int:
+    """Binary search for a line start at or before the first record with seq >
+    ``after``: O(log n) seeks, whatever the history's length."""
+    lo, hi = 0, committed
+    best = 0
+    while hi - lo > 4 * KIB:
+        mid = (lo + hi) // 2
+        found = _seq_at(f, mid)
+        if found is None or found[1] >= committed:
+            hi = mid
+            continue
+        seq, start = found
+        if seq <= after:
+            best, lo = start, mid
+        else:
+            hi = mid
+    return best
+
+
+################################################################
+# Domain operations (pure: ledger in, ledger and reply out)
+################################################################
+
+# Each operation is ``op(ledger, request, ctx) -> (ledger, reply)`` and raises a
+# RelayError to refuse.  Returning the very same ledger object means "nothing
+# changed" (a duplicate): the commit then neither bumps the revision nor writes.
+# ``ctx.revision`` is the revision this mutation will carry if it changes
+# anything; ids minted from it are unique and need no randomness.
+
+
+@attrs.frozen
+class Ctx:
+    now: float
+    revision: int
+    config: Config = Config()
+
+    @property
+    def stamp(self) -> str:
+        return iso(self.now)
+
+
+def _session(ledger: Ledger, session_id: str) -> rc.Session:
+    session = ledger.sessions.get(session_id)
+    if session is None:
+        raise _not_found("session", session_id, "list sessions with `python -m relay session list`")
+    return session
+
+
+def _lease(ledger: Ledger, lease_id: str) -> rc.Lease:
+    lease = ledger.leases.get(lease_id)
+    if lease is None:
+        raise _not_found("lease", lease_id, "list leases with `python -m relay lease list`")
+    return lease
+
+
+def _text(kind: str, value: str, limit: int = 512) -> str:
+    if not value.strip() or len(value) > limit:
+        raise InvalidArgument(f"{kind} must be 1..{limit} characters", hint=f"pass a {kind}")
+    return value
+
+
+def is_live(lease: rc.Lease, stamp: str) -> bool:
+    """An active or waiting lease that has not run out.  An expired lease
+    occupies nothing, whether or not the reaper has marked it yet."""
+    return lease.state in rc.LIVE_LEASE_STATES and lease.expires_at > stamp
+
+
+def live_leases(ledger: Ledger, session_id: str, stamp: str) -> list[rc.Lease]:
+    return [
+        lease for lease in ledger.leases.values()
+        if lease.session_id == session_id and is_live(lease, stamp)
+    ]
+
+
+def _ttl(requested: int, ctx: Ctx) -> int:
+    ttl = requested or ctx.config.default_ttl_seconds
+    if not 1 <= ttl <= ctx.config.max_ttl_seconds:
+        raise InvalidArgument(
+            f"ttl {ttl}s is out of range 1..{ctx.config.max_ttl_seconds}s",
+            hint="pass a smaller --ttl or raise leases.max_ttl_seconds in flow/relay.toml",
+        )
+    return ttl
+
+
+def _grantable(ledger: Ledger, session_id: str) -> rc.Session:
+    session = _session(ledger, session_id)
+    quarantine = ledger.quarantines.get(session_id)
+    if quarantine is not None and quarantine.state == "active":
+        raise FailedPrecondition(
+            f"session {session_id!r} is quarantined: {quarantine.reason}",
+            hint=f"run `python -m relay recover --session {session_id}`",
+        )
+    if session.state != "ready":
+        raise FailedPrecondition(
+            f"session {session_id!r} is {session.state}, not ready",
+            hint=f"run `python -m relay recover --session {session_id}`",
+        )
+    return session
+
+
+def register_profile(ledger: Ledger, req: rc.RegisterProfileRequest, ctx: Ctx):
+    if req.provider not in rc.PROVIDERS or req.mode not in rc.PROFILE_MODES:
+        raise InvalidArgument(
+            f"provider must be one of {', '.join(rc.PROVIDERS)} and mode one of "
+            f"{', '.join(rc.PROFILE_MODES)}", hint="see `python -m relay profile register --help`")
+    if req.mode == "pooled" and req.provider != "codex":
+        raise InvalidArgument(
+            f"pooled profiles are Codex-only; {req.provider} sessions are one-borrow",
+            hint=f"register it with --provider {req.provider} --mode one-borrow")
+    profile = rc.Profile(req.name, req.provider, req.mode, tuple(req.command), ctx.stamp)
+    old = ledger.profiles.get(req.name)
+    if old is not None:
+        if attrs.evolve(old, created_at=ctx.stamp) == profile:
+            return ledger, rc.ProfileReply("duplicate", ledger.revision, old)
+        raise AlreadyExists(
+            f"profile {req.name!r} already exists with other settings",
+            hint="pick another NAME, or list profiles with `python -m relay profile list`")
+    ledger = attrs.evolve(ledger, profiles=_put(ledger.profiles, req.name, profile))
+    return ledger, rc.ProfileReply("registered", ctx.revision, profile)
+
+
+def create_session(ledger: Ledger, req: rc.CreateSessionRequest, ctx: Ctx):
+    profile = ledger.profiles.get(req.profile)
+    if profile is None:
+        raise _not_found("profile", req.profile,
+                         "register it with `python -m relay profile register NAME ...`")
+    session_id = req.session_id or f"ses-{ctx.revision}"
+    if session_id in ledger.sessions:
+        raise AlreadyExists(f"session {session_id!r} already exists",
+                            hint="pick another --session-id, or omit it to get a fresh one")
+    session = rc.Session(session_id, profile.name, profile.provider, "ready", ctx.stamp, ctx.stamp)
+    ledger = attrs.evolve(
+        ledger,
+        sessions=_put(ledger.sessions, session_id, session),
+        cursors=_put(ledger.cursors, session_id, rc.Cursor(session_id)),
+    )
+    return ledger, rc.SessionReply("created", ctx.revision, session)
+
+
+def _issue(ledger: Ledger, session: rc.Session, lease: rc.Lease, ctx: Ctx) -> Ledger:
+    """Activate ``lease`` with the session's next fencing token."""
+    token = session.fencing_token + 1
+    session = attrs.evolve(session, fencing_token=token, updated_at=ctx.stamp)
+    lease = attrs.evolve(
+        lease, state="active", fencing_token=token, granted_at=ctx.stamp,
+        expires_at=iso(ctx.now + lease.ttl_seconds), last_renewed_at="",
+    )
+    return attrs.evolve(
+        ledger,
+        sessions=_put(ledger.sessions, session.session_id, session),
+        leases=_put(ledger.leases, lease.lease_id, lease),
+    )
+
+
+def grant_lease(ledger: Ledger, req: rc.GrantLeaseRequest, ctx: Ctx):
+    """Shared readers coexist; a writer needs the session to itself.  A writer
+    that must wait for readers is recorded as waiting, which keeps new readers
+    out; granting again for the same holder promotes it once readers are gone."""
+    if req.mode not in rc.LEASE_MODES:
+        raise InvalidArgument(f"mode must be one of {', '.join(rc.LEASE_MODES)}",
+                              hint="pass --mode shared-read or --mode exclusive-write")
+    session = _grantable(ledger, req.session_id)
+    ttl = _ttl(req.ttl_seconds, ctx)
+    live = live_leases(ledger, req.session_id, ctx.stamp)
+    mine = [lease for lease in live if lease.holder == req.holder]
+    writer = next((x for x in live if x.mode == "exclusive-write" and x.state == "active"), None)
+    waiter = next((x for x in live if x.state == "waiting"), None)
+    if mine and not (mine[0].state == "waiting" and req.mode == "exclusive-write"):
+        raise AlreadyExists(
+            f"holder {req.holder!r} already holds lease {mine[0].lease_id!r} "
+            f"({mine[0].mode}, {mine[0].state}) on session {req.session_id!r}",
+            hint=f"renew it with `python -m relay lease renew {mine[0].lease_id}`")
+    if writer is not None:
+        raise FailedPrecondition(
+            f"session {req.session_id!r} has an active writer ({writer.holder!r}, "
+            f"lease {writer.lease_id!r})",
+            hint="retry after it is released, or see `python -m relay recover`")
+    readers = [x for x in live if x.mode == "shared-read" and x.state == "active"]
+    if req.mode == "shared-read":
+        if waiter is not None:
+            raise FailedPrecondition(
+                f"session {req.session_id!r} has a waiting writer ({waiter.holder!r}); "
+                "new readers wait until it has been served",
+                hint="retry after the writer releases its lease")
+        lease = rc.Lease(f"lease-{ctx.revision}", req.session_id, req.holder, req.mode,
+                         "active", ttl_seconds=ttl, requested_at=ctx.stamp)
+        ledger = _issue(ledger, session, lease, ctx)
+        return ledger, rc.LeaseReply("granted", ctx.revision, ledger.leases[lease.lease_id])
+    if waiter is not None and waiter.holder != req.holder:
+        raise FailedPrecondition(
+            f"session {req.session_id!r} already has a waiting writer ({waiter.holder!r})",
+            hint="retry after that writer has been served")
+    lease = waiter or rc.Lease(f"lease-{ctx.revision}", req.session_id, req.holder, req.mode,
+                               "waiting", ttl_seconds=ttl, requested_at=ctx.stamp)
+    lease = attrs.evolve(lease, ttl_seconds=ttl)
+    if readers:
+        lease = attrs.evolve(lease, state="waiting", expires_at=iso(ctx.now + ttl))
+        ledger = attrs.evolve(ledger, leases=_put(ledger.leases, lease.lease_id, lease))
+        return ledger, rc.LeaseReply("waiting", ctx.revision, lease)
+    ledger = _issue(ledger, session, lease, ctx)
+    return ledger, rc.LeaseReply("granted", ctx.revision, ledger.leases[lease.lease_id])
+
+
+def borrow(ledger: Ledger, req: rc.BorrowRequest, ctx: Ctx):
+    """Pick a ready, unoccupied session (of a profile, or the named one) and grant."""
+    if bool(req.profile) == bool(req.session_id):
+        raise InvalidArgument("borrow needs exactly one of --profile or --session",
+                              hint="pass --profile NAME to take any ready session of it")
+    if req.session_id:
+        session_id = req.session_id
+    else:
+        if req.profile not in ledger.profiles:
+            raise _not_found("profile", req.profile, "list profiles with `python -m relay profile list`")
+        free = [
+            s.session_id for s in ledger.sessions.values()
+            if s.profile == req.profile and s.state == "ready"
+            and not live_leases(ledger, s.session_id, ctx.stamp)
+            and not _quarantined(ledger, s.session_id)
+        ]
+        if not free:
+            raise rc.ResourceExhausted(
+                f"profile {req.profile!r} has no ready, unoccupied session",
+                hint=f"create one with `python -m relay session create --profile {req.profile}`")
+        session_id = min(free)
+    grant = rc.GrantLeaseRequest(session_id, req.holder, req.mode, req.ttl_seconds)
+    return grant_lease(ledger, grant, ctx)
+
+
+def _quarantined(ledger: Ledger, session_id: str) -> bool:
+    q = ledger.quarantines.get(session_id)
+    return q is not None and q.state == "active"
+
+
+def renew_lease(ledger: Ledger, req: rc.RenewLeaseRequest, ctx: Ctx):
+    lease = _lease(ledger, req.lease_id)
+    if lease.state != "active" or not is_live(lease, ctx.stamp):
+        state = "expired" if lease.state == "active" else lease.state
+        raise FailedPrecondition(
+            f"lease {req.lease_id!r} is {state} and cannot be renewed",
+            hint=f"take a new one with `python -m relay lease grant --session {lease.session_id} ...`")
+    ttl = _ttl(req.ttl_seconds or lease.ttl_seconds, ctx)
+    lease = attrs.evolve(lease, ttl_seconds=ttl, last_renewed_at=ctx.stamp,
+                         expires_at=iso(ctx.now + ttl))
+    ledger = attrs.evolve(ledger, leases=_put(ledger.leases, lease.lease_id, lease))
+    return ledger, rc.LeaseReply("renewed", ctx.revision, lease)
+
+
+def _end(ledger: Ledger, lease: rc.Lease, state: str, ctx: Ctx, reason: str = "") -> Ledger:
+    lease = attrs.evolve(lease, state=state, ended_at=ctx.stamp, revoke_reason=reason)
+    return attrs.evolve(ledger, leases=_put(ledger.leases, lease.lease_id, lease))
+
+
+def _must_be_live(lease: rc.Lease, ctx: Ctx, verb: str) -> None:
+    if not is_live(lease, ctx.stamp):
+        state = "expired" if lease.state in rc.LIVE_LEASE_STATES else lease.state
+        raise FailedPrecondition(f"lease {lease.lease_id!r} is already {state}; nothing to {verb}",
+                                 hint="list leases with `python -m relay lease list`")
+
+
+def release_lease(ledger: Ledger, req: rc.ReleaseLeaseRequest, ctx: Ctx):
+    lease = _lease(ledger, req.lease_id)
+    _must_be_live(lease, ctx, "release")
+    ledger = _end(ledger, lease, "released", ctx)
+    return ledger, rc.LeaseReply("released", ctx.revision, ledger.leases[req.lease_id])
+
+
+def revoke_lease(ledger: Ledger, req: rc.RevokeLeaseRequest, ctx: Ctx):
+    lease = _lease(ledger, req.lease_id)
+    _must_be_live(lease, ctx, "revoke")
+    ledger = _end(ledger, lease, "revoked", ctx, _text("reason", req.reason))
+    return ledger, rc.LeaseReply("revoked", ctx.revision, ledger.leases[req.lease_id])
+
+
+def expire_leases(ledger: Ledger, ctx: Ctx) -> tuple[Ledger, list[rc.Lease]]:
+    """Mark leases past their expiry ``expired`` (the reaper's job)."""
+    gone = [
+        lease for lease in ledger.leases.values()
+        if lease.state in rc.LIVE_LEASE_STATES and lease.expires_at <= ctx.stamp
+    ]
+    if not gone:
+        return ledger, []
+    leases = dict(ledger.leases)
+    for lease in gone:
+        leases[lease.lease_id] = attrs.evolve(lease, state="expired", ended_at=lease.expires_at)
+    return attrs.evolve(ledger, leases=leases), [leases[x.lease_id] for x in gone]
+
+
+def record_control(ledger: Ledger, req: rc.RecordControlRequest, ctx: Ctx):
+    """Idempotent by request id: same id and body is ``duplicate`` and writes
+    nothing; the same id with another body is a conflict."""
+    _session(ledger, req.session_id)
+    check_id("kind", req.kind)
+    digest = _digest([req.session_id, req.kind, req.payload])
+    old = ledger.control_requests.get(req.request_id)
+    if old is not None:
+        if old.payload_digest == digest:
+            return ledger, rc.ControlReply("duplicate", ledger.revision, old)
+        raise AlreadyExists(
+            f"control request {req.request_id!r} was already recorded with another payload",
+            hint="use a new --request-id for a new request")
+    record = rc.ControlRequest(req.request_id, req.session_id, req.kind, req.payload,
+                               digest, ctx.stamp)
+    ledger = attrs.evolve(ledger, control_requests=_put(ledger.control_requests,
+                                                        req.request_id, record))
+    return ledger, rc.ControlReply("recorded", ctx.revision, record)
+
+
+def append_record(ledger: Ledger, req: rc.AppendRecordRequest, ctx: Ctx, stream: str):
+    """Give the record the session's next sequence number.  The commit writes it
+    to the stream log and records the log's new length in the cursor."""
+    _session(ledger, req.session_id)
+    check_id("kind", req.kind)
+    if len(_canonical(req.data)) > ctx.config.max_record_bytes:
+        raise InvalidArgument(f"record data is over {ctx.config.max_record_bytes} bytes",
+                              hint="store large payloads elsewhere and append a reference")
+    cursor = ledger.cursors.get(req.session_id) or rc.Cursor(req.session_id)
+    seq = getattr(cursor, stream) + 1
+    cursor = attrs.evolve(cursor, **{stream: seq})
+    record = rc.StreamRecord(req.session_id, seq, req.kind, req.data, ctx.stamp)
+    ledger = attrs.evolve(ledger, cursors=_put(ledger.cursors, req.session_id, cursor))
+    return ledger, rc.AppendReply("appended", ctx.revision, record)
+
+
+def quarantine_session(ledger: Ledger, req: rc.QuarantineSessionRequest, ctx: Ctx):
+    """Fail the session until cleared, revoking its live leases so no holder
+    goes on writing to a session that is known to be unsafe."""
+    session = _session(ledger, req.session_id)
+    reason = _text("reason", req.reason)
+    if _quarantined(ledger, req.session_id):
+        raise AlreadyExists(f"session {req.session_id!r} is already quarantined",
+                            hint=f"clear it with `python -m relay quarantine clear {req.session_id}`")
+    revoked = []
+    for lease in live_leases(ledger, req.session_id, ctx.stamp):
+        ledger = _end(ledger, lease, "revoked", ctx, f"quarantined: {reason}")
+        revoked.append(lease.lease_id)
+    quarantine = rc.Quarantine(req.session_id, reason, "active", ctx.stamp)
+    session = attrs.evolve(session, state="failed", updated_at=ctx.stamp)
+    ledger = attrs.evolve(
+        ledger,
+        sessions=_put(ledger.sessions, session.session_id, session),
+        quarantines=_put(ledger.quarantines, session.session_id, quarantine),
+    )
+    return ledger, rc.QuarantineReply("quarantined", ctx.revision, quarantine, tuple(revoked))
+
+
+def clear_quarantine(ledger: Ledger, req: rc.ClearQuarantineRequest, ctx: Ctx):
+    session = _session(ledger, req.session_id)
+    if not _quarantined(ledger, req.session_id):
+        raise FailedPrecondition(f"session {req.session_id!r} has no active quarantine",
+                                 hint="see `python -m relay recover`")
+    live = live_leases(ledger, req.session_id, ctx.stamp)
+    if live:
+        raise FailedPrecondition(
+            f"session {req.session_id!r} still has live lease {live[0].lease_id!r}; clearing "
+            "now would hand an unsafe session to a holder",
+            hint=f"revoke it with `python -m relay lease revoke {live[0].lease_id} --reason ...`")
+    if session.state == "closed":
+        raise FailedPrecondition(f"session {req.session_id!r} is closed",
+                                 hint="start a replacement with `python -m relay session create`")
+    quarantine = attrs.evolve(ledger.quarantines[req.session_id], state="cleared",
+                              cleared_at=ctx.stamp)
+    session = attrs.evolve(session, state="ready", updated_at=ctx.stamp)
+    ledger = attrs.evolve(
+        ledger,
+        sessions=_put(ledger.sessions, session.session_id, session),
+        quarantines=_put(ledger.quarantines, session.session_id, quarantine),
+    )
+    return ledger, rc.QuarantineReply("cleared", ctx.revision, quarantine)
+
+
+# -- runtime and tokens (local administration, not RPCs) --------------------------
+
+
+def endpoint_mode(host: str) -> str:
+    """``loopback`` or ``trusted-lan``; anything else may never be served."""
+    try:
+        addr = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        if host == "localhost":
+            return "loopback"
+        raise InvalidArgument(f"host {host!r} is not an IP address",
+                              hint="serve on 127.0.0.1, or a private-network IP with a token") from None
+    if addr.is_loopback:
+        return "loopback"
+    if addr.is_unspecified:
+        raise InvalidArgument(f"refusing to serve on {host}: it listens on every interface",
+                              hint="pass --host 127.0.0.1, or one private-network address")
+    if addr.is_private and not addr.is_link_local and not addr.is_multicast:
+        return "trusted-lan"
+    raise InvalidArgument(f"refusing to serve on public address {host}",
+                          hint="serve on 127.0.0.1, or a private-network address with a token")
+
+
+def active_token(ledger: Ledger, token_id: str) -> TokenRecord | None:
+    token = ledger.tokens.get(token_id) if token_id else None
+    return token if token is not None and token.state == "active" else None
+
+
+def require_serving_allowed(ledger: Ledger | None, host: str) -> str:
+    """The security rule: loopback may serve without a token; a private-network
+    address needs an active token bound to the runtime; nothing else serves."""
+    mode = endpoint_mode(host)
+    token = active_token(ledger, ledger.runtime.token_id) if ledger is not None else None
+    if mode == "trusted-lan" and token is None:
+        raise FailedPrecondition(
+            f"serving on {host} (trusted-lan) needs an active token bound to the runtime",
+            hint="run `python -m relay token create`, then "
+            "`python -m relay bootstrap --endpoint URL --token-id ID`")
+    return mode
+
+
+def bootstrap(ledger: Ledger, endpoint: str, token_id: str, ctx: Ctx):
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidArgument(f"endpoint {endpoint!r} is not an http(s) URL",
+                              hint="pass --endpoint http://127.0.0.1:9876")
+    if token_id:
+        check_id("token id", token_id)
+        if active_token(ledger, token_id) is None:
+            raise FailedPrecondition(f"token {token_id!r} is not an active token",
+                                     hint="list tokens with `python -m relay token list`")
+    ledger = attrs.evolve(ledger, runtime=attrs.evolve(ledger.runtime, token_id=token_id))
+    mode = require_serving_allowed(ledger, parts.hostname)
+    runtime = attrs.evolve(ledger.runtime, status="bootstrapped", endpoint=endpoint, mode=mode,
+                           bootstrapped_at=ctx.stamp, shutdown_at="")
+    return attrs.evolve(ledger, runtime=runtime), runtime
+
+
+def shutdown(ledger: Ledger, ctx: Ctx):
+    if ledger.runtime.status == "absent":
+        raise FailedPrecondition("the relay was never bootstrapped",
+                                 hint="run `python -m relay bootstrap` first")
+    runtime = attrs.evolve(ledger.runtime, status="stopped", shutdown_at=ctx.stamp, pid=0)
+    return attrs.evolve(ledger, runtime=runtime), runtime
+
+
+def token_digest(raw: str) -> str:
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def create_token(ledger: Ledger, label: str, digest: str, ctx: Ctx):
+    token_id = f"tok-{ctx.revision}"
+    if label:
+        _text("label", label, 128)
+    token = TokenRecord(token_id, digest, "active", label, ctx.stamp)
+    return attrs.evolve(ledger, tokens=_put(ledger.tokens, token_id, token)), token
+
+
+def rotate_token(ledger: Ledger, grace: int, digest: str, ctx: Ctx):
+    """Bind a fresh token to the runtime; the old one keeps working ``grace``
+    seconds so callers can switch over without an outage."""
+    if grace < 0 or grace > ctx.config.max_ttl_seconds:
+        raise InvalidArgument(f"grace must be 0..{ctx.config.max_ttl_seconds} seconds",
+                              hint="pass --grace SECONDS")
+    old = active_token(ledger, ledger.runtime.token_id)
+    ledger, token = create_token(ledger, "rotated", digest, ctx)
+    if old is not None:
+        old = attrs.evolve(old, state="rotated", grace_until=iso(ctx.now + grace))
+        ledger = attrs.evolve(ledger, tokens=_put(ledger.tokens, old.token_id, old))
+    runtime = attrs.evolve(ledger.runtime, token_id=token.token_id)
+    return attrs.evolve(ledger, runtime=runtime), token
+
+
+def revoke_token(ledger: Ledger, token_id: str, ctx: Ctx):
+    token = ledger.tokens.get(token_id)
+    if token is None:
+        raise _not_found("token", token_id, "list tokens with `python -m relay token list`")
+    if token.state == "revoked":
+        raise FailedPrecondition(f"token {token_id!r} is already revoked",
+                                 hint="list tokens with `python -m relay token list`")
+    token = attrs.evolve(token, state="revoked", revoked_at=ctx.stamp, grace_until="")
+    return attrs.evolve(ledger, tokens=_put(ledger.tokens, token_id, token)), token
+
+
+def token_accepts(ledger: Ledger, raw: str, stamp: str) -> bool:
+    """Constant-time check of a presented bearer token against every token that
+    may be used now: active ones, and rotated ones inside their grace period."""
+    presented = token_digest(raw).encode()
+    ok = False
+    for token in ledger.tokens.values():
+        usable = token.state == "active" or (token.state == "rotated" and token.grace_until > stamp)
+        ok |= hmac.compare_digest(presented, token.digest.encode()) and usable
+    return ok
+
+
+# -- retention --------------------------------------------------------------------
+
+
+def compact(ledger: Ledger, ctx: Ctx) -> tuple[Ledger, dict[str, list[dict[str, Any]]]]:
+    """Move terminal leases and old control requests out of the ledger after
+    their retention windows; drop idempotency keys past theirs.  Returns the
+    rows to archive; the ledger is unchanged when there is nothing to do."""
+    cfg = ctx.config
+    lease_cut = iso(ctx.now - cfg.lease_retention_seconds)
+    control_cut = iso(ctx.now - cfg.control_request_retention_seconds)
+    request_cut = iso(ctx.now - cfg.request_retention_seconds)
+    old_leases = [x for x in ledger.leases.values()
+                  if x.state not in rc.LIVE_LEASE_STATES and x.ended_at < lease_cut]
+    old_controls = [x for x in ledger.control_requests.values() if x.recorded_at < control_cut]
+    requests = {k: v for k, v in ledger.requests.items() if v.recorded_at >= request_cut}
+    if len(requests) > cfg.max_request_records:
+        keep = sorted(requests, key=lambda k: requests[k].recorded_at)[-cfg.max_request_records:]
+        requests = {k: requests[k] for k in keep}
+    if not old_leases and not old_controls and len(requests) == len(ledger.requests):
+        return ledger, {}
+    gone_leases = {x.lease_id for x in old_leases}
+    gone_controls = {x.request_id for x in old_controls}
+    ledger = attrs.evolve(
+        ledger,
+        leases={k: v for k, v in ledger.leases.items() if k not in gone_leases},
+        control_requests={k: v for k, v in ledger.control_requests.items()
+                          if k not in gone_controls},
+        requests=requests,
+        compacted_at=ctx.stamp,
+    )
+    rows = {"leases": [to_json(x) for x in old_leases],
+            "control-requests": [to_json(x) for x in old_controls]}
+    return ledger, {k: v for k, v in rows.items() if v}
+
+
+#: RPC name -> pure operation.  Reads are in the projections section.
+MUTATIONS: Final[dict[str, Callable[..., tuple[Ledger, Any]]]] = {
+    "RegisterProfile": register_profile,
+    "CreateSession": create_session,
+    "Borrow": borrow,
+    "Release": release_lease,
+    "GrantLease": grant_lease,
+    "RenewLease": renew_lease,
+    "ReleaseLease": release_lease,
+    "RevokeLease": revoke_lease,
+    "RecordControl": record_control,
+    "AppendEvent": lambda ledger, req, ctx: append_record(ledger, req, ctx, "events"),
+    "AppendResult": lambda ledger, req, ctx: append_record(ledger, req, ctx, "results"),
+    "QuarantineSession": quarantine_session,
+    "ClearQuarantine": clear_quarantine,
+}
+
+
+################################################################
+# Projections (status, inspect, inventory, cleanup, recover)
+################################################################
+
+# Reads never take the lock and never write: they see whichever whole ledger
+# the last rename left.
+
+
+def _ledger_or_warning(store: Store) -> tuple[Ledger | None, list[rc.StateWarning]]:
+    try:
+        return store.read(), []
+    except LedgerInvalid as exc:
+        return None, [rc.StateWarning(OWNER, "ledger_invalid", _rel(store, store.ledger_path),
+                                      exc.message, exc.hint)]
+
+
+def _rel(store: Store, path: Path) -> str:
+    try:
+        return str(path.relative_to(store.root))
+    except ValueError:
+        return str(path)
+
+
+def status(store: Store, now: float) -> rc.StatusReply:
+    """The relay projection (``status``, ``inspect relay`` and ``GetStatus``),
+    from the ledger as validated by the typed model."""
+    ledger, warnings = _ledger_or_warning(store)
+    doc = to_json(ledger) if ledger is not None else None
+    out = status_doc(str(store.root), doc, [to_json(w) for w in warnings], now)
+    return from_json(rc.StatusReply, out)
+
+
+def inspect_relay(store: Store, config: Config, now: float) -> dict[str, Any]:
+    """``status`` plus detail: freshness, per-session cursors, settings."""
+    doc = to_json(status(store, now))
+    ledger, _ = _ledger_or_warning(store)
+    view = ledger or Ledger()
+    age = now - parse_iso(view.updated_at) if view.updated_at else None
+    doc["detail"] = {
+        "updated_at": view.updated_at,
+        "freshness_seconds": round(age, 3) if age is not None else None,
+        "compacted_at": view.compacted_at,
+        "cursors": [to_json(c) for _, c in sorted(view.cursors.items())],
+        "sessions": {k: {"state": s.state, "fencing_token": s.fencing_token,
+                         "live_leases": [x.lease_id for x in live_leases(view, k, iso(now))]}
+                     for k, s in sorted(view.sessions.items())},
+        "request_records": len(view.requests),
+        "config": attrs.asdict(config),
+    }
+    return doc
+
+
+def list_profiles(ledger: Ledger, req: rc.ListProfilesRequest, now: float):
+    return rc.ListProfilesReply(ledger.revision, tuple(v for _, v in sorted(ledger.profiles.items())))
+
+
+def list_sessions(ledger: Ledger, req: rc.ListSessionsRequest, now: float):
+    rows = [s for _, s in sorted(ledger.sessions.items())
+            if (not req.profile or s.profile == req.profile) and (not req.state or s.state == req.state)]
+    return rc.ListSessionsReply(ledger.revision, tuple(rows))
+
+
+def effective_lease(lease: rc.Lease, stamp: str) -> rc.Lease:
+    """A lease as readers should see it: past its expiry it is ``expired``."""
+    if lease.state in rc.LIVE_LEASE_STATES and lease.expires_at <= stamp:
+        return attrs.evolve(lease, state="expired", ended_at=lease.expires_at)
+    return lease
+
+
+def list_leases(ledger: Ledger, req: rc.ListLeasesRequest, now: float):
+    stamp = iso(now)
+    rows = [effective_lease(x, stamp) for _, x in sorted(ledger.leases.items())]
+    rows = [x for x in rows if (not req.session_id or x.session_id == req.session_id)
+            and (not req.state or x.state == req.state)]
+    return rc.ListLeasesReply(ledger.revision, tuple(rows))
+
+
+def list_records(store: Store, ledger: Ledger, req: rc.ListRecordsRequest, stream: str):
+    _session(ledger, req.session_id)
+    if req.after < 0 or not 1 <= req.limit <= 10_000:
+        raise InvalidArgument("after must be >= 0 and limit within 1..10000",
+                              hint="pass --after SEQ --limit N")
+    cursor = ledger.cursors.get(req.session_id) or rc.Cursor(req.session_id)
+    last = getattr(cursor, stream)
+    committed = getattr(cursor, f"{stream}_bytes")
+    records = store.read_records(req.session_id, stream, committed, req.after, req.limit)
+    return rc.ListRecordsReply(req.session_id, last, tuple(records))
+
+
+def classify(ledger: Ledger, session: rc.Session, stamp: str) -> rc.Recovery:
+    """One session's recovery class and the command to run next."""
+    sid = session.session_id
+    quarantine = ledger.quarantines.get(sid)
+    if quarantine is not None and quarantine.state == "active":
+        return rc.Recovery(sid, "quarantine_repair", f"quarantined: {quarantine.reason}",
+                           f"python -m relay quarantine clear {sid}")
+    if session.state != "ready":
+        return rc.Recovery(sid, "replacement_start", f"session is {session.state}",
+                           f"python -m relay session create --profile {session.profile}")
+    live = live_leases(ledger, sid, stamp)
+    if live:
+        ids = tuple(x.lease_id for x in live)
+        return rc.Recovery(sid, "lease_block", f"held by {', '.join(x.holder for x in live)}",
+                           f"python -m relay lease revoke {ids[0]} --reason REASON", ids)
+    mine = sorted((x for x in ledger.leases.values() if x.session_id == sid),
+                  key=lambda x: (x.granted_at or x.requested_at, x.lease_id))
+    ended = effective_lease(mine[-1], stamp) if mine else None
+    if ended is not None and ended.state in ("expired", "revoked"):
+        cursor = ledger.cursors.get(sid) or rc.Cursor(sid)
+        return rc.Recovery(sid, "resumable",
+                           f"last lease {ended.lease_id} was {ended.state}; "
+                           f"events end at seq {cursor.events}",
+                           f"python -m relay borrow --session {sid} --holder HOLDER")
+    return rc.Recovery(sid, "healthy", "ready and unoccupied", "")
+
+
+def recover(ledger: Ledger, req: rc.RecoverRequest, now: float):
+    if req.session_id:
+        sessions = [_session(ledger, req.session_id)]
+    else:
+        sessions = [s for _, s in sorted(ledger.sessions.items())]
+    stamp = iso(now)
+    return rc.RecoverReply(ledger.revision, tuple(classify(ledger, s, stamp) for s in sessions))
+
+
+#: RPC name -> read over a valid ledger.
+READS: Final[dict[str, Callable[..., Any]]] = {
+    "ListProfiles": list_profiles,
+    "ListSessions": list_sessions,
+    "ListLeases": list_leases,
+    "Recover": recover,
+}
+
+
+def read_rpc(store: Store, name: str, request: Any, now: float) -> Any:
+    """Answer a read RPC from the current ledger, never writing anything."""
+    if name == "GetStatus":
+        return status(store, now)
+    ledger = store.read() or Ledger()
+    if name in ("ListEvents", "ListResults"):
+        return list_records(store, ledger, request, "events" if name == "ListEvents" else "results")
+    return READS[name](ledger, request, now)
+
+
+def inventory(store: Store) -> list[dict[str, Any]]:
+    """Every artifact under the relay's two trees, with kind and validity."""
+    ledger, warnings = _ledger_or_warning(store)
+    rows = []
+    for top in (store.state_dir, store.tmp_dir):
+        for dirpath, _, files in os.walk(top):
+            for name in sorted(files):
+                path = Path(dirpath) / name
+                kind, valid, note = _classify_artifact(store, ledger, warnings, path)
+                rows.append({"path": _rel(store, path), "owner": OWNER, "kind": kind,
+                             "valid": valid, "bytes": path.stat().st_size, "note": note})
+    return sorted(rows, key=lambda r: r["path"])
+
+
+def _classify_artifact(store: Store, ledger: Ledger | None, warnings: list[rc.StateWarning],
+                       path: Path) -> tuple[str, bool, str]:
+    if path == store.ledger_path:
+        return "ledger", not warnings, warnings[0].message if warnings else ""
+    if path == store.lock_path:
+        return "lock", True, "never removed by cleanup"
+    if path.parent == store.state_dir and path.name.startswith(TEMP_PREFIX):
+        return "orphan_temp", False, "left by an interrupted write; removed by the next mutation"
+    rel = path.relative_to(store.state_dir) if path.is_relative_to(store.state_dir) else None
+    if rel is None:
+        return "scratch", True, "rebuildable"
+    if rel.parts[0] == STREAMS_DIR and len(rel.parts) == 3 and path.suffix == ".log":
+        return _classify_stream(ledger, rel.parts[1], path.stem, path.stat().st_size)
+    if rel.parts[0] == ARCHIVE_DIR:
+        return "archive", True, ""
+    if rel.parts[0] == SET_ASIDE_DIR:
+        return "set_aside_ledger", True, "a damaged ledger moved aside by `state reset`"
+    return "unknown", False, "not a relay artifact"
+
+
+def _classify_stream(ledger: Ledger | None, sid: str, stream: str, size: int):
+    if ledger is None or stream not in STREAM_KINDS:
+        return "stream_log", False, "cannot check without a valid ledger"
+    cursor = ledger.cursors.get(sid)
+    if cursor is None:
+        return "stream_log", False, f"no session {sid!r} in the ledger"
+    committed = getattr(cursor, f"{stream}_bytes")
+    if size < committed:
+        return "stream_log", False, f"shorter ({size} B) than committed ({committed} B)"
+    tail = size - committed
+    return "stream_log", True, f"{tail} uncommitted tail bytes, cut by the next append" if tail else ""
+
+
+def cleanup_plan(store: Store) -> list[Path]:
+    """What ``state cleanup --owner relay`` may remove: relay scratch and orphan
+    temp files.  Never the lock, the ledger, streams or archives."""
+    doomed = []
+    for dirpath, _, files in os.walk(store.tmp_dir):
+        doomed += [Path(dirpath) / f for f in files if Path(dirpath) / f != store.lock_path]
+    with contextlib.suppress(FileNotFoundError):
+        doomed += [Path(e.path) for e in os.scandir(store.state_dir)
+                   if e.name.startswith(TEMP_PREFIX)]
+    return sorted(doomed)
+
+
+################################################################
+# Commit (the one place mutations are applied and made durable)
+################################################################
+
+
+@attrs.frozen
+class Mutation:
+    """One change to apply under the lock.  ``request_id`` makes it idempotent:
+    a retry with the same id and body gets the first reply back."""
+
+    apply: Callable[[Ledger, Ctx], tuple[Ledger, Any]]
+    method: str
+    reply_type: type | None = None
+    request_id: str = ""
+    digest: str = ""
+    stream: str = ""
+
+
+def rpc_mutation(name: str, request: Any) -> Mutation:
+    """Wrap a mutating RPC's request as a Mutation (ids checked first)."""
+    rpc = rc.RPC_BY_NAME[name]
+    validate_request(request)
+    op = MUTATIONS[name]
+    body = to_json(request)
+    request_id = body.pop("request_id", "") if name != "RecordControl" else ""
+    stream = {"AppendEvent": "events", "AppendResult": "results"}.get(name, "")
+    return Mutation(lambda ledger, ctx: op(ledger, request, ctx), name, rpc.response,
+                    request_id, _digest([name, body]) if request_id else "", stream)
+
+
+def validate_request(request: Any) -> None:
+    """Check every id-kind field against the one safe id pattern."""
+    for field in attrs.fields(type(request)):
+        kind = field.metadata.get("id")
+        value = getattr(request, field.name)
+        if kind and (value or field.default is attrs.NOTHING):
+            check_id(kind, value)
+
+
+def _replay(ledger: Ledger, m: Mutation) -> Any:
+    prior = ledger.requests[m.request_id]
+    if prior.method != m.method or prior.digest != m.digest:
+        return AlreadyExists(f"request id {m.request_id!r} was already used for another request",
+                             hint="use a fresh request id for each logical call")
+    return from_json(m.reply_type, prior.reply) if m.reply_type else prior.reply
+
+
+def apply_all(ledger: Ledger, mutations: list[Mutation], now: float, config: Config):
+    """Apply in order; each gets its own revision.  Returns the new ledger, a
+    reply or RelayError per mutation, and the stream records to write."""
+    results: list[Any] = []
+    appends: dict[tuple[str, str], list[rc.StreamRecord]] = {}
+    for m in mutations:
+        if m.request_id and m.request_id in ledger.requests:
+            results.append(_replay(ledger, m))
+            continue
+        ctx = Ctx(now, ledger.revision + 1, config)
+        try:
+            new, reply = m.apply(ledger, ctx)
+        except RelayError as exc:
+            results.append(exc)
+            continue
+        if new is not ledger:
+            new = attrs.evolve(new, revision=ctx.revision, updated_at=ctx.stamp)
+            if m.request_id:
+                record = RequestRecord(m.method, m.digest, to_json(reply), ctx.stamp)
+                new = attrs.evolve(new, requests=_put(new.requests, m.request_id, record))
+            if m.stream:
+                appends.setdefault((reply.record.session_id, m.stream), []).append(reply.record)
+        ledger = new
+        results.append(reply)
+    return ledger, results, appends
+
+
+def commit(store: Store, mutations: list[Mutation], config: Config,
+           now: float | None = None) -> tuple[list[Any], Ledger | None]:
+    """Apply ``mutations`` under the lock and make them durable in one write.
+
+    Returns a reply or RelayError per mutation, and the committed ledger (None
+    if nothing changed).  A damaged ledger or an I/O failure raises: nothing
+    is acknowledged, and the ledger on disk stays the old one (or, if the
+    rename landed but a later fsync failed, the new one, unacknowledged).
+    """
+    with store.locked():
+        if not store._orphans_checked:
+            store.remove_orphan_temps()
+        start = store.read() or Ledger()
+        now = time.time() if now is None else now
+        ledger, results, appends = apply_all(start, mutations, now, config)
+        if ledger is start:
+            return results, None
+        ledger = _compact_if_due(store, ledger, now, config)
+        for (session_id, stream), records in appends.items():
+            cursor = ledger.cursors[session_id]
+            size = store.append_records(session_id, stream,
+                                        getattr(cursor, f"{stream}_bytes"), records)
+            cursor = attrs.evolve(cursor, **{f"{stream}_bytes": size})
+            ledger = attrs.evolve(ledger, cursors=_put(ledger.cursors, session_id, cursor))
+        store.write(ledger)
+        return results, ledger
+
+
+def _compact_if_due(store: Store, ledger: Ledger, now: float, config: Config) -> Ledger:
+    if ledger.compacted_at > iso(now - config.compact_interval_seconds):
+        return ledger
+    compacted, rows = compact(ledger, Ctx(now, ledger.revision, config))
+    for name, batch in rows.items():
+        store.archive(name, batch)
+    return compacted
+
+
+def commit_one(store: Store, mutation: Mutation, config: Config) -> Any:
+    """Commit a single mutation; raise its error, return its reply."""
+    (result,), _ = commit(store, [mutation], config)
+    if isinstance(result, RelayError):
+        raise result
+    return result
+
+
+################################################################
+# CLI
+################################################################
+
+# ``python -m relay [--root DIR] COMMAND ... [--json]``.  The RPC commands are
+# generated from relay_client.RPCS and the field metadata of their request
+# messages, so the CLI, the HTTP routes and the client stubs cannot drift.
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse exits 2 on usage errors
+        self.print_usage(sys.stderr)
+        print(f"relay: usage error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _json_arg(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+
+
+def _add_request_args(parser: argparse.ArgumentParser, request_type: type) -> None:
+    for field in attrs.fields(request_type):
+        meta = field.metadata
+        required = field.default is attrs.NOTHING
+        kwargs: dict[str, Any] = {"help": meta.get("help")}
+        if meta.get("choices"):
+            kwargs["choices"] = meta["choices"]
+        if meta.get("json"):
+            kwargs["type"] = _json_arg
+        elif meta.get("argv"):
+            kwargs["type"] = shlex.split
+        elif field.type in (int, "int"):
+            kwargs["type"] = int
+        if "positional" in meta:
+            parser.add_argument(field.name, metavar=meta["positional"], **kwargs)
+        else:
+            kwargs["default"] = argparse.SUPPRESS
+            if required:
+                kwargs["required"] = True
+            parser.add_argument(meta["flag"], dest=field.name, **kwargs)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print exactly one JSON object on stdout")
+    parser.add_argument("--root", default=argparse.SUPPRESS,
+                        help="workspace root holding flow/ (default: $FLOW_ROOT or .)")
+
+
+# The local-administration commands that are not RPCs: path -> (help, arguments).
+_ADMIN: Final[dict[tuple[str, ...], tuple[str, list[tuple[tuple[str, ...], dict[str, Any]]]]]] = {
+    ("inspect", "relay"): ("the status projection plus revision, freshness and cursors", []),
+    ("bootstrap",): ("record runtime metadata: the endpoint and the token guarding it", [
+        (("--endpoint",), {"default": "", "help": "default: http://HOST:PORT from relay.toml"}),
+        (("--token-id",), {"default": "", "help": "bind an active token (required off loopback)"}),
+    ]),
+    ("shutdown",): ("record that the relay stopped", []),
+    ("token", "create"): ("mint a bearer token; prints it once, stores only its digest", [
+        (("--label",), {"default": "", "help": "a note for `token list`"}),
+    ]),
+    ("token", "list"): ("list tokens (ids, states, never secrets)", []),
+    ("token", "rotate"): ("mint a new token, bind it, keep the old one valid for --grace", [
+        (("--grace",), {"type": int, "default": 300, "help": "seconds the old token still works"}),
+    ]),
+    ("token", "revoke"): ("revoke a token at once", [(("token_id",), {"metavar": "TOKEN_ID"})]),
+    ("state", "inventory"): ("every relay artifact with owner, kind and validity", []),
+    ("state", "cleanup"): ("remove relay scratch (dry run unless --apply; never the lock)", [
+        (("--owner",), {"required": True, "choices": [OWNER]}),
+        (("--apply",), {"action": "store_true"}),
+    ]),
+    ("state", "reset"): ("set a damaged ledger aside so a fresh one can start", [
+        (("--owner",), {"required": True, "choices": [OWNER]}),
+        (("--apply",), {"action": "store_true"}),
+    ]),
+    ("gate",): ("check every control-plane invariant; exit 1 naming what failed", []),
+    ("serve",): ("serve HTTP, SSE, WebSocket and Connect RPCs until SIGINT/SIGTERM", [
+        (("--host",), {"default": None, "help": "default 127.0.0.1 (relay.toml serve.host)"}),
+        (("--port",), {"type": int, "default": None, "help": "default 9876; 0 picks a free port"}),
+    ]),
+}
+
+
+def _first_word(argv: list[str] | None) -> str | None:
+    """The command word, skipping ``--root DIR`` and flags (for a lazy parser)."""
+    words = list(argv if argv is not None else sys.argv[1:])
+    while words:
+        word = words.pop(0)
+        if word == "--root":
+            words[:1] = []
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The CLI parser.  Given ``argv``, only the named command's subtree is
+    built (argparse costs about a millisecond per subcommand at start-up)."""
+    parser = _Parser(
+        prog="python -m relay",
+        description="flow-relay: lease and track AI coding-agent sessions on this host.",
+        epilog="Exit status: 0 done (also `waiting` and `duplicate`), 1 refused, 2 usage error.",
+    )
+    _common(parser)
+    tree: dict[tuple[str, ...], Any] = {(): parser.add_subparsers(metavar="COMMAND", required=True)}
+    leaves = [(rpc.cli, rpc.help, rpc) for rpc in rc.RPCS]
+    leaves += [(path, help_, args) for path, (help_, args) in _ADMIN.items()]
+    word = _first_word(argv)
+    if any(path[0] == word for path, _, _ in leaves):
+        leaves = [leaf for leaf in leaves if leaf[0][0] == word]
+    for path, help_, spec in sorted(leaves, key=lambda x: x[0]):
+        for depth in range(1, len(path)):
+            if path[:depth] not in tree:
+                word = path[depth - 1]
+                group = tree[path[: depth - 1]].add_parser(word, help=f"{word} commands")
+                tree[path[:depth]] = group.add_subparsers(metavar="SUBCOMMAND", required=True)
+        leaf = tree[path[:-1]].add_parser(path[-1], help=help_, description=help_)
+        _common(leaf)
+        if isinstance(spec, rc.Rpc):
+            _add_request_args(leaf, spec.request)
+            leaf.set_defaults(_cmd=spec.name)
+        else:
+            for flags, kwargs in spec:
+                leaf.add_argument(*flags, **kwargs)
+            leaf.set_defaults(_cmd=" ".join(path))
+    return parser
+
+
+def _request_from_args(rpc: rc.Rpc, args: argparse.Namespace) -> Any:
+    values = {f.name: getattr(args, f.name) for f in attrs.fields(rpc.request)
+              if hasattr(args, f.name)}
+    if "command" in values:
+        values["command"] = tuple(values["command"])
+    return rpc.request(**values)
+
+
+def _emit(as_json: bool, doc: dict[str, Any], human: str) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(doc, sort_keys=True) + "\n")
+    else:
+        sys.stdout.write(human.rstrip("\n") + "\n")
+    sys.stdout.flush()
+
+
+def _describe(name: str, reply: Any) -> str:
+    """One human line (or a few) per reply type."""
+    if isinstance(reply, rc.LeaseReply):
+        x = reply.lease
+        line = f"{reply.outcome}: lease {x.lease_id} on {x.session_id} for {x.holder} ({x.mode}, {x.state}"
+        if x.state == "active":
+            line += f", fencing token {x.fencing_token}, expires {x.expires_at}"
+        return line + ")"
+    if isinstance(reply, rc.StatusReply):
+        return status_text(to_json(reply))
+    if isinstance(reply, rc.ListRecordsReply):
+        rows = [f"{r.seq}\t{r.appended_at}\t{r.kind}\t{json.dumps(r.data)}" for r in reply.records]
+        return "\n".join(rows) or f"no records after that cursor (last seq {reply.last_seq})"
+    if isinstance(reply, rc.RecoverReply):
+        rows = [f"{r.session_id}\t{r.classification}\t{r.reason}\t{r.next_command}"
+                for r in reply.sessions]
+        return "\n".join(rows) or "no sessions"
+    for attr in ("profiles", "sessions", "leases"):
+        if hasattr(reply, attr) and isinstance(getattr(reply, attr), tuple):
+            rows = [" ".join(f"{k}={v}" for k, v in to_json(r).items() if v not in ("", (), []))
+                    for r in getattr(reply, attr)]
+            return "\n".join(rows) or f"no {attr}"
+    doc = to_json(reply)
+    head = doc.pop("outcome", name)
+    doc.pop("revision", None)
+    return f"{head}: " + json.dumps(doc, sort_keys=True)
+
+
+def _run_rpc(store: Store, config: Config, args: argparse.Namespace, as_json: bool) -> int:
+    rpc = rc.RPC_BY_NAME[args._cmd]
+    request = _request_from_args(rpc, args)
+    if rpc.mutates:
+        reply = commit_one(store, rpc_mutation(rpc.name, request), config)
+        _failpoint("before_ack")
+    else:
+        validate_request(request)
+        reply = read_rpc(store, rpc.name, request, time.time())
+    _emit(as_json, to_json(reply), _describe(rpc.name, reply))
+    return EXIT_OK
+
+
+def _admin_mutation(store: Store, config: Config, fn: Callable[[Ledger, Ctx], Any]) -> Any:
+    """Commit a local-administration change (bootstrap, tokens)."""
+    box: list[Any] = []
+
+    def apply(ledger: Ledger, ctx: Ctx) -> tuple[Ledger, Any]:
+        new, out = fn(ledger, ctx)
+        box.append(out)
+        return new, out
+
+    reply = commit_one(store, Mutation(apply, "admin"), config)
+    _failpoint("before_ack")
+    return reply
+
+
+def _token_doc(token: TokenRecord, stamp: str) -> dict[str, Any]:
+    doc = attrs.asdict(token)
+    doc.pop("digest")
+    doc["usable"] = token.state == "active" or (token.state == "rotated" and token.grace_until > stamp)
+    return doc
+
+
+def _run_admin(store: Store, config: Config, args: argparse.Namespace, as_json: bool) -> int:
+    cmd = args._cmd
+    if cmd == "inspect relay":
+        doc = inspect_relay(store, config, time.time())
+        _emit(as_json, doc, _describe("status", from_json(rc.StatusReply, {
+            k: v for k, v in doc.items() if k != "detail"})) +
+            f"\nupdated {doc['detail']['updated_at'] or 'never'}; "
+            f"{len(doc['detail']['cursors'])} stream cursors")
+        return EXIT_OK
+    if cmd == "bootstrap":
+        endpoint = args.endpoint or f"http://{config.host}:{config.port}"
+        runtime = _admin_mutation(store, config,
+                                  lambda led, ctx: bootstrap(led, endpoint, args.token_id, ctx))
+        _emit(as_json, {"outcome": "bootstrapped", "runtime": to_json(runtime)},
+              f"bootstrapped: {runtime.endpoint} ({runtime.mode})")
+        return EXIT_OK
+    if cmd == "shutdown":
+        runtime = _admin_mutation(store, config, shutdown)
+        _emit(as_json, {"outcome": "stopped", "runtime": to_json(runtime)},
+              f"stopped at {runtime.shutdown_at}")
+        return EXIT_OK
+    if cmd.startswith("token "):
+        return _run_token(store, config, args, as_json)
+    if cmd.startswith("state "):
+        return _run_state(store, config, args, as_json)
+    if cmd == "gate":
+        return _run_gate(store, config, as_json)
+    if cmd == "serve":
+        return _run_serve(store, config, args, as_json)
+    raise AssertionError(cmd)
+
+
+def _run_token(store: Store, config: Config, args: argparse.Namespace, as_json: bool) -> int:
+    cmd = args._cmd
+    stamp = iso(time.time())
+    if cmd == "token list":
+        ledger = store.read() or Ledger()
+        rows = [_token_doc(t, stamp) for _, t in sorted(ledger.tokens.items())]
+        bound = ledger.runtime.token_id
+        _emit(as_json, {"tokens": rows, "runtime_token_id": bound},
+              "\n".join(f"{r['token_id']}\t{r['state']}\t{r['label']}"
+                        f"{'  (bound to runtime)' if r['token_id'] == bound else ''}"
+                        for r in rows) or "no tokens")
+        return EXIT_OK
+    if cmd == "token revoke":
+        check_id("token id", args.token_id)
+        token = _admin_mutation(store, config,
+                                lambda led, ctx: revoke_token(led, args.token_id, ctx))
+        _emit(as_json, {"outcome": "revoked", "token": _token_doc(token, stamp)},
+              f"revoked {token.token_id}")
+        return EXIT_OK
+    raw = "frt_" + secrets.token_urlsafe(32)
+    if cmd == "token create":
+        token = _admin_mutation(
+            store, config, lambda led, ctx: create_token(led, args.label, token_digest(raw), ctx))
+        next_step = f"bind it with `python -m relay bootstrap --token-id {token.token_id}`"
+    else:
+        token = _admin_mutation(
+            store, config, lambda led, ctx: rotate_token(led, args.grace, token_digest(raw), ctx))
+        next_step = "callers must switch to the new token before the grace period ends"
+    _emit(as_json, {"outcome": cmd.split()[1] + "d", "token": _token_doc(token, stamp),
+                    "secret": raw, "note": "shown once; only its SHA-256 digest is stored"},
+          f"{token.token_id}: {raw}\nshown once; only its SHA-256 digest is stored; {next_step}")
+    return EXIT_OK
+
+
+def _run_state(store: Store, config: Config, args: argparse.Namespace, as_json: bool) -> int:
+    cmd = args._cmd
+    if cmd == "state inventory":
+        rows = inventory(store)
+        _, warnings = _ledger_or_warning(store)
+        _emit(as_json, {"artifacts": rows, "warnings": [to_json(w) for w in warnings]},
+              "\n".join(f"{r['path']}\t{r['kind']}\t{'valid' if r['valid'] else 'INVALID'}"
+                        f"\t{r['note']}" for r in rows) or "no relay artifacts")
+        return EXIT_OK
+    if cmd == "state cleanup":
+        return _cleanup(store, args.apply, as_json)
+    return _reset(store, args.apply, as_json)
+
+
+def _cleanup(store: Store, apply: bool, as_json: bool) -> int:
+    if apply:
+        with store.locked():
+            doomed = cleanup_plan(store)
+            for path in doomed:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+    else:
+        doomed = cleanup_plan(store)
+    names = [_rel(store, p) for p in doomed]
+    verb = "removed" if apply else "would remove"
+    _emit(as_json, {"applied": apply, "paths": names, "preserved": [_rel(store, store.lock_path)]},
+          f"{verb} {len(names)} relay scratch files; kept {_rel(store, store.lock_path)}"
+          + ("" if apply or not names else "\nrun again with --apply to remove them"))
+    return EXIT_OK
+
+
+def _reset(store: Store, apply: bool, as_json: bool) -> int:
+    _, warnings = _ledger_or_warning(store)
+    if not warnings:
+        raise FailedPrecondition("the ledger is valid (or absent); there is nothing to reset",
+                                 hint="see `python -m relay status`")
+    target = store.state_dir / SET_ASIDE_DIR / f"relay-state.{int(time.time())}.json"
+    if apply:
+        with store.locked():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(store.ledger_path, target)
+            _fsync_dir(store.state_dir)
+            _fsync_dir(target.parent)
+    verb = "moved" if apply else "would move"
+    _emit(as_json, {"applied": apply, "from": _rel(store, store.ledger_path),
+                    "to": _rel(store, target), "reason": warnings[0].message},
+          f"{verb} {_rel(store, store.ledger_path)} to {_rel(store, target)} "
+          f"({warnings[0].message})" + ("" if apply else "\nrun again with --apply to do it"))
+    return EXIT_OK
+
+
+def _run_gate(store: Store, config: Config, as_json: bool) -> int:
+    raise rc.Unimplemented("the gate is not built yet", hint="see `python -m relay status`")
+
+
+def _run_serve(store: Store, config: Config, args: argparse.Namespace, as_json: bool) -> int:
+    raise rc.Unimplemented("serve is not built yet", hint="use the local CLI")
+
+
+def _root(args: argparse.Namespace) -> Path:
+    return Path(getattr(args, "root", None) or os.environ.get("FLOW_ROOT") or ".").absolute()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The CLI entry point; returns the exit status."""
+    args = build_parser(argv).parse_args(argv)
+    as_json = getattr(args, "json", False)
+    try:
+        store = Store(_root(args))
+        config = load_config(store.flow)
+        if args._cmd in rc.RPC_BY_NAME:
+            return _run_rpc(store, config, args, as_json)
+        return _run_admin(store, config, args, as_json)
+    except RelayError as exc:
+        if as_json:
+            _emit(True, {"error": {"code": exc.code.value, "message": exc.message,
+                                   "hint": exc.hint}}, "")
+        else:
+            print(f"relay: {exc.message}" + (f"; next: {exc.hint}" if exc.hint else ""),
+                  file=sys.stderr)
+        return EXIT_REFUSED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
