@@ -211,6 +211,7 @@ if __name__ == "__main__":
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import fcntl  # noqa: E402
+import functools  # noqa: E402
 import hashlib  # noqa: E402
 import hmac  # noqa: E402
 import ipaddress  # noqa: E402
@@ -355,6 +356,7 @@ class Config:
     max_body_bytes: int = 1 * MIB
     reaper_interval_seconds: float = 1.0
     sse_keepalive_seconds: float = 15.0
+    watch_interval_seconds: float = 0.05
     subscriber_buffer: int = 256
 
 
@@ -373,6 +375,7 @@ _CONFIG_KEYS: Final = {
     "max_body_bytes": ("serve", "max_body_bytes"),
     "reaper_interval_seconds": ("serve", "reaper_interval_seconds"),
     "sse_keepalive_seconds": ("serve", "sse_keepalive_seconds"),
+    "watch_interval_seconds": ("serve", "watch_interval_seconds"),
     "subscriber_buffer": ("serve", "subscriber_buffer"),
 }
 
@@ -653,6 +656,7 @@ class Store:
             finally:
                 os.close(fd)
             os.replace(tmp, self.ledger_path)
+            st = os.stat(self.ledger_path)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -663,6 +667,7 @@ class Store:
         except OSError as exc:
             raise _io_failure("fsync the ledger directory", exc) from exc
         _failpoint("after_dir_fsync")
+        self._cache = ((st.st_ino, st.st_size, st.st_mtime_ns), ledger)
         self._record_validated(data)
 
     def _record_validated(self, data: bytes) -> None:
@@ -1592,7 +1597,8 @@ def apply_all(ledger: Ledger, mutations: list[Mutation], now: float, config: Con
 
 
 def commit(store: Store, mutations: list[Mutation], config: Config,
-           now: float | None = None) -> tuple[list[Any], Ledger | None]:
+           now: float | None = None,
+           on_start: Callable[[Ledger], None] | None = None) -> tuple[list[Any], Ledger | None]:
     """Apply ``mutations`` under the lock and make them durable in one write.
 
     Returns a reply or RelayError per mutation, and the committed ledger (None
@@ -1604,6 +1610,8 @@ def commit(store: Store, mutations: list[Mutation], config: Config,
         if not store._orphans_checked:
             store.remove_orphan_temps()
         start = store.read() or Ledger()
+        if on_start is not None:
+            on_start(start)
         now = time.time() if now is None else now
         ledger, results, appends = apply_all(start, mutations, now, config)
         if ledger is start:
@@ -1635,6 +1643,977 @@ def commit_one(store: Store, mutation: Mutation, config: Config) -> Any:
         raise result
     return result
 
+
+################################################################
+# Event hub (fan-out)
+################################################################
+
+# trio is loaded lazily: the CLI's mutation path never touches it, and
+# importing it costs more than a whole CLI mutation.  The first attribute
+# access (inside ``serve`` or a test) loads it for real.
+
+
+def _lazy_module(name: str) -> Any:
+    module = sys.modules.get(name)
+    if module is not None:
+        return module
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None:  # pragma: no cover - a broken install
+        raise ImportError(name)
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+trio = _lazy_module("trio")
+
+
+@attrs.frozen
+class Frame:
+    """One published item, encoded once for every subscriber: ``sse`` is the
+    Server-Sent Events bytes, ``ws`` the WebSocket text."""
+
+    id: str
+    event: str
+    data: dict[str, Any]
+    sse: bytes
+    ws: str
+    seq: int = 0
+
+    @classmethod
+    def make(cls, id_: str, event: str, data: dict[str, Any], seq: int = 0) -> Frame:
+        payload = json.dumps(data, separators=(",", ":"), sort_keys=True)
+        sse = f"id: {id_}\nevent: {event}\ndata: {payload}\n\n".encode()
+        ws = f'{{"type":"{event}","id":"{id_}","data":{payload}}}'
+        return cls(id_, event, data, sse, ws, seq)
+
+
+def error_frame(code: str, message: str) -> Frame:
+    return Frame.make("", "error", {"code": code, "message": message})
+
+
+@attrs.define(eq=False)
+class Subscriber:
+    topic: str
+    send: Any
+    receive: Any
+    dropped: bool = False
+
+
+@attrs.define(eq=False)
+class EventHub:
+    """Fan-out of stream records and relay notices to SSE/WebSocket subscribers.
+
+    ``publish`` never awaits: each subscriber has a bounded channel, and one
+    that falls behind is dropped (its stream ends; it reconnects with its last
+    id and misses nothing), so a slow reader never blocks the others or the
+    ledger owner.
+    """
+
+    buffer: int = 256
+    feed_history: int = 4096
+    _subs: dict[str, set[Subscriber]] = attrs.Factory(dict)
+    _published: dict[tuple[str, str], int] = attrs.Factory(dict)
+    _feed: Any = None  # deque of (revision, index, Frame)
+    feed_base: int = 0
+    closed: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        import collections
+
+        self._feed = collections.deque(maxlen=self.feed_history)
+
+    def subscribe(self, topic: str) -> Subscriber:
+        send, receive = trio.open_memory_channel(self.buffer)
+        sub = Subscriber(topic, send, receive)
+        if self.closed:
+            send.close()
+        else:
+            self._subs.setdefault(topic, set()).add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        subs = self._subs.get(sub.topic)
+        if subs is not None:
+            subs.discard(sub)
+        sub.send.close()
+
+    def publish(self, topic: str, frame: Frame) -> None:
+        for sub in list(self._subs.get(topic, ())):
+            try:
+                sub.send.send_nowait(frame)
+            except trio.WouldBlock:
+                sub.dropped = True
+                self.unsubscribe(sub)
+            except trio.BrokenResourceError:
+                self.unsubscribe(sub)
+
+    def seen(self, session_id: str, stream: str) -> int:
+        return self._published.get((session_id, stream), 0)
+
+    def publish_records(self, stream: str, records: list[rc.StreamRecord]) -> None:
+        """Publish stream records once each, in order, whoever appended them."""
+        event = stream[:-1]  # events -> event
+        for record in records:
+            key = (record.session_id, stream)
+            if record.seq <= self._published.get(key, 0):
+                continue
+            self._published[key] = record.seq
+            frame = Frame.make(f"{record.session_id}:{record.seq}", event, to_json(record),
+                               record.seq)
+            self.publish(f"{stream}:{record.session_id}", frame)
+            self.publish(f"{stream}:*", frame)
+
+    def mark_seen(self, session_id: str, stream: str, seq: int) -> None:
+        key = (session_id, stream)
+        self._published[key] = max(seq, self._published.get(key, 0))
+
+    def notice(self, revision: int, kind: str, data: dict[str, Any]) -> None:
+        """A relay lifecycle notice (lease granted, revoked, ...) on the feed."""
+        index = sum(1 for r, _, _ in reversed(self._feed) if r == revision) if self._feed else 0
+        frame = Frame.make(f"{revision}.{index}", kind, data)
+        self._feed.append((revision, index, frame))
+        self.publish("relay", frame)
+
+    def feed_after(self, revision: int, index: int) -> list[Frame] | None:
+        """Notices after (revision, index); None if they are no longer kept."""
+        if self._feed and (revision, index) < (self._feed[0][0], self._feed[0][1] - 1):
+            return None
+        if not self._feed and revision < self.feed_base:
+            return None
+        return [f for r, i, f in self._feed if (r, i) > (revision, index)]
+
+    def close(self) -> None:
+        """End every subscription (graceful shutdown)."""
+        self.closed = True
+        for subs in list(self._subs.values()):
+            for sub in list(subs):
+                self.unsubscribe(sub)
+
+    def statistics(self) -> dict[str, int]:
+        return {topic: len(subs) for topic, subs in self._subs.items() if subs}
+
+
+def notices_for(name: str, reply: Any) -> list[tuple[str, dict[str, Any]]]:
+    """The relay-feed notices a committed reply announces."""
+    if name == "reaper":
+        return [("lease.expired", to_json(x)) for x in reply]
+    if name in ("served", "stopped"):
+        return [(f"runtime.{name}", to_json(reply))]
+    if isinstance(reply, rc.LeaseReply) and reply.outcome in (
+            "granted", "waiting", "released", "revoked", "renewed"):
+        return [(f"lease.{reply.outcome}", to_json(reply.lease))]
+    if isinstance(reply, rc.QuarantineReply):
+        out = [("lease.revoked", {"lease_id": x, "session_id": reply.quarantine.session_id,
+                                   "reason": f"quarantined: {reply.quarantine.reason}"})
+               for x in reply.revoked_lease_ids]
+        kind = "quarantine.set" if reply.outcome == "quarantined" else "quarantine.cleared"
+        return out + [(kind, to_json(reply.quarantine))]
+    return []
+
+
+def diff_notices(old: Ledger, new: Ledger) -> list[tuple[str, dict[str, Any]]]:
+    """Notices for changes another process committed (seen by the watcher)."""
+    out = []
+    for lease_id, lease in new.leases.items():
+        before = old.leases.get(lease_id)
+        if before is None or before.state != lease.state:
+            state = {"active": "granted"}.get(lease.state, lease.state)
+            out.append((f"lease.{state}", to_json(lease)))
+        elif before.expires_at != lease.expires_at:
+            out.append(("lease.renewed", to_json(lease)))
+    for sid, q in new.quarantines.items():
+        before = old.quarantines.get(sid)
+        if before is None or before.state != q.state:
+            out.append(("quarantine.set" if q.state == "active" else "quarantine.cleared", to_json(q)))
+    if old.runtime.status != new.runtime.status:
+        out.append((f"runtime.{new.runtime.status}", to_json(new.runtime)))
+    return out
+
+
+################################################################
+# Supervision (ledger owner, heartbeat, subprocesses)
+################################################################
+
+
+@attrs.define(eq=False)
+class _Pending:
+    mutation: Mutation
+    done: Any
+    result: Any = None
+
+
+@attrs.define(eq=False)
+class LedgerOwner:
+    """The one task that commits this process's mutations.
+
+    Requests queue on a channel; the owner takes everything queued, applies it
+    in order under the file lock and makes the whole batch durable with one
+    write (group commit), so throughput grows with concurrency instead of
+    paying an fsync per request.  The commit runs in one worker thread hop.
+    """
+
+    store: Store
+    config: Config
+    hub: EventHub
+    now: Callable[[], float] = time.time
+    metrics: Any = None
+    ledger: Ledger = attrs.Factory(Ledger)
+    max_batch: int = 512
+    _send: Any = None
+    _receive: Any = None
+
+    def __attrs_post_init__(self) -> None:
+        self._send, self._receive = trio.open_memory_channel(math_inf())
+
+    async def submit(self, mutation: Mutation) -> Any:
+        """Queue a mutation and wait for its reply (raises its RelayError)."""
+        pending = _Pending(mutation, trio.Event())
+        self._send.send_nowait(pending)
+        await pending.done.wait()
+        if isinstance(pending.result, BaseException):
+            raise pending.result
+        return pending.result
+
+    async def run(self, *, task_status: Any = None) -> None:
+        self.ledger = await trio.to_thread.run_sync(self._read_current)
+        self.hub.feed_base = self.ledger.revision
+        for sid, cursor in self.ledger.cursors.items():
+            self.hub.mark_seen(sid, "events", cursor.events)
+            self.hub.mark_seen(sid, "results", cursor.results)
+        _started(task_status)
+        while True:
+            batch = [await self._receive.receive()]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._receive.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            await self._commit(batch)
+
+    def _read_current(self) -> Ledger:
+        return self.store.read() or Ledger()
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        started = trio.current_time()
+        seen: list[Ledger] = []
+        try:
+            results, ledger = await trio.to_thread.run_sync(lambda: commit(
+                self.store, [p.mutation for p in batch], self.config, self.now(),
+                on_start=seen.append))
+        except RelayError as exc:
+            results, ledger = [exc] * len(batch), None
+        except Exception as exc:  # a bug: answer internal, keep serving
+            _log(f"commit failed: {exc!r}")
+            results = [Internal("the relay hit an internal error; see its log")] * len(batch)
+            ledger = None
+        if self.metrics is not None:
+            self.metrics.observe_commit(trio.current_time() - started, len(batch))
+        if seen:
+            await self._absorb(seen[0])  # what other processes committed first
+        if ledger is not None:
+            self._announce(batch, results, ledger)
+        for pending, result in zip(batch, results, strict=True):
+            pending.result = result
+            pending.done.set()
+
+    def _announce(self, batch: list[_Pending], results: list[Any], ledger: Ledger) -> None:
+        self.ledger = ledger
+        for pending, result in zip(batch, results, strict=True):
+            if isinstance(result, RelayError):
+                continue
+            if pending.mutation.stream:
+                self.hub.publish_records(pending.mutation.stream, [result.record])
+            revision = getattr(result, "revision", ledger.revision)
+            for kind, data in notices_for(pending.mutation.method, result):
+                self.hub.notice(revision, kind, data)
+
+    async def refresh(self) -> None:
+        """Pick up what other processes committed."""
+        await self._absorb(await trio.to_thread.run_sync(self._read_current))
+
+    async def _absorb(self, new: Ledger) -> None:
+        """Announce a newer ledger written by another process: relay notices
+        for what changed, and stream records past what was published."""
+        if new.revision <= self.ledger.revision:
+            return
+        old, self.ledger = self.ledger, new
+        for kind, data in diff_notices(old, new):
+            self.hub.notice(new.revision, kind, data)
+        for sid, cursor in new.cursors.items():
+            for stream in STREAM_KINDS:
+                seen = self.hub.seen(sid, stream)
+                if getattr(cursor, stream) > seen:
+                    records = await trio.to_thread.run_sync(
+                        self.store.read_records, sid, stream,
+                        getattr(cursor, f"{stream}_bytes"), seen, getattr(cursor, stream) - seen)
+                    self.hub.publish_records(stream, records)
+
+
+def _started(task_status: Any, value: Any = None) -> None:
+    if task_status is not None:
+        task_status.started(value)
+
+
+def math_inf() -> float:
+    return float("inf")
+
+
+async def reap_expired_leases(owner: LedgerOwner, interval: float, *,
+                              task_status: Any = None) -> None:
+    """Heartbeat resident: mark leases past their expiry ``expired``."""
+    _started(task_status)
+    while True:
+        await trio.sleep(interval)
+        stamp = iso(owner.now())
+        if any(x.state in rc.LIVE_LEASE_STATES and x.expires_at <= stamp
+               for x in owner.ledger.leases.values()):
+            with contextlib.suppress(RelayError):
+                await owner.submit(Mutation(lambda led, ctx: _reap(led, ctx), "reaper"))
+
+
+def _reap(ledger: Ledger, ctx: Ctx) -> tuple[Ledger, Any]:
+    return expire_leases(ledger, ctx)
+
+
+async def watch_ledger(owner: LedgerOwner, interval: float, *, task_status: Any = None) -> None:
+    """Heartbeat resident: notice commits by other processes (a cheap stat)."""
+    _started(task_status)
+    path = trio.Path(owner.store.ledger_path)
+    last = None
+    while True:
+        await trio.sleep(interval)
+        try:
+            st = await path.stat()
+            key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except FileNotFoundError:
+            continue
+        if key != last:
+            last = key
+            with contextlib.suppress(RelayError):
+                await owner.refresh()
+
+
+async def run_heartbeat(owner: LedgerOwner, config: Config, *, task_status: Any = None) -> None:
+    """The heartbeat nursery: lease-expiry reaper and the ledger watcher."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reap_expired_leases, owner, config.reaper_interval_seconds)
+        await nursery.start(watch_ledger, owner, config.watch_interval_seconds)
+        _started(task_status, nursery)
+
+
+async def run_supervision(*, task_status: Any = None) -> None:
+    """The subprocess-supervision nursery.
+
+    This is where the live runtime's provider subprocesses will run (pooled
+    Codex processes kept warm, one-borrow Claude/Kimi children), each started
+    with ``nursery.start`` and stopped SIGTERM -> wait -> SIGKILL.  It holds no
+    children yet: the control plane records sessions, it does not spawn them.
+    """
+    async with trio.open_nursery() as nursery:
+        _started(task_status, nursery)
+        await trio.sleep_forever()
+
+
+################################################################
+# Service (one method per RPC; no Quart imports)
+################################################################
+
+
+class Metrics:
+    """Prometheus metrics of one server (its own registry, not the global one)."""
+
+    def __init__(self) -> None:
+        import prometheus_client as prom
+
+        self.registry = prom.CollectorRegistry()
+        self.requests = prom.Counter("relay_requests", "HTTP requests by route and code",
+                                     ["route", "code"], registry=self.registry)
+        self.commit_seconds = prom.Histogram(
+            "relay_commit_seconds", "time to make one group commit durable",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
+            registry=self.registry)
+        self.batch_size = prom.Histogram(
+            "relay_commit_batch_size", "mutations per group commit",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=self.registry)
+        self.active_leases = prom.Gauge("relay_active_leases", "active leases",
+                                        registry=self.registry)
+        self.subscribers = prom.Gauge("relay_subscribers", "SSE and WebSocket subscribers",
+                                      ["kind"], registry=self.registry)
+
+    def observe_commit(self, seconds: float, batch: int) -> None:
+        self.commit_seconds.observe(seconds)
+        self.batch_size.observe(batch)
+
+    def render(self) -> bytes:
+        import prometheus_client as prom
+
+        return prom.generate_latest(self.registry)
+
+
+@attrs.define(eq=False)
+class Service:
+    """The relay's RPCs over a ledger owner, independent of HTTP."""
+
+    store: Store
+    config: Config
+    owner: LedgerOwner
+    hub: EventHub
+    now: Callable[[], float] = time.time
+    metrics: Metrics = attrs.Factory(Metrics)
+    ws_clients: int = 0
+    sse_clients: int = 0
+    _status_cache: tuple[Any, bytes] | None = None
+
+    async def call(self, name: str, request: Any) -> Any:
+        """Run one RPC with an already-decoded request message."""
+        rpc = rc.RPC_BY_NAME[name]
+        validate_request(request)
+        if rpc.mutates:
+            return await self.owner.submit(rpc_mutation(name, request))
+        if name == "GetStatus":
+            return from_json(rc.StatusReply, json.loads(await self.status_json()))
+        if name in READS:
+            return READS[name](self.owner.ledger, request, self.now())
+        return await trio.to_thread.run_sync(read_rpc, self.store, name, request, self.now())
+
+    async def call_json(self, name: str, body: Any) -> dict[str, Any]:
+        rpc = rc.RPC_BY_NAME.get(name)
+        if rpc is None:
+            raise rc.Unimplemented(f"no RPC named {name!r}",
+                                   hint="see specs/relay.proto for the methods")
+        return to_json(await self.call(name, from_json(rpc.request, body)))
+
+    async def status_json(self) -> bytes:
+        """The status projection, cached per ledger revision for a second."""
+        key = (self.owner.ledger.revision, int(trio.current_time()))
+        if self._status_cache is None or self._status_cache[0] != key:
+            doc = await trio.to_thread.run_sync(self._status_doc)
+            self._status_cache = (key, json.dumps(doc, sort_keys=True).encode())
+        return self._status_cache[1]
+
+    def _status_doc(self) -> dict[str, Any]:
+        return to_json(status(self.store, self.now()))
+
+    def authorized(self, header: str | None) -> bool:
+        """Bearer check when the runtime has a token (constant time)."""
+        ledger = self.owner.ledger
+        if not ledger.runtime.token_id:
+            return True
+        if not header or not header.startswith("Bearer "):
+            return False
+        return token_accepts(ledger, header[7:].strip(), iso(self.now()))
+
+    # -- streams (SSE and WebSocket share this) --------------------------------------
+
+    async def open_stream(self, *, session: str, stream: str, feed: str,
+                          last_event_id: str) -> tuple[Subscriber | None, list[Frame], int]:
+        """Subscribe, then replay what came after ``last_event_id``.  Returns the
+        subscriber (None after an error), the frames to send first, and the
+        last sequence number replayed (live frames at or below it are skipped)."""
+        if feed:
+            return self._open_feed(feed, last_event_id)
+        if stream not in STREAM_KINDS:
+            return None, [error_frame("invalid_argument", "stream must be events or results")], 0
+        if session:
+            check_id("session", session)
+        if last_event_id and not session:
+            return None, [error_frame(
+                "invalid_argument", "Last-Event-ID needs a session filter (?session=ID)")], 0
+        sub = self.hub.subscribe(f"{stream}:{session or '*'}")
+        if not last_event_id:
+            return sub, [], 0
+        try:
+            sid, _, seq_text = last_event_id.rpartition(":")
+            after = int(seq_text)
+            if sid != session or after < 0:
+                raise ValueError
+        except ValueError:
+            self.hub.unsubscribe(sub)
+            return None, [error_frame("invalid_argument",
+                                      f"Last-Event-ID {last_event_id!r} is not {session}:SEQ")], 0
+        return await self._replay(sub, session, stream, after)
+
+    async def _replay(self, sub: Subscriber, session: str, stream: str, after: int):
+        ledger = self.owner.ledger
+        cursor = ledger.cursors.get(session)
+        if cursor is None or session not in ledger.sessions:
+            self.hub.unsubscribe(sub)
+            return None, [error_frame("not_found", f"session {session!r} does not exist")], 0
+        last = getattr(cursor, stream)
+        if after > last:
+            self.hub.unsubscribe(sub)
+            return None, [error_frame(
+                "out_of_range", f"Last-Event-ID {session}:{after} is ahead of the stream "
+                f"(last seq {last})")], 0
+        records = await trio.to_thread.run_sync(
+            self.store.read_records, session, stream, getattr(cursor, f"{stream}_bytes"),
+            after, max(last - after, 1))
+        event = stream[:-1]
+        frames = [Frame.make(f"{r.session_id}:{r.seq}", event, to_json(r), r.seq) for r in records]
+        return sub, frames, (records[-1].seq if records else after)
+
+    def _open_feed(self, feed: str, last_event_id: str):
+        if feed != "relay":
+            return None, [error_frame("invalid_argument", "feed must be 'relay'")], 0
+        sub = self.hub.subscribe("relay")
+        if not last_event_id:
+            return sub, [], 0
+        try:
+            rev_text, _, idx_text = last_event_id.partition(".")
+            revision, index = int(rev_text), int(idx_text or 0)
+        except ValueError:
+            self.hub.unsubscribe(sub)
+            return None, [error_frame("invalid_argument",
+                                      f"Last-Event-ID {last_event_id!r} is not REVISION.INDEX")], 0
+        if revision > self.owner.ledger.revision:
+            self.hub.unsubscribe(sub)
+            return None, [error_frame("out_of_range", f"Last-Event-ID {last_event_id} is ahead of "
+                                      f"the ledger (revision {self.owner.ledger.revision})")], 0
+        frames = self.hub.feed_after(revision, index)
+        if frames is None:
+            self.hub.unsubscribe(sub)
+            return None, [error_frame("out_of_range", "notices after that id are no longer kept; "
+                                      "re-read GET /api/relay/status and /api/relay/leases")], 0
+        return sub, frames, 0
+
+    # -- WebSocket channel ------------------------------------------------------------
+
+    async def websocket(self, receive: Callable[[], Any], send: Callable[[str], Any]) -> None:
+        """One WebSocket connection: pipelined RPCs, subscriptions and lease
+        holds.  Frames are JSON objects; see specs/flow-relay-contract.md."""
+        self.ws_clients += 1
+        holds: dict[str, dict[str, Any]] = {}
+        out_send, out_receive = trio.open_memory_channel(self.config.subscriber_buffer)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._ws_writer, out_receive, send)
+                while True:
+                    text = await receive()
+                    try:
+                        msg = json.loads(text)
+                        if not isinstance(msg, dict):
+                            raise ValueError("a frame must be a JSON object")
+                    except ValueError as exc:
+                        out_send.send_nowait(_ws_error(None, InvalidArgument(f"bad frame: {exc}")))
+                        continue
+                    self._ws_dispatch(msg, nursery, out_send, holds)
+        finally:
+            self.ws_clients -= 1
+            with trio.CancelScope(shield=True):
+                await self._ws_release_on_disconnect(holds)
+
+    async def _ws_writer(self, out_receive: Any, send: Callable[[str], Any]) -> None:
+        async for text in out_receive:
+            await send(text)
+
+    def _ws_dispatch(self, msg: dict[str, Any], nursery: Any, out: Any,
+                     holds: dict[str, dict[str, Any]]) -> None:
+        kind, ident = msg.get("type"), msg.get("id")
+        if kind == "rpc":
+            nursery.start_soon(self._ws_rpc, msg, out)
+        elif kind == "subscribe":
+            nursery.start_soon(self._ws_subscribe, msg, out)
+        elif kind == "hold":
+            lease_id = msg.get("lease_id")
+            if not isinstance(lease_id, str) or lease_id not in self.owner.ledger.leases:
+                _ws_send(out, _ws_error(ident, NotFound(f"lease {lease_id!r} does not exist")))
+                return
+            holds[lease_id] = {"release": bool(msg.get("release_on_disconnect")),
+                               "beat": trio.current_time()}
+            nursery.start_soon(self._ws_keep_alive, lease_id, holds, out)
+            _ws_send(out, json.dumps({"type": "held", "id": ident, "lease_id": lease_id}))
+        elif kind == "heartbeat":
+            for hold in holds.values():
+                hold["beat"] = trio.current_time()
+            _ws_send(out, json.dumps({"type": "heartbeat", "id": ident}))
+        else:
+            _ws_send(out, _ws_error(ident, InvalidArgument(f"unknown frame type {kind!r}")))
+
+    async def _ws_rpc(self, msg: dict[str, Any], out: Any) -> None:
+        ident = msg.get("id")
+        try:
+            reply = await self.call_json(str(msg.get("method")), msg.get("request", {}))
+        except RelayError as exc:
+            _ws_send(out, _ws_error(ident, exc))
+            return
+        _ws_send(out, json.dumps({"type": "reply", "id": ident, "reply": reply}))
+
+    async def _ws_subscribe(self, msg: dict[str, Any], out: Any) -> None:
+        sub, frames, last = await self.open_stream(
+            session=str(msg.get("session") or ""), stream=str(msg.get("stream") or "events"),
+            feed=str(msg.get("feed") or ""), last_event_id=str(msg.get("last_event_id") or ""))
+        for frame in frames:
+            _ws_send(out, frame.ws)
+        if sub is None:
+            return
+        self.metrics.subscribers.labels("ws").inc()
+        try:
+            async for frame in sub.receive:
+                if frame.seq and frame.seq <= last:
+                    continue
+                _ws_send(out, frame.ws)
+            if sub.dropped:
+                _ws_send(out, error_frame("resource_exhausted", "subscriber fell behind; "
+                                          "resubscribe with your last id").ws)
+        finally:
+            self.metrics.subscribers.labels("ws").dec()
+            self.hub.unsubscribe(sub)
+
+    async def _ws_keep_alive(self, lease_id: str, holds: dict[str, dict[str, Any]],
+                             out: Any) -> None:
+        """Renew a held lease while heartbeats arrive; tell the client at once
+        if the lease is lost (revoked, expired, released elsewhere)."""
+        sub = self.hub.subscribe("relay")
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._ws_watch_lease, lease_id, sub, out, nursery.cancel_scope)
+                while lease_id in holds:
+                    lease = self.owner.ledger.leases.get(lease_id)
+                    if lease is None or not is_live(lease, iso(self.now())):
+                        _ws_send(out, _lease_lost(lease_id, lease))
+                        break
+                    period = max(lease.ttl_seconds / 3, 0.05)
+                    await trio.sleep(period)
+                    if trio.current_time() - holds[lease_id]["beat"] > lease.ttl_seconds / 2:
+                        continue  # no heartbeat: let it run out
+                    try:
+                        await self.owner.submit(rpc_mutation(
+                            "RenewLease", rc.RenewLeaseRequest(lease_id, lease.ttl_seconds)))
+                    except RelayError:
+                        continue  # the loop above reports the loss
+                nursery.cancel_scope.cancel()
+        finally:
+            self.hub.unsubscribe(sub)
+            holds.pop(lease_id, None)
+
+    async def _ws_watch_lease(self, lease_id: str, sub: Subscriber, out: Any, scope: Any) -> None:
+        async for frame in sub.receive:
+            if frame.data.get("lease_id") == lease_id and frame.event in (
+                    "lease.revoked", "lease.expired", "lease.released"):
+                _ws_send(out, _lease_lost(lease_id, self.owner.ledger.leases.get(lease_id)))
+                scope.cancel()
+                return
+
+    async def _ws_release_on_disconnect(self, holds: dict[str, dict[str, Any]]) -> None:
+        for lease_id, hold in list(holds.items()):
+            if hold["release"]:
+                with contextlib.suppress(RelayError):
+                    await self.owner.submit(rpc_mutation(
+                        "ReleaseLease", rc.ReleaseLeaseRequest(lease_id)))
+
+
+def _ws_send(out: Any, text: str) -> None:
+    """Queue a frame for the socket; a client that stops reading is cut off."""
+    try:
+        out.send_nowait(text)
+    except trio.WouldBlock:
+        out.close()
+    except (trio.ClosedResourceError, trio.BrokenResourceError):
+        pass
+
+
+def _ws_error(ident: Any, exc: RelayError) -> str:
+    return json.dumps({"type": "error", "id": ident, "error": exc.to_json()})
+
+
+def _lease_lost(lease_id: str, lease: rc.Lease | None) -> str:
+    state = lease.state if lease is not None else "unknown"
+    if lease is not None and lease.state in rc.LIVE_LEASE_STATES:
+        state = "expired"
+    return json.dumps({"type": "lease_lost", "lease_id": lease_id, "state": state,
+                       "reason": lease.revoke_reason if lease is not None else ""})
+
+
+################################################################
+# HTTP, SSE and WebSocket adapter (create_app)
+################################################################
+
+_CONNECT_PREFIX: Final = f"/{rc.SERVICE}/"
+
+
+def _error_response(exc: RelayError, status: int | None = None) -> Any:
+    from quart import Response
+
+    return Response(json.dumps(exc.to_json()), status=status or exc.code.http_status,
+                    content_type="application/json")
+
+
+def _json_response(body: bytes | dict[str, Any]) -> Any:
+    from quart import Response
+
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return Response(data, status=200, content_type="application/json")
+
+
+def create_app(service: Service) -> Any:
+    """The quart-trio app: thin routes over ``Service``."""
+    from quart import Response, request, websocket
+    from quart_trio import QuartTrio
+    from werkzeug.exceptions import HTTPException
+
+    app = QuartTrio("relay")
+    app.config["MAX_CONTENT_LENGTH"] = service.config.max_body_bytes
+    app.config["RESPONSE_TIMEOUT"] = None
+    app.config["BODY_TIMEOUT"] = 30
+
+    def route_of() -> str:
+        rule = request.url_rule
+        return rule.rule if rule is not None else "unmatched"
+
+    @app.before_request
+    async def check_auth() -> Any:
+        if request.path != "/health" and not service.authorized(request.headers.get("Authorization")):
+            return _error_response(rc.Unauthenticated("missing or invalid bearer token",
+                                                      hint="send Authorization: Bearer <token>"))
+        return None
+
+    @app.before_websocket
+    async def check_ws_auth() -> Any:
+        if not service.authorized(websocket.headers.get("Authorization")):
+            return _error_response(rc.Unauthenticated("missing or invalid bearer token"))
+        return None
+
+    @app.after_request
+    async def count(response: Any) -> Any:
+        service.metrics.requests.labels(route_of(), str(response.status_code)).inc()
+        return response
+
+    @app.errorhandler(RelayError)
+    async def relay_error(exc: RelayError) -> Any:
+        return _error_response(exc)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Any:
+        if exc.code == 413:
+            return _error_response(rc.ResourceExhausted(
+                f"request body is over {service.config.max_body_bytes} bytes"))
+        if exc.code == 404:
+            return _error_response(NotFound(f"no route {request.path}",
+                                            hint="see specs/flow-relay-contract.md"))
+        if exc.code == 405:
+            return _error_response(rc.Unimplemented(f"{request.method} is not allowed here"), 405)
+        return _error_response(InvalidArgument(exc.description or "bad request"), exc.code)
+
+    @app.errorhandler(Exception)
+    async def unexpected(exc: Exception) -> Any:
+        _log(f"internal error on {request.path}: {exc!r}")
+        return _error_response(Internal("the relay hit an internal error; see its log"))
+
+    @app.get("/health")
+    async def health() -> Any:
+        return _json_response({"status": "ok"})
+
+    @app.get("/api/relay/status")
+    async def api_status() -> Any:
+        return _json_response(await service.status_json())
+
+    reads = {"profiles": ("ListProfiles", ()), "sessions": ("ListSessions", ("profile", "state")),
+             "leases": ("ListLeases", ("session", "state")),
+             "events": ("ListEvents", ("session", "after", "limit")),
+             "results": ("ListResults", ("session", "after", "limit"))}
+
+    @app.get("/api/relay/<name>")
+    async def api_read(name: str) -> Any:
+        if name not in reads:
+            raise NotFound(f"no route {request.path}", hint="see specs/flow-relay-contract.md")
+        method, params = reads[name]
+        body = _query_body(rc.RPC_BY_NAME[method].request, request.args, params)
+        return _json_response(await service.call_json(method, body))
+
+    @app.post(f"{_CONNECT_PREFIX}<method>")
+    async def connect_unary(method: str) -> Any:
+        ctype = request.headers.get("Content-Type", "").split(";")[0].strip()
+        if ctype != "application/json":
+            return _error_response(InvalidArgument(
+                f"content type {ctype or '(none)'} is not supported; send application/json"), 415)
+        raw = await request.get_data()
+        try:
+            body = json.loads(raw) if raw.strip() else {}
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidArgument(f"request body is not valid JSON: {exc}") from None
+        timeout = request.headers.get("Connect-Timeout-Ms")
+        deadline = int(timeout) / 1000 if timeout and timeout.isdigit() else math_inf()
+        with trio.move_on_after(deadline) as scope:
+            reply = await service.call_json(method, body)
+        if scope.cancelled_caught:
+            raise rc.DeadlineExceeded(f"{method} did not finish within {timeout} ms")
+        return _json_response(reply)
+
+    @app.get("/events")
+    async def sse() -> Any:
+        args = request.args
+        last_id = request.headers.get("Last-Event-ID") or args.get("last_event_id", "")
+        sub, frames, last = await service.open_stream(
+            session=args.get("session", ""), stream=args.get("stream", "events"),
+            feed=args.get("feed", ""), last_event_id=last_id)
+        body = _sse_body(service, sub, frames, last)
+        return Response(body, status=200, content_type="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/metrics")
+    async def metrics() -> Any:
+        stamp = iso(service.now())
+        service.metrics.active_leases.set(sum(
+            1 for x in service.owner.ledger.leases.values() if x.state == "active" and is_live(x, stamp)))
+        return Response(service.metrics.render(), status=200,
+                        content_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.websocket("/ws")
+    async def ws() -> None:
+        await websocket.accept()
+        await service.websocket(websocket.receive, websocket.send)
+
+    return app
+
+
+def _query_body(request_type: type, args: Any, params: tuple[str, ...]) -> dict[str, Any]:
+    """Query parameters -> request JSON (``session`` names ``session_id``)."""
+    unknown = set(args) - set(params)
+    if unknown:
+        raise InvalidArgument(f"unknown query parameter {sorted(unknown)[0]!r}",
+                              hint=f"known: {', '.join(params) or '(none)'}")
+    body: dict[str, Any] = {}
+    for name in params:
+        if name in args:
+            field = "session_id" if name == "session" else name
+            value = args[name]
+            if field in ("after", "limit"):
+                try:
+                    value = int(value)
+                except ValueError:
+                    raise InvalidArgument(f"{name} must be an integer") from None
+            body[field] = value
+    return body
+
+
+async def _next_frame(sub: Subscriber, keepalive: float) -> Frame | bytes | None:
+    """The next frame, a keep-alive comment after ``keepalive`` idle seconds,
+    or None once the subscription has ended.  The cancel scope lives here,
+    never around a ``yield`` in the SSE body."""
+    with trio.move_on_after(keepalive):
+        try:
+            return await sub.receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            return None
+    return b": keep-alive\n\n"
+
+
+async def _sse_body(service: Service, sub: Subscriber | None, frames: list[Frame], last: int):
+    """The SSE response body: replayed frames, then live ones."""
+    service.sse_clients += 1
+    if sub is not None:
+        service.metrics.subscribers.labels("sse").inc()
+    try:
+        yield b": connected\n\n"
+        for frame in frames:
+            yield frame.sse
+        if sub is None:
+            return
+        while True:
+            item = await _next_frame(sub, service.config.sse_keepalive_seconds)
+            if item is None:
+                if sub.dropped:
+                    yield error_frame("resource_exhausted", "subscriber fell behind; reconnect "
+                                      "with Last-Event-ID").sse
+                return
+            if isinstance(item, bytes):
+                yield item
+            elif not (item.seq and item.seq <= last):
+                yield item.sse
+    finally:
+        service.sse_clients -= 1
+        if sub is not None:
+            service.metrics.subscribers.labels("sse").dec()
+            service.hub.unsubscribe(sub)
+
+
+################################################################
+# Serving
+################################################################
+
+
+@attrs.define(eq=False)
+class Server:
+    """A running relay: its endpoint, service, and a way to stop it."""
+
+    endpoint: str
+    service: Service
+    _stopping: Any
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown: stop accepting, close streams, drain."""
+        self.service.hub.close()
+        self._stopping.set()
+
+
+def _served(endpoint: str, mode: str, pid: int) -> Mutation:
+    def apply(ledger: Ledger, ctx: Ctx) -> tuple[Ledger, Any]:
+        runtime = attrs.evolve(ledger.runtime, status="serving", endpoint=endpoint, mode=mode,
+                               pid=pid, served_at=ctx.stamp, shutdown_at="")
+        return attrs.evolve(ledger, runtime=runtime), runtime
+
+    return Mutation(apply, "served")
+
+
+def _stopped() -> Mutation:
+    def apply(ledger: Ledger, ctx: Ctx) -> tuple[Ledger, Any]:
+        runtime = attrs.evolve(ledger.runtime, status="stopped", shutdown_at=ctx.stamp, pid=0)
+        return attrs.evolve(ledger, runtime=runtime), runtime
+
+    return Mutation(apply, "stopped")
+
+
+def _bind_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+async def serve(store: Store, config: Config, *, host: str | None = None, port: int | None = None,
+                now: Callable[[], float] = time.time, task_status: Any = None) -> None:
+    """Run the relay until ``Server.stop()`` (or cancellation).
+
+    ``task_status.started(server)`` fires once the socket listens and the
+    served runtime metadata is on disk.
+    """
+    import hypercorn.config
+    import hypercorn.trio
+
+    host = host or config.host
+    port = config.port if port is None else port
+    ledger = await trio.to_thread.run_sync(store.read)
+    mode = require_serving_allowed(ledger, host)
+    hub = EventHub(buffer=config.subscriber_buffer)
+    owner = LedgerOwner(store, config, hub, now)
+    service = Service(store, config, owner, hub, now)
+    owner.metrics = service.metrics
+    stopping = trio.Event()
+    hconfig = hypercorn.config.Config()
+    hconfig.bind = [f"{_bind_host(host)}:{port}"]
+    hconfig.graceful_timeout = 5.0
+    hconfig.accesslog = None
+    hconfig.errorlog = None
+    async with trio.open_nursery() as root:
+        await root.start(owner.run)
+        await root.start(run_heartbeat, owner, config)
+        await root.start(run_supervision)
+        async with trio.open_nursery() as http:
+            urls = await http.start(functools.partial(
+                hypercorn.trio.serve, create_app(service), hconfig, shutdown_trigger=stopping.wait))
+            endpoint = urls[0]
+            await owner.submit(_served(endpoint, mode, os.getpid()))
+            _started(task_status, Server(endpoint, service, stopping))
+        # hypercorn has stopped accepting and finished in-flight requests.
+        with contextlib.suppress(RelayError):
+            await owner.submit(_stopped())
+        root.cancel_scope.cancel()
 
 ################################################################
 # CLI
@@ -1970,7 +2949,32 @@ def _run_gate(store: Store, config: Config, as_json: bool) -> int:
 
 
 def _run_serve(store: Store, config: Config, args: argparse.Namespace, as_json: bool) -> int:
-    raise rc.Unimplemented("serve is not built yet", hint="use the local CLI")
+    """Serve in the foreground until SIGINT/SIGTERM; exit 0 after a clean stop."""
+    host = args.host or config.host
+    port = config.port if args.port is None else args.port
+    require_serving_allowed(store.read(), host)  # refuse before importing the stack
+
+    async def run() -> None:
+        # The receiver stays open until the stop is recorded, so a second
+        # signal (an impatient operator, a forwarding supervisor) cannot
+        # interrupt the drain half-way.
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def serve_then_stop(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+                    await serve(store, config, host=host, port=port, task_status=task_status)
+                    nursery.cancel_scope.cancel()
+
+                server = await nursery.start(serve_then_stop)
+                _emit(as_json, {"endpoint": server.endpoint, "pid": os.getpid()},
+                      f"serving on {server.endpoint}")
+                async for signum in signals:
+                    if not server.stopping:
+                        _log(f"{signal.Signals(signum).name}: finishing in-flight requests")
+                        server.stop()
+
+    trio.run(run)
+    return EXIT_OK
 
 
 def _root(args: argparse.Namespace) -> Path:
