@@ -20,9 +20,13 @@ Table of contents (``grep -n -A1 '^#\\{64\\}' relay_client.py``):
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import json
+import os
 import re
 import sys
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, ClassVar, Final
 
 import attrs
@@ -30,6 +34,9 @@ import attrs
 __all__ = [
     "RPCS",
     "AlreadyExists",
+    "AsyncRelayStub",
+    "LeaseLost",
+    "RelayStub",
     "Code",
     "FailedPrecondition",
     "Internal",
@@ -40,6 +47,7 @@ __all__ = [
     "Rpc",
     "Unauthenticated",
     "Unavailable",
+    "discover",
     "from_json",
     "to_json",
 ]
@@ -162,12 +170,6 @@ _ERROR_BY_CODE: Final[dict[str, type[RelayError]]] = {
         Unimplemented, Internal, Unavailable, DataLoss, Unauthenticated,
     )
 }
-
-
-class LeaseLost(RelayError):
-    """Raised into a ``borrowed`` block when its lease is gone (revoked, expired)."""
-
-    code = Code.FAILED_PRECONDITION
 
 
 ################################################################
@@ -728,3 +730,591 @@ RPCS: Final[tuple[Rpc, ...]] = (
 )
 
 RPC_BY_NAME: Final = {rpc.name: rpc for rpc in RPCS}
+
+
+################################################################
+# Stubs (sync and trio)
+################################################################
+
+# One core builds requests and reads replies without doing I/O; RelayStub
+# (httpx2.Client) and AsyncRelayStub (httpx2.AsyncClient on trio) only move
+# bytes.  Both bind one method per RPC, named in snake_case, at class creation
+# (as a generated ``*_pb2_grpc`` stub does).
+
+DEFAULT_TIMEOUT: Final = 30.0  # seconds, per call (sync stub)
+RETRIES: Final = 3  # attempts after the first, for retry-safe failures
+BACKOFF: Final = 0.05  # seconds, doubled each attempt, capped at BACKOFF_MAX
+BACKOFF_MAX: Final = 2.0
+HEARTBEAT_FRACTION: Final = 0.25  # heartbeat every ttl * this on a held lease
+
+
+class LeaseLost(RelayError):
+    """Raised into a ``borrowed`` block when its lease is gone (revoked,
+    expired, released elsewhere): a job must not go on writing without it."""
+
+    code = Code.FAILED_PRECONDITION
+
+    def __init__(self, message: str = "the lease was lost", **kw: Any):
+        super().__init__(message, **kw)
+
+
+def discover(url: str | None = None, token: str | None = None,
+             root: str | os.PathLike[str] | None = None) -> tuple[str, str | None]:
+    """Endpoint and token: arguments, then RELAY_URL / RELAY_TOKEN, then the
+    workspace ledger's runtime endpoint (``root``/flow/state/relay)."""
+    url = url or os.environ.get("RELAY_URL")
+    token = token or os.environ.get("RELAY_TOKEN") or None
+    if not url:
+        path = os.path.join(root or os.environ.get("FLOW_ROOT") or ".", "flow", "state", "relay",
+                            "relay-state.json")
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            url = json.loads(data[: data.rfind(b',"checksum"')] + b"}")["runtime"]["endpoint"]
+        except (OSError, ValueError, KeyError, TypeError):
+            url = ""
+    if not url:
+        raise Unavailable("no relay endpoint known",
+                          hint="pass url=, set RELAY_URL, or start `python -m relay serve`")
+    return url.rstrip("/"), token
+
+
+def _request_of(rpc: Rpc, request: Any, fields: dict[str, Any]) -> Any:
+    if request is None:
+        request = rpc.request(**fields)
+    elif fields:
+        raise TypeError(f"{rpc.method}() takes a request message or keyword fields, not both")
+    if not isinstance(request, rpc.request):
+        raise TypeError(f"{rpc.method}() needs a {rpc.request.__name__}")
+    if rpc.mutates and "request_id" in attrs.fields_dict(rpc.request) and not request.request_id:
+        import uuid
+
+        # One id per logical call: every retry carries it, so the relay
+        # applies the call at most once however often the network fails.
+        request = attrs.evolve(request, request_id=uuid.uuid4().hex)
+    return request
+
+
+@attrs.define(eq=False)
+class _Core:
+    """What both stubs share: URLs, headers, decoding; no I/O."""
+
+    url: str
+    token: str | None = attrs.field(default=None, repr=False)
+
+    def headers(self, deadline: float | None = None) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "Connect-Protocol-Version": "1"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        if deadline is not None and deadline != float("inf"):
+            headers["Connect-Timeout-Ms"] = str(max(int(deadline * 1000), 1))
+        return headers
+
+    def body(self, request: Any) -> bytes:
+        return json.dumps(to_json(request)).encode()
+
+    def reply(self, rpc: Rpc, status: int, content: bytes) -> Any:
+        try:
+            doc = json.loads(content) if content else None
+        except ValueError:
+            doc = None
+        if status != 200:
+            raise RelayError.from_json(doc, http_status=status)
+        return from_json(rpc.response, doc)
+
+    @staticmethod
+    def retryable(exc: BaseException) -> bool:
+        import httpx2
+
+        return isinstance(exc, (httpx2.TransportError, Unavailable)) and not isinstance(
+            exc, httpx2.UnsupportedProtocol)
+
+    def stream_url(self, session: str | None, stream: str) -> tuple[str, dict[str, str]]:
+        params = {"stream": stream}
+        if session:
+            params["session"] = session
+        return f"{self.url}/events", params
+
+    def ws_url(self) -> str:
+        return "ws" + self.url[4:] + "/ws"
+
+
+def _backoff(attempt: int) -> float:
+    return min(BACKOFF * (2 ** attempt), BACKOFF_MAX)
+
+
+class _Watch:
+    """Resume bookkeeping for a watched stream: skip what was seen, remember
+    where to resume.  Shared by both flavours."""
+
+    def __init__(self, session: str | None, after: int | None):
+        self.session = session
+        self.last: dict[str, int] = {session: after} if session and after is not None else {}
+
+    def headers(self) -> dict[str, str]:
+        if self.session and self.session in self.last:
+            return {"Last-Event-ID": f"{self.session}:{self.last[self.session]}"}
+        return {}
+
+    def accept(self, event: Any) -> StreamRecord | None:
+        """Decode one SSE event; None for ones already seen; raise on errors."""
+        if event.event == "error":
+            raise RelayError.from_json(event.json(), http_status=400)
+        if event.event not in ("event", "result"):
+            return None
+        record = from_json(StreamRecord, event.json())
+        if record.seq <= self.last.get(record.session_id, 0):
+            return None
+        self.last[record.session_id] = record.seq
+        return record
+
+
+class RelayStub:
+    """Blocking stub: one method per RPC, e.g. ``stub.borrow(profile=..., holder=...)``.
+
+    Each method takes a request message or its fields as keywords, plus
+    ``timeout=`` (seconds, a deadline the server also enforces), and returns
+    the typed reply or raises a ``RelayError`` subclass.
+    """
+
+    def __init__(self, url: str | None = None, *, token: str | None = None,
+                 root: str | os.PathLike[str] | None = None, timeout: float = DEFAULT_TIMEOUT):
+        import httpx2
+
+        self._core = _Core(*discover(url, token, root))
+        self._timeout = timeout
+        self._http = httpx2.Client(timeout=timeout)
+
+    def __repr__(self) -> str:
+        return f"RelayStub({self._core.url!r})"  # never the token
+
+    def __enter__(self) -> RelayStub:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _call(self, rpc: Rpc, request: Any, timeout: float | None) -> Any:
+        import time
+
+        timeout = self._timeout if timeout is None else timeout
+        body = self._core.body(request)
+        deadline = time.monotonic() + timeout
+        for attempt in range(RETRIES + 1):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceeded(f"{rpc.name} did not finish within {timeout} s")
+            try:
+                response = self._http.post(self._core.url + rpc.path, content=body,
+                                           headers=self._core.headers(left), timeout=left)
+                return self._core.reply(rpc, response.status_code, response.content)
+            except Exception as exc:
+                if attempt == RETRIES or not self._core.retryable(exc):
+                    raise _transport_error(exc) from exc
+                time.sleep(min(_backoff(attempt), max(deadline - time.monotonic(), 0)))
+        raise AssertionError("unreachable")
+
+    @contextlib.contextmanager
+    def watch_events(self, session: str | None = None, after: int | None = None,
+                     *, stream: str = "events") -> Iterator[Iterator[StreamRecord]]:
+        """``with stub.watch_events(session=S, after=0) as records: for r in records``.
+
+        Reconnects with backoff after a dropped connection, resuming from the
+        last record seen (a session filter is needed to resume); never yields
+        a record twice or skips one."""
+        yield self._watch(_Watch(session, after), stream)
+
+    @contextlib.contextmanager
+    def watch_results(self, session: str | None = None,
+                      after: int | None = None) -> Iterator[Iterator[StreamRecord]]:
+        with self.watch_events(session, after, stream="results") as records:
+            yield records
+
+    def _watch(self, watch: _Watch, stream: str) -> Iterator[StreamRecord]:
+        import time
+
+        import httpx2
+
+        url, params = self._core.stream_url(watch.session, stream)
+        failures = 0
+        while True:
+            headers = dict(self._core.headers(), **watch.headers())
+            try:
+                with self._http.sse(url, params=params, headers=headers,
+                                    timeout=httpx2.Timeout(self._timeout, read=None)) as source:
+                    if source.response.status_code != 200:
+                        source.response.read()
+                        raise RelayError.from_json(source.response.json(),
+                                                   http_status=source.response.status_code)
+                    for event in source:
+                        failures = 0
+                        record = watch.accept(event)
+                        if record is not None:
+                            yield record
+            except httpx2.TransportError:
+                pass
+            except ResourceExhausted:
+                pass  # we fell behind: resume from the last record
+            time.sleep(_backoff(failures))
+            failures += 1
+
+    @contextlib.contextmanager
+    def borrowed(self, *, holder: str, profile: str = "", session_id: str = "",
+                 mode: str = "exclusive-write", ttl_seconds: int = 0) -> Iterator[Lease]:
+        """Borrow a session for the block; keep its lease renewed over the
+        WebSocket channel; release it on exit, also on an exception.
+
+        If the lease is lost meanwhile, ``LeaseLost`` is raised inside the
+        block (delivered asynchronously into the thread that entered it)."""
+        import threading
+
+        reply = self.borrow(holder=holder, profile=profile, session_id=session_id, mode=mode,
+                            ttl_seconds=ttl_seconds)
+        lease = reply.lease
+        keeper = _SyncKeeper(self._core, lease, threading.get_ident())
+        keeper.start()
+        try:
+            yield lease
+        except LeaseLost:
+            keeper.stop()
+            raise keeper.lost[0] if keeper.lost else LeaseLost() from None
+        finally:
+            if not keeper.stop():
+                with contextlib.suppress(FailedPrecondition, NotFound):
+                    self.release_lease(lease_id=lease.lease_id)
+
+
+class AsyncRelayStub:
+    """The trio flavour of ``RelayStub``: same methods, awaited.
+
+    Deadlines come from the caller's cancel scopes (``trio.fail_after``) and are
+    sent to the server as ``Connect-Timeout-Ms``.
+    """
+
+    def __init__(self, url: str | None = None, *, token: str | None = None,
+                 root: str | os.PathLike[str] | None = None):
+        import httpx2
+
+        self._core = _Core(*discover(url, token, root))
+        self._http = httpx2.AsyncClient(timeout=None)
+
+    def __repr__(self) -> str:
+        return f"AsyncRelayStub({self._core.url!r})"
+
+    async def __aenter__(self) -> AsyncRelayStub:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _call(self, rpc: Rpc, request: Any) -> Any:
+        import trio
+
+        body = self._core.body(request)
+        for attempt in range(RETRIES + 1):
+            left = trio.current_effective_deadline() - trio.current_time()
+            try:
+                response = await self._http.post(self._core.url + rpc.path, content=body,
+                                                 headers=self._core.headers(left))
+                return self._core.reply(rpc, response.status_code, response.content)
+            except Exception as exc:
+                if attempt == RETRIES or not self._core.retryable(exc):
+                    raise _transport_error(exc) from exc
+                await trio.sleep(_backoff(attempt))
+        raise AssertionError("unreachable")
+
+    @contextlib.asynccontextmanager
+    async def watch_events(self, session: str | None = None, after: int | None = None,
+                           *, stream: str = "events") -> AsyncIterator[AsyncIterator[StreamRecord]]:
+        """``async with stub.watch_events(session=S) as records: async for r in records``."""
+        records = self._watch(_Watch(session, after), stream)
+        try:
+            yield records
+        finally:
+            await records.aclose()
+
+    @contextlib.asynccontextmanager
+    async def watch_results(self, session: str | None = None,
+                            after: int | None = None) -> AsyncIterator[AsyncIterator[StreamRecord]]:
+        async with self.watch_events(session, after, stream="results") as records:
+            yield records
+
+    async def _watch(self, watch: _Watch, stream: str) -> AsyncIterator[StreamRecord]:
+        import httpx2
+        import trio
+
+        url, params = self._core.stream_url(watch.session, stream)
+        failures = 0
+        while True:
+            headers = dict(self._core.headers(), **watch.headers())
+            try:
+                async with self._http.sse(url, params=params, headers=headers) as source:
+                    if source.response.status_code != 200:
+                        await source.response.aread()
+                        raise RelayError.from_json(source.response.json(),
+                                                   http_status=source.response.status_code)
+                    async for event in source:
+                        failures = 0
+                        record = watch.accept(event)
+                        if record is not None:
+                            yield record
+            except httpx2.TransportError:
+                pass
+            except ResourceExhausted:
+                pass
+            await trio.sleep(_backoff(failures))
+            failures += 1
+
+    @contextlib.asynccontextmanager
+    async def borrowed(self, *, holder: str, profile: str = "", session_id: str = "",
+                       mode: str = "exclusive-write", ttl_seconds: int = 0) -> AsyncIterator[Lease]:
+        """Borrow for the block, keep the lease alive over the WebSocket, and
+        release on exit (also on exception or cancellation).  If the lease is
+        lost, the block is cancelled and ``LeaseLost`` raised."""
+        import trio
+
+        reply = await self.borrow(holder=holder, profile=profile, session_id=session_id,
+                                  mode=mode, ttl_seconds=ttl_seconds)
+        lease = reply.lease
+        lost: list[LeaseLost] = []
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(_hold_lease, self._core, lease, lost, nursery.cancel_scope)
+                try:
+                    yield lease
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            if not lost:
+                with trio.CancelScope(shield=True), contextlib.suppress(FailedPrecondition, NotFound):
+                    await self.release_lease(lease_id=lease.lease_id)
+        if lost:
+            raise lost[0]
+
+
+async def _hold_lease(core: _Core, lease: Lease, lost: list[LeaseLost], block: Any,
+                      *, task_status: Any) -> None:
+    """Hold ``lease`` over the WebSocket channel: heartbeats keep the relay
+    renewing it; a ``lease_lost`` frame cancels ``block`` and records why."""
+    import trio
+    from trio_websocket import open_websocket_url
+
+    headers = [("Authorization", f"Bearer {core.token}")] if core.token else []
+    async with open_websocket_url(core.ws_url(), extra_headers=headers) as ws:
+        await ws.send_message(json.dumps({"type": "hold", "id": 0, "lease_id": lease.lease_id}))
+        task_status.started()
+        interval = max(lease.ttl_seconds * HEARTBEAT_FRACTION, 0.05)
+
+        async def beat() -> None:
+            while True:
+                await trio.sleep(interval)
+                await ws.send_message('{"type":"heartbeat"}')
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(beat)
+            while True:
+                frame = json.loads(await ws.get_message())
+                if frame.get("type") == "lease_lost":
+                    lost.append(LeaseLost(
+                        f"lease {lease.lease_id} on {lease.session_id} was lost "
+                        f"({frame.get('state')}{': ' + frame['reason'] if frame.get('reason') else ''})",
+                        hint="stop writing; borrow again to continue"))
+                    block.cancel()
+                    nursery.cancel_scope.cancel()
+                    return
+
+
+class _SyncKeeper:
+    """Runs ``_hold_lease`` on its own trio loop in a thread for the sync stub."""
+
+    def __init__(self, core: _Core, lease: Lease, block_thread: int):
+        self.core, self.lease, self.block_thread = core, lease, block_thread
+        self.lost: list[LeaseLost] = []
+        self._token: Any = None
+        self._scope: Any = None
+        self._ready: Any = None
+        self._thread: Any = None
+
+    def start(self) -> None:
+        import threading
+
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="relay-lease-keeper", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+
+    def _run(self) -> None:
+        import trio
+
+        async def main() -> None:
+            self._token = trio.lowlevel.current_trio_token()
+            with trio.CancelScope() as self._scope:
+                block = _ThreadCanceller(self)
+                try:
+                    async with trio.open_nursery() as nursery:
+                        await nursery.start(_hold_lease, self.core, self.lease, self.lost, block)
+                        self._ready.set()
+                finally:
+                    self._ready.set()
+
+        with contextlib.suppress(Exception):
+            trio.run(main)
+        self._ready.set()
+
+    def stop(self) -> bool:
+        """Stop holding (idempotent); True if the lease was lost meanwhile."""
+        import trio
+
+        if self._thread.is_alive() and self._token is not None and self._scope is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                trio.from_thread.run_sync(self._scope.cancel, trio_token=self._token)
+        self._thread.join()
+        return bool(self.lost)
+
+
+class _ThreadCanceller:
+    """The sync flavour of "cancel the block": raise LeaseLost asynchronously
+    in the thread that entered ``borrowed`` (CPython's PyThreadState_SetAsyncExc,
+    the only way to interrupt a blocking block from outside)."""
+
+    def __init__(self, keeper: _SyncKeeper):
+        self.keeper = keeper
+
+    def cancel(self) -> None:
+        import ctypes
+
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(
+            ctypes.c_ulong(self.keeper.block_thread), ctypes.py_object(LeaseLost))
+
+
+def _transport_error(exc: BaseException) -> BaseException:
+    """Map httpx2 failures to status-code errors; RelayErrors pass through."""
+    import httpx2
+
+    if isinstance(exc, RelayError):
+        return exc
+    if isinstance(exc, httpx2.TimeoutException):
+        return DeadlineExceeded(f"the relay did not answer in time: {exc}")
+    if isinstance(exc, httpx2.TransportError):
+        return Unavailable(f"cannot reach the relay: {exc}",
+                           hint="check the URL and that `python -m relay serve` is running")
+    return exc
+
+
+def _bind_stub_methods() -> None:
+    for rpc in RPCS:
+        def sync_method(self: RelayStub, request: Any = None, *, timeout: float | None = None,
+                        _rpc: Rpc = rpc, **fields: Any) -> Any:
+            return self._call(_rpc, _request_of(_rpc, request, fields), timeout)
+
+        async def async_method(self: AsyncRelayStub, request: Any = None, *, _rpc: Rpc = rpc,
+                               **fields: Any) -> Any:
+            return await self._call(_rpc, _request_of(_rpc, request, fields))
+
+        for cls, fn in ((RelayStub, sync_method), (AsyncRelayStub, async_method)):
+            fn.__name__ = fn.__qualname__ = rpc.method
+            fn.__doc__ = (f"{rpc.help}.\n\n``{rpc.path}``: takes a {rpc.request.__name__} "
+                          f"(or its fields), returns a {rpc.response.__name__}.")
+            setattr(cls, rpc.method, fn)
+
+
+_bind_stub_methods()
+
+
+################################################################
+# CLI
+################################################################
+
+# ``python -m relay_client [--url URL] [--token-file PATH] METHOD [--field value ...]``
+# calls any RPC and prints its reply as one JSON object; ``watch`` streams
+# records as JSON lines.  Exit status: 0 done, 1 refused (with the error
+# object), 2 usage error -- as the relay's own CLI.
+
+
+def _field_type(field: Any) -> Any:
+    tp = field.type
+    if tp in (int, "int"):
+        return int
+    if field.metadata.get("json") or tp in ("JSONValue",):
+        return lambda text: json.loads(text)
+    if "tuple" in str(tp):
+        def argv(text: str) -> tuple[str, ...]:
+            import shlex
+
+            if text.startswith("["):
+                return tuple(json.loads(text))
+            return tuple(shlex.split(text))
+        return argv
+    return str
+
+
+def _build_cli() -> Any:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m relay_client",
+        description="Call a flow-relay RPC (or watch a stream) and print JSON.",
+        epilog="Exit status: 0 done, 1 refused (error object on stdout), 2 usage error. "
+               "The endpoint comes from --url, $RELAY_URL, or the workspace ledger (--root).")
+    parser.add_argument("--url", help="relay endpoint, e.g. http://127.0.0.1:9876")
+    parser.add_argument("--token-file", help="file holding the bearer token ($RELAY_TOKEN also works)")
+    parser.add_argument("--root", help="workspace root, to find the endpoint in its ledger")
+    parser.add_argument("--json", action="store_true", help="accepted for symmetry; output is JSON")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per call")
+    sub = parser.add_subparsers(dest="method", metavar="METHOD", required=True)
+    for rpc in RPCS:
+        leaf = sub.add_parser(rpc.method, help=rpc.help, aliases=[rpc.name])
+        for field in attrs.fields(rpc.request):
+            leaf.add_argument("--" + field.name.replace("_", "-"), dest=field.name,
+                              type=_field_type(field), default=argparse.SUPPRESS,
+                              required=field.default is attrs.NOTHING,
+                              choices=field.metadata.get("choices"), help=field.metadata.get("help"))
+        leaf.set_defaults(rpc=rpc)
+    watch = sub.add_parser("watch", help="stream a session's records as JSON lines")
+    watch.add_argument("--session", help="session id (needed to resume after a drop)")
+    watch.add_argument("--after", type=int, help="start after this sequence number")
+    watch.add_argument("--results", action="store_true", help="the result stream, not events")
+    watch.set_defaults(rpc=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_cli().parse_args(argv)
+    try:
+        token = None
+        if args.token_file:
+            with open(args.token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        with RelayStub(args.url, token=token, root=args.root, timeout=args.timeout) as stub:
+            if args.rpc is None:
+                with stub.watch_events(args.session, args.after,
+                                       stream="results" if args.results else "events") as records:
+                    for record in records:
+                        print(json.dumps(to_json(record), sort_keys=True), flush=True)
+                return 0
+            fields = {f.name: getattr(args, f.name) for f in attrs.fields(args.rpc.request)
+                      if hasattr(args, f.name)}
+            reply = getattr(stub, args.rpc.method)(**fields)
+            print(json.dumps(to_json(reply), sort_keys=True))
+            return 0
+    except RelayError as exc:
+        print(json.dumps({"error": exc.to_json()}, sort_keys=True))
+        if not args.json:
+            print(f"relay_client: {exc.message}" + (f"; next: {exc.hint}" if exc.hint else ""),
+                  file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"relay_client: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
