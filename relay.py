@@ -215,6 +215,7 @@ import functools  # noqa: E402
 import hashlib  # noqa: E402
 import hmac  # noqa: E402
 import ipaddress  # noqa: E402
+import re  # noqa: E402
 import secrets  # noqa: E402
 import shlex  # noqa: E402
 import signal  # noqa: E402
@@ -1998,10 +1999,12 @@ async def watch_ledger(owner: LedgerOwner, interval: float, *, task_status: Any 
                 await owner.refresh()
 
 
-async def run_heartbeat(owner: LedgerOwner, config: Config, *, task_status: Any = None) -> None:
+async def run_heartbeat(owner: LedgerOwner, config: Config, reaper: bool = True, *,
+                        task_status: Any = None) -> None:
     """The heartbeat nursery: lease-expiry reaper and the ledger watcher."""
     async with trio.open_nursery() as nursery:
-        await nursery.start(reap_expired_leases, owner, config.reaper_interval_seconds)
+        if reaper:
+            await nursery.start(reap_expired_leases, owner, config.reaper_interval_seconds)
         await nursery.start(watch_ledger, owner, config.watch_interval_seconds)
         _started(task_status, nursery)
 
@@ -2065,6 +2068,7 @@ class Service:
     hub: EventHub
     now: Callable[[], float] = time.time
     metrics: Metrics = attrs.Factory(Metrics)
+    probe_token: str | None = attrs.field(default=None, repr=False)
     ws_clients: int = 0
     sse_clients: int = 0
     _status_cache: tuple[Any, bytes] | None = None
@@ -2073,6 +2077,9 @@ class Service:
         """Run one RPC with an already-decoded request message."""
         rpc = rc.RPC_BY_NAME[name]
         validate_request(request)
+        if rpc.mutates and self.probe_token is not None:
+            raise FailedPrecondition("this is the gate's read-only probe; it takes no mutations",
+                                     hint="serve the relay with `python -m relay serve`")
         if rpc.mutates:
             return await self.owner.submit(rpc_mutation(name, request))
         if name == "GetStatus":
@@ -2102,6 +2109,9 @@ class Service:
     def authorized(self, header: str | None) -> bool:
         """Bearer check when the runtime has a token (constant time)."""
         ledger = self.owner.ledger
+        if self.probe_token is not None:
+            presented = (header or "")[7:].strip().encode()
+            return header is not None and hmac.compare_digest(presented, self.probe_token.encode())
         if not ledger.runtime.token_id:
             return True
         if not header or not header.startswith("Bearer "):
@@ -2577,11 +2587,14 @@ def _bind_host(host: str) -> str:
 
 
 async def serve(store: Store, config: Config, *, host: str | None = None, port: int | None = None,
-                now: Callable[[], float] = time.time, task_status: Any = None) -> None:
+                now: Callable[[], float] = time.time, probe_token: str | None = None,
+                task_status: Any = None) -> None:
     """Run the relay until ``Server.stop()`` (or cancellation).
 
     ``task_status.started(server)`` fires once the socket listens and the
-    served runtime metadata is on disk.
+    served runtime metadata is on disk.  With ``probe_token`` it serves a
+    read-only probe for the gate instead: it records no runtime metadata, runs
+    no reaper, refuses every mutation, and accepts that in-memory token.
     """
     import hypercorn.config
     import hypercorn.trio
@@ -2592,7 +2605,7 @@ async def serve(store: Store, config: Config, *, host: str | None = None, port: 
     mode = require_serving_allowed(ledger, host)
     hub = EventHub(buffer=config.subscriber_buffer)
     owner = LedgerOwner(store, config, hub, now)
-    service = Service(store, config, owner, hub, now)
+    service = Service(store, config, owner, hub, now, probe_token=probe_token)
     owner.metrics = service.metrics
     stopping = trio.Event()
     hconfig = hypercorn.config.Config()
@@ -2602,18 +2615,370 @@ async def serve(store: Store, config: Config, *, host: str | None = None, port: 
     hconfig.errorlog = None
     async with trio.open_nursery() as root:
         await root.start(owner.run)
-        await root.start(run_heartbeat, owner, config)
+        await root.start(run_heartbeat, owner, config, probe_token is None)
         await root.start(run_supervision)
         async with trio.open_nursery() as http:
             urls = await http.start(functools.partial(
                 hypercorn.trio.serve, create_app(service), hconfig, shutdown_trigger=stopping.wait))
             endpoint = urls[0]
-            await owner.submit(_served(endpoint, mode, os.getpid()))
+            if probe_token is None:
+                await owner.submit(_served(endpoint, mode, os.getpid()))
             _started(task_status, Server(endpoint, service, stopping))
         # hypercorn has stopped accepting and finished in-flight requests.
-        with contextlib.suppress(RelayError):
-            await owner.submit(_stopped())
+        if probe_token is None:
+            with contextlib.suppress(RelayError):
+                await owner.submit(_stopped())
         root.cancel_scope.cancel()
+
+################################################################
+# The gate
+################################################################
+
+# ``python -m relay gate`` answers one question: can operators and companion
+# tools trust the ledger projection?  Each check states one invariant, looks
+# at the workspace from outside, and on failure names the owner-scoped repair
+# or the next diagnostic.  The gate never writes to flow/state: its HTTP check
+# runs the server as a read-only probe (no runtime record, no reaper).
+
+_HEX64: Final = re.compile(r"[0-9a-f]{64}")
+_RAW_TOKEN: Final = re.compile(rb"frt_[A-Za-z0-9_-]{20,}")
+_INSPECT_REPAIR: Final = "python -m relay state inventory"
+
+
+@attrs.frozen
+class Check:
+    id: str
+    invariant: str
+    result: str  # pass | fail | skip
+    evidence: str
+    repair: str = ""
+
+
+@attrs.define(eq=False)
+class _GateView:
+    """What every check looks at, read once."""
+
+    store: Store
+    config: Config
+    now: float
+    ledger: Ledger | None = None
+    error: str = ""
+    raw: bytes = b""
+    streams: dict[tuple[str, str], tuple[int, str]] = attrs.Factory(dict)
+
+    @classmethod
+    def read(cls, store: Store, config: Config, now: float) -> _GateView:
+        view = cls(store, config, now)
+        with contextlib.suppress(FileNotFoundError):
+            view.raw = store.ledger_path.read_bytes()
+        try:
+            view.ledger = decode_ledger(view.raw) if view.raw else None
+        except LedgerInvalid as exc:
+            view.error = exc.message
+        if view.ledger is not None:
+            for sid, cursor in view.ledger.cursors.items():
+                for stream in STREAM_KINDS:
+                    view.streams[(sid, stream)] = _scan_stream(store, sid, stream, cursor)
+        return view
+
+
+def _scan_stream(store: Store, sid: str, stream: str, cursor: rc.Cursor) -> tuple[int, str]:
+    """(last seq, problem) of one committed log: checksums, seq 1..n, length."""
+    committed = getattr(cursor, f"{stream}_bytes")
+    path = store.stream_path(sid, stream)
+    if committed == 0:
+        return 0, ""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < committed:
+                return 0, f"{_rel(store, path)} is {size} B, shorter than its committed {committed} B"
+            seq = 0
+            while f.tell() < committed:
+                line = f.readline()
+                if len(line) < 11 or int(line[:8], 16) != zlib.crc32(line[9:-1]):
+                    return seq, f"{_rel(store, path)}: checksum mismatch after seq {seq}"
+                got = json.loads(line[9:-1])["seq"]
+                if got != seq + 1:
+                    return seq, f"{_rel(store, path)}: seq {got} follows {seq}"
+                seq = got
+    except FileNotFoundError:
+        return 0, f"{_rel(store, path)} is missing"
+    except (ValueError, KeyError):
+        return 0, f"{_rel(store, path)}: unreadable record"
+    return seq, ""
+
+
+def _check_status(view: _GateView) -> tuple[str, str, str]:
+    doc = to_json(status(view.store, view.now))
+    if doc["status"] == "pass":
+        return "pass", f"status pass, mode {doc['relay_mode']}, revision {doc['revision']}", ""
+    first = doc["warnings"][0]
+    return "fail", f"status {doc['status']}: {first['message']}", first["repair"]
+
+
+def _check_inspect(view: _GateView) -> tuple[str, str, str]:
+    plain = to_json(status(view.store, view.now))
+    detailed = inspect_relay(view.store, view.config, view.now)
+    differ = sorted(k for k in plain if detailed.get(k) != plain[k])
+    if differ:
+        return ("fail", f"inspect relay differs from status in {', '.join(differ)}",
+                "python -m relay inspect relay --json")
+    return "pass", f"{len(plain)} projection fields agree", ""
+
+
+def _check_ledger(view: _GateView) -> tuple[str, str, str]:
+    repair = "python -m relay state inventory, then python -m relay state reset --owner relay --apply"
+    if not view.raw:
+        return "skip", "no ledger yet (the first mutation creates it)", ""
+    if view.ledger is None:
+        return "fail", view.error, repair
+    schema_path = Path(__file__).resolve().parent / "specs" / "relay-state.schema.json"
+    try:
+        import jsonschema
+    except ImportError:
+        return "pass", "typed model accepts it; jsonschema not installed, schema not checked", ""
+    if not schema_path.exists():
+        return "pass", "typed model accepts it; specs/ not shipped with this install", ""
+    schema = json.loads(schema_path.read_text(encoding="utf-8"))
+    errors = list(jsonschema.Draft202012Validator(schema).iter_errors(json.loads(view.raw)))
+    if errors:
+        where = "/".join(str(p) for p in errors[0].absolute_path) or "(root)"
+        return "fail", f"schema: {where}: {errors[0].message}", repair
+    return "pass", f"revision {view.ledger.revision} validates against {schema_path.name}", ""
+
+
+def _check_streams(view: _GateView) -> tuple[str, str, str]:
+    if view.ledger is None:
+        return "skip", "no valid ledger to read cursors from", ""
+    bad = [(key, problem) for key, (_, problem) in sorted(view.streams.items()) if problem]
+    if bad:
+        (sid, _), problem = bad[0]
+        return ("fail", problem, f"python -m relay quarantine session {sid} --reason "
+                "'stream log damaged', then restore the log from a backup")
+    total = sum(seq for seq, _ in view.streams.values())
+    return "pass", f"{len(view.streams)} logs, {total} records, checksums and seq 1..n intact", ""
+
+
+def _check_cursors(view: _GateView) -> tuple[str, str, str]:
+    if view.ledger is None:
+        return "skip", "no valid ledger to read cursors from", ""
+    for (sid, stream), (seq, problem) in sorted(view.streams.items()):
+        want = getattr(view.ledger.cursors[sid], stream)
+        if not problem and seq != want:
+            return ("fail", f"session {sid} {stream}: ledger cursor {want}, log ends at {seq}",
+                    _INSPECT_REPAIR)
+    streams_dir = view.store.state_dir / STREAMS_DIR
+    orphans = sorted(p.name for p in streams_dir.iterdir() if p.name not in view.ledger.cursors) \
+        if streams_dir.is_dir() else []
+    if orphans:
+        return "fail", f"stream logs of unknown session {orphans[0]}", _INSPECT_REPAIR
+    return "pass", f"{len(view.ledger.cursors)} session cursors agree with their logs", ""
+
+
+def _check_cleanup(view: _GateView) -> tuple[str, str, str]:
+    plan = cleanup_plan(view.store)
+    if view.store.lock_path in plan:
+        return "fail", "cleanup would remove the mutation lock", "do not run state cleanup --apply"
+    return "pass", f"dry run would remove {len(plan)} files and keep the lock", ""
+
+
+def _check_lan(view: _GateView) -> tuple[str, str, str]:
+    base = view.ledger or Ledger()
+    tokenless = attrs.evolve(base, runtime=attrs.evolve(base.runtime, token_id=""))
+    for host in ("10.0.0.1", "192.168.1.10", "0.0.0.0", "8.8.8.8"):
+        try:
+            require_serving_allowed(tokenless, host)
+        except RelayError:
+            continue
+        return "fail", f"serving on {host} without a token was allowed", "report this as a relay bug"
+    rt = base.runtime
+    if rt.mode == "trusted-lan" and active_token(base, rt.token_id) is None:
+        return ("fail", f"runtime serves trusted-lan at {rt.endpoint} without an active token",
+                "python -m relay token rotate, or python -m relay bootstrap --endpoint "
+                "http://127.0.0.1:9876")
+    return "pass", "private-network serving without a token is refused (checked without binding)", ""
+
+
+def _check_tokens(view: _GateView) -> tuple[str, str, str]:
+    if view.ledger is None:
+        return "skip", "no valid ledger", ""
+    for token in view.ledger.tokens.values():
+        if not _HEX64.fullmatch(token.digest):
+            return ("fail", f"token {token.token_id} digest is not a SHA-256 hex digest",
+                    f"python -m relay token revoke {token.token_id}, then python -m relay token create")
+    if _RAW_TOKEN.search(view.raw):
+        return ("fail", "the ledger contains something shaped like a raw bearer token",
+                "revoke every token (python -m relay token revoke ID) and create new ones")
+    return "pass", f"{len(view.ledger.tokens)} token records hold digests only", ""
+
+
+def _check_pooled(view: _GateView) -> tuple[str, str, str]:
+    if view.ledger is None:
+        return "skip", "no valid ledger", ""
+    bad = [p for p in view.ledger.profiles.values() if p.mode == "pooled" and p.provider != "codex"]
+    if bad:
+        return ("fail", f"profile {bad[0].name} pools {bad[0].provider} sessions",
+                f"python -m relay profile register NAME --provider {bad[0].provider} "
+                f"--mode one-borrow, and move work off {bad[0].name}")
+    return "pass", "every pooled profile is Codex", ""
+
+
+def _check_quarantine(view: _GateView) -> tuple[str, str, str]:
+    if view.ledger is None:
+        return "skip", "no valid ledger", ""
+    for sid, q in sorted(view.ledger.quarantines.items()):
+        session = view.ledger.sessions.get(sid)
+        if q.state == "active" and (session is None or session.state != "failed"):
+            return ("fail", f"session {sid} is quarantined but {session.state if session else 'gone'}",
+                    f"python -m relay recover --session {sid}")
+    return "pass", "every quarantined session is failed", ""
+
+
+def _check_leases_on_failed(view: _GateView) -> tuple[str, str, str]:
+    if view.ledger is None:
+        return "skip", "no valid ledger", ""
+    stamp = iso(view.now)
+    for lease in sorted(view.ledger.leases.values(), key=lambda x: x.lease_id):
+        session = view.ledger.sessions.get(lease.session_id)
+        if is_live(lease, stamp) and (session is None or session.state != "ready"):
+            return ("fail", f"live lease {lease.lease_id} sits on {lease.session_id}, which is "
+                    f"{session.state if session else 'gone'}",
+                    f"python -m relay lease revoke {lease.lease_id} --reason 'session failed'")
+    return "pass", "no live lease on a failed or closed session", ""
+
+
+def _check_writer_reader(view: _GateView) -> tuple[str, str, str]:
+    if view.ledger is None:
+        return "skip", "no valid ledger", ""
+    stamp = iso(view.now)
+    for sid in sorted(view.ledger.sessions):
+        live = [x for x in live_leases(view.ledger, sid, stamp) if x.state == "active"]
+        modes = {x.mode for x in live}
+        writers = [x for x in live if x.mode == "exclusive-write"]
+        if writers and (len(modes) > 1 or len(writers) > 1):
+            return ("fail", f"session {sid} has an active writer and another active lease",
+                    f"python -m relay lease revoke {writers[0].lease_id} --reason 'conflicting lease'")
+    return "pass", "no session has an active writer beside another active lease", ""
+
+
+def _state_digest(store: Store) -> str:
+    digest = hashlib.sha256()
+    for dirpath, dirnames, files in sorted(os.walk(store.flow / "state")):
+        dirnames.sort()
+        for name in sorted(files):
+            path = Path(dirpath) / name
+            digest.update(str(path.relative_to(store.flow)).encode() + b"\0")
+            with contextlib.suppress(FileNotFoundError):
+                digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def _check_http(view: _GateView) -> tuple[str, str, str]:
+    if view.raw and view.ledger is None:
+        return "skip", "the ledger is damaged; the server would not start", ""
+    before = _state_digest(view.store)
+    routes = trio.run(_probe_reads, view)
+    after = _state_digest(view.store)
+    if before != after:
+        return ("fail", f"flow/state changed while serving {len(routes)} read requests",
+                "report this as a relay bug; python -m relay state inventory")
+    return "pass", f"{len(routes)} reads and SSE replays left flow/state unchanged", ""
+
+
+async def _probe_reads(view: _GateView) -> list[str]:
+    """Start the read-only probe on an ephemeral loopback port and call every
+    read route and an SSE replay per session."""
+    import httpx2
+
+    secret = secrets.token_urlsafe(16)
+    routes = ["/health", "/api/relay/status", "/api/relay/profiles", "/api/relay/sessions",
+              "/api/relay/leases", "/metrics"]
+    ledger = view.ledger or Ledger()
+    for sid, cursor in sorted(ledger.cursors.items())[:20]:
+        for stream in STREAM_KINDS:
+            routes.append(f"/api/relay/{stream}?session={sid}&after={max(getattr(cursor, stream) - 10, 0)}")
+    replays = [(sid, max(c.events - 10, 0), c.events) for sid, c in sorted(ledger.cursors.items())[:20]]
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(functools.partial(
+            serve, view.store, view.config, host="127.0.0.1", port=0, probe_token=secret))
+        headers = {"Authorization": f"Bearer {secret}"}
+        async with httpx2.AsyncClient(base_url=server.endpoint, headers=headers, timeout=10) as http:
+            for route in routes:
+                (await http.get(route)).raise_for_status()
+            for sid, after, last in replays:
+                await _probe_sse(http, sid, after, last)
+                routes.append(f"/events?session={sid}")
+        server.stop()
+    return routes
+
+
+async def _probe_sse(http: Any, sid: str, after: int, last: int) -> None:
+    async with http.stream("GET", "/events", params={"session": sid},
+                           headers={"Last-Event-ID": f"{sid}:{after}"}) as response:
+        response.raise_for_status()
+        if last == after:
+            return
+        async for line in response.aiter_lines():
+            if line == f"id: {sid}:{last}":
+                return
+
+
+#: The gate's checks, in the order they are reported.
+GATE_CHECKS: Final = (
+    ("status_pass", "`status --json` reports pass", _check_status),
+    ("inspect_matches_status", "`inspect relay --json` exposes the same projection fields and "
+     "values as `status`", _check_inspect),
+    ("ledger_valid", "the ledger parses and validates against specs/relay-state.schema.json",
+     _check_ledger),
+    ("streams_valid", "every stream log has valid checksums and sequence numbers 1..n with no gap",
+     _check_streams),
+    ("cursors_match_streams", "event and result cursors in the ledger agree with the stream logs",
+     _check_cursors),
+    ("cleanup_preserves_lock", "tmp cleanup (dry run) would preserve relay-state.lock", _check_cleanup),
+    ("lan_requires_token", "serving on a private-network host without an active token is refused",
+     _check_lan),
+    ("tokens_are_digests", "every token record holds a 64-hex SHA-256 digest and nothing like a "
+     "raw token", _check_tokens),
+    ("pooled_codex_only", "pooled profiles are Codex-only", _check_pooled),
+    ("quarantined_sessions_failed", "sessions under an active quarantine are failed",
+     _check_quarantine),
+    ("no_lease_on_failed_session", "no live lease sits on a failed or closed session",
+     _check_leases_on_failed),
+    ("no_writer_with_reader", "no session has an active writer together with another active lease",
+     _check_writer_reader),
+    ("http_reads_readonly", "HTTP read routes and SSE replay do not change flow/state", _check_http),
+)
+
+
+def gate(store: Store, config: Config, now: float | None = None,
+         only: tuple[str, ...] = ()) -> list[Check]:
+    """Run every check (or ``only`` these ids); never writes to flow/state."""
+    view = _GateView.read(store, config, time.time() if now is None else now)
+    checks = []
+    for ident, invariant, fn in GATE_CHECKS:
+        if only and ident not in only:
+            continue
+        try:
+            result, evidence, repair = fn(view)
+        except Exception as exc:  # a check that crashes is a failed check, not a crash
+            result, evidence, repair = "fail", f"check raised {exc!r}", _INSPECT_REPAIR
+        checks.append(Check(ident, invariant, result, evidence, repair))
+    return checks
+
+
+def _gate_text(checks: list[Check]) -> str:
+    width = max(len(c.id) for c in checks)
+    rows = [f"{'check':<{width}}  result  evidence (and, on failure, the repair)"]
+    for c in checks:
+        rows.append(f"{c.id:<{width}}  {c.result:<6}  {c.evidence}")
+        if c.result == "fail":
+            rows.append(f"{'':<{width}}  {'':<6}  next: {c.repair}")
+    failed = [c.id for c in checks if c.result == "fail"]
+    rows.append(f"gate {'FAIL: ' + ', '.join(failed) if failed else 'pass'} "
+                f"({sum(c.result == 'pass' for c in checks)} pass, {len(failed)} fail, "
+                f"{sum(c.result == 'skip' for c in checks)} skip)")
+    return "\n".join(rows)
 
 ################################################################
 # CLI
@@ -2945,7 +3310,11 @@ def _reset(store: Store, apply: bool, as_json: bool) -> int:
 
 
 def _run_gate(store: Store, config: Config, as_json: bool) -> int:
-    raise rc.Unimplemented("the gate is not built yet", hint="see `python -m relay status`")
+    checks = gate(store, config)
+    failed = any(c.result == "fail" for c in checks)
+    _emit(as_json, {"status": "fail" if failed else "pass", "checks": [attrs.asdict(c) for c in checks]},
+          _gate_text(checks))
+    return EXIT_REFUSED if failed else EXIT_OK
 
 
 def _run_serve(store: Store, config: Config, args: argparse.Namespace, as_json: bool) -> int:
