@@ -271,6 +271,12 @@ ARCHIVE_DIR: Final = "archive"
 SET_ASIDE_DIR: Final = "set-aside"
 STREAM_KINDS: Final = ("events", "results")
 
+#: Allocations between young-generation collections while serving (default 700).
+GC_GEN0_THRESHOLD: Final = 20_000
+
+#: GIL switch interval while serving (seconds); see ``serve``.
+SWITCH_INTERVAL: Final = 0.0005
+
 #: The exit codes of the CLI.
 EXIT_OK: Final = 0
 EXIT_REFUSED: Final = 1
@@ -348,6 +354,7 @@ class Config:
     max_ttl_seconds: int = 24 * HOURS
     control_request_retention_seconds: int = 24 * HOURS
     lease_retention_seconds: int = 1 * HOURS
+    max_terminal_leases: int = 500
     request_retention_seconds: int = 10 * MINUTES
     max_request_records: int = 1000
     compact_interval_seconds: int = 1 * MINUTES
@@ -367,6 +374,7 @@ _CONFIG_KEYS: Final = {
     "max_ttl_seconds": ("leases", "max_ttl_seconds"),
     "control_request_retention_seconds": ("ledger", "control_request_retention_seconds"),
     "lease_retention_seconds": ("ledger", "lease_retention_seconds"),
+    "max_terminal_leases": ("ledger", "max_terminal_leases"),
     "request_retention_seconds": ("ledger", "request_retention_seconds"),
     "max_request_records": ("ledger", "max_request_records"),
     "compact_interval_seconds": ("ledger", "compact_interval_seconds"),
@@ -496,7 +504,7 @@ def decode_ledger(data: bytes) -> Ledger:
     body = split[0]
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: deep nesting
         raise LedgerInvalid(f"ledger is not valid JSON: {exc}", hint=hint) from None
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA_ID:
         got = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
@@ -544,7 +552,9 @@ def decode_record(line: bytes) -> rc.StreamRecord:
     if len(line) < 11 or line[8:9] != b" " or not line.endswith(b"\n"):
         raise ValueError("malformed stream record")
     body = line[9:-1]
-    if int(line[:8], 16) != zlib.crc32(body):
+    # Compare the exact bytes: int(..., 16) would also take " 1a2b3c4" or
+    # "1A2B3C4D", so a flipped bit in the checksum itself could go unseen.
+    if line[:8] != b"%08x" % zlib.crc32(body):
         raise ValueError("stream record checksum mismatch")
     return from_json(rc.StreamRecord, json.loads(body))
 
@@ -555,6 +565,19 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _make_dirs(path: Path) -> None:
+    """``mkdir -p`` that makes each new directory durable: a directory entry is
+    only on disk once its parent has been fsynced."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            directory.mkdir()
+        _fsync_dir(directory.parent)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -643,11 +666,11 @@ class Store:
         descriptor (after a failed fsync the kernel may have dropped the dirty
         pages: the PostgreSQL lesson); the ledger stays the old or the new one.
         """
-        self.state_dir.mkdir(parents=True, exist_ok=True)
         data = encode_ledger(ledger)
         tmp = self.state_dir / f"{TEMP_PREFIX}{os.getpid()}.{secrets.token_hex(4)}"
         self._cache = None
         try:
+            _make_dirs(self.state_dir)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
                 _write_all(fd, data)
@@ -666,7 +689,10 @@ class Store:
         try:
             _fsync_dir(self.state_dir)
         except OSError as exc:
-            raise _io_failure("fsync the ledger directory", exc) from exc
+            raise Internal(
+                f"could not fsync the ledger directory: {exc.strerror or exc}; the change is in "
+                "place but not known to be durable, so it was not acknowledged",
+                hint="check the disk (df -h, dmesg), then `python -m relay status`") from exc
         _failpoint("after_dir_fsync")
         self._cache = ((st.st_ino, st.st_size, st.st_mtime_ns), ledger)
         self._record_validated(data)
@@ -675,11 +701,15 @@ class Store:
         """Tell the fast status path that these exact bytes came from the typed
         model.  Scratch, not truth: losing it only makes ``status`` slower."""
         claimed = split_checksum(data)
+        # Written in place, not renamed: a torn memo only fails to match, and
+        # then the fast path falls back to full validation.
         with contextlib.suppress(OSError):
-            memo = self.tmp_dir / MEMO_NAME
-            tmp = memo.with_name(f"{MEMO_NAME}.{os.getpid()}")
-            tmp.write_bytes(claimed[1] if claimed else b"")
-            os.replace(tmp, memo)
+            fd = os.open(self.tmp_dir / MEMO_NAME, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                         0o600)
+            try:
+                os.write(fd, claimed[1] if claimed else b"")
+            finally:
+                os.close(fd)
 
     def remove_orphan_temps(self) -> list[str]:
         """Delete temp files a crashed writer left (call only under the lock)."""
@@ -700,9 +730,9 @@ class Store:
         """Cut the log back to its committed length, append, fsync; returns the
         new length.  The caller commits that length in the ledger."""
         path = self.stream_path(session_id, stream)
-        path.parent.mkdir(parents=True, exist_ok=True)
         data = b"".join(encode_record(r) for r in records)
         try:
+            _make_dirs(path.parent)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise _io_failure(f"open {path}", exc) from exc
@@ -753,10 +783,10 @@ class Store:
         """Append rows to ``archive/<name>.jsonl`` durably, before the ledger
         drops them (a crash in between only repeats a row in the archive)."""
         directory = self.state_dir / ARCHIVE_DIR
-        directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{name}.jsonl"
         data = b"".join(_canonical(r) + b"\n" for r in rows)
         try:
+            _make_dirs(directory)
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 _write_all(fd, data)
@@ -1072,6 +1102,9 @@ def record_control(ledger: Ledger, req: rc.RecordControlRequest, ctx: Ctx):
     nothing; the same id with another body is a conflict."""
     _session(ledger, req.session_id)
     check_id("kind", req.kind)
+    if len(_canonical(req.payload)) > ctx.config.max_record_bytes:
+        raise InvalidArgument(f"control payload is over {ctx.config.max_record_bytes} bytes",
+                              hint="record a reference to large payloads instead")
     digest = _digest([req.session_id, req.kind, req.payload])
     old = ledger.control_requests.get(req.request_id)
     if old is not None:
@@ -1153,6 +1186,13 @@ def clear_quarantine(ledger: Ledger, req: rc.ClearQuarantineRequest, ctx: Ctx):
 # -- runtime and tokens (local administration, not RPCs) --------------------------
 
 
+#: What "private network" means here: RFC 1918 and IPv6 unique-local space only.
+#: (``ipaddress.is_private`` also admits documentation, benchmarking and reserved
+#: ranges, which are no LAN of ours.)
+_PRIVATE_NETWORKS: Final = tuple(ipaddress.ip_network(n) for n in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"))
+
+
 def endpoint_mode(host: str) -> str:
     """``loopback`` or ``trusted-lan``; anything else may never be served."""
     try:
@@ -1167,7 +1207,7 @@ def endpoint_mode(host: str) -> str:
     if addr.is_unspecified:
         raise InvalidArgument(f"refusing to serve on {host}: it listens on every interface",
                               hint="pass --host 127.0.0.1, or one private-network address")
-    if addr.is_private and not addr.is_link_local and not addr.is_multicast:
+    if any(addr in net for net in _PRIVATE_NETWORKS):
         return "trusted-lan"
     raise InvalidArgument(f"refusing to serve on public address {host}",
                           hint="serve on 127.0.0.1, or a private-network address with a token")
@@ -1198,11 +1238,15 @@ def bootstrap(ledger: Ledger, endpoint: str, token_id: str, ctx: Ctx):
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidArgument(f"endpoint {endpoint!r} is not an http(s) URL",
                               hint="pass --endpoint http://127.0.0.1:9876")
-    if token_id:
+    if token_id and token_id != "none":
         check_id("token id", token_id)
         if active_token(ledger, token_id) is None:
             raise FailedPrecondition(f"token {token_id!r} is not an active token",
                                      hint="list tokens with `python -m relay token list`")
+    if token_id == "none":
+        token_id = ""
+    elif not token_id:
+        token_id = ledger.runtime.token_id  # re-bootstrapping must not silently drop auth
     ledger = attrs.evolve(ledger, runtime=attrs.evolve(ledger.runtime, token_id=token_id))
     mode = require_serving_allowed(ledger, parts.hostname)
     runtime = attrs.evolve(ledger.runtime, status="bootstrapped", endpoint=endpoint, mode=mode,
@@ -1278,15 +1322,17 @@ def compact(ledger: Ledger, ctx: Ctx) -> tuple[Ledger, dict[str, list[dict[str, 
     lease_cut = iso(ctx.now - cfg.lease_retention_seconds)
     control_cut = iso(ctx.now - cfg.control_request_retention_seconds)
     request_cut = iso(ctx.now - cfg.request_retention_seconds)
-    old_leases = [x for x in ledger.leases.values()
-                  if x.state not in rc.LIVE_LEASE_STATES and x.ended_at < lease_cut]
+    ended = sorted((x for x in ledger.leases.values() if x.state not in rc.LIVE_LEASE_STATES),
+                   key=lambda x: (x.ended_at, x.lease_id))
+    overflow = max(len(ended) - cfg.max_terminal_leases, 0)
+    old_leases = [x for i, x in enumerate(ended) if i < overflow or x.ended_at < lease_cut]
     old_controls = [x for x in ledger.control_requests.values() if x.recorded_at < control_cut]
     requests = {k: v for k, v in ledger.requests.items() if v.recorded_at >= request_cut}
     if len(requests) > cfg.max_request_records:
         keep = sorted(requests, key=lambda k: requests[k].recorded_at)[-cfg.max_request_records:]
         requests = {k: requests[k] for k in keep}
     if not old_leases and not old_controls and len(requests) == len(ledger.requests):
-        return ledger, {}
+        return attrs.evolve(ledger, compacted_at=ctx.stamp), {}
     gone_leases = {x.lease_id for x in old_leases}
     gone_controls = {x.request_id for x in old_controls}
     ledger = attrs.evolve(
@@ -1405,7 +1451,13 @@ def list_records(store: Store, ledger: Ledger, req: rc.ListRecordsRequest, strea
     cursor = ledger.cursors.get(req.session_id) or rc.Cursor(req.session_id)
     last = getattr(cursor, stream)
     committed = getattr(cursor, f"{stream}_bytes")
-    records = store.read_records(req.session_id, stream, committed, req.after, req.limit)
+    try:
+        records = store.read_records(req.session_id, stream, committed, req.after, req.limit)
+    except (OSError, ValueError, RelayError) as exc:
+        raise rc.DataLoss(
+            f"the {stream} log of session {req.session_id!r} is damaged or missing: {exc}",
+            hint=f"run `python -m relay gate`, then `python -m relay quarantine session "
+            f"{req.session_id} --reason 'stream log damaged'`") from None
     return rc.ListRecordsReply(req.session_id, last, tuple(records))
 
 
@@ -1608,8 +1660,9 @@ def commit(store: Store, mutations: list[Mutation], config: Config,
     rename landed but a later fsync failed, the new one, unacknowledged).
     """
     with store.locked():
-        if not store._orphans_checked:
-            store.remove_orphan_temps()
+        # Every time, not once per Store: a long-lived store (the server's)
+        # must also sweep what a CLI writer killed mid-write left meanwhile.
+        store.remove_orphan_temps()
         start = store.read() or Ledger()
         if on_start is not None:
             on_start(start)
@@ -1629,9 +1682,17 @@ def commit(store: Store, mutations: list[Mutation], config: Config,
 
 
 def _compact_if_due(store: Store, ledger: Ledger, now: float, config: Config) -> Ledger:
-    if ledger.compacted_at > iso(now - config.compact_interval_seconds):
+    """Compact once per interval, or at once when a count cap is exceeded (so
+    lease churn cannot grow the ledger, and every commit, between runs)."""
+    crowded = (len(ledger.leases) > 2 * config.max_terminal_leases
+               or len(ledger.requests) > config.max_request_records)
+    if not crowded and ledger.compacted_at > iso(now - config.compact_interval_seconds):
         return ledger
-    compacted, rows = compact(ledger, Ctx(now, ledger.revision, config))
+    # Expiry first: without a server (and its reaper) this is where leases past
+    # their time are marked, so retention can archive them.
+    ctx = Ctx(now, ledger.revision, config)
+    ledger, _ = expire_leases(ledger, ctx)
+    compacted, rows = compact(ledger, ctx)
     for name, batch in rows.items():
         store.archive(name, batch)
     return compacted
@@ -2582,6 +2643,18 @@ def _stopped() -> Mutation:
     return Mutation(apply, "stopped")
 
 
+def _quiet_gc() -> None:
+    """Move everything alive at start-up (modules, the app, the ledger) out of
+    the collector's reach and collect young objects less often: fan-out to a
+    thousand subscribers allocates in bursts, and full collections over the
+    start-up heap were the long pauses in SSE delivery."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
+
+
 def _bind_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
@@ -2601,6 +2674,10 @@ async def serve(store: Store, config: Config, *, host: str | None = None, port: 
 
     host = host or config.host
     port = config.port if port is None else port
+    # The commit thread blocks in fsync several times per group commit and
+    # must win the GIL back from a busy event loop each time; at the default
+    # 5 ms switch interval that wait, not the disk, dominated commit latency.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     ledger = await trio.to_thread.run_sync(store.read)
     mode = require_serving_allowed(ledger, host)
     hub = EventHub(buffer=config.subscriber_buffer)
@@ -2621,6 +2698,7 @@ async def serve(store: Store, config: Config, *, host: str | None = None, port: 
             urls = await http.start(functools.partial(
                 hypercorn.trio.serve, create_app(service), hconfig, shutdown_trigger=stopping.wait))
             endpoint = urls[0]
+            _quiet_gc()
             if probe_token is None:
                 await owner.submit(_served(endpoint, mode, os.getpid()))
             _started(task_status, Server(endpoint, service, stopping))
@@ -2704,7 +2782,7 @@ def _scan_stream(store: Store, sid: str, stream: str, cursor: rc.Cursor) -> tupl
                 seq = got
     except FileNotFoundError:
         return 0, f"{_rel(store, path)} is missing"
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, TypeError):  # TypeError: a record that is not an object
         return 0, f"{_rel(store, path)}: unreadable record"
     return seq, ""
 
@@ -2895,10 +2973,15 @@ async def _probe_reads(view: _GateView) -> list[str]:
     routes = ["/health", "/api/relay/status", "/api/relay/profiles", "/api/relay/sessions",
               "/api/relay/leases", "/metrics"]
     ledger = view.ledger or Ledger()
-    for sid, cursor in sorted(ledger.cursors.items())[:20]:
+    # Only logs that scanned clean and end at their cursor: a damaged one is
+    # streams_valid's or cursors_match_streams' finding, and replaying it would
+    # fail (or wait for a seq that never comes) without saying anything new.
+    sound = [(sid, c) for sid, c in sorted(ledger.cursors.items())
+             if all(view.streams.get((sid, s)) == (getattr(c, s), "") for s in STREAM_KINDS)][:20]
+    for sid, cursor in sound:
         for stream in STREAM_KINDS:
             routes.append(f"/api/relay/{stream}?session={sid}&after={max(getattr(cursor, stream) - 10, 0)}")
-    replays = [(sid, max(c.events - 10, 0), c.events) for sid, c in sorted(ledger.cursors.items())[:20]]
+    replays = [(sid, max(c.events - 10, 0), c.events) for sid, c in sound]
     async with trio.open_nursery() as nursery:
         server = await nursery.start(functools.partial(
             serve, view.store, view.config, host="127.0.0.1", port=0, probe_token=secret))
@@ -2919,9 +3002,14 @@ async def _probe_sse(http: Any, sid: str, after: int, last: int) -> None:
         response.raise_for_status()
         if last == after:
             return
-        async for line in response.aiter_lines():
-            if line == f"id: {sid}:{last}":
-                return
+        # aiter_bytes under aclosing: leaving aiter_lines early leaks its inner
+        # generators (a ResourceWarning from trio's async-generator finalizer).
+        seen, want = b"", f"\nid: {sid}:{last}\n".encode()
+        async with contextlib.aclosing(response.aiter_bytes()) as chunks:
+            async for chunk in chunks:
+                seen = seen[-len(want):] + chunk
+                if want in seen:
+                    return
 
 
 #: The gate's checks, in the order they are reported.
@@ -2994,9 +3082,16 @@ class _UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    #: Set by ``main`` when the command line asks for --json, so that even a
+    #: usage error prints its one JSON object.
+    wants_json = False
+
     def error(self, message: str) -> None:  # argparse exits 2 on usage errors
         self.print_usage(sys.stderr)
-        print(f"relay: usage error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        hint = f"see `{self.prog} --help`"
+        print(f"relay: usage error: {message} ({hint})", file=sys.stderr)
+        if _Parser.wants_json:
+            _emit(True, {"error": {"code": "invalid_argument", "message": message, "hint": hint}}, "")
         raise SystemExit(EXIT_USAGE)
 
 
@@ -3041,7 +3136,8 @@ _ADMIN: Final[dict[tuple[str, ...], tuple[str, list[tuple[tuple[str, ...], dict[
     ("inspect", "relay"): ("the status projection plus revision, freshness and cursors", []),
     ("bootstrap",): ("record runtime metadata: the endpoint and the token guarding it", [
         (("--endpoint",), {"default": "", "help": "default: http://HOST:PORT from relay.toml"}),
-        (("--token-id",), {"default": "", "help": "bind an active token (required off loopback)"}),
+        (("--token-id",), {"default": "", "help": "bind an active token (required off loopback); "
+                           "default: keep the bound one; 'none' unbinds it"}),
     ]),
     ("shutdown",): ("record that the relay stopped", []),
     ("token", "create"): ("mint a bearer token; prints it once, stores only its digest", [
@@ -3294,7 +3390,8 @@ def _reset(store: Store, apply: bool, as_json: bool) -> int:
     if not warnings:
         raise FailedPrecondition("the ledger is valid (or absent); there is nothing to reset",
                                  hint="see `python -m relay status`")
-    target = store.state_dir / SET_ASIDE_DIR / f"relay-state.{int(time.time())}.json"
+    stamp = iso(time.time()).replace(":", "").replace("-", "")
+    target = store.state_dir / SET_ASIDE_DIR / f"relay-state.{stamp}.json"
     if apply:
         with store.locked():
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -3352,6 +3449,7 @@ def _root(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """The CLI entry point; returns the exit status."""
+    _Parser.wants_json = "--json" in (sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     as_json = getattr(args, "json", False)
     try:

@@ -126,8 +126,6 @@ class RelayError(Exception):
         body: dict[str, Any] = {"code": self.code.value, "message": self.message}
         if self.hint:
             body["hint"] = self.hint
-        if self.details:
-            body["details"] = self.details
         return body
 
     @staticmethod
@@ -576,7 +574,7 @@ class SessionReply:
 
 @attrs.frozen
 class LeaseReply:
-    outcome: str  # granted | waiting | renewed | released | revoked | duplicate
+    outcome: str  # granted | waiting | renewed | released | revoked
     revision: int
     lease: Lease
 
@@ -807,7 +805,9 @@ class _Core:
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         if deadline is not None and deadline != float("inf"):
-            headers["Connect-Timeout-Ms"] = str(max(int(deadline * 1000), 1))
+            # A passed or cancelled trio deadline reads as -inf: send 1 ms and
+            # let the caller's cancel scope stop the call at its first checkpoint.
+            headers["Connect-Timeout-Ms"] = str(max(int(max(deadline, 0) * 1000), 1))
         return headers
 
     def body(self, request: Any) -> bytes:
@@ -1083,11 +1083,14 @@ class AsyncRelayStub:
                                   mode=mode, ttl_seconds=ttl_seconds)
         lease = reply.lease
         lost: list[LeaseLost] = []
+        error: Exception | None = None
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(_hold_lease, self._core, lease, lost, nursery.cancel_scope)
                 try:
                     yield lease
+                except Exception as exc:
+                    error = exc  # re-raised below as itself, not wrapped in the nursery's group
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
@@ -1096,6 +1099,8 @@ class AsyncRelayStub:
                     await self.release_lease(lease_id=lease.lease_id)
         if lost:
             raise lost[0]
+        if error is not None:
+            raise error
 
 
 async def _hold_lease(core: _Core, lease: Lease, lost: list[LeaseLost], block: Any,

@@ -36,3 +36,28 @@ def run_json(root: Path, *args: str, check: int | None = 0) -> dict:
     """Run a CLI command with --json and return its one JSON object."""
     _, out, _ = run_cli(root, *args, "--json", check=check)
     return json.loads(out)
+
+
+# -- helpers for in-process tests of the pure operations and the commit --------
+
+#: A fixed wall-clock instant in the past (2023-11-14) that pure operations and commits
+#: take as ``now``; tests move time by adding seconds to it, never by sleeping.
+T0 = 1_700_000_000.0
+
+
+def mutation(name: str, /, **fields):
+    """The Mutation for RPC ``name`` with a request built from ``fields``."""
+    import relay
+    import relay_client
+
+    return relay.rpc_mutation(name, relay_client.RPC_BY_NAME[name].request(**fields))
+
+
+def commit_ok(store, name: str, /, now: float = T0, config=None, **fields):
+    """Commit one RPC mutation at ``now``; raise its error, return its reply."""
+    import relay
+
+    (result,), _ = relay.commit(store, [mutation(name, **fields)], config or relay.Config(), now)
+    if isinstance(result, relay.RelayError):
+        raise result
+    return result
