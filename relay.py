@@ -529,6 +529,29 @@ def _check_ledger_keys(ledger: Ledger, hint: str) -> None:
                 raise LedgerInvalid(f"ledger {name} entry {key!r} is inconsistent", hint=hint)
     if ledger.revision < 0:
         raise LedgerInvalid("ledger revision is negative", hint=hint)
+    for key in ledger.requests:
+        if not rc.ID_PATTERN.fullmatch(key):
+            raise LedgerInvalid(f"ledger requests entry {key!r} is not a valid id", hint=hint)
+    for name, field, allowed in _LEDGER_ENUMS:
+        records = getattr(ledger, name)
+        for record in records.values() if isinstance(records, dict) else (records,):
+            if getattr(record, field) not in allowed:
+                raise LedgerInvalid(f"ledger {name} has {field} {getattr(record, field)!r}, "
+                                    f"not one of {', '.join(allowed)}", hint=hint)
+
+
+#: (ledger map, field, allowed values): what the JSON Schema's enums say.
+_LEDGER_ENUMS: Final = (
+    ("profiles", "provider", rc.PROVIDERS),
+    ("profiles", "mode", rc.PROFILE_MODES),
+    ("sessions", "state", rc.SESSION_STATES),
+    ("leases", "mode", rc.LEASE_MODES),
+    ("leases", "state", rc.LEASE_STATES),
+    ("quarantines", "state", ("active", "cleared")),
+    ("tokens", "state", ("active", "rotated", "revoked")),
+    ("runtime", "status", ("absent", "bootstrapped", "serving", "stopped")),
+    ("runtime", "mode", ("", "loopback", "trusted-lan")),
+)
 
 
 ################################################################
@@ -2989,27 +3012,33 @@ async def _probe_reads(view: _GateView) -> list[str]:
         async with httpx2.AsyncClient(base_url=server.endpoint, headers=headers, timeout=10) as http:
             for route in routes:
                 (await http.get(route)).raise_for_status()
-            for sid, after, last in replays:
-                await _probe_sse(http, sid, after, last)
-                routes.append(f"/events?session={sid}")
+            async with trio.open_nursery() as readers:
+                for sid, after, last in replays:
+                    await readers.start(_probe_sse, http, sid, after, last)
+                    routes.append(f"/events?session={sid}")
+                server.stop()  # ends every SSE stream, so each reader runs to its end
         server.stop()
     return routes
 
 
-async def _probe_sse(http: Any, sid: str, after: int, last: int) -> None:
+async def _probe_sse(http: Any, sid: str, after: int, last: int, *, task_status: Any) -> None:
+    """Replay one session's events after ``after``; started once seq ``last``
+    has arrived.  The stream is then read to its end (the probe's stop), never
+    abandoned: httpx2 leaks an abandoned stream's inner async generators."""
     async with http.stream("GET", "/events", params={"session": sid},
                            headers={"Last-Event-ID": f"{sid}:{after}"}) as response:
         response.raise_for_status()
         if last == after:
+            task_status.started()
             return
-        # aiter_bytes under aclosing: leaving aiter_lines early leaks its inner
-        # generators (a ResourceWarning from trio's async-generator finalizer).
-        seen, want = b"", f"\nid: {sid}:{last}\n".encode()
-        async with contextlib.aclosing(response.aiter_bytes()) as chunks:
-            async for chunk in chunks:
-                seen = seen[-len(want):] + chunk
-                if want in seen:
-                    return
+        seen, want, found = b"", f"\nid: {sid}:{last}\n".encode(), False
+        async for chunk in response.aiter_bytes():
+            seen = seen[-len(want):] + chunk
+            if not found and want in seen:
+                task_status.started()
+                found = True
+        if not found:
+            raise Internal(f"SSE replay of {sid} ended before seq {last}")
 
 
 #: The gate's checks, in the order they are reported.
