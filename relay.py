@@ -265,6 +265,8 @@ SCHEMA_ID: Final = "flow-relay/relay-state/v1"
 LEDGER_NAME: Final = "relay-state.json"
 LOCK_NAME: Final = "relay-state.lock"
 MEMO_NAME: Final = "ledger.validated"
+#: The ledger's last bytes: `"sha256:<64 hex>"}` and a newline.
+CHECKSUM_TAIL_BYTES: Final = 72
 TEMP_PREFIX: Final = ".relay-state.json.tmp."
 STREAMS_DIR: Final = "streams"
 ARCHIVE_DIR: Final = "archive"
@@ -616,7 +618,7 @@ class Store:
     server calls it through one ``trio.to_thread.run_sync`` hop per commit."""
 
     root: Path
-    _cache: tuple[tuple[int, int, int], Ledger] | None = None
+    _cache: tuple[tuple[int, int, int], bytes, Ledger] | None = None
     _orphans_checked: bool = False
 
     @property
@@ -670,14 +672,19 @@ class Store:
         try:
             st = os.fstat(fd)
             key = (st.st_ino, st.st_size, st.st_mtime_ns)
-            if self._cache is not None and self._cache[0] == key:
-                return self._cache[1]
+            # Same inode, size and mtime can still be another file (an inode
+            # reused within one timestamp tick); the checksum at the tail
+            # cannot, and costs one small read to compare.
+            if (self._cache is not None and self._cache[0] == key
+                    and os.pread(fd, CHECKSUM_TAIL_BYTES, max(st.st_size - CHECKSUM_TAIL_BYTES, 0))
+                    == self._cache[1]):
+                return self._cache[2]
             with os.fdopen(os.dup(fd), "rb") as f:
                 data = f.read()
         finally:
             os.close(fd)
         ledger = decode_ledger(data)
-        self._cache = (key, ledger)
+        self._cache = (key, data[-CHECKSUM_TAIL_BYTES:], ledger)
         return ledger
 
     # -- writing ----------------------------------------------------------------
@@ -717,7 +724,7 @@ class Store:
                 "place but not known to be durable, so it was not acknowledged",
                 hint="check the disk (df -h, dmesg), then `python -m relay status`") from exc
         _failpoint("after_dir_fsync")
-        self._cache = ((st.st_ino, st.st_size, st.st_mtime_ns), ledger)
+        self._cache = ((st.st_ino, st.st_size, st.st_mtime_ns), data[-CHECKSUM_TAIL_BYTES:], ledger)
         self._record_validated(data)
 
     def _record_validated(self, data: bytes) -> None:
@@ -1951,9 +1958,11 @@ class LedgerOwner:
     max_batch: int = 512
     _send: Any = None
     _receive: Any = None
+    _lock: Any = None  # a commit and its announcement vs. the watcher's refresh
 
     def __attrs_post_init__(self) -> None:
         self._send, self._receive = trio.open_memory_channel(math_inf())
+        self._lock = trio.Lock()
 
     async def submit(self, mutation: Mutation) -> Any:
         """Queue a mutation and wait for its reply (raises its RelayError)."""
@@ -1978,7 +1987,8 @@ class LedgerOwner:
                     batch.append(self._receive.receive_nowait())
                 except trio.WouldBlock:
                     break
-            await self._commit(batch)
+            async with self._lock:
+                await self._commit(batch)
 
     def _read_current(self) -> Ledger:
         return self.store.read() or Ledger()
@@ -2018,8 +2028,11 @@ class LedgerOwner:
                 self.hub.notice(revision, kind, data)
 
     async def refresh(self) -> None:
-        """Pick up what other processes committed."""
-        await self._absorb(await trio.to_thread.run_sync(self._read_current))
+        """Pick up what other processes committed.  Never mid-commit: the file
+        may already hold this process's own commit, not yet announced, and
+        absorbing it would announce every notice of it twice."""
+        async with self._lock:
+            await self._absorb(await trio.to_thread.run_sync(self._read_current))
 
     async def _absorb(self, new: Ledger) -> None:
         """Announce a newer ledger written by another process: relay notices
@@ -2289,7 +2302,7 @@ class Service:
                 while True:
                     text = await receive()
                     try:
-                        msg = json.loads(text)
+                        msg = _parse_json(text)
                         if not isinstance(msg, dict):
                             raise ValueError("a frame must be a JSON object")
                     except ValueError as exc:
@@ -2338,9 +2351,12 @@ class Service:
         _ws_send(out, json.dumps({"type": "reply", "id": ident, "reply": reply}))
 
     async def _ws_subscribe(self, msg: dict[str, Any], out: Any) -> None:
-        sub, frames, last = await self.open_stream(
-            session=str(msg.get("session") or ""), stream=str(msg.get("stream") or "events"),
-            feed=str(msg.get("feed") or ""), last_event_id=str(msg.get("last_event_id") or ""))
+        try:
+            sub, frames, last = await self.open_stream(
+                session=str(msg.get("session") or ""), stream=str(msg.get("stream") or "events"),
+                feed=str(msg.get("feed") or ""), last_event_id=str(msg.get("last_event_id") or ""))
+        except RelayError as exc:  # e.g. a malformed session id: answer, keep the socket
+            sub, frames, last = None, [error_frame(exc.code.value, exc.message)], 0
         for frame in frames:
             _ws_send(out, frame.ws)
         if sub is None:
@@ -2381,9 +2397,11 @@ class Service:
                     except RelayError:
                         continue  # the loop above reports the loss
                 nursery.cancel_scope.cancel()
+            # Lost: nothing left to release.  On a disconnect (cancelled) the
+            # hold must stay, or release_on_disconnect finds nothing to release.
+            holds.pop(lease_id, None)
         finally:
             self.hub.unsubscribe(sub)
-            holds.pop(lease_id, None)
 
     async def _ws_watch_lease(self, lease_id: str, sub: Subscriber, out: Any, scope: Any) -> None:
         async for frame in sub.receive:
@@ -2409,6 +2427,29 @@ def _ws_send(out: Any, text: str) -> None:
         out.close()
     except (trio.ClosedResourceError, trio.BrokenResourceError):
         pass
+
+
+def _parse_json(text: str | bytes) -> Any:
+    """Decode a request body or WebSocket frame as strict JSON (RFC 8259).
+
+    Python's parser also takes NaN and Infinity, and lone surrogates
+    (``"\\ud800"``) that can never be encoded again: a commit holding one
+    would fail, and with it every request in its group commit.  Nesting too
+    deep for the parser is malformed input too, not an internal error.
+    Every refusal is a ValueError.
+    """
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+        json.dumps(value, ensure_ascii=False).encode()
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    except UnicodeEncodeError:
+        raise ValueError("a string holds a lone surrogate (not valid Unicode)") from None
+    return value
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def _ws_error(ident: Any, exc: RelayError) -> str:
@@ -2527,7 +2568,7 @@ def create_app(service: Service) -> Any:
                 f"content type {ctype or '(none)'} is not supported; send application/json"), 415)
         raw = await request.get_data()
         try:
-            body = json.loads(raw) if raw.strip() else {}
+            body = _parse_json(raw) if raw.strip() else {}
         except (ValueError, UnicodeDecodeError) as exc:
             raise InvalidArgument(f"request body is not valid JSON: {exc}") from None
         timeout = request.headers.get("Connect-Timeout-Ms")
@@ -2682,6 +2723,52 @@ def _bind_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+def _close_after_response(app: Any) -> Any:
+    """Close, rather than wedge, a connection whose request body went unread.
+
+    A request refused before its body is read (too large, wrong content type,
+    no token) leaves that body on the connection, so the connection cannot be
+    reused.  Without this wrapper two things go wrong: the response does not
+    say ``Connection: close``, so a keep-alive client sends its next request
+    there; and hypercorn, closing the connection from inside the app's final
+    ``send``, first tells the app ``http.disconnect``, on which quart-trio's
+    receiver cancels the request's nursery and with it that very close.  The
+    socket stays open and the client's next request waits forever.  So: say
+    ``Connection: close`` while the body is unread, and hold back a disconnect
+    that arrives once the response is complete (quart-trio ends the request
+    itself right after).
+    """
+
+    async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        state = {"unread": _has_body(scope), "responded": False}
+
+        async def tracking_receive() -> dict[str, Any]:
+            message = await receive()
+            if message["type"] == "http.disconnect" and state["responded"]:
+                await trio.sleep_forever()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                state["unread"] = False
+            return message
+
+        async def tracking_send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start" and state["unread"]:
+                message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                state["responded"] = True
+            await send(message)
+
+        return await app(scope, tracking_receive, tracking_send)
+
+    return asgi
+
+
+def _has_body(scope: dict[str, Any]) -> bool:
+    return any(name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0")
+               for name, value in scope["headers"])
+
+
 async def serve(store: Store, config: Config, *, host: str | None = None, port: int | None = None,
                 now: Callable[[], float] = time.time, probe_token: str | None = None,
                 task_status: Any = None) -> None:
@@ -2719,7 +2806,8 @@ async def serve(store: Store, config: Config, *, host: str | None = None, port: 
         await root.start(run_supervision)
         async with trio.open_nursery() as http:
             urls = await http.start(functools.partial(
-                hypercorn.trio.serve, create_app(service), hconfig, shutdown_trigger=stopping.wait))
+                hypercorn.trio.serve, _close_after_response(create_app(service)), hconfig,
+                shutdown_trigger=stopping.wait))
             endpoint = urls[0]
             _quiet_gc()
             if probe_token is None:
@@ -2770,10 +2858,12 @@ class _GateView:
     @classmethod
     def read(cls, store: Store, config: Config, now: float) -> _GateView:
         view = cls(store, config, now)
+        present = False  # an empty file is a damaged ledger, not an absent one
         with contextlib.suppress(FileNotFoundError):
             view.raw = store.ledger_path.read_bytes()
+            present = True
         try:
-            view.ledger = decode_ledger(view.raw) if view.raw else None
+            view.ledger = decode_ledger(view.raw) if present else None
         except LedgerInvalid as exc:
             view.error = exc.message
         if view.ledger is not None:
@@ -2830,7 +2920,7 @@ def _check_inspect(view: _GateView) -> tuple[str, str, str]:
 
 def _check_ledger(view: _GateView) -> tuple[str, str, str]:
     repair = "python -m relay state inventory, then python -m relay state reset --owner relay --apply"
-    if not view.raw:
+    if view.ledger is None and not view.error:
         return "skip", "no ledger yet (the first mutation creates it)", ""
     if view.ledger is None:
         return "fail", view.error, repair
@@ -2976,7 +3066,7 @@ def _state_digest(store: Store) -> str:
 
 
 def _check_http(view: _GateView) -> tuple[str, str, str]:
-    if view.raw and view.ledger is None:
+    if view.error:
         return "skip", "the ledger is damaged; the server would not start", ""
     before = _state_digest(view.store)
     routes = trio.run(_probe_reads, view)
@@ -3488,13 +3578,23 @@ def main(argv: list[str] | None = None) -> int:
             return _run_rpc(store, config, args, as_json)
         return _run_admin(store, config, args, as_json)
     except RelayError as exc:
-        if as_json:
-            _emit(True, {"error": {"code": exc.code.value, "message": exc.message,
-                                   "hint": exc.hint}}, "")
-        else:
-            print(f"relay: {exc.message}" + (f"; next: {exc.hint}" if exc.hint else ""),
-                  file=sys.stderr)
-        return EXIT_REFUSED
+        return _refuse(exc, as_json)
+    except (OSError, ValueError, RecursionError) as exc:
+        # Not a refusal we foresaw: still one clear line and a non-zero exit,
+        # never a traceback (RELAY_DEBUG=1 shows it).
+        if os.environ.get("RELAY_DEBUG"):
+            raise
+        return _refuse(Internal(f"unexpected {type(exc).__name__}: {exc}",
+                                hint="run `python -m relay gate`; RELAY_DEBUG=1 shows the traceback"),
+                       as_json)
+
+
+def _refuse(exc: RelayError, as_json: bool) -> int:
+    if as_json:
+        _emit(True, {"error": {"code": exc.code.value, "message": exc.message, "hint": exc.hint}}, "")
+    else:
+        print(f"relay: {exc.message}" + (f"; next: {exc.hint}" if exc.hint else ""), file=sys.stderr)
+    return EXIT_REFUSED
 
 
 if __name__ == "__main__":
