@@ -356,7 +356,7 @@ class Config:
     max_ttl_seconds: int = 24 * HOURS
     control_request_retention_seconds: int = 24 * HOURS
     lease_retention_seconds: int = 1 * HOURS
-    max_terminal_leases: int = 500
+    max_terminal_leases: int = 100
     request_retention_seconds: int = 10 * MINUTES
     max_request_records: int = 1000
     compact_interval_seconds: int = 1 * MINUTES
@@ -1812,6 +1812,7 @@ class EventHub:
     _published: dict[tuple[str, str], int] = attrs.Factory(dict)
     _feed: Any = None  # deque of (revision, index, Frame)
     feed_base: int = 0
+    _evicted: tuple[int, int] = (-1, -1)  # the newest notice dropped from _feed
     closed: bool = False
 
     def __attrs_post_init__(self) -> None:
@@ -1866,16 +1867,19 @@ class EventHub:
 
     def notice(self, revision: int, kind: str, data: dict[str, Any]) -> None:
         """A relay lifecycle notice (lease granted, revoked, ...) on the feed."""
-        index = sum(1 for r, _, _ in reversed(self._feed) if r == revision) if self._feed else 0
+        last = self._feed[-1] if self._feed else None
+        index = last[1] + 1 if last is not None and last[0] == revision else 0
         frame = Frame.make(f"{revision}.{index}", kind, data)
+        if len(self._feed) == self._feed.maxlen:
+            self._evicted = self._feed[0][:2]
         self._feed.append((revision, index, frame))
         self.publish("relay", frame)
 
     def feed_after(self, revision: int, index: int) -> list[Frame] | None:
-        """Notices after (revision, index); None if they are no longer kept."""
-        if self._feed and (revision, index) < (self._feed[0][0], self._feed[0][1] - 1):
-            return None
-        if not self._feed and revision < self.feed_base:
+        """Notices after (revision, index); None if some of them are no longer
+        kept: committed before this server started, or dropped from the history.
+        A cursor need not name a notice (``REVISION.0`` from GetStatus works)."""
+        if revision < self.feed_base or (revision, index) < self._evicted:
             return None
         return [f for r, i, f in self._feed if (r, i) > (revision, index)]
 
@@ -1923,7 +1927,8 @@ def diff_notices(old: Ledger, new: Ledger) -> list[tuple[str, dict[str, Any]]]:
         if before is None or before.state != q.state:
             out.append(("quarantine.set" if q.state == "active" else "quarantine.cleared", to_json(q)))
     if old.runtime.status != new.runtime.status:
-        out.append((f"runtime.{new.runtime.status}", to_json(new.runtime)))
+        kind = {"serving": "served"}.get(new.runtime.status, new.runtime.status)
+        out.append((f"runtime.{kind}", to_json(new.runtime)))
     return out
 
 
@@ -2223,7 +2228,7 @@ class Service:
         subscriber (None after an error), the frames to send first, and the
         last sequence number replayed (live frames at or below it are skipped)."""
         if feed:
-            return self._open_feed(feed, last_event_id)
+            return await self._open_feed(feed, last_event_id)
         if stream not in STREAM_KINDS:
             return None, [error_frame("invalid_argument", "stream must be events or results")], 0
         if session:
@@ -2246,6 +2251,9 @@ class Service:
         return await self._replay(sub, session, stream, after)
 
     async def _replay(self, sub: Subscriber, session: str, stream: str, after: int):
+        cursor = self.owner.ledger.cursors.get(session)
+        if cursor is None or after > getattr(cursor, stream):
+            await self.owner.refresh()  # another process may have written it a moment ago
         ledger = self.owner.ledger
         cursor = ledger.cursors.get(session)
         if cursor is None or session not in ledger.sessions:
@@ -2264,19 +2272,22 @@ class Service:
         frames = [Frame.make(f"{r.session_id}:{r.seq}", event, to_json(r), r.seq) for r in records]
         return sub, frames, (records[-1].seq if records else after)
 
-    def _open_feed(self, feed: str, last_event_id: str):
+    async def _open_feed(self, feed: str, last_event_id: str):
         if feed != "relay":
             return None, [error_frame("invalid_argument", "feed must be 'relay'")], 0
-        sub = self.hub.subscribe("relay")
         if not last_event_id:
-            return sub, [], 0
+            return self.hub.subscribe("relay"), [], 0
         try:
             rev_text, _, idx_text = last_event_id.partition(".")
             revision, index = int(rev_text), int(idx_text or 0)
         except ValueError:
-            self.hub.unsubscribe(sub)
             return None, [error_frame("invalid_argument",
                                       f"Last-Event-ID {last_event_id!r} is not REVISION.INDEX")], 0
+        if revision > self.owner.ledger.revision:
+            await self.owner.refresh()  # another process may have committed it a moment ago
+        # Subscribe only now, with no await before the replay is taken: what
+        # the refresh announced is in the history, and nothing comes twice.
+        sub = self.hub.subscribe("relay")
         if revision > self.owner.ledger.revision:
             self.hub.unsubscribe(sub)
             return None, [error_frame("out_of_range", f"Last-Event-ID {last_event_id} is ahead of "
