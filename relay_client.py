@@ -925,7 +925,11 @@ class RelayStub:
         Reconnects with backoff after a dropped connection, resuming from the
         last record seen (a session filter is needed to resume); never yields
         a record twice or skips one."""
-        yield self._watch(_Watch(session, after), stream)
+        records = self._watch(_Watch(session, after), stream)
+        try:
+            yield records
+        finally:
+            records.close()  # the stream's connection goes now, not at garbage collection
 
     @contextlib.contextmanager
     def watch_results(self, session: str | None = None,
@@ -938,6 +942,11 @@ class RelayStub:
 
         import httpx2
 
+        if watch.session and watch.session not in watch.last:
+            # "From now" is pinned to a sequence number, so a drop before the
+            # first record still resumes exactly there.
+            lister = self.list_events if stream == "events" else self.list_results
+            watch.last[watch.session] = lister(session_id=watch.session, limit=1).last_seq
         url, params = self._core.stream_url(watch.session, stream)
         failures = 0
         while True:
@@ -975,8 +984,8 @@ class RelayStub:
                             ttl_seconds=ttl_seconds)
         lease = reply.lease
         keeper = _SyncKeeper(self._core, lease, threading.get_ident())
-        keeper.start()
         try:
+            keeper.start()
             yield lease
         except LeaseLost:
             keeper.stop()
@@ -1049,6 +1058,9 @@ class AsyncRelayStub:
         import httpx2
         import trio
 
+        if watch.session and watch.session not in watch.last:
+            lister = self.list_events if stream == "events" else self.list_results
+            watch.last[watch.session] = (await lister(session_id=watch.session, limit=1)).last_seq
         url, params = self._core.stream_url(watch.session, stream)
         failures = 0
         while True:
@@ -1108,7 +1120,7 @@ async def _hold_lease(core: _Core, lease: Lease, lost: list[LeaseLost], block: A
     """Hold ``lease`` over the WebSocket channel: heartbeats keep the relay
     renewing it; a ``lease_lost`` frame cancels ``block`` and records why."""
     import trio
-    from trio_websocket import open_websocket_url
+    from trio_websocket import ConnectionClosed, open_websocket_url
 
     headers = [("Authorization", f"Bearer {core.token}")] if core.token else []
     async with open_websocket_url(core.ws_url(), extra_headers=headers) as ws:
@@ -1121,18 +1133,28 @@ async def _hold_lease(core: _Core, lease: Lease, lost: list[LeaseLost], block: A
                 await trio.sleep(interval)
                 await ws.send_message('{"type":"heartbeat"}')
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(beat)
-            while True:
-                frame = json.loads(await ws.get_message())
-                if frame.get("type") == "lease_lost":
-                    lost.append(LeaseLost(
-                        f"lease {lease.lease_id} on {lease.session_id} was lost "
-                        f"({frame.get('state')}{': ' + frame['reason'] if frame.get('reason') else ''})",
-                        hint="stop writing; borrow again to continue"))
-                    block.cancel()
-                    nursery.cancel_scope.cancel()
-                    return
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(beat)
+                while True:
+                    frame = json.loads(await ws.get_message())
+                    if frame.get("type") == "lease_lost":
+                        lost.append(LeaseLost(
+                            f"lease {lease.lease_id} on {lease.session_id} was lost "
+                            f"({frame.get('state')}{': ' + frame['reason'] if frame.get('reason') else ''})",
+                            hint="stop writing; borrow again to continue"))
+                        block.cancel()
+                        nursery.cancel_scope.cancel()
+                        return
+        except* ConnectionClosed:
+            # The relay went away (crash, restart): nothing renews the lease
+            # now, so the block must stop as if it were lost -- the sync keeper
+            # would otherwise die silently and leave the block writing.
+            lost.append(LeaseLost(
+                f"lease {lease.lease_id} on {lease.session_id} can no longer be renewed: "
+                "the keep-alive channel to the relay closed",
+                hint="stop writing; borrow again to continue"))
+            block.cancel()
 
 
 class _SyncKeeper:
@@ -1141,6 +1163,7 @@ class _SyncKeeper:
     def __init__(self, core: _Core, lease: Lease, block_thread: int):
         self.core, self.lease, self.block_thread = core, lease, block_thread
         self.lost: list[LeaseLost] = []
+        self.failure: Exception | None = None  # the channel never opened
         self._token: Any = None
         self._scope: Any = None
         self._ready: Any = None
@@ -1153,6 +1176,9 @@ class _SyncKeeper:
         self._thread = threading.Thread(target=self._run, name="relay-lease-keeper", daemon=True)
         self._thread.start()
         self._ready.wait()
+        if self.failure is not None:  # never run the block unprotected
+            raise Unavailable(f"cannot open the lease keep-alive channel: {self.failure!r}",
+                              hint="check that the relay serves /ws to this client") from self.failure
 
     def _run(self) -> None:
         import trio
@@ -1161,16 +1187,16 @@ class _SyncKeeper:
             self._token = trio.lowlevel.current_trio_token()
             with trio.CancelScope() as self._scope:
                 block = _ThreadCanceller(self)
-                try:
-                    async with trio.open_nursery() as nursery:
-                        await nursery.start(_hold_lease, self.core, self.lease, self.lost, block)
-                        self._ready.set()
-                finally:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(_hold_lease, self.core, self.lease, self.lost, block)
                     self._ready.set()
 
-        with contextlib.suppress(Exception):
+        try:
             trio.run(main)
-        self._ready.set()
+        except Exception as exc:
+            self.failure = exc  # recorded before start() is woken to look at it
+        finally:
+            self._ready.set()
 
     def stop(self) -> bool:
         """Stop holding (idempotent); True if the lease was lost meanwhile."""
