@@ -2310,6 +2310,7 @@ class Service:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._ws_writer, out_receive, send)
+                nursery.start_soon(self._ws_until_shutdown, nursery.cancel_scope)
                 while True:
                     text = await receive()
                     try:
@@ -2317,7 +2318,7 @@ class Service:
                         if not isinstance(msg, dict):
                             raise ValueError("a frame must be a JSON object")
                     except ValueError as exc:
-                        out_send.send_nowait(_ws_error(None, InvalidArgument(f"bad frame: {exc}")))
+                        _ws_send(out_send, _ws_error(None, InvalidArgument(f"bad frame: {exc}")))
                         continue
                     self._ws_dispatch(msg, nursery, out_send, holds)
         finally:
@@ -2328,6 +2329,18 @@ class Service:
     async def _ws_writer(self, out_receive: Any, send: Callable[[str], Any]) -> None:
         async for text in out_receive:
             await send(text)
+
+    async def _ws_until_shutdown(self, scope: Any) -> None:
+        """End the connection when the server stops, so the socket is closed
+        cleanly at once instead of cut after hypercorn's graceful timeout:
+        ``EventHub.close`` ends every subscription, this one included."""
+        sub = self.hub.subscribe("shutdown")
+        try:
+            async for _ in sub.receive:
+                pass
+        finally:
+            self.hub.unsubscribe(sub)
+        scope.cancel()
 
     def _ws_dispatch(self, msg: dict[str, Any], nursery: Any, out: Any,
                      holds: dict[str, dict[str, Any]]) -> None:
@@ -2911,6 +2924,19 @@ def _scan_stream(store: Store, sid: str, stream: str, cursor: rc.Cursor) -> tupl
     return seq, ""
 
 
+def _needs_ledger(check: Callable[[_GateView], tuple[str, str, str]]):
+    """Skip a check that reads the ledger when there is no valid one (the
+    ledger_valid check reports why)."""
+
+    @functools.wraps(check)
+    def wrapper(view: _GateView) -> tuple[str, str, str]:
+        if view.ledger is None:
+            return "skip", "no valid ledger to check", ""
+        return check(view)
+
+    return wrapper
+
+
 def _check_status(view: _GateView) -> tuple[str, str, str]:
     doc = to_json(status(view.store, view.now))
     if doc["status"] == "pass":
@@ -2950,9 +2976,8 @@ def _check_ledger(view: _GateView) -> tuple[str, str, str]:
     return "pass", f"revision {view.ledger.revision} validates against {schema_path.name}", ""
 
 
+@_needs_ledger
 def _check_streams(view: _GateView) -> tuple[str, str, str]:
-    if view.ledger is None:
-        return "skip", "no valid ledger to read cursors from", ""
     bad = [(key, problem) for key, (_, problem) in sorted(view.streams.items()) if problem]
     if bad:
         (sid, _), problem = bad[0]
@@ -2962,9 +2987,8 @@ def _check_streams(view: _GateView) -> tuple[str, str, str]:
     return "pass", f"{len(view.streams)} logs, {total} records, checksums and seq 1..n intact", ""
 
 
+@_needs_ledger
 def _check_cursors(view: _GateView) -> tuple[str, str, str]:
-    if view.ledger is None:
-        return "skip", "no valid ledger to read cursors from", ""
     for (sid, stream), (seq, problem) in sorted(view.streams.items()):
         want = getattr(view.ledger.cursors[sid], stream)
         if not problem and seq != want:
@@ -3002,9 +3026,8 @@ def _check_lan(view: _GateView) -> tuple[str, str, str]:
     return "pass", "private-network serving without a token is refused (checked without binding)", ""
 
 
+@_needs_ledger
 def _check_tokens(view: _GateView) -> tuple[str, str, str]:
-    if view.ledger is None:
-        return "skip", "no valid ledger", ""
     for token in view.ledger.tokens.values():
         if not _HEX64.fullmatch(token.digest):
             return ("fail", f"token {token.token_id} digest is not a SHA-256 hex digest",
@@ -3015,9 +3038,8 @@ def _check_tokens(view: _GateView) -> tuple[str, str, str]:
     return "pass", f"{len(view.ledger.tokens)} token records hold digests only", ""
 
 
+@_needs_ledger
 def _check_pooled(view: _GateView) -> tuple[str, str, str]:
-    if view.ledger is None:
-        return "skip", "no valid ledger", ""
     bad = [p for p in view.ledger.profiles.values() if p.mode == "pooled" and p.provider != "codex"]
     if bad:
         return ("fail", f"profile {bad[0].name} pools {bad[0].provider} sessions",
@@ -3026,9 +3048,8 @@ def _check_pooled(view: _GateView) -> tuple[str, str, str]:
     return "pass", "every pooled profile is Codex", ""
 
 
+@_needs_ledger
 def _check_quarantine(view: _GateView) -> tuple[str, str, str]:
-    if view.ledger is None:
-        return "skip", "no valid ledger", ""
     for sid, q in sorted(view.ledger.quarantines.items()):
         session = view.ledger.sessions.get(sid)
         if q.state == "active" and (session is None or session.state != "failed"):
@@ -3037,9 +3058,8 @@ def _check_quarantine(view: _GateView) -> tuple[str, str, str]:
     return "pass", "every quarantined session is failed", ""
 
 
+@_needs_ledger
 def _check_leases_on_failed(view: _GateView) -> tuple[str, str, str]:
-    if view.ledger is None:
-        return "skip", "no valid ledger", ""
     stamp = iso(view.now)
     for lease in sorted(view.ledger.leases.values(), key=lambda x: x.lease_id):
         session = view.ledger.sessions.get(lease.session_id)
@@ -3050,9 +3070,8 @@ def _check_leases_on_failed(view: _GateView) -> tuple[str, str, str]:
     return "pass", "no live lease on a failed or closed session", ""
 
 
+@_needs_ledger
 def _check_writer_reader(view: _GateView) -> tuple[str, str, str]:
-    if view.ledger is None:
-        return "skip", "no valid ledger", ""
     stamp = iso(view.now)
     for sid in sorted(view.ledger.sessions):
         live = [x for x in live_leases(view.ledger, sid, stamp) if x.state == "active"]
@@ -3227,7 +3246,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _json_arg(text: str) -> Any:
     try:
-        return json.loads(text)
+        return _parse_json(text)  # as strict as the server: no NaN, no lone surrogates
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
 
