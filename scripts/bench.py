@@ -10,11 +10,24 @@ machine moves both sides alike.
     .venv/bin/python scripts/bench.py --quick         # smoke run, few repetitions
     .venv/bin/python scripts/bench.py --only history  # one section (repeatable)
     .venv/bin/python scripts/bench.py --list          # the sections
+    .venv/bin/python scripts/bench.py --only http_status --only http_mutations \
+        --only ws_leases --only sse_fanout --only sse_memory   # the serving sections
 
 Results: a human table on stdout (progress on stderr) and one JSON document,
 ``bench-results/bench.json`` by default (``--json PATH``).  Workspaces live in
 temporary directories (``--dir`` picks their parent: fsync figures depend on
-the filesystem) and are removed afterwards.  Nothing touches the network.
+the filesystem) and are removed afterwards.
+
+The serving sections (issue 3) run servers as child processes bound to
+127.0.0.1 only: the relay (``python -m relay serve --port 0``), a bare
+quart-trio hello-world app written to the workspace at run time, and etcd; the
+load comes from wrk and from Python clients in this process, never from inside
+a server.  Every child is stopped (SIGTERM, then SIGKILL) when its section
+ends, however it ends.  wrk and etcd (Debian ``wrk``, ``etcd-server``) are
+optional: without them the figures that need them are reported as SKIP with a
+note.  ``--profile-servers DIR`` runs the relay servers under cProfile (one
+``.prof`` per section) to see where server time goes.  Nothing leaves the
+loopback interface.
 
 Adding a section: write ``def name(bench: Bench) -> list[Figure]`` and decorate
 it with ``@section("name", "title")``; it then appears in ``--list``,
@@ -26,15 +39,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
+import itertools
 import json
+import math
 import os
 import platform
+import re
+import resource
+import select
+import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,15 +106,19 @@ class Figure:
     on: str = "ratio"
     note: str = ""
     samples: dict[str, Any] = field(default_factory=dict)
+    #: Why the figure could not be measured here (a missing tool); result SKIP.
+    skipped: str = ""
 
     @property
     def ratio(self) -> float | None:
-        if self.baseline is None or self.baseline == 0:
+        if self.baseline is None or self.baseline == 0 or not math.isfinite(self.value):
             return None
         return self.value / self.baseline
 
     @property
     def result(self) -> str:
+        if self.skipped:
+            return "SKIP"
         if not self.target:
             return "info"
         op, bound = self.target.split()
@@ -103,10 +130,12 @@ class Figure:
 
     def as_json(self) -> dict[str, Any]:
         return {
-            "key": self.key, "label": self.label, "value": self.value, "unit": self.unit,
+            "key": self.key, "label": self.label,
+            "value": self.value if math.isfinite(self.value) else None, "unit": self.unit,
             "baseline": self.baseline, "baseline_label": self.baseline_label,
             "ratio": self.ratio, "target": self.target or None, "target_on": self.on,
             "result": self.result, "note": self.note, "samples": self.samples,
+            "skipped": self.skipped or None,
         }
 
 
@@ -119,6 +148,8 @@ class Bench:
     env: dict[str, str]
     tmp_parent: str | None
     notes: list[str] = field(default_factory=list)
+    #: With ``--profile-servers DIR``: relay servers run under cProfile, one file each.
+    profile_dir: Path | None = None
 
     def reps(self, full: int, quick: int) -> int:
         return quick if self.quick else full
@@ -549,20 +580,883 @@ def history(bench: Bench) -> list[Figure]:
 
 
 ################################################################
+# Serving (issue 3): the relay, its baselines and the load as loopback processes
+################################################################
+
+# Every server here is a child process bound to 127.0.0.1 (port 0 where the
+# server can pick its own) and is stopped in a ``finally`` (SIGTERM, then
+# SIGKILL).  The load generators are wrk (HTTP) and Python clients in this
+# process (trio, httpx2, trio-websocket): never in the server's process, so the
+# server never shares a GIL with its load.  The machine's cores are shared by
+# both sides, as they would be on one small host.  Missing tools (wrk, etcd)
+# turn a figure into SKIP with a note; they never fail the run.
+
+LOOPBACK = "127.0.0.1"
+WRK_MISSING = "install wrk (Debian: apt-get install wrk)"
+
+#: The baseline web app: quart-trio's hello world, served as the relay serves
+#: (``hypercorn.trio.serve`` inside ``trio.run``, access and error logs off).
+HELLO_APP = '''\
+"""bench.py baseline: a bare quart-trio hello-world app, served like the relay."""
+import json
+import os
+import sys
+
+import hypercorn.config
+import hypercorn.trio
+import trio
+from quart_trio import QuartTrio
+
+app = QuartTrio("hello")
+
+
+@app.get("/")
+async def hello():
+    return "hello, world"
+
+
+async def main():
+    config = hypercorn.config.Config()
+    config.bind = [sys.argv[1]]
+    config.accesslog = None
+    config.errorlog = None
+    async with trio.open_nursery() as nursery:
+        urls = await nursery.start(hypercorn.trio.serve, app, config)
+        print(json.dumps({"endpoint": urls[0], "pid": os.getpid()}), flush=True)
+
+
+trio.run(main)
+'''
+
+#: wrk script: AppendEvent over Connect/JSON, rotating over four sessions.
+APPEND_LUA = '''\
+local sessions = {"s1", "s2", "s3", "s4"}
+local n = 0
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+request = function()
+  n = n + 1
+  return wrk.format(nil, nil, nil,
+    '{"session_id":"' .. sessions[n % 4 + 1] .. '","kind":"bench","data":{"n":' .. n .. '}}')
+end
+'''
+
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+@dataclass
+class Served:
+    """A server child process: its base URL (``http://127.0.0.1:PORT``) and pid."""
+
+    url: str
+    pid: int
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+
+def log_tail(log: Path, chars: int = 600) -> str:
+    try:
+        return log.read_text(errors="replace")[-chars:].strip() or "(no output)"
+    except OSError:
+        return "(no log)"
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace: float = 8.0) -> None:
+    """SIGTERM, wait ``grace`` seconds, then SIGKILL; always reaps the child."""
+    try:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+    finally:
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+@contextlib.contextmanager
+def child_process(argv: list[str], cwd: Path, env: dict[str, str], log: Path,
+                  ) -> Iterator[subprocess.Popen[bytes]]:
+    """Start ``argv`` (stdout piped, stderr to ``log``); stopped however the block ends."""
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=err)
+    try:
+        yield proc
+    finally:
+        stop_process(proc)
+
+
+def first_line(proc: subprocess.Popen[bytes], what: str, log: Path, timeout: float = 30.0) -> str:
+    """The child's first stdout line, within ``timeout`` seconds, or BenchError."""
+    assert proc.stdout is not None
+    fd, buf = proc.stdout.fileno(), b""
+    deadline = time.monotonic() + timeout
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        ready, _, _ = select.select([fd], [], [], max(left, 0))
+        if not ready:
+            raise BenchError(f"{what} did not report its endpoint within {timeout:.0f} s: "
+                             f"{log_tail(log)}")
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            raise BenchError(f"{what} exited with {proc.wait()} before listening: {log_tail(log)}")
+        buf += chunk
+    return buf.split(b"\n", 1)[0].decode()
+
+
+@contextlib.contextmanager
+def served_child(bench: Bench, argv: list[str], cwd: Path, log: Path, what: str) -> Iterator[Served]:
+    """A server that prints ``{"endpoint": ..., "pid": ...}`` once it listens."""
+    with child_process([bench.python, *argv], cwd, bench.env, log) as proc:
+        line = first_line(proc, what, log)
+        try:
+            doc = json.loads(line)
+            url = str(doc["endpoint"]).rstrip("/")
+        except (ValueError, KeyError, TypeError):
+            raise BenchError(f"{what} printed {line!r}, not its endpoint") from None
+        if not url.startswith(f"http://{LOOPBACK}:"):
+            raise BenchError(f"{what} serves on {url}, not on {LOOPBACK}")
+        yield Served(url, int(doc.get("pid") or proc.pid), proc, log)
+
+
+def relay_server(bench: Bench, root: Path, tag: str) -> contextlib.AbstractContextManager[Served]:
+    """``python -m relay serve --host 127.0.0.1 --port 0 --json`` in ``root``
+    (under cProfile with ``--profile-servers DIR``)."""
+    argv = ["-m", "relay", "serve", "--host", LOOPBACK, "--port", "0", "--json"]
+    if bench.profile_dir is not None:
+        bench.profile_dir.mkdir(parents=True, exist_ok=True)
+        out = bench.profile_dir / f"{tag}.prof"
+        bench.notes.append(f"relay server for {tag} ran under cProfile: {out}")
+        # Not ``-m cProfile -m relay``: relay must be imported as ``relay``, not
+        # run as ``__main__`` (its messages resolve type hints in their module).
+        argv = ["-c", "import cProfile, sys, relay; cProfile.run('relay.main(sys.argv[2:])', sys.argv[1])",
+                str(out), *argv[2:]]
+    return served_child(bench, argv, root, root / f"relay-{tag}.log", f"relay serve ({tag})")
+
+
+def hello_server(bench: Bench, parent: Path) -> contextlib.AbstractContextManager[Served]:
+    script = parent / "hello_app.py"
+    script.write_text(HELLO_APP, encoding="utf-8")
+    return served_child(bench, [str(script), f"{LOOPBACK}:0"], parent, parent / "hello.log",
+                        "hello-world app")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def etcd_server(etcd: str, parent: Path) -> Iterator[Served]:
+    """A one-member etcd on loopback ports with its data dir under ``parent``."""
+    client, peer = f"http://{LOOPBACK}:{free_port()}", f"http://{LOOPBACK}:{free_port()}"
+    argv = [etcd, "--name", "bench", "--data-dir", str(parent / "etcd-data"),
+            "--listen-client-urls", client, "--advertise-client-urls", client,
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"bench={peer}"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
+    log = parent / "etcd.log"
+    with child_process(argv, parent, env, log) as proc:
+        deadline = time.monotonic() + 20
+        while True:
+            if proc.poll() is not None:
+                raise BenchError(f"etcd exited with {proc.returncode}: {log_tail(log)}")
+            with contextlib.suppress(OSError, ValueError):
+                if json.loads(http_get(client + "/health", timeout=2)).get("health") == "true":
+                    break
+            if time.monotonic() > deadline:
+                raise BenchError(f"etcd was not healthy within 20 s: {log_tail(log)}")
+            time.sleep(0.1)
+        yield Served(client, proc.pid, proc, log)
+
+
+def http_get(url: str, timeout: float = 10.0) -> bytes:
+    """GET without any proxy from the environment (the servers are on loopback)."""
+    with _NO_PROXY.open(url, timeout=timeout) as response:
+        return response.read()
+
+
+def prom_values(text: str) -> dict[str, float]:
+    """The unlabelled samples of a Prometheus text exposition."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, _, value = line.partition(" ")
+            with contextlib.suppress(ValueError):
+                out[name] = float(value)
+    return out
+
+
+def run_wrk(wrk: str, url: str, connections: int, seconds: float, script: Path | None = None,
+            problems: list[str] | None = None) -> float:
+    """``wrk -t1 -cN -dSs [-s script] URL``; seconds per request (1 / requests/s).
+    A non-2xx response is an error; socket errors are collected in ``problems``."""
+    argv = [wrk, "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "10s",
+            *(["-s", str(script)] if script else []), url]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30, check=False)
+    out = proc.stdout
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if proc.returncode != 0 or rate is None or float(rate.group(1)) <= 0:
+        raise BenchError(f"`{' '.join(argv)}` exited {proc.returncode}: {out.strip()} {proc.stderr.strip()}")
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    if bad:
+        raise BenchError(f"wrk got {bad.group(1)} non-2xx responses from {url}")
+    errors = re.search(r"Socket errors:(.*)", out)
+    if errors and problems is not None:
+        problems.append(f"{url} c{connections}: socket errors{errors.group(1)}")
+    return 1.0 / float(rate.group(1))
+
+
+def commit_figures(key: str, what: str, before: dict[str, float], after: dict[str, float]) -> list[Figure]:
+    """Mean group-commit batch size and latency between two /metrics scrapes
+    (information figures: they explain a rate, they are not targets)."""
+    commits = after["relay_commit_batch_size_count"] - before["relay_commit_batch_size_count"]
+    if commits <= 0:
+        raise BenchError(f"/metrics counted no commits during the {what}")
+    batched = after["relay_commit_batch_size_sum"] - before["relay_commit_batch_size_sum"]
+    seconds = after["relay_commit_seconds_sum"] - before["relay_commit_seconds_sum"]
+    return [
+        Figure(f"{key}.batch_size", f"mean group-commit batch ({what})", batched / commits, "mutations",
+               note=f"relay_commit_batch_size_sum/_count over the measured rounds: {batched:,.0f} "
+                    f"mutations in {commits:,.0f} commits; information"),
+        Figure(f"{key}.commit_ms", f"mean group-commit latency ({what})", seconds / commits * 1e3, "ms",
+               note="relay_commit_seconds_sum/_count: apply, stream append, ledger write, fsyncs; "
+                    "information"),
+    ]
+
+
+def scrape(server: Served) -> dict[str, float]:
+    return prom_values(http_get(server.url + "/metrics").decode())
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuShare:
+    """Wraps timed callables to add up, per subject, the wall time and the CPU
+    seconds a server process and this (client) process used meanwhile."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, list[float]] = {}
+
+    def wrap(self, name: str, pid: int, fn: Callable[[], float]) -> Callable[[], float]:
+        def run() -> float:
+            server, client, start = cpu_seconds(pid), time.process_time(), time.perf_counter()
+            took = fn()
+            row = self.totals.setdefault(name, [0.0, 0.0, 0.0])
+            row[0] += time.perf_counter() - start
+            row[1] += cpu_seconds(pid) - server
+            row[2] += time.process_time() - client
+            return took
+        return run
+
+    def describe(self, name: str, client: bool = True) -> str:
+        wall, server, mine = self.totals[name]
+        text = f"{name} server {server / wall:.0%} of a core"
+        return text + (f", the Python client {mine / wall:.0%}" if client else "")
+
+
+def run_trio(fn: Callable[..., Any], *args: Any) -> Any:
+    """``trio.run``, re-raising the one real error out of nested nursery groups."""
+    import trio
+
+    try:
+        return trio.run(fn, *args)
+    except BaseExceptionGroup as group:
+        leaf: BaseException = group
+        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+            leaf = leaf.exceptions[0]
+        if leaf is group:
+            raise
+        raise leaf from group
+
+
+def percentile(xs: list[float], pct: int) -> float:
+    """The ``pct``-th percentile (inclusive method); the max when there are few samples."""
+    if len(xs) < 2:
+        return xs[0]
+    return statistics.quantiles(xs, n=100, method="inclusive")[pct - 1]
+
+
+def seed_sessions(root: Path, session_ids: list[str], profile: str = "pool-codex") -> None:
+    """A workspace with one pooled profile and these sessions, in one commit
+    (before any server starts; the CLI would cost ~0.3 s per session)."""
+    store, config = store_for(root)
+    commit_ok(store, config, [relay.rpc_mutation("RegisterProfile", rc.RegisterProfileRequest(
+        name=profile, provider="codex", mode="pooled"))] + [
+        relay.rpc_mutation("CreateSession", rc.CreateSessionRequest(profile=profile, session_id=sid))
+        for sid in session_ids])
+
+
+def raise_fd_limit(want: int) -> int:
+    """Raise this process's (and so its children's) soft fd limit toward ``want``."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        soft = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return soft
+
+
+def rss_kib(pid: int) -> int:
+    """VmRSS of ``pid`` in KiB, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise BenchError(f"/proc/{pid}/status has no VmRSS")
+
+
+def skipped_figure(key: str, label: str, unit: str, why: str, value: float = math.nan,
+                   note: str = "") -> Figure:
+    return Figure(key, label, value, unit, note=note, skipped=why)
+
+
+def reply_json(response: Any, what: str) -> dict[str, Any]:
+    """The JSON body of a 200 reply, or BenchError with the error body."""
+    if response.status_code != 200:
+        raise BenchError(f"{what}: HTTP {response.status_code}: {response.text[:300]}")
+    return response.json()
+
+
+# -- HTTP sections ----------------------------------------------------------------
+
+
+@section("http_status", "GET /api/relay/status requests/s vs a bare quart-trio hello-world (wrk -c16)")
+def http_status(bench: Bench) -> list[Figure]:
+    label = "GET /api/relay/status requests/s, wrk -c16"
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        return [skipped_figure("http_status.rps", label, "ops/s", WRK_MISSING)]
+    seconds, rounds = bench.reps(3, 2), bench.reps(5, 2)
+    problems: list[str] = []
+    with workspace(bench) as root, contextlib.ExitStack() as stack:
+        prepare_workspace(bench, root)
+        server = stack.enter_context(relay_server(bench, root, "http_status"))
+        hello = stack.enter_context(hello_server(bench, root))
+        status_url, hello_url = server.url + "/api/relay/status", hello.url + "/"
+        doc = json.loads(http_get(status_url))
+        if doc.get("status") != "pass" or doc.get("sessions") != 4:
+            raise BenchError(f"status over HTTP looks wrong: {doc}")
+        progress(f"http_status: warm-up, then {rounds} interleaved rounds of wrk -c16 -d{seconds}s")
+        run_wrk(wrk, hello_url, 16, 1)
+        run_wrk(wrk, status_url, 16, 1)
+        cpu = CpuShare()
+        runs = interleave({
+            "hello": cpu.wrap("hello", hello.pid,
+                              lambda: run_wrk(wrk, hello_url, 16, seconds, problems=problems)),
+            "status": cpu.wrap("relay", server.pid,
+                               lambda: run_wrk(wrk, status_url, 16, seconds, problems=problems)),
+        }, rounds)
+    note = (f"wrk -t1 -c16 -d{seconds}s, {rounds} interleaved rounds, median round; wrk and the server "
+            f"share the machine's {os.cpu_count()} cores; CPU: {cpu.describe('relay', False)}, "
+            f"{cpu.describe('hello', False)}; the relay tunes its collector while serving "
+            f"(gc.freeze, a higher gen0 threshold), the bare app keeps Python's defaults")
+    return [rate_figure("http_status.rps", label, runs["status"], runs["hello"],
+                        "bare quart-trio hello-world GET /, served the same way", ">= 0.8",
+                        note="; ".join([note, *problems]))]
+
+
+def borrow_latencies(relay_url: str, hello_url: str, n: int, warmup: int) -> dict[str, list[float]]:
+    """Concurrency 1, one keep-alive httpx2 client for both servers: time each
+    ``Borrow`` (then an untimed ``Release`` frees the session again) and each
+    hello-world ``GET /``, interleaved."""
+    import httpx2
+
+    with httpx2.Client(trust_env=False, timeout=10) as http:
+        def borrow() -> float:
+            start = time.perf_counter()
+            response = http.post(f"{relay_url}/relay.v1.Relay/Borrow",
+                                 json={"holder": "bench-borrow", "profile": "borrow-pool"})
+            took = time.perf_counter() - start
+            reply = reply_json(response, "Borrow")
+            if reply.get("outcome") != "granted":
+                raise BenchError(f"Borrow answered {reply}")
+            reply_json(http.post(f"{relay_url}/relay.v1.Relay/Release",
+                                 json={"lease_id": reply["lease"]["lease_id"]}), "Release")
+            return took
+
+        def hello() -> float:
+            start = time.perf_counter()
+            response = http.get(hello_url)
+            took = time.perf_counter() - start
+            if response.status_code != 200:
+                raise BenchError(f"hello-world answered {response.status_code}")
+            return took
+
+        return interleave({"hello": hello, "borrow": borrow}, n, warmup)
+
+
+@section("http_mutations", "durable AppendEvent RPCs/s at concurrency 64 vs hello-world; Borrow p99 at c1")
+def http_mutations(bench: Bench) -> list[Figure]:
+    seconds, rounds = bench.reps(3, 2), bench.reps(5, 2)
+    n_borrow, borrow_warmup = bench.reps(300, 40), bench.reps(20, 5)
+    wrk = shutil.which("wrk")
+    figures: list[Figure] = []
+    problems: list[str] = []
+    with workspace(bench) as root, contextlib.ExitStack() as stack:
+        prepare_workspace(bench, root)
+        cli(bench, root, "profile", "register", "borrow-pool", "--provider", "codex", "--mode", "pooled")
+        for i in range(4):
+            cli(bench, root, "session", "create", "--profile", "borrow-pool", "--session-id", f"b{i}")
+        server = stack.enter_context(relay_server(bench, root, "http_mutations"))
+        hello = stack.enter_context(hello_server(bench, root))
+        hello_url = hello.url + "/"
+        label = "AppendEvent RPCs/s (durable), wrk -c64"
+        if wrk is None:
+            figures.append(skipped_figure("http_mutations.append_rps", label, "ops/s", WRK_MISSING))
+        else:
+            script = root / "append.lua"
+            script.write_text(APPEND_LUA, encoding="utf-8")
+            append_url = server.url + "/relay.v1.Relay/AppendEvent"
+            progress(f"http_mutations: warm-up, then {rounds} interleaved rounds of wrk -c64 -d{seconds}s")
+            run_wrk(wrk, hello_url, 64, 1)
+            run_wrk(wrk, append_url, 64, 1, script)
+            before = scrape(server)
+            cpu = CpuShare()
+            runs = interleave({
+                "hello": cpu.wrap("hello", hello.pid,
+                                  lambda: run_wrk(wrk, hello_url, 64, seconds, problems=problems)),
+                "append": cpu.wrap("relay", server.pid,
+                                   lambda: run_wrk(wrk, append_url, 64, seconds, script, problems)),
+            }, rounds)
+            after = scrape(server)
+            note = (f"wrk -t1 -c64 -d{seconds}s, {rounds} interleaved rounds, median round; POST "
+                    "Connect/JSON AppendEvent over 4 sessions, each acknowledged only once durable; "
+                    f"CPU: {cpu.describe('relay', False)}, {cpu.describe('hello', False)}")
+            figures += [
+                rate_figure("http_mutations.append_rps", label, runs["append"], runs["hello"],
+                            "bare quart-trio hello-world GET /, wrk -c64", ">= 0.7",
+                            note="; ".join([note, *problems])),
+                *commit_figures("http_mutations", "AppendEvent rounds", before, after),
+            ]
+        progress(f"http_mutations: {n_borrow} interleaved Borrow / hello-world GET at concurrency 1")
+        lat = borrow_latencies(server.url, hello_url, n_borrow, borrow_warmup)
+    b99, h99 = percentile(lat["borrow"], 99) * 1e3, percentile(lat["hello"], 99) * 1e3
+    b50, h50 = statistics.median(lat["borrow"]) * 1e3, statistics.median(lat["hello"]) * 1e3
+    figures.append(Figure(
+        "http_mutations.borrow_p99", "Borrow p99 latency, concurrency 1", b99, "ms", h99,
+        "hello-world GET / p99, same keep-alive httpx2 client, interleaved", "<= 5",
+        note=f"{n_borrow} Borrows by profile (4 free sessions; an untimed Release after each); "
+             f"medians {b50:.2f} ms vs {h50:.2f} ms",
+        samples={"subject_ms": summarize(lat["borrow"], 1e3), "baseline_ms": summarize(lat["hello"], 1e3)}))
+    return figures
+
+
+# -- WebSocket leases vs etcd -----------------------------------------------------
+
+
+async def ws_lease_pairs(url: str, sessions: list[str], seconds: float) -> float:
+    """GrantLease + ReleaseLease pairs over one ``/ws`` socket, one worker per
+    session (so ``len(sessions)`` RPCs in flight); seconds per pair."""
+    import trio
+    import trio_websocket
+
+    ws_url = "ws" + url[len("http"):] + "/ws"
+    waiting: dict[int, list[Any]] = {}
+    ids = itertools.count(1)
+    pairs = 0
+    with trio.fail_after(seconds + 30):
+        async with trio_websocket.open_websocket_url(ws_url) as ws:
+
+            async def reader() -> None:
+                while True:
+                    msg = json.loads(await ws.get_message())
+                    slot = waiting.pop(msg.get("id"), None)
+                    if slot is not None:
+                        slot[1] = msg
+                        slot[0].set()
+
+            async def call(method: str, request: dict[str, Any]) -> dict[str, Any]:
+                ident = next(ids)
+                slot = waiting[ident] = [trio.Event(), None]
+                await ws.send_message(json.dumps({"type": "rpc", "id": ident, "method": method,
+                                                  "request": request}))
+                await slot[0].wait()
+                if slot[1].get("type") != "reply":
+                    raise BenchError(f"/ws {method} answered {slot[1]}")
+                return slot[1]["reply"]
+
+            async def worker(session_id: str, deadline: float) -> None:
+                nonlocal pairs
+                while trio.current_time() < deadline:
+                    reply = await call("GrantLease", {"session_id": session_id, "holder": f"h-{session_id}",
+                                                      "mode": "exclusive-write", "ttl_seconds": 600})
+                    if reply.get("outcome") != "granted":
+                        raise BenchError(f"GrantLease on {session_id} answered {reply}")
+                    await call("ReleaseLease", {"lease_id": reply["lease"]["lease_id"]})
+                    pairs += 1
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reader)
+                await call("GetStatus", {})
+                start = trio.current_time()
+                async with trio.open_nursery() as workers:
+                    for sid in sessions:
+                        workers.start_soon(worker, sid, start + seconds)
+                elapsed = trio.current_time() - start
+                nursery.cancel_scope.cancel()
+    if not pairs:
+        raise BenchError("no lease pair completed over /ws")
+    return elapsed / pairs
+
+
+async def etcd_lease_pairs(url: str, workers: int, seconds: float) -> float:
+    """etcd v3 JSON gateway: ``workers`` concurrent tasks of lease grant then
+    revoke, one keep-alive httpx2.AsyncClient; seconds per pair."""
+    import httpx2
+    import trio
+
+    pairs = 0
+    limits = httpx2.Limits(max_connections=workers, max_keepalive_connections=workers)
+    with trio.fail_after(seconds + 30):
+        async with httpx2.AsyncClient(base_url=url, trust_env=False, timeout=10, limits=limits) as http:
+
+            async def warm() -> None:
+                reply_json(await http.get("/health"), "etcd /health")
+
+            async def worker(deadline: float) -> None:
+                nonlocal pairs
+                while trio.current_time() < deadline:
+                    grant = reply_json(await http.post("/v3/lease/grant", json={"TTL": 60}), "lease grant")
+                    reply_json(await http.post("/v3/lease/revoke", json={"ID": grant["ID"]}), "lease revoke")
+                    pairs += 1
+
+            async with trio.open_nursery() as nursery:  # open the keep-alive connections first
+                for _ in range(workers):
+                    nursery.start_soon(warm)
+            start = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                for _ in range(workers):
+                    nursery.start_soon(worker, start + seconds)
+            elapsed = trio.current_time() - start
+    if not pairs:
+        raise BenchError("no etcd lease pair completed")
+    return elapsed / pairs
+
+
+@section("ws_leases", "lease grant+release pairs/s over /ws (pipelined) vs etcd lease grant+revoke pairs/s")
+def ws_leases(bench: Bench) -> list[Figure]:
+    workers, seconds, rounds = 64, bench.reps(3, 2), bench.reps(5, 2)
+    sessions = [f"wl-{i:02d}" for i in range(workers)]
+    label = f"GrantLease+ReleaseLease pairs/s over /ws, {workers} in flight"
+    etcd = shutil.which("etcd")
+    with workspace(bench) as root, contextlib.ExitStack() as stack:
+        seed_sessions(root, sessions)
+        server = stack.enter_context(relay_server(bench, root, "ws_leases"))
+
+        cpu = CpuShare()
+
+        def relay_pairs(span: float) -> Callable[[], float]:
+            return lambda: run_trio(ws_lease_pairs, server.url, sessions, span)
+        subjects = {"relay": cpu.wrap("relay", server.pid, relay_pairs(seconds))}
+        warm = [relay_pairs(1.0)]
+        if etcd is not None:
+            etcd_dir = root / "etcd"
+            etcd_dir.mkdir()
+            etcd_srv = stack.enter_context(etcd_server(etcd, etcd_dir))
+
+            def etcd_pairs(span: float) -> Callable[[], float]:
+                return lambda: run_trio(etcd_lease_pairs, etcd_srv.url, workers, span)
+            subjects["etcd"] = cpu.wrap("etcd", etcd_srv.pid, etcd_pairs(seconds))
+            warm.append(etcd_pairs(1.0))
+        progress(f"ws_leases: warm-up, then {rounds} interleaved rounds of {seconds}s "
+                 f"({', '.join(subjects)})")
+        for run in warm:
+            run()
+        before = scrape(server)
+        runs = interleave(subjects, rounds)
+        after = scrape(server)
+        ledger_bytes = (root / relay.LEDGER_REL).stat().st_size
+    note = (f"{rounds} rounds of {seconds}s, median round; relay: one WebSocket, {workers} "
+            f"workers each pairing GrantLease(exclusive-write) and ReleaseLease on its own session, "
+            f"replies matched by id (trio-websocket); ledger {ledger_bytes:,} B at the end (released "
+            f"leases are kept until compaction); CPU during the rounds: "
+            + "; ".join(cpu.describe(name) for name in subjects))
+    if etcd is None:
+        rate = 1 / statistics.median(runs["relay"])
+        return [skipped_figure("ws_leases.pairs", label, "ops/s",
+                               "install etcd (Debian: apt-get install etcd-server) for the baseline",
+                               value=rate, note=note),
+                *commit_figures("ws_leases", "lease rounds", before, after)]
+    version = subprocess.run([etcd, "--version"], capture_output=True, text=True, check=False)
+    etcd_version = (version.stdout.split("\n", 1)[0].strip() or "etcd").replace("Version: ", "")
+    note += (f"; {etcd_version}, single member on loopback, v3 JSON gateway POST /v3/lease/grant "
+             f"{{TTL: 60}} then /v3/lease/revoke, {workers} concurrent tasks on one keep-alive "
+             f"httpx2.AsyncClient under trio. Both sides are driven by a Python client in this "
+             f"process, so the client overhead is shared (HTTP/1.1 per call for etcd, one "
+             f"WebSocket frame per call for the relay); the CPU shares above show which side limits "
+             f"each rate")
+    return [rate_figure("ws_leases.pairs", label, runs["relay"], runs["etcd"],
+                        "etcd lease grant+revoke pairs/s, same concurrency", ">= 1.0", note=note),
+            *commit_figures("ws_leases", "lease rounds", before, after)]
+
+
+# -- SSE fan-out and memory -------------------------------------------------------
+
+
+class Arrivals:
+    """When each subscriber saw each event id (perf_counter, this process)."""
+
+    def __init__(self) -> None:
+        self.times: dict[tuple[str, int], list[float]] = {}
+        self.wanted: dict[tuple[str, int], tuple[int, Any]] = {}
+
+    def expect(self, key: tuple[str, int], n: int) -> Any:
+        import trio
+
+        done = trio.Event()
+        self.wanted[key] = (n, done)
+        self.times.setdefault(key, [])
+        return done
+
+    def got(self, key: tuple[str, int], when: float) -> None:
+        times = self.times.setdefault(key, [])
+        times.append(when)
+        want = self.wanted.get(key)
+        if want is not None and len(times) >= want[0]:
+            want[1].set()
+
+
+async def sse_subscriber(port: int, session: str, limiter: Any, ready: Callable[[], None],
+                         arrivals: Arrivals | None) -> None:
+    """One SSE subscriber on a raw socket: ``GET /events?session=``; calls
+    ``ready`` once the ``: connected`` comment arrives, then notes the arrival
+    time of every ``id: SESSION:SEQ`` line."""
+    import trio
+
+    async with limiter:  # bound the connection burst (listen backlog)
+        stream = await trio.open_tcp_stream(LOOPBACK, port)
+        await stream.send_all(f"GET /events?session={session} HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\n"
+                              "Accept: text/event-stream\r\n\r\n".encode())
+        buf = b""
+        while b": connected" not in buf:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                raise BenchError(f"SSE subscription closed before connecting: {buf[:200]!r}")
+            buf += chunk
+        if not buf.startswith(b"HTTP/1.1 200"):
+            raise BenchError(f"SSE subscription refused: {buf[:200]!r}")
+    ready()
+    async with stream:
+        prefix, tail = f"id: {session}:".encode(), b""
+        while True:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            now = time.perf_counter()
+            if arrivals is None:
+                continue
+            lines = (tail + data).split(b"\n")
+            tail = lines.pop()
+            for line in lines:
+                if line.startswith(prefix):
+                    arrivals.got((session, int(line[len(prefix):])), now)
+
+
+async def open_subscribers(nursery: Any, port: int, groups: dict[str, int],
+                           arrivals: Arrivals | None, patience: float = 60) -> None:
+    """Start ``groups[session]`` subscribers per session; return once all are
+    connected (BenchError after ``patience`` seconds)."""
+    import trio
+
+    total, count, all_ready = sum(groups.values()), 0, trio.Event()
+
+    def ready() -> None:
+        nonlocal count
+        count += 1
+        if count == total:
+            all_ready.set()
+
+    limiter = trio.CapacityLimiter(50)
+    for session, n in groups.items():
+        for _ in range(n):
+            nursery.start_soon(sse_subscriber, port, session, limiter, ready, arrivals)
+    with trio.move_on_after(patience):
+        await all_ready.wait()
+    if not all_ready.is_set():
+        raise BenchError(f"only {count} of {total} SSE subscribers connected within {patience:.0f} s")
+
+
+async def fanout_run(url: str, port: int, pid: int, groups: dict[str, int], publishes: int, warmup: int,
+                     gap: float) -> dict[str, list[dict[str, float]]]:
+    """Connect the subscribers, then publish (POST AppendEvent) to each group in
+    turn and time publish -> received by every subscriber of that group."""
+    import httpx2
+    import trio
+
+    arrivals = Arrivals()
+    out: dict[str, list[dict[str, float]]] = {sid: [] for sid in groups}
+    seqs = dict.fromkeys(groups, 0)
+    async with trio.open_nursery() as nursery:
+        await open_subscribers(nursery, port, groups, arrivals)
+        async with httpx2.AsyncClient(base_url=url, trust_env=False, timeout=10) as http:
+            # Our own collector must not pause the subscribers mid-measurement.
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+            try:
+                for i in range(warmup + publishes):
+                    order = list(groups)
+                    order = order[i % len(order):] + order[:i % len(order)]
+                    for sid in order:
+                        seqs[sid] += 1
+                        key = (sid, seqs[sid])
+                        done = arrivals.expect(key, groups[sid])
+                        server_cpu, client_cpu = cpu_seconds(pid), time.process_time()
+                        start = time.perf_counter()
+                        reply = reply_json(await http.post("/relay.v1.Relay/AppendEvent", json={
+                            "session_id": sid, "kind": "fanout", "data": {"n": i}}), "AppendEvent")
+                        replied = time.perf_counter()
+                        if reply["record"]["seq"] != seqs[sid]:
+                            raise BenchError(f"expected seq {seqs[sid]} on {sid}, got {reply['record']}")
+                        with trio.move_on_after(10):
+                            await done.wait()
+                        times = arrivals.times.pop(key)
+                        if len(times) < groups[sid]:
+                            raise BenchError(f"event {sid}:{key[1]} reached {len(times)} of "
+                                             f"{groups[sid]} subscribers within 10 s")
+                        if i >= warmup:
+                            out[sid].append({"all": max(times) - start, "first": min(times) - start,
+                                             "reply": replied - start,
+                                             "server_cpu": cpu_seconds(pid) - server_cpu,
+                                             "client_cpu": time.process_time() - client_cpu})
+                        await trio.sleep(gap)
+            finally:
+                gc.enable()
+                gc.unfreeze()
+        nursery.cancel_scope.cancel()
+    return out
+
+
+@section("sse_fanout", "SSE publish -> received by all subscribers, 100 and 1000 on one session stream")
+def sse_fanout(bench: Bench) -> list[Figure]:
+
+    publishes, warmup, gap = bench.reps(30, 8), bench.reps(3, 1), 0.05
+    groups = {"fan-100": 100, "fan-1000": 1000}
+    limit = raise_fd_limit(4096)
+    if limit < 2 * sum(groups.values()) + 100:
+        raise BenchError(f"the fd limit is {limit}; the fan-out needs about {2 * sum(groups.values())}")
+    with workspace(bench) as root, contextlib.ExitStack() as stack:
+        seed_sessions(root, list(groups))
+        server = stack.enter_context(relay_server(bench, root, "sse_fanout"))
+        progress(f"sse_fanout: {sum(groups.values())} subscribers, then {publishes} publishes per group "
+                 f"(interleaved)")
+        res = run_trio(fanout_run, server.url, server.port, server.pid, groups, publishes, warmup, gap)
+
+    def ms(sid: str, what: str) -> list[float]:
+        return [r[what] * 1e3 for r in res[sid]]
+
+    def stats(sid: str) -> dict[str, Any]:
+        return {what: summarize(ms(sid, what)) for what in ("all", "first", "reply")}
+
+    big, small = ms("fan-1000", "all"), ms("fan-100", "all")
+    p99_big, p99_small = percentile(big, 99), percentile(small, 99)
+
+    def p50(sid: str, what: str) -> float:
+        return statistics.median(ms(sid, what))
+
+    def cpu(sid: str) -> str:
+        return (f"{statistics.fmean(ms(sid, 'server_cpu')):.0f} ms server and "
+                f"{statistics.fmean(ms(sid, 'client_cpu')):.0f} ms client CPU per publish to "
+                f"{groups[sid]}")
+
+    how = (f"{publishes} publishes per group, the two groups interleaved on one server (1100 "
+           f"subscribers connected, 100 on one session and 1000 on another), {gap * 1e3:.0f} ms apart; "
+           "publish = POST AppendEvent (durable) sent, received = the event id read by the last "
+           "subscriber; subscribers are raw trio sockets in the bench process (collector paused), "
+           f"the server a separate process; with {publishes} samples p99 is close to the max; "
+           f"{cpu('fan-1000')}, {cpu('fan-100')}")
+    return [
+        Figure("sse_fanout.p99_1000", "publish -> all 1000 subscribers, p99", p99_big, "ms", p99_small,
+               "same, 100 subscribers (p99)", "<= 60", on="value",
+               note="target from issue 3 applies to the value (60 ms budget); the ratio shows how "
+                    "delivery scales from 100 to 1000 subscribers; " + how,
+               samples={"fan-1000": stats("fan-1000"), "fan-100": stats("fan-100")}),
+        Figure("sse_fanout.p50_1000", "publish -> all 1000 subscribers, p50", p50("fan-1000", "all"), "ms",
+               p50("fan-100", "all"), "same, 100 subscribers (p50)", note="information"),
+        Figure("sse_fanout.first_1000", "publish -> first of 1000 subscribers, p50", p50("fan-1000", "first"),
+               "ms", p50("fan-100", "first"), "same, 100 subscribers",
+               note="information: the durable commit plus the first delivery; all - first is the "
+                    "fan-out itself"),
+        Figure("sse_fanout.reply_1000", "AppendEvent reply latency while fanning out to 1000, p50",
+               p50("fan-1000", "reply"), "ms", p50("fan-100", "reply"), "same, fanning out to 100",
+               note="information: how long the publisher waits for its acknowledgement"),
+    ]
+
+
+async def memory_run(port: int, pid: int, session: str, n: int) -> dict[str, int]:
+    """RSS of the server idle (after a small warm-up), with n/2 and with n idle subscribers."""
+    import trio
+
+    rss: dict[str, int] = {}
+    async with trio.open_nursery() as warm:  # first-use allocations are not per subscriber
+        await open_subscribers(warm, port, {session: 20}, None)
+        warm.cancel_scope.cancel()
+    await trio.sleep(1.0)
+    rss["idle"] = rss_kib(pid)
+    async with trio.open_nursery() as nursery:
+        await open_subscribers(nursery, port, {session: n // 2}, None)
+        await trio.sleep(1.0)
+        rss["half"] = rss_kib(pid)
+        await open_subscribers(nursery, port, {session: n - n // 2}, None)
+        await trio.sleep(1.0)
+        rss["full"] = rss_kib(pid)
+        nursery.cancel_scope.cancel()
+    return rss
+
+
+@section("sse_memory", "server RSS per idle SSE subscriber (1000 subscribers)")
+def sse_memory(bench: Bench) -> list[Figure]:
+
+    n = 1000
+    raise_fd_limit(4096)
+    with workspace(bench) as root, contextlib.ExitStack() as stack:
+        seed_sessions(root, ["mem"])
+        server = stack.enter_context(relay_server(bench, root, "sse_memory"))
+        progress(f"sse_memory: server RSS idle, with {n // 2} and with {n} idle subscribers")
+        rss = run_trio(memory_run, server.port, server.pid, "mem", n)
+    per = (rss["full"] - rss["idle"]) / n
+    first, second = (rss["half"] - rss["idle"]) / (n // 2), (rss["full"] - rss["half"]) / (n - n // 2)
+    return [
+        Figure("sse_memory.per_subscriber", f"server RSS per idle SSE subscriber ({n})", per, "KiB",
+               rss["idle"], "server idle RSS (KiB, after a 20-subscriber warm-up)",
+               note=f"(VmRSS with {n} - idle) / {n}; first {n // 2}: {first:.1f} KiB each, next "
+                    f"{n - n // 2}: {second:.1f} KiB each; information",
+               samples={"rss_kib": rss}),
+        Figure("sse_memory.rss_1000", f"server RSS with {n} idle subscribers", rss["full"], "KiB",
+               rss["idle"], "server idle RSS", note="information"),
+    ]
+
+
+################################################################
 # Report
 ################################################################
 
 
 def fmt(value: float | None, unit: str) -> str:
-    if value is None:
+    if value is None or not math.isfinite(value):
         return "-"
     if unit == "ms":
         return f"{value:.2f} ms"
     if unit == "ops/s":
         return f"{value:,.0f}/s"
+    if unit == "KiB":
+        return f"{value:,.1f} KiB"
     if unit == "B":
         return f"{int(value):,} B"
-    return f"{value:g} {unit}".strip()
+    if float(value).is_integer():
+        return f"{value:g} {unit}".strip()
+    return f"{value:,.2f} {unit}".strip()
 
 
 def table(results: list[tuple[Section, list[Figure], str]]) -> str:
@@ -578,8 +1472,9 @@ def table(results: list[tuple[Section, list[Figure], str]]) -> str:
             target = (fig.target + ("" if fig.on == "ratio" else " (value)")) if fig.target else "-"
             rows.append(("  " + fig.label, fmt(fig.value, fig.unit), fmt(fig.baseline, fig.unit),
                          ratio, target, fig.result))
-            if fig.baseline_label or fig.note:
-                parts = [f"baseline = {fig.baseline_label}"] if fig.baseline_label else []
+            if fig.baseline_label or fig.note or fig.skipped:
+                parts = [f"skipped: {fig.skipped}"] if fig.skipped else []
+                parts += [f"baseline = {fig.baseline_label}"] if fig.baseline_label else []
                 notes.append(f"{fig.key}: " + "; ".join(parts + ([fig.note] if fig.note else [])))
     widths = [max(len(r[i]) for r in [head, *rows] if len(r) == len(head)) for i in range(len(head))]
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)).rstrip()]
@@ -625,13 +1520,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="parent of the temporary workspaces (default: the system temp dir)")
     parser.add_argument("--strict", action="store_true", help="exit 1 when any target is missed")
     parser.add_argument("--list", action="store_true", help="list the sections and exit")
+    parser.add_argument("--profile-servers", type=Path, default=None, metavar="DIR",
+                        help="run the relay servers of the serving sections under cProfile, "
+                             "writing DIR/SECTION.prof (slows them: for diagnosis, not figures)")
     args = parser.parse_args(argv)
     if args.list:
         for sec in SECTIONS.values():
             print(f"{sec.name:20} {sec.title}")
         return 0
 
-    bench = Bench(quick=args.quick, python=sys.executable, env=child_env(), tmp_parent=args.dir)
+    bench = Bench(quick=args.quick, python=sys.executable, env=child_env(), tmp_parent=args.dir,
+                  profile_dir=args.profile_servers and args.profile_servers.absolute())
+    # SIGTERM unwinds like Ctrl-C, so every server child is stopped by its ``finally``.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     check_relay_import(bench)
     chosen = [SECTIONS[name] for name in SECTIONS if not args.only or name in args.only]
     started, load_before = time.time(), os.getloadavg()
@@ -656,7 +1557,8 @@ def main(argv: list[str] | None = None) -> int:
     missed = [fig.key for fig in all_figures if fig.result == "MISS"]
     errors = [sec.name for sec, _, error in results if error]
     passed = sum(fig.result == "PASS" for fig in all_figures)
-    print(f"\n{passed} PASS, {len(missed)} MISS, {len(errors)} ERROR in {duration:.1f} s"
+    skipped = [fig.key for fig in all_figures if fig.result == "SKIP"]
+    print(f"\n{passed} PASS, {len(missed)} MISS, {len(skipped)} SKIP, {len(errors)} ERROR in {duration:.1f} s"
           + (" (quick)" if args.quick else ""))
 
     doc = {
@@ -674,7 +1576,7 @@ def main(argv: list[str] | None = None) -> int:
                        "figures": [fig.as_json() for fig in figures]}
             for sec, figures, error in results
         },
-        "summary": {"pass": passed, "miss": missed, "errors": errors},
+        "summary": {"pass": passed, "miss": missed, "skipped": skipped, "errors": errors},
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
