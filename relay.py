@@ -276,6 +276,12 @@ STREAM_KINDS: Final = ("events", "results")
 #: Allocations between young-generation collections while serving (default 700).
 GC_GEN0_THRESHOLD: Final = 20_000
 
+#: Stream records read per chunk when replaying after a Last-Event-ID.
+REPLAY_CHUNK: Final = 500
+
+#: How long a stopping server waits for in-flight requests (seconds).
+GRACEFUL_SECONDS: Final = 3.0
+
 #: GIL switch interval while serving (seconds); see ``serve``.
 SWITCH_INTERVAL: Final = 0.0005
 
@@ -1636,12 +1642,18 @@ def rpc_mutation(name: str, request: Any) -> Mutation:
 
 
 def validate_request(request: Any) -> None:
-    """Check every id-kind field against the one safe id pattern."""
+    """Check id fields against the one safe id pattern and choice fields
+    against their choices, whichever door (CLI, HTTP, WebSocket) a request
+    came in by."""
     for field in attrs.fields(type(request)):
         kind = field.metadata.get("id")
+        choices = field.metadata.get("choices")
         value = getattr(request, field.name)
         if kind and (value or field.default is attrs.NOTHING):
             check_id(kind, value)
+        if choices and (value or field.default is attrs.NOTHING) and value not in choices:
+            raise InvalidArgument(f"{field.name} {value!r} is not one of {', '.join(choices)}",
+                                  hint="see specs/relay.proto for the allowed values")
 
 
 def _replay(ledger: Ledger, m: Mutation) -> Any:
@@ -1786,6 +1798,39 @@ class Frame:
 
 def error_frame(code: str, message: str) -> Frame:
     return Frame.make("", "error", {"code": code, "message": message})
+
+
+@attrs.define(eq=False)
+class Replay:
+    """What a new subscriber gets before live frames: frames at hand (an error,
+    feed history), or a range of a stream log, read a chunk at a time so an
+    old cursor on a long log never loads it whole."""
+
+    frames: list[Frame] = attrs.Factory(list)
+    store: Any = None
+    session: str = ""
+    stream: str = ""
+    after: int = 0
+    until: int = 0
+    committed: int = 0
+
+    @classmethod
+    def of(cls, frames: Replay | list[Frame]) -> Replay:
+        return frames if isinstance(frames, Replay) else cls(list(frames))
+
+    async def take(self) -> list[Frame]:
+        """The next chunk of frames; empty once the replay is done."""
+        if self.frames:
+            out, self.frames = self.frames, []
+            return out
+        if self.store is None or self.after >= self.until:
+            return []
+        records = await trio.to_thread.run_sync(
+            self.store.read_records, self.session, self.stream, self.committed, self.after,
+            min(self.until - self.after, REPLAY_CHUNK))
+        self.after = records[-1].seq if records else self.until
+        event = self.stream[:-1]
+        return [Frame.make(f"{r.session_id}:{r.seq}", event, to_json(r), r.seq) for r in records]
 
 
 @attrs.define(eq=False)
@@ -2223,7 +2268,7 @@ class Service:
     # -- streams (SSE and WebSocket share this) --------------------------------------
 
     async def open_stream(self, *, session: str, stream: str, feed: str,
-                          last_event_id: str) -> tuple[Subscriber | None, list[Frame], int]:
+                          last_event_id: str) -> tuple[Subscriber | None, Replay | list[Frame], int]:
         """Subscribe, then replay what came after ``last_event_id``.  Returns the
         subscriber (None after an error), the frames to send first, and the
         last sequence number replayed (live frames at or below it are skipped)."""
@@ -2236,24 +2281,25 @@ class Service:
         if last_event_id and not session:
             return None, [error_frame(
                 "invalid_argument", "Last-Event-ID needs a session filter (?session=ID)")], 0
-        sub = self.hub.subscribe(f"{stream}:{session or '*'}")
         if not last_event_id:
-            return sub, [], 0
+            return self.hub.subscribe(f"{stream}:{session or '*'}"), [], 0
         try:
             sid, _, seq_text = last_event_id.rpartition(":")
             after = int(seq_text)
             if sid != session or after < 0:
                 raise ValueError
         except ValueError:
-            self.hub.unsubscribe(sub)
             return None, [error_frame("invalid_argument",
                                       f"Last-Event-ID {last_event_id!r} is not {session}:SEQ")], 0
+        # Absorb other processes' commits first, then subscribe and take the
+        # replay range with no checkpoint in between: a backlog is replayed
+        # from the log in chunks, never pushed live past the buffer, and every
+        # record is either replayed or live, never both, never neither.
+        await self.owner.refresh()
+        sub = self.hub.subscribe(f"{stream}:{session}")
         return await self._replay(sub, session, stream, after)
 
     async def _replay(self, sub: Subscriber, session: str, stream: str, after: int):
-        cursor = self.owner.ledger.cursors.get(session)
-        if cursor is None or after > getattr(cursor, stream):
-            await self.owner.refresh()  # another process may have written it a moment ago
         ledger = self.owner.ledger
         cursor = ledger.cursors.get(session)
         if cursor is None or session not in ledger.sessions:
@@ -2265,12 +2311,9 @@ class Service:
             return None, [error_frame(
                 "out_of_range", f"Last-Event-ID {session}:{after} is ahead of the stream "
                 f"(last seq {last})")], 0
-        records = await trio.to_thread.run_sync(
-            self.store.read_records, session, stream, getattr(cursor, f"{stream}_bytes"),
-            after, max(last - after, 1))
-        event = stream[:-1]
-        frames = [Frame.make(f"{r.session_id}:{r.seq}", event, to_json(r), r.seq) for r in records]
-        return sub, frames, (records[-1].seq if records else after)
+        replay = Replay(store=self.store, session=session, stream=stream, after=after,
+                        until=last, committed=getattr(cursor, f"{stream}_bytes"))
+        return sub, replay, last
 
     async def _open_feed(self, feed: str, last_event_id: str):
         if feed != "relay":
@@ -2381,8 +2424,15 @@ class Service:
                 feed=str(msg.get("feed") or ""), last_event_id=str(msg.get("last_event_id") or ""))
         except RelayError as exc:  # e.g. a malformed session id: answer, keep the socket
             sub, frames, last = None, [error_frame(exc.code.value, exc.message)], 0
-        for frame in frames:
-            _ws_send(out, frame.ws)
+        replay = Replay.of(frames)
+        try:
+            while chunk := await replay.take():
+                for frame in chunk:  # with back-pressure: a replay may be long
+                    await out.send(frame.ws)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            if sub is not None:
+                self.hub.unsubscribe(sub)
+            return
         if sub is None:
             return
         self.metrics.subscribers.labels("ws").inc()
@@ -2669,8 +2719,10 @@ async def _sse_body(service: Service, sub: Subscriber | None, frames: list[Frame
         service.metrics.subscribers.labels("sse").inc()
     try:
         yield b": connected\n\n"
-        for frame in frames:
-            yield frame.sse
+        replay = Replay.of(frames)
+        while chunk := await replay.take():
+            for frame in chunk:
+                yield frame.sse
         if sub is None:
             return
         while True:
@@ -2821,7 +2873,7 @@ async def serve(store: Store, config: Config, *, host: str | None = None, port: 
     stopping = trio.Event()
     hconfig = hypercorn.config.Config()
     hconfig.bind = [f"{_bind_host(host)}:{port}"]
-    hconfig.graceful_timeout = 5.0
+    hconfig.graceful_timeout = GRACEFUL_SECONDS
     hconfig.accesslog = None
     hconfig.errorlog = None
     async with trio.open_nursery() as root:

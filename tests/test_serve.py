@@ -870,3 +870,36 @@ def test_server_and_ledger_survive_the_random_bodies(threaded_relay):
     assert relay.status(store, time.time()).status == "pass"
     failed = [(c.id, c.evidence) for c in relay.gate(store, relay.Config()) if c.result == "fail"]
     assert failed == []
+
+
+async def test_list_filters_refuse_unknown_values(workspace):
+    """A list route's choice filter outside its choices is invalid_argument, as the
+    CLI refuses it, not an empty list."""
+    with trio.fail_after(PATIENCE):
+        async with serving(workspace) as r:
+            bad = await r.client.get("/api/relay/leases", params={"state": "sleepy"})
+            good = await r.client.get("/api/relay/leases", params={"state": "active"})
+    assert bad.status_code == 400 and bad.json()["code"] == "invalid_argument"
+    assert "sleepy" in bad.json()["message"]
+    assert good.status_code == 200 and good.json()["leases"] == []
+
+
+async def test_long_replay_arrives_whole_in_chunks(workspace):
+    """A replay longer than one read chunk arrives complete, in order, once, over SSE and
+    the WebSocket (which sends it with back-pressure instead of overflowing)."""
+    total = 2 * relay.REPLAY_CHUNK + 7
+    store, config = relay.Store(workspace), relay.Config()
+    with trio.fail_after(PATIENCE * 4):
+        async with serving(workspace) as r:
+            (sid,) = await r.seed()
+            mutations = [relay.rpc_mutation("AppendEvent", rc.AppendRecordRequest(sid, "k", i))
+                         for i in range(1, total + 1)]
+            await trio.to_thread.run_sync(relay.commit, store, mutations, config)
+            async with r.sse({"session": sid}, Last_Event_ID=f"{sid}:0") as stream:
+                sse = await stream.take(total)
+            async with r.ws() as ws:
+                await ws_send(ws, type="subscribe", session=sid, last_event_id=f"{sid}:0")
+                frames = [await ws_recv(ws) for _ in range(total)]
+    assert [e["id"] for e in sse] == [f"{sid}:{n}" for n in range(1, total + 1)]
+    assert [f["id"] for f in frames] == [f"{sid}:{n}" for n in range(1, total + 1)]
+    assert [f["data"]["data"] for f in frames] == list(range(1, total + 1))
