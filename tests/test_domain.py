@@ -109,11 +109,14 @@ def test_pooled_profiles_are_codex_only(provider):
 
 
 def test_unknown_provider_or_mode_is_invalid_argument():
-    """A provider or mode outside the known sets is refused."""
-    refused(relay.Ledger(), "RegisterProfile", Code.INVALID_ARGUMENT, name="p", provider="gpt",
-            mode="pooled")
-    refused(relay.Ledger(), "RegisterProfile", Code.INVALID_ARGUMENT, name="p", provider="codex",
-            mode="forever")
+    """A provider or mode outside the known sets is refused by request validation (every
+    door: CLI, HTTP, WebSocket) and again by the operation itself."""
+    for fields in ({"provider": "gpt", "mode": "pooled"}, {"provider": "codex", "mode": "forever"}):
+        request = rc.RegisterProfileRequest(name="p", **fields)
+        with pytest.raises(rc.InvalidArgument):
+            relay.rpc_mutation("RegisterProfile", request)
+        with pytest.raises(rc.InvalidArgument):
+            relay.register_profile(relay.Ledger(), request, relay.Ctx(T0, 1))
 
 
 def test_duplicate_register_leaves_ledger_object_identical(base):
