@@ -276,6 +276,9 @@ STREAM_KINDS: Final = ("events", "results")
 #: Allocations between young-generation collections while serving (default 700).
 GC_GEN0_THRESHOLD: Final = 20_000
 
+#: The watcher re-reads the ledger at least this often, whatever stat says (seconds).
+WATCH_FULL_SECONDS: Final = 1.0
+
 #: Stream records read per chunk when replaying after a Last-Event-ID.
 REPLAY_CHUNK: Final = 500
 
@@ -972,7 +975,7 @@ def create_session(ledger: Ledger, req: rc.CreateSessionRequest, ctx: Ctx):
     if profile is None:
         raise _not_found("profile", req.profile,
                          "register it with `python -m relay profile register NAME ...`")
-    session_id = req.session_id or f"ses-{ctx.revision}"
+    session_id = req.session_id or _free_id(ledger.sessions, f"ses-{ctx.revision}")
     if session_id in ledger.sessions:
         raise AlreadyExists(f"session {session_id!r} already exists",
                             hint="pick another --session-id, or omit it to get a fresh one")
@@ -983,6 +986,15 @@ def create_session(ledger: Ledger, req: rc.CreateSessionRequest, ctx: Ctx):
         cursors=_put(ledger.cursors, session_id, rc.Cursor(session_id)),
     )
     return ledger, rc.SessionReply("created", ctx.revision, session)
+
+
+def _free_id(taken: dict[str, Any], base: str) -> str:
+    """``base``, or ``base-2``, ``base-3``, ... if a caller already chose it."""
+    candidate, n = base, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{base}-{n}"
+    return candidate
 
 
 def _issue(ledger: Ledger, session: rc.Session, lease: rc.Lease, ctx: Ctx) -> Ledger:
@@ -1270,9 +1282,13 @@ def require_serving_allowed(ledger: Ledger | None, host: str) -> str:
 def bootstrap(ledger: Ledger, endpoint: str, token_id: str, ctx: Ctx):
     from urllib.parse import urlsplit
 
-    parts = urlsplit(endpoint)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidArgument(f"endpoint {endpoint!r} is not an http(s) URL",
+    try:
+        parts = urlsplit(endpoint)
+        port = parts.port
+    except ValueError:
+        parts, port = None, None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
+        raise InvalidArgument(f"endpoint {endpoint!r} is not an http(s) URL with a valid port",
                               hint="pass --endpoint http://127.0.0.1:9876")
     if token_id and token_id != "none":
         check_id("token id", token_id)
@@ -1582,7 +1598,9 @@ def _classify_artifact(store: Store, ledger: Ledger | None, warnings: list[rc.St
     if rel.parts[0] == ARCHIVE_DIR:
         return "archive", True, ""
     if rel.parts[0] == SET_ASIDE_DIR:
-        return "set_aside_ledger", True, "a damaged ledger moved aside by `state reset`"
+        if path.name == LEDGER_NAME:
+            return "set_aside_ledger", True, "a damaged ledger moved aside by `state reset`"
+        return "set_aside", True, "stream log or archive moved aside with its ledger"
     return "unknown", False, "not a relay artifact"
 
 
@@ -1711,6 +1729,14 @@ def commit(store: Store, mutations: list[Mutation], config: Config,
         now = time.time() if now is None else now
         ledger, results, appends = apply_all(start, mutations, now, config)
         if ledger is start:
+            # Answers built on this ledger (duplicates, replays) may follow a
+            # writer killed between its rename and its directory fsync: make
+            # what they acknowledge durable before saying so.
+            if store.ledger_path.exists():
+                try:
+                    _fsync_dir(store.state_dir)
+                except OSError as exc:
+                    raise _io_failure("fsync the ledger directory", exc) from exc
             return results, None
         ledger = _compact_if_due(store, ledger, now, config)
         for (session_id, stream), records in appends.items():
@@ -1813,6 +1839,7 @@ class Replay:
     after: int = 0
     until: int = 0
     committed: int = 0
+    failed: bool = False  # the log could not be read: an error frame ends the stream
 
     @classmethod
     def of(cls, frames: Replay | list[Frame]) -> Replay:
@@ -1825,9 +1852,14 @@ class Replay:
             return out
         if self.store is None or self.after >= self.until:
             return []
-        records = await trio.to_thread.run_sync(
-            self.store.read_records, self.session, self.stream, self.committed, self.after,
-            min(self.until - self.after, REPLAY_CHUNK))
+        try:
+            records = await trio.to_thread.run_sync(
+                self.store.read_records, self.session, self.stream, self.committed, self.after,
+                min(self.until - self.after, REPLAY_CHUNK))
+        except (OSError, ValueError, RelayError) as exc:
+            self.after, self.failed = self.until, True
+            return [error_frame("data_loss", f"the {self.stream} log of {self.session} cannot be "
+                                f"replayed: {exc}; run `python -m relay gate`")]
         self.after = records[-1].seq if records else self.until
         event = self.stream[:-1]
         return [Frame.make(f"{r.session_id}:{r.seq}", event, to_json(r), r.seq) for r in records]
@@ -2011,13 +2043,14 @@ class LedgerOwner:
     _lock: Any = None  # a commit and its announcement vs. the watcher's refresh
 
     def __attrs_post_init__(self) -> None:
-        self._send, self._receive = trio.open_memory_channel(math_inf())
+        # Bounded: a flood of callers waits for room instead of growing memory.
+        self._send, self._receive = trio.open_memory_channel(4 * self.max_batch)
         self._lock = trio.Lock()
 
     async def submit(self, mutation: Mutation) -> Any:
         """Queue a mutation and wait for its reply (raises its RelayError)."""
         pending = _Pending(mutation, trio.Event())
-        self._send.send_nowait(pending)
+        await self._send.send(pending)
         await pending.done.wait()
         if isinstance(pending.result, BaseException):
             raise pending.result
@@ -2067,15 +2100,24 @@ class LedgerOwner:
             pending.done.set()
 
     def _announce(self, batch: list[_Pending], results: list[Any], ledger: Ledger) -> None:
-        self.ledger = ledger
+        old, self.ledger = self.ledger, ledger
         for pending, result in zip(batch, results, strict=True):
             if isinstance(result, RelayError):
                 continue
+            if getattr(result, "revision", old.revision + 1) <= old.revision:
+                continue  # an idempotent replay: announced when it first happened
             if pending.mutation.stream:
                 self.hub.publish_records(pending.mutation.stream, [result.record])
             revision = getattr(result, "revision", ledger.revision)
             for kind, data in notices_for(pending.mutation.method, result):
                 self.hub.notice(revision, kind, data)
+        announced = {x.lease_id for p, r in zip(batch, results, strict=True)
+                     if p.mutation.method == "reaper" and isinstance(r, list) for x in r}
+        for lease in ledger.leases.values():  # expired by compaction on the way
+            before = old.leases.get(lease.lease_id)
+            if (lease.state == "expired" and before is not None and before.state != "expired"
+                    and lease.lease_id not in announced):
+                self.hub.notice(ledger.revision, "lease.expired", to_json(lease))
 
     async def refresh(self) -> None:
         """Pick up what other processes committed.  Never mid-commit: the file
@@ -2096,9 +2138,16 @@ class LedgerOwner:
             for stream in STREAM_KINDS:
                 seen = self.hub.seen(sid, stream)
                 if getattr(cursor, stream) > seen:
-                    records = await trio.to_thread.run_sync(
-                        self.store.read_records, sid, stream,
-                        getattr(cursor, f"{stream}_bytes"), seen, getattr(cursor, stream) - seen)
+                    try:
+                        records = await trio.to_thread.run_sync(
+                            self.store.read_records, sid, stream,
+                            getattr(cursor, f"{stream}_bytes"), seen, getattr(cursor, stream) - seen)
+                    except (OSError, ValueError, RelayError) as exc:
+                        # A damaged log must not take the server down: skip
+                        # past it (the gate names it; readers get data_loss).
+                        _log(f"cannot read the {stream} log of {sid}: {exc}")
+                        self.hub.mark_seen(sid, stream, getattr(cursor, stream))
+                        continue
                     self.hub.publish_records(stream, records)
 
 
@@ -2132,7 +2181,7 @@ async def watch_ledger(owner: LedgerOwner, interval: float, *, task_status: Any 
     """Heartbeat resident: notice commits by other processes (a cheap stat)."""
     _started(task_status)
     path = trio.Path(owner.store.ledger_path)
-    last = None
+    last, checked = None, trio.current_time()
     while True:
         await trio.sleep(interval)
         try:
@@ -2140,8 +2189,11 @@ async def watch_ledger(owner: LedgerOwner, interval: float, *, task_status: Any 
             key = (st.st_ino, st.st_size, st.st_mtime_ns)
         except FileNotFoundError:
             continue
-        if key != last:
-            last = key
+        # Also re-read now and then: two commits in one timestamp tick can
+        # leave inode, size and mtime as they were (the read compares the
+        # checksum, so an unchanged ledger costs one small read).
+        if key != last or trio.current_time() - checked >= WATCH_FULL_SECONDS:
+            last, checked = key, trio.current_time()
             with contextlib.suppress(RelayError):
                 await owner.refresh()
 
@@ -2216,6 +2268,8 @@ class Service:
     now: Callable[[], float] = time.time
     metrics: Metrics = attrs.Factory(Metrics)
     probe_token: str | None = attrs.field(default=None, repr=False)
+    #: loopback | trusted-lan, fixed when serving starts.
+    mode: str = "loopback"
     ws_clients: int = 0
     sse_clients: int = 0
     _status_cache: tuple[Any, bytes] | None = None
@@ -2259,8 +2313,10 @@ class Service:
         if self.probe_token is not None:
             presented = (header or "")[7:].strip().encode()
             return header is not None and hmac.compare_digest(presented, self.probe_token.encode())
-        if not ledger.runtime.token_id:
+        if not ledger.runtime.token_id and self.mode != "trusted-lan":
             return True
+        # Off loopback the rule is fixed at start: a token is required even if
+        # the ledger later loses its binding (unbound, reset) -- fail closed.
         if not header or not header.startswith("Bearer "):
             return False
         return token_accepts(ledger, header[7:].strip(), iso(self.now()))
@@ -2352,7 +2408,7 @@ class Service:
         out_send, out_receive = trio.open_memory_channel(self.config.subscriber_buffer)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._ws_writer, out_receive, send)
+                nursery.start_soon(self._ws_writer, out_receive, send, nursery.cancel_scope)
                 nursery.start_soon(self._ws_until_shutdown, nursery.cancel_scope)
                 while True:
                     text = await receive()
@@ -2369,9 +2425,12 @@ class Service:
             with trio.CancelScope(shield=True):
                 await self._ws_release_on_disconnect(holds)
 
-    async def _ws_writer(self, out_receive: Any, send: Callable[[str], Any]) -> None:
+    async def _ws_writer(self, out_receive: Any, send: Callable[[str], Any], scope: Any) -> None:
         async for text in out_receive:
             await send(text)
+        # The queue was closed because the client stopped reading: end the
+        # connection rather than keep a muted socket (and its holds) alive.
+        scope.cancel()
 
     async def _ws_until_shutdown(self, scope: Any) -> None:
         """End the connection when the server stops, so the socket is closed
@@ -2432,6 +2491,9 @@ class Service:
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             if sub is not None:
                 self.hub.unsubscribe(sub)
+            return
+        if sub is not None and replay.failed:
+            self.hub.unsubscribe(sub)
             return
         if sub is None:
             return
@@ -2646,7 +2708,9 @@ def create_app(service: Service) -> Any:
         except (ValueError, UnicodeDecodeError) as exc:
             raise InvalidArgument(f"request body is not valid JSON: {exc}") from None
         timeout = request.headers.get("Connect-Timeout-Ms")
-        deadline = int(timeout) / 1000 if timeout and timeout.isdigit() else math_inf()
+        if timeout is not None and not re.fullmatch(r"[0-9]{1,10}", timeout):
+            raise InvalidArgument(f"Connect-Timeout-Ms {timeout!r} is not a number of milliseconds")
+        deadline = int(timeout) / 1000 if timeout is not None else math_inf()
         with trio.move_on_after(deadline) as scope:
             reply = await service.call_json(method, body)
         if scope.cancelled_caught:
@@ -2723,7 +2787,7 @@ async def _sse_body(service: Service, sub: Subscriber | None, frames: list[Frame
         while chunk := await replay.take():
             for frame in chunk:
                 yield frame.sse
-        if sub is None:
+        if sub is None or replay.failed:
             return
         while True:
             item = await _next_frame(sub, service.config.sse_keepalive_seconds)
@@ -2796,6 +2860,8 @@ def _quiet_gc() -> None:
 
 
 def _bind_host(host: str) -> str:
+    if host == "localhost":  # bind the loopback address itself, not what a hosts file says
+        return "127.0.0.1"
     return f"[{host}]" if ":" in host else host
 
 
@@ -2868,7 +2934,7 @@ async def serve(store: Store, config: Config, *, host: str | None = None, port: 
     mode = require_serving_allowed(ledger, host)
     hub = EventHub(buffer=config.subscriber_buffer)
     owner = LedgerOwner(store, config, hub, now)
-    service = Service(store, config, owner, hub, now, probe_token=probe_token)
+    service = Service(store, config, owner, hub, now, probe_token=probe_token, mode=mode)
     owner.metrics = service.metrics
     stopping = trio.Event()
     hconfig = hypercorn.config.Config()
@@ -3587,24 +3653,37 @@ def _cleanup(store: Store, apply: bool, as_json: bool) -> int:
 
 
 def _reset(store: Store, apply: bool, as_json: bool) -> int:
-    _, warnings = _ledger_or_warning(store)
-    if not warnings:
-        raise FailedPrecondition("the ledger is valid (or absent); there is nothing to reset",
-                                 hint="see `python -m relay status`")
+    """Move a damaged ledger aside, with the stream logs and archive it owned:
+    a fresh ledger restarts revisions and ids, so an old ``ses-2`` log left in
+    place would be cut to the new session's committed length (zero)."""
+    warnings = _reset_refusal(store)
     stamp = iso(time.time()).replace(":", "").replace("-", "")
-    target = store.state_dir / SET_ASIDE_DIR / f"relay-state.{stamp}.json"
+    aside = store.state_dir / SET_ASIDE_DIR / stamp
+    target = aside / LEDGER_NAME
     if apply:
         with store.locked():
-            target.parent.mkdir(parents=True, exist_ok=True)
+            warnings = _reset_refusal(store)  # again, under the lock: it may have been fixed
+            _make_dirs(aside)
+            for name in (STREAMS_DIR, ARCHIVE_DIR):
+                if (store.state_dir / name).exists():
+                    os.replace(store.state_dir / name, aside / name)
             os.replace(store.ledger_path, target)
+            _fsync_dir(aside)
             _fsync_dir(store.state_dir)
-            _fsync_dir(target.parent)
     verb = "moved" if apply else "would move"
     _emit(as_json, {"applied": apply, "from": _rel(store, store.ledger_path),
                     "to": _rel(store, target), "reason": warnings[0].message},
           f"{verb} {_rel(store, store.ledger_path)} to {_rel(store, target)} "
           f"({warnings[0].message})" + ("" if apply else "\nrun again with --apply to do it"))
     return EXIT_OK
+
+
+def _reset_refusal(store: Store) -> list[rc.StateWarning]:
+    _, warnings = _ledger_or_warning(store)
+    if not warnings:
+        raise FailedPrecondition("the ledger is valid (or absent); there is nothing to reset",
+                                 hint="see `python -m relay status`")
+    return warnings
 
 
 def _run_gate(store: Store, config: Config, as_json: bool) -> int:
@@ -3619,6 +3698,8 @@ def _run_serve(store: Store, config: Config, args: argparse.Namespace, as_json: 
     """Serve in the foreground until SIGINT/SIGTERM; exit 0 after a clean stop."""
     host = args.host or config.host
     port = config.port if args.port is None else args.port
+    if not 0 <= port <= 65535:
+        raise InvalidArgument(f"port {port} is out of range 0..65535", hint="0 picks a free port")
     require_serving_allowed(store.read(), host)  # refuse before importing the stack
 
     async def run() -> None:
@@ -3640,7 +3721,14 @@ def _run_serve(store: Store, config: Config, args: argparse.Namespace, as_json: 
                         _log(f"{signal.Signals(signum).name}: finishing in-flight requests")
                         server.stop()
 
-    trio.run(run)
+    try:
+        trio.run(run)
+    except* OSError as group:  # e.g. the port is taken: one line, not a traceback
+        exc = group.exceptions[0]
+        raise rc.Unavailable(f"cannot serve on {host}:{port}: {getattr(exc, 'strerror', None) or exc}",
+                             hint="pick another --port (0 picks a free one)") from None
+    except* RelayError as group:
+        raise group.exceptions[0] from None
     return EXIT_OK
 
 

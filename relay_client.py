@@ -983,6 +983,10 @@ class RelayStub:
         reply = self.borrow(holder=holder, profile=profile, session_id=session_id, mode=mode,
                             ttl_seconds=ttl_seconds)
         lease = reply.lease
+        if reply.outcome != "granted":
+            with contextlib.suppress(FailedPrecondition, NotFound):
+                self.release_lease(lease_id=lease.lease_id)
+            raise _not_granted(lease, reply.outcome)
         keeper = _SyncKeeper(self._core, lease, threading.get_ident())
         try:
             keeper.start()
@@ -1094,17 +1098,24 @@ class AsyncRelayStub:
         reply = await self.borrow(holder=holder, profile=profile, session_id=session_id,
                                   mode=mode, ttl_seconds=ttl_seconds)
         lease = reply.lease
+        if reply.outcome != "granted":
+            with contextlib.suppress(FailedPrecondition, NotFound):
+                await self.release_lease(lease_id=lease.lease_id)
+            raise _not_granted(lease, reply.outcome)
         lost: list[LeaseLost] = []
         error: Exception | None = None
         try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(_hold_lease, self._core, lease, lost, nursery.cancel_scope)
-                try:
-                    yield lease
-                except Exception as exc:
-                    error = exc  # re-raised below as itself, not wrapped in the nursery's group
-                finally:
-                    nursery.cancel_scope.cancel()
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(_hold_lease, self._core, lease, lost, nursery.cancel_scope)
+                    try:
+                        yield lease
+                    except Exception as exc:
+                        error = exc  # re-raised below as itself, not wrapped in the nursery's group
+                    finally:
+                        nursery.cancel_scope.cancel()
+            except* Exception as group:  # the keep-alive channel never opened
+                raise _keeper_failure(group.exceptions[0]) from None
         finally:
             if not lost:
                 with trio.CancelScope(shield=True), contextlib.suppress(FailedPrecondition, NotFound):
@@ -1125,6 +1136,13 @@ async def _hold_lease(core: _Core, lease: Lease, lost: list[LeaseLost], block: A
     headers = [("Authorization", f"Bearer {core.token}")] if core.token else []
     async with open_websocket_url(core.ws_url(), extra_headers=headers) as ws:
         await ws.send_message(json.dumps({"type": "hold", "id": 0, "lease_id": lease.lease_id}))
+        # Only a "held" answer means the relay renews the lease; anything else
+        # and the block must not start.
+        answer = json.loads(await ws.get_message())
+        if answer.get("type") != "held":
+            error = answer.get("error") if isinstance(answer.get("error"), dict) else None
+            raise RelayError.from_json(error, http_status=400) if error else Unavailable(
+                f"the relay did not agree to hold lease {lease.lease_id}: {answer}")
         task_status.started()
         interval = max(lease.ttl_seconds * HEARTBEAT_FRACTION, 0.05)
 
@@ -1177,8 +1195,7 @@ class _SyncKeeper:
         self._thread.start()
         self._ready.wait()
         if self.failure is not None:  # never run the block unprotected
-            raise Unavailable(f"cannot open the lease keep-alive channel: {self.failure!r}",
-                              hint="check that the relay serves /ws to this client") from self.failure
+            raise _keeper_failure(self.failure) from self.failure
 
     def _run(self) -> None:
         import trio
@@ -1222,6 +1239,20 @@ class _ThreadCanceller:
 
         ctypes.pythonapi.PyThreadState_SetAsyncExc(
             ctypes.c_ulong(self.keeper.block_thread), ctypes.py_object(LeaseLost))
+
+
+def _not_granted(lease: Lease, outcome: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"lease {lease.lease_id} on {lease.session_id} was {outcome}, not granted (readers hold "
+        "the session); the waiting request was withdrawn",
+        hint="retry later, or borrow with mode='shared-read'")
+
+
+def _keeper_failure(exc: BaseException) -> RelayError:
+    if isinstance(exc, RelayError):
+        return exc
+    return Unavailable(f"cannot open the lease keep-alive channel: {exc!r}",
+                       hint="check that the relay serves /ws to this client")
 
 
 def _transport_error(exc: BaseException) -> BaseException:
