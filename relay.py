@@ -496,9 +496,44 @@ def _put(mapping: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
 
 def encode_ledger(ledger: Ledger) -> bytes:
     """Canonical bytes with a trailing SHA-256 checksum of everything before it."""
-    body = _canonical(to_json(ledger))
+    body = _encode_body(ledger)
     digest = hashlib.sha256(body).hexdigest()
     return body[:-1] + b',"checksum":"sha256:' + digest.encode() + b'"}\n'
+
+
+#: id(record) -> (record, its canonical JSON).  Records are immutable values
+#: shared between successive ledgers, so a commit re-encodes only the few it
+#: changed; holding the record keeps its id from being reused while cached.
+_FRAGMENTS: dict[int, tuple[Any, bytes]] = {}
+
+
+def _fragment(record: Any) -> bytes:
+    hit = _FRAGMENTS.get(id(record))
+    if hit is not None and hit[0] is record:
+        return hit[1]
+    data = _canonical(to_json(record))
+    _FRAGMENTS[id(record)] = (record, data)
+    return data
+
+
+def _encode_body(ledger: Ledger) -> bytes:
+    """``_canonical(to_json(ledger))``, byte for byte, from cached fragments."""
+    parts, live = [], 0
+    for name in sorted(f.name for f in attrs.fields(Ledger)):
+        value = getattr(ledger, name)
+        if isinstance(value, dict):
+            live += len(value)
+            inner = b",".join(_canonical(k) + b":" + _fragment(value[k]) for k in sorted(value))
+            parts.append(_canonical(name) + b":{" + inner + b"}")
+        else:
+            parts.append(_canonical(name) + b":" + _canonical(to_json(value) if attrs.has(type(value))
+                                                              else value))
+    if len(_FRAGMENTS) > 2 * live + 64:  # forget records no ledger holds any more
+        keep = {id(r) for f in attrs.fields(Ledger) if isinstance(getattr(ledger, f.name), dict)
+                for r in getattr(ledger, f.name).values()}
+        for key in [k for k in _FRAGMENTS if k not in keep]:
+            del _FRAGMENTS[key]
+    return b"{" + b",".join(parts) + b"}"
 
 
 def decode_ledger(data: bytes) -> Ledger:

@@ -271,19 +271,31 @@ def from_json(cls: type, obj: Any, *, path: str = "") -> Any:
     return cls(**kwargs)
 
 
+_SCALARS: Final = frozenset({str, int, float, bool, type(None)})
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
 def _plain(value: Any) -> Any:
-    if attrs.has(type(value)):
-        return to_json(value)
-    if isinstance(value, tuple):
+    # Dispatch on the exact type: this walk encodes the whole ledger on every
+    # commit, and asking attrs about every string was most of its cost.
+    tp = type(value)
+    if tp in _SCALARS:
+        return value
+    if tp is tuple or tp is list:
         return [_plain(v) for v in value]
-    if isinstance(value, dict):
+    if tp is dict:
         return {k: _plain(v) for k, v in value.items()}
-    return value
+    names = _FIELD_NAMES.get(tp)
+    if names is None:
+        if not attrs.has(tp):
+            return value
+        names = _FIELD_NAMES[tp] = tuple(f.name for f in attrs.fields(tp))
+    return {name: _plain(getattr(value, name)) for name in names}
 
 
 def to_json(msg: Any) -> dict[str, Any]:
     """Message -> JSON-ready dict (field names are the proto's json_name)."""
-    return {f.name: _plain(getattr(msg, f.name)) for f in attrs.fields(type(msg))}
+    return _plain(msg)
 
 
 def check_id(kind: str, value: str) -> str:

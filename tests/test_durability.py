@@ -451,3 +451,26 @@ def test_ledger_of_the_template_is_sane(template):
     assert ledger.cursors["s1"].events == 5
     assert attrs.has(type(ledger))
     check_streams(store, ledger)
+
+
+def test_ledger_encoding_from_cached_fragments_is_byte_identical(tmp_path):
+    """The fragment-cached encoder writes exactly the canonical JSON of the whole ledger,
+    across successive ledgers that share, replace and drop records."""
+    import hashlib
+
+    from relay_client import to_json
+
+    store = relay.Store(tmp_path)
+    commit_ok(store, "RegisterProfile", name="cx", provider="codex", mode="pooled")
+    commit_ok(store, "CreateSession", profile="cx", session_id="s1")
+    for i in range(30):
+        lease = commit_ok(store, "GrantLease", session_id="s1", holder=f"h{i}",
+                          mode="exclusive-write").lease
+        commit_ok(store, "ReleaseLease", lease_id=lease.lease_id)
+        commit_ok(store, "RecordControl", request_id=f"r{i}", session_id="s1", kind="k",
+                  payload={"ü": i, "list": [1, "two", None]})
+        ledger = store.read()
+        body = relay._canonical(to_json(ledger))
+        expect = body[:-1] + b',"checksum":"sha256:' + hashlib.sha256(body).hexdigest().encode() + b'"}\n'
+        assert relay.encode_ledger(ledger) == expect
+        assert store.ledger_path.read_bytes() == expect
