@@ -61,3 +61,16 @@ def commit_ok(store, name: str, /, now: float = T0, config=None, **fields):
     if isinstance(result, relay.RelayError):
         raise result
     return result
+
+
+def snapshot(root: Path) -> dict:
+    """Relative path -> (bytes, inode, mtime_ns) of every file under ``root/flow``: equal
+    snapshots mean nothing was written, not even rewritten with the same bytes."""
+    out = {}
+    for dirpath, _, files in os.walk(root / "flow"):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            st = os.stat(path)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = (f.read(), st.st_ino, st.st_mtime_ns)
+    return out

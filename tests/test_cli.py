@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, snapshot
 
 import relay
 import relay_client as rc
@@ -52,18 +52,6 @@ def cli(workspace, capsys):
         return doc
 
     return run
-
-
-def snapshot(root):
-    """path -> (bytes, inode, mtime_ns) of every file under ``root/flow``."""
-    out = {}
-    for dirpath, _, files in os.walk(root / "flow"):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            st = os.stat(path)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, root)] = (f.read(), st.st_ino, st.st_mtime_ns)
-    return out
 
 
 def populate(cli):

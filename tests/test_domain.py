@@ -13,7 +13,7 @@ import shlex
 
 import attrs
 import pytest
-from conftest import T0, commit_ok, mutation
+from conftest import T0, commit_ok, mutation, snapshot
 
 import relay
 import relay_client as rc
@@ -60,18 +60,6 @@ def with_session(ledger, sid, profile="cx"):
 def set_session_state(ledger, sid, state):
     session = attrs.evolve(ledger.sessions[sid], state=state)
     return attrs.evolve(ledger, sessions={**ledger.sessions, sid: session})
-
-
-def files_under(root):
-    """path -> (bytes, inode, mtime_ns) of every file under ``root/flow``."""
-    out = {}
-    for dirpath, _, files in os.walk(root / "flow"):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            st = os.stat(path)
-            with open(path, "rb") as f:
-                out[path] = (f.read(), st.st_ino, st.st_mtime_ns)
-    return out
 
 
 @pytest.fixture
@@ -441,13 +429,13 @@ def test_control_duplicate_via_cli_does_not_rewrite_the_ledger(workspace, capsys
             "--payload", '{"n": 1}']
     code, doc = cli_json(capsys, workspace, *args)
     assert (code, doc["outcome"]) == (0, "recorded")
-    before = files_under(workspace)
+    before = snapshot(workspace)
     code, doc = cli_json(capsys, workspace, *args)
     assert (code, doc["outcome"]) == (0, "duplicate")
-    assert files_under(workspace) == before
+    assert snapshot(workspace) == before
     code, doc = cli_json(capsys, workspace, *args[:-1], '{"n": 2}')
     assert (code, doc["error"]["code"]) == (1, "already_exists")
-    assert files_under(workspace) == before
+    assert snapshot(workspace) == before
 
 
 # -- event and result streams ---------------------------------------------------
@@ -651,11 +639,11 @@ def test_request_id_retry_of_append_appends_once(store):
     commit_ok(store, "RegisterProfile", name="cx", provider="codex", mode="pooled")
     commit_ok(store, "CreateSession", profile="cx", session_id="s1")
     first = commit_ok(store, "AppendEvent", session_id="s1", kind="k", data=1, request_id="a-1")
-    before = files_under(store.root)
+    before = snapshot(store.root)
     again = commit_ok(store, "AppendEvent", now=T0 + 1, session_id="s1", kind="k", data=1,
                       request_id="a-1")
     assert again == first
-    assert files_under(store.root) == before
+    assert snapshot(store.root) == before
     assert store.read().cursors["s1"].events == first.record.seq
 
 
@@ -758,9 +746,9 @@ def test_bad_ids_change_nothing_in_a_live_workspace(workspace, capsys):
     commit_ok(store, "RegisterProfile", name="cx", provider="codex", mode="pooled")
     commit_ok(store, "CreateSession", profile="cx", session_id="s1")
     commit_ok(store, "AppendEvent", session_id="s1", kind="k")
-    before = files_under(workspace)
+    before = snapshot(workspace)
     _cli_bad_ids(capsys, workspace)
-    assert files_under(workspace) == before
+    assert snapshot(workspace) == before
 
 
 # -- revision -------------------------------------------------------------------
