@@ -3,6 +3,7 @@
 One module, read top to bottom; each section uses only those above it.
 ``grep -n -A1 '^#\\{64\\}' relay.py`` prints this table of contents:
 
+    Fast read path (status before the heavy imports)
     Constants and logging
     Errors
     Configuration (flow/relay.toml)
@@ -11,7 +12,12 @@ One module, read top to bottom; each section uses only those above it.
     Domain operations (pure: ledger in, ledger and reply out)
     Projections (status, inspect, inventory, cleanup, recover)
     Commit (the one place mutations are applied and made durable)
-    Serving helpers and the security rule
+    Event hub (fan-out)
+    Supervision (ledger owner, heartbeat, subprocesses)
+    Service (one method per RPC; no Quart imports)
+    HTTP, SSE and WebSocket adapter (create_app)
+    Serving
+    The gate
     CLI
 
 The live server (``python -m relay serve``) is a trio application whose
@@ -19,12 +25,14 @@ nursery tree is::
 
     serve()                       root nursery
     |-- ledger owner              group-commits mutations under the file lock
-    |-- heartbeat nursery         lease-expiry reaper
-    |-- supervision nursery       provider subprocesses (live runtime)
-    `-- hypercorn                 quart-trio app: HTTP, SSE, WebSocket, Connect RPCs
+    |-- heartbeat nursery         lease-expiry reaper; ledger watcher
+    |-- supervision nursery       provider subprocesses (live runtime; none yet)
+    `-- http nursery              hypercorn serving the quart-trio app:
+                                  HTTP, SSE, WebSocket, Connect RPCs
 
-Nothing at import time pulls in trio, quart or hypercorn: ``python -m relay
-status`` must start about as fast as Python itself.
+Nothing at import time pulls in quart or hypercorn, and trio is loaded
+lazily; ``python -m relay status`` runs in the first section and exits before
+even attrs is imported, so it starts about as fast as Python itself.
 """
 
 from __future__ import annotations
