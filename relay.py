@@ -223,6 +223,7 @@ import functools  # noqa: E402
 import hashlib  # noqa: E402
 import hmac  # noqa: E402
 import ipaddress  # noqa: E402
+import math  # noqa: E402
 import re  # noqa: E402
 import secrets  # noqa: E402
 import shlex  # noqa: E402
@@ -671,7 +672,6 @@ class Store:
 
     root: Path
     _cache: tuple[tuple[int, int, int], bytes, Ledger] | None = None
-    _orphans_checked: bool = False
 
     @property
     def flow(self) -> Path:
@@ -802,7 +802,6 @@ class Store:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(entry.path)
                     removed.append(entry.name)
-        self._orphans_checked = True
         return removed
 
     # -- stream logs ------------------------------------------------------------
@@ -2199,10 +2198,6 @@ def _started(task_status: Any, value: Any = None) -> None:
         task_status.started(value)
 
 
-def math_inf() -> float:
-    return float("inf")
-
-
 async def reap_expired_leases(owner: LedgerOwner, interval: float, *,
                               task_status: Any = None) -> None:
     """Heartbeat resident: mark leases past their expiry ``expired``."""
@@ -2313,8 +2308,6 @@ class Service:
     probe_token: str | None = attrs.field(default=None, repr=False)
     #: loopback | trusted-lan, fixed when serving starts.
     mode: str = "loopback"
-    ws_clients: int = 0
-    sse_clients: int = 0
     _status_cache: tuple[Any, bytes] | None = None
 
     async def call(self, name: str, request: Any) -> Any:
@@ -2446,7 +2439,6 @@ class Service:
     async def websocket(self, receive: Callable[[], Any], send: Callable[[str], Any]) -> None:
         """One WebSocket connection: pipelined RPCs, subscriptions and lease
         holds.  Frames are JSON objects; see specs/flow-relay-contract.md."""
-        self.ws_clients += 1
         holds: dict[str, dict[str, Any]] = {}
         out_send, out_receive = trio.open_memory_channel(self.config.subscriber_buffer)
         try:
@@ -2464,7 +2456,6 @@ class Service:
                         continue
                     self._ws_dispatch(msg, nursery, out_send, holds)
         finally:
-            self.ws_clients -= 1
             with trio.CancelScope(shield=True):
                 await self._ws_release_on_disconnect(holds)
 
@@ -2753,7 +2744,7 @@ def create_app(service: Service) -> Any:
         timeout = request.headers.get("Connect-Timeout-Ms")
         if timeout is not None and not re.fullmatch(r"[0-9]{1,10}", timeout):
             raise InvalidArgument(f"Connect-Timeout-Ms {timeout!r} is not a number of milliseconds")
-        deadline = int(timeout) / 1000 if timeout is not None else math_inf()
+        deadline = int(timeout) / 1000 if timeout is not None else math.inf
         with trio.move_on_after(deadline) as scope:
             reply = await service.call_json(method, body)
         if scope.cancelled_caught:
@@ -2821,7 +2812,6 @@ async def _next_frame(sub: Subscriber, keepalive: float) -> Frame | bytes | None
 
 async def _sse_body(service: Service, sub: Subscriber | None, frames: list[Frame], last: int):
     """The SSE response body: replayed frames, then live ones."""
-    service.sse_clients += 1
     if sub is not None:
         service.metrics.subscribers.labels("sse").inc()
     try:
@@ -2844,7 +2834,6 @@ async def _sse_body(service: Service, sub: Subscriber | None, frames: list[Frame
             elif not (item.seq and item.seq <= last):
                 yield item.sse
     finally:
-        service.sse_clients -= 1
         if sub is not None:
             service.metrics.subscribers.labels("sse").dec()
             service.hub.unsubscribe(sub)
