@@ -2809,7 +2809,8 @@ def _get_form(query: bytes) -> tuple[str, bytes, str]:
     message = args["message"]
     if args.get("base64") == b"1":
         try:
-            message = base64.urlsafe_b64decode(message + b"=" * (-len(message) % 4))
+            message = base64.b64decode(message + b"=" * (-len(message) % 4), altchars=b"-_",
+                                       validate=True)
         except ValueError:
             raise InvalidArgument("message is not valid base64url") from None
     return codec, message, args.get("compression", b"identity").decode("latin-1")
@@ -3127,6 +3128,35 @@ def _close_after_response(app: Any) -> Any:
     return asgi
 
 
+def _send_reason_phrases() -> None:
+    """Give HTTP/1.1 status lines their reason phrase ("404 Not Found").
+
+    The phrase is optional (RFC 9112 4) and h11 leaves it empty unless told
+    (its writer's own FIXME suggests http.HTTPStatus), but hypercorn never
+    tells it, and some clients and every person reading ``curl -i`` expect it.
+    ASGI has no way to pass one, so hypercorn's h11 protocol module is given an
+    ``h11`` whose ``Response`` fills in the standard phrase; everything else
+    is h11's own.  Done once per process, before the first server starts.
+    """
+    import http
+    import types
+
+    import h11
+    import hypercorn.protocol.h11 as protocol
+
+    if getattr(protocol.h11, "RELAY_REASON_PHRASES", False):
+        return
+
+    def response(*, status_code: int, reason: bytes = b"", **fields: Any) -> Any:
+        if not reason:
+            with contextlib.suppress(ValueError):
+                reason = http.HTTPStatus(status_code).phrase.encode("ascii")
+        return h11.Response(status_code=status_code, reason=reason, **fields)
+
+    protocol.h11 = types.SimpleNamespace(**{**vars(h11), "Response": response,
+                                            "RELAY_REASON_PHRASES": True})
+
+
 def _has_body(scope: dict[str, Any]) -> bool:
     return any(name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0")
                for name, value in scope["headers"])
@@ -3158,6 +3188,7 @@ async def serve(store: Store, config: Config, *, host: str | None = None, port: 
     service = Service(store, config, owner, hub, now, probe_token=probe_token, mode=mode)
     owner.metrics = service.metrics
     stopping = trio.Event()
+    _send_reason_phrases()
     hconfig = hypercorn.config.Config()
     hconfig.bind = [f"{_bind_host(host)}:{port}"]
     hconfig.graceful_timeout = GRACEFUL_SECONDS

@@ -821,18 +821,17 @@ def _relay_json(desc: Any, obj: dict[str, Any]) -> dict[str, Any]:
     for field in desc.fields:
         if field.name not in obj:
             continue
-        sub = field.message_type
+        sub, value = field.message_type, obj[field.name]
         if sub is not None and sub.full_name in _WELL_KNOWN_JSON:
-            convert: Any = _integral
-        elif sub is not None:
-            convert = lambda value, sub=sub: _relay_json(sub, value)  # noqa: E731
+            obj[field.name] = _integral(value)  # any JSON, repeated or not
+            continue
+        if sub is not None:
+            convert: Any = lambda item, sub=sub: _relay_json(sub, item)  # noqa: E731
         elif field.cpp_type in (field.CPPTYPE_INT64, field.CPPTYPE_UINT64):
             convert = int
         else:
             continue
-        value = obj[field.name]
-        obj[field.name] = [convert(v) for v in value] if isinstance(value, list) \
-            and field.label == field.LABEL_REPEATED else convert(value)
+        obj[field.name] = [convert(v) for v in value] if isinstance(value, list) else convert(value)
     return obj
 
 
