@@ -2816,6 +2816,15 @@ def _get_form(query: bytes) -> tuple[str, bytes, str]:
     return codec, message, args.get("compression", b"identity").decode("latin-1")
 
 
+def _load_codecs() -> None:
+    """Import the protobuf runtime and build relay.proto's classes (~0.1 s,
+    once) before the first binary call or hinted error would stall the event
+    loop on it.  Called in a worker thread before the server accepts."""
+    from google.rpc import error_details_pb2  # noqa: F401
+
+    rc.proto_class("GetStatusRequest")
+
+
 def _decode_unary(rpc: rc.Rpc, codec: str, raw: bytes) -> Any:
     if codec == "proto":
         return rc.proto_to_json(rpc.request.__name__, raw)
@@ -3189,6 +3198,8 @@ async def serve(store: Store, config: Config, *, host: str | None = None, port: 
     owner.metrics = service.metrics
     stopping = trio.Event()
     _send_reason_phrases()
+    if probe_token is None:  # the gate's probe speaks JSON only: keep it fast
+        await trio.to_thread.run_sync(_load_codecs)
     hconfig = hypercorn.config.Config()
     hconfig.bind = [f"{_bind_host(host)}:{port}"]
     hconfig.graceful_timeout = GRACEFUL_SECONDS
