@@ -217,9 +217,11 @@ if __name__ == "__main__":
 
 # The full module: everything below may import attrs and relay_client.
 import argparse  # noqa: E402
+import base64  # noqa: E402
 import contextlib  # noqa: E402
 import fcntl  # noqa: E402
 import functools  # noqa: E402
+import gzip  # noqa: E402
 import hashlib  # noqa: E402
 import hmac  # noqa: E402
 import ipaddress  # noqa: E402
@@ -2289,10 +2291,21 @@ class Metrics:
         self.commit_seconds.observe(seconds)
         self.batch_size.observe(batch)
 
-    def render(self) -> bytes:
-        import prometheus_client as prom
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """(body, content type): OpenMetrics when ``accept`` asks for
+        application/openmetrics-text, Prometheus text format 0.0.4 otherwise
+        (the client library's own content negotiation)."""
+        from prometheus_client import exposition
 
-        return prom.generate_latest(self.registry)
+        encoder, content_type = exposition.choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+
+def _bearer(header: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or None.  The
+    scheme is case-insensitive (RFC 9110 11.1: "bearer" is "Bearer")."""
+    scheme, _, token = (header or "").strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
 
 
 @attrs.define(eq=False)
@@ -2346,16 +2359,17 @@ class Service:
     def authorized(self, header: str | None) -> bool:
         """Bearer check when the runtime has a token (constant time)."""
         ledger = self.owner.ledger
+        presented = _bearer(header)
         if self.probe_token is not None:
-            presented = (header or "")[7:].strip().encode()
-            return header is not None and hmac.compare_digest(presented, self.probe_token.encode())
+            return presented is not None and hmac.compare_digest(presented.encode(),
+                                                                 self.probe_token.encode())
         if not ledger.runtime.token_id and self.mode != "trusted-lan":
             return True
         # Off loopback the rule is fixed at start: a token is required even if
         # the ledger later loses its binding (unbound, reset) -- fail closed.
-        if not header or not header.startswith("Bearer "):
+        if presented is None:
             return False
-        return token_accepts(ledger, header[7:].strip(), iso(self.now()))
+        return token_accepts(ledger, presented, iso(self.now()))
 
     # -- streams (SSE and WebSocket share this) --------------------------------------
 
@@ -2641,11 +2655,183 @@ def _lease_lost(lease_id: str, lease: rc.Lease | None) -> str:
 _CONNECT_PREFIX: Final = f"/{rc.SERVICE}/"
 
 
-def _error_response(exc: RelayError, status: int | None = None) -> Any:
+def _error_response(exc: RelayError, status: int | None = None,
+                    headers: dict[str, str] | None = None) -> Any:
+    """The Connect error body (always JSON, whatever the request's codec)."""
     from quart import Response
 
-    return Response(json.dumps(exc.to_json()), status=status or exc.code.http_status,
-                    content_type="application/json")
+    headers = dict(headers or {})
+    if exc.code is rc.Code.UNAUTHENTICATED:
+        headers["WWW-Authenticate"] = 'Bearer realm="flow-relay"'  # RFC 6750
+    return Response(json.dumps(_connect_error_json(exc)), status=status or exc.code.http_status,
+                    content_type="application/json", headers=headers)
+
+
+def _connect_error_json(exc: RelayError) -> dict[str, Any]:
+    """``exc.to_json()`` (code, message, hint) plus Connect's ``details``: the
+    hint again as a google.rpc.LocalizedMessage, where Connect clients
+    surface it (``ConnectError.details``; ``buf curl`` prints it)."""
+    body = exc.to_json()
+    if exc.hint:
+        from google.rpc import error_details_pb2
+
+        detail = error_details_pb2.LocalizedMessage(locale=_HINT_LOCALE, message=exc.hint)
+        body["details"] = [{
+            "type": detail.DESCRIPTOR.full_name,
+            "value": base64.b64encode(detail.SerializeToString()).decode().rstrip("="),
+            "debug": {"locale": _HINT_LOCALE, "message": exc.hint},
+        }]
+    return body
+
+
+@attrs.frozen
+class _HttpRefusal(Exception):
+    """A RelayError that needs an HTTP status or headers of its own (413, 415,
+    405 + Allow, unknown Content-Encoding + Accept-Encoding)."""
+
+    error: RelayError
+    status: int
+    headers: dict[str, str] = attrs.field(factory=dict)
+
+
+_HINT_LOCALE: Final = "en-US"
+#: Connect codecs by media type (lower case, parameters stripped).
+_CODECS: Final = {"application/json": "json", "application/proto": "proto"}
+_ACCEPT_POST: Final = "application/json, application/proto"
+#: Content-Encodings the relay reads, in the order it prefers to answer in.
+_ENCODINGS: Final = ("gzip", "identity")
+#: A reply smaller than this is sent uncompressed even to a gzip client.
+_COMPRESS_MIN_BYTES: Final = 1 * KIB
+_GZIP_LEVEL: Final = 6  # zlib's default: most of level 9's ratio at a fraction of its cost
+
+
+def _media_type(header: str) -> tuple[str, dict[str, str]]:
+    """``Application/JSON; Charset=UTF-8`` -> ``("application/json", {"charset": "utf-8"})``:
+    media types and parameter names are case-insensitive (RFC 9110 8.3.1)."""
+    kind, *params = header.split(";")
+    parsed = {}
+    for param in params:
+        name, _, value = param.partition("=")
+        parsed[name.strip().lower()] = value.strip().strip('"').lower()
+    return kind.strip().lower(), parsed
+
+
+def _unary_codec(content_type: str) -> str:
+    kind, params = _media_type(content_type)
+    codec = _CODECS.get(kind)
+    charset = params.get("charset", "utf-8")
+    if codec is None or (codec == "json" and charset not in ("utf-8", "utf8")) or \
+            (codec == "proto" and "charset" in params):
+        raise _HttpRefusal(InvalidArgument(
+            f"content type {content_type or '(none)'} is not supported",
+            hint=f"send one of: {_ACCEPT_POST}"), 415, {"Accept-Post": _ACCEPT_POST})
+    return codec
+
+
+def _decompress(data: bytes, encoding: str, limit: int) -> bytes:
+    """Undo a request's Content-Encoding, refusing more than ``limit`` bytes of
+    output (the body limit is on what the relay would parse: a 1 KiB gzip bomb
+    is stopped after ``limit + 1`` bytes, never inflated whole)."""
+    name = encoding.strip().lower() or "identity"
+    if name not in _ENCODINGS:
+        raise _HttpRefusal(rc.Unimplemented(
+            f"Content-Encoding {encoding!r} is not supported",
+            hint=f"send one of: {', '.join(_ENCODINGS)}"),
+            rc.Code.UNIMPLEMENTED.http_status, {"Accept-Encoding": ", ".join(_ENCODINGS)})
+    if name == "identity":
+        out = data
+    else:
+        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip framing
+        try:
+            out = inflater.decompress(data, limit + 1)
+        except zlib.error as exc:
+            raise InvalidArgument(f"request body is not valid gzip: {exc}") from None
+        if len(out) <= limit and (not inflater.eof or inflater.unused_data):
+            raise InvalidArgument("request body is not one complete gzip stream",
+                                  hint="send the whole body, compressed once")
+    if len(out) > limit:
+        raise _body_too_large(limit)
+    return out
+
+
+def _body_too_large(limit: int) -> _HttpRefusal:
+    return _HttpRefusal(rc.ResourceExhausted(
+        f"request body is over {limit} bytes (decompressed)",
+        hint="send a smaller body, or raise [serve] max_body_bytes in flow/relay.toml"), 413)
+
+
+def _accepts_gzip(header: str) -> bool:
+    """Whether an Accept-Encoding value allows gzip (``gzip;q=0`` does not)."""
+    for item in header.split(","):
+        name, _, params = item.partition(";")
+        if name.strip().lower() in ("gzip", "*"):
+            q = params.strip().lower().removeprefix("q=")
+            try:
+                return not params.strip() or float(q) > 0
+            except ValueError:
+                return False
+    return False
+
+
+def _unary_response(rpc: rc.Rpc, codec: str, reply: dict[str, Any], accept_encoding: str) -> Any:
+    from quart import Response
+
+    if codec == "proto":
+        data = rc.json_to_proto(rpc.response.__name__, reply)
+    else:
+        data = json.dumps(reply).encode()
+    headers = {"Vary": "Accept-Encoding"}
+    if len(data) >= _COMPRESS_MIN_BYTES and _accepts_gzip(accept_encoding):
+        data = gzip.compress(data, compresslevel=_GZIP_LEVEL, mtime=0)
+        headers["Content-Encoding"] = "gzip"
+    return Response(data, status=200, content_type=f"application/{codec}", headers=headers)
+
+
+def _get_form(query: bytes) -> tuple[str, bytes, str]:
+    """Connect's GET form ``?message=...&encoding=json|proto[&base64=1]
+    [&compression=gzip][&connect=v1]`` -> (codec, message bytes, encoding).
+    The query is split by hand on bytes: a proto message sent without base64
+    is binary, which a text query parser would mangle."""
+    from urllib.parse import parse_qsl
+
+    args = {k: v.encode("latin-1") for k, v in
+            parse_qsl(query.decode("latin-1"), keep_blank_values=True, encoding="latin-1")}
+    if args.get("connect", b"v1") != b"v1":
+        raise InvalidArgument(f"connect={args['connect'].decode('latin-1')!r} is not a "
+                              "protocol version this relay speaks; send connect=v1")
+    codec = {b"json": "json", b"proto": "proto"}.get(args.get("encoding", b""))
+    if codec is None:
+        raise _HttpRefusal(InvalidArgument(
+            "a GET call needs encoding=json or encoding=proto",
+            hint="see specs/flow-relay-contract.md, Codecs and compression"), 415)
+    if "message" not in args:
+        raise InvalidArgument("a GET call needs the request in ?message=")
+    message = args["message"]
+    if args.get("base64") == b"1":
+        try:
+            message = base64.b64decode(message + b"=" * (-len(message) % 4), altchars=b"-_",
+                                       validate=True)
+        except ValueError:
+            raise InvalidArgument("message is not valid base64url") from None
+    return codec, message, args.get("compression", b"identity").decode("latin-1")
+
+
+def _load_codecs() -> None:
+    """Import the protobuf runtime and build relay.proto's classes (~0.1 s,
+    once) before the first binary call or hinted error would stall the event
+    loop on it.  Called in a worker thread before the server accepts."""
+    from google.rpc import error_details_pb2  # noqa: F401
+
+    rc.proto_class("GetStatusRequest")
+
+
+def _decode_unary(rpc: rc.Rpc, codec: str, raw: bytes) -> Any:
+    if codec == "proto":
+        return rc.proto_to_json(rpc.request.__name__, raw)
+    try:
+        return _parse_json(raw) if raw.strip() else {}
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"request body is not valid JSON: {exc}") from None
 
 
 def _json_response(body: bytes | dict[str, Any]) -> Any:
@@ -2692,16 +2878,24 @@ def create_app(service: Service) -> Any:
     async def relay_error(exc: RelayError) -> Any:
         return _error_response(exc)
 
+    @app.errorhandler(_HttpRefusal)
+    async def http_refusal(exc: _HttpRefusal) -> Any:
+        return _error_response(exc.error, exc.status, exc.headers)
+
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Any:
         if exc.code == 413:
-            return _error_response(rc.ResourceExhausted(
-                f"request body is over {service.config.max_body_bytes} bytes"))
+            refusal = _body_too_large(service.config.max_body_bytes)
+            return _error_response(refusal.error, refusal.status)
         if exc.code == 404:
             return _error_response(NotFound(f"no route {request.path}",
                                             hint="see specs/flow-relay-contract.md"))
         if exc.code == 405:
-            return _error_response(rc.Unimplemented(f"{request.method} is not allowed here"), 405)
+            allowed = sorted(getattr(exc, "valid_methods", None) or ())
+            return _error_response(InvalidArgument(
+                f"{request.method} is not allowed on {request.path}",
+                hint=f"use {' or '.join(allowed) or 'another method'}"), 405,
+                {"Allow": ", ".join(allowed)} if allowed else None)
         return _error_response(InvalidArgument(exc.description or "bad request"), exc.code)
 
     @app.errorhandler(Exception)
@@ -2730,17 +2924,22 @@ def create_app(service: Service) -> Any:
         body = _query_body(rc.RPC_BY_NAME[method].request, request.args, params)
         return _json_response(await service.call_json(method, body))
 
-    @app.post(f"{_CONNECT_PREFIX}<method>")
+    @app.route(f"{_CONNECT_PREFIX}<method>", methods=["GET", "POST"])
     async def connect_unary(method: str) -> Any:
-        ctype = request.headers.get("Content-Type", "").split(";")[0].strip()
-        if ctype != "application/json":
-            return _error_response(InvalidArgument(
-                f"content type {ctype or '(none)'} is not supported; send application/json"), 415)
-        raw = await request.get_data()
-        try:
-            body = _parse_json(raw) if raw.strip() else {}
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidArgument(f"request body is not valid JSON: {exc}") from None
+        rpc = rc.RPC_BY_NAME.get(method)
+        if rpc is None:
+            raise rc.Unimplemented(f"no RPC named {method!r}",
+                                   hint="see specs/relay.proto for the methods")
+        limit = service.config.max_body_bytes
+        if request.method == "GET":
+            if rpc.mutates:  # only NO_SIDE_EFFECTS RPCs have Connect's GET form
+                raise _HttpRefusal(InvalidArgument(
+                    f"{method} changes the ledger, so it takes POST only"), 405, {"Allow": "POST"})
+            codec, raw, encoding = _get_form(request.query_string)
+        else:
+            codec = _unary_codec(request.headers.get("Content-Type", ""))
+            raw, encoding = await request.get_data(), request.headers.get("Content-Encoding", "")
+        body = _decode_unary(rpc, codec, _decompress(raw, encoding, limit))
         timeout = request.headers.get("Connect-Timeout-Ms")
         if timeout is not None and not re.fullmatch(r"[0-9]{1,10}", timeout):
             raise InvalidArgument(f"Connect-Timeout-Ms {timeout!r} is not a number of milliseconds")
@@ -2749,7 +2948,7 @@ def create_app(service: Service) -> Any:
             reply = await service.call_json(method, body)
         if scope.cancelled_caught:
             raise rc.DeadlineExceeded(f"{method} did not finish within {timeout} ms")
-        return _json_response(reply)
+        return _unary_response(rpc, codec, reply, request.headers.get("Accept-Encoding", ""))
 
     @app.get("/events")
     async def sse() -> Any:
@@ -2767,8 +2966,8 @@ def create_app(service: Service) -> Any:
         stamp = iso(service.now())
         service.metrics.active_leases.set(sum(
             1 for x in service.owner.ledger.leases.values() if x.state == "active" and is_live(x, stamp)))
-        return Response(service.metrics.render(), status=200,
-                        content_type="text/plain; version=0.0.4; charset=utf-8")
+        body, content_type = service.metrics.render(request.headers.get("Accept", ""))
+        return Response(body, status=200, content_type=content_type, headers={"Vary": "Accept"})
 
     @app.websocket("/ws")
     async def ws() -> None:
@@ -2938,6 +3137,35 @@ def _close_after_response(app: Any) -> Any:
     return asgi
 
 
+def _send_reason_phrases() -> None:
+    """Give HTTP/1.1 status lines their reason phrase ("404 Not Found").
+
+    The phrase is optional (RFC 9112 4) and h11 leaves it empty unless told
+    (its writer's own FIXME suggests http.HTTPStatus), but hypercorn never
+    tells it, and some clients and every person reading ``curl -i`` expect it.
+    ASGI has no way to pass one, so hypercorn's h11 protocol module is given an
+    ``h11`` whose ``Response`` fills in the standard phrase; everything else
+    is h11's own.  Done once per process, before the first server starts.
+    """
+    import http
+    import types
+
+    import h11
+    import hypercorn.protocol.h11 as protocol
+
+    if getattr(protocol.h11, "RELAY_REASON_PHRASES", False):
+        return
+
+    def response(*, status_code: int, reason: bytes = b"", **fields: Any) -> Any:
+        if not reason:
+            with contextlib.suppress(ValueError):
+                reason = http.HTTPStatus(status_code).phrase.encode("ascii")
+        return h11.Response(status_code=status_code, reason=reason, **fields)
+
+    protocol.h11 = types.SimpleNamespace(**{**vars(h11), "Response": response,
+                                            "RELAY_REASON_PHRASES": True})
+
+
 def _has_body(scope: dict[str, Any]) -> bool:
     return any(name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0")
                for name, value in scope["headers"])
@@ -2969,6 +3197,9 @@ async def serve(store: Store, config: Config, *, host: str | None = None, port: 
     service = Service(store, config, owner, hub, now, probe_token=probe_token, mode=mode)
     owner.metrics = service.metrics
     stopping = trio.Event()
+    _send_reason_phrases()
+    if probe_token is None:  # the gate's probe speaks JSON only: keep it fast
+        await trio.to_thread.run_sync(_load_codecs)
     hconfig = hypercorn.config.Config()
     hconfig.bind = [f"{_bind_host(host)}:{port}"]
     hconfig.graceful_timeout = GRACEFUL_SECONDS

@@ -14,6 +14,7 @@ Table of contents (``grep -n -A1 '^#\\{64\\}' relay_client.py``):
     JSON codec (strict attrs <-> JSON)
     Messages
     The table of RPCs
+    Binary protobuf codec (application/proto, loaded on first use)
     Stubs (sync and trio)
     CLI
 """
@@ -740,6 +741,232 @@ RPCS: Final[tuple[Rpc, ...]] = (
 )
 
 RPC_BY_NAME: Final = {rpc.name: rpc for rpc in RPCS}
+
+
+################################################################
+# Binary protobuf codec (application/proto, loaded on first use)
+################################################################
+
+# Connect's binary codec, for clients left at their default (``buf curl``,
+# connect-es, the Python ``connectrpc`` client).  The attrs messages and their
+# JSON stay the one model: a binary message is converted to that JSON and back
+# by the protobuf runtime's json_format, so both codecs pass through the same
+# ``from_json`` checks.  The classes are built from specs/relay.proto's
+# descriptor, embedded at the end of this section by scripts/gen_proto.py (a
+# test fails when it is stale), so no generated module and no protoc are needed
+# at run time.  google.protobuf is imported on first use only: ``import
+# relay_client`` and ``python -m relay status`` never pay for it.
+#
+# Where proto JSON and the relay's JSON differ, the relay's wins: 64-bit
+# integers (proto JSON strings) become numbers, and a google.protobuf.Value
+# number (always a double on the wire) that is integral becomes an integer, as
+# the same value sent as JSON would be.
+
+PROTO_PACKAGE: Final = "relay.v1"
+_WELL_KNOWN_JSON: Final = frozenset({"google.protobuf.Value", "google.protobuf.Struct",
+                                     "google.protobuf.ListValue"})
+_PROTO_CLASSES: dict[str, type] = {}
+_EXACT_DOUBLE: Final = 2**53  # integers up to this survive a double unchanged
+
+
+def proto_class(name: str) -> type:
+    """The protobuf message class of message ``name`` (e.g. ``"LeaseReply"``)."""
+    cls = _PROTO_CLASSES.get(name)
+    if cls is None:
+        if not _PROTO_CLASSES:
+            _load_proto_classes()
+        cls = _PROTO_CLASSES[name]
+    return cls
+
+
+def _load_proto_classes() -> None:
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, struct_pb2
+
+    # A pool of our own: a test or an application that imports another
+    # rendering of relay.proto into the default pool cannot collide with it.
+    pool = descriptor_pool.DescriptorPool()
+    struct_file = descriptor_pb2.FileDescriptorProto()
+    struct_pb2.DESCRIPTOR.CopyToProto(struct_file)
+    pool.Add(struct_file)
+    file = pool.Add(descriptor_pb2.FileDescriptorProto.FromString(_RELAY_PROTO_DESCRIPTOR))
+    for name, desc in file.message_types_by_name.items():
+        _PROTO_CLASSES[name] = message_factory.GetMessageClass(desc)
+
+
+def proto_to_json(name: str, data: bytes, *, defaults: bool = False) -> dict[str, Any]:
+    """Binary message ``name`` -> the relay's JSON form.  Malformed bytes are
+    ``invalid_argument``.  ``defaults`` writes fields left at their default."""
+    from google.protobuf import json_format, message
+
+    cls = proto_class(name)
+    try:
+        msg = cls.FromString(data)
+    except message.DecodeError as exc:
+        raise InvalidArgument(f"request body is not a valid {PROTO_PACKAGE}.{name}: {exc}",
+                              hint="send the binary form of the message in specs/relay.proto") from None
+    obj = json_format.MessageToDict(msg, preserving_proto_field_name=True,
+                                    always_print_fields_with_no_presence=defaults)
+    return _relay_json(cls.DESCRIPTOR, obj)
+
+
+def json_to_proto(name: str, obj: dict[str, Any]) -> bytes:
+    """The relay's JSON form of message ``name`` -> its binary form."""
+    from google.protobuf import json_format
+
+    msg = json_format.ParseDict(obj, proto_class(name)(), ignore_unknown_fields=False)
+    return msg.SerializeToString()
+
+
+def _relay_json(desc: Any, obj: dict[str, Any]) -> dict[str, Any]:
+    for field in desc.fields:
+        if field.name not in obj:
+            continue
+        sub, value = field.message_type, obj[field.name]
+        if sub is not None and sub.full_name in _WELL_KNOWN_JSON:
+            obj[field.name] = _integral(value)  # any JSON, repeated or not
+            continue
+        if sub is not None:
+            convert: Any = lambda item, sub=sub: _relay_json(sub, item)  # noqa: E731
+        elif field.cpp_type in (field.CPPTYPE_INT64, field.CPPTYPE_UINT64):
+            convert = int
+        else:
+            continue
+        obj[field.name] = [convert(v) for v in value] if isinstance(value, list) else convert(value)
+    return obj
+
+
+def _integral(value: Any) -> Any:
+    if type(value) is float and value.is_integer() and abs(value) <= _EXACT_DOUBLE:
+        return int(value)
+    if type(value) is list:
+        return [_integral(v) for v in value]
+    if type(value) is dict:
+        return {k: _integral(v) for k, v in value.items()}
+    return value
+
+
+# --- BEGIN GENERATED by scripts/gen_proto.py from specs/relay.proto; do not edit ---
+_RELAY_PROTO_DESCRIPTOR: Final = (
+    b'\n\x0brelay.proto\x12\x08relay.v1\x1a\x1cgoogle/protobuf/struct.proto"\x96\x01\n\x16RegisterProfi'
+    b'leRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n\x08provider\x18\x02 \x01(\tR\x08pr'
+    b'ovider\x12\x12\n\x04mode\x18\x03 \x01(\tR\x04mode\x12\x18\n\x07command\x18\x04 \x03(\tR\x07comman'
+    b'd\x12\x1e\n\nrequest_id\x18\x05 \x01(\tR\nrequest_id"p\n\x14CreateSessionRequest\x12\x18\n\x07pro'
+    b'file\x18\x01 \x01(\tR\x07profile\x12\x1e\n\nsession_id\x18\x02 \x01(\tR\nsession_id\x12\x1e\n\nre'
+    b'quest_id\x18\x03 \x01(\tR\nrequest_id"\xb7\x01\n\rBorrowRequest\x12\x16\n\x06holder\x18\x01 \x01('
+    b'\tR\x06holder\x12\x18\n\x07profile\x18\x02 \x01(\tR\x07profile\x12\x1e\n\nsession_id\x18\x03 \x01'
+    b'(\tR\nsession_id\x12\x12\n\x04mode\x18\x04 \x01(\tR\x04mode\x12 \n\x0bttl_seconds\x18\x05 \x01(\r'
+    b'R\x0bttl_seconds\x12\x1e\n\nrequest_id\x18\x06 \x01(\tR\nrequest_id"\xa1\x01\n\x11GrantLeaseReque'
+    b'st\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x16\n\x06holder\x18\x02 \x01(\tR\x06hol'
+    b'der\x12\x12\n\x04mode\x18\x03 \x01(\tR\x04mode\x12 \n\x0bttl_seconds\x18\x04 \x01(\rR\x0bttl_seco'
+    b'nds\x12\x1e\n\nrequest_id\x18\x05 \x01(\tR\nrequest_id"Q\n\x13ReleaseLeaseRequest\x12\x1a\n\x08le'
+    b'ase_id\x18\x01 \x01(\tR\x08lease_id\x12\x1e\n\nrequest_id\x18\x02 \x01(\tR\nrequest_id"q\n\x11Ren'
+    b'ewLeaseRequest\x12\x1a\n\x08lease_id\x18\x01 \x01(\tR\x08lease_id\x12 \n\x0bttl_seconds\x18\x02 '
+    b'\x01(\rR\x0bttl_seconds\x12\x1e\n\nrequest_id\x18\x03 \x01(\tR\nrequest_id"h\n\x12RevokeLeaseRequ'
+    b'est\x12\x1a\n\x08lease_id\x18\x01 \x01(\tR\x08lease_id\x12\x16\n\x06reason\x18\x02 \x01(\tR\x06re'
+    b'ason\x12\x1e\n\nrequest_id\x18\x03 \x01(\tR\nrequest_id"\x9c\x01\n\x14RecordControlRequest\x12'
+    b'\x1e\n\nrequest_id\x18\x01 \x01(\tR\nrequest_id\x12\x1e\n\nsession_id\x18\x02 \x01(\tR\nsession_i'
+    b'd\x12\x12\n\x04kind\x18\x03 \x01(\tR\x04kind\x120\n\x07payload\x18\x04 \x01(\x0b2\x16.google.prot'
+    b'obuf.ValueR\x07payload"\x95\x01\n\x13AppendRecordRequest\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\n'
+    b'session_id\x12\x12\n\x04kind\x18\x02 \x01(\tR\x04kind\x12*\n\x04data\x18\x03 \x01(\x0b2\x16.googl'
+    b'e.protobuf.ValueR\x04data\x12\x1e\n\nrequest_id\x18\x04 \x01(\tR\nrequest_id"r\n\x18QuarantineSes'
+    b'sionRequest\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x16\n\x06reason\x18\x02 \x01('
+    b'\tR\x06reason\x12\x1e\n\nrequest_id\x18\x03 \x01(\tR\nrequest_id"X\n\x16ClearQuarantineRequest'
+    b'\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x1e\n\nrequest_id\x18\x02 \x01(\tR\nreque'
+    b'st_id"0\n\x0eRecoverRequest\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id"\x12\n\x10GetStatu'
+    b'sRequest"\x15\n\x13ListProfilesRequest"E\n\x13ListSessionsRequest\x12\x18\n\x07profile\x18\x01 '
+    b'\x01(\tR\x07profile\x12\x14\n\x05state\x18\x02 \x01(\tR\x05state"I\n\x11ListLeasesRequest\x12\x1e'
+    b'\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x14\n\x05state\x18\x02 \x01(\tR\x05state"`\n\x12L'
+    b'istRecordsRequest\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x14\n\x05after\x18\x02 '
+    b'\x01(\rR\x05after\x12\x14\n\x05limit\x18\x03 \x01(\rR\x05limit"q\n\x0cProfileReply\x12\x18\n\x07o'
+    b'utcome\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revision\x12+\n\x07p'
+    b'rofile\x18\x03 \x01(\x0b2\x11.relay.v1.ProfileR\x07profile"q\n\x0cSessionReply\x12\x18\n\x07outco'
+    b'me\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revision\x12+\n\x07sessi'
+    b'on\x18\x03 \x01(\x0b2\x11.relay.v1.SessionR\x07session"i\n\nLeaseReply\x12\x18\n\x07outcome\x18'
+    b'\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revision\x12%\n\x05lease\x18'
+    b'\x03 \x01(\x0b2\x0f.relay.v1.LeaseR\x05lease"\x88\x01\n\x0cControlReply\x12\x18\n\x07outcome\x18'
+    b'\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revision\x12B\n\x0fcontrol_req'
+    b'uest\x18\x03 \x01(\x0b2\x18.relay.v1.ControlRequestR\x0fcontrol_request"s\n\x0bAppendReply\x12'
+    b'\x18\n\x07outcome\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revision'
+    b'\x12.\n\x06record\x18\x03 \x01(\x0b2\x16.relay.v1.StreamRecordR\x06record"\xab\x01\n\x0fQuarantin'
+    b'eReply\x12\x18\n\x07outcome\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR'
+    b'\x08revision\x124\n\nquarantine\x18\x03 \x01(\x0b2\x14.relay.v1.QuarantineR\nquarantine\x12,\n'
+    b'\x11revoked_lease_ids\x18\x04 \x03(\tR\x11revoked_lease_ids"Z\n\x0cRecoverReply\x12\x1a\n\x08revi'
+    b'sion\x18\x01 \x01(\rR\x08revision\x12.\n\x08sessions\x18\x02 \x03(\x0b2\x12.relay.v1.RecoveryR'
+    b'\x08sessions"\xdc\x05\n\x0bStatusReply\x12\x16\n\x06status\x18\x01 \x01(\tR\x06status\x12\x1e\n\n'
+    b'projection\x18\x02 \x01(\tR\nprojection\x12\x1e\n\nrelay_mode\x18\x03 \x01(\tR\nrelay_mode\x12 \n'
+    b'\x0bledger_path\x18\x04 \x01(\tR\x0bledger_path\x12$\n\rstate_present\x18\x05 \x01(\x08R\rstate_p'
+    b'resent\x12 \n\x0btmp_present\x18\x06 \x01(\x08R\x0btmp_present\x12&\n\x0eledger_present\x18\x07 '
+    b'\x01(\x08R\x0eledger_present\x12,\n\x11durable_artifacts\x18\x08 \x01(\rR\x11durable_artifacts'
+    b'\x12$\n\rtmp_artifacts\x18\t \x01(\rR\rtmp_artifacts\x12\x1a\n\x08revision\x18\n \x01(\rR\x08revi'
+    b'sion\x12\x1a\n\x08profiles\x18\x0b \x01(\rR\x08profiles\x12\x1a\n\x08sessions\x18\x0c \x01(\rR'
+    b'\x08sessions\x12$\n\ractive_leases\x18\r \x01(\rR\ractive_leases\x12&\n\x0ewaiting_leases\x18\x0e'
+    b' \x01(\rR\x0ewaiting_leases\x12.\n\x12active_quarantines\x18\x0f \x01(\rR\x12active_quarantines'
+    b'\x12*\n\x10control_requests\x18\x10 \x01(\rR\x10control_requests\x12\x16\n\x06events\x18\x11 \x01'
+    b'(\rR\x06events\x12\x18\n\x07results\x18\x12 \x01(\rR\x07results\x12+\n\x07runtime\x18\x13 \x01('
+    b'\x0b2\x11.relay.v1.RuntimeR\x07runtime\x122\n\x08warnings\x18\x14 \x03(\x0b2\x16.relay.v1.StateWa'
+    b'rningR\x08warnings"^\n\x11ListProfilesReply\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revision'
+    b'\x12-\n\x08profiles\x18\x02 \x03(\x0b2\x11.relay.v1.ProfileR\x08profiles"^\n\x11ListSessionsReply'
+    b'\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revision\x12-\n\x08sessions\x18\x02 \x03(\x0b2\x11.rel'
+    b'ay.v1.SessionR\x08sessions"V\n\x0fListLeasesReply\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revis'
+    b'ion\x12\'\n\x06leases\x18\x02 \x03(\x0b2\x0f.relay.v1.LeaseR\x06leases"\x80\x01\n\x10ListRecordsR'
+    b'eply\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x1a\n\x08last_seq\x18\x02 \x01(\rR'
+    b'\x08last_seq\x120\n\x07records\x18\x03 \x03(\x0b2\x16.relay.v1.StreamRecordR\x07records"\xe9\x01'
+    b'\n\x07Runtime\x12\x16\n\x06status\x18\x01 \x01(\tR\x06status\x12\x1a\n\x08endpoint\x18\x02 \x01('
+    b'\tR\x08endpoint\x12\x12\n\x04mode\x18\x03 \x01(\tR\x04mode\x12\x1a\n\x08token_id\x18\x04 \x01(\tR'
+    b'\x08token_id\x12\x10\n\x03pid\x18\x05 \x01(\rR\x03pid\x12(\n\x0fbootstrapped_at\x18\x06 \x01(\tR'
+    b'\x0fbootstrapped_at\x12\x1c\n\tserved_at\x18\x07 \x01(\tR\tserved_at\x12 \n\x0bshutdown_at\x18'
+    b'\x08 \x01(\tR\x0bshutdown_at"\x87\x01\n\x07Profile\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12'
+    b'\x1a\n\x08provider\x18\x02 \x01(\tR\x08provider\x12\x12\n\x04mode\x18\x03 \x01(\tR\x04mode\x12'
+    b'\x18\n\x07command\x18\x04 \x03(\tR\x07command\x12\x1e\n\ncreated_at\x18\x05 \x01(\tR\ncreated_at"'
+    b'\xdb\x01\n\x07Session\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x18\n\x07profile\x18'
+    b'\x02 \x01(\tR\x07profile\x12\x1a\n\x08provider\x18\x03 \x01(\tR\x08provider\x12\x14\n\x05state'
+    b'\x18\x04 \x01(\tR\x05state\x12\x1e\n\ncreated_at\x18\x05 \x01(\tR\ncreated_at\x12\x1e\n\nupdated_'
+    b'at\x18\x06 \x01(\tR\nupdated_at\x12$\n\rfencing_token\x18\x07 \x01(\rR\rfencing_token"\x9d\x03\n'
+    b'\x05Lease\x12\x1a\n\x08lease_id\x18\x01 \x01(\tR\x08lease_id\x12\x1e\n\nsession_id\x18\x02 \x01('
+    b'\tR\nsession_id\x12\x16\n\x06holder\x18\x03 \x01(\tR\x06holder\x12\x12\n\x04mode\x18\x04 \x01(\tR'
+    b'\x04mode\x12\x14\n\x05state\x18\x05 \x01(\tR\x05state\x12$\n\rfencing_token\x18\x06 \x01(\rR\rfen'
+    b'cing_token\x12 \n\x0bttl_seconds\x18\x07 \x01(\rR\x0bttl_seconds\x12"\n\x0crequested_at\x18\x08 '
+    b'\x01(\tR\x0crequested_at\x12\x1e\n\ngranted_at\x18\t \x01(\tR\ngranted_at\x12\x1e\n\nexpires_at'
+    b'\x18\n \x01(\tR\nexpires_at\x12(\n\x0flast_renewed_at\x18\x0b \x01(\tR\x0flast_renewed_at\x12\x1a'
+    b'\n\x08ended_at\x18\x0c \x01(\tR\x08ended_at\x12$\n\rrevoke_reason\x18\r \x01(\tR\rrevoke_reason"'
+    b'\xe0\x01\n\x0eControlRequest\x12\x1e\n\nrequest_id\x18\x01 \x01(\tR\nrequest_id\x12\x1e\n\nsessio'
+    b'n_id\x18\x02 \x01(\tR\nsession_id\x12\x12\n\x04kind\x18\x03 \x01(\tR\x04kind\x120\n\x07payload'
+    b'\x18\x04 \x01(\x0b2\x16.google.protobuf.ValueR\x07payload\x12&\n\x0epayload_digest\x18\x05 \x01('
+    b'\tR\x0epayload_digest\x12 \n\x0brecorded_at\x18\x06 \x01(\tR\x0brecorded_at"\xa2\x01\n\nQuarantin'
+    b'e\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x16\n\x06reason\x18\x02 \x01(\tR\x06reas'
+    b'on\x12\x14\n\x05state\x18\x03 \x01(\tR\x05state\x12&\n\x0equarantined_at\x18\x04 \x01(\tR\x0equar'
+    b'antined_at\x12\x1e\n\ncleared_at\x18\x05 \x01(\tR\ncleared_at"\xa2\x01\n\x0cStreamRecord\x12\x1e'
+    b'\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x10\n\x03seq\x18\x02 \x01(\rR\x03seq\x12\x12\n'
+    b'\x04kind\x18\x03 \x01(\tR\x04kind\x12*\n\x04data\x18\x04 \x01(\x0b2\x16.google.protobuf.ValueR'
+    b'\x04data\x12 \n\x0bappended_at\x18\x05 \x01(\tR\x0bappended_at"\x9a\x01\n\x0cStateWarning\x12\x14'
+    b'\n\x05owner\x18\x01 \x01(\tR\x05owner\x12\x12\n\x04code\x18\x02 \x01(\tR\x04code\x12\x12\n\x04pat'
+    b'h\x18\x03 \x01(\tR\x04path\x12\x18\n\x07message\x18\x04 \x01(\tR\x07message\x12\x16\n\x06repair'
+    b'\x18\x05 \x01(\tR\x06repair\x12\x1a\n\x08severity\x18\x06 \x01(\tR\x08severity"\xac\x01\n\x08Reco'
+    b'very\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12&\n\x0eclassification\x18\x02 \x01(\tR'
+    b'\x0eclassification\x12\x16\n\x06reason\x18\x03 \x01(\tR\x06reason\x12"\n\x0cnext_command\x18\x04 '
+    b'\x01(\tR\x0cnext_command\x12\x1c\n\tlease_ids\x18\x05 \x03(\tR\tlease_ids2\xa7\x0b\n\x05Relay\x12'
+    b'K\n\x0fRegisterProfile\x12 .relay.v1.RegisterProfileRequest\x1a\x16.relay.v1.ProfileReply\x12G\n'
+    b'\rCreateSession\x12\x1e.relay.v1.CreateSessionRequest\x1a\x16.relay.v1.SessionReply\x127\n\x06Bor'
+    b'row\x12\x17.relay.v1.BorrowRequest\x1a\x14.relay.v1.LeaseReply\x12>\n\x07Release\x12\x1d.relay.v1'
+    b'.ReleaseLeaseRequest\x1a\x14.relay.v1.LeaseReply\x12?\n\nGrantLease\x12\x1b.relay.v1.GrantLeaseRe'
+    b'quest\x1a\x14.relay.v1.LeaseReply\x12?\n\nRenewLease\x12\x1b.relay.v1.RenewLeaseRequest\x1a\x14.r'
+    b'elay.v1.LeaseReply\x12C\n\x0cReleaseLease\x12\x1d.relay.v1.ReleaseLeaseRequest\x1a\x14.relay.v1.L'
+    b'easeReply\x12A\n\x0bRevokeLease\x12\x1c.relay.v1.RevokeLeaseRequest\x1a\x14.relay.v1.LeaseReply'
+    b'\x12G\n\rRecordControl\x12\x1e.relay.v1.RecordControlRequest\x1a\x16.relay.v1.ControlReply\x12C\n'
+    b'\x0bAppendEvent\x12\x1d.relay.v1.AppendRecordRequest\x1a\x15.relay.v1.AppendReply\x12D\n\x0cAppen'
+    b'dResult\x12\x1d.relay.v1.AppendRecordRequest\x1a\x15.relay.v1.AppendReply\x12R\n\x11QuarantineSes'
+    b'sion\x12".relay.v1.QuarantineSessionRequest\x1a\x19.relay.v1.QuarantineReply\x12N\n\x0fClearQuara'
+    b'ntine\x12 .relay.v1.ClearQuarantineRequest\x1a\x19.relay.v1.QuarantineReply\x12@\n\x07Recover\x12'
+    b'\x18.relay.v1.RecoverRequest\x1a\x16.relay.v1.RecoverReply"\x03\x90\x02\x01\x12C\n\tGetStatus\x12'
+    b'\x1a.relay.v1.GetStatusRequest\x1a\x15.relay.v1.StatusReply"\x03\x90\x02\x01\x12O\n\x0cListProfil'
+    b'es\x12\x1d.relay.v1.ListProfilesRequest\x1a\x1b.relay.v1.ListProfilesReply"\x03\x90\x02\x01\x12O'
+    b'\n\x0cListSessions\x12\x1d.relay.v1.ListSessionsRequest\x1a\x1b.relay.v1.ListSessionsReply"\x03'
+    b'\x90\x02\x01\x12I\n\nListLeases\x12\x1b.relay.v1.ListLeasesRequest\x1a\x19.relay.v1.ListLeasesRep'
+    b'ly"\x03\x90\x02\x01\x12K\n\nListEvents\x12\x1c.relay.v1.ListRecordsRequest\x1a\x1a.relay.v1.ListR'
+    b'ecordsReply"\x03\x90\x02\x01\x12L\n\x0bListResults\x12\x1c.relay.v1.ListRecordsRequest\x1a\x1a.re'
+    b'lay.v1.ListRecordsReply"\x03\x90\x02\x01b\x06proto3'
+)
+# --- END GENERATED ---
 
 
 ################################################################

@@ -196,9 +196,9 @@ async def test_refusals_carry_connect_codes_and_http_statuses(workspace):
                             kind="k", payload=2)
             unknown = await r.post("Frobnicate")
             assert (unknown.status_code, unknown.json()["code"]) == (501, "unimplemented")
-            wrong_verb = await r.client.get(f"/{rc.SERVICE}/GetStatus")
-            assert wrong_verb.status_code == 405
-            assert wrong_verb.json()["code"] == "unimplemented"
+            wrong_verb = await r.client.get(f"/{rc.SERVICE}/AppendEvent")  # GET: reads only
+            assert (wrong_verb.status_code, wrong_verb.headers["Allow"]) == (405, "POST")
+            assert wrong_verb.json()["code"] == "invalid_argument"
             late = await r.client.post(f"/{rc.SERVICE}/ListEvents", json={"session_id": sid},
                                        headers={"Connect-Timeout-Ms": "0"})
             assert (late.status_code, late.json()["code"]) == (504, "deadline_exceeded")
@@ -286,7 +286,7 @@ async def test_lone_surrogates_are_refused_on_every_text_field(workspace, method
 
 
 async def test_body_content_type_and_size_are_checked(workspace):
-    """A non-JSON content type is 415; a body over max_body_bytes is 429; the connection stays usable."""
+    """A non-JSON content type is 415; a body over max_body_bytes is 413; the connection stays usable."""
     config = relay.Config(max_body_bytes=4096)
     with trio.fail_after(PATIENCE):
         async with serving(workspace, config) as r:
@@ -297,19 +297,19 @@ async def test_body_content_type_and_size_are_checked(workspace):
                 response = await r.client.post(url, content=b"{}", headers={"Content-Type": ctype})
                 assert (response.status_code, response.json()["code"]) == (415, "invalid_argument")
             big = await r.client.post(url, content=body, headers=JSON)
-            assert (big.status_code, big.json()["code"]) == (429, "resource_exhausted")
+            assert (big.status_code, big.json()["code"]) == (413, "resource_exhausted")
 
             async def chunks():
                 for _ in range(10):
                     yield body[:1000]
 
             chunked = await r.client.post(url, content=chunks(), headers=JSON)
-            assert (chunked.status_code, chunked.json()["code"]) == (429, "resource_exhausted")
+            assert (chunked.status_code, chunked.json()["code"]) == (413, "resource_exhausted")
             # Refused early (before the body was read): the same keep-alive
             # client must still be answered, not wedged on a half-read request.
             for size in (2 * 2**20, 700 * 2**10):
                 huge = await r.client.post(url, content=b"x" * size, headers=JSON)
-                assert huge.status_code == 429
+                assert huge.status_code == 413
                 assert (await r.client.get("/health")).status_code == 200
                 odd = await r.client.post(url, content=b"x" * size, headers={"Content-Type": "text/csv"})
                 assert odd.status_code == 415

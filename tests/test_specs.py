@@ -39,6 +39,8 @@ _FIELD = re.compile(
     r"(?P<number>\d+)\s*(?:\[\s*json_name\s*=\s*\"(?P<json_name>[^\"]*)\"\s*\])?"
 )
 _RPC = re.compile(r"rpc\s+(\w+)\s*\(\s*([\w.]+)\s*\)\s*returns\s*\(\s*([\w.]+)\s*\)")
+# An rpc ends in ";" or in a body holding only its idempotency_level option.
+_RPC_END = re.compile(r"\s*(?:;|\{\s*option\s+idempotency_level\s*=\s*(\w+)\s*;\s*\})")
 
 
 @attrs.frozen
@@ -58,6 +60,8 @@ class ProtoFile:
     service: str
     rpcs: tuple[tuple[str, str, str], ...]
     rpc_comments: dict[str, str]
+    #: rpc name -> its idempotency_level option ("" when unset)
+    idempotency: dict[str, str]
     messages: dict[str, tuple[ProtoField, ...]]
 
 
@@ -76,20 +80,20 @@ def parse_proto(text: str) -> ProtoFile:
     syntax = take(r'\bsyntax\s*=\s*"(\w+)"\s*;')
     package = take(r"\bpackage\s+([\w.]+)\s*;")
     imports = take(r'\bimport\s+"([^"]+)"\s*;')
-    services = take(r"\bservice\s+(\w+)\s*\{([^{}]*)\}")
+    services = take(r"\bservice\s+(\w+)\s*\{((?:[^{}]|\{[^{}]*\})*)\}")
     messages = take(r"\bmessage\s+(\w+)\s*\{([^{}]*)\}")
     leftover = rest.strip()[:200]
     assert not leftover, f"relay.proto has text the spec parser does not understand: {leftover!r}"
     assert len(syntax) == 1 and len(package) == 1 and len(services) == 1
 
-    rpcs = []
-    for statement in services[0].group(2).split(";"):
-        statement = " ".join(statement.split())
-        if not statement:
-            continue
-        m = _RPC.fullmatch(statement)
-        assert m, f"not a unary rpc statement: {statement!r}"
-        rpcs.append(m.groups())
+    rpcs, idempotency = [], {}
+    body, pos = services[0].group(2), 0
+    while body[pos:].strip():
+        m = re.compile(r"\s*" + _RPC.pattern + _RPC_END.pattern).match(body, pos)
+        assert m, f"not a unary rpc statement: {body[pos:pos + 80].strip()!r}"
+        rpcs.append(m.groups()[:3])
+        idempotency[m.group(1)] = m.group(4) or ""
+        pos = m.end()
 
     parsed: dict[str, tuple[ProtoField, ...]] = {}
     for m in messages:
@@ -111,7 +115,7 @@ def parse_proto(text: str) -> ProtoFile:
         comments[m.group(2)] = " ".join(
             line.strip().removeprefix("//").strip() for line in m.group(1).splitlines())
     return ProtoFile(syntax[0].group(1), package[0].group(1), tuple(i.group(1) for i in imports),
-                     services[0].group(1), tuple(rpcs), comments, parsed)
+                     services[0].group(1), tuple(rpcs), comments, idempotency, parsed)
 
 
 ################################################################
@@ -174,6 +178,11 @@ def contract_drift(proto: ProtoFile) -> list[str]:
         for want in (rpc.help, f"POST {rpc.path}"):
             if want not in comment:
                 problems.append(f"rpc {rpc.name}: comment lacks {want!r}")
+        # Connect's GET form is offered exactly for the RPCs that do not mutate.
+        level = "" if rpc.mutates else "NO_SIDE_EFFECTS"
+        if proto.idempotency.get(rpc.name, "") != level:
+            problems.append(f"rpc {rpc.name}: idempotency_level is "
+                            f"{proto.idempotency.get(rpc.name) or 'unset'}, want {level or 'unset'}")
     want = expected_messages()
     for name in sorted(set(want) - set(proto.messages)):
         problems.append(f"message {name} is in relay_client but not in relay.proto")
