@@ -229,6 +229,7 @@ import math  # noqa: E402
 import re  # noqa: E402
 import secrets  # noqa: E402
 import shlex  # noqa: E402
+import shutil  # noqa: E402
 import signal  # noqa: E402
 import zlib  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
@@ -283,6 +284,14 @@ STREAMS_DIR: Final = "streams"
 ARCHIVE_DIR: Final = "archive"
 SET_ASIDE_DIR: Final = "set-aside"
 STREAM_KINDS: Final = ("events", "results")
+REQUESTS_DIR: Final = "requests"
+#: Shard files per bucket of the request log (a key's shard: its SHA-256's first byte mod this).
+REQUEST_SHARDS: Final = 16
+#: Buckets per retention window: a bucket is deleted whole once its end is a
+#: retention window old, so a key lives between 1 and 1 + 1/24 windows.
+REQUEST_BUCKETS_PER_RETENTION: Final = 24
+#: The request-log key of a RecordControl call (``/`` is never in an id).
+CONTROL_KEY_PREFIX: Final = "control/"
 
 #: Allocations between young-generation collections while serving (default 700).
 GC_GEN0_THRESHOLD: Final = 20_000
@@ -377,10 +386,11 @@ class Config:
     control_request_retention_seconds: int = 24 * HOURS
     lease_retention_seconds: int = 1 * HOURS
     max_terminal_leases: int = 100
-    request_retention_seconds: int = 10 * MINUTES
-    max_request_records: int = 1000
+    request_retention_seconds: int = 24 * HOURS
     compact_interval_seconds: int = 1 * MINUTES
-    max_record_bytes: int = 256 * KIB
+    max_control_payload_bytes: int = 4 * KIB
+    max_control_requests: int = 100
+    max_record_bytes: int = 64 * KIB
     host: str = "127.0.0.1"
     port: int = 9876
     max_body_bytes: int = 1 * MIB
@@ -398,8 +408,9 @@ _CONFIG_KEYS: Final = {
     "lease_retention_seconds": ("ledger", "lease_retention_seconds"),
     "max_terminal_leases": ("ledger", "max_terminal_leases"),
     "request_retention_seconds": ("ledger", "request_retention_seconds"),
-    "max_request_records": ("ledger", "max_request_records"),
     "compact_interval_seconds": ("ledger", "compact_interval_seconds"),
+    "max_control_payload_bytes": ("ledger", "max_control_payload_bytes"),
+    "max_control_requests": ("ledger", "max_control_requests"),
     "max_record_bytes": ("streams", "max_record_bytes"),
     "host": ("serve", "host"),
     "port": ("serve", "port"),
@@ -480,6 +491,16 @@ class RequestRecord:
 
 
 @attrs.frozen
+class RequestLogCursor:
+    """How much of the current bucket of the request log is committed: the
+    bucket's directory name and the committed length of each of its shard
+    files (``REQUEST_SHARDS`` of them once the bucket has been written)."""
+
+    bucket: str = ""
+    shard_bytes: tuple[int, ...] = ()
+
+
+@attrs.frozen
 class Ledger:
     """The relay's durable truth: ``flow/state/relay/relay-state.json``."""
 
@@ -496,6 +517,7 @@ class Ledger:
     tokens: dict[str, TokenRecord] = attrs.Factory(dict)
     quarantines: dict[str, rc.Quarantine] = attrs.Factory(dict)
     requests: dict[str, RequestRecord] = attrs.Factory(dict)
+    request_log: RequestLogCursor = RequestLogCursor()
 
 
 def _put(mapping: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
@@ -571,6 +593,7 @@ def decode_ledger(data: bytes) -> Ledger:
     except RelayError as exc:
         raise LedgerInvalid(f"ledger does not validate: {exc.message}", hint=hint) from None
     _check_ledger_keys(ledger, hint)
+    _check_request_log_cursor(ledger.request_log, hint)
     return ledger
 
 
@@ -595,6 +618,19 @@ def _check_ledger_keys(ledger: Ledger, hint: str) -> None:
             if getattr(record, field) not in allowed:
                 raise LedgerInvalid(f"ledger {name} has {field} {getattr(record, field)!r}, "
                                     f"not one of {', '.join(allowed)}", hint=hint)
+
+
+_BUCKET_PATTERN: Final = re.compile(r"[0-9]{1,12}-[0-9]{1,12}")
+
+
+def _check_request_log_cursor(cursor: RequestLogCursor, hint: str) -> None:
+    """What the schema says of ``request_log``: no bucket and no lengths, or a
+    ``<start>-<span>`` bucket with one non-negative length per shard."""
+    if not cursor.bucket and not cursor.shard_bytes:
+        return
+    if (not _BUCKET_PATTERN.fullmatch(cursor.bucket) or len(cursor.shard_bytes) != REQUEST_SHARDS
+            or any(n < 0 for n in cursor.shard_bytes)):
+        raise LedgerInvalid(f"ledger request_log {to_json(cursor)} is inconsistent", hint=hint)
 
 
 #: (ledger map, field, allowed values): what the JSON Schema's enums say.
@@ -674,6 +710,8 @@ class Store:
 
     root: Path
     _cache: tuple[tuple[int, int, int], bytes, Ledger] | None = None
+    #: The server's in-memory index of the request log (None: look keys up on disk).
+    request_index: RequestIndex | None = None
 
     @property
     def flow(self) -> Path:
@@ -910,6 +948,254 @@ def _seek_after(f: Any, committed: int, after: int) -> int:
         else:
             hi = mid
     return best
+
+
+# -- the request log ----------------------------------------------------------------
+#
+# Idempotency keys of committed mutations live outside the ledger, in
+# ``requests/<start>-<span>/<shard>.log``: time buckets of ``span`` seconds
+# (retention / 24), each of ``REQUEST_SHARDS`` files of lines in the stream log
+# format.  The ledger's ``request_log`` cursor names the current bucket and the
+# committed length of each of its shards; older buckets are sealed (cut to
+# their committed lengths when the cursor moved on), so every byte a reader
+# uses was committed by a ledger write.  Records are appended and fsync'd
+# under the lock before the ledger rename; a writer killed in between leaves
+# bytes past the cursor, which no reader uses and the next writer cuts off.
+# Every lookup happens under the lock, inside a commit.
+
+
+def _bucket_span(config: Config) -> int:
+    return max(config.request_retention_seconds // REQUEST_BUCKETS_PER_RETENTION, 1)
+
+
+def _bucket_start(name: str) -> int:
+    return int(name.split("-")[0])
+
+
+def _bucket_expired(name: str, now: float, config: Config) -> bool:
+    start, span = (int(x) for x in name.split("-"))
+    return start + span + config.request_retention_seconds <= now
+
+
+def _request_shard(key: str) -> int:
+    return _sha256(key.encode()).digest()[0] % REQUEST_SHARDS
+
+
+def _encode_request(key: str, record: RequestRecord) -> bytes:
+    body = _canonical({"key": key, **to_json(record)})
+    return b"%08x " % zlib.crc32(body) + body + b"\n"
+
+
+def _decode_request(line: bytes) -> tuple[str, RequestRecord]:
+    """One request-log line -> (key, record); raises ValueError on damage."""
+    body = line[9:-1]
+    if len(line) < 11 or line[8:9] != b" " or line[:8] != b"%08x" % zlib.crc32(body):
+        raise ValueError("request log record checksum mismatch")
+    doc = json.loads(body)
+    key = doc.pop("key")
+    return key, from_json(RequestRecord, doc)
+
+
+def _request_lines(path: Path, start: int, end: int | None) -> Iterator[tuple[int, bytes]]:
+    """(offset, line) of the whole lines of ``path`` in [start, end)."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below; a generator holds it
+    except FileNotFoundError:
+        return
+    with f:
+        f.seek(start)
+        while end is None or f.tell() < end:
+            offset = f.tell()
+            line = f.readline()
+            if not line.endswith(b"\n"):
+                return  # a torn tail of a sealed bucket cannot be committed
+            yield offset, line
+
+
+def _live_buckets(store: Store, cursor: RequestLogCursor, now: float, config: Config) -> list[str]:
+    """The committed buckets not yet expired: the cursor's and those before it."""
+    if not cursor.bucket:
+        return []
+    try:
+        names = os.listdir(store.state_dir / REQUESTS_DIR)
+    except FileNotFoundError:
+        return []
+    cut = _bucket_start(cursor.bucket)
+    return sorted((n for n in names if _BUCKET_PATTERN.fullmatch(n) and _bucket_start(n) <= cut
+                   and not _bucket_expired(n, now, config)), key=_bucket_start)
+
+
+def _committed_end(cursor: RequestLogCursor, bucket: str, shard: int) -> int | None:
+    return cursor.shard_bytes[shard] if bucket == cursor.bucket else None
+
+
+def _scan_request(store: Store, ledger: Ledger, key: str, now: float,
+                  config: Config) -> RequestRecord | None:
+    """Look ``key`` up on disk: its shard in each live bucket, committed bytes only."""
+    shard = _request_shard(key)
+    for bucket in _live_buckets(store, ledger.request_log, now, config):
+        path = store.state_dir / REQUESTS_DIR / bucket / f"{shard:x}.log"
+        for _, line in _request_lines(path, 0, _committed_end(ledger.request_log, bucket, shard)):
+            if key.encode() in line:
+                found, record = _decode_request(line)
+                if found == key:
+                    return record
+    return None
+
+
+@attrs.define(eq=False)
+class RequestIndex:
+    """The server's map of request-log keys to where their records are, kept
+    in step with the ledger's cursor (its own commits and other processes')."""
+
+    bucket: str = ""
+    offsets: list[int] = attrs.Factory(list)
+    where: dict[str, tuple[str, int, int]] = attrs.Factory(dict)  # key -> (bucket, shard, offset)
+
+    def sync(self, store: Store, cursor: RequestLogCursor, now: float, config: Config) -> None:
+        """Read whatever was committed since the last sync (cheap when nothing was)."""
+        if cursor.bucket != self.bucket or any(
+                n < seen for n, seen in zip(cursor.shard_bytes, self.offsets, strict=True)):
+            self._reload(store, cursor, now, config)
+            return
+        for shard, end in enumerate(cursor.shard_bytes):
+            if end > self.offsets[shard]:
+                self._read(store, cursor.bucket, shard, self.offsets[shard], end)
+                self.offsets[shard] = end
+
+    def _reload(self, store: Store, cursor: RequestLogCursor, now: float, config: Config) -> None:
+        """Rebuild from disk (start-up, a new bucket, a reset ledger).  Holding
+        the previous bucket's keys avoids rereading it when the cursor only
+        moved on to the next bucket: its tail past our offsets is read instead."""
+        live = _live_buckets(store, cursor, now, config)
+        moved_on = self.bucket != cursor.bucket and self.bucket in live and self.offsets
+        previous = self.bucket if moved_on else ""
+        if previous:
+            for shard, seen in enumerate(self.offsets):
+                self._read(store, previous, shard, seen, None)
+            self.where = {k: v for k, v in self.where.items() if v[0] in live}
+        else:
+            self.where = {}
+        for bucket in live:
+            if bucket == previous or (previous and _bucket_start(bucket) < _bucket_start(previous)):
+                continue
+            for shard in range(REQUEST_SHARDS):
+                self._read(store, bucket, shard, 0, _committed_end(cursor, bucket, shard))
+        self.bucket, self.offsets = cursor.bucket, list(cursor.shard_bytes)
+
+    def _read(self, store: Store, bucket: str, shard: int, start: int, end: int | None) -> None:
+        path = store.state_dir / REQUESTS_DIR / bucket / f"{shard:x}.log"
+        for offset, line in _request_lines(path, start, end):
+            self.where[_decode_request(line)[0]] = (bucket, shard, offset)
+
+    def lookup(self, store: Store, key: str, now: float, config: Config) -> RequestRecord | None:
+        hit = self.where.get(key)
+        if hit is None or _bucket_expired(hit[0], now, config):
+            return None
+        path = store.state_dir / REQUESTS_DIR / hit[0] / f"{hit[1]:x}.log"
+        for _, line in _request_lines(path, hit[2], None):
+            found, record = _decode_request(line)
+            return record if found == key else None
+        return None
+
+    def note(self, cursor: RequestLogCursor, placed: dict[str, tuple[str, int, int]]) -> None:
+        """Our own commit landed: take its records without reading them back."""
+        if cursor.bucket == self.bucket and len(self.offsets) == REQUEST_SHARDS:
+            self.where.update(placed)
+            self.offsets = list(cursor.shard_bytes)
+
+
+def request_lookup(store: Store, ledger: Ledger, now: float,
+                   config: Config) -> Callable[[str], RequestRecord | None]:
+    """The committed request record of a key, as of ``ledger`` (under the lock)."""
+    index = store.request_index
+    if index is None:
+        return lambda key: _scan_request(store, ledger, key, now, config)
+    index.sync(store, ledger.request_log, now, config)
+    return lambda key: index.lookup(store, key, now, config)
+
+
+def _roll_request_log(store: Store, cursor: RequestLogCursor, bucket: str,
+                      now: float, config: Config) -> RequestLogCursor:
+    """Seal the current bucket (cut its shards to their committed lengths) and
+    remove every bucket directory no committed cursor covers (left by a killed
+    writer) or past retention, durably, before a ledger names ``bucket``."""
+    base = store.state_dir / REQUESTS_DIR
+    for shard, end in enumerate(cursor.shard_bytes):
+        path = base / cursor.bucket / f"{shard:x}.log"
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_size != end:
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                try:
+                    os.ftruncate(fd, end)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+    removed = False
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(base):
+            keep = (name == bucket or name == cursor.bucket
+                    or (cursor.bucket and _BUCKET_PATTERN.fullmatch(name)
+                        and _bucket_start(name) < _bucket_start(cursor.bucket)))
+            if _BUCKET_PATTERN.fullmatch(name) and (not keep or _bucket_expired(name, now, config)):
+                shutil.rmtree(base / name)
+                removed = True
+    if removed:
+        _fsync_dir(base)
+    return RequestLogCursor(bucket, (0,) * REQUEST_SHARDS)
+
+
+def append_request_records(store: Store, ledger: Ledger, now: float, config: Config
+                           ) -> tuple[Ledger, dict[str, tuple[str, int, int]]]:
+    """Move the ledger's new request records (and any from an older ledger
+    that kept them inline) to the request log; returns the ledger to write,
+    with an empty ``requests`` and the advanced cursor, and where each went."""
+    if not ledger.requests:
+        return ledger, {}
+    cursor = ledger.request_log
+    span = _bucket_span(config)
+    bucket = f"{int(now // span) * span}-{span}"
+    if cursor.bucket and _bucket_start(bucket) <= _bucket_start(cursor.bucket):
+        bucket = cursor.bucket  # a clock that stepped back keeps to the current bucket
+    try:
+        if bucket != cursor.bucket:
+            cursor = _roll_request_log(store, cursor, bucket, now, config)
+        lengths, placed = list(cursor.shard_bytes), {}
+        by_shard: dict[int, list[tuple[str, RequestRecord]]] = {}
+        for key, record in ledger.requests.items():
+            by_shard.setdefault(_request_shard(key), []).append((key, record))
+        directory = store.state_dir / REQUESTS_DIR / bucket
+        _make_dirs(directory)
+        for shard, rows in sorted(by_shard.items()):
+            offset = lengths[shard]
+            chunks = []
+            for key, record in rows:
+                chunks.append(_encode_request(key, record))
+                placed[key] = (bucket, shard, offset)
+                offset += len(chunks[-1])
+            _append_at(directory / f"{shard:x}.log", lengths[shard], b"".join(chunks))
+            lengths[shard] = offset
+    except OSError as exc:
+        raise _io_failure("append to the request log", exc) from exc
+    cursor = RequestLogCursor(bucket, tuple(lengths))
+    return attrs.evolve(ledger, requests={}, request_log=cursor), placed
+
+
+def _append_at(path: Path, committed: int, data: bytes) -> None:
+    """Cut ``path`` back to ``committed`` bytes, append ``data``, fsync (and
+    the directory when the file is new)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        size = os.fstat(fd).st_size
+        if size != committed:
+            os.ftruncate(fd, committed)
+        os.lseek(fd, committed, os.SEEK_SET)
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if committed == 0:
+        _fsync_dir(path.parent)
 
 
 ################################################################
@@ -1189,14 +1475,22 @@ def expire_leases(ledger: Ledger, ctx: Ctx) -> tuple[Ledger, list[rc.Lease]]:
     return attrs.evolve(ledger, leases=leases), [leases[x.lease_id] for x in gone]
 
 
+def _check_control_payload(payload: Any, config: Config) -> None:
+    """Control payloads live in the ledger every commit rewrites: keep them small."""
+    size = len(_canonical(payload))
+    if size > config.max_control_payload_bytes:
+        raise InvalidArgument(
+            f"control payload is {size} bytes, over the limit of [ledger] "
+            f"max_control_payload_bytes = {config.max_control_payload_bytes}",
+            hint="record a reference to the large payload (a path or an id) instead")
+
+
 def record_control(ledger: Ledger, req: rc.RecordControlRequest, ctx: Ctx):
     """Idempotent by request id: same id and body is ``duplicate`` and writes
     nothing; the same id with another body is a conflict."""
     _session(ledger, req.session_id)
     check_id("kind", req.kind)
-    if len(_canonical(req.payload)) > ctx.config.max_record_bytes:
-        raise InvalidArgument(f"control payload is over {ctx.config.max_record_bytes} bytes",
-                              hint="record a reference to large payloads instead")
+    _check_control_payload(req.payload, ctx.config)
     digest = _digest([req.session_id, req.kind, req.payload])
     old = ledger.control_requests.get(req.request_id)
     if old is not None:
@@ -1218,7 +1512,8 @@ def append_record(ledger: Ledger, req: rc.AppendRecordRequest, ctx: Ctx, stream:
     _session(ledger, req.session_id)
     check_id("kind", req.kind)
     if len(_canonical(req.data)) > ctx.config.max_record_bytes:
-        raise InvalidArgument(f"record data is over {ctx.config.max_record_bytes} bytes",
+        raise InvalidArgument(f"record data is over the limit of [streams] max_record_bytes = "
+                              f"{ctx.config.max_record_bytes} bytes",
                               hint="store large payloads elsewhere and append a reference")
     cursor = ledger.cursors.get(req.session_id) or rc.Cursor(req.session_id)
     seq = getattr(cursor, stream) + 1
@@ -1410,24 +1705,28 @@ def token_accepts(ledger: Ledger, raw: str, stamp: str) -> bool:
 # -- retention --------------------------------------------------------------------
 
 
+def _old_controls(ledger: Ledger, cut: str, keep: int) -> list[rc.ControlRequest]:
+    """Control requests past their retention, and beyond the newest ``keep``
+    (by ``recorded_at``, then id) the oldest: their ids stay known to the
+    request log, so a retry is still a ``duplicate``."""
+    ordered = sorted(ledger.control_requests.values(), key=lambda x: (x.recorded_at, x.request_id))
+    overflow = max(len(ordered) - keep, 0)
+    return [x for i, x in enumerate(ordered) if i < overflow or x.recorded_at < cut]
+
+
 def compact(ledger: Ledger, ctx: Ctx) -> tuple[Ledger, dict[str, list[dict[str, Any]]]]:
     """Move terminal leases and old control requests out of the ledger after
-    their retention windows; drop idempotency keys past theirs.  Returns the
-    rows to archive; the ledger is unchanged when there is nothing to do."""
+    their retention windows or beyond their caps.  Returns the rows to
+    archive; the ledger is unchanged when there is nothing to do."""
     cfg = ctx.config
     lease_cut = iso(ctx.now - cfg.lease_retention_seconds)
     control_cut = iso(ctx.now - cfg.control_request_retention_seconds)
-    request_cut = iso(ctx.now - cfg.request_retention_seconds)
     ended = sorted((x for x in ledger.leases.values() if x.state not in rc.LIVE_LEASE_STATES),
                    key=lambda x: (x.ended_at, x.lease_id))
     overflow = max(len(ended) - cfg.max_terminal_leases, 0)
     old_leases = [x for i, x in enumerate(ended) if i < overflow or x.ended_at < lease_cut]
-    old_controls = [x for x in ledger.control_requests.values() if x.recorded_at < control_cut]
-    requests = {k: v for k, v in ledger.requests.items() if v.recorded_at >= request_cut}
-    if len(requests) > cfg.max_request_records:
-        keep = sorted(requests, key=lambda k: requests[k].recorded_at)[-cfg.max_request_records:]
-        requests = {k: requests[k] for k in keep}
-    if not old_leases and not old_controls and len(requests) == len(ledger.requests):
+    old_controls = _old_controls(ledger, control_cut, cfg.max_control_requests)
+    if not old_leases and not old_controls:
         return attrs.evolve(ledger, compacted_at=ctx.stamp), {}
     gone_leases = {x.lease_id for x in old_leases}
     gone_controls = {x.request_id for x in old_controls}
@@ -1436,7 +1735,6 @@ def compact(ledger: Ledger, ctx: Ctx) -> tuple[Ledger, dict[str, list[dict[str, 
         leases={k: v for k, v in ledger.leases.items() if k not in gone_leases},
         control_requests={k: v for k, v in ledger.control_requests.items()
                           if k not in gone_controls},
-        requests=requests,
         compacted_at=ctx.stamp,
     )
     rows = {"leases": [to_json(x) for x in old_leases],
@@ -1641,6 +1939,8 @@ def _classify_artifact(store: Store, ledger: Ledger | None, warnings: list[rc.St
         return _classify_stream(ledger, rel.parts[1], path.stem, path.stat().st_size)
     if rel.parts[0] == ARCHIVE_DIR:
         return "archive", True, ""
+    if rel.parts[0] == REQUESTS_DIR:
+        return "request_log", True, "idempotency records of request ids (see the ledger's request_log)"
     if rel.parts[0] == SET_ASIDE_DIR:
         if path.name == LEDGER_NAME:
             return "set_aside_ledger", True, "a damaged ledger moved aside by `state reset`"
@@ -1697,7 +1997,9 @@ def rpc_mutation(name: str, request: Any) -> Mutation:
     validate_request(request)
     op = MUTATIONS[name]
     body = to_json(request)
-    request_id = body.pop("request_id", "") if name != "RecordControl" else ""
+    request_id = body.pop("request_id", "")
+    if name == "RecordControl":  # its id keys the record too; a prefix keeps the two apart
+        request_id = CONTROL_KEY_PREFIX + request_id
     stream = {"AppendEvent": "events", "AppendResult": "results"}.get(name, "")
     return Mutation(lambda ledger, ctx: op(ledger, request, ctx), name, rpc.response,
                     request_id, _digest([name, body]) if request_id else "", stream)
@@ -1718,22 +2020,35 @@ def validate_request(request: Any) -> None:
                                   hint="see specs/relay.proto for the allowed values")
 
 
-def _replay(ledger: Ledger, m: Mutation) -> Any:
-    prior = ledger.requests[m.request_id]
+def _replay(ledger: Ledger, m: Mutation, prior: RequestRecord) -> Any:
+    control = m.method == "RecordControl"
     if prior.method != m.method or prior.digest != m.digest:
+        if control:
+            return AlreadyExists(f"control request {m.request_id[len(CONTROL_KEY_PREFIX):]!r} was "
+                                 "already recorded with another payload",
+                                 hint="use a new --request-id for a new request")
         return AlreadyExists(f"request id {m.request_id!r} was already used for another request",
                              hint="use a fresh request id for each logical call")
-    return from_json(m.reply_type, prior.reply) if m.reply_type else prior.reply
+    reply = from_json(m.reply_type, prior.reply) if m.reply_type else prior.reply
+    if control:  # what record_control answers while the record is still in the ledger
+        reply = attrs.evolve(reply, outcome="duplicate", revision=ledger.revision)
+    return reply
 
 
-def apply_all(ledger: Ledger, mutations: list[Mutation], now: float, config: Config):
+def apply_all(ledger: Ledger, mutations: list[Mutation], now: float, config: Config,
+              lookup: Callable[[str], RequestRecord | None] | None = None):
     """Apply in order; each gets its own revision.  Returns the new ledger, a
-    reply or RelayError per mutation, and the stream records to write."""
+    reply or RelayError per mutation, and the stream records to write.
+    ``lookup`` finds request ids committed earlier (the request log); ids
+    recorded by this batch (or kept inline by an older ledger) are in
+    ``ledger.requests``."""
     results: list[Any] = []
     appends: dict[tuple[str, str], list[rc.StreamRecord]] = {}
     for m in mutations:
-        if m.request_id and m.request_id in ledger.requests:
-            results.append(_replay(ledger, m))
+        prior = (ledger.requests.get(m.request_id) or (lookup and lookup(m.request_id))
+                 if m.request_id else None)
+        if prior:
+            results.append(_replay(ledger, m, prior))
             continue
         ctx = Ctx(now, ledger.revision + 1, config)
         try:
@@ -1771,7 +2086,8 @@ def commit(store: Store, mutations: list[Mutation], config: Config,
         if on_start is not None:
             on_start(start)
         now = time.time() if now is None else now
-        ledger, results, appends = apply_all(start, mutations, now, config)
+        lookup = request_lookup(store, start, now, config)
+        ledger, results, appends = apply_all(start, mutations, now, config, lookup)
         if ledger is start:
             # Answers built on this ledger (duplicates, replays) may follow a
             # writer killed between its rename and its directory fsync: make
@@ -1789,7 +2105,10 @@ def commit(store: Store, mutations: list[Mutation], config: Config,
                                         getattr(cursor, f"{stream}_bytes"), records)
             cursor = attrs.evolve(cursor, **{f"{stream}_bytes": size})
             ledger = attrs.evolve(ledger, cursors=_put(ledger.cursors, session_id, cursor))
+        ledger, placed = append_request_records(store, ledger, now, config)
         store.write(ledger)
+        if store.request_index is not None:
+            store.request_index.note(ledger.request_log, placed)
         return results, ledger
 
 
@@ -1797,7 +2116,7 @@ def _compact_if_due(store: Store, ledger: Ledger, now: float, config: Config) ->
     """Compact once per interval, or at once when a count cap is exceeded (so
     lease churn cannot grow the ledger, and every commit, between runs)."""
     crowded = (len(ledger.leases) > 2 * config.max_terminal_leases
-               or len(ledger.requests) > config.max_request_records)
+               or len(ledger.control_requests) > 2 * config.max_control_requests)
     if not crowded and ledger.compacted_at > iso(now - config.compact_interval_seconds):
         return ledger
     # Expiry first: without a server (and its reaper) this is where leases past
@@ -3190,6 +3509,8 @@ async def serve(store: Store, config: Config, *, host: str | None = None, port: 
     # must win the GIL back from a busy event loop each time; at the default
     # 5 ms switch interval that wait, not the disk, dominated commit latency.
     sys.setswitchinterval(SWITCH_INTERVAL)
+    if store.request_index is None:  # a long-lived store indexes the request log in memory
+        store.request_index = RequestIndex()
     ledger = await trio.to_thread.run_sync(store.read)
     mode = require_serving_allowed(ledger, host)
     hub = EventHub(buffer=config.subscriber_buffer)
@@ -3927,7 +4248,7 @@ def _reset(store: Store, apply: bool, as_json: bool) -> int:
         with store.locked():
             warnings = _reset_refusal(store)  # again, under the lock: it may have been fixed
             _make_dirs(aside)
-            for name in (STREAMS_DIR, ARCHIVE_DIR):
+            for name in (STREAMS_DIR, ARCHIVE_DIR, REQUESTS_DIR):
                 if (store.state_dir / name).exists():
                     os.replace(store.state_dir / name, aside / name)
             os.replace(store.ledger_path, target)
