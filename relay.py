@@ -218,6 +218,7 @@ if __name__ == "__main__":
 # The full module: everything below may import attrs and relay_client.
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import errno  # noqa: E402
 import fcntl  # noqa: E402
 import functools  # noqa: E402
 import hashlib  # noqa: E402
@@ -228,6 +229,7 @@ import re  # noqa: E402
 import secrets  # noqa: E402
 import shlex  # noqa: E402
 import signal  # noqa: E402
+import threading  # noqa: E402
 import zlib  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from datetime import UTC, datetime  # noqa: E402
@@ -244,6 +246,7 @@ from relay_client import (  # noqa: E402
     InvalidArgument,
     NotFound,
     RelayError,
+    Unavailable,
     check_id,
     from_json,
     to_json,
@@ -354,11 +357,32 @@ def _not_found(kind: str, ident: str, hint: str) -> NotFound:
     return NotFound(f"{kind} {ident!r} does not exist", hint=hint)
 
 
-def _io_failure(what: str, exc: OSError) -> Internal:
-    return Internal(
-        f"could not {what}: {exc.strerror or exc}; nothing was changed",
-        hint="check the disk (df -h, dmesg) and run the command again",
+def _io_failure(what: str, exc: OSError, path: Path | str | None = None,
+                outcome: str = "nothing was changed") -> Unavailable:
+    """The one error for a disk operation that failed on the write path.
+
+    ``unavailable``: the disk, not the request, is at fault, and the same
+    request succeeds once it is fixed.  One line names the errno and the path
+    (the failing call's own, else ``path``), then what to do next.
+    """
+    name = errno.errorcode.get(exc.errno, type(exc).__name__) if exc.errno else type(exc).__name__
+    where = exc.filename if exc.filename is not None else path
+    text = (exc.strerror or str(exc) or "failed").lower()
+    return Unavailable(
+        f"could not {what}: {name}: {text}" + (f": {os.fspath(where)}" if where else "") + f"; {outcome}",
+        hint=_DISK_HINTS.get(exc.errno, "check the disk (df -h, dmesg), then run the command again"),
     )
+
+
+#: errno -> the next step for an operator, for the errors a disk gives most.
+_DISK_HINTS: Final = {
+    errno.EROFS: "remount the file system read-write (mount -o remount,rw), then run the command "
+                 "again; `python -m relay status` shows the last committed state",
+    errno.ENOSPC: "free disk space (df -h), then run the command again",
+    errno.EDQUOT: "free space within the disk quota (quota -s), then run the command again",
+    errno.EACCES: "check the owner and mode of the path (ls -l), then run the command again",
+    errno.EPERM: "check the owner and mode of the path (ls -l), then run the command again",
+}
 
 
 ################################################################
@@ -513,7 +537,11 @@ def encode_ledger(ledger: Ledger) -> bytes:
 #: id(record) -> (record, its canonical JSON).  Records are immutable values
 #: shared between successive ledgers, so a commit re-encodes only the few it
 #: changed; holding the record keeps its id from being reused while cached.
+#: One process-wide cache, so every encode holds ``_FRAGMENTS_LOCK``: two
+#: stores (or threads) encoding at once would otherwise evict while the other
+#: inserts ("dictionary changed size during iteration").
 _FRAGMENTS: dict[int, tuple[Any, bytes]] = {}
+_FRAGMENTS_LOCK: Final = threading.Lock()
 
 
 def _fragment(record: Any) -> bytes:
@@ -527,6 +555,11 @@ def _fragment(record: Any) -> bytes:
 
 def _encode_body(ledger: Ledger) -> bytes:
     """``_canonical(to_json(ledger))``, byte for byte, from cached fragments."""
+    with _FRAGMENTS_LOCK:
+        return _encode_body_locked(ledger)
+
+
+def _encode_body_locked(ledger: Ledger) -> bytes:
     parts, live = [], 0
     for name in sorted(f.name for f in attrs.fields(Ledger)):
         value = getattr(ledger, name)
@@ -665,12 +698,38 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+def _flock_named(path: Path, flags: int, make_parent: Callable[[], None]) -> int:
+    """Open ``path``, flock it exclusively, and return the descriptor once
+    ``path`` still names the locked inode; a lock on a file unlinked or
+    replaced meanwhile excludes nobody, so it is dropped and taken again."""
+    while True:
+        make_parent()
+        try:
+            fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:  # the directory went between the two calls
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            held = os.fstat(fd)
+            with contextlib.suppress(FileNotFoundError):
+                named = os.stat(path)
+                if (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
+                    return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
 @attrs.define(eq=False)
 class Store:
     """Files of one workspace.  Sync by design: the CLI uses it directly and the
     server calls it through one ``trio.to_thread.run_sync`` hop per commit."""
 
     root: Path
+    #: (inode, size, mtime) key, checksum tail, ledger) of the last ledger read
+    #: or written.  Replaced whole, never edited: a reader takes the tuple once
+    #: into a local, so a writer in another thread can never show it half.
     _cache: tuple[tuple[int, int, int], bytes, Ledger] | None = None
 
     @property
@@ -699,27 +758,48 @@ class Store:
 
     # -- the lock ---------------------------------------------------------------
 
+    # A flock belongs to an inode, not to a name.  Once someone unlinks or
+    # replaces ``relay-state.lock`` (``rm -rf flow/tmp``: it is scratch) the next
+    # locker creates a new file and two writers each hold "the" lock.  Checking
+    # after the flock that the path still names the locked inode fixes every
+    # case but one: a removal while the lock is held, which no check can see.
+    # So the lock that excludes is the flock on the state directory itself,
+    # which holds the ledger and is never removed by the relay, cleanup or reset;
+    # the lock file is taken after it (same check) so that the documented lock
+    # still excludes relay writers for a tool that flocks it.
+
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        """Hold the exclusive ``flock`` that serializes every mutation."""
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        """Hold the exclusive locks that serialize every mutation: the state
+        directory's, then ``relay-state.lock``'s (see "Lock and disk faults" in
+        specs/flow-relay-contract.md)."""
+        fds: list[int] = []
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fds.append(_flock_named(self.state_dir, os.O_RDONLY | os.O_DIRECTORY,
+                                        lambda: _make_dirs(self.state_dir)))
+                fds.append(_flock_named(self.lock_path, os.O_RDWR | os.O_CREAT,
+                                        lambda: self.tmp_dir.mkdir(parents=True, exist_ok=True)))
+            except OSError as exc:
+                raise _io_failure("take the mutation lock", exc, self.lock_path) from exc
             _failpoint("after_lock")
-            yield
+            try:
+                yield
+            except OSError as exc:  # any step not wrapped where it happens
+                raise _io_failure("complete the mutation", exc, self.state_dir) from exc
         finally:
-            os.close(fd)  # closing drops the flock
+            for fd in reversed(fds):
+                os.close(fd)  # closing drops the flock
 
     # -- reading ----------------------------------------------------------------
 
     def read(self) -> Ledger | None:
         """The current ledger (None when absent); no lock, the rename makes every
         read whole.  Raises ``LedgerInvalid`` for a damaged file."""
+        cache = self._cache  # once: a commit thread may replace it meanwhile
         try:
             fd = os.open(self.ledger_path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            self._cache = None
             return None
         try:
             st = os.fstat(fd)
@@ -727,10 +807,10 @@ class Store:
             # Same inode, size and mtime can still be another file (an inode
             # reused within one timestamp tick); the checksum at the tail
             # cannot, and costs one small read to compare.
-            if (self._cache is not None and self._cache[0] == key
+            if (cache is not None and cache[0] == key
                     and os.pread(fd, CHECKSUM_TAIL_BYTES, max(st.st_size - CHECKSUM_TAIL_BYTES, 0))
-                    == self._cache[1]):
-                return self._cache[2]
+                    == cache[1]):
+                return cache[2]
             with os.fdopen(os.dup(fd), "rb") as f:
                 data = f.read()
         finally:
@@ -750,7 +830,6 @@ class Store:
         """
         data = encode_ledger(ledger)
         tmp = self.state_dir / f"{TEMP_PREFIX}{os.getpid()}.{secrets.token_hex(4)}"
-        self._cache = None
         try:
             _make_dirs(self.state_dir)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -766,15 +845,14 @@ class Store:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            raise _io_failure("write the ledger", exc) from exc
+            raise _io_failure("write the ledger", exc, self.ledger_path) from exc
         _failpoint("after_rename")
         try:
             _fsync_dir(self.state_dir)
         except OSError as exc:
-            raise Internal(
-                f"could not fsync the ledger directory: {exc.strerror or exc}; the change is in "
-                "place but not known to be durable, so it was not acknowledged",
-                hint="check the disk (df -h, dmesg), then `python -m relay status`") from exc
+            raise _io_failure("fsync the ledger directory", exc, self.state_dir,
+                              "the change is in place but not known to be durable, so it was not "
+                              "acknowledged; `python -m relay status` shows it") from exc
         _failpoint("after_dir_fsync")
         self._cache = ((st.st_ino, st.st_size, st.st_mtime_ns), data[-CHECKSUM_TAIL_BYTES:], ledger)
         self._record_validated(data)
@@ -809,30 +887,53 @@ class Store:
     def append_records(self, session_id: str, stream: str, committed: int,
                        records: list[rc.StreamRecord]) -> int:
         """Cut the log back to its committed length, append, fsync; returns the
-        new length.  The caller commits that length in the ledger."""
+        new length.  The caller commits that length in the ledger.  A log
+        shorter than ``committed`` (or gone) is refused with ``data_loss``:
+        growing it back would acknowledge records behind a hole no one can read."""
         path = self.stream_path(session_id, stream)
         data = b"".join(encode_record(r) for r in records)
         try:
-            _make_dirs(path.parent)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            if committed:  # a log the ledger says holds records is never re-created
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            else:
+                _make_dirs(path.parent)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:
+            raise _short_log(session_id, stream, path, None, committed) from None
         except OSError as exc:
-            raise _io_failure(f"open {path}", exc) from exc
+            raise _io_failure(f"open the {stream} log", exc, path) from exc
         try:
-            if os.fstat(fd).st_size != committed:
+            size = os.fstat(fd).st_size
+            if size < committed:
+                raise _short_log(session_id, stream, path, size, committed)
+            if size != committed:
                 os.ftruncate(fd, committed)
             os.lseek(fd, committed, os.SEEK_SET)
             _write_all(fd, data)
             os.fsync(fd)
         except OSError as exc:
-            raise _io_failure(f"append to {path}", exc) from exc
+            raise _io_failure(f"append to the {stream} log", exc, path) from exc
         finally:
             os.close(fd)
         if committed == 0:
             try:
                 _fsync_dir(path.parent)
             except OSError as exc:
-                raise _io_failure(f"fsync {path.parent}", exc) from exc
+                raise _io_failure("fsync the stream directory", exc, path.parent) from exc
         return committed + len(data)
+
+    def short_log(self, session_id: str, stream: str, committed: int) -> rc.DataLoss | None:
+        """The ``data_loss`` refusal for a log shorter than its committed length
+        (or missing), else None: appends to it are refused before they apply."""
+        if committed == 0:
+            return None
+        path = self.stream_path(session_id, stream)
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            size = None
+        return None if size is not None and size >= committed else _short_log(
+            session_id, stream, path, size, committed)
 
     def read_records(self, session_id: str, stream: str, committed: int, after: int,
                      limit: int) -> list[rc.StreamRecord]:
@@ -876,7 +977,18 @@ class Store:
                 os.close(fd)
             _fsync_dir(directory)
         except OSError as exc:
-            raise _io_failure(f"append to {path}", exc) from exc
+            raise _io_failure(f"append to the {name} archive", exc, path) from exc
+
+
+def _short_log(session_id: str, stream: str, path: Path, size: int | None,
+               committed: int) -> rc.DataLoss:
+    state = "is missing" if size is None else f"is {size} B"
+    return rc.DataLoss(
+        f"the {stream} log of session {session_id!r} {state}, shorter than its committed "
+        f"{committed} B: {path}; appending would acknowledge records no one can read, so nothing "
+        "was changed",
+        hint=f"run `python -m relay gate`, restore the log from a backup, or run `python -m relay "
+             f"quarantine session {session_id} --reason 'stream log damaged'` and go on in a new session")
 
 
 def _seq_at(f: Any, offset: int) -> tuple[int, int] | None:
@@ -1724,9 +1836,11 @@ def _replay(ledger: Ledger, m: Mutation) -> Any:
     return from_json(m.reply_type, prior.reply) if m.reply_type else prior.reply
 
 
-def apply_all(ledger: Ledger, mutations: list[Mutation], now: float, config: Config):
+def apply_all(ledger: Ledger, mutations: list[Mutation], now: float, config: Config,
+              refused: dict[tuple[str, str], RelayError] | None = None):
     """Apply in order; each gets its own revision.  Returns the new ledger, a
-    reply or RelayError per mutation, and the stream records to write."""
+    reply or RelayError per mutation, and the stream records to write.
+    Appends to a (session, stream) in ``refused`` get that error instead."""
     results: list[Any] = []
     appends: dict[tuple[str, str], list[rc.StreamRecord]] = {}
     for m in mutations:
@@ -1740,6 +1854,9 @@ def apply_all(ledger: Ledger, mutations: list[Mutation], now: float, config: Con
             results.append(exc)
             continue
         if new is not ledger:
+            if m.stream and refused and (reply.record.session_id, m.stream) in refused:
+                results.append(refused[(reply.record.session_id, m.stream)])
+                continue
             new = attrs.evolve(new, revision=ctx.revision, updated_at=ctx.stamp)
             if m.request_id:
                 record = RequestRecord(m.method, m.digest, to_json(reply), ctx.stamp)
@@ -1770,6 +1887,9 @@ def commit(store: Store, mutations: list[Mutation], config: Config,
             on_start(start)
         now = time.time() if now is None else now
         ledger, results, appends = apply_all(start, mutations, now, config)
+        damaged = _damaged_logs(store, start, appends)
+        if damaged:  # refuse only the appends to those logs; the rest of the batch stands
+            ledger, results, appends = apply_all(start, mutations, now, config, damaged)
         if ledger is start:
             # Answers built on this ledger (duplicates, replays) may follow a
             # writer killed between its rename and its directory fsync: make
@@ -1778,7 +1898,7 @@ def commit(store: Store, mutations: list[Mutation], config: Config,
                 try:
                     _fsync_dir(store.state_dir)
                 except OSError as exc:
-                    raise _io_failure("fsync the ledger directory", exc) from exc
+                    raise _io_failure("fsync the ledger directory", exc, store.state_dir) from exc
             return results, None
         ledger = _compact_if_due(store, ledger, now, config)
         for (session_id, stream), records in appends.items():
@@ -1789,6 +1909,18 @@ def commit(store: Store, mutations: list[Mutation], config: Config,
             ledger = attrs.evolve(ledger, cursors=_put(ledger.cursors, session_id, cursor))
         store.write(ledger)
         return results, ledger
+
+
+def _damaged_logs(store: Store, start: Ledger, appends: dict[tuple[str, str], Any]
+                  ) -> dict[tuple[str, str], RelayError]:
+    """The logs among ``appends`` shorter than the ledger says (their refusals)."""
+    damaged = {}
+    for sid, stream in appends:
+        cursor = start.cursors.get(sid)
+        error = store.short_log(sid, stream, getattr(cursor, f"{stream}_bytes") if cursor else 0)
+        if error is not None:
+            damaged[(sid, stream)] = error
+    return damaged
 
 
 def _compact_if_due(store: Store, ledger: Ledger, now: float, config: Config) -> Ledger:
