@@ -291,6 +291,9 @@ GC_GEN0_THRESHOLD: Final = 20_000
 #: The watcher re-reads the ledger at least this often, whatever stat says (seconds).
 WATCH_FULL_SECONDS: Final = 1.0
 
+#: Tries at locking a path that keeps being removed or replaced before giving up.
+LOCK_ATTEMPTS: Final = 1000
+
 #: Stream records read per chunk when replaying after a Last-Event-ID.
 REPLAY_CHUNK: Final = 500
 
@@ -366,10 +369,10 @@ def _io_failure(what: str, exc: OSError, path: Path | str | None = None,
     (the failing call's own, else ``path``), then what to do next.
     """
     name = errno.errorcode.get(exc.errno, type(exc).__name__) if exc.errno else type(exc).__name__
-    where = exc.filename if exc.filename is not None else path
+    where = exc.filename if isinstance(exc.filename, (str, bytes, os.PathLike)) else path
     text = (exc.strerror or str(exc) or "failed").lower()
     return Unavailable(
-        f"could not {what}: {name}: {text}" + (f": {os.fspath(where)}" if where else "") + f"; {outcome}",
+        f"could not {what}: {name}: {text}" + (f": {os.fsdecode(where)}" if where else "") + f"; {outcome}",
         hint=_DISK_HINTS.get(exc.errno, "check the disk (df -h, dmesg), then run the command again"),
     )
 
@@ -702,11 +705,11 @@ def _flock_named(path: Path, flags: int, make_parent: Callable[[], None]) -> int
     """Open ``path``, flock it exclusively, and return the descriptor once
     ``path`` still names the locked inode; a lock on a file unlinked or
     replaced meanwhile excludes nobody, so it is dropped and taken again."""
-    while True:
-        make_parent()
+    for _ in range(LOCK_ATTEMPTS):
         try:
             fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
-        except FileNotFoundError:  # the directory went between the two calls
+        except FileNotFoundError:  # its directory is gone, or was never made
+            make_parent()
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -719,6 +722,8 @@ def _flock_named(path: Path, flags: int, make_parent: Callable[[], None]) -> int
             os.close(fd)
             raise
         os.close(fd)
+    raise FileNotFoundError(errno.ENOENT, f"no such file or directory, or replaced, in each of "
+                            f"{LOCK_ATTEMPTS} attempts to create and lock it", path)
 
 
 @attrs.define(eq=False)
@@ -3913,7 +3918,11 @@ def main(argv: list[str] | None = None) -> int:
         return _run_admin(store, config, args, as_json)
     except RelayError as exc:
         return _refuse(exc, as_json)
-    except (OSError, ValueError, RecursionError) as exc:
+    except OSError as exc:  # the disk, on a read not wrapped where it happens
+        if os.environ.get("RELAY_DEBUG"):
+            raise
+        return _refuse(_io_failure(f"run `{args._cmd}`", exc, _root(args)), as_json)
+    except (ValueError, RecursionError) as exc:
         # Not a refusal we foresaw: still one clear line and a non-zero exit,
         # never a traceback (RELAY_DEBUG=1 shows it).
         if os.environ.get("RELAY_DEBUG"):

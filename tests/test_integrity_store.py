@@ -604,3 +604,13 @@ def test_cli_on_a_read_only_or_full_file_system_says_unavailable(tmp_path, fault
     assert human.count("\n") == 1 and human.startswith("relay: could not ") and "; next: " in human
     assert "unexpected" not in human
     assert rest.split() == ["1", "exit=0"]  # the refused append, then status
+
+
+def test_cli_read_that_hits_an_os_error_is_one_unavailable_line(tmp_path):
+    """An OSError on a read the CLI did not foresee (here the ledger is a directory) is one
+    `unavailable` line with the errno, not "unexpected OSError"."""
+    (tmp_path / relay.LEDGER_REL).mkdir(parents=True)
+    error = json.loads(run_cli(tmp_path, "session", "list", "--json", check=1)[1])["error"]
+    assert error["code"] == "unavailable" and "EISDIR: is a directory" in error["message"]
+    _, _, err = run_cli(tmp_path, "session", "list", check=1)
+    assert err.count("\n") == 1 and "unexpected" not in err
