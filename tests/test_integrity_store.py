@@ -614,3 +614,21 @@ def test_cli_read_that_hits_an_os_error_is_one_unavailable_line(tmp_path):
     assert error["code"] == "unavailable" and "EISDIR: is a directory" in error["message"]
     _, _, err = run_cli(tmp_path, "session", "list", check=1)
     assert err.count("\n") == 1 and "unexpected" not in err
+
+
+def test_state_cleanup_and_reset_take_the_lock_after_flow_tmp_was_removed(tmp_path):
+    """`state cleanup --apply` and `state reset --apply` still work (and still lock) when
+    flow/tmp is gone: the lock file is recreated, cleanup keeps it, reset sets the ledger aside."""
+    store = three_events(tmp_path)
+    shutil.rmtree(store.tmp_dir)
+    (store.state_dir / f"{relay.TEMP_PREFIX}1.deadbeef").write_bytes(b"orphan")
+    done = json.loads(run_cli(tmp_path, "state", "cleanup", "--owner", "relay", "--apply", "--json")[1])
+    assert done["paths"] == [f"flow/state/relay/{relay.TEMP_PREFIX}1.deadbeef"]
+    assert store.lock_path.exists() and done["preserved"] == ["flow/tmp/relay/relay-state.lock"]
+    os.unlink(store.lock_path)
+    store.ledger_path.write_bytes(store.ledger_path.read_bytes()[:-10])  # damaged
+    moved = json.loads(run_cli(tmp_path, "state", "reset", "--owner", "relay", "--apply", "--json")[1])
+    assert moved["applied"] and not store.ledger_path.exists() and (tmp_path / moved["to"]).exists()
+    assert store.lock_path.exists()
+    assert commit_ok(relay.Store(tmp_path), "RegisterProfile", now=time.time(), name="cx",
+                     provider="codex", mode="pooled").profile.name == "cx"
