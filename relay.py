@@ -362,7 +362,8 @@ def _not_found(kind: str, ident: str, hint: str) -> NotFound:
 
 def _io_failure(what: str, exc: OSError, path: Path | str | None = None,
                 outcome: str = "nothing was changed") -> Unavailable:
-    """The one error for a disk operation that failed on the write path.
+    """The one error for a disk operation that failed on the write path (and,
+    in the CLI, on any path not foreseen).
 
     ``unavailable``: the disk, not the request, is at fault, and the same
     request succeeds once it is fixed.  One line names the errno and the path
@@ -732,8 +733,8 @@ class Store:
     server calls it through one ``trio.to_thread.run_sync`` hop per commit."""
 
     root: Path
-    #: (inode, size, mtime) key, checksum tail, ledger) of the last ledger read
-    #: or written.  Replaced whole, never edited: a reader takes the tuple once
+    #: ((inode, size, mtime), checksum tail, ledger) of the last ledger read or
+    #: written.  Replaced whole, never edited: a reader takes the tuple once
     #: into a local, so a writer in another thread can never show it half.
     _cache: tuple[tuple[int, int, int], bytes, Ledger] | None = None
 
