@@ -219,6 +219,7 @@ if __name__ == "__main__":
 import argparse  # noqa: E402
 import base64  # noqa: E402
 import contextlib  # noqa: E402
+import errno  # noqa: E402
 import fcntl  # noqa: E402
 import functools  # noqa: E402
 import gzip  # noqa: E402
@@ -231,6 +232,7 @@ import secrets  # noqa: E402
 import shlex  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
+import threading  # noqa: E402
 import zlib  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from datetime import UTC, datetime  # noqa: E402
@@ -247,6 +249,7 @@ from relay_client import (  # noqa: E402
     InvalidArgument,
     NotFound,
     RelayError,
+    Unavailable,
     check_id,
     from_json,
     to_json,
@@ -298,6 +301,9 @@ GC_GEN0_THRESHOLD: Final = 20_000
 
 #: The watcher re-reads the ledger at least this often, whatever stat says (seconds).
 WATCH_FULL_SECONDS: Final = 1.0
+
+#: Tries at locking a path that keeps being removed or replaced before giving up.
+LOCK_ATTEMPTS: Final = 1000
 
 #: Stream records read per chunk when replaying after a Last-Event-ID.
 REPLAY_CHUNK: Final = 500
@@ -365,11 +371,33 @@ def _not_found(kind: str, ident: str, hint: str) -> NotFound:
     return NotFound(f"{kind} {ident!r} does not exist", hint=hint)
 
 
-def _io_failure(what: str, exc: OSError) -> Internal:
-    return Internal(
-        f"could not {what}: {exc.strerror or exc}; nothing was changed",
-        hint="check the disk (df -h, dmesg) and run the command again",
+def _io_failure(what: str, exc: OSError, path: Path | str | None = None,
+                outcome: str = "nothing was changed") -> Unavailable:
+    """The one error for a disk operation that failed on the write path (and,
+    in the CLI, on any path not foreseen).
+
+    ``unavailable``: the disk, not the request, is at fault, and the same
+    request succeeds once it is fixed.  One line names the errno and the path
+    (the failing call's own, else ``path``), then what to do next.
+    """
+    name = errno.errorcode.get(exc.errno, type(exc).__name__) if exc.errno else type(exc).__name__
+    where = exc.filename if isinstance(exc.filename, (str, bytes, os.PathLike)) else path
+    text = (exc.strerror or str(exc) or "failed").lower()
+    return Unavailable(
+        f"could not {what}: {name}: {text}" + (f": {os.fsdecode(where)}" if where else "") + f"; {outcome}",
+        hint=_DISK_HINTS.get(exc.errno, "check the disk (df -h, dmesg), then run the command again"),
     )
+
+
+#: errno -> the next step for an operator, for the errors a disk gives most.
+_DISK_HINTS: Final = {
+    errno.EROFS: "remount the file system read-write (mount -o remount,rw), then run the command "
+                 "again; `python -m relay status` shows the last committed state",
+    errno.ENOSPC: "free disk space (df -h), then run the command again",
+    errno.EDQUOT: "free space within the disk quota (quota -s), then run the command again",
+    errno.EACCES: "check the owner and mode of the path (ls -l), then run the command again",
+    errno.EPERM: "check the owner and mode of the path (ls -l), then run the command again",
+}
 
 
 ################################################################
@@ -537,7 +565,11 @@ def encode_ledger(ledger: Ledger) -> bytes:
 #: id(record) -> (record, its canonical JSON).  Records are immutable values
 #: shared between successive ledgers, so a commit re-encodes only the few it
 #: changed; holding the record keeps its id from being reused while cached.
+#: One process-wide cache, so every encode holds ``_FRAGMENTS_LOCK``: two
+#: stores (or threads) encoding at once would otherwise evict while the other
+#: inserts ("dictionary changed size during iteration").
 _FRAGMENTS: dict[int, tuple[Any, bytes]] = {}
+_FRAGMENTS_LOCK: Final = threading.Lock()
 
 
 def _fragment(record: Any) -> bytes:
@@ -551,6 +583,11 @@ def _fragment(record: Any) -> bytes:
 
 def _encode_body(ledger: Ledger) -> bytes:
     """``_canonical(to_json(ledger))``, byte for byte, from cached fragments."""
+    with _FRAGMENTS_LOCK:
+        return _encode_body_locked(ledger)
+
+
+def _encode_body_locked(ledger: Ledger) -> bytes:
     parts, live = [], 0
     for name in sorted(f.name for f in attrs.fields(Ledger)):
         value = getattr(ledger, name)
@@ -703,12 +740,40 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+def _flock_named(path: Path, flags: int, make_parent: Callable[[], None]) -> int:
+    """Open ``path``, flock it exclusively, and return the descriptor once
+    ``path`` still names the locked inode; a lock on a file unlinked or
+    replaced meanwhile excludes nobody, so it is dropped and taken again."""
+    for _ in range(LOCK_ATTEMPTS):
+        try:
+            fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:  # its directory is gone, or was never made
+            make_parent()
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            held = os.fstat(fd)
+            with contextlib.suppress(FileNotFoundError):
+                named = os.stat(path)
+                if (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
+                    return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    raise FileNotFoundError(errno.ENOENT, f"no such file or directory, or replaced, in each of "
+                            f"{LOCK_ATTEMPTS} attempts to create and lock it", path)
+
+
 @attrs.define(eq=False)
 class Store:
     """Files of one workspace.  Sync by design: the CLI uses it directly and the
     server calls it through one ``trio.to_thread.run_sync`` hop per commit."""
 
     root: Path
+    #: ((inode, size, mtime), checksum tail, ledger) of the last ledger read or
+    #: written.  Replaced whole, never edited: a reader takes the tuple once
+    #: into a local, so a writer in another thread can never show it half.
     _cache: tuple[tuple[int, int, int], bytes, Ledger] | None = None
     #: The server's in-memory index of the request log (None: look keys up on disk).
     request_index: RequestIndex | None = None
@@ -739,27 +804,48 @@ class Store:
 
     # -- the lock ---------------------------------------------------------------
 
+    # A flock belongs to an inode, not to a name.  Once someone unlinks or
+    # replaces ``relay-state.lock`` (``rm -rf flow/tmp``: it is scratch) the next
+    # locker creates a new file and two writers each hold "the" lock.  Checking
+    # after the flock that the path still names the locked inode fixes every
+    # case but one: a removal while the lock is held, which no check can see.
+    # So the lock that excludes is the flock on the state directory itself,
+    # which holds the ledger and is never removed by the relay, cleanup or reset;
+    # the lock file is taken after it (same check) so that the documented lock
+    # still excludes relay writers for a tool that flocks it.
+
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        """Hold the exclusive ``flock`` that serializes every mutation."""
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        """Hold the exclusive locks that serialize every mutation: the state
+        directory's, then ``relay-state.lock``'s (see "Lock and disk faults" in
+        specs/flow-relay-contract.md)."""
+        fds: list[int] = []
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fds.append(_flock_named(self.state_dir, os.O_RDONLY | os.O_DIRECTORY,
+                                        lambda: _make_dirs(self.state_dir)))
+                fds.append(_flock_named(self.lock_path, os.O_RDWR | os.O_CREAT,
+                                        lambda: self.tmp_dir.mkdir(parents=True, exist_ok=True)))
+            except OSError as exc:
+                raise _io_failure("take the mutation lock", exc, self.lock_path) from exc
             _failpoint("after_lock")
-            yield
+            try:
+                yield
+            except OSError as exc:  # any step not wrapped where it happens
+                raise _io_failure("complete the mutation", exc, self.state_dir) from exc
         finally:
-            os.close(fd)  # closing drops the flock
+            for fd in reversed(fds):
+                os.close(fd)  # closing drops the flock
 
     # -- reading ----------------------------------------------------------------
 
     def read(self) -> Ledger | None:
         """The current ledger (None when absent); no lock, the rename makes every
         read whole.  Raises ``LedgerInvalid`` for a damaged file."""
+        cache = self._cache  # once: a commit thread may replace it meanwhile
         try:
             fd = os.open(self.ledger_path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            self._cache = None
             return None
         try:
             st = os.fstat(fd)
@@ -767,10 +853,10 @@ class Store:
             # Same inode, size and mtime can still be another file (an inode
             # reused within one timestamp tick); the checksum at the tail
             # cannot, and costs one small read to compare.
-            if (self._cache is not None and self._cache[0] == key
+            if (cache is not None and cache[0] == key
                     and os.pread(fd, CHECKSUM_TAIL_BYTES, max(st.st_size - CHECKSUM_TAIL_BYTES, 0))
-                    == self._cache[1]):
-                return self._cache[2]
+                    == cache[1]):
+                return cache[2]
             with os.fdopen(os.dup(fd), "rb") as f:
                 data = f.read()
         finally:
@@ -790,7 +876,6 @@ class Store:
         """
         data = encode_ledger(ledger)
         tmp = self.state_dir / f"{TEMP_PREFIX}{os.getpid()}.{secrets.token_hex(4)}"
-        self._cache = None
         try:
             _make_dirs(self.state_dir)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -806,15 +891,14 @@ class Store:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            raise _io_failure("write the ledger", exc) from exc
+            raise _io_failure("write the ledger", exc, self.ledger_path) from exc
         _failpoint("after_rename")
         try:
             _fsync_dir(self.state_dir)
         except OSError as exc:
-            raise Internal(
-                f"could not fsync the ledger directory: {exc.strerror or exc}; the change is in "
-                "place but not known to be durable, so it was not acknowledged",
-                hint="check the disk (df -h, dmesg), then `python -m relay status`") from exc
+            raise _io_failure("fsync the ledger directory", exc, self.state_dir,
+                              "the change is in place but not known to be durable, so it was not "
+                              "acknowledged; `python -m relay status` shows it") from exc
         _failpoint("after_dir_fsync")
         self._cache = ((st.st_ino, st.st_size, st.st_mtime_ns), data[-CHECKSUM_TAIL_BYTES:], ledger)
         self._record_validated(data)
@@ -849,30 +933,53 @@ class Store:
     def append_records(self, session_id: str, stream: str, committed: int,
                        records: list[rc.StreamRecord]) -> int:
         """Cut the log back to its committed length, append, fsync; returns the
-        new length.  The caller commits that length in the ledger."""
+        new length.  The caller commits that length in the ledger.  A log
+        shorter than ``committed`` (or gone) is refused with ``data_loss``:
+        growing it back would acknowledge records behind a hole no one can read."""
         path = self.stream_path(session_id, stream)
         data = b"".join(encode_record(r) for r in records)
         try:
-            _make_dirs(path.parent)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            if committed:  # a log the ledger says holds records is never re-created
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            else:
+                _make_dirs(path.parent)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:
+            raise _short_log(session_id, stream, path, None, committed) from None
         except OSError as exc:
-            raise _io_failure(f"open {path}", exc) from exc
+            raise _io_failure(f"open the {stream} log", exc, path) from exc
         try:
-            if os.fstat(fd).st_size != committed:
+            size = os.fstat(fd).st_size
+            if size < committed:
+                raise _short_log(session_id, stream, path, size, committed)
+            if size != committed:
                 os.ftruncate(fd, committed)
             os.lseek(fd, committed, os.SEEK_SET)
             _write_all(fd, data)
             os.fsync(fd)
         except OSError as exc:
-            raise _io_failure(f"append to {path}", exc) from exc
+            raise _io_failure(f"append to the {stream} log", exc, path) from exc
         finally:
             os.close(fd)
         if committed == 0:
             try:
                 _fsync_dir(path.parent)
             except OSError as exc:
-                raise _io_failure(f"fsync {path.parent}", exc) from exc
+                raise _io_failure("fsync the stream directory", exc, path.parent) from exc
         return committed + len(data)
+
+    def short_log(self, session_id: str, stream: str, committed: int) -> rc.DataLoss | None:
+        """The ``data_loss`` refusal for a log shorter than its committed length
+        (or missing), else None: appends to it are refused before they apply."""
+        if committed == 0:
+            return None
+        path = self.stream_path(session_id, stream)
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            size = None
+        return None if size is not None and size >= committed else _short_log(
+            session_id, stream, path, size, committed)
 
     def read_records(self, session_id: str, stream: str, committed: int, after: int,
                      limit: int) -> list[rc.StreamRecord]:
@@ -916,7 +1023,18 @@ class Store:
                 os.close(fd)
             _fsync_dir(directory)
         except OSError as exc:
-            raise _io_failure(f"append to {path}", exc) from exc
+            raise _io_failure(f"append to the {name} archive", exc, path) from exc
+
+
+def _short_log(session_id: str, stream: str, path: Path, size: int | None,
+               committed: int) -> rc.DataLoss:
+    state = "is missing" if size is None else f"is {size} B"
+    return rc.DataLoss(
+        f"the {stream} log of session {session_id!r} {state}, shorter than its committed "
+        f"{committed} B: {path}; appending would acknowledge records no one can read, so nothing "
+        "was changed",
+        hint=f"run `python -m relay gate`, restore the log from a backup, or run `python -m relay "
+             f"quarantine session {session_id} --reason 'stream log damaged'` and go on in a new session")
 
 
 def _seq_at(f: Any, offset: int) -> tuple[int, int] | None:
@@ -2036,12 +2154,14 @@ def _replay(ledger: Ledger, m: Mutation, prior: RequestRecord) -> Any:
 
 
 def apply_all(ledger: Ledger, mutations: list[Mutation], now: float, config: Config,
-              lookup: Callable[[str], RequestRecord | None] | None = None):
+              lookup: Callable[[str], RequestRecord | None] | None = None,
+              refused: dict[tuple[str, str], RelayError] | None = None):
     """Apply in order; each gets its own revision.  Returns the new ledger, a
     reply or RelayError per mutation, and the stream records to write.
     ``lookup`` finds request ids committed earlier (the request log); ids
     recorded by this batch (or kept inline by an older ledger) are in
-    ``ledger.requests``."""
+    ``ledger.requests``.  Appends to a (session, stream) in ``refused`` get
+    that error instead."""
     results: list[Any] = []
     appends: dict[tuple[str, str], list[rc.StreamRecord]] = {}
     for m in mutations:
@@ -2057,6 +2177,9 @@ def apply_all(ledger: Ledger, mutations: list[Mutation], now: float, config: Con
             results.append(exc)
             continue
         if new is not ledger:
+            if m.stream and refused and (reply.record.session_id, m.stream) in refused:
+                results.append(refused[(reply.record.session_id, m.stream)])
+                continue
             new = attrs.evolve(new, revision=ctx.revision, updated_at=ctx.stamp)
             if m.request_id:
                 record = RequestRecord(m.method, m.digest, to_json(reply), ctx.stamp)
@@ -2088,6 +2211,9 @@ def commit(store: Store, mutations: list[Mutation], config: Config,
         now = time.time() if now is None else now
         lookup = request_lookup(store, start, now, config)
         ledger, results, appends = apply_all(start, mutations, now, config, lookup)
+        damaged = _damaged_logs(store, start, appends)
+        if damaged:  # refuse only the appends to those logs; the rest of the batch stands
+            ledger, results, appends = apply_all(start, mutations, now, config, lookup, damaged)
         if ledger is start:
             # Answers built on this ledger (duplicates, replays) may follow a
             # writer killed between its rename and its directory fsync: make
@@ -2096,7 +2222,7 @@ def commit(store: Store, mutations: list[Mutation], config: Config,
                 try:
                     _fsync_dir(store.state_dir)
                 except OSError as exc:
-                    raise _io_failure("fsync the ledger directory", exc) from exc
+                    raise _io_failure("fsync the ledger directory", exc, store.state_dir) from exc
             return results, None
         ledger = _compact_if_due(store, ledger, now, config)
         for (session_id, stream), records in appends.items():
@@ -2110,6 +2236,18 @@ def commit(store: Store, mutations: list[Mutation], config: Config,
         if store.request_index is not None:
             store.request_index.note(ledger.request_log, placed)
         return results, ledger
+
+
+def _damaged_logs(store: Store, start: Ledger, appends: dict[tuple[str, str], Any]
+                  ) -> dict[tuple[str, str], RelayError]:
+    """The logs among ``appends`` shorter than the ledger says (their refusals)."""
+    damaged = {}
+    for sid, stream in appends:
+        cursor = start.cursors.get(sid)
+        error = store.short_log(sid, stream, getattr(cursor, f"{stream}_bytes") if cursor else 0)
+        if error is not None:
+            damaged[(sid, stream)] = error
+    return damaged
 
 
 def _compact_if_due(store: Store, ledger: Ledger, now: float, config: Config) -> Ledger:
@@ -4333,7 +4471,11 @@ def main(argv: list[str] | None = None) -> int:
         return _run_admin(store, config, args, as_json)
     except RelayError as exc:
         return _refuse(exc, as_json)
-    except (OSError, ValueError, RecursionError) as exc:
+    except OSError as exc:  # the disk, on a read not wrapped where it happens
+        if os.environ.get("RELAY_DEBUG"):
+            raise
+        return _refuse(_io_failure(f"run `{args._cmd}`", exc, _root(args)), as_json)
+    except (ValueError, RecursionError) as exc:
         # Not a refusal we foresaw: still one clear line and a non-zero exit,
         # never a traceback (RELAY_DEBUG=1 shows it).
         if os.environ.get("RELAY_DEBUG"):

@@ -111,7 +111,7 @@ def _calls_in_a_clean_commit(template, tmp_path, monkeypatch):
 @pytest.mark.parametrize("target", Faults.NAMES)
 def test_io_error_at_every_call_never_acknowledges_what_is_not_on_disk(
         template, tmp_path, monkeypatch, target):
-    """Failing the k-th write/fsync/rename raises internal, leaves old-or-new, and the next mutation heals."""
+    """Failing the k-th write/fsync/rename raises unavailable, leaves old-or-new; the next mutation heals."""
     total = _calls_in_a_clean_commit(template, tmp_path, monkeypatch)[target]
     assert total >= 1
     outcomes = set()
@@ -133,7 +133,7 @@ def test_io_error_at_every_call_never_acknowledges_what_is_not_on_disk(
             assert all(not isinstance(r, RelayError) for r in results)
             assert now == committed and now.revision == old.revision + len(results)
         else:
-            assert error.code == Code.INTERNAL, error
+            assert error.code == Code.UNAVAILABLE, error
             assert faults.failed_at is not None
             assert faults.failed_at == len(faults.calls), "kept writing after a failure"
             if faults.renamed:
@@ -174,7 +174,7 @@ def test_failed_dir_fsync_leaves_the_new_ledger_unacknowledged(template, tmp_pat
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
-    with pytest.raises(rc.Internal) as info:
+    with pytest.raises(rc.Unavailable) as info:
         relay.commit(store, batch()[:1], CONFIG, T0 + 100)
     monkeypatch.undo()
     assert "fsync" in info.value.message and "not acknowledged" in info.value.message
