@@ -486,7 +486,7 @@ FAULTS = [
     ("temp-fsync", "fsync", lambda s, a: relay.TEMP_PREFIX in fd_path(a[0]), errno.EIO),
     ("rename", "replace", lambda s, a: os.fspath(a[1]) == os.fspath(s.ledger_path), errno.EROFS),
     ("dir-fsync", "fsync", lambda s, a: fd_path(a[0]) == os.fspath(s.state_dir)  # once renamed
-     and b'"r1":' in s.ledger_path.read_bytes(), errno.EIO),
+     and b'"s3":' in s.ledger_path.read_bytes(), errno.EIO),
 ]
 
 
