@@ -3052,7 +3052,7 @@ def _scan_stream(store: Store, sid: str, stream: str, cursor: rc.Cursor) -> tupl
                 # The exact bytes, as decode_record compares them (int(..., 16) takes " 1a2b3c4").
                 if len(line) < 11 or line[:9] != b"%08x " % zlib.crc32(line[9:-1]):
                     return seq, f"{_rel(store, path)}: checksum mismatch after seq {seq}"
-                got = json.loads(line[9:-1])["seq"]
+                got = decode_record(line).seq  # as strict as every reader of the log
                 if got != seq + 1:
                     return seq, f"{_rel(store, path)}: seq {got} follows {seq}"
                 seq = got

@@ -1482,6 +1482,16 @@ def _json_arg(text: str) -> Any:
     return value
 
 
+def _seconds_arg(text: str) -> float:
+    """A positive number of seconds in plain decimal ("30", "2.5"): float()
+    would also take "nan", "inf", "1e3" and "1_0"."""
+    import argparse
+
+    if not re.fullmatch(r"[0-9]+(\.[0-9]+)?", text) or float(text) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return float(text)
+
+
 def _field_type(field: Any) -> Any:
     tp = field.type
     if tp in (int, "int"):
@@ -1493,7 +1503,7 @@ def _field_type(field: Any) -> Any:
             import shlex
 
             if text.startswith("["):
-                return tuple(json.loads(text))
+                return tuple(parse_json(text))
             return tuple(shlex.split(text))
         return argv
     return str
@@ -1511,7 +1521,7 @@ def _build_cli() -> Any:
     parser.add_argument("--token-file", help="file holding the bearer token ($RELAY_TOKEN also works)")
     parser.add_argument("--root", help="workspace root, to find the endpoint in its ledger")
     parser.add_argument("--json", action="store_true", help="accepted for symmetry; output is JSON")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per call")
+    parser.add_argument("--timeout", type=_seconds_arg, default=DEFAULT_TIMEOUT, help="seconds per call")
     sub = parser.add_subparsers(dest="method", metavar="METHOD", required=True)
     for rpc in RPCS:
         leaf = sub.add_parser(rpc.method, help=rpc.help, aliases=[rpc.name])

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import sys
+import zlib
 from typing import Any
 
 import jsonschema
@@ -31,7 +32,7 @@ import trio
 import relay
 import relay_client as rc
 from conftest import ROOT, run_cli
-from serve_helpers import JSON, PATIENCE, serving, state_digest, ws_recv, ws_send
+from serve_helpers import JSON, PATIENCE, cli_in_process, serving, state_digest, ws_recv, ws_send
 from test_specs import SCHEMA, Cli, _build_everything
 
 #: The documented nesting limit (specs/flow-relay-contract.md, "Limits on input").
@@ -437,8 +438,8 @@ async def test_integer_query_params_are_ascii_digits_only(workspace):
 
 
 async def test_integer_options_of_both_clis_are_ascii_digits_only(workspace):
-    """`relay event list --after 1_0`, `relay lease grant --ttl +5` and relay_client's
-    --after "1_0" are usage errors (exit 2), not read as 10 or 5."""
+    """`relay event list --after 1_0`, `relay lease grant --ttl +5`, relay_client's
+    --after "1_0" and --timeout "inf" are usage errors (exit 2), not read as numbers."""
     with trio.fail_after(PATIENCE):
         async with serving(workspace) as r:
             await r.seed()
@@ -457,6 +458,10 @@ async def test_integer_options_of_both_clis_are_ascii_digits_only(workspace):
                 proc = await _relay_client(r.server.endpoint, *args)
                 assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
                 assert b"ASCII digits" in proc.stderr
+            for seconds in ("1_0", "inf", "1e3", "-1"):
+                proc = await _relay_client(r.server.endpoint, "--timeout", seconds, "ListSessions")
+                assert proc.returncode == 2, (seconds, proc.stdout, proc.stderr)
+                assert b"positive number of seconds" in proc.stderr
             assert state_digest(workspace) == before
 
 
@@ -468,3 +473,22 @@ def test_parse_digits_is_exact():
         with pytest.raises(ValueError):
             rc.parse_digits(bad)
 
+
+
+def test_the_gate_reads_stream_logs_as_strictly_as_the_reader(workspace, capsys):
+    """A log line with a valid CRC but "seq": 1.0 is unreadable to the reader, so
+    the gate's streams_valid fails on it instead of passing it as seq 1."""
+    cli_in_process(workspace, "profile", "register", "cx", "--provider", "codex", "--mode", "pooled")
+    cli_in_process(workspace, "session", "create", "--profile", "cx", "--session-id", "s1")
+    cli_in_process(workspace, "event", "append", "--session", "s1", "--kind", "kkk")
+    path = relay.Store(workspace).stream_path("s1", "events")
+    line = path.read_bytes()
+    body = line[9:-1].replace(b'"kind":"kkk"', b'"kind":"k"').replace(b'"seq":1', b'"seq":1.0')
+    assert len(body) == len(line) - 10  # same length: the committed cursor still fits
+    path.write_bytes(b"%08x " % zlib.crc32(body) + body + b"\n")
+    with pytest.raises((ValueError, rc.RelayError)):  # the reader refuses it
+        list(relay.Store(workspace).scan_records("s1", "events", len(line)))
+    capsys.readouterr()
+    relay.main(["--root", str(workspace), "gate", "--json"])
+    checks = {c["id"]: c for c in json.loads(capsys.readouterr().out)["checks"]}
+    assert checks["streams_valid"]["result"] == "fail", checks["streams_valid"]
