@@ -2456,8 +2456,15 @@ class Service:
                             raise ValueError("a frame must be a JSON object")
                         if isinstance(msg.get("id"), (list, dict)):  # it is echoed back
                             raise ValueError("a frame's id must be a string, a number or null")
+                        # A backstop well past frame -> request -> data (its members
+                        # are str()'d and echoed); data itself is held to the limit
+                        # with a precise message by from_json.
+                        rc.check_json_value(msg, "frame", limit=2 * rc.MAX_JSON_DEPTH)
                     except ValueError as exc:
                         _ws_send(out_send, _ws_error(None, InvalidArgument(f"bad frame: {exc}")))
+                        continue
+                    except RelayError as exc:  # too deep: answer its (scalar) id
+                        _ws_send(out_send, _ws_error(msg.get("id"), exc))
                         continue
                     self._ws_dispatch(msg, nursery, out_send, holds)
         finally:

@@ -256,8 +256,8 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def check_json_value(value: Any, path: str) -> None:
-    """Refuse a value nested deeper than MAX_JSON_DEPTH or holding NaN or an
+def check_json_value(value: Any, path: str, limit: int = MAX_JSON_DEPTH) -> None:
+    """Refuse a value nested deeper than ``limit`` or holding NaN or an
     infinity, with ``InvalidArgument``.  Iterative: a recursive check would
     itself run out of stack on the values it exists to refuse."""
     stack = [(value, 0)]
@@ -268,9 +268,9 @@ def check_json_value(value: Any, path: str) -> None:
             raise InvalidArgument(f"field {path!r} holds {item!r}; only finite numbers are accepted",
                                   hint="send a finite number, or the value as a string")
         if tp is list or tp is dict or tp is tuple:
-            if depth >= MAX_JSON_DEPTH:
+            if depth >= limit:
                 raise InvalidArgument(
-                    f"field {path!r} nests arrays/objects more than {MAX_JSON_DEPTH} levels deep",
+                    f"field {path!r} nests arrays/objects more than {limit} levels deep",
                     hint="flatten the value (see 'Limits on input' in specs/flow-relay-contract.md)")
             stack.extend((v, depth + 1) for v in (item.values() if tp is dict else item))
 

@@ -95,24 +95,29 @@ async def test_deep_json_is_refused_over_http_and_nothing_is_stored(workspace):
 
 
 async def test_deep_frames_over_ws_get_an_error_frame_and_the_socket_lives_on(workspace):
-    """A /ws rpc with data 700 deep, or with a nested frame id, gets an invalid_argument
-    error frame; the next rpc on the same socket is answered."""
+    """A /ws rpc with data 700 deep, a nested frame id, or a deep value in any other
+    member gets one short invalid_argument error frame; the socket lives on."""
     with trio.fail_after(PATIENCE):
         async with serving(workspace) as r:
             await r.seed()
             before = state_digest(workspace)
             async with r.ws() as ws:
-                await ws.send_message('{"type":"rpc","id":7,"method":"AppendEvent","request":'
-                                      + _body(session_id='"s1"', kind='"k"', data=_nested(700)).decode()
-                                      + "}")
-                error = await ws_recv(ws)
-                assert (error["type"], error["id"], error["error"]["code"]) == (
-                    "error", 7, "invalid_argument"), error
+                for depth in (LIMIT + 1, 700):
+                    await ws.send_message('{"type":"rpc","id":7,"method":"AppendEvent","request":'
+                                          + _body(session_id='"s1"', kind='"k"',
+                                                  data=_nested(depth)).decode() + "}")
+                    error = await ws_recv(ws)
+                    assert (error["type"], error["id"], error["error"]["code"]) == (
+                        "error", 7, "invalid_argument"), error
                 await ws.send_message('{"type":"rpc","method":"ListSessions","request":{},"id":'
                                       + _nested(700) + "}")
                 error = await ws_recv(ws)
                 assert (error["type"], error["id"], error["error"]["code"]) == (
                     "error", None, "invalid_argument"), error
+                for field in ("session", "stream", "feed", "last_event_id"):  # str()'d by the relay
+                    await ws.send_message(f'{{"type":"subscribe","{field}":{_nested(700)}}}')
+                    error = await ws_recv(ws)
+                    assert error["type"] == "error" and len(json.dumps(error)) < 500, error
                 await ws_send(ws, type="rpc", id=8, method="ListSessions", request={})
                 reply = await ws_recv(ws)
                 assert (reply["type"], reply["id"]) == ("reply", 8)
