@@ -348,7 +348,10 @@ def parse_iso(stamp: str) -> float:
 
 
 def _canonical(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    # allow_nan=False: the last defence against writing NaN or an infinity,
+    # which no strict JSON reader (ours included) would read back.
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode()
 
 
 def _digest(value: Any) -> str:
@@ -494,17 +497,23 @@ def load_config(flow_dir: Path) -> Config:
 ################################################################
 
 
+_TOKEN_STATES: Final = ("active", "rotated", "revoked")
+#: The mutating RPCs whose ``request_id`` is an idempotency key: all but
+#: RecordControl, whose request id is its control record's own key.
+_IDEMPOTENT_METHODS: Final = tuple(r.name for r in rc.RPCS if r.mutates and r.name != "RecordControl")
+
+
 @attrs.frozen
 class TokenRecord:
     """A bearer token: only its SHA-256 digest is ever stored."""
 
-    token_id: str
-    digest: str
-    state: str = "active"  # active | rotated | revoked
-    label: str = ""
-    created_at: str = ""
-    grace_until: str = ""
-    revoked_at: str = ""
+    token_id: str = attrs.field(metadata=rc.IS_ID)
+    digest: str = attrs.field(metadata=rc.IS_SHA256)
+    state: str = attrs.field(default="active", metadata={"choices": _TOKEN_STATES})
+    label: str = attrs.field(default="", metadata={"length": (0, 128)})
+    created_at: str = attrs.field(default="", metadata=rc.IS_STAMP)
+    grace_until: str = attrs.field(default="", metadata=rc.IS_STAMP)
+    revoked_at: str = attrs.field(default="", metadata=rc.IS_STAMP)
 
 
 @attrs.frozen
@@ -512,10 +521,11 @@ class RequestRecord:
     """An applied mutation's idempotency key, kept for a retention window so a
     retried call returns the first answer instead of applying twice."""
 
-    method: str
-    digest: str
+    method: str = attrs.field(metadata={"choices": _IDEMPOTENT_METHODS})
+    digest: str = attrs.field(metadata=rc.IS_SHA256)
+    #: Checked on read against ``method``'s reply message (``_check_replies``).
     reply: dict[str, Any]
-    recorded_at: str
+    recorded_at: str = attrs.field(metadata={"pattern": rc.SET_STAMP_PATTERN})
 
 
 @attrs.frozen
@@ -533,9 +543,9 @@ class Ledger:
     """The relay's durable truth: ``flow/state/relay/relay-state.json``."""
 
     schema: str = SCHEMA_ID
-    revision: int = 0
-    updated_at: str = ""
-    compacted_at: str = ""
+    revision: int = attrs.field(default=0, metadata=rc.IS_COUNT)
+    updated_at: str = attrs.field(default="", metadata=rc.IS_STAMP)
+    compacted_at: str = attrs.field(default="", metadata=rc.IS_STAMP)
     runtime: rc.Runtime = rc.Runtime()
     profiles: dict[str, rc.Profile] = attrs.Factory(dict)
     sessions: dict[str, rc.Session] = attrs.Factory(dict)
@@ -619,19 +629,29 @@ def decode_ledger(data: bytes) -> Ledger:
         raise LedgerInvalid("ledger checksum does not match its contents", hint=hint)
     body = split[0]
     try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: deep nesting
+        doc = rc.strict_loads(body)  # no NaN, no infinities, no number out of range
+    except (ValueError, UnicodeDecodeError) as exc:
         raise LedgerInvalid(f"ledger is not valid JSON: {exc}", hint=hint) from None
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA_ID:
         got = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
         raise LedgerInvalid(f"ledger has schema {got!r}, expected {SCHEMA_ID!r}", hint=hint)
     try:
-        ledger = from_json(Ledger, doc)
+        # complete: every field present and within its constraints, as
+        # specs/relay-state.schema.json says (the writer writes every field).
+        ledger = from_json(Ledger, doc, complete=True)
+        _check_replies(ledger)
     except RelayError as exc:
         raise LedgerInvalid(f"ledger does not validate: {exc.message}", hint=hint) from None
     _check_ledger_keys(ledger, hint)
     _check_request_log_cursor(ledger.request_log, hint)
     return ledger
+
+
+def _check_replies(ledger: Ledger) -> None:
+    """Each stored reply is a complete reply message of its method."""
+    for key, record in ledger.requests.items():
+        from_json(rc.RPC_BY_NAME[record.method].response, record.reply,
+                  path=f"requests.{key}.reply", complete=True)
 
 
 def _check_ledger_keys(ledger: Ledger, hint: str) -> None:
@@ -644,17 +664,9 @@ def _check_ledger_keys(ledger: Ledger, hint: str) -> None:
         for key, record in getattr(ledger, name).items():
             if getattr(record, key_field) != key or not rc.ID_PATTERN.fullmatch(key):
                 raise LedgerInvalid(f"ledger {name} entry {key!r} is inconsistent", hint=hint)
-    if ledger.revision < 0:
-        raise LedgerInvalid("ledger revision is negative", hint=hint)
     for key in ledger.requests:
         if not rc.ID_PATTERN.fullmatch(key):
             raise LedgerInvalid(f"ledger requests entry {key!r} is not a valid id", hint=hint)
-    for name, field, allowed in _LEDGER_ENUMS:
-        records = getattr(ledger, name)
-        for record in records.values() if isinstance(records, dict) else (records,):
-            if getattr(record, field) not in allowed:
-                raise LedgerInvalid(f"ledger {name} has {field} {getattr(record, field)!r}, "
-                                    f"not one of {', '.join(allowed)}", hint=hint)
 
 
 _BUCKET_PATTERN: Final = re.compile(r"[0-9]{1,12}-[0-9]{1,12}")
@@ -668,20 +680,6 @@ def _check_request_log_cursor(cursor: RequestLogCursor, hint: str) -> None:
     if (not _BUCKET_PATTERN.fullmatch(cursor.bucket) or len(cursor.shard_bytes) != REQUEST_SHARDS
             or any(n < 0 for n in cursor.shard_bytes)):
         raise LedgerInvalid(f"ledger request_log {to_json(cursor)} is inconsistent", hint=hint)
-
-
-#: (ledger map, field, allowed values): what the JSON Schema's enums say.
-_LEDGER_ENUMS: Final = (
-    ("profiles", "provider", rc.PROVIDERS),
-    ("profiles", "mode", rc.PROFILE_MODES),
-    ("sessions", "state", rc.SESSION_STATES),
-    ("leases", "mode", rc.LEASE_MODES),
-    ("leases", "state", rc.LEASE_STATES),
-    ("quarantines", "state", ("active", "cleared")),
-    ("tokens", "state", ("active", "rotated", "revoked")),
-    ("runtime", "status", ("absent", "bootstrapped", "serving", "stopped")),
-    ("runtime", "mode", ("", "loopback", "trusted-lan")),
-)
 
 
 ################################################################
@@ -709,7 +707,10 @@ def decode_record(line: bytes) -> rc.StreamRecord:
     # "1A2B3C4D", so a flipped bit in the checksum itself could go unseen.
     if line[:8] != b"%08x" % zlib.crc32(body):
         raise ValueError("stream record checksum mismatch")
-    return from_json(rc.StreamRecord, json.loads(body))
+    try:
+        return from_json(rc.StreamRecord, rc.strict_loads(body))
+    except RelayError as exc:  # e.g. data nested past the limit, written before it existed
+        raise ValueError(f"malformed stream record: {exc.message}") from None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -2136,6 +2137,8 @@ def validate_request(request: Any) -> None:
         if choices and (value or field.default is attrs.NOTHING) and value not in choices:
             raise InvalidArgument(f"{field.name} {value!r} is not one of {', '.join(choices)}",
                                   hint="see specs/relay.proto for the allowed values")
+        if field.metadata.get("json"):
+            rc.check_json_value(value, field.name)  # the CLI builds requests without from_json
 
 
 def _replay(ledger: Ledger, m: Mutation, prior: RequestRecord) -> Any:
@@ -2848,8 +2851,8 @@ class Service:
             return self.hub.subscribe(f"{stream}:{session or '*'}"), [], 0
         try:
             sid, _, seq_text = last_event_id.rpartition(":")
-            after = int(seq_text)
-            if sid != session or after < 0:
+            after = rc.parse_digits(seq_text)
+            if sid != session:
                 raise ValueError
         except ValueError:
             return None, [error_frame("invalid_argument",
@@ -2884,8 +2887,8 @@ class Service:
         if not last_event_id:
             return self.hub.subscribe("relay"), [], 0
         try:
-            rev_text, _, idx_text = last_event_id.partition(".")
-            revision, index = int(rev_text), int(idx_text or 0)
+            rev_text, dot, idx_text = last_event_id.partition(".")
+            revision, index = rc.parse_digits(rev_text), rc.parse_digits(idx_text if dot else "0")
         except ValueError:
             return None, [error_frame("invalid_argument",
                                       f"Last-Event-ID {last_event_id!r} is not REVISION.INDEX")], 0
@@ -2922,8 +2925,17 @@ class Service:
                         msg = _parse_json(text)
                         if not isinstance(msg, dict):
                             raise ValueError("a frame must be a JSON object")
+                        if isinstance(msg.get("id"), (list, dict)):  # it is echoed back
+                            raise ValueError("a frame's id must be a string, a number or null")
+                        # A backstop well past frame -> request -> data (its members
+                        # are str()'d and echoed); data itself is held to the limit
+                        # with a precise message by from_json.
+                        rc.check_json_value(msg, "frame", limit=2 * rc.MAX_JSON_DEPTH)
                     except ValueError as exc:
                         _ws_send(out_send, _ws_error(None, InvalidArgument(f"bad frame: {exc}")))
+                        continue
+                    except RelayError as exc:  # too deep: answer its (scalar) id
+                        _ws_send(out_send, _ws_error(msg.get("id"), exc))
                         continue
                     self._ws_dispatch(msg, nursery, out_send, holds)
         finally:
@@ -3071,26 +3083,8 @@ def _ws_send(out: Any, text: str) -> None:
 
 
 def _parse_json(text: str | bytes) -> Any:
-    """Decode a request body or WebSocket frame as strict JSON (RFC 8259).
-
-    Python's parser also takes NaN and Infinity, and lone surrogates
-    (``"\\ud800"``) that can never be encoded again: a commit holding one
-    would fail, and with it every request in its group commit.  Nesting too
-    deep for the parser is malformed input too, not an internal error.
-    Every refusal is a ValueError.
-    """
-    try:
-        value = json.loads(text, parse_constant=_reject_constant)
-        json.dumps(value, ensure_ascii=False).encode()
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
-    except UnicodeEncodeError:
-        raise ValueError("a string holds a lone surrogate (not valid Unicode)") from None
-    return value
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
+    """A request body or WebSocket frame as strict JSON (``rc.parse_json``)."""
+    return rc.parse_json(text)
 
 
 def _ws_error(ident: Any, exc: RelayError) -> str:
@@ -3447,9 +3441,10 @@ def _query_body(request_type: type, args: Any, params: tuple[str, ...]) -> dict[
             value = args[name]
             if field in ("after", "limit"):
                 try:
-                    value = int(value)
+                    value = rc.parse_digits(value)
                 except ValueError:
-                    raise InvalidArgument(f"{name} must be an integer") from None
+                    raise InvalidArgument(f"{name} must be a whole number (ASCII digits 0-9), "
+                                          f"not {value!r}") from None
             body[field] = value
     return body
 
@@ -3751,9 +3746,10 @@ def _scan_stream(store: Store, sid: str, stream: str, cursor: rc.Cursor) -> tupl
             seq = 0
             while f.tell() < committed:
                 line = f.readline()
-                if len(line) < 11 or int(line[:8], 16) != zlib.crc32(line[9:-1]):
+                # The exact bytes, as decode_record compares them (int(..., 16) takes " 1a2b3c4").
+                if len(line) < 11 or line[:9] != b"%08x " % zlib.crc32(line[9:-1]):
                     return seq, f"{_rel(store, path)}: checksum mismatch after seq {seq}"
-                got = json.loads(line[9:-1])["seq"]
+                got = decode_record(line).seq  # as strict as every reader of the log
                 if got != seq + 1:
                     return seq, f"{_rel(store, path)}: seq {got} follows {seq}"
                 seq = got
@@ -4086,9 +4082,21 @@ class _Parser(argparse.ArgumentParser):
 
 def _json_arg(text: str) -> Any:
     try:
-        return _parse_json(text)  # as strict as the server: no NaN, no lone surrogates
+        value = _parse_json(text)  # as strict as the server: no NaN, no lone surrogates
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    try:
+        rc.check_json_value(value, "value")
+    except RelayError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+    return value
+
+
+def _int_arg(text: str) -> int:
+    try:
+        return rc.parse_digits(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_request_args(parser: argparse.ArgumentParser, request_type: type) -> None:
@@ -4103,7 +4111,7 @@ def _add_request_args(parser: argparse.ArgumentParser, request_type: type) -> No
         elif meta.get("argv"):
             kwargs["type"] = shlex.split
         elif field.type in (int, "int"):
-            kwargs["type"] = int
+            kwargs["type"] = _int_arg
         if "positional" in meta:
             parser.add_argument(field.name, metavar=meta["positional"], **kwargs)
         else:
@@ -4134,7 +4142,7 @@ _ADMIN: Final[dict[tuple[str, ...], tuple[str, list[tuple[tuple[str, ...], dict[
     ]),
     ("token", "list"): ("list tokens (ids, states, never secrets)", []),
     ("token", "rotate"): ("mint a new token, bind it, keep the old one valid for --grace", [
-        (("--grace",), {"type": int, "default": 300, "help": "seconds the old token still works"}),
+        (("--grace",), {"type": _int_arg, "default": 300, "help": "seconds the old token still works"}),
     ]),
     ("token", "revoke"): ("revoke a token at once", [(("token_id",), {"metavar": "TOKEN_ID"})]),
     ("state", "inventory"): ("every relay artifact with owner, kind and validity", []),
@@ -4149,7 +4157,7 @@ _ADMIN: Final[dict[tuple[str, ...], tuple[str, list[tuple[tuple[str, ...], dict[
     ("gate",): ("check every control-plane invariant; exit 1 naming what failed", []),
     ("serve",): ("serve HTTP, SSE, WebSocket and Connect RPCs until SIGINT/SIGTERM", [
         (("--host",), {"default": None, "help": "default 127.0.0.1 (relay.toml serve.host)"}),
-        (("--port",), {"type": int, "default": None, "help": "default 9876; 0 picks a free port"}),
+        (("--port",), {"type": _int_arg, "default": None, "help": "default 9876; 0 picks a free port"}),
     ]),
 }
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
+import math
 import os
 import re
 import sys
@@ -186,17 +187,110 @@ ID_PATTERN: Final = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 #: A field typed ``JSONValue`` holds any JSON value (proto's google.protobuf.Value).
 JSONValue = Any
 
-_SHAPES: dict[type, tuple[tuple[str, Any, bool], ...]] = {}
+#: How many levels of arrays and objects a ``JSONValue`` field (``data``,
+#: ``payload``) may nest.  Python's parser, its encoder and our own walks each
+#: give up somewhere between a few hundred and a thousand levels, depending on
+#: the stack they run on; a fixed limit checked at every door keeps every
+#: stored value readable back, by us and by any other JSON reader.
+MAX_JSON_DEPTH: Final = 64
+
+# Field constraints of the ledger's records, checked by ``from_json(...,
+# complete=True)`` as specs/relay-state.schema.json states them.
+_STAMP: Final = r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z"
+#: A UTC timestamp ``YYYY-MM-DDTHH:MM:SS.ffffffZ`` (relay.iso), or "" when unset.
+STAMP_PATTERN: Final = re.compile(f"(?:{_STAMP})?")
+#: A timestamp that is always set.
+SET_STAMP_PATTERN: Final = re.compile(_STAMP)
+#: 64 lowercase hex digits.
+SHA256_PATTERN: Final = re.compile(r"[0-9a-f]{64}")
+#: An id, or "" when unset.
+OPTIONAL_ID_PATTERN: Final = re.compile(f"(?:{ID_PATTERN.pattern})?")
+#: A whole number written as text (a cursor, a query parameter, a CLI option):
+#: ASCII digits only -- ``int()`` would also take " 1", "+1", "1_0" and "١".
+DIGITS_PATTERN: Final = re.compile(r"[0-9]+")
 
 
-def _shape(cls: type) -> tuple[tuple[str, Any, bool], ...]:
-    """(name, resolved type, required) per field, resolved once per class."""
+def parse_digits(text: str) -> int:
+    """``text`` as a non-negative integer, or ValueError unless it is ASCII digits only."""
+    if not isinstance(text, str) or not DIGITS_PATTERN.fullmatch(text):
+        raise ValueError(f"{text!r} is not a whole number (ASCII digits 0-9 only)")
+    return int(text)
+
+
+def parse_json(text: str | bytes) -> Any:
+    """Decode a request body, frame or argument as strict JSON (RFC 8259).
+
+    Python's parser also takes NaN and Infinity, reads ``1e400`` as infinity,
+    and takes lone surrogates (``"\\ud800"``) that can never be encoded again:
+    a commit holding one would fail, and with it every request in its group
+    commit.  Nesting too deep for the parser is malformed input too, not an
+    internal error.  Every refusal is a ValueError.
+    """
+    value = strict_loads(text)
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    except UnicodeEncodeError:
+        raise ValueError("a string holds a lone surrogate (not valid Unicode)") from None
+    return value
+
+
+def strict_loads(text: str | bytes) -> Any:
+    """``json.loads`` refusing NaN, Infinity and out-of-range numbers (and
+    nesting too deep for the parser) with ValueError; what the ledger reader
+    uses, whose bytes our own encoder wrote (so every string encodes)."""
+    try:
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} is out of range (only finite numbers are accepted)")
+    return value
+
+
+def check_json_value(value: Any, path: str, limit: int = MAX_JSON_DEPTH) -> None:
+    """Refuse a value nested deeper than ``limit`` or holding NaN or an
+    infinity, with ``InvalidArgument``.  Iterative: a recursive check would
+    itself run out of stack on the values it exists to refuse."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        tp = type(item)
+        if tp is float and not math.isfinite(item):
+            raise InvalidArgument(f"field {path!r} holds {item!r}; only finite numbers are accepted",
+                                  hint="send a finite number, or the value as a string")
+        if tp is list or tp is dict or tp is tuple:
+            if depth >= limit:
+                raise InvalidArgument(
+                    f"field {path!r} nests arrays/objects more than {limit} levels deep",
+                    hint="flatten the value (see 'Limits on input' in specs/flow-relay-contract.md)")
+            stack.extend((v, depth + 1) for v in (item.values() if tp is dict else item))
+
+
+_SHAPES: dict[type, tuple[tuple[str, Any, bool, Any], ...]] = {}
+_KNOWN: dict[type, frozenset[str]] = {}
+
+
+def _shape(cls: type) -> tuple[tuple[str, Any, bool, Any], ...]:
+    """(name, resolved type, required, stored-field check or None) per field,
+    resolved once per class."""
     shape = _SHAPES.get(cls)
     if shape is None:
         attrs.resolve_types(cls, vars(sys.modules[cls.__module__]))
         shape = tuple(
-            (f.name, f.type, f.default is attrs.NOTHING) for f in attrs.fields(cls)
+            (f.name, f.type, f.default is attrs.NOTHING, _field_check(f.metadata))
+            for f in attrs.fields(cls)
         )
+        _KNOWN[cls] = frozenset(f.name for f in attrs.fields(cls))
         _SHAPES[cls] = shape
     return shape
 
@@ -208,7 +302,7 @@ def _bad(path: str, want: str, got: Any) -> InvalidArgument:
     )
 
 
-def _structure(tp: Any, value: Any, path: str) -> Any:
+def _structure(tp: Any, value: Any, path: str, complete: bool = False) -> Any:
     """Check ``value`` against the type ``tp`` without coercing anything."""
     if tp is Any:
         return value
@@ -226,50 +320,90 @@ def _structure(tp: Any, value: Any, path: str) -> Any:
             raise _bad(path, "an integer", value)
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _bad(path, "a number", value)
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or (type(value) is float and not math.isfinite(value))):
+            raise _bad(path, "a finite number", value)
         return float(value)
     if origin is list or origin is tuple:
         if not isinstance(value, list):
             raise _bad(path, "a list", value)
         (item,) = tp.__args__[:1]
-        return tuple(_structure(item, v, f"{path}[{i}]") for i, v in enumerate(value))
+        return tuple(_structure(item, v, f"{path}[{i}]", complete) for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
             raise _bad(path, "an object", value)
         item = tp.__args__[1]
-        return {k: _structure(item, v, f"{path}.{k}") for k, v in value.items()}
+        return {k: _structure(item, v, f"{path}.{k}", complete) for k, v in value.items()}
     args = getattr(tp, "__args__", None)
     if args and type(None) in args:  # X | None
         if value is None:
             return None
         (inner,) = (a for a in args if a is not type(None))
-        return _structure(inner, value, path)
+        return _structure(inner, value, path, complete)
     if attrs.has(tp):
-        return from_json(tp, value, path=path)
+        return from_json(tp, value, path=path, complete=complete)
     raise TypeError(f"relay_client cannot structure {tp!r}")  # a bug in a message
 
 
-def from_json(cls: type, obj: Any, *, path: str = "") -> Any:
+def from_json(cls: type, obj: Any, *, path: str = "", complete: bool = False) -> Any:
     """Build message ``cls`` from decoded JSON; unknown or mistyped fields raise
-    ``InvalidArgument``.  Missing fields take their defaults (proto3 style)."""
+    ``InvalidArgument``.  Missing fields take their defaults (proto3 style),
+    unless ``complete``: a stored record (the ledger) has every field, and
+    each meets the constraints in its metadata (see ``_field_check``)."""
     if not isinstance(obj, dict):
         raise _bad(path or cls.__name__, "a JSON object", obj)
     shape = _shape(cls)
-    known = {name for name, _, _ in shape}
-    unknown = sorted(set(obj) - known)
-    if unknown:
+    if not _KNOWN[cls].issuperset(obj):
+        unknown = sorted(set(obj) - _KNOWN[cls])
         raise InvalidArgument(
             f"unknown field {unknown[0]!r} in {cls.__name__}",
-            hint=f"known fields: {', '.join(sorted(known)) or '(none)'}",
+            hint=f"known fields: {', '.join(sorted(_KNOWN[cls])) or '(none)'}",
         )
     kwargs = {}
-    for name, tp, required in shape:
+    for name, tp, required, check in shape:
         if name in obj:
-            kwargs[name] = _structure(tp, obj[name], f"{path}.{name}" if path else name)
-        elif required:
-            raise InvalidArgument(f"{cls.__name__} needs field {name!r}")
+            value = obj[name]
+            # The common scalar cases inline: the ledger reader walks every record.
+            if not ((tp is str and type(value) is str) or (tp is int and type(value) is int)):
+                value = _structure(tp, value, f"{path}.{name}" if path else name, complete)
+            kwargs[name] = value
+            if tp is Any:
+                check_json_value(value, f"{path}.{name}" if path else name)
+            if complete and check is not None:
+                check(value, path, name)
+        elif required or complete:
+            raise InvalidArgument(f"{cls.__name__} needs field {name!r}" +
+                                  (f" (at {path!r})" if path else ""))
     return cls(**kwargs)
+
+
+def _field_check(meta: Any) -> Any:
+    """The check of a stored field's constraints from its metadata, or None:
+    ``pattern`` (of a string, or of each string in a list), ``minimum``,
+    ``choices`` and ``length`` (min, max) -- what the JSON Schema says with
+    pattern, minimum, enum and minLength/maxLength.  ``redact`` keeps the
+    value out of the message."""
+    pattern, minimum, choices = meta.get("pattern"), meta.get("minimum"), meta.get("choices")
+    length, redact = meta.get("length"), meta.get("redact")
+    if pattern is None and minimum is None and choices is None and length is None:
+        return None
+
+    def check(value: Any, parent: str, name: str) -> None:
+        path = f"{parent}.{name}" if parent else name
+        for item in value if type(value) is tuple else (value,):
+            if pattern is not None and not pattern.fullmatch(item):
+                shown = f"{len(item)} characters" if redact else repr(item)
+                raise InvalidArgument(f"field {path!r} is {shown}, which does not match "
+                                      f"{pattern.pattern}")
+        if minimum is not None and value < minimum:
+            raise InvalidArgument(f"field {path!r} is {value}, below its minimum {minimum}")
+        if choices is not None and value not in choices:
+            raise InvalidArgument(f"field {path!r} is {value!r}, not one of {', '.join(choices)}")
+        if length is not None and not length[0] <= len(value) <= length[1]:
+            raise InvalidArgument(f"field {path!r} has {len(value)} characters; "
+                                  f"it needs {length[0]} to {length[1]}")
+
+    return check
 
 
 _SCALARS: Final = frozenset({str, int, float, bool, type(None)})
@@ -336,83 +470,97 @@ _REQ_ID = {"flag": "--request-id", "id": "request id", "help": "idempotency key:
 
 
 # -- records (also the ledger's own record shapes) ------------------------------
+# Their field metadata is what specs/relay-state.schema.json says of each field;
+# the ledger reader checks it (``from_json(..., complete=True)``).
+
+#: Constraints of stored fields: an id, an id or "", a timestamp or "", a
+#: non-negative integer, a SHA-256 hex digest.
+IS_ID: Final = {"pattern": ID_PATTERN}
+IS_OPTIONAL_ID: Final = {"pattern": OPTIONAL_ID_PATTERN}
+IS_STAMP: Final = {"pattern": STAMP_PATTERN}
+IS_COUNT: Final = {"minimum": 0}
+IS_SHA256: Final = {"pattern": SHA256_PATTERN, "redact": True}  # it may be a raw secret
+RUNTIME_STATUSES: Final = ("absent", "bootstrapped", "serving", "stopped")
+RUNTIME_MODES: Final = ("", "loopback", "trusted-lan")
+QUARANTINE_STATES: Final = ("active", "cleared")
+
 
 @attrs.frozen
 class Runtime:
-    status: str = "absent"  # absent | bootstrapped | serving | stopped
+    status: str = _f("absent", choices=RUNTIME_STATUSES)
     endpoint: str = ""
-    mode: str = ""  # loopback | trusted-lan
-    token_id: str = ""
-    pid: int = 0
-    bootstrapped_at: str = ""
-    served_at: str = ""
-    shutdown_at: str = ""
+    mode: str = _f("", choices=RUNTIME_MODES)  # loopback | trusted-lan
+    token_id: str = _f("", **IS_OPTIONAL_ID)
+    pid: int = _f(0, **IS_COUNT)
+    bootstrapped_at: str = _f("", **IS_STAMP)
+    served_at: str = _f("", **IS_STAMP)
+    shutdown_at: str = _f("", **IS_STAMP)
 
 
 @attrs.frozen
 class Profile:
-    name: str
-    provider: str
-    mode: str
+    name: str = _f(**IS_ID)
+    provider: str = _f(choices=PROVIDERS)
+    mode: str = _f(choices=PROFILE_MODES)
     command: tuple[str, ...] = ()
-    created_at: str = ""
+    created_at: str = _f("", **IS_STAMP)
 
 
 @attrs.frozen
 class Session:
-    session_id: str
-    profile: str
-    provider: str
-    state: str = "ready"
-    created_at: str = ""
-    updated_at: str = ""
+    session_id: str = _f(**IS_ID)
+    profile: str = _f(**IS_ID)
+    provider: str = _f(choices=PROVIDERS)
+    state: str = _f("ready", choices=SESSION_STATES)
+    created_at: str = _f("", **IS_STAMP)
+    updated_at: str = _f("", **IS_STAMP)
     #: The last fencing token issued on this session; grants only ever raise it.
-    fencing_token: int = 0
+    fencing_token: int = _f(0, **IS_COUNT)
 
 
 @attrs.frozen
 class Lease:
-    lease_id: str
-    session_id: str
-    holder: str
-    mode: str
-    state: str
-    fencing_token: int = 0
-    ttl_seconds: int = 0
-    requested_at: str = ""
-    granted_at: str = ""
-    expires_at: str = ""
-    last_renewed_at: str = ""
-    ended_at: str = ""
+    lease_id: str = _f(**IS_ID)
+    session_id: str = _f(**IS_ID)
+    holder: str = _f(**IS_ID)
+    mode: str = _f(choices=LEASE_MODES)
+    state: str = _f(choices=LEASE_STATES)
+    fencing_token: int = _f(0, **IS_COUNT)
+    ttl_seconds: int = _f(0, **IS_COUNT)
+    requested_at: str = _f("", **IS_STAMP)
+    granted_at: str = _f("", **IS_STAMP)
+    expires_at: str = _f("", **IS_STAMP)
+    last_renewed_at: str = _f("", **IS_STAMP)
+    ended_at: str = _f("", **IS_STAMP)
     revoke_reason: str = ""
 
 
 @attrs.frozen
 class ControlRequest:
-    request_id: str
-    session_id: str
-    kind: str
+    request_id: str = _f(**IS_ID)
+    session_id: str = _f(**IS_ID)
+    kind: str = _f(**IS_ID)
     payload: JSONValue = None
-    payload_digest: str = ""
-    recorded_at: str = ""
+    payload_digest: str = _f("", **IS_SHA256)
+    recorded_at: str = _f("", **IS_STAMP)
 
 
 @attrs.frozen
 class Quarantine:
-    session_id: str
-    reason: str
-    state: str = "active"  # active | cleared
-    quarantined_at: str = ""
-    cleared_at: str = ""
+    session_id: str = _f(**IS_ID)
+    reason: str = _f(length=(1, 512))
+    state: str = _f("active", choices=QUARANTINE_STATES)
+    quarantined_at: str = _f("", **IS_STAMP)
+    cleared_at: str = _f("", **IS_STAMP)
 
 
 @attrs.frozen
 class StreamRecord:
-    session_id: str
-    seq: int
-    kind: str
+    session_id: str = _f(**IS_ID)
+    seq: int = _f(minimum=1)
+    kind: str = _f(**IS_ID)
     data: JSONValue = None
-    appended_at: str = ""
+    appended_at: str = _f("", **IS_STAMP)
 
 
 @attrs.frozen
@@ -420,11 +568,11 @@ class Cursor:
     """Where a session's event and result logs end: the last committed sequence
     number and byte length of each.  Bytes past the length are uncommitted."""
 
-    session_id: str
-    events: int = 0
-    events_bytes: int = 0
-    results: int = 0
-    results_bytes: int = 0
+    session_id: str = _f(**IS_ID)
+    events: int = _f(0, **IS_COUNT)
+    events_bytes: int = _f(0, **IS_COUNT)
+    results: int = _f(0, **IS_COUNT)
+    results_bytes: int = _f(0, **IS_COUNT)
 
 
 @attrs.frozen
@@ -573,22 +721,22 @@ class ListRecordsRequest:
 
 @attrs.frozen
 class ProfileReply:
-    outcome: str
-    revision: int
+    outcome: str = _f(choices=("registered",))
+    revision: int = _f(**IS_COUNT)
     profile: Profile
 
 
 @attrs.frozen
 class SessionReply:
-    outcome: str
-    revision: int
+    outcome: str = _f(choices=("created",))
+    revision: int = _f(**IS_COUNT)
     session: Session
 
 
 @attrs.frozen
 class LeaseReply:
-    outcome: str  # granted | waiting | renewed | released | revoked
-    revision: int
+    outcome: str = _f(choices=("granted", "waiting", "renewed", "released", "revoked"))
+    revision: int = _f(**IS_COUNT)
     lease: Lease
 
 
@@ -601,17 +749,17 @@ class ControlReply:
 
 @attrs.frozen
 class AppendReply:
-    outcome: str
-    revision: int
+    outcome: str = _f(choices=("appended",))
+    revision: int = _f(**IS_COUNT)
     record: StreamRecord
 
 
 @attrs.frozen
 class QuarantineReply:
-    outcome: str  # quarantined | cleared
-    revision: int
+    outcome: str = _f(choices=("quarantined", "cleared"))
+    revision: int = _f(**IS_COUNT)
     quarantine: Quarantine
-    revoked_lease_ids: tuple[str, ...] = ()
+    revoked_lease_ids: tuple[str, ...] = _f((), **IS_ID)
 
 
 @attrs.frozen
@@ -1538,18 +1686,51 @@ _bind_stub_methods()
 # object), 2 usage error -- as the relay's own CLI.
 
 
+def _int_arg(text: str) -> int:
+    import argparse
+
+    try:
+        return parse_digits(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _json_arg(text: str) -> Any:
+    """A JSON argument, as strict as the relay's own doors."""
+    import argparse
+
+    try:
+        value = parse_json(text)
+        check_json_value(value, "value")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    except RelayError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+    return value
+
+
+def _seconds_arg(text: str) -> float:
+    """A positive number of seconds in plain decimal ("30", "2.5"): float()
+    would also take "nan", "inf", "1e3" and "1_0"."""
+    import argparse
+
+    if not re.fullmatch(r"[0-9]+(\.[0-9]+)?", text) or float(text) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return float(text)
+
+
 def _field_type(field: Any) -> Any:
     tp = field.type
     if tp in (int, "int"):
-        return int
+        return _int_arg
     if field.metadata.get("json") or tp in ("JSONValue",):
-        return lambda text: json.loads(text)
+        return _json_arg
     if "tuple" in str(tp):
         def argv(text: str) -> tuple[str, ...]:
             import shlex
 
             if text.startswith("["):
-                return tuple(json.loads(text))
+                return tuple(parse_json(text))
             return tuple(shlex.split(text))
         return argv
     return str
@@ -1567,7 +1748,7 @@ def _build_cli() -> Any:
     parser.add_argument("--token-file", help="file holding the bearer token ($RELAY_TOKEN also works)")
     parser.add_argument("--root", help="workspace root, to find the endpoint in its ledger")
     parser.add_argument("--json", action="store_true", help="accepted for symmetry; output is JSON")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per call")
+    parser.add_argument("--timeout", type=_seconds_arg, default=DEFAULT_TIMEOUT, help="seconds per call")
     sub = parser.add_subparsers(dest="method", metavar="METHOD", required=True)
     for rpc in RPCS:
         leaf = sub.add_parser(rpc.method, help=rpc.help, aliases=[rpc.name])
@@ -1579,7 +1760,7 @@ def _build_cli() -> Any:
         leaf.set_defaults(rpc=rpc)
     watch = sub.add_parser("watch", help="stream a session's records as JSON lines")
     watch.add_argument("--session", help="session id (needed to resume after a drop)")
-    watch.add_argument("--after", type=int, help="start after this sequence number")
+    watch.add_argument("--after", type=_int_arg, help="start after this sequence number")
     watch.add_argument("--results", action="store_true", help="the result stream, not events")
     watch.set_defaults(rpc=None)
     return parser
