@@ -1133,8 +1133,64 @@ def _quarantined(ledger: Ledger, session_id: str) -> bool:
     return q is not None and q.state == "active"
 
 
+def check_fence(ledger: Ledger, session_id: str, token: int, stamp: str) -> None:
+    """Refuse a write that acts for a lease holder whose hold is over.
+
+    ``token`` 0 means the caller claims no lease (an operator's note) and is
+    not checked.  Otherwise it must be the token of a lease on the session that
+    is still active and unexpired: once that lease ends (released, revoked,
+    expired, or ended by a quarantine) the token is stale, whatever was
+    granted since.  Shared readers each hold a token of their own, so a newer
+    reader beside an older one leaves the older token valid; a newer writer
+    never coexists with an older lease, so its grant makes every older token
+    stale.  A quarantined session takes no holder writes at all.
+    """
+    if not token:
+        return
+    if token < 0:
+        raise InvalidArgument(f"fencing token {token} is negative",
+                              hint="pass the fencing_token of your lease, or 0 for none")
+    quarantine = ledger.quarantines.get(session_id)
+    if quarantine is not None and quarantine.state == "active":
+        raise FailedPrecondition(
+            f"session {session_id!r} is quarantined ({quarantine.reason}); writes for a lease "
+            "holder are refused until the quarantine is cleared",
+            hint=f"run `python -m relay quarantine clear {session_id}` once it is safe, then "
+            "borrow again")
+    current = _session(ledger, session_id).fencing_token
+    if token > current:
+        raise FailedPrecondition(
+            f"fencing token {token} was never issued on session {session_id!r}; current {current}",
+            hint="pass the fencing_token your lease grant returned")
+    holder = next((x for x in ledger.leases.values()
+                   if x.session_id == session_id and x.fencing_token == token), None)
+    if holder is None or holder.state != "active" or not is_live(holder, stamp):
+        what = ("its lease is no longer in the ledger" if holder is None else
+                f"lease {holder.lease_id!r} that carried it is "
+                f"{_state_at(holder, stamp)}")
+        raise FailedPrecondition(
+            f"stale fencing token {token}; current {current}: {what}",
+            hint="stop writing for that lease; borrow again to continue")
+
+
+def _state_at(lease: rc.Lease, stamp: str) -> str:
+    """``expired`` for a live lease past its expiry, else its state."""
+    return "expired" if lease.state in rc.LIVE_LEASE_STATES and lease.expires_at <= stamp \
+        else lease.state
+
+
+def _check_lease_fence(ledger: Ledger, lease: rc.Lease, token: int, stamp: str) -> None:
+    check_fence(ledger, lease.session_id, token, stamp)
+    if token and token != lease.fencing_token:
+        raise FailedPrecondition(
+            f"fencing token {token} is not that of lease {lease.lease_id!r} "
+            f"(it carries {lease.fencing_token})",
+            hint="pass the lease id and the fencing token of the same grant")
+
+
 def renew_lease(ledger: Ledger, req: rc.RenewLeaseRequest, ctx: Ctx):
     lease = _lease(ledger, req.lease_id)
+    _check_lease_fence(ledger, lease, req.fencing_token, ctx.stamp)
     if lease.state != "active" or not is_live(lease, ctx.stamp):
         state = "expired" if lease.state == "active" else lease.state
         raise FailedPrecondition(
@@ -1161,6 +1217,7 @@ def _must_be_live(lease: rc.Lease, ctx: Ctx, verb: str) -> None:
 
 def release_lease(ledger: Ledger, req: rc.ReleaseLeaseRequest, ctx: Ctx):
     lease = _lease(ledger, req.lease_id)
+    _check_lease_fence(ledger, lease, req.fencing_token, ctx.stamp)
     _must_be_live(lease, ctx, "release")
     ledger = _end(ledger, lease, "released", ctx)
     return ledger, rc.LeaseReply("released", ctx.revision, ledger.leases[req.lease_id])
@@ -1218,6 +1275,7 @@ def append_record(ledger: Ledger, req: rc.AppendRecordRequest, ctx: Ctx, stream:
     if len(_canonical(req.data)) > ctx.config.max_record_bytes:
         raise InvalidArgument(f"record data is over {ctx.config.max_record_bytes} bytes",
                               hint="store large payloads elsewhere and append a reference")
+    check_fence(ledger, req.session_id, req.fencing_token, ctx.stamp)
     cursor = ledger.cursors.get(req.session_id) or rc.Cursor(req.session_id)
     seq = getattr(cursor, stream) + 1
     cursor = attrs.evolve(cursor, **{stream: seq})
