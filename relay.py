@@ -482,6 +482,10 @@ class Ledger:
     """The relay's durable truth: ``flow/state/relay/relay-state.json``."""
 
     schema: str = SCHEMA_ID
+    #: 32 random hex digits minted with the ledger's first write and kept by
+    #: every later one: a server notices a ledger that was replaced (state
+    #: reset, a restored copy) by a change of identity ("" until first written).
+    ledger_id: str = ""
     revision: int = 0
     updated_at: str = ""
     compacted_at: str = ""
@@ -584,6 +588,8 @@ def _check_ledger_keys(ledger: Ledger, hint: str) -> None:
                 raise LedgerInvalid(f"ledger {name} entry {key!r} is inconsistent", hint=hint)
     if ledger.revision < 0:
         raise LedgerInvalid("ledger revision is negative", hint=hint)
+    if ledger.ledger_id and not _LEDGER_ID.fullmatch(ledger.ledger_id):
+        raise LedgerInvalid(f"ledger_id {ledger.ledger_id!r} is not 32 hex digits", hint=hint)
     for key in ledger.requests:
         if not rc.ID_PATTERN.fullmatch(key):
             raise LedgerInvalid(f"ledger requests entry {key!r} is not a valid id", hint=hint)
@@ -594,6 +600,8 @@ def _check_ledger_keys(ledger: Ledger, hint: str) -> None:
                 raise LedgerInvalid(f"ledger {name} has {field} {getattr(record, field)!r}, "
                                     f"not one of {', '.join(allowed)}", hint=hint)
 
+
+_LEDGER_ID: Final = re.compile(r"[0-9a-f]{32}")
 
 #: (ledger map, field, allowed values): what the JSON Schema's enums say.
 _LEDGER_ENUMS: Final = (
@@ -1845,6 +1853,8 @@ def commit(store: Store, mutations: list[Mutation], config: Config,
                                         getattr(cursor, f"{stream}_bytes"), records)
             cursor = attrs.evolve(cursor, **{f"{stream}_bytes": size})
             ledger = attrs.evolve(ledger, cursors=_put(ledger.cursors, session_id, cursor))
+        if not ledger.ledger_id:  # the ledger's first write gives it its identity
+            ledger = attrs.evolve(ledger, ledger_id=secrets.token_hex(16))
         store.write(ledger)
         return results, ledger
 
@@ -1922,8 +1932,15 @@ class Frame:
         return cls(id_, event, data, sse, ws, seq)
 
 
-def error_frame(code: str, message: str) -> Frame:
-    return Frame.make("", "error", {"code": code, "message": message})
+def error_frame(code: str, message: str, hint: str = "") -> Frame:
+    data = {"code": code, "message": message}
+    if hint:
+        data["hint"] = hint
+    return Frame.make("", "error", data)
+
+
+def error_frame_of(exc: RelayError) -> Frame:
+    return error_frame(exc.code.value, exc.message, exc.hint)
 
 
 @attrs.define(eq=False)
@@ -1971,6 +1988,8 @@ class Subscriber:
     send: Any
     receive: Any
     dropped: bool = False
+    #: The last frame of a subscription the hub ended (a reset, a damaged ledger).
+    farewell: Frame | None = None
 
 
 @attrs.define(eq=False)
@@ -2060,6 +2079,27 @@ class EventHub:
             return None
         return [f for r, i, f in self._feed if (r, i) > (revision, index)]
 
+    def end_all(self, farewell: Frame) -> None:
+        """End every subscription with ``farewell`` as its last frame; the
+        server's own shutdown watchers stay."""
+        for topic, subs in list(self._subs.items()):
+            if topic == "shutdown":
+                continue
+            for sub in list(subs):
+                sub.farewell = farewell
+                self.unsubscribe(sub)
+
+    def rebase(self, ledger: Ledger) -> None:
+        """Start over from ``ledger``: its records count as published, and the
+        feed history begins at its revision (a new server, or a new ledger)."""
+        self._published = {}
+        for sid, cursor in ledger.cursors.items():
+            self.mark_seen(sid, "events", cursor.events)
+            self.mark_seen(sid, "results", cursor.results)
+        self._feed.clear()
+        self.feed_base = ledger.revision
+        self._evicted = (-1, -1)
+
     def close(self) -> None:
         """End every subscription (graceful shutdown)."""
         self.closed = True
@@ -2141,6 +2181,9 @@ class LedgerOwner:
     _send: Any = None
     _receive: Any = None
     _lock: Any = None  # a commit and its announcement vs. the watcher's refresh
+    #: Why the ledger on disk cannot be read, once this process has seen it
+    #: damaged; None while it reads.  Reads refuse meanwhile (``check_intact``).
+    damage: LedgerInvalid | None = None
 
     def __attrs_post_init__(self) -> None:
         # Bounded: a flood of callers waits for room instead of growing memory.
@@ -2158,10 +2201,7 @@ class LedgerOwner:
 
     async def run(self, *, task_status: Any = None) -> None:
         self.ledger = await trio.to_thread.run_sync(self._read_current)
-        self.hub.feed_base = self.ledger.revision
-        for sid, cursor in self.ledger.cursors.items():
-            self.hub.mark_seen(sid, "events", cursor.events)
-            self.hub.mark_seen(sid, "results", cursor.results)
+        self.hub.rebase(self.ledger)
         _started(task_status)
         while True:
             batch = [await self._receive.receive()]
@@ -2185,6 +2225,8 @@ class LedgerOwner:
                 on_start=seen.append))
         except RelayError as exc:
             results, ledger = [exc] * len(batch), None
+            if isinstance(exc, LedgerInvalid):
+                self._damaged(exc)
         except Exception as exc:  # a bug: answer internal, keep serving
             _log(f"commit failed: {exc!r}")
             results = [Internal("the relay hit an internal error; see its log")] * len(batch)
@@ -2224,11 +2266,48 @@ class LedgerOwner:
         may already hold this process's own commit, not yet announced, and
         absorbing it would announce every notice of it twice."""
         async with self._lock:
-            await self._absorb(await trio.to_thread.run_sync(self._read_current))
+            try:
+                new = await trio.to_thread.run_sync(self._read_current)
+            except LedgerInvalid as exc:
+                self._damaged(exc)
+                raise
+            await self._absorb(new)
+
+    def check_intact(self) -> None:
+        """Refuse a read while the ledger is known to be damaged: the copy in
+        memory is no longer the truth, and must not be served as current."""
+        if self.damage is not None:
+            raise LedgerInvalid(self.damage.message, hint=self.damage.hint)
+
+    def _damaged(self, exc: LedgerInvalid) -> None:
+        """The ledger on disk no longer reads: end every stream with the reason
+        (nothing can be committed, and resuming needs a readable ledger)."""
+        if self.damage is None:
+            _log(f"the ledger is damaged: {exc.message}; reads refuse until it is repaired")
+            self.hub.end_all(error_frame_of(exc))
+        self.damage = exc
+
+    def _restart(self, new: Ledger) -> None:
+        """Another ledger took this one's place: nothing published so far can
+        be resumed against it (revisions and sequence numbers start again), so
+        every stream ends with an error telling its client to resubscribe."""
+        _log(f"the ledger was replaced (revision {self.ledger.revision} -> {new.revision}, "
+             f"ledger_id {self.ledger.ledger_id or '(none)'} -> {new.ledger_id or '(none)'}); "
+             "ending every stream")
+        self.ledger = new
+        self.hub.end_all(error_frame(
+            "aborted", "the ledger was replaced (state reset, or a copy restored): revisions and "
+            "sequence numbers start again, so earlier ids cannot be resumed",
+            "resubscribe without Last-Event-ID, and re-read GET /api/relay/status"))
+        self.hub.rebase(new)
 
     async def _absorb(self, new: Ledger) -> None:
         """Announce a newer ledger written by another process: relay notices
         for what changed, and stream records past what was published."""
+        self.damage = None
+        if ledger_replaced(self.ledger, new):
+            self._restart(new)
+            return
         if new.revision <= self.ledger.revision:
             return
         old, self.ledger = self.ledger, new
@@ -2249,6 +2328,18 @@ class LedgerOwner:
                         self.hub.mark_seen(sid, stream, getattr(cursor, stream))
                         continue
                     self.hub.publish_records(stream, records)
+
+
+def ledger_replaced(old: Ledger, new: Ledger) -> bool:
+    """True when ``new`` does not continue ``old``: another ledger (its own
+    identity, or none where ``old`` had one: moved aside by ``state reset``),
+    or an older revision of the same one (a restored copy).  A ledger with no
+    identity yet is continued by any newer one (its first write mints one)."""
+    if old.ledger_id == new.ledger_id:
+        return new.revision < old.revision
+    if not old.ledger_id:
+        return new.revision <= old.revision and old.revision > 0
+    return True
 
 
 def _started(task_status: Any, value: Any = None) -> None:
@@ -2282,9 +2373,9 @@ async def watch_ledger(owner: LedgerOwner, interval: float, *, task_status: Any 
         await trio.sleep(interval)
         try:
             st = await path.stat()
-            key = (st.st_ino, st.st_size, st.st_mtime_ns)
+            key: tuple[int, int, int] | None = (st.st_ino, st.st_size, st.st_mtime_ns)
         except FileNotFoundError:
-            continue
+            key = None  # moved aside (state reset): absorbed as an empty, new ledger
         # Also re-read now and then: two commits in one timestamp tick can
         # leave inode, size and mtime as they were (the read compares the
         # checksum, so an unchanged ledger costs one small read).
@@ -2379,6 +2470,7 @@ class Service:
             return await self.owner.submit(rpc_mutation(name, request))
         if name == "GetStatus":
             return from_json(rc.StatusReply, json.loads(await self.status_json()))
+        self.owner.check_intact()
         if name in READS:
             return READS[name](self.owner.ledger, request, self.now())
         return await trio.to_thread.run_sync(read_rpc, self.store, name, request, self.now())
@@ -2392,7 +2484,8 @@ class Service:
 
     async def status_json(self) -> bytes:
         """The status projection, cached per ledger revision for a second."""
-        key = (self.owner.ledger.revision, int(trio.current_time()))
+        key = (self.owner.ledger.ledger_id, self.owner.ledger.revision,
+               self.owner.damage is not None, int(trio.current_time()))
         if self._status_cache is None or self._status_cache[0] != key:
             doc = await trio.to_thread.run_sync(self._status_doc)
             self._status_cache = (key, json.dumps(doc, sort_keys=True).encode())
@@ -2422,8 +2515,16 @@ class Service:
         """Subscribe, then replay what came after ``last_event_id``.  Returns the
         subscriber (None after an error), the frames to send first, and the
         last sequence number replayed (live frames at or below it are skipped)."""
-        if feed:
-            return await self._open_feed(feed, last_event_id)
+        if self.owner.damage is not None:
+            return None, [error_frame_of(self.owner.damage)], 0
+        try:
+            if feed:
+                return await self._open_feed(feed, last_event_id)
+            return await self._open_records(session, stream, last_event_id)
+        except LedgerInvalid as exc:  # found damaged on the refresh before a replay
+            return None, [error_frame_of(exc)], 0
+
+    async def _open_records(self, session: str, stream: str, last_event_id: str):
         if stream not in STREAM_KINDS:
             return None, [error_frame("invalid_argument", "stream must be events or results")], 0
         if session:
@@ -2595,7 +2696,9 @@ class Service:
                 if frame.seq and frame.seq <= last:
                     continue
                 _ws_send(out, frame.ws)
-            if sub.dropped:
+            if sub.farewell is not None:
+                _ws_send(out, sub.farewell.ws)
+            elif sub.dropped:
                 _ws_send(out, error_frame("resource_exhausted", "subscriber fell behind; "
                                           "resubscribe with your last id").ws)
         finally:
@@ -2883,7 +2986,9 @@ async def _sse_body(service: Service, sub: Subscriber | None, frames: list[Frame
         while True:
             item = await _next_frame(sub, service.config.sse_keepalive_seconds)
             if item is None:
-                if sub.dropped:
+                if sub.farewell is not None:
+                    yield sub.farewell.sse
+                elif sub.dropped:
                     yield error_frame("resource_exhausted", "subscriber fell behind; reconnect "
                                       "with Last-Event-ID").sse
                 return

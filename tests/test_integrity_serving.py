@@ -8,6 +8,8 @@ reply, an event or a printed line, never a sleep.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 
 import pytest
 import trio
@@ -15,7 +17,7 @@ import trio
 import relay
 import relay_client as rc
 from conftest import T0, commit_ok, snapshot
-from serve_helpers import PATIENCE, serving
+from serve_helpers import PATIENCE, cli_process, serving, ws_recv, ws_send
 
 # -- fencing tokens --------------------------------------------------------------
 
@@ -174,3 +176,167 @@ def test_quarantined_session_takes_notes_but_no_holder_writes(workspace):
                      data={"saw": "segfault"})
     assert note.record.seq == 1
     commit_ok(store, "AppendResult", session_id="s1", kind="diagnosis", data="core dumped")
+
+
+# -- a ledger replaced while serving (state reset, a restored copy) -------------
+
+
+def _damage(path: Path) -> bytes:
+    """Replace the ledger with a copy one byte off (as a disk fault would);
+    return the good bytes."""
+    good = path.read_bytes()
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0x01
+    tmp = path.with_name("damaged.tmp")
+    tmp.write_bytes(bytes(bad))
+    os.replace(tmp, path)
+    return good
+
+
+async def test_state_reset_while_serving_ends_live_streams_and_starts_over(workspace):
+    """`state reset --apply` while serving: a live subscriber of the old ledger
+    gets an error event telling it to resubscribe and its stream ends; after the
+    session is recreated, a new live subscriber gets the new records, and a
+    replay from 0 has exactly them."""
+    with trio.fail_after(PATIENCE):
+        async with serving(workspace) as r:
+            (sid,) = await r.seed()
+            for i in range(3):
+                await r.ok("AppendEvent", session_id=sid, kind="old", data=i)
+            async with r.sse({"session": sid}) as old:
+                await old.until_comment("connected")
+                _damage(relay.Store(workspace).ledger_path)
+                reset = await cli_process(workspace, "state", "reset", "--owner", "relay", "--apply")
+                assert reset["applied"]
+                assert await r.seed() == [sid]  # the server's commit sees the new ledger first
+                farewell = await old.next()
+                ended = await old.next()
+            async with r.sse({"session": sid}) as new:
+                await new.until_comment("connected")
+                appended = [await r.ok("AppendEvent", session_id=sid, kind="new", data=i)
+                            for i in range(3)]
+                live = await new.take(3)
+            async with r.sse({"session": sid}, Last_Event_ID=f"{sid}:0") as replay:
+                replayed = await replay.take(3)
+    assert farewell["event"] == "error", farewell
+    assert farewell["data"]["code"] in ("aborted", "failed_precondition"), farewell
+    assert ended is None
+    assert [a["record"]["seq"] for a in appended] == [1, 2, 3]
+    assert [(e["id"], e["data"]["kind"]) for e in live] == [(f"{sid}:{n}", "new") for n in (1, 2, 3)]
+    assert [e["data"] for e in replayed] == [e["data"] for e in live]
+
+
+async def test_a_ledger_replaced_by_another_ends_streams_with_aborted(workspace, tmp_path_factory):
+    """A valid ledger of another identity renamed over the served one (even at a
+    higher revision, so no revision check could tell): every live stream and the
+    relay feed get one `aborted` error event and end; the server then serves the
+    new ledger's state."""
+    other = relay.Store(tmp_path_factory.mktemp("other"))
+    commit_ok(other, "RegisterProfile", name="elsewhere", provider="kimi", mode="one-borrow")
+    for i in range(12):
+        commit_ok(other, "CreateSession", profile="elsewhere", session_id=f"x{i}")
+    with trio.fail_after(PATIENCE):
+        async with serving(workspace) as r:
+            (sid,) = await r.seed()
+            await r.ok("AppendEvent", session_id=sid, kind="k")
+            served = relay.Store(workspace).read()
+            replacement = other.read()
+            assert replacement.revision > served.revision
+            assert replacement.ledger_id and replacement.ledger_id != served.ledger_id
+            async with r.sse({"session": sid}) as records, r.sse({"feed": "relay"}) as feed:
+                await records.until_comment("connected")
+                await feed.until_comment("connected")
+                os.replace(other.ledger_path, relay.Store(workspace).ledger_path)
+                got = [await records.next(), await feed.next()]
+                ends = [await records.next(), await feed.next()]
+            sessions = await r.ok("ListSessions")
+    for event in got:
+        assert (event["event"], event["data"]["code"]) == ("error", "aborted"), event
+        assert "resubscribe" in event["data"]["hint"]
+    assert ends == [None, None]
+    assert [s["session_id"] for s in sessions["sessions"]] == sorted(f"x{i}" for i in range(12))
+
+
+@pytest.mark.parametrize(("old", "new", "replaced"), [
+    (relay.Ledger(), relay.Ledger(ledger_id="a" * 32, revision=1), False),  # the first write
+    (relay.Ledger(ledger_id="a" * 32, revision=5), relay.Ledger(ledger_id="a" * 32, revision=9), False),
+    (relay.Ledger(revision=5), relay.Ledger(ledger_id="a" * 32, revision=6), False),  # gets an id
+    (relay.Ledger(ledger_id="a" * 32, revision=5), relay.Ledger(), True),  # moved aside
+    (relay.Ledger(ledger_id="a" * 32, revision=5), relay.Ledger(ledger_id="b" * 32, revision=9), True),
+    (relay.Ledger(ledger_id="a" * 32, revision=5), relay.Ledger(ledger_id="a" * 32, revision=4), True),
+    (relay.Ledger(revision=5), relay.Ledger(ledger_id="b" * 32, revision=2), True),
+])
+def test_ledger_replaced(old, new, replaced):
+    """A new identity, a vanished ledger or a revision going back is a replacement."""
+    assert relay.ledger_replaced(old, new) is replaced
+
+
+def test_the_ledger_id_is_minted_once_and_kept(workspace):
+    """The first write mints a 32-hex ledger_id; later writes keep it; a reset ledger gets a new one."""
+    store = _seeded(workspace)
+    first = store.read().ledger_id
+    commit_ok(store, "AppendEvent", session_id="s1", kind="k")
+    assert store.read().ledger_id == first and len(first) == 32
+    _damage(store.ledger_path)
+    assert relay.main(["--root", str(workspace), "state", "reset", "--owner", "relay", "--apply"]) == 0
+    commit_ok(store, "RegisterProfile", name="cx", provider="codex", mode="pooled")
+    assert store.read().ledger_id not in ("", first)
+
+
+# -- reads on a damaged ledger ---------------------------------------------------
+
+
+async def test_reads_on_a_damaged_ledger_say_so_everywhere(workspace):
+    """While the ledger is damaged, live streams end with the reason; GET routes,
+    Connect reads, new SSE streams and /ws answer `failed_precondition` as the CLI
+    does (never the stale copy in memory); status reports `ledger_invalid`; once
+    the ledger reads again, so do the reads."""
+    ledger_path = relay.Store(workspace).ledger_path
+    with trio.fail_after(PATIENCE):
+        async with serving(workspace) as r:
+            (sid,) = await r.seed()
+            await r.ok("AppendEvent", session_id=sid, kind="k")
+            async with r.sse({"session": sid}) as live, r.sse({"feed": "relay"}) as feed:
+                await live.until_comment("connected")
+                await feed.until_comment("connected")
+                good = _damage(ledger_path)
+                ended = [await live.next(), await feed.next()]  # the watcher noticed
+                assert [await live.next(), await feed.next()] == [None, None]
+            gets = {path: await r.client.get(path) for path in (
+                "/api/relay/profiles", "/api/relay/sessions", "/api/relay/leases",
+                f"/api/relay/events?session={sid}", f"/api/relay/results?session={sid}")}
+            rpcs = {name: await r.post(name, **body) for name, body in (
+                ("ListProfiles", {}), ("ListSessions", {}), ("ListLeases", {}), ("Recover", {}),
+                ("ListEvents", {"session_id": sid}), ("AppendEvent", {"session_id": sid, "kind": "k"}))}
+            status = (await r.client.get("/api/relay/status")).json()
+            streams = []
+            for params, headers in (({"session": sid}, {}), ({"session": sid}, {"Last_Event_ID": f"{sid}:0"}),
+                                    ({"feed": "relay"}, {})):
+                async with r.sse(params, **headers) as stream:
+                    streams.append((await stream.next(), await stream.next()))
+            async with r.ws() as ws:
+                await ws_send(ws, type="rpc", id=1, method="ListSessions", request={})
+                ws_rpc = await ws_recv(ws)
+                await ws_send(ws, type="subscribe", session=sid)
+                ws_sub = await ws_recv(ws)
+            cli = await cli_process(workspace, "session", "list", check=1)
+            tmp = ledger_path.with_name("repaired.tmp")
+            tmp.write_bytes(good)
+            os.replace(tmp, ledger_path)
+            await r.ok("AppendEvent", session_id=sid, kind="after-repair")  # reads the repaired ledger
+            after = await r.client.get("/api/relay/sessions")
+    cli_error = cli["error"]
+    for event in ended:
+        assert (event["event"], event["data"]["code"]) == ("error", cli_error["code"]), event
+        assert event["data"]["message"] == cli_error["message"]
+    for name, response in {**gets, **rpcs}.items():
+        assert (response.status_code, response.json()["code"]) == (400, "failed_precondition"), name
+        assert response.json()["message"] == cli_error["message"], name
+        assert "state reset --owner relay --apply" in response.json()["hint"], name
+    assert status["status"] == "fail"
+    assert [w["code"] for w in status["warnings"]] == ["ledger_invalid"]
+    for first, end in streams:
+        assert (first["event"], first["data"]["code"], end) == ("error", "failed_precondition", None)
+    assert (ws_rpc["type"], ws_rpc["error"]["code"]) == ("error", "failed_precondition")
+    assert (ws_sub["type"], ws_sub["data"]["code"]) == ("error", "failed_precondition")
+    assert after.status_code == 200 and [s["session_id"] for s in after.json()["sessions"]] == [sid]
