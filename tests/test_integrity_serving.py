@@ -243,17 +243,22 @@ async def test_a_ledger_replaced_by_another_ends_streams_with_aborted(workspace,
             replacement = other.read()
             assert replacement.revision > served.revision
             assert replacement.ledger_id and replacement.ledger_id != served.ledger_id
-            async with r.sse({"session": sid}) as records, r.sse({"feed": "relay"}) as feed:
+            async with r.sse({"session": sid}) as records, r.sse({"feed": "relay"}) as feed, \
+                    r.ws() as ws:
                 await records.until_comment("connected")
                 await feed.until_comment("connected")
+                await ws_send(ws, type="subscribe", session=sid, last_event_id=f"{sid}:0")
+                assert (await ws_recv(ws))["id"] == f"{sid}:1"  # replayed: now live
                 os.replace(other.ledger_path, relay.Store(workspace).ledger_path)
                 got = [await records.next(), await feed.next()]
                 ends = [await records.next(), await feed.next()]
+                ws_farewell = await ws_recv(ws)
             sessions = await r.ok("ListSessions")
     for event in got:
         assert (event["event"], event["data"]["code"]) == ("error", "aborted"), event
         assert "resubscribe" in event["data"]["hint"]
     assert ends == [None, None]
+    assert (ws_farewell["type"], ws_farewell["data"]["code"]) == ("error", "aborted")
     assert [s["session_id"] for s in sessions["sessions"]] == sorted(f"x{i}" for i in range(12))
 
 
