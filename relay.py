@@ -2741,6 +2741,11 @@ class Service:
                 _ws_send(out, _lease_lost(lease_id, self.owner.ledger.leases.get(lease_id)))
                 scope.cancel()
                 return
+        # The hub ended the feed: after a replaced ledger that lacks the lease,
+        # it is lost now, not when the renewal loop next looks.
+        if sub.farewell is not None and lease_id not in self.owner.ledger.leases:
+            _ws_send(out, _lease_lost(lease_id, None))
+            scope.cancel()
 
     async def _ws_release_on_disconnect(self, holds: dict[str, dict[str, Any]]) -> None:
         for lease_id, hold in list(holds.items()):

@@ -345,3 +345,20 @@ async def test_reads_on_a_damaged_ledger_say_so_everywhere(workspace):
     assert (ws_rpc["type"], ws_rpc["error"]["code"]) == ("error", "failed_precondition")
     assert (ws_sub["type"], ws_sub["data"]["code"]) == ("error", "failed_precondition")
     assert after.status_code == 200 and [s["session_id"] for s in after.json()["sessions"]] == [sid]
+
+
+async def test_a_held_lease_is_lost_at_once_when_the_ledger_is_replaced(workspace, tmp_path_factory):
+    """A lease held over /ws that the replacing ledger does not have is reported
+    `lease_lost` at once (not a third of its ttl later)."""
+    other = relay.Store(tmp_path_factory.mktemp("other"))
+    commit_ok(other, "RegisterProfile", name="elsewhere", provider="kimi", mode="one-borrow")
+    with trio.fail_after(PATIENCE):
+        async with serving(workspace) as r:
+            (sid,) = await r.seed()
+            lease = (await r.ok("Borrow", session_id=sid, holder="A", ttl_seconds=3600))["lease"]
+            async with r.ws() as ws:
+                await ws_send(ws, type="hold", id=1, lease_id=lease["lease_id"])
+                assert (await ws_recv(ws))["type"] == "held"
+                os.replace(other.ledger_path, relay.Store(workspace).ledger_path)
+                lost = await ws_recv(ws)
+    assert (lost["type"], lost["lease_id"]) == ("lease_lost", lease["lease_id"])
