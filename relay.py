@@ -2284,7 +2284,8 @@ class LedgerOwner:
         (nothing can be committed, and resuming needs a readable ledger)."""
         if self.damage is None:
             _log(f"the ledger is damaged: {exc.message}; reads refuse until it is repaired")
-            self.hub.end_all(error_frame_of(exc))
+            self.hub.end_all(error_frame(exc.code.value, exc.message,
+                                         f"{exc.hint}; resubscribe once it reads again"))
         self.damage = exc
 
     def _restart(self, new: Ledger) -> None:

@@ -219,7 +219,10 @@ async def test_state_reset_while_serving_ends_live_streams_and_starts_over(works
             async with r.sse({"session": sid}, Last_Event_ID=f"{sid}:0") as replay:
                 replayed = await replay.take(3)
     assert farewell["event"] == "error", farewell
+    # aborted if the server first saw the ledger replaced, failed_precondition
+    # if its watcher saw the damage before the reset: both say to resubscribe.
     assert farewell["data"]["code"] in ("aborted", "failed_precondition"), farewell
+    assert "resubscribe" in farewell["data"]["hint"]
     assert ended is None
     assert [a["record"]["seq"] for a in appended] == [1, 2, 3]
     assert [(e["id"], e["data"]["kind"]) for e in live] == [(f"{sid}:{n}", "new") for n in (1, 2, 3)]
@@ -334,6 +337,8 @@ async def test_reads_on_a_damaged_ledger_say_so_everywhere(workspace):
     for event in ended:
         assert (event["event"], event["data"]["code"]) == ("error", cli_error["code"]), event
         assert event["data"]["message"] == cli_error["message"]
+        assert event["data"]["hint"].startswith(cli_error["hint"])
+        assert event["data"]["hint"].endswith("resubscribe once it reads again")
     for name, response in {**gets, **rpcs}.items():
         assert (response.status_code, response.json()["code"]) == (400, "failed_precondition"), name
         assert response.json()["message"] == cli_error["message"], name
