@@ -2226,7 +2226,7 @@ class LedgerOwner:
         except RelayError as exc:
             results, ledger = [exc] * len(batch), None
             if isinstance(exc, LedgerInvalid):
-                self._damaged(exc)
+                self.damaged(exc)
         except Exception as exc:  # a bug: answer internal, keep serving
             _log(f"commit failed: {exc!r}")
             results = [Internal("the relay hit an internal error; see its log")] * len(batch)
@@ -2269,7 +2269,7 @@ class LedgerOwner:
             try:
                 new = await trio.to_thread.run_sync(self._read_current)
             except LedgerInvalid as exc:
-                self._damaged(exc)
+                self.damaged(exc)
                 raise
             await self._absorb(new)
 
@@ -2279,7 +2279,7 @@ class LedgerOwner:
         if self.damage is not None:
             raise LedgerInvalid(self.damage.message, hint=self.damage.hint)
 
-    def _damaged(self, exc: LedgerInvalid) -> None:
+    def damaged(self, exc: LedgerInvalid) -> None:
         """The ledger on disk no longer reads: end every stream with the reason
         (nothing can be committed, and resuming needs a readable ledger)."""
         if self.damage is None:
@@ -2474,7 +2474,11 @@ class Service:
         self.owner.check_intact()
         if name in READS:
             return READS[name](self.owner.ledger, request, self.now())
-        return await trio.to_thread.run_sync(read_rpc, self.store, name, request, self.now())
+        try:
+            return await trio.to_thread.run_sync(read_rpc, self.store, name, request, self.now())
+        except LedgerInvalid as exc:  # read from disk: the watcher may not have looked yet
+            self.owner.damaged(exc)
+            raise
 
     async def call_json(self, name: str, body: Any) -> dict[str, Any]:
         rpc = rc.RPC_BY_NAME.get(name)
