@@ -367,3 +367,23 @@ async def test_a_held_lease_is_lost_at_once_when_the_ledger_is_replaced(workspac
                 os.replace(other.ledger_path, relay.Store(workspace).ledger_path)
                 lost = await ws_recv(ws)
     assert (lost["type"], lost["lease_id"]) == ("lease_lost", lease["lease_id"])
+
+
+@pytest.mark.parametrize("first", ["AppendEvent", "ListEvents"])
+async def test_a_commit_or_log_read_notices_the_damage_without_the_watcher(workspace, first):
+    """With the watcher idle, the first commit or stream listing that reads the
+    damaged ledger ends live streams and makes the in-memory reads refuse."""
+    config = relay.Config(watch_interval_seconds=3600)
+    with trio.fail_after(PATIENCE):
+        async with serving(workspace, config) as r:
+            (sid,) = await r.seed()
+            assert (await r.client.get("/api/relay/sessions")).status_code == 200
+            async with r.sse({"session": sid}) as live:
+                await live.until_comment("connected")
+                _damage(relay.Store(workspace).ledger_path)
+                body = {"kind": "k"} if first == "AppendEvent" else {}
+                await r.refused(first, "failed_precondition", session_id=sid, **body)
+                farewell = await live.next()
+            sessions = await r.client.get("/api/relay/sessions")
+    assert (farewell["event"], farewell["data"]["code"]) == ("error", "failed_precondition")
+    assert (sessions.status_code, sessions.json()["code"]) == (400, "failed_precondition")
