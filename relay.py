@@ -528,6 +528,10 @@ class RequestRecord:
     recorded_at: str = attrs.field(metadata={"pattern": rc.SET_STAMP_PATTERN})
 
 
+#: A ledger's identity: 32 lowercase hex digits, or "" before its first write.
+_LEDGER_ID: Final = re.compile(r"(?:[0-9a-f]{32})?")
+
+
 @attrs.frozen
 class RequestLogCursor:
     """How much of the current bucket of the request log is committed: the
@@ -543,6 +547,10 @@ class Ledger:
     """The relay's durable truth: ``flow/state/relay/relay-state.json``."""
 
     schema: str = SCHEMA_ID
+    #: 32 random hex digits minted with the ledger's first write and kept by
+    #: every later one: a server notices a ledger that was replaced (state
+    #: reset, a restored copy) by a change of identity ("" until first written).
+    ledger_id: str = attrs.field(default="", metadata={"pattern": _LEDGER_ID})
     revision: int = attrs.field(default=0, metadata=rc.IS_COUNT)
     updated_at: str = attrs.field(default="", metadata=rc.IS_STAMP)
     compacted_at: str = attrs.field(default="", metadata=rc.IS_STAMP)
@@ -638,6 +646,8 @@ def decode_ledger(data: bytes) -> Ledger:
     try:
         # complete: every field present and within its constraints, as
         # specs/relay-state.schema.json says (the writer writes every field).
+        for name, default in _LATER_MEMBERS:  # a ledger of an earlier version lacks them
+            doc.setdefault(name, default)
         ledger = from_json(Ledger, doc, complete=True)
         _check_replies(ledger)
     except RelayError as exc:
@@ -645,6 +655,10 @@ def decode_ledger(data: bytes) -> Ledger:
     _check_ledger_keys(ledger, hint)
     _check_request_log_cursor(ledger.request_log, hint)
     return ledger
+
+
+#: Ledger members added after the first release, with what their absence means.
+_LATER_MEMBERS: Final = (("ledger_id", ""), ("request_log", {"bucket": "", "shard_bytes": []}))
 
 
 def _check_replies(ledger: Ledger) -> None:
@@ -1540,8 +1554,64 @@ def _quarantined(ledger: Ledger, session_id: str) -> bool:
     return q is not None and q.state == "active"
 
 
+def check_fence(ledger: Ledger, session_id: str, token: int, stamp: str) -> None:
+    """Refuse a write that acts for a lease holder whose hold is over.
+
+    ``token`` 0 means the caller claims no lease (an operator's note) and is
+    not checked.  Otherwise it must be the token of a lease on the session that
+    is still active and unexpired: once that lease ends (released, revoked,
+    expired, or ended by a quarantine) the token is stale, whatever was
+    granted since.  Shared readers each hold a token of their own, so a newer
+    reader beside an older one leaves the older token valid; a newer writer
+    never coexists with an older lease, so its grant makes every older token
+    stale.  A quarantined session takes no holder writes at all.
+    """
+    if not token:
+        return
+    if token < 0:
+        raise InvalidArgument(f"fencing token {token} is negative",
+                              hint="pass the fencing_token of your lease, or 0 for none")
+    quarantine = ledger.quarantines.get(session_id)
+    if quarantine is not None and quarantine.state == "active":
+        raise FailedPrecondition(
+            f"session {session_id!r} is quarantined ({quarantine.reason}); writes for a lease "
+            "holder are refused until the quarantine is cleared",
+            hint=f"run `python -m relay quarantine clear {session_id}` once it is safe, then "
+            "borrow again")
+    current = _session(ledger, session_id).fencing_token
+    if token > current:
+        raise FailedPrecondition(
+            f"fencing token {token} was never issued on session {session_id!r}; current {current}",
+            hint="pass the fencing_token your lease grant returned")
+    holder = next((x for x in ledger.leases.values()
+                   if x.session_id == session_id and x.fencing_token == token), None)
+    if holder is None or holder.state != "active" or not is_live(holder, stamp):
+        what = ("its lease is no longer in the ledger" if holder is None else
+                f"lease {holder.lease_id!r} that carried it is "
+                f"{_state_at(holder, stamp)}")
+        raise FailedPrecondition(
+            f"stale fencing token {token}; current {current}: {what}",
+            hint="stop writing for that lease; borrow again to continue")
+
+
+def _state_at(lease: rc.Lease, stamp: str) -> str:
+    """``expired`` for a live lease past its expiry, else its state."""
+    return "expired" if lease.state in rc.LIVE_LEASE_STATES and lease.expires_at <= stamp \
+        else lease.state
+
+
+def _check_lease_fence(ledger: Ledger, lease: rc.Lease, token: int, stamp: str) -> None:
+    check_fence(ledger, lease.session_id, token, stamp)
+    if token and token != lease.fencing_token:
+        raise FailedPrecondition(
+            f"fencing token {token} is not that of lease {lease.lease_id!r} "
+            f"(it carries {lease.fencing_token})",
+            hint="pass the lease id and the fencing token of the same grant")
+
+
 def renew_lease(ledger: Ledger, req: rc.RenewLeaseRequest, ctx: Ctx):
     lease = _lease(ledger, req.lease_id)
+    _check_lease_fence(ledger, lease, req.fencing_token, ctx.stamp)
     if lease.state != "active" or not is_live(lease, ctx.stamp):
         state = "expired" if lease.state == "active" else lease.state
         raise FailedPrecondition(
@@ -1568,6 +1638,7 @@ def _must_be_live(lease: rc.Lease, ctx: Ctx, verb: str) -> None:
 
 def release_lease(ledger: Ledger, req: rc.ReleaseLeaseRequest, ctx: Ctx):
     lease = _lease(ledger, req.lease_id)
+    _check_lease_fence(ledger, lease, req.fencing_token, ctx.stamp)
     _must_be_live(lease, ctx, "release")
     ledger = _end(ledger, lease, "released", ctx)
     return ledger, rc.LeaseReply("released", ctx.revision, ledger.leases[req.lease_id])
@@ -1634,6 +1705,7 @@ def append_record(ledger: Ledger, req: rc.AppendRecordRequest, ctx: Ctx, stream:
         raise InvalidArgument(f"record data is over the limit of [streams] max_record_bytes = "
                               f"{ctx.config.max_record_bytes} bytes",
                               hint="store large payloads elsewhere and append a reference")
+    check_fence(ledger, req.session_id, req.fencing_token, ctx.stamp)
     cursor = ledger.cursors.get(req.session_id) or rc.Cursor(req.session_id)
     seq = getattr(cursor, stream) + 1
     cursor = attrs.evolve(cursor, **{stream: seq})
@@ -2234,6 +2306,8 @@ def commit(store: Store, mutations: list[Mutation], config: Config,
                                         getattr(cursor, f"{stream}_bytes"), records)
             cursor = attrs.evolve(cursor, **{f"{stream}_bytes": size})
             ledger = attrs.evolve(ledger, cursors=_put(ledger.cursors, session_id, cursor))
+        if not ledger.ledger_id:  # the ledger's first write gives it its identity
+            ledger = attrs.evolve(ledger, ledger_id=secrets.token_hex(16))
         ledger, placed = append_request_records(store, ledger, now, config)
         store.write(ledger)
         if store.request_index is not None:
@@ -2326,8 +2400,15 @@ class Frame:
         return cls(id_, event, data, sse, ws, seq)
 
 
-def error_frame(code: str, message: str) -> Frame:
-    return Frame.make("", "error", {"code": code, "message": message})
+def error_frame(code: str, message: str, hint: str = "") -> Frame:
+    data = {"code": code, "message": message}
+    if hint:
+        data["hint"] = hint
+    return Frame.make("", "error", data)
+
+
+def error_frame_of(exc: RelayError) -> Frame:
+    return error_frame(exc.code.value, exc.message, exc.hint)
 
 
 @attrs.define(eq=False)
@@ -2375,6 +2456,8 @@ class Subscriber:
     send: Any
     receive: Any
     dropped: bool = False
+    #: The last frame of a subscription the hub ended (a reset, a damaged ledger).
+    farewell: Frame | None = None
 
 
 @attrs.define(eq=False)
@@ -2464,6 +2547,27 @@ class EventHub:
             return None
         return [f for r, i, f in self._feed if (r, i) > (revision, index)]
 
+    def end_all(self, farewell: Frame) -> None:
+        """End every subscription with ``farewell`` as its last frame; the
+        server's own shutdown watchers stay."""
+        for topic, subs in list(self._subs.items()):
+            if topic == "shutdown":
+                continue
+            for sub in list(subs):
+                sub.farewell = farewell
+                self.unsubscribe(sub)
+
+    def rebase(self, ledger: Ledger) -> None:
+        """Start over from ``ledger``: its records count as published, and the
+        feed history begins at its revision (a new server, or a new ledger)."""
+        self._published = {}
+        for sid, cursor in ledger.cursors.items():
+            self.mark_seen(sid, "events", cursor.events)
+            self.mark_seen(sid, "results", cursor.results)
+        self._feed.clear()
+        self.feed_base = ledger.revision
+        self._evicted = (-1, -1)
+
     def close(self) -> None:
         """End every subscription (graceful shutdown)."""
         self.closed = True
@@ -2545,6 +2649,9 @@ class LedgerOwner:
     _send: Any = None
     _receive: Any = None
     _lock: Any = None  # a commit and its announcement vs. the watcher's refresh
+    #: Why the ledger on disk cannot be read, once this process has seen it
+    #: damaged; None while it reads.  Reads refuse meanwhile (``check_intact``).
+    damage: LedgerInvalid | None = None
 
     def __attrs_post_init__(self) -> None:
         # Bounded: a flood of callers waits for room instead of growing memory.
@@ -2562,10 +2669,7 @@ class LedgerOwner:
 
     async def run(self, *, task_status: Any = None) -> None:
         self.ledger = await trio.to_thread.run_sync(self._read_current)
-        self.hub.feed_base = self.ledger.revision
-        for sid, cursor in self.ledger.cursors.items():
-            self.hub.mark_seen(sid, "events", cursor.events)
-            self.hub.mark_seen(sid, "results", cursor.results)
+        self.hub.rebase(self.ledger)
         _started(task_status)
         while True:
             batch = [await self._receive.receive()]
@@ -2589,6 +2693,8 @@ class LedgerOwner:
                 on_start=seen.append))
         except RelayError as exc:
             results, ledger = [exc] * len(batch), None
+            if isinstance(exc, LedgerInvalid):
+                self.damaged(exc)
         except Exception as exc:  # a bug: answer internal, keep serving
             _log(f"commit failed: {exc!r}")
             results = [Internal("the relay hit an internal error; see its log")] * len(batch)
@@ -2628,11 +2734,49 @@ class LedgerOwner:
         may already hold this process's own commit, not yet announced, and
         absorbing it would announce every notice of it twice."""
         async with self._lock:
-            await self._absorb(await trio.to_thread.run_sync(self._read_current))
+            try:
+                new = await trio.to_thread.run_sync(self._read_current)
+            except LedgerInvalid as exc:
+                self.damaged(exc)
+                raise
+            await self._absorb(new)
+
+    def check_intact(self) -> None:
+        """Refuse a read while the ledger is known to be damaged: the copy in
+        memory is no longer the truth, and must not be served as current."""
+        if self.damage is not None:
+            raise LedgerInvalid(self.damage.message, hint=self.damage.hint)
+
+    def damaged(self, exc: LedgerInvalid) -> None:
+        """The ledger on disk no longer reads: end every stream with the reason
+        (nothing can be committed, and resuming needs a readable ledger)."""
+        if self.damage is None:
+            _log(f"the ledger is damaged: {exc.message}; reads refuse until it is repaired")
+            self.hub.end_all(error_frame(exc.code.value, exc.message,
+                                         f"{exc.hint}; resubscribe once it reads again"))
+        self.damage = exc
+
+    def _restart(self, new: Ledger) -> None:
+        """Another ledger took this one's place: nothing published so far can
+        be resumed against it (revisions and sequence numbers start again), so
+        every stream ends with an error telling its client to resubscribe."""
+        _log(f"the ledger was replaced (revision {self.ledger.revision} -> {new.revision}, "
+             f"ledger_id {self.ledger.ledger_id or '(none)'} -> {new.ledger_id or '(none)'}); "
+             "ending every stream")
+        self.ledger = new
+        self.hub.end_all(error_frame(
+            "aborted", "the ledger was replaced (state reset, or a copy restored): revisions and "
+            "sequence numbers start again, so earlier ids cannot be resumed",
+            "resubscribe without Last-Event-ID, and re-read GET /api/relay/status"))
+        self.hub.rebase(new)
 
     async def _absorb(self, new: Ledger) -> None:
         """Announce a newer ledger written by another process: relay notices
         for what changed, and stream records past what was published."""
+        self.damage = None
+        if ledger_replaced(self.ledger, new):
+            self._restart(new)
+            return
         if new.revision <= self.ledger.revision:
             return
         old, self.ledger = self.ledger, new
@@ -2653,6 +2797,18 @@ class LedgerOwner:
                         self.hub.mark_seen(sid, stream, getattr(cursor, stream))
                         continue
                     self.hub.publish_records(stream, records)
+
+
+def ledger_replaced(old: Ledger, new: Ledger) -> bool:
+    """True when ``new`` does not continue ``old``: another ledger (its own
+    identity, or none where ``old`` had one: moved aside by ``state reset``),
+    or an older revision of the same one (a restored copy).  A ledger with no
+    identity yet is continued by any newer one (its first write mints one)."""
+    if old.ledger_id == new.ledger_id:
+        return new.revision < old.revision
+    if not old.ledger_id:
+        return new.revision <= old.revision and old.revision > 0
+    return True
 
 
 def _started(task_status: Any, value: Any = None) -> None:
@@ -2686,9 +2842,9 @@ async def watch_ledger(owner: LedgerOwner, interval: float, *, task_status: Any 
         await trio.sleep(interval)
         try:
             st = await path.stat()
-            key = (st.st_ino, st.st_size, st.st_mtime_ns)
+            key: tuple[int, int, int] | None = (st.st_ino, st.st_size, st.st_mtime_ns)
         except FileNotFoundError:
-            continue
+            key = None  # moved aside (state reset): absorbed as an empty, new ledger
         # Also re-read now and then: two commits in one timestamp tick can
         # leave inode, size and mtime as they were (the read compares the
         # checksum, so an unchanged ledger costs one small read).
@@ -2794,9 +2950,14 @@ class Service:
             return await self.owner.submit(rpc_mutation(name, request))
         if name == "GetStatus":
             return from_json(rc.StatusReply, json.loads(await self.status_json()))
+        self.owner.check_intact()
         if name in READS:
             return READS[name](self.owner.ledger, request, self.now())
-        return await trio.to_thread.run_sync(read_rpc, self.store, name, request, self.now())
+        try:
+            return await trio.to_thread.run_sync(read_rpc, self.store, name, request, self.now())
+        except LedgerInvalid as exc:  # read from disk: the watcher may not have looked yet
+            self.owner.damaged(exc)
+            raise
 
     async def call_json(self, name: str, body: Any) -> dict[str, Any]:
         rpc = rc.RPC_BY_NAME.get(name)
@@ -2807,7 +2968,8 @@ class Service:
 
     async def status_json(self) -> bytes:
         """The status projection, cached per ledger revision for a second."""
-        key = (self.owner.ledger.revision, int(trio.current_time()))
+        key = (self.owner.ledger.ledger_id, self.owner.ledger.revision,
+               self.owner.damage is not None, int(trio.current_time()))
         if self._status_cache is None or self._status_cache[0] != key:
             doc = await trio.to_thread.run_sync(self._status_doc)
             self._status_cache = (key, json.dumps(doc, sort_keys=True).encode())
@@ -2838,8 +3000,16 @@ class Service:
         """Subscribe, then replay what came after ``last_event_id``.  Returns the
         subscriber (None after an error), the frames to send first, and the
         last sequence number replayed (live frames at or below it are skipped)."""
-        if feed:
-            return await self._open_feed(feed, last_event_id)
+        if self.owner.damage is not None:
+            return None, [error_frame_of(self.owner.damage)], 0
+        try:
+            if feed:
+                return await self._open_feed(feed, last_event_id)
+            return await self._open_records(session, stream, last_event_id)
+        except LedgerInvalid as exc:  # found damaged on the refresh before a replay
+            return None, [error_frame_of(exc)], 0
+
+    async def _open_records(self, session: str, stream: str, last_event_id: str):
         if stream not in STREAM_KINDS:
             return None, [error_frame("invalid_argument", "stream must be events or results")], 0
         if session:
@@ -3020,7 +3190,9 @@ class Service:
                 if frame.seq and frame.seq <= last:
                     continue
                 _ws_send(out, frame.ws)
-            if sub.dropped:
+            if sub.farewell is not None:
+                _ws_send(out, sub.farewell.ws)
+            elif sub.dropped:
                 _ws_send(out, error_frame("resource_exhausted", "subscriber fell behind; "
                                           "resubscribe with your last id").ws)
         finally:
@@ -3063,6 +3235,11 @@ class Service:
                 _ws_send(out, _lease_lost(lease_id, self.owner.ledger.leases.get(lease_id)))
                 scope.cancel()
                 return
+        # The hub ended the feed: after a replaced ledger that lacks the lease,
+        # it is lost now, not when the renewal loop next looks.
+        if sub.farewell is not None and lease_id not in self.owner.ledger.leases:
+            _ws_send(out, _lease_lost(lease_id, None))
+            scope.cancel()
 
     async def _ws_release_on_disconnect(self, holds: dict[str, dict[str, Any]]) -> None:
         for lease_id, hold in list(holds.items()):
@@ -3476,7 +3653,9 @@ async def _sse_body(service: Service, sub: Subscriber | None, frames: list[Frame
         while True:
             item = await _next_frame(sub, service.config.sse_keepalive_seconds)
             if item is None:
-                if sub.dropped:
+                if sub.farewell is not None:
+                    yield sub.farewell.sse
+                elif sub.dropped:
                     yield error_frame("resource_exhausted", "subscriber fell behind; reconnect "
                                       "with Last-Event-ID").sse
                 return

@@ -467,6 +467,8 @@ def _f(default: Any = attrs.NOTHING, **meta: Any) -> Any:
 
 _REQ_ID = {"flag": "--request-id", "id": "request id", "help": "idempotency key: a retry "
            "with the same id and body returns the first answer instead of applying twice"}
+_FENCE = {"flag": "--fencing-token", "help": "the fencing token of the lease this write acts "
+          "for; refused once that lease has ended or a newer holder took over (0: not checked)"}
 
 
 # -- records (also the ledger's own record shapes) ------------------------------
@@ -638,6 +640,7 @@ class GrantLeaseRequest:
 class ReleaseLeaseRequest:
     lease_id: str = _f(positional="LEASE_ID", id="lease")
     request_id: str = _f("", **_REQ_ID)
+    fencing_token: int = _f(0, **_FENCE)
 
 
 @attrs.frozen
@@ -645,6 +648,7 @@ class RenewLeaseRequest:
     lease_id: str = _f(positional="LEASE_ID", id="lease")
     ttl_seconds: int = _f(0, flag="--ttl", help="new lifetime from now; default: the lease's own")
     request_id: str = _f("", **_REQ_ID)
+    fencing_token: int = _f(0, **_FENCE)
 
 
 @attrs.frozen
@@ -668,6 +672,7 @@ class AppendRecordRequest:
     kind: str = _f(flag="--kind")
     data: JSONValue = _f(None, flag="--data", json=True, help="any JSON value")
     request_id: str = _f("", **_REQ_ID)
+    fencing_token: int = _f(0, **_FENCE)
 
 
 @attrs.frozen

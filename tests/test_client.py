@@ -1004,4 +1004,4 @@ async def test_readme_automation_example_runs(workspace):
                                           env=subprocess_env())
             assert proc.returncode == 0, proc.stderr.decode()
             assert proc.stdout.decode().splitlines() == [
-                "1 prompt {'fencing_token': 1, 'text': 'fix the build'}", "2 done None"]
+                "1 prompt {'text': 'fix the build'}", "2 done None"]
