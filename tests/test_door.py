@@ -24,6 +24,9 @@ from serve_helpers import (
     cli_process,
     serving,
     state_digest,
+    ws_recv,
+    ws_send,
+    ws_until,
 )
 
 HANDSHAKE = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
@@ -431,3 +434,23 @@ def test_stream_cursor_ids_round_trip_and_malformed_ones_are_refused():
     for bad in ("", "s1", "s1:", "s1:-1", "s1:+1", "s1:1,s1:2", "s1:1,", ":3", "s1:1 ", "s1:١"):
         with pytest.raises(rc.InvalidArgument):
             relay.parse_stream_cursor(bad)
+
+
+async def test_websocket_subscriptions_use_the_same_ids_and_refusals(workspace):
+    """A WebSocket subscription to every session gets cursor-vector ids and resumes from one; a
+    refused subscription is one error frame and the socket stays open."""
+    with trio.fail_after(PATIENCE):
+        async with serving(workspace) as r:
+            await r.seed(sessions=2)
+            for sid in ("s1", "s2", "s1"):
+                await r.ok("AppendEvent", session_id=sid, kind="k")
+            async with r.ws() as ws:
+                await ws_send(ws, type="subscribe", last_event_id="s1:1")
+                replayed = [await ws_recv(ws), await ws_recv(ws)]
+                await ws_send(ws, type="subscribe", session="s1", last_event_id="s1:9")
+                refused = await ws_recv(ws)
+                await r.ok("AppendEvent", session_id="s2", kind="k")
+                live = await ws_until(ws, lambda f: f["type"] == "event")
+    assert [f["id"] for f in replayed] == ["s1:2", "s1:2,s2:1"]
+    assert (refused["type"], refused["data"]["code"]) == ("error", "out_of_range")
+    assert live["id"] == "s1:2,s2:2"
