@@ -3197,16 +3197,18 @@ def browser_refusal(scope: dict[str, Any], config: Config) -> RelayError | None:
     return None
 
 
-def _guard_browsers(app: Any, config: Config) -> Any:
+def _guard_browsers(app: Any, service: Service) -> Any:
     """The ASGI wrapper that enforces ``browser_refusal`` on every HTTP request
     and WebSocket upgrade but /health, answers listed origins' preflights, and
-    adds CORS headers for listed origins (nobody else gets any)."""
+    adds CORS headers for listed origins (nobody else gets any).  Refusals
+    count in ``relay_requests`` under the route ``door``."""
 
     async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] not in ("http", "websocket") or scope["path"] == "/health":
             return await app(scope, receive, send)
-        refusal = browser_refusal(scope, config)
+        refusal = browser_refusal(scope, service.config)
         if refusal is not None:
+            service.metrics.requests.labels("door", str(refusal.code.http_status)).inc()
             return await _refuse_at_door(scope, receive, send, refusal)
         headers = {k.decode("latin-1").lower(): v for k, v in scope["headers"]}
         origin = headers.get("origin")
@@ -3390,7 +3392,7 @@ async def serve(store: Store, config: Config, *, host: str | None = None, port: 
         await root.start(run_heartbeat, owner, config, probe_token is None)
         await root.start(run_supervision)
         async with trio.open_nursery() as http:
-            app = _close_after_response(_guard_browsers(create_app(service), config))
+            app = _close_after_response(_guard_browsers(create_app(service), service))
             urls = await http.start(functools.partial(
                 hypercorn.trio.serve, app, hconfig, shutdown_trigger=stopping.wait))
             endpoint = urls[0]

@@ -22,6 +22,7 @@ from serve_helpers import (
     FakeClock,
     cli_in_process,
     cli_process,
+    metric,
     serving,
     state_digest,
     ws_recv,
@@ -72,9 +73,11 @@ async def test_a_host_that_is_not_the_served_address_is_refused_before_any_work(
                        await _raw(r, "GET", "/nope", hdr)]
             health = await _raw(r, "GET", "/health", hdr)
             assert state_digest(workspace) == before
+            metrics = (await r.client.get("/metrics")).text
     assert [(a.status_code, a.json()["code"]) for a in answers] == [(403, "permission_denied")] * 5
     assert "allowed_hosts" in answers[0].json()["hint"]
     assert health.status_code == 200
+    assert metric(metrics, "relay_requests_total", route="door", code="403") == 5
 
 
 async def test_the_served_address_localhost_and_listed_hosts_are_accepted(workspace):
