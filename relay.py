@@ -314,6 +314,12 @@ GRACEFUL_SECONDS: Final = 3.0
 #: GIL switch interval while serving (seconds); see ``serve``.
 SWITCH_INTERVAL: Final = 0.0005
 
+#: How long a browser login (the ``POST /auth/session`` cookie) lasts (seconds).
+SESSION_COOKIE_SECONDS: Final = 30 * MINUTES
+
+#: The reconnection delay every SSE stream asks browsers for (milliseconds).
+SSE_RETRY_MS: Final = 1000
+
 #: The exit codes of the CLI.
 EXIT_OK: Final = 0
 EXIT_REFUSED: Final = 1
@@ -429,6 +435,10 @@ class Config:
     sse_keepalive_seconds: float = 15.0
     watch_interval_seconds: float = 0.05
     subscriber_buffer: int = 256
+    #: Host header names accepted besides the served address (``name`` or ``name:port``).
+    allowed_hosts: tuple[str, ...] = ()
+    #: Origins (``scheme://host[:port]``) besides the relay's own that may drive it.
+    allowed_origins: tuple[str, ...] = ()
 
 
 # Table key -> (section, toml key); one place names the file's layout.
@@ -450,6 +460,8 @@ _CONFIG_KEYS: Final = {
     "sse_keepalive_seconds": ("serve", "sse_keepalive_seconds"),
     "watch_interval_seconds": ("serve", "watch_interval_seconds"),
     "subscriber_buffer": ("serve", "subscriber_buffer"),
+    "allowed_hosts": ("serve", "allowed_hosts"),
+    "allowed_origins": ("serve", "allowed_origins"),
 }
 
 
@@ -480,6 +492,9 @@ def load_config(flow_dir: Path) -> Config:
                     hint="see specs/flow-relay-contract.md for the settings",
                 )
             want = type(getattr(defaults, name))
+            if want is tuple:
+                values[name] = _config_names(path, section, key, value)
+                continue
             ok = isinstance(value, want) and not isinstance(value, bool)
             if want is float and isinstance(value, int) and not isinstance(value, bool):
                 value, ok = float(value), True
@@ -490,6 +505,20 @@ def load_config(flow_dir: Path) -> Config:
                 )
             values[name] = value
     return Config(**values)
+
+
+def _config_names(path: Path, section: str, key: str, value: Any) -> tuple[str, ...]:
+    """A list of host names or origins, lower-cased; an origin has no path."""
+    if not isinstance(value, list) or not all(isinstance(x, str) and x.strip() for x in value):
+        raise InvalidArgument(f"{path}: {section}.{key} must be a list of non-empty strings",
+                              hint=f"fix {path}")
+    names = tuple(x.strip().lower().rstrip("/") for x in value)
+    if key == "allowed_origins":
+        for origin in names:
+            if not re.fullmatch(r"https?://[^/?#@\s]+", origin):
+                raise InvalidArgument(f"{path}: {section}.{key}: {origin!r} is not an origin",
+                                      hint="write scheme://host[:port], e.g. http://localhost:3000")
+    return names
 
 
 ################################################################
@@ -1882,6 +1911,22 @@ def revoke_token(ledger: Ledger, token_id: str, ctx: Ctx):
     return attrs.evolve(ledger, tokens=_put(ledger.tokens, token_id, token)), token
 
 
+def token_usable(token: TokenRecord, stamp: str) -> bool:
+    """Whether a token may be used at ``stamp``: active, or rotated and inside its grace."""
+    return token.state == "active" or (token.state == "rotated" and token.grace_until > stamp)
+
+
+def token_matching(ledger: Ledger, raw: str, stamp: str) -> str:
+    """The id of the usable token that ``raw`` is, or "" (constant time: every
+    token is compared, whichever matches)."""
+    presented = token_digest(raw).encode()
+    found = ""
+    for token in ledger.tokens.values():
+        if hmac.compare_digest(presented, token.digest.encode()) and token_usable(token, stamp):
+            found = token.token_id
+    return found
+
+
 def token_accepts(ledger: Ledger, raw: str, stamp: str) -> bool:
     """Constant-time check of a presented bearer token against every token that
     may be used now: active ones, and rotated ones inside their grace period."""
@@ -2394,8 +2439,11 @@ class Frame:
 
     @classmethod
     def make(cls, id_: str, event: str, data: dict[str, Any], seq: int = 0) -> Frame:
+        """An empty ``id_`` (an error) sends no SSE ``id:`` line at all: an
+        empty one would reset the browser's Last-Event-ID, losing its place."""
         payload = json.dumps(data, separators=(",", ":"), sort_keys=True)
-        sse = f"id: {id_}\nevent: {event}\ndata: {payload}\n\n".encode()
+        id_line = f"id: {id_}\n" if id_ else ""
+        sse = f"{id_line}event: {event}\ndata: {payload}\n\n".encode()
         ws = f'{{"type":"{event}","id":"{id_}","data":{payload}}}'
         return cls(id_, event, data, sse, ws, seq)
 
@@ -2409,6 +2457,45 @@ def error_frame(code: str, message: str, hint: str = "") -> Frame:
 
 def error_frame_of(exc: RelayError) -> Frame:
     return error_frame(exc.code.value, exc.message, exc.hint)
+
+
+# -- stream positions ------------------------------------------------------------
+#
+# A stream frame's id is a position the stream accepts back as Last-Event-ID.
+# On a one-session stream it is ``SESSION:SEQ``.  The all-sessions stream
+# interleaves sessions, so one record's ``SESSION:SEQ`` does not say how far
+# the other sessions had got; its ids are instead the vector of every
+# session's last delivered sequence number, ``S1:SEQ,S2:SEQ,...`` (sorted,
+# zeros left out).  A one-session id is a vector of one, so both streams parse
+# ids with the one function below.  Vectors are durable (they name stream-log
+# positions, not server memory), so they survive a restart.
+
+
+def parse_stream_cursor(text: str) -> dict[str, int]:
+    """``S:SEQ[,S:SEQ...]`` -> {session: seq}; InvalidArgument if malformed."""
+    out: dict[str, int] = {}
+    for part in text.split(","):
+        sid, _, seq = part.rpartition(":")
+        if not sid or sid in out or not re.fullmatch(r"[0-9]{1,18}", seq):
+            raise InvalidArgument(f"Last-Event-ID {text!r} is not SESSION:SEQ[,SESSION:SEQ...]",
+                                  hint="send back an id the stream sent, or none to start now")
+        check_id("session", sid)
+        out[sid] = int(seq)
+    return out
+
+
+def stream_cursor_id(vector: dict[str, int]) -> str:
+    """The id naming ``vector`` (the inverse of ``parse_stream_cursor``)."""
+    return ",".join(f"{sid}:{seq}" for sid, seq in sorted(vector.items()) if seq > 0)
+
+
+def parse_feed_cursor(text: str) -> tuple[int, int]:
+    """``REVISION[.INDEX]`` of the relay feed -> (revision, index)."""
+    match = re.fullmatch(r"([0-9]{1,18})(?:\.([0-9]{1,9}))?", text)
+    if match is None:
+        raise InvalidArgument(f"Last-Event-ID {text!r} is not REVISION.INDEX",
+                              hint="send back an id the feed sent, or REVISION.0 from GetStatus")
+    return int(match[1]), int(match[2] or 0)
 
 
 @attrs.define(eq=False)
@@ -2427,8 +2514,9 @@ class Replay:
     failed: bool = False  # the log could not be read: an error frame ends the stream
 
     @classmethod
-    def of(cls, frames: Replay | list[Frame]) -> Replay:
-        return frames if isinstance(frames, Replay) else cls(list(frames))
+    def of(cls, frames: Any) -> Any:
+        """A list of frames as a Replay; a Replay (or VectorReplay) as it is."""
+        return cls(list(frames)) if isinstance(frames, list) else frames
 
     async def take(self) -> list[Frame]:
         """The next chunk of frames; empty once the replay is done."""
@@ -2448,6 +2536,39 @@ class Replay:
         self.after = records[-1].seq if records else self.until
         event = self.stream[:-1]
         return [Frame.make(f"{r.session_id}:{r.seq}", event, to_json(r), r.seq) for r in records]
+
+
+@attrs.define(eq=False)
+class VectorReplay:
+    """The all-sessions replay: each session's range in turn, every frame's id
+    the vector of per-session positions delivered once it has been read."""
+
+    parts: list[Replay]
+    vector: dict[str, int]
+    failed: bool = False
+
+    async def take(self) -> list[Frame]:
+        while self.parts:
+            part = self.parts[0]
+            frames = await part.take()
+            if part.failed:
+                self.failed, self.parts = True, []
+                return frames
+            if not frames:
+                self.parts.pop(0)
+                continue
+            out = []
+            for frame in frames:
+                self.vector[frame.data["session_id"]] = frame.seq
+                out.append(Frame.make(stream_cursor_id(self.vector), frame.event, frame.data,
+                                      frame.seq))
+            return out
+        return []
+
+
+def replayed(frame: Frame, last: dict[str, int]) -> bool:
+    """Whether a live stream frame was already sent by the replay before it."""
+    return bool(frame.seq) and frame.seq <= last.get(frame.data.get("session_id", ""), 0)
 
 
 @attrs.define(eq=False)
@@ -2474,6 +2595,8 @@ class EventHub:
     feed_history: int = 4096
     _subs: dict[str, set[Subscriber]] = attrs.Factory(dict)
     _published: dict[tuple[str, str], int] = attrs.Factory(dict)
+    #: stream -> session -> last published seq: the all-sessions stream's ids.
+    _vectors: dict[str, dict[str, int]] = attrs.Factory(dict)
     _feed: Any = None  # deque of (revision, index, Frame)
     feed_base: int = 0
     _evicted: tuple[int, int] = (-1, -1)  # the newest notice dropped from _feed
@@ -2520,14 +2643,19 @@ class EventHub:
             if record.seq <= self._published.get(key, 0):
                 continue
             self._published[key] = record.seq
-            frame = Frame.make(f"{record.session_id}:{record.seq}", event, to_json(record),
-                               record.seq)
+            vector = self._vectors.setdefault(stream, {})
+            vector[record.session_id] = record.seq
+            data = to_json(record)
+            frame = Frame.make(f"{record.session_id}:{record.seq}", event, data, record.seq)
             self.publish(f"{stream}:{record.session_id}", frame)
-            self.publish(f"{stream}:*", frame)
+            if self._subs.get(f"{stream}:*"):
+                self.publish(f"{stream}:*", Frame.make(stream_cursor_id(vector), event, data,
+                                                       record.seq))
 
     def mark_seen(self, session_id: str, stream: str, seq: int) -> None:
         key = (session_id, stream)
         self._published[key] = max(seq, self._published.get(key, 0))
+        self._vectors.setdefault(stream, {})[session_id] = self._published[key]
 
     def notice(self, revision: int, kind: str, data: dict[str, Any]) -> None:
         """A relay lifecycle notice (lease granted, revoked, ...) on the feed."""
@@ -2921,7 +3049,7 @@ def _bearer(header: str | None) -> str | None:
     """The token of an ``Authorization: Bearer <token>`` header, or None.  The
     scheme is case-insensitive (RFC 9110 11.1: "bearer" is "Bearer")."""
     scheme, _, token = (header or "").strip().partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else None
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
 @attrs.define(eq=False)
@@ -2938,6 +3066,10 @@ class Service:
     #: loopback | trusted-lan, fixed when serving starts.
     mode: str = "loopback"
     _status_cache: tuple[Any, bytes] | None = None
+    #: Signs browser sessions; a new server's key ends every old session.
+    _session_key: bytes = attrs.field(factory=lambda: secrets.token_bytes(32), repr=False)
+    #: Session values logged out before their expiry -> that expiry (seconds).
+    _logged_out: dict[str, float] = attrs.Factory(dict)
 
     async def call(self, name: str, request: Any) -> Any:
         """Run one RPC with an already-decoded request message."""
@@ -2978,14 +3110,17 @@ class Service:
     def _status_doc(self) -> dict[str, Any]:
         return to_json(status(self.store, self.now()))
 
-    def authorized(self, header: str | None) -> bool:
-        """Bearer check when the runtime has a token (constant time)."""
+    def authorized(self, header: str | None, session: str | None = None) -> bool:
+        """Bearer check when the runtime has a token (constant time); a browser
+        session value (the login cookie) stands in for the header."""
         ledger = self.owner.ledger
         presented = _bearer(header)
         if self.probe_token is not None:
             return presented is not None and hmac.compare_digest(presented.encode(),
                                                                  self.probe_token.encode())
-        if not ledger.runtime.token_id and self.mode != "trusted-lan":
+        if not self.token_required():
+            return True
+        if session and self.session_token_id(session):
             return True
         # Off loopback the rule is fixed at start: a token is required even if
         # the ledger later loses its binding (unbound, reset) -- fail closed.
@@ -2993,90 +3128,141 @@ class Service:
             return False
         return token_accepts(ledger, presented, iso(self.now()))
 
+    def token_required(self) -> bool:
+        return (self.probe_token is not None or bool(self.owner.ledger.runtime.token_id)
+                or self.mode == "trusted-lan")
+
+    # -- browser sessions (the login cookie) --------------------------------------------
+    #
+    # Browsers cannot put a header on EventSource or WebSocket, so a page logs
+    # in once with the token and gets TOKEN_ID.EXPIRES.NONCE.MAC, signed with a key
+    # that lives only in this server's memory.  The value names the token, not
+    # its secret; every use re-checks that token in the ledger, so revoking it
+    # (or its rotation grace running out) ends its sessions at once.
+
+    def open_session(self, raw: str) -> tuple[str, str, float]:
+        """(session value, token id, expiry) for bearer token ``raw``."""
+        if self.probe_token is not None:
+            raise FailedPrecondition("the gate's read-only probe takes no logins",
+                                     hint="log in to a relay started with `python -m relay serve`")
+        token_id = token_matching(self.owner.ledger, raw, iso(self.now())) if raw else ""
+        if not token_id:
+            raise rc.Unauthenticated("missing or invalid bearer token",
+                                     hint='send Authorization: Bearer <token> or {"token": "..."}')
+        expires = float(int(self.now() + SESSION_COOKIE_SECONDS))
+        body = f"{token_id}.{int(expires)}.{secrets.token_hex(8)}"  # each login its own value
+        return f"{body}.{self._session_mac(body)}", token_id, expires
+
+    def _session_mac(self, body: str) -> str:
+        return hmac.new(self._session_key, body.encode(), hashlib.sha256).hexdigest()
+
+    def session_token_id(self, value: str) -> str:
+        """The token a session value stands for, or "" unless the value is this
+        server's, unexpired, not logged out, and the token still usable."""
+        body, _, mac = value.rpartition(".")
+        token_id, _, expires = body.rsplit(".", 1)[0].rpartition(".")
+        if not (token_id and re.fullmatch(r"[0-9]{1,12}", expires)):
+            return ""
+        if not hmac.compare_digest(mac.encode(), self._session_mac(body).encode()):
+            return ""
+        now = self.now()
+        if int(expires) <= now or value in self._logged_out:
+            return ""
+        token = self.owner.ledger.tokens.get(token_id)
+        return token_id if token is not None and token_usable(token, iso(now)) else ""
+
+    def close_session(self, value: str) -> None:
+        """Log a session value out for good (its cookie may have been copied)."""
+        if not self.session_token_id(value):
+            return
+        now = self.now()
+        self._logged_out = {v: t for v, t in self._logged_out.items() if t > now}
+        self._logged_out[value] = float(value.rsplit(".", 3)[1])
+
     # -- streams (SSE and WebSocket share this) --------------------------------------
 
-    async def open_stream(self, *, session: str, stream: str, feed: str,
-                          last_event_id: str) -> tuple[Subscriber | None, Replay | list[Frame], int]:
+    async def open_stream(self, *, session: str, stream: str, feed: str, last_event_id: str
+                          ) -> tuple[Subscriber, Any, dict[str, int]]:
         """Subscribe, then replay what came after ``last_event_id``.  Returns the
-        subscriber (None after an error), the frames to send first, and the
-        last sequence number replayed (live frames at or below it are skipped)."""
-        if self.owner.damage is not None:
-            return None, [error_frame_of(self.owner.damage)], 0
-        try:
-            if feed:
-                return await self._open_feed(feed, last_event_id)
-            return await self._open_records(session, stream, last_event_id)
-        except LedgerInvalid as exc:  # found damaged on the refresh before a replay
-            return None, [error_frame_of(exc)], 0
+        subscriber, the frames to send first (a list or a replay), and per
+        session the last sequence number replayed (live frames at or below it
+        are skipped).  A refusal (bad filter; malformed, unknown or
+        ahead-of-stream cursor; a ledger known to be damaged) raises before
+        the stream starts, so HTTP can answer it with an error status instead
+        of a stream."""
+        self.owner.check_intact()
+        if feed:
+            return await self._open_feed(feed, last_event_id)
+        return await self._open_records(session, stream, last_event_id)
 
     async def _open_records(self, session: str, stream: str, last_event_id: str):
         if stream not in STREAM_KINDS:
-            return None, [error_frame("invalid_argument", "stream must be events or results")], 0
+            raise InvalidArgument("stream must be events or results", hint="?stream=events|results")
         if session:
             check_id("session", session)
-        if last_event_id and not session:
-            return None, [error_frame(
-                "invalid_argument", "Last-Event-ID needs a session filter (?session=ID)")], 0
+        topic = f"{stream}:{session or '*'}"
         if not last_event_id:
-            return self.hub.subscribe(f"{stream}:{session or '*'}"), [], 0
-        try:
-            sid, _, seq_text = last_event_id.rpartition(":")
-            after = rc.parse_digits(seq_text)
-            if sid != session:
-                raise ValueError
-        except ValueError:
-            return None, [error_frame("invalid_argument",
-                                      f"Last-Event-ID {last_event_id!r} is not {session}:SEQ")], 0
+            return self.hub.subscribe(topic), [], {}
+        after = parse_stream_cursor(last_event_id)
+        if session and set(after) != {session}:
+            raise InvalidArgument(f"Last-Event-ID {last_event_id!r} is not {session}:SEQ",
+                                  hint="send back an id this stream sent")
         # Absorb other processes' commits first, then subscribe and take the
         # replay range with no checkpoint in between: a backlog is replayed
         # from the log in chunks, never pushed live past the buffer, and every
         # record is either replayed or live, never both, never neither.
         await self.owner.refresh()
-        sub = self.hub.subscribe(f"{stream}:{session}")
-        return await self._replay(sub, session, stream, after)
-
-    async def _replay(self, sub: Subscriber, session: str, stream: str, after: int):
-        ledger = self.owner.ledger
-        cursor = ledger.cursors.get(session)
-        if cursor is None or session not in ledger.sessions:
+        sub = self.hub.subscribe(topic)
+        try:
+            replay, last = self._replay_range(session, stream, after)
+        except RelayError:
             self.hub.unsubscribe(sub)
-            return None, [error_frame("not_found", f"session {session!r} does not exist")], 0
-        last = getattr(cursor, stream)
-        if after > last:
-            self.hub.unsubscribe(sub)
-            return None, [error_frame(
-                "out_of_range", f"Last-Event-ID {session}:{after} is ahead of the stream "
-                f"(last seq {last})")], 0
-        replay = Replay(store=self.store, session=session, stream=stream, after=after,
-                        until=last, committed=getattr(cursor, f"{stream}_bytes"))
+            raise
         return sub, replay, last
+
+    def _replay_range(self, session: str, stream: str, after: dict[str, int]
+                      ) -> tuple[Any, dict[str, int]]:
+        """The replay from ``after`` to each stream's end: one session's range,
+        or (all sessions) every session's in turn, ids as cursor vectors."""
+        ledger = self.owner.ledger
+        for sid, seq in after.items():
+            cursor = ledger.cursors.get(sid)
+            if cursor is None or sid not in ledger.sessions:
+                raise NotFound(f"session {sid!r} does not exist",
+                               hint="list sessions with GET /api/relay/sessions")
+            if seq > getattr(cursor, stream):
+                raise rc.OutOfRange(f"Last-Event-ID {sid}:{seq} is ahead of the stream "
+                                    f"(last seq {getattr(cursor, stream)})",
+                                    hint="send back an id this relay sent")
+        names = [session] if session else sorted(ledger.cursors)
+        last = {sid: getattr(ledger.cursors[sid], stream) for sid in names}
+        parts = [Replay(store=self.store, session=sid, stream=stream, after=after.get(sid, 0),
+                        until=last[sid], committed=getattr(ledger.cursors[sid], f"{stream}_bytes"))
+                 for sid in names if after.get(sid, 0) < last[sid]]
+        if session:
+            return (parts[0] if parts else []), last
+        return VectorReplay(parts, {sid: after.get(sid, 0) for sid in names}), last
 
     async def _open_feed(self, feed: str, last_event_id: str):
         if feed != "relay":
-            return None, [error_frame("invalid_argument", "feed must be 'relay'")], 0
+            raise InvalidArgument("feed must be 'relay'", hint="?feed=relay")
         if not last_event_id:
-            return self.hub.subscribe("relay"), [], 0
-        try:
-            rev_text, dot, idx_text = last_event_id.partition(".")
-            revision, index = rc.parse_digits(rev_text), rc.parse_digits(idx_text if dot else "0")
-        except ValueError:
-            return None, [error_frame("invalid_argument",
-                                      f"Last-Event-ID {last_event_id!r} is not REVISION.INDEX")], 0
+            return self.hub.subscribe("relay"), [], {}
+        revision, index = parse_feed_cursor(last_event_id)
         if revision > self.owner.ledger.revision:
             await self.owner.refresh()  # another process may have committed it a moment ago
+        if revision > self.owner.ledger.revision:
+            raise rc.OutOfRange(f"Last-Event-ID {last_event_id} is ahead of the ledger "
+                                f"(revision {self.owner.ledger.revision})",
+                                hint="send back an id this relay sent")
         # Subscribe only now, with no await before the replay is taken: what
         # the refresh announced is in the history, and nothing comes twice.
-        sub = self.hub.subscribe("relay")
-        if revision > self.owner.ledger.revision:
-            self.hub.unsubscribe(sub)
-            return None, [error_frame("out_of_range", f"Last-Event-ID {last_event_id} is ahead of "
-                                      f"the ledger (revision {self.owner.ledger.revision})")], 0
         frames = self.hub.feed_after(revision, index)
         if frames is None:
-            self.hub.unsubscribe(sub)
-            return None, [error_frame("out_of_range", "notices after that id are no longer kept; "
-                                      "re-read GET /api/relay/status and /api/relay/leases")], 0
-        return sub, frames, 0
+            raise rc.OutOfRange("notices after that id are no longer kept",
+                                hint="re-read GET /api/relay/status and /api/relay/leases, "
+                                "then open the feed with no Last-Event-ID")
+        return self.hub.subscribe("relay"), frames, {}
 
     # -- WebSocket channel ------------------------------------------------------------
 
@@ -3169,7 +3355,7 @@ class Service:
                 session=str(msg.get("session") or ""), stream=str(msg.get("stream") or "events"),
                 feed=str(msg.get("feed") or ""), last_event_id=str(msg.get("last_event_id") or ""))
         except RelayError as exc:  # e.g. a malformed session id: answer, keep the socket
-            sub, frames, last = None, [error_frame(exc.code.value, exc.message)], 0
+            sub, frames, last = None, [error_frame(exc.code.value, exc.message)], {}
         replay = Replay.of(frames)
         try:
             while chunk := await replay.take():
@@ -3187,7 +3373,7 @@ class Service:
         self.metrics.subscribers.labels("ws").inc()
         try:
             async for frame in sub.receive:
-                if frame.seq and frame.seq <= last:
+                if replayed(frame, last):
                     continue
                 _ws_send(out, frame.ws)
             if sub.farewell is not None:
@@ -3486,15 +3672,20 @@ def create_app(service: Service) -> Any:
 
     @app.before_request
     async def check_auth() -> Any:
-        if request.path != "/health" and not service.authorized(request.headers.get("Authorization")):
+        if request.path == "/health" or request.path.startswith("/auth/"):
+            return None
+        if not service.authorized(request.headers.get("Authorization"),
+                                  request.cookies.get(_session_cookie(request.scope))):
             return _error_response(rc.Unauthenticated("missing or invalid bearer token",
-                                                      hint="send Authorization: Bearer <token>"))
+                                                      hint=_LOGIN_HINT))
         return None
 
     @app.before_websocket
     async def check_ws_auth() -> Any:
-        if not service.authorized(websocket.headers.get("Authorization")):
-            return _error_response(rc.Unauthenticated("missing or invalid bearer token"))
+        if not service.authorized(websocket.headers.get("Authorization"),
+                                  websocket.cookies.get(_session_cookie(websocket.scope))):
+            return _error_response(rc.Unauthenticated("missing or invalid bearer token",
+                                                      hint=_LOGIN_HINT))
         return None
 
     @app.after_request
@@ -3534,6 +3725,32 @@ def create_app(service: Service) -> Any:
     @app.get("/health")
     async def health() -> Any:
         return _json_response({"status": "ok"})
+
+    @app.post("/auth/session")
+    async def login() -> Any:
+        raw = _bearer(request.headers.get("Authorization"))
+        if raw is None:
+            raw = _login_body(await request.get_data())
+        if not raw and not service.token_required():
+            return _json_response({"token_required": False})
+        value, token_id, expires = service.open_session(raw or "")
+        response = _json_response({"token_required": True, "token_id": token_id,
+                                   "expires_at": iso(expires)})
+        response.set_cookie(_session_cookie(request.scope), value, max_age=SESSION_COOKIE_SECONDS,
+                            path="/", secure=request.scheme == "https", httponly=True,
+                            samesite="Strict")
+        return response
+
+    @app.route("/auth/session", methods=["DELETE"])
+    @app.post("/auth/logout")
+    async def logout() -> Any:
+        name = _session_cookie(request.scope)
+        if value := request.cookies.get(name):
+            service.close_session(value)
+        response = _json_response({"logged_out": True})
+        response.delete_cookie(name, path="/", secure=request.scheme == "https", httponly=True,
+                               samesite="Strict")
+        return response
 
     @app.get("/api/relay/status")
     async def api_status() -> Any:
@@ -3605,6 +3822,32 @@ def create_app(service: Service) -> Any:
     return app
 
 
+_LOGIN_HINT: Final = ("send Authorization: Bearer <token>; a browser logs in once with "
+                      "POST /auth/session and its cookie does the rest")
+
+
+def _login_body(raw: bytes) -> str:
+    """The token of a login body ``{"token": "..."}`` ("" when there is none)."""
+    if not raw.strip():
+        return ""
+    try:
+        body = _parse_json(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"login body is not valid JSON: {exc}",
+                              hint='send {"token": "..."} or an Authorization header') from None
+    if not isinstance(body, dict) or set(body) - {"token"} or not isinstance(body.get("token", ""), str):
+        raise InvalidArgument('a login body is {"token": "<bearer token>"}',
+                              hint="or send Authorization: Bearer <token> and no body")
+    return body.get("token", "")
+
+
+def _session_cookie(scope: dict[str, Any]) -> str:
+    """The login cookie's name: cookies ignore ports, so two relays on one
+    host would overwrite each other's under one name."""
+    server = scope.get("server")
+    return f"relay_session_{server[1]}" if server else "relay_session"
+
+
 def _query_body(request_type: type, args: Any, params: tuple[str, ...]) -> dict[str, Any]:
     """Query parameters -> request JSON (``session`` names ``session_id``)."""
     unknown = set(args) - set(params)
@@ -3638,17 +3881,18 @@ async def _next_frame(sub: Subscriber, keepalive: float) -> Frame | bytes | None
     return b": keep-alive\n\n"
 
 
-async def _sse_body(service: Service, sub: Subscriber | None, frames: list[Frame], last: int):
-    """The SSE response body: replayed frames, then live ones."""
-    if sub is not None:
-        service.metrics.subscribers.labels("sse").inc()
+async def _sse_body(service: Service, sub: Subscriber, frames: Any, last: dict[str, int]):
+    """The SSE response body: replayed frames, then live ones.  Only refusals
+    that arise mid-stream (a log that cannot be read, a subscriber that fell
+    behind) are error events, and they carry no id."""
+    service.metrics.subscribers.labels("sse").inc()
     try:
-        yield b": connected\n\n"
+        yield f"retry: {SSE_RETRY_MS}\n: connected\n\n".encode()
         replay = Replay.of(frames)
         while chunk := await replay.take():
             for frame in chunk:
                 yield frame.sse
-        if sub is None or replay.failed:
+        if replay.failed:
             return
         while True:
             item = await _next_frame(sub, service.config.sse_keepalive_seconds)
@@ -3661,12 +3905,172 @@ async def _sse_body(service: Service, sub: Subscriber | None, frames: list[Frame
                 return
             if isinstance(item, bytes):
                 yield item
-            elif not (item.seq and item.seq <= last):
+            elif not replayed(item, last):
                 yield item.sse
     finally:
-        if sub is not None:
-            service.metrics.subscribers.labels("sse").dec()
-            service.hub.unsubscribe(sub)
+        service.metrics.subscribers.labels("sse").dec()
+        service.hub.unsubscribe(sub)
+
+
+# -- the browser door: Host, Origin and CORS -------------------------------------
+#
+# A loopback relay takes no token, and a browser will send any web page's
+# requests to 127.0.0.1 (or, after DNS rebinding, to "evil.example" that now
+# resolves there).  So before any route runs, every request but /health must
+# name this relay in its Host header, and a request from a browser page
+# (Origin, or Fetch Metadata saying another site) must come from the relay's
+# own origin or one the operator listed.  Clients that are not browsers send
+# no Origin and are unaffected.  Only listed origins get CORS headers.
+
+#: What a preflight allows: the methods of the routes, the headers Connect
+#: clients (connect-es and others), SSE and the login send.
+_CORS_METHODS: Final = "GET, POST, DELETE"
+_CORS_HEADERS: Final = ("Authorization, Content-Type, Content-Encoding, Accept-Encoding, "
+                        "Connect-Protocol-Version, Connect-Timeout-Ms, Connect-Content-Encoding, "
+                        "Connect-Accept-Encoding, Last-Event-ID, Grpc-Timeout, X-Grpc-Web, X-User-Agent")
+_CORS_EXPOSE: Final = ("Content-Encoding, Connect-Content-Encoding, Connect-Accept-Encoding, "
+                       "WWW-Authenticate, Retry-After, Grpc-Status, Grpc-Message, Grpc-Status-Details-Bin")
+_CORS_MAX_AGE_SECONDS: Final = 2 * HOURS
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+#: Query parameters that would put a credential in a URL (logs, history): refused.
+_URL_CREDENTIALS: Final = frozenset({"token", "access_token", "bearer", "authorization", "auth",
+                                     "api_key"})
+
+
+def _split_host(text: str) -> tuple[str, int | None] | None:
+    """``name[:port]`` or ``[v6][:port]`` -> (lower-case name, port); None if malformed."""
+    match = re.fullmatch(r"(\[[0-9a-f:.]+\]|[^:\[\]/@\s]+)(?::([0-9]{1,5}))?", text.strip().lower())
+    if match is None:
+        return None
+    return match[1].strip("[]"), int(match[2]) if match[2] else None
+
+
+def _same_ip(name: str, ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(name) == ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+
+
+def host_allowed(host: str, server: tuple[str, int] | None, scheme: str,
+                 allowed_hosts: frozenset[str]) -> bool:
+    """Whether a Host header names the address this connection arrived on
+    (``localhost`` too when that is loopback) or a listed name: ``name`` takes
+    any port, ``name:port`` only that one."""
+    parsed = _split_host(host)
+    if parsed is None:
+        return False
+    name, port = parsed
+    if name in allowed_hosts or host.strip().lower() in allowed_hosts:
+        return True
+    if server is None or (port or _DEFAULT_PORTS.get(scheme)) != server[1]:
+        return False
+    if name == "localhost":
+        return _same_ip("127.0.0.1", server[0]) or _same_ip("::1", server[0])
+    return _same_ip(name, server[0])
+
+
+def origin_allowed(origin: str, scheme: str, host: str, allowed_origins: frozenset[str]) -> bool:
+    """Whether a (browser's) Origin is the relay's own -- the scheme and the
+    Host it was reached by -- or listed.  ``null`` (sandboxes, files) is neither."""
+    origin = origin.strip().lower()
+    if origin in allowed_origins:
+        return True
+    match = re.fullmatch(r"(https?)://(.+)", origin)
+    own, theirs = _split_host(host), _split_host(match[2]) if match else None
+    if match is None or match[1] != scheme or own is None or theirs is None:
+        return False
+    default = _DEFAULT_PORTS[scheme]
+    return (theirs[0], theirs[1] or default) == (own[0], own[1] or default)
+
+
+def browser_refusal(scope: dict[str, Any], config: Config) -> RelayError | None:
+    """Why this request may not reach the relay's routes, or None."""
+    headers: dict[str, list[str]] = {}
+    for name, value in scope["headers"]:
+        headers.setdefault(name.decode("latin-1").lower(), []).append(value.decode("latin-1"))
+    scheme = {"ws": "http", "wss": "https"}.get(scope["scheme"], scope["scheme"])
+    hosts = headers.get("host", [])
+    if len(hosts) != 1 or not host_allowed(hosts[0], scope.get("server"), scheme,
+                                            frozenset(config.allowed_hosts)):
+        shown = hosts[0] if len(hosts) == 1 else f"{len(hosts)} Host headers"
+        return rc.PermissionDenied(
+            f"Host {shown!r} is not an address this relay serves",
+            hint="connect to the address `python -m relay serve` printed, or list the name "
+                 "in flow/relay.toml [serve] allowed_hosts")
+    origins = headers.get("origin", [])
+    if len(origins) > 1 or (origins and not origin_allowed(
+            origins[0], scheme, hosts[0], frozenset(config.allowed_origins))):
+        return rc.PermissionDenied(
+            f"a web page from {origins[0]!r} may not drive this relay",
+            hint="open the page from the relay's own origin, or list a trusted origin in "
+                 "flow/relay.toml [serve] allowed_origins")
+    if not origins and headers.get("sec-fetch-site", [""])[0] in ("cross-site", "same-site"):
+        return rc.PermissionDenied("a request from another site's page may not drive this relay",
+                                   hint="open the page from the relay's own origin")
+    import urllib.parse
+
+    query = urllib.parse.parse_qsl(scope.get("query_string", b"").decode("latin-1"),
+                                   keep_blank_values=True)
+    if any(name.lower() in _URL_CREDENTIALS for name, _ in query):
+        return InvalidArgument("credentials are never taken from a URL (it leaks into logs "
+                               "and history)", hint=_LOGIN_HINT)
+    return None
+
+
+def _guard_browsers(app: Any, service: Service) -> Any:
+    """The ASGI wrapper that enforces ``browser_refusal`` on every HTTP request
+    and WebSocket upgrade but /health, answers listed origins' preflights, and
+    adds CORS headers for listed origins (nobody else gets any).  Refusals
+    count in ``relay_requests`` under the route ``door``."""
+
+    async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] not in ("http", "websocket") or scope["path"] == "/health":
+            return await app(scope, receive, send)
+        refusal = browser_refusal(scope, service.config)
+        if refusal is not None:
+            service.metrics.requests.labels("door", str(refusal.code.http_status)).inc()
+            return await _refuse_at_door(scope, receive, send, refusal)
+        headers = {k.decode("latin-1").lower(): v for k, v in scope["headers"]}
+        origin = headers.get("origin")
+        if scope["type"] == "websocket" or origin is None:
+            return await app(scope, receive, send)
+        cors = [(b"access-control-allow-origin", origin), (b"access-control-allow-credentials", b"true"),
+                (b"vary", b"Origin")]
+        if scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
+            cors += [(b"access-control-allow-methods", _CORS_METHODS.encode()),
+                     (b"access-control-allow-headers", _CORS_HEADERS.encode()),
+                     (b"access-control-max-age", str(_CORS_MAX_AGE_SECONDS).encode())]
+            if headers.get("access-control-request-private-network") == b"true":
+                cors.append((b"access-control-allow-private-network", b"true"))
+            await send({"type": "http.response.start", "status": 204, "headers": cors})
+            return await send({"type": "http.response.body", "body": b""})
+
+        async def send_with_cors(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                extra = [*cors, (b"access-control-expose-headers", _CORS_EXPOSE.encode())]
+                message = {**message, "headers": [*message.get("headers", ()), *extra]}
+            await send(message)
+
+        return await app(scope, receive, send_with_cors)
+
+    return asgi
+
+
+async def _refuse_at_door(scope: dict[str, Any], receive: Any, send: Any, exc: RelayError) -> None:
+    """Answer a refused request (or WebSocket upgrade) with the Connect error."""
+    body = json.dumps(exc.to_json()).encode()
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    status = exc.code.http_status
+    if scope["type"] == "http":
+        await send({"type": "http.response.start", "status": status, "headers": head})
+        return await send({"type": "http.response.body", "body": body})
+    if (await receive())["type"] != "websocket.connect":
+        return None
+    if "websocket.http.response" in scope.get("extensions", {}):
+        await send({"type": "websocket.http.response.start", "status": status, "headers": head})
+        return await send({"type": "websocket.http.response.body", "body": body})
+    return await send({"type": "websocket.close", "code": 1008})
 
 
 ################################################################
@@ -3843,9 +4247,9 @@ async def serve(store: Store, config: Config, *, host: str | None = None, port: 
         await root.start(run_heartbeat, owner, config, probe_token is None)
         await root.start(run_supervision)
         async with trio.open_nursery() as http:
+            app = _close_after_response(_guard_browsers(create_app(service), service))
             urls = await http.start(functools.partial(
-                hypercorn.trio.serve, _close_after_response(create_app(service)), hconfig,
-                shutdown_trigger=stopping.wait))
+                hypercorn.trio.serve, app, hconfig, shutdown_trigger=stopping.wait))
             endpoint = urls[0]
             _quiet_gc()
             if probe_token is None:

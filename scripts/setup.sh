@@ -9,6 +9,16 @@ PY="${PYTHON:-python3}"
     echo "setup: flow-relay needs Python >= 3.11 (found $("$PY" --version 2>&1)); set PYTHON=..." >&2
     exit 1
 }
+# The browser tests (tests/test_browser.py) drive Debian's Chromium, never a
+# browser downloaded by Playwright; as root, install it when it is missing.
+if [ "$(id -u)" = 0 ] && [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
+    echo "setup: installing Debian's chromium for the browser tests" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || {
+        echo "setup: could not install chromium (apt-get install -y chromium); the browser tests will fail" >&2
+        exit 1
+    }
+fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 stamp=.venv/.flow-relay-installed
 want=$(sha256sum pyproject.toml | cut -c1-64)

@@ -131,6 +131,7 @@ class SSEReader:
         self.status = 0
         self.headers: dict[str, str] = {}
         self.comments: list[str] = []
+        self.retry = 0
 
     async def _h11_event(self) -> Any:
         while True:
@@ -139,9 +140,9 @@ class SSEReader:
                 return event
             self._conn.receive_data(await self._stream.receive_some(65536))
 
-    async def _start(self, target: str, headers: dict[str, str]) -> None:
+    async def _start(self, target: str, headers: dict[str, str], host: str = "relay") -> None:
         request = h11.Request(method="GET", target=target,
-                              headers=[("Host", "relay"), ("Accept", "text/event-stream"),
+                              headers=[("Host", host), ("Accept", "text/event-stream"),
                                        *headers.items()])
         await self._stream.send_all(self._conn.send(request) + self._conn.send(h11.EndOfMessage()))
         response = await self._h11_event()
@@ -180,6 +181,9 @@ class SSEReader:
                 continue
             field, _, value = line.partition(":")
             value = value.removeprefix(" ")
+            if field == "retry":  # sets the reconnection delay; dispatches no event
+                self.retry = int(value)
+                continue
             event[field] = json.loads(value) if field == "data" else value
         return event or None
 
@@ -198,6 +202,8 @@ class SSEReader:
             assert line is not None, f"stream ended before comment {text!r}"
             if line.startswith(":"):
                 self.comments.append(line[1:].strip())
+            elif line.startswith("retry:"):
+                self.retry = int(line[6:])
 
 
 @contextlib.asynccontextmanager
@@ -208,7 +214,7 @@ async def open_sse(endpoint: str, params: dict[str, str] | None = None,
     stream = await trio.open_tcp_stream(url.host, url.port)
     try:
         reader = SSEReader(stream)
-        await reader._start(url.raw_path.decode(), headers or {})
+        await reader._start(url.raw_path.decode(), headers or {}, f"{url.host}:{url.port}")
         yield reader
     finally:
         await stream.aclose()

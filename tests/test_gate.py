@@ -476,13 +476,13 @@ def test_a_read_that_writes_to_flow_state_fails(ws, capsys, monkeypatch, route):
 
         monkeypatch.setitem(relay.READS, "ListProfiles", writing)
     else:
-        real_replay = relay.Service._replay
+        real_replay = relay.Service._replay_range
 
-        async def writing_replay(self, sub, session, stream, after):
+        def writing_replay(self, session, stream, after):
             touched.write_text("oops")
-            return await real_replay(self, sub, session, stream, after)
+            return real_replay(self, session, stream, after)
 
-        monkeypatch.setattr(relay.Service, "_replay", writing_replay)
+        monkeypatch.setattr(relay.Service, "_replay_range", writing_replay)
     checks = assert_gate(ws, capsys, fail=("http_reads_readonly",))
     assert touched.exists()
     assert "flow/state changed" in checks["http_reads_readonly"]["evidence"]

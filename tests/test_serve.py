@@ -465,7 +465,8 @@ async def test_sse_replays_after_last_event_id_then_streams_live(workspace):
 
 
 async def test_sse_query_cursor_results_stream_and_all_sessions(workspace):
-    """?last_event_id= works like the header; stream=results replays results; no filter sees every session."""
+    """?last_event_id= works like the header; stream=results replays results; no filter sees every
+    session, each id the vector of every session's position."""
     with trio.fail_after(PATIENCE):
         async with serving(workspace) as r:
             s1, s2 = await r.seed(sessions=2)
@@ -479,7 +480,7 @@ async def test_sse_query_cursor_results_stream_and_all_sessions(workspace):
                 await r.ok("AppendEvent", session_id=s1, kind="b")
                 everywhere = await stream.take(2)
     assert (first["id"], first["event"], first["data"]["data"]) == (f"{s1}:1", "result", s1)
-    assert [e["id"] for e in everywhere] == [f"{s2}:1", f"{s1}:1"]
+    assert [e["id"] for e in everywhere] == [f"{s2}:1", f"{s1}:1,{s2}:1"]
 
 
 async def test_sse_delivers_an_event_appended_by_a_cli_process(workspace):
@@ -527,7 +528,8 @@ async def test_cursors_from_another_process_are_not_ahead(workspace):
     ({"session": "s1"}, "s1:x", "invalid_argument"),
     ({"session": "s1"}, "s1:-2", "invalid_argument"),
     ({"session": "s1"}, "s2:1", "invalid_argument"),
-    ({}, "s1:1", "invalid_argument"),
+    ({}, "s1:3", "out_of_range"),
+    ({}, "s1:1,ghost:1", "not_found"),
     ({"session": "ghost"}, "ghost:0", "not_found"),
     ({"session": "s1"}, "s1:3", "out_of_range"),
     ({"session": "s1", "stream": "results"}, "s1:1", "out_of_range"),
@@ -537,7 +539,8 @@ async def test_cursors_from_another_process_are_not_ahead(workspace):
     ({"feed": "gossip"}, "", "invalid_argument"),
 ])
 async def test_sse_bad_cursor_gets_an_error_event(workspace, params, last_id, code):
-    """A malformed, unknown-session or ahead-of-stream Last-Event-ID gets an error event; the stream ends."""
+    """A malformed, unknown-session or ahead-of-stream Last-Event-ID is refused with an HTTP error
+    status and a Connect error body before any stream starts (a browser's EventSource then stops)."""
     with trio.fail_after(PATIENCE):
         async with serving(workspace) as r:
             await r.seed()
@@ -545,12 +548,10 @@ async def test_sse_bad_cursor_gets_an_error_event(workspace, params, last_id, co
             await r.ok("AppendEvent", session_id="s1", kind="k")
             headers = {"Last_Event_ID": last_id} if last_id else {}
             async with r.sse(params, **headers) as stream:
-                error = await stream.next()
-                end = await stream.next()
-    assert error["event"] == "error"
-    assert error["data"]["code"] == code
-    assert error["data"]["message"]
-    assert end is None
+                status, ctype, error = stream.status, stream.headers["content-type"], await stream.body()
+    assert (status, ctype) == (rc.Code(code).http_status, "application/json")
+    assert json.loads(error)["code"] == code
+    assert json.loads(error)["message"]
 
 
 async def test_sse_idle_stream_gets_keepalive_comments(workspace):
