@@ -8,6 +8,7 @@ reply, an event or a printed line, never a sleep.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -296,7 +297,7 @@ def test_the_ledger_id_is_minted_once_and_kept(workspace):
 
 async def test_reads_on_a_damaged_ledger_say_so_everywhere(workspace):
     """While the ledger is damaged, live streams end with the reason; GET routes,
-    Connect reads, new SSE streams and /ws answer `failed_precondition` as the CLI
+    Connect reads, new SSE streams (HTTP 400) and /ws answer `failed_precondition` as the CLI
     does (never the stale copy in memory); status reports `ledger_invalid`; once
     the ledger reads again, so do the reads."""
     ledger_path = relay.Store(workspace).ledger_path
@@ -321,7 +322,7 @@ async def test_reads_on_a_damaged_ledger_say_so_everywhere(workspace):
             for params, headers in (({"session": sid}, {}), ({"session": sid}, {"Last_Event_ID": f"{sid}:0"}),
                                     ({"feed": "relay"}, {})):
                 async with r.sse(params, **headers) as stream:
-                    streams.append((await stream.next(), await stream.next()))
+                    streams.append((stream.status, json.loads(await stream.body())))
             async with r.ws() as ws:
                 await ws_send(ws, type="rpc", id=1, method="ListSessions", request={})
                 ws_rpc = await ws_recv(ws)
@@ -345,8 +346,9 @@ async def test_reads_on_a_damaged_ledger_say_so_everywhere(workspace):
         assert "state reset --owner relay --apply" in response.json()["hint"], name
     assert status["status"] == "fail"
     assert [w["code"] for w in status["warnings"]] == ["ledger_invalid"]
-    for first, end in streams:
-        assert (first["event"], first["data"]["code"], end) == ("error", "failed_precondition", None)
+    for http_status, body in streams:  # refused before the stream starts
+        assert (http_status, body["code"]) == (400, "failed_precondition"), body
+        assert body["message"] == cli_error["message"]
     assert (ws_rpc["type"], ws_rpc["error"]["code"]) == ("error", "failed_precondition")
     assert (ws_sub["type"], ws_sub["data"]["code"]) == ("error", "failed_precondition")
     assert after.status_code == 200 and [s["session_id"] for s in after.json()["sessions"]] == [sid]
