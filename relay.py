@@ -2111,6 +2111,11 @@ class WireStateError(RuntimeError):
 
 _event = attrs.frozen(kw_only=True)
 
+# Event classes cost import time (attrs generates code for each), and every CLI
+# run imports this module, so the fields live on a few attrs "shapes" and each
+# kind is a plain subclass of its shape: its own type (events of different kinds
+# never compare equal) at no generation cost.
+
 
 @_event
 class WireEvent:
@@ -2121,124 +2126,48 @@ class WireEvent:
 
 
 @_event
-class HandshakeCompleted(WireEvent):
-    kind: ClassVar[str] = "handshake.completed"
+class _Scoped(WireEvent):
+    thread_id: str | None = None  # Codex thread id, Claude session id
+    turn_id: str | None = None  # Codex turn id; for Claude and Kimi the caller's
+
+
+@_event
+class _SessionEvent(_Scoped):
     provider_version: str | None = None
     session_id: str | None = None
-
-
-@_event
-class HandshakeFailed(WireEvent):
-    kind: ClassVar[str] = "handshake.failed"
-    error: str = ""
-
-
-@_event
-class _ThreadEvent(WireEvent):
-    thread_id: str | None = None
-
-
-@_event
-class ThreadStarted(_ThreadEvent):
-    kind: ClassVar[str] = "thread.started"
+    error: str | None = None
     ephemeral: bool | None = None
     path: str | None = None
-
-
-@_event
-class ThreadResumed(_ThreadEvent):
-    kind: ClassVar[str] = "thread.resumed"
-    turns: tuple[tuple[str, str], ...] = ()  # (turn_id, native status), oldest first
-
-
-@_event
-class ThreadArchived(_ThreadEvent):
-    kind: ClassVar[str] = "thread.archived"
-
-
-@_event
-class UsageUpdated(_ThreadEvent):
-    kind: ClassVar[str] = "usage.updated"
+    turns: tuple[tuple[str, str], ...] = ()  # thread.resumed: (turn_id, native status), oldest first
     usage: Any = None
+    open_turns: tuple[str, ...] = ()  # stream.closed: turns started and not ended
 
 
 @_event
-class _TurnEvent(_ThreadEvent):
-    turn_id: str | None = None
-
-
-@_event
-class TurnAccepted(_TurnEvent):
-    kind: ClassVar[str] = "turn.accepted"
-
-
-@_event
-class TurnStarted(_TurnEvent):
-    kind: ClassVar[str] = "turn.started"
-
-
-@_event
-class _TurnEnded(_TurnEvent):
+class _TurnEnded(_Scoped):
     output_text: str = ""
     error: str | None = None
     usage: Any = None
 
 
 @_event
-class TurnCompleted(_TurnEnded):
-    kind: ClassVar[str] = "turn.completed"
-
-
-@_event
-class TurnFailed(_TurnEnded):
-    kind: ClassVar[str] = "turn.failed"
-
-
-@_event
-class TurnInterrupted(_TurnEnded):
-    kind: ClassVar[str] = "turn.interrupted"
-
-
-@_event
-class InterruptAcknowledged(_TurnEvent):
-    kind: ClassVar[str] = "interrupt.acknowledged"
-
-
-@_event
-class _ItemEvent(_TurnEvent):
+class _ItemEvent(_Scoped):
     item_id: str | None = None
     item_type: str = "other"
     text: str | None = None
     command: str | None = None
     tool_name: str | None = None
-
-
-@_event
-class ItemStarted(_ItemEvent):
-    kind: ClassVar[str] = "item.started"
-
-
-@_event
-class ItemCompleted(_ItemEvent):
-    kind: ClassVar[str] = "item.completed"
     status: str | None = None
     output: str | None = None
     exit_code: int | None = None
-
-
-@_event
-class ItemDelta(_TurnEvent):
-    kind: ClassVar[str] = "item.delta"
-    item_id: str | None = None
-    stream: str = "text"  # "text" (agent message tokens) or "output" (command output)
+    stream: str | None = None  # item.delta: "text" (agent message tokens) or "output" (command output)
     delta: str = ""
 
 
 @_event
-class ApprovalRequested(_TurnEvent):
-    kind: ClassVar[str] = "approval.requested"
+class _ApprovalEvent(_Scoped):
     approval_id: str
-    approval_kind: str = "command"  # "command", "file_change" or "tool"
+    approval_kind: str | None = None  # "command", "file_change" or "tool"
     item_id: str | None = None
     command: str | None = None
     tool_name: str | None = None
@@ -2247,60 +2176,138 @@ class ApprovalRequested(_TurnEvent):
 
 
 @_event
-class ApprovalResolved(WireEvent):
-    kind: ClassVar[str] = "approval.resolved"
-    approval_id: str
-
-
-@_event
-class ApprovalCancelled(WireEvent):
-    kind: ClassVar[str] = "approval.cancelled"
-    approval_id: str
-
-
-@_event
-class ProbeAnswered(WireEvent):
-    kind: ClassVar[str] = "probe.answered"
-    probe_id: str
+class _ChannelEvent(_Scoped):
+    request_id: str | None = None
+    method: str | None = None
     ok: bool = True
-
-
-@_event
-class RequestFailed(_ThreadEvent):
-    kind: ClassVar[str] = "request.failed"
-    method: str
-    request_id: str
     code: int | None = None
     message: str = ""
+    name: str | None = None  # provider.notice: the native method or type/subtype
+    reason: str = ""  # protocol.error: what was wrong with the line
 
 
-@_event
-class RequestRefused(WireEvent):
+class HandshakeCompleted(_SessionEvent):
+    __slots__ = ()
+    kind: ClassVar[str] = "handshake.completed"
+
+
+class HandshakeFailed(_SessionEvent):
+    __slots__ = ()
+    kind: ClassVar[str] = "handshake.failed"
+
+
+class ThreadStarted(_SessionEvent):
+    __slots__ = ()
+    kind: ClassVar[str] = "thread.started"
+
+
+class ThreadResumed(_SessionEvent):
+    __slots__ = ()
+    kind: ClassVar[str] = "thread.resumed"
+
+
+class ThreadArchived(_Scoped):
+    __slots__ = ()
+    kind: ClassVar[str] = "thread.archived"
+
+
+class UsageUpdated(_SessionEvent):
+    __slots__ = ()
+    kind: ClassVar[str] = "usage.updated"
+
+
+class TurnAccepted(_Scoped):
+    __slots__ = ()
+    kind: ClassVar[str] = "turn.accepted"
+
+
+class TurnStarted(_Scoped):
+    __slots__ = ()
+    kind: ClassVar[str] = "turn.started"
+
+
+class TurnCompleted(_TurnEnded):
+    __slots__ = ()
+    kind: ClassVar[str] = "turn.completed"
+
+
+class TurnFailed(_TurnEnded):
+    __slots__ = ()
+    kind: ClassVar[str] = "turn.failed"
+
+
+class TurnInterrupted(_TurnEnded):
+    __slots__ = ()
+    kind: ClassVar[str] = "turn.interrupted"
+
+
+class InterruptAcknowledged(_Scoped):
+    __slots__ = ()
+    kind: ClassVar[str] = "interrupt.acknowledged"
+
+
+class ItemStarted(_ItemEvent):
+    __slots__ = ()
+    kind: ClassVar[str] = "item.started"
+
+
+class ItemDelta(_ItemEvent):
+    __slots__ = ()
+    kind: ClassVar[str] = "item.delta"
+
+
+class ItemCompleted(_ItemEvent):
+    __slots__ = ()
+    kind: ClassVar[str] = "item.completed"
+
+
+class ApprovalRequested(_ApprovalEvent):
+    __slots__ = ()
+    kind: ClassVar[str] = "approval.requested"
+
+
+class ApprovalResolved(_ApprovalEvent):
+    __slots__ = ()
+    kind: ClassVar[str] = "approval.resolved"
+
+
+class ApprovalCancelled(_ApprovalEvent):
+    __slots__ = ()
+    kind: ClassVar[str] = "approval.cancelled"
+
+
+class ProbeAnswered(_ChannelEvent):
+    __slots__ = ()
+    kind: ClassVar[str] = "probe.answered"
+
+
+class RequestFailed(_ChannelEvent):
+    __slots__ = ()
+    kind: ClassVar[str] = "request.failed"
+
+
+class RequestRefused(_ChannelEvent):
     """The provider asked something the relay cannot answer; an error reply is in data_to_send()."""
 
+    __slots__ = ()
     kind: ClassVar[str] = "request.refused"
-    method: str
-    request_id: str
 
 
-@_event
-class ProviderNotice(WireEvent):
+class ProviderNotice(_ChannelEvent):
     """A well-formed frame with no provider-neutral meaning (status, warnings, rate limits)."""
 
+    __slots__ = ()
     kind: ClassVar[str] = "provider.notice"
-    name: str
 
 
-@_event
-class ProtocolError(WireEvent):
+class ProtocolError(_ChannelEvent):
+    __slots__ = ()
     kind: ClassVar[str] = "protocol.error"
-    reason: str
 
 
-@_event
-class StreamClosed(WireEvent):
+class StreamClosed(_SessionEvent):
+    __slots__ = ()
     kind: ClassVar[str] = "stream.closed"
-    open_turns: tuple[str, ...] = ()
 
 
 WIRE_EVENT_KINDS: Final = tuple(
@@ -2608,7 +2615,7 @@ class CodexProtocol(_JsonLinesProtocol):
             return [InterruptAcknowledged(thread_id=ctx["thread_id"], turn_id=ctx["turn_id"], native=frame)]
         if method == "thread/archive":
             return [ThreadArchived(thread_id=ctx["thread_id"], native=frame)]
-        return [ProbeAnswered(probe_id=str(rid), ok=True, native=frame)]  # thread/loaded/list
+        return [ProbeAnswered(request_id=str(rid), ok=True, native=frame)]  # thread/loaded/list
 
     def _on_error_reply(self, frame: dict, method: str, rid: int, ctx: dict) -> WireEvent:
         error = _obj(frame["error"])
@@ -2617,7 +2624,7 @@ class CodexProtocol(_JsonLinesProtocol):
             self.state = "failed"
             return HandshakeFailed(error=message, native=frame)
         if method == "thread/loaded/list":
-            return ProbeAnswered(probe_id=str(rid), ok=False, native=frame)  # alive all the same
+            return ProbeAnswered(request_id=str(rid), ok=False, native=frame)  # alive all the same
         return RequestFailed(
             method=method, request_id=str(rid), thread_id=ctx.get("thread_id"),
             code=_opt_int(error.get("code")), message=message, native=frame,
@@ -2932,7 +2939,7 @@ class ClaudeProtocol(_JsonLinesProtocol):
         purpose = self._controls.pop(rid, None)
         ok = response.get("subtype") == "success"
         if purpose == "probe":
-            return [ProbeAnswered(probe_id=rid, ok=ok, native=frame)]
+            return [ProbeAnswered(request_id=rid, ok=ok, native=frame)]
         if purpose == "interrupt" and ok:
             return [InterruptAcknowledged(thread_id=self.session_id, turn_id=self._turn, native=frame)]
         if purpose == "interrupt":

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 from hypothesis import given, settings
@@ -334,7 +335,7 @@ def test_codex_probe():
     p = codex_ready()
     assert json.loads(p.send_probe())["method"] == "thread/loaded/list"
     (answer,) = p.receive_data(b'{"id":2,"result":{"data":[]}}\n')
-    assert (answer.kind, answer.probe_id, answer.ok) == ("probe.answered", "2", True)
+    assert (answer.kind, answer.request_id, answer.ok) == ("probe.answered", "2", True)
     p.send_probe()
     (answer,) = p.receive_data(b'{"id":3,"error":{"code":-32600,"message":"busy"}}\n')
     assert (answer.kind, answer.ok) == ("probe.answered", False)
@@ -537,7 +538,7 @@ def test_claude_probe():
     (answer,) = p.receive_data(
         b'{"type":"control_response","response":{"subtype":"success","request_id":"p-1",'
         b'"response":{"mcpServers":[]}}}\n')
-    assert (answer.kind, answer.probe_id, answer.ok) == ("probe.answered", "p-1", True)
+    assert (answer.kind, answer.request_id, answer.ok) == ("probe.answered", "p-1", True)
     p.send_probe()
     (answer,) = p.receive_data(
         b'{"type":"control_response","response":{"subtype":"error","request_id":"p-2",'
@@ -682,6 +683,15 @@ def test_eof_parses_a_final_unterminated_line():
     assert p.receive_data(b'{"role":"assistant","content":"yo"}') == []
     assert kinds(p.receive_eof()) == [
         "handshake.completed", "turn.started", "item.completed", "turn.completed", "stream.closed"]
+
+
+def test_events_of_different_kinds_never_compare_equal():
+    """Kinds sharing a shape are still distinct types: equal fields, different kinds, unequal events."""
+    assert relay.TurnCompleted(turn_id="U1") != relay.TurnFailed(turn_id="U1")
+    assert relay.TurnCompleted(turn_id="U1") == relay.TurnCompleted(turn_id="U1")
+    assert repr(relay.ItemDelta(delta="x")).startswith("ItemDelta(")
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        relay.TurnStarted().turn_id = "U2"
 
 
 def test_event_kinds_match_the_contract():
