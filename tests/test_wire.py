@@ -784,8 +784,10 @@ class Child:
 
 @contextlib.asynccontextmanager
 async def stand_in(tmp_path: Path, provider: str, *args: str, **proto_options):
+    """The stand-in as a child; afterwards it is reaped and none of its pipes is left open."""
     env = dict(os.environ, CODEX_HOME=str(tmp_path / "codex"), HOME=str(tmp_path / "home"),
                TMPDIR=str(tmp_path))
+    fds = set(os.listdir("/proc/self/fd"))
     proc = await trio.lowlevel.open_process(
         [sys.executable, str(STAND_IN), "--provider", provider, *args],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=str(tmp_path),
@@ -799,6 +801,9 @@ async def stand_in(tmp_path: Path, provider: str, *args: str, **proto_options):
             await proc.wait()
             for stream in (proc.stdin, proc.stdout, proc.stderr):
                 await stream.aclose()
+    with pytest.raises(ChildProcessError):  # reaped: no zombie left
+        os.waitpid(proc.pid, os.WNOHANG)  # noqa: ASYNC222 - WNOHANG never blocks
+    assert set(os.listdir("/proc/self/fd")) <= fds
 
 
 BOTH = pytest.mark.parametrize("provider", ["codex", "claude"])
