@@ -300,6 +300,16 @@ def test_codex_approval_rejects_unknown_decisions():
         p.send_approval("9", "accept")
 
 
+def test_codex_file_change_approval():
+    """item/fileChange/requestApproval is an approval too, of kind file_change."""
+    p = codex_ready()
+    (asked,) = p.receive_data(
+        b'{"method":"item/fileChange/requestApproval","id":5,"params":{"threadId":"T1","turnId":"U1",'
+        b'"itemId":"fc_1","reason":"write outside the workspace"}}\n')
+    assert (asked.approval_kind, asked.approval_id, asked.item_id) == ("file_change", "5", "fc_1")
+    assert p.send_approval("5", "decline") == b'{"id":5,"result":{"decision":"decline"}}\n'
+
+
 def test_codex_unhandled_server_request_is_answered_with_an_error():
     """A server request nobody can answer gets an error reply at once, or the turn would wait forever."""
     p = codex_ready()
@@ -944,12 +954,22 @@ async def test_stand_in_crash_mid_turn(tmp_path, provider):
         assert await child.wait() == -signal.SIGKILL
 
 
+CUE_OR_FAULT = pytest.mark.parametrize("via", ["cue", "fault"])
+
+
+def cued(via: str, fault: str) -> tuple[tuple[str, ...], str]:
+    """The stand-in's arguments and prompt that trigger ``fault`` per turn (cue) or for every turn."""
+    return ((), f"say hi @{fault}") if via == "cue" else (("--fault", fault), "say hi")
+
+
 @BOTH
-async def test_stand_in_hang_ignores_the_interrupt(tmp_path, provider):
-    """@hang: the interrupt is acknowledged but the turn never ends; the process still answers probes."""
-    async with stand_in(tmp_path, provider) as child:
+@CUE_OR_FAULT
+async def test_stand_in_hang_ignores_the_interrupt(tmp_path, provider, via):
+    """hang: the interrupt is acknowledged but the turn never ends; the process still answers probes."""
+    args, prompt = cued(via, "hang")
+    async with stand_in(tmp_path, provider, *args) as child:
         await child.open()
-        turn_id = await child.turn("say hi @hang")
+        turn_id = await child.turn(prompt)
         await child.interrupt(turn_id)
         await child.until("interrupt.acknowledged")
         await child.until_stderr("hang: ignoring interrupt")
@@ -962,11 +982,13 @@ async def test_stand_in_hang_ignores_the_interrupt(tmp_path, provider):
 
 
 @BOTH
-async def test_stand_in_wedge_answers_nothing(tmp_path, provider):
-    """@wedge: alive, but no probe answer and no exit on stdin EOF; only a signal ends it."""
-    async with stand_in(tmp_path, provider) as child:
+@CUE_OR_FAULT
+async def test_stand_in_wedge_answers_nothing(tmp_path, provider, via):
+    """wedge: alive, but no probe answer and no exit on stdin EOF; only a signal ends it."""
+    args, prompt = cued(via, "wedge")
+    async with stand_in(tmp_path, provider, *args) as child:
         await child.open()
-        await child.turn("say hi @wedge")
+        await child.turn(prompt)
         await child.until_stderr("wedged: answering nothing")
         await child.send(child.proto.send_probe())
         await child.until_stderr("wedged: ignoring")
