@@ -32,6 +32,7 @@ Standard library only, so it starts in a few tens of milliseconds.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import queue
@@ -182,7 +183,7 @@ class Codex(Provider):
         self.initialized = False
         self.threads: dict[str, dict] = {}  # loaded threads
         self.runs: dict[str, Run] = {}
-        self.server_ids = 0
+        self.server_ids = itertools.count()  # next() is atomic: turns on two threads may ask at once
 
     def thread_file(self, thread_id: str) -> str:
         return os.path.join(self.home, "standin-threads", f"{thread_id}.json")
@@ -299,8 +300,7 @@ class Codex(Provider):
 
     def server_request(self, run: Run, method: str, params: dict) -> dict | None:
         """Ask the client; the answer, or None if the turn was interrupted first."""
-        sid = self.server_ids
-        self.server_ids += 1
+        sid = next(self.server_ids)
         run.waiting_on = sid
         self.wire.send({"method": method, "id": sid, "params": params})
         run.wake.wait()
