@@ -13,6 +13,7 @@ One module, read top to bottom; each section uses only those above it.
     Projections (status, inspect, inventory, cleanup, recover)
     Commit (the one place mutations are applied and made durable)
     Event hub (fan-out)
+    Provider wire protocols (sans-I/O: bytes in, events out)
     Supervision (ledger owner, heartbeat, subprocesses)
     Service (one method per RPC; no Quart imports)
     HTTP, SSE and WebSocket adapter (create_app)
@@ -237,7 +238,7 @@ import zlib  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from datetime import UTC, datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, Final  # noqa: E402
+from typing import Any, ClassVar, Final  # noqa: E402
 
 import attrs  # noqa: E402
 
@@ -256,8 +257,11 @@ from relay_client import (  # noqa: E402
 )
 
 __all__ = [
+    "ClaudeProtocol",
+    "CodexProtocol",
     "Config",
     "Ctx",
+    "KimiProtocol",
     "Ledger",
     "Store",
     "commit",
@@ -2743,6 +2747,967 @@ def diff_notices(old: Ledger, new: Ledger) -> list[tuple[str, dict[str, Any]]]:
         kind = {"serving": "served"}.get(new.runtime.status, new.runtime.status)
         out.append((f"runtime.{kind}", to_json(new.runtime)))
     return out
+
+
+################################################################
+# Provider wire protocols (sans-I/O: bytes in, events out)
+################################################################
+
+# Each coding-agent CLI speaks one JSON object per line on stdin/stdout.  The
+# classes below are those protocols as pure objects, in the manner of h11: the
+# supervisor feeds them what the child printed (``receive_data``) and gets back
+# provider-neutral events; ``send_*`` methods return the bytes to write to the
+# child's stdin.  A few replies the protocol makes on its own (``initialized``
+# after Codex's handshake, an error for a server request nobody can answer,
+# without which the turn waits forever) wait in ``data_to_send()``, as in h2's
+# connection object: after every ``receive_data`` the caller writes them.  No
+# trio, no ledger, no clock, so every wire path is a unit test.
+#
+# Every line is decoded and dispatched on its fields, never matched on a
+# prefix: Claude 2.1.332 moved "type" away from the front of its result line,
+# and Codex sends a response and the notifications that belong to it in no
+# fixed order.  Correlation is by request id (Codex JSON-RPC, Claude's control
+# channel) and, for Claude results, by the order user lines were written (each
+# user line ends with exactly one result line).  The event kinds and what each
+# maps from are in specs/flow-runtime-contract.md.
+#
+# A provider is not trusted to be well-formed: a line that is not JSON, not an
+# object, of an unexpected shape, or longer than ``max_line_bytes`` becomes a
+# ``protocol.error`` event and parsing goes on with the next line.  The buffer
+# never holds more than one line's worth (``max_line_bytes``) plus one chunk.
+
+#: The longest stdout line a protocol keeps (bytes); a longer one is dropped and reported.
+#: Codex's ``thread/resume`` reply carries the whole history, hence the generous bound.
+WIRE_MAX_LINE_BYTES: Final = 16 * MIB
+
+#: How much of an unparseable line a protocol.error event quotes (characters).
+WIRE_EXCERPT_CHARS: Final = 200
+
+#: Decisions a lease holder can give an approval request.
+APPROVAL_DECISIONS: Final = ("accept", "decline")
+
+#: Claude's terminal_reason values that mean the turn was interrupted.
+_CLAUDE_ABORTED: Final = frozenset({"aborted_streaming", "aborted_tools"})
+
+#: How many ended Codex turn ids a protocol remembers (to order a late turn/start reply).
+_CODEX_ENDED_KEPT: Final = 64
+
+#: Codex server->client requests relayed to the lease holder, by the approval kind they become.
+_CODEX_APPROVALS: Final = {
+    "item/commandExecution/requestApproval": "command",
+    "item/fileChange/requestApproval": "file_change",
+}
+
+
+class WireStateError(RuntimeError):
+    """A protocol object was asked for something its state forbids: a bug in the caller."""
+
+
+_event = attrs.frozen(kw_only=True)
+
+# Event classes cost import time (attrs generates code for each), and every CLI
+# run imports this module, so the fields live on a few attrs "shapes" and each
+# kind is a plain subclass of its shape: its own type (events of different kinds
+# never compare equal) at no generation cost.
+
+
+@_event
+class WireEvent:
+    """One provider-neutral event; ``native`` keeps the frame it came from."""
+
+    kind: ClassVar[str] = ""
+    native: Any = attrs.field(default=None, repr=False)
+
+
+@_event
+class _Scoped(WireEvent):
+    thread_id: str | None = None  # Codex thread id, Claude session id
+    turn_id: str | None = None  # Codex turn id; for Claude and Kimi the caller's
+
+
+@_event
+class _SessionEvent(_Scoped):
+    provider_version: str | None = None
+    session_id: str | None = None
+    error: str | None = None
+    ephemeral: bool | None = None
+    path: str | None = None
+    turns: tuple[tuple[str, str], ...] = ()  # thread.resumed: (turn_id, native status), oldest first
+    usage: Any = None
+    open_turns: tuple[str, ...] = ()  # stream.closed: turns started and not ended
+
+
+@_event
+class _TurnEnded(_Scoped):
+    output_text: str = ""
+    error: str | None = None
+    usage: Any = None
+
+
+@_event
+class _ItemEvent(_Scoped):
+    item_id: str | None = None
+    item_type: str = "other"
+    text: str | None = None
+    command: str | None = None
+    tool_name: str | None = None
+    status: str | None = None
+    output: str | None = None
+    exit_code: int | None = None
+    stream: str | None = None  # item.delta: "text" (agent message tokens) or "output" (command output)
+    delta: str = ""
+
+
+@_event
+class _ApprovalEvent(_Scoped):
+    approval_id: str
+    approval_kind: str | None = None  # "command", "file_change" or "tool"
+    item_id: str | None = None
+    command: str | None = None
+    tool_name: str | None = None
+    tool_input: Any = None
+    reason: str | None = None
+
+
+@_event
+class _ChannelEvent(_Scoped):
+    request_id: str | None = None
+    method: str | None = None
+    ok: bool = True
+    code: int | None = None
+    message: str = ""
+    name: str | None = None  # provider.notice: the native method or type/subtype
+    reason: str = ""  # protocol.error: what was wrong with the line
+
+
+class HandshakeCompleted(_SessionEvent):
+    __slots__ = ()
+    kind: ClassVar[str] = "handshake.completed"
+
+
+class HandshakeFailed(_SessionEvent):
+    __slots__ = ()
+    kind: ClassVar[str] = "handshake.failed"
+
+
+class ThreadStarted(_SessionEvent):
+    __slots__ = ()
+    kind: ClassVar[str] = "thread.started"
+
+
+class ThreadResumed(_SessionEvent):
+    __slots__ = ()
+    kind: ClassVar[str] = "thread.resumed"
+
+
+class ThreadArchived(_Scoped):
+    __slots__ = ()
+    kind: ClassVar[str] = "thread.archived"
+
+
+class UsageUpdated(_SessionEvent):
+    __slots__ = ()
+    kind: ClassVar[str] = "usage.updated"
+
+
+class TurnAccepted(_Scoped):
+    __slots__ = ()
+    kind: ClassVar[str] = "turn.accepted"
+
+
+class TurnStarted(_Scoped):
+    __slots__ = ()
+    kind: ClassVar[str] = "turn.started"
+
+
+class TurnCompleted(_TurnEnded):
+    __slots__ = ()
+    kind: ClassVar[str] = "turn.completed"
+
+
+class TurnFailed(_TurnEnded):
+    __slots__ = ()
+    kind: ClassVar[str] = "turn.failed"
+
+
+class TurnInterrupted(_TurnEnded):
+    __slots__ = ()
+    kind: ClassVar[str] = "turn.interrupted"
+
+
+class InterruptAcknowledged(_Scoped):
+    __slots__ = ()
+    kind: ClassVar[str] = "interrupt.acknowledged"
+
+
+class ItemStarted(_ItemEvent):
+    __slots__ = ()
+    kind: ClassVar[str] = "item.started"
+
+
+class ItemDelta(_ItemEvent):
+    __slots__ = ()
+    kind: ClassVar[str] = "item.delta"
+
+
+class ItemCompleted(_ItemEvent):
+    __slots__ = ()
+    kind: ClassVar[str] = "item.completed"
+
+
+class ApprovalRequested(_ApprovalEvent):
+    __slots__ = ()
+    kind: ClassVar[str] = "approval.requested"
+
+
+class ApprovalResolved(_ApprovalEvent):
+    __slots__ = ()
+    kind: ClassVar[str] = "approval.resolved"
+
+
+class ApprovalCancelled(_ApprovalEvent):
+    __slots__ = ()
+    kind: ClassVar[str] = "approval.cancelled"
+
+
+class ProbeAnswered(_ChannelEvent):
+    __slots__ = ()
+    kind: ClassVar[str] = "probe.answered"
+
+
+class RequestFailed(_ChannelEvent):
+    __slots__ = ()
+    kind: ClassVar[str] = "request.failed"
+
+
+class RequestRefused(_ChannelEvent):
+    """The provider asked something the relay cannot answer; an error reply is in data_to_send()."""
+
+    __slots__ = ()
+    kind: ClassVar[str] = "request.refused"
+
+
+class ProviderNotice(_ChannelEvent):
+    """A well-formed frame with no provider-neutral meaning (status, warnings, rate limits)."""
+
+    __slots__ = ()
+    kind: ClassVar[str] = "provider.notice"
+
+
+class ProtocolError(_ChannelEvent):
+    __slots__ = ()
+    kind: ClassVar[str] = "protocol.error"
+
+
+class StreamClosed(_SessionEvent):
+    __slots__ = ()
+    kind: ClassVar[str] = "stream.closed"
+
+
+WIRE_EVENT_KINDS: Final = tuple(
+    cls.kind
+    for cls in (
+        HandshakeCompleted, HandshakeFailed, ThreadStarted, ThreadResumed, ThreadArchived,
+        UsageUpdated, TurnAccepted, TurnStarted, TurnCompleted, TurnFailed, TurnInterrupted,
+        InterruptAcknowledged, ItemStarted, ItemDelta, ItemCompleted, ApprovalRequested,
+        ApprovalResolved, ApprovalCancelled, ProbeAnswered, RequestFailed, RequestRefused,
+        ProviderNotice, ProtocolError, StreamClosed,
+    )
+)
+
+
+class _BadFrame(Exception):
+    """A JSON object whose fields do not have the shape its kind promises."""
+
+
+def _obj(value: Any) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _BadFrame(f"expected an object, got {type(value).__name__}")
+    return value
+
+
+def _opt_str(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise _BadFrame(f"expected a string, got {type(value).__name__}")
+
+
+def _opt_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _snake(name: Any) -> str:
+    """``commandExecution`` -> ``command_execution``: native item types in neutral spelling."""
+    if not isinstance(name, str) or not name:
+        return "other"
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
+
+
+def _encode_line(frame: dict) -> bytes:
+    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+def _excerpt(line: bytes) -> str:
+    return line[: WIRE_EXCERPT_CHARS * 4].decode("utf-8", "replace")[:WIRE_EXCERPT_CHARS]
+
+
+@attrs.define(eq=False)
+class _LineSplitter:
+    """Newline framing with a bound: whole lines out, an over-long line reported by its length.
+
+    ``_scanned`` remembers how far the buffered partial line has been searched,
+    so a line arriving one byte at a time costs linear, not quadratic, time.
+    """
+
+    max_line_bytes: int
+    _buf: bytearray = attrs.field(factory=bytearray)
+    _scanned: int = 0
+    _dropped: int | None = None  # bytes of an over-long line dropped so far
+
+    def feed(self, data: bytes) -> list[bytes | int]:
+        """Complete lines (without the newline); an int stands for a dropped line of that length."""
+        buf = self._buf
+        buf += data
+        out: list[bytes | int] = []
+        start = 0
+        while (nl := buf.find(b"\n", max(start, self._scanned))) >= 0:
+            if self._dropped is not None:
+                out.append(self._dropped + nl - start)
+                self._dropped = None
+            elif nl - start > self.max_line_bytes:
+                out.append(nl - start)
+            else:
+                out.append(bytes(buf[start:nl]))
+            start = nl + 1
+        del buf[:start]
+        if self._dropped is not None:
+            self._dropped += len(buf)
+            buf.clear()
+        elif len(buf) > self.max_line_bytes:
+            self._dropped = len(buf)
+            buf.clear()
+        self._scanned = len(buf)
+        return out
+
+    def close(self) -> bytes | int | None:
+        """What was left after the last newline: a partial line, a dropped length, or None."""
+        if self._dropped is not None:
+            left: bytes | int | None = self._dropped
+        else:
+            left = bytes(self._buf) if self._buf.strip() else None
+        self._buf.clear()
+        self._dropped = None
+        self._scanned = 0
+        return left
+
+
+@attrs.define(eq=False)
+class _JsonLinesProtocol:
+    """What every provider protocol shares: framing, decoding, error events and the outbox."""
+
+    max_line_bytes: int = WIRE_MAX_LINE_BYTES
+    _lines: _LineSplitter = attrs.field(init=False)
+    _outbox: bytearray = attrs.field(init=False, factory=bytearray)
+    _eof: bool = attrs.field(init=False, default=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._lines = _LineSplitter(self.max_line_bytes)
+
+    def receive_data(self, data: bytes) -> list[WireEvent]:
+        """Events for every complete line in ``data`` (plus what earlier calls left over)."""
+        if self._eof:
+            raise WireStateError("receive_data after receive_eof")
+        events: list[WireEvent] = []
+        for line in self._lines.feed(data):
+            self._receive_line(line, events)
+        return events
+
+    def receive_eof(self) -> list[WireEvent]:
+        """The child's stdout ended: a final unterminated line, then ``stream.closed``."""
+        if self._eof:
+            return []
+        self._eof = True
+        events: list[WireEvent] = []
+        left = self._lines.close()
+        if isinstance(left, bytes):
+            try:
+                json.loads(left)
+            except ValueError:
+                events.append(ProtocolError(reason="stdout ended inside a line", native=_excerpt(left)))
+                left = None
+        if left is not None:
+            self._receive_line(left, events)
+        events.append(StreamClosed(open_turns=self.open_turns()))
+        return events
+
+    def data_to_send(self) -> bytes:
+        """Bytes the protocol decided to write on its own since the last call (often empty)."""
+        out = bytes(self._outbox)
+        self._outbox.clear()
+        return out
+
+    def open_turns(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def _receive_line(self, line: bytes | int, events: list[WireEvent]) -> None:
+        if isinstance(line, int):
+            reason = f"dropped a stdout line of {line} bytes (longer than {self.max_line_bytes})"
+            events.append(ProtocolError(reason=reason))
+            return
+        if not line.strip():
+            return
+        try:
+            frame = json.loads(line)
+        except ValueError as exc:  # UnicodeDecodeError is a ValueError too
+            events.append(ProtocolError(reason=f"not JSON: {exc}", native=_excerpt(line)))
+            return
+        if not isinstance(frame, dict):
+            events.append(ProtocolError(reason="a JSON line that is not an object", native=frame))
+            return
+        try:
+            events.extend(self._on_frame(frame))
+        except _BadFrame as exc:
+            events.append(ProtocolError(reason=f"unexpected frame shape: {exc}", native=frame))
+
+    def _on_frame(self, frame: dict) -> list[WireEvent]:
+        raise NotImplementedError
+
+
+@attrs.define(eq=False)
+class CodexProtocol(_JsonLinesProtocol):
+    """``codex app-server``: JSON-RPC 2.0 without the "jsonrpc" member, one process, many threads.
+
+    States: ``new`` -(send_initialize)-> ``initializing`` -(result)-> ``ready``,
+    or -(error reply)-> ``failed``.  Requests other than ``initialize`` need ``ready``.
+    """
+
+    client_name: str = "flow_relay"
+    client_version: str = "0.1.0"
+    state: str = attrs.field(init=False, default="new")
+    last_request_id: int | None = attrs.field(init=False, default=None)
+    _next_id: int = attrs.field(init=False, default=0)
+    _pending: dict = attrs.field(init=False, factory=dict)  # id -> (method, context)
+    _approvals: dict = attrs.field(init=False, factory=dict)  # approval_id -> native request id
+    _usage: dict = attrs.field(init=False, factory=dict)  # thread_id -> last token usage
+    _turns: dict = attrs.field(init=False, factory=dict)  # open turn_id -> thread_id
+    _ended: dict = attrs.field(init=False, factory=dict)  # recently ended turn ids (an ordered set)
+
+    # -- client -> server ---------------------------------------------------
+
+    def send_initialize(self) -> bytes:
+        if self.state != "new":
+            raise WireStateError(f"initialize sent twice (state {self.state})")
+        self.state = "initializing"
+        client = {"name": self.client_name, "title": None, "version": self.client_version}
+        caps = {"experimentalApi": False, "requestAttestation": False}
+        return self._request("initialize", {"clientInfo": client, "capabilities": caps}, {})
+
+    def send_thread_start(
+        self, *, cwd: str, approval_policy: Any = "never", sandbox: str = "read-only",
+        ephemeral: bool = False, env: dict[str, str] | None = None, config: dict | None = None,
+    ) -> bytes:
+        """A thread for one borrower; ``env`` reaches only this thread's commands."""
+        params: dict[str, Any] = {
+            "cwd": cwd, "approvalPolicy": approval_policy, "sandbox": sandbox, "ephemeral": ephemeral,
+        }
+        overrides = dict(config or {})
+        if env:
+            overrides["shell_environment_policy"] = {"set": dict(env)}
+        if overrides:
+            params["config"] = overrides
+        return self._request("thread/start", params, {})
+
+    def send_thread_resume(self, thread_id: str) -> bytes:
+        return self._request("thread/resume", {"threadId": thread_id}, {"thread_id": thread_id})
+
+    def send_thread_archive(self, thread_id: str) -> bytes:
+        return self._request("thread/archive", {"threadId": thread_id}, {"thread_id": thread_id})
+
+    def send_turn_start(self, thread_id: str, text: str) -> bytes:
+        item = {"type": "text", "text": text, "text_elements": []}
+        return self._request("turn/start", {"threadId": thread_id, "input": [item]}, {"thread_id": thread_id})
+
+    def send_turn_interrupt(self, thread_id: str, turn_id: str) -> bytes:
+        ctx = {"thread_id": thread_id, "turn_id": turn_id}
+        return self._request("turn/interrupt", {"threadId": thread_id, "turnId": turn_id}, ctx)
+
+    def send_probe(self) -> bytes:
+        """``thread/loaded/list``: answered in about 1 ms even while a turn hangs."""
+        return self._request("thread/loaded/list", {}, {})
+
+    def send_approval(self, approval_id: str, decision: str) -> bytes:
+        if decision not in APPROVAL_DECISIONS:
+            raise WireStateError(f"decision {decision!r} is not one of {APPROVAL_DECISIONS}")
+        native_id = self._approvals.pop(approval_id, None)
+        if native_id is None:
+            raise WireStateError(f"no open approval {approval_id!r}")
+        return _encode_line({"id": native_id, "result": {"decision": decision}})
+
+    def open_turns(self) -> tuple[str, ...]:
+        return tuple(self._turns)
+
+    def _request(self, method: str, params: dict, context: dict) -> bytes:
+        if method != "initialize" and self.state != "ready":
+            raise WireStateError(f"{method} before the handshake completed (state {self.state})")
+        rid = self._next_id
+        self._next_id += 1
+        self._pending[rid] = (method, context)
+        self.last_request_id = rid
+        return _encode_line({"method": method, "id": rid, "params": params})
+
+    # -- server -> client ---------------------------------------------------
+
+    def _on_frame(self, frame: dict) -> list[WireEvent]:
+        has_id = "id" in frame
+        if "method" in frame:
+            method = frame["method"]
+            if not isinstance(method, str):
+                raise _BadFrame("method is not a string")
+            return self._on_server_request(frame, method) if has_id else self._on_notification(frame, method)
+        if has_id and ("result" in frame or "error" in frame):
+            return self._on_response(frame)
+        return [ProtocolError(reason="neither a request, a response nor a notification", native=frame)]
+
+    def _on_response(self, frame: dict) -> list[WireEvent]:
+        rid = frame["id"]
+        pending = self._pending.pop(rid, None) if isinstance(rid, int) else None
+        if pending is None:
+            return [ProtocolError(reason=f"a response to unknown request id {rid!r}", native=frame)]
+        method, ctx = pending
+        if "error" in frame:
+            return [self._on_error_reply(frame, method, rid, ctx)]
+        result = _obj(frame["result"])
+        if method == "initialize":
+            self.state = "ready"
+            self._outbox += _encode_line({"method": "initialized"})
+            version = _agent_version(result.get("userAgent"))
+            return [HandshakeCompleted(provider_version=version, native=frame)]
+        if method in ("thread/start", "thread/resume"):
+            thread = _obj(result.get("thread"))
+            tid = _opt_str(thread.get("id"))
+            if method == "thread/start":
+                ephemeral = thread.get("ephemeral")
+                return [ThreadStarted(
+                    thread_id=tid, ephemeral=ephemeral if isinstance(ephemeral, bool) else None,
+                    path=_opt_str(thread.get("path")), native=frame,
+                )]
+            turns = tuple(
+                (_opt_str(t.get("id")) or "", _opt_str(_status_type(t.get("status"))) or "")
+                for t in map(_obj, thread.get("turns") or ())
+            )
+            return [ThreadResumed(thread_id=tid, turns=turns, native=frame)]
+        if method == "turn/start":
+            turn_id = _opt_str(_obj(result.get("turn")).get("id"))
+            if turn_id and turn_id not in self._ended:  # a turn may end before its start is answered
+                self._turns.setdefault(turn_id, ctx["thread_id"])
+            return [TurnAccepted(thread_id=ctx["thread_id"], turn_id=turn_id, native=frame)]
+        if method == "turn/interrupt":
+            return [InterruptAcknowledged(thread_id=ctx["thread_id"], turn_id=ctx["turn_id"], native=frame)]
+        if method == "thread/archive":
+            return [ThreadArchived(thread_id=ctx["thread_id"], native=frame)]
+        return [ProbeAnswered(request_id=str(rid), ok=True, native=frame)]  # thread/loaded/list
+
+    def _on_error_reply(self, frame: dict, method: str, rid: int, ctx: dict) -> WireEvent:
+        error = _obj(frame["error"])
+        message = _opt_str(error.get("message")) or "no message"
+        if method == "initialize":
+            self.state = "failed"
+            return HandshakeFailed(error=message, native=frame)
+        if method == "thread/loaded/list":
+            return ProbeAnswered(request_id=str(rid), ok=False, native=frame)  # alive all the same
+        return RequestFailed(
+            method=method, request_id=str(rid), thread_id=ctx.get("thread_id"),
+            code=_opt_int(error.get("code")), message=message, native=frame,
+        )
+
+    def _on_server_request(self, frame: dict, method: str) -> list[WireEvent]:
+        native_id = frame["id"]
+        params = _obj(frame.get("params"))
+        kind = _CODEX_APPROVALS.get(method)
+        if kind is None:  # answer it, even with an error, or the turn waits forever
+            message = f"flow-relay does not handle {method}"
+            self._outbox += _encode_line({"id": native_id, "error": {"code": -32601, "message": message}})
+            return [RequestRefused(method=method, request_id=str(native_id), native=frame)]
+        approval_id = str(native_id)
+        self._approvals[approval_id] = native_id
+        return [ApprovalRequested(
+            approval_id=approval_id, approval_kind=kind, thread_id=_opt_str(params.get("threadId")),
+            turn_id=_opt_str(params.get("turnId")), item_id=_opt_str(params.get("itemId")),
+            command=_opt_str(params.get("command")), reason=_opt_str(params.get("reason")),
+            native=frame,
+        )]
+
+    def _on_notification(self, frame: dict, method: str) -> list[WireEvent]:
+        params = _obj(frame.get("params"))
+        handler = _CODEX_NOTIFICATIONS.get(method)
+        if handler is None:
+            return [ProviderNotice(name=method, native=frame)]
+        return [handler(self, params, frame)]
+
+    def _turn_started(self, params: dict, frame: dict) -> WireEvent:
+        tid = _opt_str(params.get("threadId"))
+        turn_id = _opt_str(_obj(params.get("turn")).get("id"))
+        if turn_id:
+            self._turns[turn_id] = tid
+        return TurnStarted(thread_id=tid, turn_id=turn_id, native=frame)
+
+    def _turn_completed(self, params: dict, frame: dict) -> WireEvent:
+        tid = _opt_str(params.get("threadId"))
+        turn = _obj(params.get("turn"))
+        turn_id = _opt_str(turn.get("id"))
+        self._turns.pop(turn_id, None)
+        self._ended[turn_id] = None
+        if len(self._ended) > _CODEX_ENDED_KEPT:
+            del self._ended[next(iter(self._ended))]
+        texts = [
+            i["text"] for i in map(_obj, turn.get("items") or ())
+            if i.get("type") == "agentMessage" and isinstance(i.get("text"), str)
+        ]
+        status = turn.get("status")
+        error = _opt_str(_obj(turn.get("error")).get("message"))
+        cls = {"completed": TurnCompleted, "interrupted": TurnInterrupted}.get(status, TurnFailed)
+        if cls is TurnFailed and error is None:
+            error = f"turn ended with status {status!r}"
+        return cls(
+            thread_id=tid, turn_id=turn_id, output_text="".join(texts), error=error,
+            usage=self._usage.get(tid), native=frame,
+        )
+
+    def _item(self, params: dict, frame: dict, cls: type) -> WireEvent:
+        item = _obj(params.get("item"))
+        native_type = item.get("type")
+        text = item.get("text")
+        if native_type == "userMessage":
+            text = "".join(c.get("text", "") for c in map(_obj, item.get("content") or ()))
+        fields: dict[str, Any] = dict(
+            thread_id=_opt_str(params.get("threadId")), turn_id=_opt_str(params.get("turnId")),
+            item_id=_opt_str(item.get("id")), item_type=_snake(native_type),
+            text=_opt_str(text), command=_opt_str(item.get("command")), native=frame,
+        )
+        if cls is ItemCompleted:
+            fields.update(
+                status=_opt_str(item.get("status")), output=_opt_str(item.get("aggregatedOutput")),
+                exit_code=_opt_int(item.get("exitCode")),
+            )
+        return cls(**fields)
+
+    def _delta(self, params: dict, frame: dict, stream: str) -> WireEvent:
+        delta = params.get("delta")
+        if not isinstance(delta, str):
+            raise _BadFrame("delta is not a string")
+        return ItemDelta(
+            thread_id=_opt_str(params.get("threadId")), turn_id=_opt_str(params.get("turnId")),
+            item_id=_opt_str(params.get("itemId")), stream=stream, delta=delta, native=frame,
+        )
+
+    def _usage_updated(self, params: dict, frame: dict) -> WireEvent:
+        tid = _opt_str(params.get("threadId"))
+        self._usage[tid] = params.get("tokenUsage")
+        return UsageUpdated(thread_id=tid, usage=params.get("tokenUsage"), native=frame)
+
+    def _request_resolved(self, params: dict, frame: dict) -> WireEvent:
+        approval_id = str(params.get("requestId"))
+        self._approvals.pop(approval_id, None)  # an interrupt resolves it too; a late answer is moot
+        return ApprovalResolved(approval_id=approval_id, native=frame)
+
+
+_CODEX_NOTIFICATIONS: Final[dict[str, Callable[..., WireEvent]]] = {
+    "turn/started": CodexProtocol._turn_started,
+    "turn/completed": CodexProtocol._turn_completed,
+    "item/started": lambda p, params, f: p._item(params, f, ItemStarted),
+    "item/completed": lambda p, params, f: p._item(params, f, ItemCompleted),
+    "item/agentMessage/delta": lambda p, params, f: p._delta(params, f, "text"),
+    "item/commandExecution/outputDelta": lambda p, params, f: p._delta(params, f, "output"),
+    "thread/tokenUsage/updated": CodexProtocol._usage_updated,
+    "serverRequest/resolved": CodexProtocol._request_resolved,
+}
+
+
+def _agent_version(user_agent: Any) -> str | None:
+    """``relay_probe/0.171.0 (Debian 12...)`` -> ``0.171.0``."""
+    m = re.match(r"[^/\s]+/(\S+)", user_agent) if isinstance(user_agent, str) else None
+    return m.group(1) if m else None
+
+
+def _status_type(status: Any) -> Any:
+    return status.get("type") if isinstance(status, dict) else status
+
+
+@attrs.define(eq=False)
+class ClaudeProtocol(_JsonLinesProtocol):
+    """``claude -p --input-format stream-json --output-format stream-json --verbose``.
+
+    One process per borrow.  It prints nothing until its first user line; the
+    first ``system/init`` is the handshake, and every later one opens a turn.
+    Turns are queued in the order user lines were written and each ends with
+    exactly one ``result`` line.  Control requests (interrupt, probe) are
+    correlated by ``request_id``.
+    """
+
+    session_id: str | None = attrs.field(init=False, default=None)
+    handshaken: bool = attrs.field(init=False, default=False)
+    _turns: list = attrs.field(init=False, factory=list)  # turn ids, oldest (the running one) first
+    _started: bool = attrs.field(init=False, default=False)  # the oldest turn saw its init
+    _interrupted: str | None = attrs.field(init=False, default=None)  # turn an interrupt was sent for
+    last_request_id: str | None = attrs.field(init=False, default=None)
+    _next_control: int = attrs.field(init=False, default=0)
+    _controls: dict = attrs.field(init=False, factory=dict)  # request_id -> "interrupt" | "probe"
+    _approvals: dict = attrs.field(init=False, factory=dict)  # request_id -> the tool input
+    _tools: dict = attrs.field(init=False, factory=dict)  # tool_use id -> neutral item type
+    _message_id: str | None = attrs.field(init=False, default=None)  # of the streaming message
+
+    def send_user_message(self, text: str, *, turn_id: str) -> bytes:
+        """One turn; ``turn_id`` is the caller's name for it (Claude has none)."""
+        if turn_id in self._turns:
+            raise WireStateError(f"turn {turn_id!r} is already queued")
+        self._turns.append(turn_id)
+        return _encode_line({"type": "user", "message": {"role": "user", "content": text}})
+
+    def send_interrupt(self) -> bytes:
+        self._interrupted = self._turns[0] if self._turns else None
+        return self._control("int", "interrupt", {"subtype": "interrupt"})
+
+    def send_probe(self) -> bytes:
+        """``mcp_status``: a harmless control request, answered in ms even mid-turn."""
+        return self._control("p", "probe", {"subtype": "mcp_status"})
+
+    def send_approval(self, approval_id: str, decision: str) -> bytes:
+        if decision not in APPROVAL_DECISIONS:
+            raise WireStateError(f"decision {decision!r} is not one of {APPROVAL_DECISIONS}")
+        if approval_id not in self._approvals:
+            raise WireStateError(f"no open approval {approval_id!r}")
+        tool_input = self._approvals.pop(approval_id)
+        if decision == "accept":
+            answer: dict[str, Any] = {"behavior": "allow", "updatedInput": tool_input}
+        else:
+            answer = {"behavior": "deny", "message": "denied by relay"}
+        response = {"subtype": "success", "request_id": approval_id, "response": answer}
+        return _encode_line({"type": "control_response", "response": response})
+
+    def open_turns(self) -> tuple[str, ...]:
+        return tuple(self._turns)
+
+    def _control(self, prefix: str, purpose: str, request: dict) -> bytes:
+        self._next_control += 1
+        rid = f"{prefix}-{self._next_control}"
+        self._controls[rid] = purpose
+        self.last_request_id = rid
+        return _encode_line({"type": "control_request", "request_id": rid, "request": request})
+
+    @property
+    def _turn(self) -> str | None:
+        return self._turns[0] if self._turns else None
+
+    def _on_frame(self, frame: dict) -> list[WireEvent]:
+        kind = frame.get("type")
+        handler = _CLAUDE_FRAMES.get(kind) if isinstance(kind, str) else None
+        if handler is None:
+            return [ProviderNotice(name=str(kind), native=frame)]
+        return handler(self, frame)
+
+    def _on_system(self, frame: dict) -> list[WireEvent]:
+        subtype = frame.get("subtype")
+        if subtype != "init":
+            return [ProviderNotice(name=f"system/{subtype}", native=frame)]
+        events: list[WireEvent] = []
+        self.session_id = _opt_str(frame.get("session_id")) or self.session_id
+        if not self.handshaken:
+            self.handshaken = True
+            version = _opt_str(frame.get("claude_code_version"))
+            events.append(HandshakeCompleted(
+                provider_version=version, session_id=self.session_id, native=frame,
+            ))
+        if self._turns and not self._started:
+            self._started = True
+            events.append(TurnStarted(thread_id=self.session_id, turn_id=self._turn, native=frame))
+        return events
+
+    def _on_stream_event(self, frame: dict) -> list[WireEvent]:
+        event = _obj(frame.get("event"))
+        etype = event.get("type")
+        if etype == "message_start":
+            self._message_id = _opt_str(_obj(event.get("message")).get("id"))
+        message_id = _opt_str(frame.get("api_message_id")) or self._message_id
+        item_id = f"{message_id}/{event.get('index')}"
+        block = _obj(event.get("content_block"))
+        delta = _obj(event.get("delta"))
+        scope = dict(thread_id=self.session_id, turn_id=self._turn, item_id=item_id, native=frame)
+        if etype == "content_block_start" and block.get("type") == "text":
+            return [ItemStarted(item_type="agent_message", **scope)]
+        if etype == "content_block_delta" and delta.get("type") == "text_delta":
+            text = delta.get("text")
+            if not isinstance(text, str):
+                raise _BadFrame("text_delta without text")
+            return [ItemDelta(stream="text", delta=text, **scope)]
+        return [ProviderNotice(name=f"stream_event/{etype}", native=frame)]
+
+    def _on_assistant(self, frame: dict) -> list[WireEvent]:
+        message = _obj(frame.get("message"))
+        message_id = _opt_str(message.get("id"))
+        scope = dict(thread_id=self.session_id, turn_id=self._turn, native=frame)
+        events: list[WireEvent] = []
+        for index, block in enumerate(map(_obj, message.get("content") or ())):
+            if block.get("type") == "text":
+                item_id = f"{message_id}/{index}"
+                events.append(ItemCompleted(
+                    item_id=item_id, item_type="agent_message", text=_opt_str(block.get("text")),
+                    status="completed", **scope,
+                ))
+            elif block.get("type") == "tool_use":
+                name = _opt_str(block.get("name"))
+                item_type = "command_execution" if name == "Bash" else "tool_call"
+                tool_id = _opt_str(block.get("id"))
+                self._tools[tool_id] = (item_type, name)
+                command = _obj(block.get("input")).get("command")
+                events.append(ItemStarted(
+                    item_id=tool_id, item_type=item_type, tool_name=name,
+                    command=command if isinstance(command, str) else None, **scope,
+                ))
+        return events or [ProviderNotice(name="assistant", native=frame)]
+
+    def _on_user(self, frame: dict) -> list[WireEvent]:
+        content = _obj(frame.get("message")).get("content")
+        events: list[WireEvent] = []
+        for block in map(_obj, content if isinstance(content, list) else ()):
+            if block.get("type") != "tool_result":
+                continue
+            tool_id = _opt_str(block.get("tool_use_id"))
+            item_type, name = self._tools.pop(tool_id, ("tool_call", None))
+            events.append(ItemCompleted(
+                thread_id=self.session_id, turn_id=self._turn, item_id=tool_id, item_type=item_type,
+                tool_name=name, status="failed" if block.get("is_error") else "completed",
+                output=_tool_output(block.get("content")), native=frame,
+            ))
+        return events or [ProviderNotice(name="user", native=frame)]
+
+    def _on_result(self, frame: dict) -> list[WireEvent]:
+        text = frame.get("result")
+        text = text if isinstance(text, str) else ""
+        errors = frame.get("errors")
+        error = "; ".join(map(str, errors)) if isinstance(errors, list) and errors else text
+        if not self._turns:
+            if not self.handshaken:  # e.g. --resume with an unknown id: exits before any turn
+                return [HandshakeFailed(error=error or "result before any turn", native=frame)]
+            return [ProtocolError(reason="a result line with no turn waiting for it", native=frame)]
+        turn_id = self._turns.pop(0)
+        self._started = False
+        interrupted = frame.get("terminal_reason") in _CLAUDE_ABORTED or self._interrupted == turn_id
+        self._interrupted = None
+        if frame.get("is_error") is not True:
+            cls: type[_TurnEnded] = TurnCompleted
+            error = None
+        else:
+            cls = TurnInterrupted if interrupted else TurnFailed
+        return [cls(
+            thread_id=self.session_id, turn_id=turn_id, output_text=text if cls is TurnCompleted else "",
+            error=error, usage=frame.get("usage"), native=frame,
+        )]
+
+    def _on_control_request(self, frame: dict) -> list[WireEvent]:
+        rid = _opt_str(frame.get("request_id"))
+        request = _obj(frame.get("request"))
+        subtype = request.get("subtype")
+        if subtype != "can_use_tool" or rid is None:
+            error = f"flow-relay does not handle control request {subtype!r}"
+            response = {"subtype": "error", "request_id": rid, "error": error}
+            self._outbox += _encode_line({"type": "control_response", "response": response})
+            return [RequestRefused(method=f"control_request/{subtype}", request_id=str(rid), native=frame)]
+        tool_input = _obj(request.get("input"))
+        self._approvals[rid] = tool_input
+        name = _opt_str(request.get("tool_name"))
+        command = tool_input.get("command")
+        return [ApprovalRequested(
+            approval_id=rid, approval_kind="command" if name == "Bash" else "tool",
+            thread_id=self.session_id, turn_id=self._turn, item_id=_opt_str(request.get("tool_use_id")),
+            tool_name=name, tool_input=tool_input, command=command if isinstance(command, str) else None,
+            reason=_opt_str(request.get("description")), native=frame,
+        )]
+
+    def _on_control_response(self, frame: dict) -> list[WireEvent]:
+        response = _obj(frame.get("response"))
+        rid = _opt_str(response.get("request_id"))
+        purpose = self._controls.pop(rid, None)
+        ok = response.get("subtype") == "success"
+        if purpose == "probe":
+            return [ProbeAnswered(request_id=rid, ok=ok, native=frame)]
+        if purpose == "interrupt" and ok:
+            return [InterruptAcknowledged(thread_id=self.session_id, turn_id=self._turn, native=frame)]
+        if purpose == "interrupt":
+            message = _opt_str(response.get("error")) or "interrupt refused"
+            return [RequestFailed(method="interrupt", request_id=rid, message=message, native=frame)]
+        return [ProtocolError(reason=f"a control_response to unknown request_id {rid!r}", native=frame)]
+
+    def _on_control_cancel(self, frame: dict) -> list[WireEvent]:
+        rid = _opt_str(frame.get("request_id"))
+        self._approvals.pop(rid, None)
+        return [ApprovalCancelled(approval_id=str(rid), native=frame)]
+
+
+_CLAUDE_FRAMES: Final[dict[str, Callable[..., list[WireEvent]]]] = {
+    "system": ClaudeProtocol._on_system,
+    "stream_event": ClaudeProtocol._on_stream_event,
+    "assistant": ClaudeProtocol._on_assistant,
+    "user": ClaudeProtocol._on_user,
+    "result": ClaudeProtocol._on_result,
+    "control_request": ClaudeProtocol._on_control_request,
+    "control_response": ClaudeProtocol._on_control_response,
+    "control_cancel_request": ClaudeProtocol._on_control_cancel,
+}
+
+
+def _tool_output(content: Any) -> str | None:
+    if isinstance(content, str) or content is None:
+        return content
+    if isinstance(content, list):
+        return "".join(b.get("text", "") for b in content if isinstance(b, dict))
+    return None
+
+
+@attrs.define(eq=False)
+class KimiProtocol(_JsonLinesProtocol):
+    """Kimi CLI print mode (``--print --input-format stream-json --output-format stream-json``).
+
+    Only text turns were observed: one ``{"role":"user","content":…}`` line in,
+    one ``{"role":"assistant","content":"…"}`` line out, so an assistant line
+    with string content is the whole turn.  The reference documents no
+    interrupt, no probe, no approvals and no tool lines (anything else becomes a
+    ``provider.notice``), and a model error ends the process (exit 75).
+    """
+
+    handshaken: bool = attrs.field(init=False, default=False)
+    _turns: list = attrs.field(init=False, factory=list)
+
+    def send_user_message(self, text: str, *, turn_id: str) -> bytes:
+        if turn_id in self._turns:
+            raise WireStateError(f"turn {turn_id!r} is already queued")
+        self._turns.append(turn_id)
+        return _encode_line({"role": "user", "content": text})
+
+    def open_turns(self) -> tuple[str, ...]:
+        return tuple(self._turns)
+
+    def _on_frame(self, frame: dict) -> list[WireEvent]:
+        content = frame.get("content")
+        if frame.get("role") != "assistant" or not isinstance(content, str):
+            return [ProviderNotice(name=f"role/{frame.get('role')}", native=frame)]
+        if not self._turns:
+            return [ProtocolError(reason="an assistant line with no turn waiting for it", native=frame)]
+        turn_id = self._turns.pop(0)
+        events: list[WireEvent] = []
+        if not self.handshaken:
+            self.handshaken = True
+            events.append(HandshakeCompleted(native=frame))
+        events += [
+            TurnStarted(turn_id=turn_id, native=frame),
+            ItemCompleted(turn_id=turn_id, item_type="agent_message", text=content, status="completed",
+                          native=frame),
+            TurnCompleted(turn_id=turn_id, output_text=content, native=frame),
+        ]
+        return events
 
 
 ################################################################
