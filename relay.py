@@ -4109,6 +4109,7 @@ class ProviderProcess:
     _stderr_stream: Any = None
     _write_lock: Any = None
     _reading: bool = False
+    _stderr_seen: Any = attrs.Factory(lambda: trio.Event())
     #: Called after every state transition (the runtime wakes its watchers).
     on_change: Callable[[], None] | None = None
 
@@ -4155,13 +4156,13 @@ class ProviderProcess:
         self._stderr_stream = trio.lowlevel.FdStream(fds[2][0])
         _plog.info("session %s: spawned pid %s: %s", self.session_id, self.pid, shlex.join(self.argv))
 
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: Any = None) -> None:
         """Read stdout and stderr until the child is gone, then reap it."""
         try:
             self._reading = True
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read_stderr)
-                task_status.started()
+                _started(task_status)
                 await self._read_stdout()
                 await self._reap()
         finally:
@@ -4204,6 +4205,17 @@ class ProviderProcess:
             *lines, tail = (tail + chunk).split(b"\n")
             tail = tail[-4096:]
             self.stderr.extend(line[:4096].decode("utf-8", "replace") for line in lines)
+            if lines:
+                self._stderr_seen.set()
+                self._stderr_seen = trio.Event()
+
+    async def wait_stderr(self, text: str) -> str:
+        """The first kept stderr line containing ``text``, once there is one."""
+        while True:
+            line = next((x for x in self.stderr if text in x), None)
+            if line is not None:
+                return line
+            await self._stderr_seen.wait()
 
     async def write(self, data: bytes) -> None:
         """Write to the child's stdin (whole, one writer at a time)."""
@@ -4316,14 +4328,14 @@ _PROTOCOLS: Final = {"codex": CodexProtocol, "claude": ClaudeProtocol, "kimi": K
 
 def provider_argv(profile: rc.Profile) -> list[str]:
     """The argv of a profile's process: its --command (or the real CLI), with
-    the documented options that are flags appended (Claude)."""
+    the documented options that are flags appended (Claude).  The program is
+    resolved on PATH; one that cannot be found is ``FailedPrecondition``."""
     argv = list(profile.command or DEFAULT_COMMANDS[profile.provider])
-    if not profile.command:
-        found = shutil.which(argv[0])
-        if found is None:
-            raise FailedPrecondition(f"{argv[0]} is not on PATH for profile {profile.name!r}",
-                                     hint="install it, or register the profile with --command")
-        argv[0] = found
+    found = shutil.which(argv[0])
+    if found is None:
+        raise FailedPrecondition(f"{argv[0]} is not on PATH for profile {profile.name!r}",
+                                 hint="install it, or register the profile with --command")
+    argv[0] = found
     opts = profile_options(profile)
     if profile.provider == "claude":
         flags = {"permission_mode": "--permission-mode", "allowed_tools": "--allowedTools",
@@ -4446,6 +4458,7 @@ class Runtime:
     _closing: bool = False
     _changed: Any = None  # trio.Event, replaced each time it fires
     _record_lock: Any = attrs.Factory(lambda: trio.Lock())  # one providers.json writer
+    _programs: dict[tuple[str, tuple[str, ...]], bool] = attrs.Factory(dict)  # profile -> installed
 
     def changed(self) -> None:
         """Something observable changed (a process state, a reconcile pass)."""
@@ -4461,7 +4474,7 @@ class Runtime:
 
     # -- the reconcile loop -------------------------------------------------
 
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: Any = None) -> None:
         await trio.to_thread.run_sync(reap_orphans, self.store.tmp_dir)
         self._wake = trio.Event()
         feed = self.hub.subscribe("relay")
@@ -4470,7 +4483,7 @@ class Runtime:
                 self._nursery = nursery
                 nursery.start_soon(self._watch_feed, feed)
                 await self.reconcile()
-                task_status.started(self)
+                _started(task_status, self)
                 while True:
                     with trio.move_on_after(RECONCILE_SECONDS):
                         await self._wake.wait()
@@ -4520,9 +4533,24 @@ class Runtime:
             live.handing_over = live.used = True
             self._nursery.start_soon(self._hand_over, live)
 
+    def _managed(self, profile: rc.Profile) -> bool:
+        """Whether the runtime runs this profile's sessions: its program is
+        installed.  A profile whose program is missing stays a ledger-only
+        record (said once in the log), so a host without the CLIs, or a
+        workspace that only records sessions, is left as it is."""
+        key = (profile.name, profile.command)
+        if key not in self._programs:
+            try:
+                provider_argv(profile)
+                self._programs[key] = True
+            except FailedPrecondition as exc:
+                _rlog.warning("profile %s is not run by the runtime: %s", profile.name, exc.message)
+                self._programs[key] = False
+        return self._programs[key]
+
     async def _fill_pool(self, ledger: Ledger, profile: rc.Profile, stamp: str) -> None:
         """Start processes for the profile's ready sessions, and sessions for its pool."""
-        if trio.current_time() < self._not_before.get(profile.name, 0.0):
+        if trio.current_time() < self._not_before.get(profile.name, 0.0) or not self._managed(profile):
             return
         ready = [s for s in ledger.sessions.values() if s.profile == profile.name
                  and s.state == "ready" and not _quarantined(ledger, s.session_id)]
@@ -4639,17 +4667,18 @@ class Runtime:
             del self.sessions[live.session_id]
         await self._write_record()
         proc = live.proc
+        crashed = not proc.stop_requested and not self._closing
+        if crashed:  # first, so the holder's lease is revoked when it learns the turn failed
+            tail = " | ".join(list(proc.stderr)[-3:])
+            await self._quarantine(live.session_id, f"provider_exited: exit status {proc.returncode}"
+                                   + (f"; stderr: {tail}" if tail else ""))
         if live.turn is not None:
             why = "the relay stopped" if self._closing else \
                 f"provider_exited: exit status {proc.returncode}"
             await self._end_turn(live, "failed", why)
         if self._closing:
             return
-        if not proc.stop_requested:
-            tail = " | ".join(list(proc.stderr)[-3:])
-            await self._quarantine(live.session_id, f"provider_exited: exit status {proc.returncode}"
-                                   + (f"; stderr: {tail}" if tail else ""))
-        elif live.profile.mode == "one-borrow" and live.used:
+        if not crashed and live.profile.mode == "one-borrow" and live.used:
             await self._close(live.session_id, "its one lease ended")
         self._wake.set()
         self.changed()
@@ -4727,10 +4756,12 @@ class Runtime:
         if run is not None and run.native_id is None and kind == "turn.started":
             run.native_id = event.turn_id
         turn_id = run.turn.turn_id if run is not None else None
-        await self._append(live.session_id, "AppendEvent", kind, event_data(event, turn_id))
         if kind in _END_STATES and run is not None:
             text = event.output_text or "".join(run.text)
-            await self._end_turn(live, _END_STATES[kind], event.error or "", text, event.usage)
+            await self._end_turn(live, _END_STATES[kind], event.error or "", text, event.usage,
+                                 event_data(event, turn_id))
+            return
+        await self._append(live.session_id, "AppendEvent", kind, event_data(event, turn_id))
 
     async def _append(self, session_id: str, rpc: str, kind: str, data: Any) -> None:
         if len(_canonical(data)) > self.config.max_record_bytes and isinstance(data, dict):
@@ -4744,8 +4775,9 @@ class Runtime:
             _rlog.error("session %s: cannot record %s: %s", session_id, kind, exc.message)
 
     async def _end_turn(self, live: LiveSession, state: str, error: str, text: str = "",
-                        usage: Any = None) -> None:
-        """The turn's result record, then its terminal state (both durable before they are told)."""
+                        usage: Any = None, data: dict[str, Any] | None = None) -> None:
+        """The turn's terminal state, its result record, then its end event, in
+        that order: whoever sees the end event finds the turn and result done."""
         run, live.turn = live.turn, None
         if run is None:
             return
@@ -4754,10 +4786,15 @@ class Runtime:
         live.approvals.clear()
         turn = attrs.evolve(run.turn, state=state, output_text=text, error=error, usage=usage,
                             ended_at=iso(self.now()))
-        await self._append(live.session_id, "AppendResult", f"turn.{state}", to_json(turn))
         with contextlib.suppress(RelayError):
-            await self.owner.submit(Mutation(lambda led, ctx: end_turn(
+            reply = await self.owner.submit(Mutation(lambda led, ctx: end_turn(
                 led, turn.turn_id, state, text, error, usage, ctx), "end_turn"))
+            if reply is not None:
+                turn = attrs.evolve(reply.turn, output_text=text)  # the whole text in the result
+        await self._append(live.session_id, "AppendResult", f"turn.{state}", to_json(turn))
+        if data is None:  # ended by the relay, not by the provider: say so in the stream too
+            data = {"turn_id": turn.turn_id, "error": error, "by": "relay"}
+        await self._append(live.session_id, "AppendEvent", f"turn.{state}", data)
         run.state = state
         run.ended.set()
 
@@ -4772,25 +4809,43 @@ class Runtime:
                               "for every ready session")
         return live
 
+    async def _lendable(self, session_id: str) -> LiveSession:
+        """The session's process once it may take a turn: a hand-over, recycle
+        or start in progress is waited for (bounded by startup_timeout_seconds)."""
+        with trio.move_on_after(self.config.startup_timeout_seconds):
+            while True:
+                live = self.sessions.get(session_id)
+                waiting = session_id in self._busy or (live is not None and (
+                    live.handing_over or live.proc.state == "starting"))
+                if not waiting:
+                    return self._live(session_id)
+                await self.wait_changed()
+        return self._live(session_id)
+
     async def start_turn(self, req: rc.StartTurnRequest) -> rc.TurnReply:
-        live = self._live(req.session_id)
         turn_holder(self.owner.ledger, req.session_id, req.lease_id, req.fencing_token,
                     iso(self.now()))
-        async with live.lock:
-            known = {t.turn_id for t in self.owner.ledger.turns.values()
-                     if t.session_id == req.session_id}
-            reply = await self.owner.submit(rpc_mutation("StartTurn", req))
-            if reply.turn.turn_id in known:  # an idempotent retry: it was started already
-                return rc.TurnReply(self.owner.ledger.turns.get(reply.turn.turn_id, reply.turn))
-            run = live.turn = _TurnRun(reply.turn)
-            try:
-                await self._send_turn(live, req)
-            except RelayError as exc:
-                if live.turn is run:
-                    await self._end_turn(live, "failed", f"the provider did not take the input: "
-                                         f"{exc.message}")
-                raise
-            return rc.TurnReply(reply.turn)
+        while True:
+            live = await self._lendable(req.session_id)
+            async with live.lock:  # a hand-over holds it: the next borrower waits for the clean-up
+                if self.sessions.get(req.session_id) is live and not live.handing_over:
+                    return await self._start_locked(live, req)
+
+    async def _start_locked(self, live: LiveSession, req: rc.StartTurnRequest) -> rc.TurnReply:
+        known = {t.turn_id for t in self.owner.ledger.turns.values()
+                 if t.session_id == req.session_id}
+        reply = await self.owner.submit(rpc_mutation("StartTurn", req))
+        if reply.turn.turn_id in known:  # an idempotent retry: it was started already
+            return rc.TurnReply(self.owner.ledger.turns.get(reply.turn.turn_id, reply.turn))
+        run = live.turn = _TurnRun(reply.turn)
+        try:
+            await self._send_turn(live, req)
+        except RelayError as exc:
+            if live.turn is run:
+                await self._end_turn(live, "failed", f"the provider did not take the input: "
+                                     f"{exc.message}")
+            raise
+        return rc.TurnReply(reply.turn)
 
     async def _send_turn(self, live: LiveSession, req: rc.StartTurnRequest) -> None:
         proto, proc = live.proc.protocol, live.proc

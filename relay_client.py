@@ -1567,7 +1567,7 @@ class RelayStub:
 
     @contextlib.contextmanager
     def borrowed(self, *, holder: str, profile: str = "", session_id: str = "",
-                 mode: str = "exclusive-write", ttl_seconds: int = 0) -> Iterator[Lease]:
+                 mode: str = "exclusive-write", ttl_seconds: int = 0) -> Iterator[BorrowedLease]:
         """Borrow a session for the block; keep its lease renewed over the
         WebSocket channel; release it on exit, also on an exception.
 
@@ -1585,7 +1585,7 @@ class RelayStub:
         keeper = _SyncKeeper(self._core, lease, threading.get_ident())
         try:
             keeper.start()
-            yield lease
+            yield BorrowedLease(self, lease)
         except LeaseLost:
             keeper.stop()
             raise keeper.lost[0] if keeper.lost else LeaseLost() from None
@@ -1684,7 +1684,8 @@ class AsyncRelayStub:
 
     @contextlib.asynccontextmanager
     async def borrowed(self, *, holder: str, profile: str = "", session_id: str = "",
-                       mode: str = "exclusive-write", ttl_seconds: int = 0) -> AsyncIterator[Lease]:
+                       mode: str = "exclusive-write", ttl_seconds: int = 0
+                       ) -> AsyncIterator[AsyncBorrowedLease]:
         """Borrow for the block, keep the lease alive over the WebSocket, and
         release on exit (also on exception or cancellation).  If the lease is
         lost, the block is cancelled and ``LeaseLost`` raised."""
@@ -1704,7 +1705,7 @@ class AsyncRelayStub:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(_hold_lease, self._core, lease, lost, nursery.cancel_scope)
                     try:
-                        yield lease
+                        yield AsyncBorrowedLease(self, lease)
                     except Exception as exc:
                         error = exc  # re-raised below as itself, not wrapped in the nursery's group
                     finally:
@@ -1719,6 +1720,113 @@ class AsyncRelayStub:
             raise lost[0]
         if error is not None:
             raise error
+
+
+#: The event kinds that end a turn in the session's event stream.
+TURN_END_KINDS: Final = ("turn.completed", "turn.failed", "turn.interrupted")
+
+
+def _of_turn(record: StreamRecord, turn_id: str) -> bool:
+    return isinstance(record.data, dict) and record.data.get("turn_id") == turn_id
+
+
+class BorrowedLease:
+    """What ``RelayStub.borrowed`` yields: the lease's fields (``lease_id``,
+    ``session_id``, ``fencing_token``, ...) and turns run under it, the fencing
+    token carried for the caller."""
+
+    def __init__(self, stub: RelayStub, lease: Lease):
+        self.stub, self.lease = stub, lease
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.lease, name)
+
+    def __repr__(self) -> str:
+        return f"BorrowedLease({self.lease!r})"
+
+    def start(self, prompt: str, *, task_ref: str = "") -> Turn:
+        """Start a turn; returns it ``running`` once the provider took the input."""
+        return self.stub.start_turn(session_id=self.lease.session_id, lease_id=self.lease.lease_id,
+                                    fencing_token=self.lease.fencing_token, input=prompt,
+                                    task_ref=task_ref).turn
+
+    @contextlib.contextmanager
+    def stream(self, prompt: str, *, task_ref: str = "") -> Iterator[Iterator[StreamRecord]]:
+        """``with lease.stream("fix it") as events: for e in events`` -- the
+        turn's events as they are committed, ending with its end event."""
+        after = self.stub.list_events(session_id=self.lease.session_id, limit=1).last_seq
+        turn = self.start(prompt, task_ref=task_ref)
+        with self.stub.watch_events(self.lease.session_id, after=after) as records:
+            def of_turn() -> Iterator[StreamRecord]:
+                for record in records:
+                    if _of_turn(record, turn.turn_id):
+                        yield record
+                        if record.kind in TURN_END_KINDS:
+                            return
+            yield of_turn()
+
+    def run(self, prompt: str, *, task_ref: str = "") -> Turn:
+        """Run a turn to its end; returns the turn (``state``, ``output_text``, ``error``)."""
+        with self.stream(prompt, task_ref=task_ref) as events:
+            for record in events:
+                if record.kind in TURN_END_KINDS:
+                    return self.stub.get_turn(turn_id=record.data["turn_id"]).turn
+        raise Unavailable("the event stream ended before the turn did",
+                          hint="read the turn with `python -m relay turn show TURN_ID`")
+
+
+class AsyncBorrowedLease:
+    """The trio flavour of ``BorrowedLease``: ``await lease.run(...)``, and
+    ``async with lease.stream(...) as events: async for e in events``."""
+
+    def __init__(self, stub: AsyncRelayStub, lease: Lease):
+        self.stub, self.lease = stub, lease
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.lease, name)
+
+    def __repr__(self) -> str:
+        return f"AsyncBorrowedLease({self.lease!r})"
+
+    async def start(self, prompt: str, *, task_ref: str = "") -> Turn:
+        return (await self.stub.start_turn(
+            session_id=self.lease.session_id, lease_id=self.lease.lease_id,
+            fencing_token=self.lease.fencing_token, input=prompt, task_ref=task_ref)).turn
+
+    @contextlib.asynccontextmanager
+    async def stream(self, prompt: str, *, task_ref: str = "") -> AsyncIterator[AsyncIterator[StreamRecord]]:
+        after = (await self.stub.list_events(session_id=self.lease.session_id, limit=1)).last_seq
+        turn = await self.start(prompt, task_ref=task_ref)
+        async with self.stub.watch_events(self.lease.session_id, after=after) as records:
+            yield _TurnEvents(records, turn.turn_id)
+
+    async def run(self, prompt: str, *, task_ref: str = "") -> Turn:
+        async with self.stream(prompt, task_ref=task_ref) as events:
+            async for record in events:
+                if record.kind in TURN_END_KINDS:
+                    return (await self.stub.get_turn(turn_id=record.data["turn_id"])).turn
+        raise Unavailable("the event stream ended before the turn did",
+                          hint="read the turn with `python -m relay turn show TURN_ID`")
+
+
+class _TurnEvents:
+    """One turn's records of a watched event stream, ending with its end event
+    (a plain async iterator, not a generator: nothing to finalize)."""
+
+    def __init__(self, records: Any, turn_id: str):
+        self.records, self.turn_id, self.done = records, turn_id, False
+
+    def __aiter__(self) -> _TurnEvents:
+        return self
+
+    async def __anext__(self) -> StreamRecord:
+        if self.done:
+            raise StopAsyncIteration
+        async for record in self.records:
+            if _of_turn(record, self.turn_id):
+                self.done = record.kind in TURN_END_KINDS
+                return record
+        raise StopAsyncIteration
 
 
 async def _hold_lease(core: _Core, lease: Lease, lost: list[LeaseLost], block: Any,
