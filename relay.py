@@ -759,6 +759,10 @@ _LATER_FIELDS: Final = {"profiles": {"pool_size": 1, "cwd": "", "env": [], "opti
 def _check_replies(ledger: Ledger) -> None:
     """Each stored reply is a complete reply message of its method."""
     for key, record in ledger.requests.items():
+        profile = record.reply.get("profile") if record.method == "RegisterProfile" else None
+        if isinstance(profile, dict):  # a reply stored before the later profile fields
+            for name, default in _LATER_FIELDS["profiles"].items():
+                profile.setdefault(name, default)
         from_json(rc.RPC_BY_NAME[record.method].response, record.reply,
                   path=f"requests.{key}.reply", complete=True)
 
@@ -4520,15 +4524,15 @@ class Runtime:
             if live.proc.state not in ("stopping", "exited"):
                 self._nursery.start_soon(self._retire, live, "the session is no longer ready")
             return
-        leases = [x for x in live_leases(ledger, live.session_id, stamp)
-                  if x.state == "active" and x.mode == "exclusive-write"]
+        held = live_leases(ledger, live.session_id, stamp)
+        leases = [x for x in held if x.state == "active" and x.mode == "exclusive-write"]
         if leases and not live.lease_id:
             live.lease_id = leases[0].lease_id
             live.used = True
         elif live.handing_over:
             return
         elif (live.lease_id and not any(x.lease_id == live.lease_id for x in leases)) or (
-                not leases and not live.lease_id and live.profile.mode == "one-borrow"
+                not held and not live.lease_id and live.profile.mode == "one-borrow"
                 and self._was_borrowed(ledger, live.session_id)):
             live.handing_over = live.used = True
             self._nursery.start_soon(self._hand_over, live)

@@ -521,3 +521,45 @@ async def test_no_provider_outlives_a_sigkilled_relay(tmp_path):
         assert time.monotonic() - killed < 2.0
         assert not _alive(pid)
         assert relay.reap_orphans(tmp_path / "flow" / "tmp" / "relay") == 0
+
+
+def test_turn_records_and_their_idempotency_records_read_back(tmp_path):
+    """A turn and StartTurn's idempotency record, committed as the runtime
+    commits them, validate against the schema and the strict reader; a retry
+    with the same request id gets the first turn back."""
+    import json
+
+    import jsonschema
+
+    from conftest import commit_ok
+
+    store = relay.Store(tmp_path)
+    commit_ok(store, "RegisterProfile", name="cx", provider="codex", mode="pooled",
+              options=("approval_policy=untrusted", "sandbox=workspace-write"), pool_size=2,
+              env=("FOO=bar",))
+    commit_ok(store, "CreateSession", profile="cx", session_id="s1")
+    lease = commit_ok(store, "GrantLease", session_id="s1", holder="h", mode="exclusive-write").lease
+    fields = dict(session_id="s1", lease_id=lease.lease_id, fencing_token=lease.fencing_token,
+                  input="hi", task_ref="t/1", request_id="rq-1")
+    first = commit_ok(store, "StartTurn", **fields).turn
+    assert commit_ok(store, "StartTurn", **fields).turn == first
+    relay.commit_one(store, relay.Mutation(lambda led, ctx: relay.end_turn(
+        led, first.turn_id, "completed", "x" * (relay.TURN_TEXT_KEPT + 10), "", {"total": 3}, ctx),
+        "end_turn"), relay.Config())
+    ledger = relay.decode_ledger(store.ledger_path.read_bytes())
+    turn = ledger.turns[first.turn_id]
+    assert turn.state == "completed" and turn.output_text.endswith("the result stream has it whole]")
+    schema = json.loads((ROOT / "specs" / "relay-state.schema.json").read_text())
+    jsonschema.validate(json.loads(store.ledger_path.read_bytes()), schema)
+    rows = [json.loads(line[9:]) for path in (store.state_dir / "requests").glob("*/*.log")
+            for line in path.read_bytes().splitlines()]
+    start = next(row for row in rows if row["key"] == "rq-1")
+    assert start["method"] == "StartTurn"
+    jsonschema.validate(start, {"$ref": "#/$defs/RequestLogRecord", "$defs": schema["$defs"]})
+    # refusals: a bad option, a reserved env name
+    with pytest.raises(relay.InvalidArgument, match="has no option"):
+        commit_ok(store, "RegisterProfile", name="c2", provider="claude", mode="one-borrow",
+                  options=("sandbox=read-only",))
+    with pytest.raises(relay.InvalidArgument, match="set by the runtime"):
+        commit_ok(store, "RegisterProfile", name="c3", provider="codex", mode="pooled",
+                  env=("HOME=/tmp",))
