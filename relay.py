@@ -4407,6 +4407,7 @@ class _TurnRun:
     native_id: str | None = None
     text: list[str] = attrs.Factory(list)
     ended: Any = attrs.Factory(lambda: trio.Event())
+    started: Any = attrs.Factory(lambda: trio.Event())  # the provider opened it (turn.started)
     state: str = ""
 
 
@@ -4757,8 +4758,9 @@ class Runtime:
         if kind not in DURABLE_KINDS:
             return
         run = live.turn
-        if run is not None and run.native_id is None and kind == "turn.started":
-            run.native_id = event.turn_id
+        if run is not None and kind == "turn.started":
+            run.native_id = run.native_id or event.turn_id
+            run.started.set()
         turn_id = run.turn.turn_id if run is not None else None
         if kind in _END_STATES and run is not None:
             text = event.output_text or "".join(run.text)
@@ -4908,7 +4910,12 @@ class Runtime:
         return rc.TurnReply(self.owner.ledger.turns.get(req.turn_id, turn))
 
     async def _interrupt(self, live: LiveSession, run: _TurnRun) -> None:
+        """Ask the provider to end ``run``; a turn it has not opened yet is
+        waited for first (an interrupt before then may be lost on the wire)."""
         proto = live.proc.protocol
+        if not isinstance(proto, KimiProtocol):  # Kimi says nothing before its reply
+            with trio.move_on_after(self.config.handover_timeout_seconds):
+                await run.started.wait()
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, WireStateError):
             if isinstance(proto, CodexProtocol):
                 if run.native_id is None:

@@ -563,3 +563,38 @@ def test_turn_records_and_their_idempotency_records_read_back(tmp_path):
     with pytest.raises(relay.InvalidArgument, match="set by the runtime"):
         commit_ok(store, "RegisterProfile", name="c3", provider="codex", mode="pooled",
                   env=("HOME=/tmp",))
+
+
+async def test_claude_approval_and_interrupt_over_stream_json(tmp_path):
+    """A Claude tool approval (can_use_tool over stdio) reaches the holder and
+    is answered; an interrupt ends a stalled turn ``interrupted`` and the same
+    process takes the next turn."""
+    with trio.fail_after(30):
+        async with serving(tmp_path, FAST) as r:
+            await _register(r, "cl", "claude", "one-borrow",
+                            command=[*STAND_IN, "--provider", "claude"])
+            (row,) = await _warm(r, "cl")
+            sid = row["session_id"]
+            lease = await _borrow(r, "cl", "ci")
+            fence = dict(session_id=sid, lease_id=lease["lease_id"], fencing_token=lease["fencing_token"])
+            turn = await _turn(r, lease, "@approve please")
+
+            async def asked():
+                return next((e for e in await _events(r, sid) if e["kind"] == "approval.requested"),
+                            None)
+            ask = await _until(r, asked)
+            assert (ask["data"]["tool_name"], ask["data"]["command"]) == ("Bash", "touch standin.txt")
+            await r.ok("ResolveApproval", **fence, approval_id=ask["data"]["approval_id"],
+                       decision="accept")
+            done = await _ended(r, turn["turn_id"])
+            assert done["state"] == "completed"
+            tool = [e for e in await _events(r, sid) if e["kind"] == "item.completed"
+                    and e["data"]["item_type"] == "command_execution"]
+            assert tool[-1]["data"]["output"] == "ran: touch standin.txt"
+            stalled = await _turn(r, lease, "@stall forever")
+            ended = (await r.ok("InterruptTurn", **fence, turn_id=stalled["turn_id"]))["turn"]
+            assert ended["state"] == "interrupted"
+            again = await _ended(r, (await _turn(r, lease, "still there?"))["turn_id"])
+            assert again["state"] == "completed" and "(history 1)" in again["output_text"]
+            (now,) = [s for s in await _sessions(r, "cl") if s["session_id"] == sid]
+            assert now["process"]["pid"] == row["process"]["pid"]
