@@ -266,6 +266,8 @@ __all__ = [
     "Ctx",
     "KimiProtocol",
     "Ledger",
+    "ProviderProcess",
+    "Runtime",
     "Store",
     "commit",
     "load_config",
@@ -4693,6 +4695,8 @@ class Runtime:
     async def _consume(self, live: LiveSession) -> None:
         try:
             async for batch in live.proc.events:
+                # Deltas first, at once: a subscriber must not wait for the
+                # commits of the durable events that came in the same read.
                 deltas: dict[tuple[str, str], list[str]] = {}
                 for event in batch:
                     if isinstance(event, ItemDelta):
@@ -4700,11 +4704,10 @@ class Runtime:
                         deltas.setdefault(key, []).append(event.delta)
                         if live.turn is not None and event.stream == "text":
                             live.turn.text.append(event.delta)
-                        continue
-                    self._publish_deltas(live, deltas)
-                    deltas = {}
-                    await self._on_event(live, event)
                 self._publish_deltas(live, deltas)
+                for event in batch:
+                    if not isinstance(event, ItemDelta):
+                        await self._on_event(live, event)
         finally:
             # Bounded even when shielded: a child that survives SIGKILL, or a
             # ledger owner already gone (a cancelled serve), must not hang us.

@@ -26,7 +26,8 @@ a network or a real CLI, and it misbehaves on cue:
   ``@background`` (Codex: start ``sleep 300`` that outlives the turn, as a
   command left running does, and is killed by ``thread/archive``),
   ``@detach`` (as ``@background``, but not tied to the thread: only the end of
-  the process group stops it), ``@pwd`` (the reply names the thread's cwd).
+  the process group stops it), ``@pwd`` (the reply names the thread's cwd), ``@stamp`` (Codex: each
+  delta is the wall-clock time it was written, for latency measurements).
 
 When it stops answering on purpose it says so on stderr first (``wedged:``,
 ``hang:``), so tests can synchronise on that line instead of sleeping.
@@ -396,6 +397,8 @@ class Codex(Provider):
         item = {"type": "agentMessage", "id": f"msg_standin_{self.count}", "text": ""}
         self.notify("item/started", {"item": item} | ids)
         for i, part in enumerate(parts):
+            if "stamp" in cues:  # the delta says when it was written (latency measurements)
+                part = f"{time.time():.6f} "
             self.notify("item/agentMessage/delta", ids | {"itemId": item["id"], "delta": part})
             if i == 0 and "crash" in cues:
                 crash()
