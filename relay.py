@@ -3462,7 +3462,7 @@ class ClaudeProtocol(_JsonLinesProtocol):
     _next_control: int = attrs.field(init=False, default=0)
     _controls: dict = attrs.field(init=False, factory=dict)  # request_id -> "interrupt" | "probe"
     _approvals: dict = attrs.field(init=False, factory=dict)  # request_id -> the tool input
-    _tools: dict = attrs.field(init=False, factory=dict)  # tool_use id -> neutral item type
+    _tools: dict = attrs.field(init=False, factory=dict)  # tool_use id -> (item type, tool name, command)
     _message_id: str | None = attrs.field(init=False, default=None)  # of the streaming message
 
     def send_user_message(self, text: str, *, turn_id: str) -> bytes:
@@ -3566,11 +3566,11 @@ class ClaudeProtocol(_JsonLinesProtocol):
                 name = _opt_str(block.get("name"))
                 item_type = "command_execution" if name == "Bash" else "tool_call"
                 tool_id = _opt_str(block.get("id"))
-                self._tools[tool_id] = (item_type, name)
                 command = _obj(block.get("input")).get("command")
+                command = command if isinstance(command, str) else None
+                self._tools[tool_id] = (item_type, name, command)
                 events.append(ItemStarted(
-                    item_id=tool_id, item_type=item_type, tool_name=name,
-                    command=command if isinstance(command, str) else None, **scope,
+                    item_id=tool_id, item_type=item_type, tool_name=name, command=command, **scope,
                 ))
         return events or [ProviderNotice(name="assistant", native=frame)]
 
@@ -3581,10 +3581,12 @@ class ClaudeProtocol(_JsonLinesProtocol):
             if block.get("type") != "tool_result":
                 continue
             tool_id = _opt_str(block.get("tool_use_id"))
-            item_type, name = self._tools.pop(tool_id, ("tool_call", None))
+            # the result line names only the tool_use id: the command comes from the tool_use
+            # line, so a completed command item carries it as Codex's does
+            item_type, name, command = self._tools.pop(tool_id, ("tool_call", None, None))
             events.append(ItemCompleted(
                 thread_id=self.session_id, turn_id=self._turn, item_id=tool_id, item_type=item_type,
-                tool_name=name, status="failed" if block.get("is_error") else "completed",
+                tool_name=name, command=command, status="failed" if block.get("is_error") else "completed",
                 output=_tool_output(block.get("content")), native=frame,
             ))
         return events or [ProviderNotice(name="user", native=frame)]

@@ -103,6 +103,21 @@ def test_provider_endpoint_defaults_overrides_and_refusals():
         relay.provider_endpoint("kimi")
 
 
+def test_claude_completed_command_carries_its_command():
+    """A Claude tool_result names only its tool_use id; the completed item still carries the command."""
+    proto = relay.ClaudeProtocol()
+    proto.send_user_message("@command", turn_id="t1")
+    use = {"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {"command": "echo hi"}}
+    result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "hi", "is_error": False}
+    events = proto.receive_data(
+        json.dumps({"type": "assistant", "message": {"id": "m1", "content": [use]}}).encode() + b"\n"
+        + json.dumps({"type": "user", "message": {"role": "user", "content": [result]}}).encode() + b"\n")
+    started, done = events
+    assert (started.kind, started.command) == ("item.started", "echo hi")
+    assert (done.kind, done.item_type, done.command, done.output) == (
+        "item.completed", "command_execution", "echo hi", "hi")
+
+
 ################################################################
 # The mock itself
 ################################################################
@@ -351,6 +366,7 @@ async def test_claude_can_use_tool_round_trip(tmp_path, decision):
         (command,) = commands(events)
         assert isinstance(events[-1], relay.TurnCompleted), events[-1]
         assert [r["reply"] for r in mock.requests("messages")] == ["command", "after_tool"]
+        assert command.command == "echo hi | tee mock-hi.txt"
         if decision == "accept":
             assert (command.status, command.output) == ("completed", "hi")
             assert (work / "mock-hi.txt").read_text() == "hi\n"
@@ -378,3 +394,18 @@ async def test_claude_interrupt_mid_stream_then_the_process_goes_on(tmp_path):
             assert isinstance(after, relay.TurnCompleted) and after.turn_id == "t2"
         assert [r["prompt"] for r in mock.requests("messages")] == ["@slow story", "again"]
         no_unknown_routes(mock)
+
+
+@slow
+async def test_claude_answers_a_probe_before_its_first_turn(tmp_path):
+    """A warm Claude that has printed nothing yet answers the mcp_status probe, without calling the model."""
+    async with mock_model(tmp_path) as mock:
+        async with claude_cli(mock, tmp_path, claude_argv()) as child:
+            await child.send(child.proto.send_probe())
+            events = await child.until("probe.answered")
+            assert [e.kind for e in events] == ["probe.answered"] and events[-1].ok
+            assert mock.requests() == []
+            await child.send(child.proto.send_user_message("now a turn", turn_id="t1"))
+            assert isinstance((await child.until(lambda e: isinstance(e, relay._TurnEnded)))[-1],
+                              relay.TurnCompleted)
+        assert [r["prompt"] for r in mock.requests("messages")] == ["now a turn"]
