@@ -174,6 +174,7 @@ async def real_cli(mock: MockModel, home: Path, argv: list[str], proto, *, cwd: 
         (home / rel).write_bytes(data)
     env = {**base_env(), **relay.provider_env(endpoint, home=str(home), tmpdir=str(tmpdir), api_key=MOCK_KEY)}
     stderr_path = home.parent / (home.name + ".stderr")
+    fds = set(os.listdir("/proc/self/fd"))
     stderr = await trio.to_thread.run_sync(open, stderr_path, "wb")
     with stderr:
         proc = await trio.lowlevel.open_process(
@@ -190,6 +191,9 @@ async def real_cli(mock: MockModel, home: Path, argv: list[str], proto, *, cwd: 
             await proc.wait()
             await proc.stdin.aclose()
             await proc.stdout.aclose()
+    with pytest.raises(ChildProcessError):  # reaped: no zombie left
+        os.waitpid(proc.pid, os.WNOHANG)  # noqa: ASYNC222 - WNOHANG never blocks
+    assert set(os.listdir("/proc/self/fd")) <= fds, "a pipe to the CLI was left open"
 
 
 def codex_argv() -> list[str]:
