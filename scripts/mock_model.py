@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A loopback mock of the model APIs the real coding-agent CLIs call, for tests and demos.
 
-    mock_model.py [--log FILE] [--announce] [--slow-ms N] [--hold-seconds S]
+    mock_model.py [--log FILE] [--announce] [--slow-ms N] [--hold-seconds S] [--dns-port P]
 
 It binds 127.0.0.1 on a free port and prints ``PORT <n>`` on stdout (the sync
 line; with ``--announce`` also ``REQUEST <n> <METHOD> <path>`` once each
@@ -32,6 +32,11 @@ The reply depends only on the request's last input, so runs are deterministic:
   goes away meanwhile (an interrupt), the stream just ends;
 - ``@error``: HTTP 500;
 - otherwise ``Hello from mock #<n>: <prompt[:60]>``, one token per word.
+
+With ``--dns-port P`` it also answers DNS queries on UDP 127.0.0.1:P with
+NXDOMAIN, recording each as ``{"route": "dns", "path": <name>}``: run in a
+namespace whose /etc/resolv.conf names 127.0.0.1, it shows which outside hosts
+a CLI tries to reach (none, with the offline settings).
 
 Every request is recorded before it is answered: ``GET /_requests`` returns the
 list as JSON and ``--log FILE`` appends one JSON line per request (read the
@@ -374,6 +379,28 @@ class Server(http.server.ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
+def dns_question(query: bytes) -> tuple[str, bytes]:
+    """(name asked, the question section) of a DNS query packet."""
+    labels, at = [], 12
+    while at < len(query) and query[at]:
+        size = query[at]
+        labels.append(query[at + 1 : at + 1 + size].decode("ascii", "replace"))
+        at += 1 + size
+    return ".".join(labels), query[12 : at + 5]  # the root label, then QTYPE and QCLASS
+
+
+def dns_sink(mock: Mock, sock: socket.socket) -> None:
+    """Record every DNS query and answer NXDOMAIN: which outside hosts a CLI tries to reach."""
+    while True:
+        query, peer = sock.recvfrom(4096)
+        if len(query) < 12:
+            continue
+        name, question = dns_question(query)
+        mock.record({"method": "DNS", "path": name, "route": "dns", "stream": False, "body": {}})
+        flags = b"\x81\x83"  # a response, recursion desired and available, NXDOMAIN
+        sock.sendto(query[:2] + flags + b"\x00\x01" + b"\x00" * 6 + question, peer)
+
+
 def read_commands(mock: Mock) -> None:
     """``release`` on stdin releases held streams; EOF on stdin changes nothing."""
     for line in sys.stdin:
@@ -390,8 +417,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="pause per token of a released @slow reply (ms)")
     parser.add_argument("--hold-seconds", type=float, default=60.0,
                         help="longest an @slow stream waits to be released (seconds)")
+    parser.add_argument("--dns-port", type=int,
+                        help="also record DNS queries on this UDP port of 127.0.0.1, answering NXDOMAIN")
     args = parser.parse_args(argv)
     mock = Mock(args.log, args.announce, args.slow_ms, args.hold_seconds)
+    if args.dns_port is not None:
+        dns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        dns.bind(("127.0.0.1", args.dns_port))
+        threading.Thread(target=dns_sink, args=(mock, dns), daemon=True).start()
     handler = type("BoundHandler", (Handler,), {"mock": mock})
     server = Server(("127.0.0.1", 0), handler)
     threading.Thread(target=read_commands, args=(mock,), daemon=True).start()

@@ -1,9 +1,11 @@
 """Running the real provider CLIs against scripts/mock_model.py, for tests/test_real_providers.py.
 
 The mock and every CLI run inside one loopback-only network namespace when the
-platform allows it (root: ``unshare -n``, then ``ip link set lo up``; each CLI
-joins it with ``nsenter --net``), so nothing but the mock is reachable; the
-offline settings of relay.py's "Provider settings" section apply always.
+platform allows it (root: ``unshare -n -m``, then ``ip link set lo up``; each
+CLI joins it with ``nsenter --net --mount``), so nothing but the mock is
+reachable, and a private /etc/resolv.conf sends every DNS query to the mock's
+sink, so a test sees any outside host a CLI tries; the offline settings of
+relay.py's "Provider settings" section apply always.
 """
 
 from __future__ import annotations
@@ -69,10 +71,14 @@ class MockModel:
     def __init__(self, proc: trio.Process, port: int, log: Path, netns: bool) -> None:
         self.proc, self.port, self.log, self.netns = proc, port, log, netns
 
-    @property
-    def prefix(self) -> list[str]:
-        """argv prefix that puts a command in the mock's network namespace (empty without one)."""
-        return ["nsenter", f"--net=/proc/{self.proc.pid}/ns/net", "--"] if self.netns else []
+    def prefix(self, cwd: Path | str = "/") -> list[str]:
+        """argv prefix that runs a command in ``cwd`` in the mock's namespaces (none without them):
+        its network, and its mounts, where /etc/resolv.conf sends every DNS query to the mock.
+        (Entering a mount namespace moves nsenter to its root unless told a directory.)"""
+        if not self.netns:
+            return []
+        ns = f"/proc/{self.proc.pid}/ns"
+        return ["nsenter", f"--net={ns}/net", f"--mount={ns}/mnt", f"--wd={cwd}", "--"]
 
     def endpoint(self, provider: str) -> relay.ProviderEndpoint:
         base = f"http://127.0.0.1:{self.port}" + ("/v1" if provider == "codex" else "")
@@ -108,9 +114,13 @@ async def mock_model(tmp_path: Path, *args: str):
     argv = [sys.executable, str(MOCK), "--log", str(log), *args]
     netns = netns_reason() is None
     if netns:
-        script = 'ip link set lo up && exec "$@"'
-        argv = ["unshare", "-n", "sh", "-c", script, "sh", *argv]
-    proc = await trio.lowlevel.open_process(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        # Its own network (only lo) and mounts (a private /etc/resolv.conf naming the mock's DNS sink).
+        resolv = tmp_path / "resolv.conf"
+        resolv.write_text("nameserver 127.0.0.1\noptions attempts:1 timeout:1\n")
+        script = 'ip link set lo up && mount --bind "$RESOLV" /etc/resolv.conf && exec "$@" --dns-port 53'
+        argv = ["unshare", "-n", "-m", "--propagation", "private", "sh", "-c", script, "sh", *argv]
+    env = dict(os.environ, RESOLV=str(tmp_path / "resolv.conf"))
+    proc = await trio.lowlevel.open_process(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
     try:
         yield MockModel(proc, await mock_port(proc), log, netns)
     finally:
@@ -163,22 +173,29 @@ class RealChild:
 
 
 @contextlib.asynccontextmanager
-async def real_cli(mock: MockModel, home: Path, argv: list[str], proto, *, cwd: Path, **codex_options):
-    """A real CLI on ``mock``: its home written by ``provider_home_files``, its env by ``provider_env``."""
+async def real_cli(mock: MockModel, home: Path, argv: list[str], proto, *, cwd: Path, tamper=None,
+                   **codex_options):
+    """A real CLI on ``mock``: its home written by ``provider_home_files``, its env by ``provider_env``.
+
+    ``tamper(files, env)``, if given, may change both first (to show what a setting prevents).
+    """
     provider = "codex" if isinstance(proto, relay.CodexProtocol) else "claude"
     endpoint = mock.endpoint(provider)
     tmpdir = home.parent / (home.name + "-tmp")
     for directory in (home, tmpdir, cwd):
         directory.mkdir(parents=True, exist_ok=True)
-    for rel, data in relay.provider_home_files(endpoint, **codex_options).items():
-        (home / rel).write_bytes(data)
+    files = relay.provider_home_files(endpoint, **codex_options)
     env = {**base_env(), **relay.provider_env(endpoint, home=str(home), tmpdir=str(tmpdir), api_key=MOCK_KEY)}
+    if tamper is not None:
+        tamper(files, env)
+    for rel, data in files.items():
+        (home / rel).write_bytes(data)
     stderr_path = home.parent / (home.name + ".stderr")
     fds = set(os.listdir("/proc/self/fd"))
     stderr = await trio.to_thread.run_sync(open, stderr_path, "wb")
     with stderr:
         proc = await trio.lowlevel.open_process(
-            [*mock.prefix, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
+            [*mock.prefix(cwd), *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
             env=env, cwd=str(cwd), start_new_session=True,
         )
     try:

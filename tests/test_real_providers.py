@@ -38,8 +38,10 @@ slow = pytest.mark.slow
 DECISIONS = pytest.mark.parametrize("decision", ["accept", "decline"])
 
 
-def no_unknown_routes(mock) -> None:
+def nothing_but_the_mock(mock) -> None:
+    """No request the mock does not serve, and (in the namespace) no DNS lookup of any outside host."""
     assert mock.requests(None) == [], "a CLI asked the mock for a path it does not serve"
+    assert mock.requests("dns") == [], "a CLI tried to reach an outside host"
 
 
 def commands(events) -> list:
@@ -167,15 +169,48 @@ async def test_the_namespace_reaches_nothing_but_itself(tmp_path):
              "except OSError as e: print('refused', e.errno)\nelse: print('connected')")
     try:
         async with mock_model(tmp_path) as mock:
-            links = await trio.run_process([*mock.prefix, "ip", "-o", "link"], capture_stdout=True)
+            links = await trio.run_process([*mock.prefix(), "ip", "-o", "link"], capture_stdout=True)
             names = [line.split(":")[1].strip() for line in links.stdout.decode().splitlines()]
             assert names == ["lo"]
             port = str(outside.getsockname()[1])
-            result = await trio.run_process([*mock.prefix, sys.executable, "-c", probe, port],
+            result = await trio.run_process([*mock.prefix(), sys.executable, "-c", probe, port],
                                             capture_stdout=True)
             assert result.stdout.decode().startswith("refused")
     finally:
         outside.close()
+
+
+@slow
+async def test_without_the_offline_settings_the_clis_look_up_outside_hosts(tmp_path):
+    """The DNS sink sees what the offline settings prevent, so its silence in the other tests counts."""
+    if (reason := netns_reason()) is not None:
+        pytest.skip(f"no namespace with a DNS sink here ({reason})")
+
+    def online_codex(files, env):
+        text = files["config.toml"].decode()
+        files["config.toml"] = text.replace("plugins = false", "plugins = true").replace(
+            "[analytics]\nenabled = false", "").encode()
+
+    def online_claude(files, env):
+        del env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"]
+
+    async with mock_model(tmp_path) as mock:
+        async with real_cli(mock, tmp_path / "codex", codex_argv(), relay.CodexProtocol(),
+                            cwd=tmp_path / "work", tamper=online_codex) as child:
+            thread_id = await codex_open(child, tmp_path / "work")
+            await codex_turn(child, thread_id, "say hi")
+            await child.proc.stdin.aclose()
+            assert await child.wait() == 0
+        codex_names = {r["path"] for r in mock.requests("dns")}
+        assert {"github.com", "chatgpt.com"} <= codex_names
+        async with real_cli(mock, tmp_path / "claude", claude_argv(), relay.ClaudeProtocol(),
+                            cwd=tmp_path / "work", tamper=online_claude) as child:
+            await child.send(child.proto.send_user_message("say hi", turn_id="t1"))
+            await child.until(lambda e: isinstance(e, relay._TurnEnded))
+            await child.proc.stdin.aclose()
+            assert await child.wait() == 0
+        assert "api.anthropic.com" in {r["path"] for r in mock.requests("dns")} - codex_names
+        assert len(mock.requests("responses")) == 1 and len(mock.requests("messages")) == 1
 
 
 ################################################################
@@ -215,7 +250,7 @@ async def test_codex_handshake_thread_and_turn_with_deltas(tmp_path):
         (asked,) = mock.requests("responses")
         assert asked["prompt"] == "say hi" and asked["stream"] and asked["auth"] == "bearer"
         assert asked["model"] == "gpt-5.5" and asked["path"] == "/v1/responses"
-        no_unknown_routes(mock)
+        nothing_but_the_mock(mock)
 
 
 @slow
@@ -241,7 +276,7 @@ async def test_codex_command_approval_round_trip(tmp_path, decision):
             assert "saw the command output" in events[-1].output_text
         else:
             assert command.status == "declined" and not (work / "mock-hi.txt").exists()
-        no_unknown_routes(mock)
+        nothing_but_the_mock(mock)
 
 
 @slow
@@ -259,7 +294,7 @@ async def test_codex_interrupt_mid_stream_then_the_thread_goes_on(tmp_path):
             after = await codex_turn(child, thread_id, "again")
             assert isinstance(after[-1], relay.TurnCompleted), after[-1]
         assert [r["prompt"] for r in mock.requests("responses")] == ["@slow story", "again"]
-        no_unknown_routes(mock)
+        nothing_but_the_mock(mock)
 
 
 @slow
@@ -287,7 +322,7 @@ async def test_codex_two_threads_share_no_history_and_archive(tmp_path):
         assert "secret-alpha" in by_prompt["alpha-again"]  # A keeps its own history
         assert str(tmp_path / "b") in by_prompt["plain-beta"]  # B's own cwd, not A's
         assert str(tmp_path / "a") not in by_prompt["plain-beta"]
-        no_unknown_routes(mock)
+        nothing_but_the_mock(mock)
 
 
 @slow
@@ -315,7 +350,7 @@ async def test_codex_sigkill_mid_turn_then_resume_in_a_new_process(tmp_path):
         last = mock.requests("responses")[-1]
         assert last["prompt"] == "after-crash"
         assert "remember-gamma" in last["user_texts"] and "@slow doomed" in last["user_texts"]
-        no_unknown_routes(mock)
+        nothing_but_the_mock(mock)
 
 
 ################################################################
@@ -333,6 +368,7 @@ async def test_claude_two_turns_in_one_process(tmp_path):
             events = await child.until(lambda e: isinstance(e, relay._TurnEnded))
             hello = events[0]
             assert isinstance(hello, relay.HandshakeCompleted) and hello.provider_version == "2.1.197"
+            assert hello.native["cwd"] == str(tmp_path / "work")  # in the namespace too
             assert isinstance(events[-1], relay.TurnCompleted), events[-1]
             assert events[-1].output_text == text_of(events) == "Hello from mock #1: say hi"
             await child.send(child.proto.send_user_message("second one", turn_id="t2"))
@@ -346,7 +382,7 @@ async def test_claude_two_turns_in_one_process(tmp_path):
             ("say hi", True, "x-api-key"), ("second one", True, "x-api-key")]
         assert asked[1]["user_texts"] == ["say hi", "second one"]
         assert all(r["path"] == "/v1/messages?beta=true" for r in asked)
-        no_unknown_routes(mock)
+        nothing_but_the_mock(mock)
 
 
 @slow
@@ -374,7 +410,7 @@ async def test_claude_can_use_tool_round_trip(tmp_path, decision):
             assert command.status == "failed" and "denied by relay" in command.output
             assert not (work / "mock-hi.txt").exists()
             assert events[-1].native["permission_denials"][0]["tool_name"] == "Bash"
-        no_unknown_routes(mock)
+        nothing_but_the_mock(mock)
 
 
 @slow
@@ -393,7 +429,7 @@ async def test_claude_interrupt_mid_stream_then_the_process_goes_on(tmp_path):
             after = (await child.until(lambda e: isinstance(e, relay._TurnEnded)))[-1]
             assert isinstance(after, relay.TurnCompleted) and after.turn_id == "t2"
         assert [r["prompt"] for r in mock.requests("messages")] == ["@slow story", "again"]
-        no_unknown_routes(mock)
+        nothing_but_the_mock(mock)
 
 
 @slow
