@@ -3851,13 +3851,16 @@ def provider_home_files(endpoint: ProviderEndpoint, **codex_options: Any) -> dic
 def provider_env(endpoint: ProviderEndpoint, *, home: str, tmpdir: str, api_key: str) -> dict[str, str]:
     """Variables to set in the provider's environment (over a scrubbed base such as PATH only).
 
-    ``home`` is ``CODEX_HOME`` (Codex) or ``HOME`` (Claude); ``tmpdir`` becomes
+    ``home`` is ``CODEX_HOME`` and ``HOME`` (Codex) or ``HOME`` (Claude); ``tmpdir`` becomes
     ``TMPDIR``, since both CLIs write sockets and scratch there.  ``api_key``
     is the value of ``endpoint.api_key_env``; the caller must not log the result.
     """
     env = {"TMPDIR": tmpdir}
     if endpoint.provider == "codex":
-        return {**env, "CODEX_HOME": home, endpoint.api_key_env: api_key}
+        # HOME too: Codex runs every command with ``bash -lc``, a login shell that sources
+        # $HOME/.profile (and through it .bashrc); without HOME, bash takes the passwd home,
+        # so the relay user's own shell files would run in every borrower's command.
+        return {**env, "CODEX_HOME": home, "HOME": home, endpoint.api_key_env: api_key}
     if endpoint.provider == "claude":
         env.update(HOME=home, ANTHROPIC_BASE_URL=endpoint.base_url.rstrip("/"), ANTHROPIC_API_KEY=api_key)
         if endpoint.model:

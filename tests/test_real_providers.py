@@ -10,6 +10,7 @@ bounded by ``trio.fail_after``.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -52,6 +53,10 @@ def claude_cli(mock, tmp_path, argv):
     return real_cli(mock, tmp_path / "home", argv, relay.ClaudeProtocol(), cwd=tmp_path / "work")
 
 
+def ended(event) -> bool:
+    return isinstance(event, (relay.TurnCompleted, relay.TurnFailed, relay.TurnInterrupted))
+
+
 def text_of(events) -> str:
     return "".join(e.delta for e in events if isinstance(e, relay.ItemDelta) and e.stream == "text")
 
@@ -77,7 +82,7 @@ def test_provider_env_carries_the_key_and_the_offline_switches():
     """The key reaches the child only by its environment; Claude's non-model traffic and retries are off."""
     codex = relay.provider_endpoint("codex", {"api_key_env": "MY_KEY"}, environ={})
     env = relay.provider_env(codex, home="/h", tmpdir="/t", api_key="sk-x")
-    assert env == {"CODEX_HOME": "/h", "TMPDIR": "/t", "MY_KEY": "sk-x"}
+    assert env == {"CODEX_HOME": "/h", "HOME": "/h", "TMPDIR": "/t", "MY_KEY": "sk-x"}
     assert b"sk-x" not in relay.provider_home_files(codex)["config.toml"]
     claude = relay.provider_endpoint("claude", {"base_url": "http://127.0.0.1:9"}, environ={})
     env = relay.provider_env(claude, home="/h", tmpdir="/t", api_key="k")
@@ -158,6 +163,38 @@ async def test_mock_records_requests_and_answers_unknown_paths_404(tmp_path):
         await proc.stdout.aclose()
 
 
+def stream_slow_then_release(port: int) -> tuple[list[str], list[str]]:
+    """The SSE event types of an @slow Messages stream before and after POST /_release."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "@slow tale"}]}
+    conn.request("POST", "/v1/messages", json.dumps(body), {"Content-Type": "application/json"})
+    reply = conn.getresponse()
+    assert reply.status == 200 and reply.headers["Content-Type"] == "text/event-stream"
+    before: list[str] = []
+    while "content_block_delta" not in before:
+        line = reply.readline().decode()
+        if line.startswith("event: "):
+            before.append(line.split()[1])
+    fetch(port, "POST", "/_release", {})
+    after = [line.split()[1] for line in reply.read().decode().splitlines() if line.startswith("event: ")]
+    conn.close()
+    return before, after
+
+
+async def test_mock_slow_stream_holds_until_released(tmp_path):
+    """An @slow stream sends its opening and one token, then the rest only once released."""
+    proc = await trio.lowlevel.open_process([sys.executable, str(MOCK), "--slow-ms", "0"],
+                                            stdout=subprocess.PIPE)
+    try:
+        before, after = await trio.to_thread.run_sync(stream_slow_then_release, await mock_port(proc))
+        assert before == ["message_start", "content_block_start", "ping", "content_block_delta"]
+        assert after == ["content_block_delta"] * 5 + ["content_block_stop", "message_delta", "message_stop"]
+    finally:
+        proc.kill()
+        await proc.wait()
+        await proc.stdout.aclose()
+
+
 async def test_the_namespace_reaches_nothing_but_itself(tmp_path):
     """Inside the mock's namespace only loopback exists, and a port open outside it is unreachable."""
     if (reason := netns_reason()) is not None:
@@ -206,7 +243,7 @@ async def test_without_the_offline_settings_the_clis_look_up_outside_hosts(tmp_p
         async with real_cli(mock, tmp_path / "claude", claude_argv(), relay.ClaudeProtocol(),
                             cwd=tmp_path / "work", tamper=online_claude) as child:
             await child.send(child.proto.send_user_message("say hi", turn_id="t1"))
-            await child.until(lambda e: isinstance(e, relay._TurnEnded))
+            await child.until(ended)
             await child.proc.stdin.aclose()
             assert await child.wait() == 0
         assert "api.anthropic.com" in {r["path"] for r in mock.requests("dns")} - codex_names
@@ -225,7 +262,7 @@ async def codex_open(child, cwd, **thread_options) -> str:
     return (await child.until("thread.started"))[-1].thread_id
 
 
-async def codex_turn(child, thread_id: str, text: str, until: str = "turn.completed") -> list:
+async def codex_turn(child, thread_id: str, text: str, until=ended) -> list:
     await child.send(child.proto.send_turn_start(thread_id, text))
     return await child.until(until)
 
@@ -288,7 +325,7 @@ async def test_codex_interrupt_mid_stream_then_the_thread_goes_on(tmp_path):
             thread_id = await codex_open(child, tmp_path / "work")
             first = (await codex_turn(child, thread_id, "@slow story", until="item.delta"))[-1]
             await child.send(child.proto.send_turn_interrupt(thread_id, first.turn_id))
-            events = await child.until(lambda e: isinstance(e, relay._TurnEnded))
+            events = await child.until(ended)
             assert isinstance(events[-1], relay.TurnInterrupted) and events[-1].turn_id == first.turn_id
             assert any(isinstance(e, relay.InterruptAcknowledged) for e in events)
             after = await codex_turn(child, thread_id, "again")
@@ -353,9 +390,34 @@ async def test_codex_sigkill_mid_turn_then_resume_in_a_new_process(tmp_path):
         nothing_but_the_mock(mock)
 
 
+@slow
+async def test_codex_model_error_fails_the_turn_without_a_retry(tmp_path):
+    """A 500 from the model fails the turn at once (request_max_retries = 0): the mock saw one request."""
+    async with mock_model(tmp_path) as mock:
+        async with real_cli(mock, tmp_path / "home", codex_argv(), relay.CodexProtocol(),
+                            cwd=tmp_path / "work") as child:
+            thread_id = await codex_open(child, tmp_path / "work")
+            failed = (await codex_turn(child, thread_id, "@error please"))[-1]
+            assert isinstance(failed, relay.TurnFailed) and failed.error
+        assert [r["reply"] for r in mock.requests("responses")] == ["error"]
+        nothing_but_the_mock(mock)
+
+
 ################################################################
 # Claude Code stream-json
 ################################################################
+
+
+@slow
+async def test_claude_model_error_fails_the_turn_without_a_retry(tmp_path):
+    """A 500 from the model fails the turn at once (CLAUDE_CODE_MAX_RETRIES=0): the mock saw one request."""
+    async with mock_model(tmp_path) as mock:
+        async with claude_cli(mock, tmp_path, claude_argv()) as child:
+            await child.send(child.proto.send_user_message("@error please", turn_id="t1"))
+            failed = (await child.until(ended))[-1]
+            assert isinstance(failed, relay.TurnFailed) and "500" in failed.error
+        assert [r["reply"] for r in mock.requests("messages")] == ["error"]
+        nothing_but_the_mock(mock)
 
 
 @slow
@@ -365,14 +427,14 @@ async def test_claude_two_turns_in_one_process(tmp_path):
     async with mock_model(tmp_path) as mock:
         async with claude_cli(mock, tmp_path, argv) as child:
             await child.send(child.proto.send_user_message("say hi", turn_id="t1"))
-            events = await child.until(lambda e: isinstance(e, relay._TurnEnded))
+            events = await child.until(ended)
             hello = events[0]
             assert isinstance(hello, relay.HandshakeCompleted) and hello.provider_version == "2.1.197"
             assert hello.native["cwd"] == str(tmp_path / "work")  # in the namespace too
             assert isinstance(events[-1], relay.TurnCompleted), events[-1]
             assert events[-1].output_text == text_of(events) == "Hello from mock #1: say hi"
             await child.send(child.proto.send_user_message("second one", turn_id="t2"))
-            events = await child.until(lambda e: isinstance(e, relay._TurnEnded))
+            events = await child.until(ended)
             assert isinstance(events[-1], relay.TurnCompleted) and events[-1].turn_id == "t2"
             assert events[-1].thread_id == hello.session_id
             await child.proc.stdin.aclose()  # the graceful stop
@@ -398,7 +460,7 @@ async def test_claude_can_use_tool_round_trip(tmp_path, decision):
             assert asked.tool_name == "Bash" and asked.approval_kind == "command"
             assert "echo hi" in asked.command
             await child.send(child.proto.send_approval(asked.approval_id, decision))
-            events = await child.until(lambda e: isinstance(e, relay._TurnEnded))
+            events = await child.until(ended)
         (command,) = commands(events)
         assert isinstance(events[-1], relay.TurnCompleted), events[-1]
         assert [r["reply"] for r in mock.requests("messages")] == ["command", "after_tool"]
@@ -422,11 +484,11 @@ async def test_claude_interrupt_mid_stream_then_the_process_goes_on(tmp_path):
             await child.send(child.proto.send_user_message("@slow story", turn_id="t1"))
             await child.until("item.delta")
             await child.send(child.proto.send_interrupt())
-            events = await child.until(lambda e: isinstance(e, relay._TurnEnded))
+            events = await child.until(ended)
             assert any(isinstance(e, relay.InterruptAcknowledged) for e in events)
             assert isinstance(events[-1], relay.TurnInterrupted) and events[-1].turn_id == "t1"
             await child.send(child.proto.send_user_message("again", turn_id="t2"))
-            after = (await child.until(lambda e: isinstance(e, relay._TurnEnded)))[-1]
+            after = (await child.until(ended))[-1]
             assert isinstance(after, relay.TurnCompleted) and after.turn_id == "t2"
         assert [r["prompt"] for r in mock.requests("messages")] == ["@slow story", "again"]
         nothing_but_the_mock(mock)
@@ -442,6 +504,6 @@ async def test_claude_answers_a_probe_before_its_first_turn(tmp_path):
             assert [e.kind for e in events] == ["probe.answered"] and events[-1].ok
             assert mock.requests() == []
             await child.send(child.proto.send_user_message("now a turn", turn_id="t1"))
-            assert isinstance((await child.until(lambda e: isinstance(e, relay._TurnEnded)))[-1],
+            assert isinstance((await child.until(ended))[-1],
                               relay.TurnCompleted)
         assert [r["prompt"] for r in mock.requests("messages")] == ["now a turn"]
