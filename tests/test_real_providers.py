@@ -195,10 +195,15 @@ async def test_mock_slow_stream_holds_until_released(tmp_path):
         await proc.stdout.aclose()
 
 
-async def test_the_namespace_reaches_nothing_but_itself(tmp_path):
-    """Inside the mock's namespace only loopback exists, and a port open outside it is unreachable."""
+@pytest.fixture
+def namespace():
+    """Skip, saying why, where the platform cannot make a loopback-only namespace (not root)."""
     if (reason := netns_reason()) is not None:
         pytest.skip(f"no loopback-only network namespace here ({reason}); the offline settings still apply")
+
+
+async def test_the_namespace_reaches_nothing_but_itself(tmp_path, namespace):
+    """Inside the mock's namespace only loopback exists, and a port open outside it is unreachable."""
     outside = socket.socket()
     outside.bind(("127.0.0.1", 0))
     outside.listen()
@@ -218,10 +223,8 @@ async def test_the_namespace_reaches_nothing_but_itself(tmp_path):
 
 
 @slow
-async def test_without_the_offline_settings_the_clis_look_up_outside_hosts(tmp_path):
+async def test_without_the_offline_settings_the_clis_look_up_outside_hosts(tmp_path, namespace):
     """The DNS sink sees what the offline settings prevent, so its silence in the other tests counts."""
-    if (reason := netns_reason()) is not None:
-        pytest.skip(f"no namespace with a DNS sink here ({reason})")
 
     def online_codex(files, env):
         text = files["config.toml"].decode()
