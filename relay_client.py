@@ -139,26 +139,108 @@ class RelayError(Exception):
         return cls(str(body.get("message", "")), hint=hint, details=details)
 
 
-def _error_class(name: str, code: Code) -> type[RelayError]:
-    return type(name, (RelayError,), {"code": code, "__module__": __name__})
+class Canceled(RelayError):
+    """The call was cancelled, typically by the caller."""
+
+    code = Code.CANCELED
 
 
-Canceled = _error_class("Canceled", Code.CANCELED)
-Unknown = _error_class("Unknown", Code.UNKNOWN)
-InvalidArgument = _error_class("InvalidArgument", Code.INVALID_ARGUMENT)
-DeadlineExceeded = _error_class("DeadlineExceeded", Code.DEADLINE_EXCEEDED)
-NotFound = _error_class("NotFound", Code.NOT_FOUND)
-AlreadyExists = _error_class("AlreadyExists", Code.ALREADY_EXISTS)
-PermissionDenied = _error_class("PermissionDenied", Code.PERMISSION_DENIED)
-ResourceExhausted = _error_class("ResourceExhausted", Code.RESOURCE_EXHAUSTED)
-FailedPrecondition = _error_class("FailedPrecondition", Code.FAILED_PRECONDITION)
-Aborted = _error_class("Aborted", Code.ABORTED)
-OutOfRange = _error_class("OutOfRange", Code.OUT_OF_RANGE)
-Unimplemented = _error_class("Unimplemented", Code.UNIMPLEMENTED)
-Internal = _error_class("Internal", Code.INTERNAL)
-Unavailable = _error_class("Unavailable", Code.UNAVAILABLE)
-DataLoss = _error_class("DataLoss", Code.DATA_LOSS)
-Unauthenticated = _error_class("Unauthenticated", Code.UNAUTHENTICATED)
+class Unknown(RelayError):
+    """An error the relay could not classify (or an answer without a Connect error body)."""
+
+    code = Code.UNKNOWN
+
+
+class InvalidArgument(RelayError):
+    """The request is malformed, whatever the ledger's state."""
+
+    code = Code.INVALID_ARGUMENT
+
+
+class DeadlineExceeded(RelayError):
+    """The call did not finish before its deadline."""
+
+    code = Code.DEADLINE_EXCEEDED
+
+
+class NotFound(RelayError):
+    """A named profile, session, lease or record does not exist."""
+
+    code = Code.NOT_FOUND
+
+
+class AlreadyExists(RelayError):
+    """The thing to create exists already."""
+
+    code = Code.ALREADY_EXISTS
+
+
+class PermissionDenied(RelayError):
+    """The caller may not do this."""
+
+    code = Code.PERMISSION_DENIED
+
+
+class ResourceExhausted(RelayError):
+    """A quota or buffer ran out (e.g. a subscriber fell behind)."""
+
+    code = Code.RESOURCE_EXHAUSTED
+
+
+class FailedPrecondition(RelayError):
+    """The ledger's state forbids the call now (e.g. the lease is not live)."""
+
+    code = Code.FAILED_PRECONDITION
+
+
+class LeaseLost(FailedPrecondition):
+    """The lease of a ``borrowed`` block is gone (revoked, expired, released
+    elsewhere): a job must not go on writing without it."""
+
+    def __init__(self, message: str = "the lease was lost", **kw: Any):
+        super().__init__(message, **kw)
+
+
+class Aborted(RelayError):
+    """The call lost a race with a concurrent change; retry it."""
+
+    code = Code.ABORTED
+
+
+class OutOfRange(RelayError):
+    """A position (sequence number, Last-Event-ID) lies beyond what exists."""
+
+    code = Code.OUT_OF_RANGE
+
+
+class Unimplemented(RelayError):
+    """No such RPC, or not supported by this relay."""
+
+    code = Code.UNIMPLEMENTED
+
+
+class Internal(RelayError):
+    """A bug in the relay; its log has the details, the caller gets none."""
+
+    code = Code.INTERNAL
+
+
+class Unavailable(RelayError):
+    """The relay cannot be reached or cannot serve now; retry later."""
+
+    code = Code.UNAVAILABLE
+
+
+class DataLoss(RelayError):
+    """Durable data is damaged or missing."""
+
+    code = Code.DATA_LOSS
+
+
+class Unauthenticated(RelayError):
+    """The call carried no valid bearer token."""
+
+    code = Code.UNAUTHENTICATED
 
 _ERROR_BY_CODE: Final[dict[str, type[RelayError]]] = {
     cls.code.value: cls
@@ -756,16 +838,6 @@ RETRIES: Final = 3  # attempts after the first, for retry-safe failures
 BACKOFF: Final = 0.05  # seconds, doubled each attempt, capped at BACKOFF_MAX
 BACKOFF_MAX: Final = 2.0
 HEARTBEAT_FRACTION: Final = 0.25  # heartbeat every ttl * this on a held lease
-
-
-class LeaseLost(RelayError):
-    """Raised into a ``borrowed`` block when its lease is gone (revoked,
-    expired, released elsewhere): a job must not go on writing without it."""
-
-    code = Code.FAILED_PRECONDITION
-
-    def __init__(self, message: str = "the lease was lost", **kw: Any):
-        super().__init__(message, **kw)
 
 
 def discover(url: str | None = None, token: str | None = None,

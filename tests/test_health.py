@@ -1,0 +1,24 @@
+"""Code-health rules of issue 10: the error hierarchy, the public surface,
+the clock seam, logging and the lease object of the sync client."""
+
+from __future__ import annotations
+
+import relay_client as rc
+
+
+def test_every_status_code_has_its_own_documented_class():
+    """Each Connect code maps to one RelayError subclass, written out with a docstring."""
+    by_code = {cls.code: cls for cls in vars(rc).values()
+               if isinstance(cls, type) and issubclass(cls, rc.RelayError)
+               and cls not in (rc.RelayError, rc.LeaseLost)}
+    assert set(by_code) == set(rc.Code)
+    for code, cls in by_code.items():
+        assert cls.__name__ == "".join(w.capitalize() for w in code.value.split("_")), cls
+        assert cls.__doc__ and "\n" not in cls.__doc__.strip(), cls
+        assert rc.RelayError.from_json({"code": code.value, "message": "m"}).__class__ is cls
+
+
+def test_lease_lost_is_a_failed_precondition():
+    """LeaseLost carries FAILED_PRECONDITION and callers can catch it as one."""
+    assert issubclass(rc.LeaseLost, rc.FailedPrecondition)
+    assert rc.LeaseLost().code is rc.Code.FAILED_PRECONDITION
