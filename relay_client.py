@@ -32,23 +32,83 @@ from typing import Any, ClassVar, Final
 import attrs
 
 __all__ = [
+    "DEFAULT_TIMEOUT",
+    "ID_PATTERN",
+    "LEASE_MODES",
+    "LEASE_STATES",
+    "LIVE_LEASE_STATES",
+    "PROFILE_MODES",
+    "PROVIDERS",
     "RPCS",
+    "RPC_BY_NAME",
+    "SERVICE",
+    "SESSION_STATES",
+    "Aborted",
     "AlreadyExists",
+    "AppendRecordRequest",
+    "AppendReply",
     "AsyncRelayStub",
-    "LeaseLost",
-    "RelayStub",
+    "BorrowRequest",
+    "Canceled",
+    "ClearQuarantineRequest",
     "Code",
+    "ControlReply",
+    "ControlRequest",
+    "CreateSessionRequest",
+    "Cursor",
+    "DataLoss",
+    "DeadlineExceeded",
     "FailedPrecondition",
+    "GetStatusRequest",
+    "GrantLeaseRequest",
     "Internal",
     "InvalidArgument",
+    "JSONValue",
+    "Lease",
+    "LeaseLost",
+    "LeaseReply",
+    "ListLeasesReply",
+    "ListLeasesRequest",
+    "ListProfilesReply",
+    "ListProfilesRequest",
+    "ListRecordsReply",
+    "ListRecordsRequest",
+    "ListSessionsReply",
+    "ListSessionsRequest",
     "NotFound",
+    "OutOfRange",
+    "PermissionDenied",
+    "Profile",
+    "ProfileReply",
+    "Quarantine",
+    "QuarantineReply",
+    "QuarantineSessionRequest",
+    "RecordControlRequest",
+    "RecoverReply",
+    "RecoverRequest",
+    "Recovery",
+    "RegisterProfileRequest",
     "RelayError",
+    "RelayStub",
+    "ReleaseLeaseRequest",
+    "RenewLeaseRequest",
     "ResourceExhausted",
+    "RevokeLeaseRequest",
     "Rpc",
+    "Runtime",
+    "Session",
+    "SessionReply",
+    "StateWarning",
+    "StatusReply",
+    "StreamRecord",
     "Unauthenticated",
     "Unavailable",
+    "Unimplemented",
+    "Unknown",
+    "check_id",
     "discover",
     "from_json",
+    "main",
     "to_json",
 ]
 
@@ -834,10 +894,10 @@ RPC_BY_NAME: Final = {rpc.name: rpc for rpc in RPCS}
 # (as a generated ``*_pb2_grpc`` stub does).
 
 DEFAULT_TIMEOUT: Final = 30.0  # seconds, per call (sync stub)
-RETRIES: Final = 3  # attempts after the first, for retry-safe failures
-BACKOFF: Final = 0.05  # seconds, doubled each attempt, capped at BACKOFF_MAX
-BACKOFF_MAX: Final = 2.0
-HEARTBEAT_FRACTION: Final = 0.25  # heartbeat every ttl * this on a held lease
+_RETRIES: Final = 3  # attempts after the first, for retry-safe failures
+_BACKOFF: Final = 0.05  # seconds, doubled each attempt, capped at _BACKOFF_MAX
+_BACKOFF_MAX: Final = 2.0
+_HEARTBEAT_FRACTION: Final = 0.25  # heartbeat every ttl * this on a held lease
 
 
 def discover(url: str | None = None, token: str | None = None,
@@ -924,7 +984,7 @@ class _Core:
 
 
 def _backoff(attempt: int) -> float:
-    return min(BACKOFF * (2 ** attempt), BACKOFF_MAX)
+    return min(_BACKOFF * (2 ** attempt), _BACKOFF_MAX)
 
 
 class _Watch:
@@ -987,7 +1047,7 @@ class RelayStub:
         timeout = self._timeout if timeout is None else timeout
         body = self._core.body(request)
         deadline = time.monotonic() + timeout
-        for attempt in range(RETRIES + 1):
+        for attempt in range(_RETRIES + 1):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise DeadlineExceeded(f"{rpc.name} did not finish within {timeout} s")
@@ -996,7 +1056,7 @@ class RelayStub:
                                            headers=self._core.headers(left), timeout=left)
                 return self._core.reply(rpc, response.status_code, response.content)
             except Exception as exc:
-                if attempt == RETRIES or not self._core.retryable(exc):
+                if attempt == _RETRIES or not self._core.retryable(exc):
                     raise _transport_error(exc) from exc
                 time.sleep(min(_backoff(attempt), max(deadline - time.monotonic(), 0)))
         raise AssertionError("unreachable")
@@ -1114,14 +1174,14 @@ class AsyncRelayStub:
         import trio
 
         body = self._core.body(request)
-        for attempt in range(RETRIES + 1):
+        for attempt in range(_RETRIES + 1):
             left = trio.current_effective_deadline() - trio.current_time()
             try:
                 response = await self._http.post(self._core.url + rpc.path, content=body,
                                                  headers=self._core.headers(left))
                 return self._core.reply(rpc, response.status_code, response.content)
             except Exception as exc:
-                if attempt == RETRIES or not self._core.retryable(exc):
+                if attempt == _RETRIES or not self._core.retryable(exc):
                     raise _transport_error(exc) from exc
                 await trio.sleep(_backoff(attempt))
         raise AssertionError("unreachable")
@@ -1228,7 +1288,7 @@ async def _hold_lease(core: _Core, lease: Lease, lost: list[LeaseLost], block: A
             raise RelayError.from_json(error, http_status=400) if error else Unavailable(
                 f"the relay did not agree to hold lease {lease.lease_id}: {answer}")
         task_status.started()
-        interval = max(lease.ttl_seconds * HEARTBEAT_FRACTION, 0.05)
+        interval = max(lease.ttl_seconds * _HEARTBEAT_FRACTION, 0.05)
 
         async def beat() -> None:
             while True:

@@ -22,3 +22,19 @@ def test_lease_lost_is_a_failed_precondition():
     """LeaseLost carries FAILED_PRECONDITION and callers can catch it as one."""
     assert issubclass(rc.LeaseLost, rc.FailedPrecondition)
     assert rc.LeaseLost().code is rc.Code.FAILED_PRECONDITION
+
+
+def test_public_surface_is_declared():
+    """Both modules list their public names in __all__, each one defined; relay_client
+    (the generated-module part) exports every name without a leading underscore."""
+    import types
+
+    import relay
+
+    for module in (relay, rc):
+        assert len(set(module.__all__)) == len(module.__all__)
+        assert [n for n in module.__all__ if not hasattr(module, n)] == []
+    public = {n for n, v in vars(rc).items() if not n.startswith("_")
+              and not isinstance(v, types.ModuleType) and getattr(v, "__module__", rc.__name__)
+              in (rc.__name__, "typing") and n not in ("annotations", "Any", "ClassVar", "Final")}
+    assert public - set(rc.__all__) == set()
