@@ -218,6 +218,7 @@ if __name__ == "__main__":
 # The full module: everything below may import attrs and relay_client.
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import copy  # noqa: E402
 import fcntl  # noqa: E402
 import functools  # noqa: E402
 import hashlib  # noqa: E402
@@ -3807,7 +3808,9 @@ def _run_serve(store: Store, config: Config, args: argparse.Namespace, as_json: 
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
 
-                async def serve_then_stop(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+                # task_status passes through to serve, which calls started().
+                async def serve_then_stop(  # noqa: ASYNC128
+                        task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
                     await serve(store, config, host=host, port=port, task_status=task_status)
                     nursery.cancel_scope.cancel()
 
@@ -3826,7 +3829,9 @@ def _run_serve(store: Store, config: Config, args: argparse.Namespace, as_json: 
         raise rc.Unavailable(f"cannot serve on {host}:{port}: {getattr(exc, 'strerror', None) or exc}",
                              hint="pick another --port (0 picks a free one)") from None
     except* RelayError as group:
-        raise group.exceptions[0] from None
+        # A copy, chained to the group: raising the child itself would graft
+        # this frame onto its traceback and lose the group's context.
+        raise copy.copy(group.exceptions[0]) from group
     return EXIT_OK
 
 

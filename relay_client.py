@@ -1013,6 +1013,75 @@ class _Watch:
         return record
 
 
+class _AsyncWatch:
+    """The trio watch iterator: an explicit state machine, not an async
+    generator, so no ``yield`` ever sits inside the open SSE response's
+    ``async with`` (a generator left suspended there is closed only by the
+    garbage collector).  ``aclose`` closes the connection at once."""
+
+    def __init__(self, stub: AsyncRelayStub, watch: _Watch, stream: str):
+        self._stub, self._watch, self._stream = stub, watch, stream
+        self._connection: contextlib.AsyncExitStack | None = None
+        self._events: Any = None
+        self._failures = 0
+        self._closed = False
+
+    def __aiter__(self) -> _AsyncWatch:
+        return self
+
+    async def __anext__(self) -> StreamRecord:
+        import httpx2
+
+        while not self._closed:
+            try:
+                if self._events is None:
+                    await self._connect()
+                event = await anext(self._events)
+                self._failures = 0
+                record = self._watch.accept(event)
+            except (StopAsyncIteration, httpx2.TransportError, ResourceExhausted):
+                # The stream ended, dropped, or we fell behind: resume from the last record.
+                await self._reconnect_later()
+                continue
+            if record is not None:
+                return record
+        raise StopAsyncIteration
+
+    async def _connect(self) -> None:
+        watch, stub = self._watch, self._stub
+        if watch.session and watch.session not in watch.last:
+            lister = stub.list_events if self._stream == "events" else stub.list_results
+            watch.last[watch.session] = (await lister(session_id=watch.session, limit=1)).last_seq
+        url, params = stub._core.stream_url(watch.session, self._stream)
+        headers = dict(stub._core.headers(), **watch.headers())
+        async with contextlib.AsyncExitStack() as connection:
+            source = await connection.enter_async_context(
+                stub._http.sse(url, params=params, headers=headers))
+            if source.response.status_code != 200:
+                await source.response.aread()
+                raise RelayError.from_json(source.response.json(),
+                                           http_status=source.response.status_code)
+            self._events = source.__aiter__()
+            connection.push_async_callback(self._events.aclose)
+            self._connection = connection.pop_all()
+
+    async def _reconnect_later(self) -> None:
+        import trio
+
+        await self._disconnect()
+        await trio.sleep(_backoff(self._failures))
+        self._failures += 1
+
+    async def _disconnect(self) -> None:
+        connection, self._connection, self._events = self._connection, None, None
+        if connection is not None:
+            await connection.aclose()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        await self._disconnect()
+
+
 class RelayStub:
     """Blocking stub: one method per RPC, e.g. ``stub.borrow(profile=..., holder=...)``.
 
@@ -1190,7 +1259,7 @@ class AsyncRelayStub:
     async def watch_events(self, session: str | None = None, after: int | None = None,
                            *, stream: str = "events") -> AsyncIterator[AsyncIterator[StreamRecord]]:
         """``async with stub.watch_events(session=S) as records: async for r in records``."""
-        records = self._watch(_Watch(session, after), stream)
+        records = _AsyncWatch(self, _Watch(session, after), stream)
         try:
             yield records
         finally:
@@ -1201,35 +1270,6 @@ class AsyncRelayStub:
                             after: int | None = None) -> AsyncIterator[AsyncIterator[StreamRecord]]:
         async with self.watch_events(session, after, stream="results") as records:
             yield records
-
-    async def _watch(self, watch: _Watch, stream: str) -> AsyncIterator[StreamRecord]:
-        import httpx2
-        import trio
-
-        if watch.session and watch.session not in watch.last:
-            lister = self.list_events if stream == "events" else self.list_results
-            watch.last[watch.session] = (await lister(session_id=watch.session, limit=1)).last_seq
-        url, params = self._core.stream_url(watch.session, stream)
-        failures = 0
-        while True:
-            headers = dict(self._core.headers(), **watch.headers())
-            try:
-                async with self._http.sse(url, params=params, headers=headers) as source:
-                    if source.response.status_code != 200:
-                        await source.response.aread()
-                        raise RelayError.from_json(source.response.json(),
-                                                   http_status=source.response.status_code)
-                    async for event in source:
-                        failures = 0
-                        record = watch.accept(event)
-                        if record is not None:
-                            yield record
-            except httpx2.TransportError:
-                pass
-            except ResourceExhausted:
-                pass
-            await trio.sleep(_backoff(failures))
-            failures += 1
 
     @contextlib.asynccontextmanager
     async def borrowed(self, *, holder: str, profile: str = "", session_id: str = "",
@@ -1270,15 +1310,42 @@ class AsyncRelayStub:
             raise error
 
 
+@contextlib.asynccontextmanager
+async def _open_websocket(core: _Core) -> AsyncIterator[Any]:
+    """A trio-websocket client on ``/ws`` over a TCP stream closed here.
+
+    trio-websocket 0.12 never closes the stream of a connection whose peer
+    dropped without a close handshake (a relay that crashed): that socket
+    would be left to the garbage collector."""
+    from urllib.parse import urlsplit
+
+    import trio
+    import trio_websocket
+
+    url = urlsplit(core.ws_url())
+    headers = [(b"Authorization", f"Bearer {core.token}".encode())] if core.token else []
+    stream = await trio.open_tcp_stream(url.hostname or "127.0.0.1", url.port or 80)
+    try:
+        async with trio.open_nursery() as nursery:
+            ws = await trio_websocket.wrap_client_stream(
+                nursery, stream, url.netloc, url.path or "/", extra_headers=headers)
+            try:
+                yield ws
+            finally:
+                nursery.cancel_scope.cancel()
+                await ws.aclose()
+    finally:
+        await stream.aclose()
+
+
 async def _hold_lease(core: _Core, lease: Lease, lost: list[LeaseLost], block: Any,
                       *, task_status: Any) -> None:
     """Hold ``lease`` over the WebSocket channel: heartbeats keep the relay
     renewing it; a ``lease_lost`` frame cancels ``block`` and records why."""
     import trio
-    from trio_websocket import ConnectionClosed, open_websocket_url
+    from trio_websocket import ConnectionClosed
 
-    headers = [("Authorization", f"Bearer {core.token}")] if core.token else []
-    async with open_websocket_url(core.ws_url(), extra_headers=headers) as ws:
+    async with _open_websocket(core) as ws:
         await ws.send_message(json.dumps({"type": "hold", "id": 0, "lease_id": lease.lease_id}))
         # Only a "held" answer means the relay renews the lease; anything else
         # and the block must not start.
@@ -1298,16 +1365,8 @@ async def _hold_lease(core: _Core, lease: Lease, lost: list[LeaseLost], block: A
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(beat)
-                while True:
-                    frame = json.loads(await ws.get_message())
-                    if frame.get("type") == "lease_lost":
-                        lost.append(LeaseLost(
-                            f"lease {lease.lease_id} on {lease.session_id} was lost "
-                            f"({frame.get('state')}{': ' + frame['reason'] if frame.get('reason') else ''})",
-                            hint="stop writing; borrow again to continue"))
-                        block.cancel()
-                        nursery.cancel_scope.cancel()
-                        return
+                frame = await _lease_lost_frame(ws)
+                nursery.cancel_scope.cancel()
         except* ConnectionClosed:
             # The relay went away (crash, restart): nothing renews the lease
             # now, so the block must stop as if it were lost -- the sync keeper
@@ -1317,6 +1376,20 @@ async def _hold_lease(core: _Core, lease: Lease, lost: list[LeaseLost], block: A
                 "the keep-alive channel to the relay closed",
                 hint="stop writing; borrow again to continue"))
             block.cancel()
+        else:
+            lost.append(LeaseLost(
+                f"lease {lease.lease_id} on {lease.session_id} was lost "
+                f"({frame.get('state')}{': ' + frame['reason'] if frame.get('reason') else ''})",
+                hint="stop writing; borrow again to continue"))
+            block.cancel()
+
+
+async def _lease_lost_frame(ws: Any) -> dict[str, Any]:
+    """Read the hold channel until the relay says the lease is lost."""
+    while True:
+        frame = json.loads(await ws.get_message())
+        if frame.get("type") == "lease_lost":
+            return frame
 
 
 class _SyncKeeper:
