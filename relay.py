@@ -233,11 +233,14 @@ import zlib  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from datetime import UTC, datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, Final  # noqa: E402
+from typing import TYPE_CHECKING, Any, Final, cast  # noqa: E402
 
 import attrs  # noqa: E402
 
 import relay_client as rc  # noqa: E402
+
+if TYPE_CHECKING:  # trio itself loads lazily (see the event hub section)
+    from trio import Nursery, TaskStatus  # noqa: ASYNC106 (the name trio is bound lazily below)
 from relay_client import (  # noqa: E402
     AlreadyExists,
     FailedPrecondition,
@@ -2123,6 +2126,21 @@ def diff_notices(old: Ledger, new: Ledger) -> list[tuple[str, dict[str, Any]]]:
 ################################################################
 
 
+class _TaskStatusIgnored:
+    """``trio.TASK_STATUS_IGNORED`` without importing trio when the module
+    loads: the default of every ``task_status``, whose ``started`` does nothing
+    (the task was not started with ``nursery.start``)."""
+
+    def __repr__(self) -> str:
+        return "TASK_STATUS_IGNORED"
+
+    def started(self, value: Any = None) -> None:
+        pass
+
+
+_TASK_STATUS_IGNORED: Final = cast("TaskStatus[Any]", _TaskStatusIgnored())
+
+
 @attrs.define(eq=False)
 class _Pending:
     mutation: Mutation
@@ -2165,13 +2183,13 @@ class LedgerOwner:
             raise pending.result
         return pending.result
 
-    async def run(self, *, task_status: Any = None) -> None:
+    async def run(self, *, task_status: TaskStatus[None] = _TASK_STATUS_IGNORED) -> None:
         self.ledger = await trio.to_thread.run_sync(self._read_current)
         self.hub.feed_base = self.ledger.revision
         for sid, cursor in self.ledger.cursors.items():
             self.hub.mark_seen(sid, "events", cursor.events)
             self.hub.mark_seen(sid, "results", cursor.results)
-        _started(task_status)
+        task_status.started()
         while True:
             batch = [await self._receive.receive()]
             while len(batch) < self.max_batch:
@@ -2260,15 +2278,10 @@ class LedgerOwner:
                     self.hub.publish_records(stream, records)
 
 
-def _started(task_status: Any, value: Any = None) -> None:
-    if task_status is not None:
-        task_status.started(value)
-
-
 async def reap_expired_leases(owner: LedgerOwner, interval: float, *,
-                              task_status: Any = None) -> None:
+                              task_status: TaskStatus[None] = _TASK_STATUS_IGNORED) -> None:
     """Heartbeat resident: mark leases past their expiry ``expired``."""
-    _started(task_status)
+    task_status.started()
     while True:
         await trio.sleep(interval)
         stamp = iso(owner.now())
@@ -2282,9 +2295,10 @@ def _reap(ledger: Ledger, ctx: Ctx) -> tuple[Ledger, Any]:
     return expire_leases(ledger, ctx)
 
 
-async def watch_ledger(owner: LedgerOwner, interval: float, *, task_status: Any = None) -> None:
+async def watch_ledger(owner: LedgerOwner, interval: float, *,
+                       task_status: TaskStatus[None] = _TASK_STATUS_IGNORED) -> None:
     """Heartbeat resident: notice commits by other processes (a cheap stat)."""
-    _started(task_status)
+    task_status.started()
     path = trio.Path(owner.store.ledger_path)
     last, checked = None, trio.current_time()
     while True:
@@ -2304,16 +2318,16 @@ async def watch_ledger(owner: LedgerOwner, interval: float, *, task_status: Any 
 
 
 async def run_heartbeat(owner: LedgerOwner, config: Config, reaper: bool = True, *,
-                        task_status: Any = None) -> None:
+                        task_status: TaskStatus[Nursery] = _TASK_STATUS_IGNORED) -> None:
     """The heartbeat nursery: lease-expiry reaper and the ledger watcher."""
     async with trio.open_nursery() as nursery:
         if reaper:
             await nursery.start(reap_expired_leases, owner, config.reaper_interval_seconds)
         await nursery.start(watch_ledger, owner, config.watch_interval_seconds)
-        _started(task_status, nursery)
+        task_status.started(nursery)
 
 
-async def run_supervision(*, task_status: Any = None) -> None:
+async def run_supervision(*, task_status: TaskStatus[Nursery] = _TASK_STATUS_IGNORED) -> None:
     """The subprocess-supervision nursery.
 
     This is where the live runtime's provider subprocesses will run (pooled
@@ -2322,7 +2336,7 @@ async def run_supervision(*, task_status: Any = None) -> None:
     children yet: the control plane records sessions, it does not spawn them.
     """
     async with trio.open_nursery() as nursery:
-        _started(task_status, nursery)
+        task_status.started(nursery)
         await trio.sleep_forever()
 
 
@@ -3012,7 +3026,7 @@ def _has_body(scope: dict[str, Any]) -> bool:
 
 async def serve(store: Store, config: Config, *, host: str | None = None, port: int | None = None,
                 now: Callable[[], float] = time.time, probe_token: str | None = None,
-                task_status: Any = None) -> None:
+                task_status: TaskStatus[Server] = _TASK_STATUS_IGNORED) -> None:
     """Run the relay until ``Server.stop()`` (or cancellation).
 
     ``task_status.started(server)`` fires once the socket listens and the
@@ -3053,7 +3067,7 @@ async def serve(store: Store, config: Config, *, host: str | None = None, port: 
             _quiet_gc()
             if probe_token is None:
                 await owner.submit(_served(endpoint, mode, os.getpid()))
-            _started(task_status, Server(endpoint, service, stopping))
+            task_status.started(Server(endpoint, service, stopping))
         # hypercorn has stopped accepting and finished in-flight requests.
         if probe_token is None:
             with contextlib.suppress(RelayError):
@@ -3358,7 +3372,8 @@ async def _probe_reads(view: _GateView) -> list[str]:
     return routes
 
 
-async def _probe_sse(http: Any, sid: str, after: int, last: int, *, task_status: Any) -> None:
+async def _probe_sse(http: Any, sid: str, after: int, last: int, *,
+                     task_status: TaskStatus[None]) -> None:
     """Replay one session's events after ``after``; started once seq ``last``
     has arrived.  The stream is then read to its end (the probe's stop), never
     abandoned: httpx2 leaks an abandoned stream's inner async generators."""
@@ -3810,7 +3825,7 @@ def _run_serve(store: Store, config: Config, args: argparse.Namespace, as_json: 
 
                 # task_status passes through to serve, which calls started().
                 async def serve_then_stop(  # noqa: ASYNC128
-                        task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+                        task_status: TaskStatus[Server] = _TASK_STATUS_IGNORED) -> None:
                     await serve(store, config, host=host, port=port, task_status=task_status)
                     nursery.cancel_scope.cancel()
 

@@ -38,3 +38,20 @@ def test_public_surface_is_declared():
               and not isinstance(v, types.ModuleType) and getattr(v, "__module__", rc.__name__)
               in (rc.__name__, "typing") and n not in ("annotations", "Any", "ClassVar", "Final")}
     assert public - set(rc.__all__) == set()
+
+
+def test_task_status_defaults_do_not_load_trio():
+    """Importing relay leaves trio unloaded although every startable task's
+    ``task_status`` has a TASK_STATUS_IGNORED-like default that does nothing."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = ("import sys, inspect, relay\n"
+            "kind = type(sys.modules.get('trio')).__name__\n"
+            "default = inspect.signature(relay.serve).parameters['task_status'].default\n"
+            "print(kind, repr(default), default.started(object()))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}).stdout
+    assert out.split() == ["_LazyModule", "TASK_STATUS_IGNORED", "None"]
