@@ -364,6 +364,9 @@ REPLAY_CHUNK: Final = 500
 #: How long a stopping server waits for in-flight requests (seconds).
 GRACEFUL_SECONDS: Final = 3.0
 
+#: The bound on every shielded cleanup, e.g. releasing a disconnected hold (seconds).
+CLEANUP_SECONDS: Final = 5.0
+
 #: GIL switch interval while serving (seconds); see ``serve``.
 SWITCH_INTERVAL: Final = 0.0005
 
@@ -2537,7 +2540,9 @@ class Service:
                         continue
                     self._ws_dispatch(msg, nursery, out_send, holds)
         finally:
-            with trio.CancelScope(shield=True):
+            # Shielded (the connection is going) but bounded: a commit that
+            # does not come back in time leaves the leases to expire.
+            with trio.move_on_after(CLEANUP_SECONDS, shield=True):
                 await self._ws_release_on_disconnect(holds)
 
     async def _ws_writer(self, out_receive: Any, send: Callable[[str], Any], scope: Any) -> None:

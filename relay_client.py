@@ -898,6 +898,7 @@ _RETRIES: Final = 3  # attempts after the first, for retry-safe failures
 _BACKOFF: Final = 0.05  # seconds, doubled each attempt, capped at _BACKOFF_MAX
 _BACKOFF_MAX: Final = 2.0
 _HEARTBEAT_FRACTION: Final = 0.25  # heartbeat every ttl * this on a held lease
+_CLEANUP_SECONDS: Final = 5.0  # bound on a shielded release after a borrowed block
 
 
 def discover(url: str | None = None, token: str | None = None,
@@ -1302,7 +1303,10 @@ class AsyncRelayStub:
                 raise _keeper_failure(group.exceptions[0]) from None
         finally:
             if not lost:
-                with trio.CancelScope(shield=True), contextlib.suppress(FailedPrecondition, NotFound):
+                # Shielded (the block may be ending by cancellation) but bounded:
+                # a relay that does not answer leaves the lease to expire.
+                with trio.move_on_after(_CLEANUP_SECONDS, shield=True), contextlib.suppress(
+                        FailedPrecondition, NotFound):
                     await self.release_lease(lease_id=lease.lease_id)
         if lost:
             raise lost[0]

@@ -55,3 +55,55 @@ def test_task_status_defaults_do_not_load_trio():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}).stdout
     assert out.split() == ["_LazyModule", "TASK_STATUS_IGNORED", "None"]
+
+
+async def test_async_borrowed_release_is_bounded(workspace, monkeypatch):
+    """A relay that never answers the release cannot hold a finished block
+    forever: the shielded release gives up after its bound (the lease is left
+    to expire)."""
+    import trio
+
+    from serve_helpers import PATIENCE, serving
+
+    async def never_answers(self, **fields):
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(rc, "_CLEANUP_SECONDS", 0.01, raising=False)
+    with trio.fail_after(PATIENCE):
+        async with serving(workspace) as r:
+            await r.seed()
+            async with rc.AsyncRelayStub(r.server.endpoint) as stub:
+                monkeypatch.setattr(rc.AsyncRelayStub, "release_lease", never_answers)
+                async with stub.borrowed(holder="job", profile="codex-main") as lease:
+                    pass
+            (still,) = (await r.ok("ListLeases"))["leases"]
+    assert (still["lease_id"], still["state"]) == (lease.lease_id, "active")
+
+
+async def test_release_on_disconnect_is_bounded(workspace, monkeypatch):
+    """A release-on-disconnect whose commit never comes back does not keep the
+    connection's handler (and so a graceful stop) waiting forever."""
+    import trio
+
+    import relay
+    from serve_helpers import PATIENCE, serving, ws_send, ws_until
+
+    monkeypatch.setattr(relay, "CLEANUP_SECONDS", 0.01, raising=False)
+    with trio.fail_after(PATIENCE):
+        async with serving(workspace) as r:
+            (sid,) = await r.seed()
+            lease = (await r.ok("GrantLease", session_id=sid, holder="h", mode="exclusive-write",
+                                ttl_seconds=600))["lease"]
+            submit = relay.LedgerOwner.submit
+
+            async def stuck_release(owner, mutation):
+                if mutation.method == "ReleaseLease":
+                    await trio.sleep_forever()
+                return await submit(owner, mutation)
+
+            monkeypatch.setattr(relay.LedgerOwner, "submit", stuck_release)
+            async with r.ws() as ws:
+                await ws_send(ws, type="hold", id=1, lease_id=lease["lease_id"],
+                              release_on_disconnect=True)
+                await ws_until(ws, lambda f: f["type"] == "held")
+    assert relay.Store(workspace).read().leases[lease["lease_id"]].state == "active"
