@@ -61,6 +61,7 @@ __all__ = [
     "FailedPrecondition",
     "GetStatusRequest",
     "GrantLeaseRequest",
+    "HeldLease",
     "Internal",
     "InvalidArgument",
     "JSONValue",
@@ -1186,14 +1187,18 @@ class RelayStub:
 
     @contextlib.contextmanager
     def borrowed(self, *, holder: str, profile: str = "", session_id: str = "",
-                 mode: str = "exclusive-write", ttl_seconds: int = 0) -> Iterator[Lease]:
+                 mode: str = "exclusive-write", ttl_seconds: int = 0) -> Iterator[HeldLease]:
         """Borrow a session for the block; keep its lease renewed over the
         WebSocket channel; release it on exit, also on an exception.
 
-        If the lease is lost meanwhile, ``LeaseLost`` is raised inside the
-        block (delivered asynchronously into the thread that entered it)."""
-        import threading
-
+        The block gets a ``HeldLease``: the lease's fields, plus ``lost`` (a
+        ``threading.Event`` set as soon as the relay reports the lease lost or
+        the keep-alive channel closes) and ``check()``, which raises
+        ``LeaseLost`` once it is.  Nothing interrupts the block's thread: a
+        long block calls ``check()`` between steps (or waits on ``lost``), and
+        a block that ends normally on a lost lease still raises ``LeaseLost``
+        on exit.  Writes that carry ``fencing_token`` to a resource that checks
+        it are refused there by themselves."""
         reply = self.borrow(holder=holder, profile=profile, session_id=session_id, mode=mode,
                             ttl_seconds=ttl_seconds)
         lease = reply.lease
@@ -1201,17 +1206,16 @@ class RelayStub:
             with contextlib.suppress(FailedPrecondition, NotFound):
                 self.release_lease(lease_id=lease.lease_id)
             raise _not_granted(lease, reply.outcome)
-        keeper = _SyncKeeper(self._core, lease, threading.get_ident())
+        held = HeldLease(lease)
+        keeper = _SyncKeeper(self._core, held)
         try:
             keeper.start()
-            yield lease
-        except LeaseLost:
-            keeper.stop()
-            raise keeper.lost[0] if keeper.lost else LeaseLost() from None
+            yield held
         finally:
             if not keeper.stop():
                 with contextlib.suppress(FailedPrecondition, NotFound):
                     self.release_lease(lease_id=lease.lease_id)
+        held.check()  # reached only when the block ended normally
 
 
 class AsyncRelayStub:
@@ -1396,11 +1400,49 @@ async def _lease_lost_frame(ws: Any) -> dict[str, Any]:
             return frame
 
 
+class HeldLease:
+    """The lease a blocking ``borrowed`` block holds.
+
+    Its ``Lease`` fields read through (``held.lease_id``, ``held.fencing_token``,
+    ...; the message itself is ``held.lease``).  ``lost`` is a
+    ``threading.Event`` the keeper thread sets when the lease is gone;
+    ``check()`` raises ``LeaseLost`` from then on.  The trade-off against
+    interrupting the block: a blocking call inside it runs to its end, so a
+    block notices the loss at its next ``check()`` (or at its exit) and not at
+    once -- but no exception ever lands in the middle of its own cleanup.
+    """
+
+    def __init__(self, lease: Lease):
+        import threading
+
+        self.lease = lease
+        self.lost = threading.Event()
+        self._why: LeaseLost | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "lease":  # not yet set: never recurse
+            raise AttributeError(name)
+        return getattr(self.lease, name)
+
+    def __repr__(self) -> str:
+        return f"HeldLease({self.lease!r}, lost={self.lost.is_set()})"
+
+    def check(self) -> None:
+        """Raise ``LeaseLost`` (saying why) if the lease has been lost."""
+        if self.lost.is_set():
+            why = self._why or LeaseLost()
+            raise LeaseLost(why.message, hint=why.hint)
+
+    def cancel(self) -> None:
+        """``_hold_lease``'s "cancel the block", for a thread: mark the lease lost."""
+        self.lost.set()
+
+
 class _SyncKeeper:
     """Runs ``_hold_lease`` on its own trio loop in a thread for the sync stub."""
 
-    def __init__(self, core: _Core, lease: Lease, block_thread: int):
-        self.core, self.lease, self.block_thread = core, lease, block_thread
+    def __init__(self, core: _Core, held: HeldLease):
+        self.core, self.held = core, held
         self.lost: list[LeaseLost] = []
         self.failure: Exception | None = None  # the channel never opened
         self._token: Any = None
@@ -1424,9 +1466,8 @@ class _SyncKeeper:
         async def main() -> None:
             self._token = trio.lowlevel.current_trio_token()
             with trio.CancelScope() as self._scope:
-                block = _ThreadCanceller(self)
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(_hold_lease, self.core, self.lease, self.lost, block)
+                    await nursery.start(_hold_lease, self.core, self.held.lease, self.lost, self)
                     self._ready.set()
 
         try:
@@ -1435,6 +1476,11 @@ class _SyncKeeper:
             self.failure = exc  # recorded before start() is woken to look at it
         finally:
             self._ready.set()
+
+    def cancel(self) -> None:
+        """Called by ``_hold_lease`` (in the keeper thread) when the lease is lost."""
+        self.held._why = self.lost[0]
+        self.held.cancel()
 
     def stop(self) -> bool:
         """Stop holding (idempotent); True if the lease was lost meanwhile."""
@@ -1445,21 +1491,6 @@ class _SyncKeeper:
                 trio.from_thread.run_sync(self._scope.cancel, trio_token=self._token)
         self._thread.join()
         return bool(self.lost)
-
-
-class _ThreadCanceller:
-    """The sync flavour of "cancel the block": raise LeaseLost asynchronously
-    in the thread that entered ``borrowed`` (CPython's PyThreadState_SetAsyncExc,
-    the only way to interrupt a blocking block from outside)."""
-
-    def __init__(self, keeper: _SyncKeeper):
-        self.keeper = keeper
-
-    def cancel(self) -> None:
-        import ctypes
-
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(
-            ctypes.c_ulong(self.keeper.block_thread), ctypes.py_object(LeaseLost))
 
 
 def _not_granted(lease: Lease, outcome: str) -> FailedPrecondition:

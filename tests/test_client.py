@@ -672,16 +672,21 @@ async def test_async_borrowed_is_cancelled_with_lease_lost_when_revoked(workspac
             assert await lease_state(stub, lease.lease_id) == "revoked"
 
 
-async def test_sync_borrowed_raises_lease_lost_inside_the_block(workspace):
-    """Revoking the lease underneath raises LeaseLost inside a blocking block."""
+async def test_sync_borrowed_is_told_its_lease_is_lost(workspace):
+    """Revoking the lease underneath a blocking block sets ``lease.lost``;
+    ``check()`` then raises LeaseLost, and so does the block's exit, though the
+    block itself never raised."""
     borrowed = trio.Event()
-    leases: list[rc.Lease] = []
+    seen: list[Any] = []
 
     def job(stub: rc.RelayStub, token: trio.lowlevel.TrioToken) -> None:
         with stub.borrowed(holder="job", profile="p1") as lease:
-            leases.append(lease)
+            assert not lease.lost.is_set()
+            lease.check()  # still held: no exception
             trio.from_thread.run_sync(borrowed.set, trio_token=token)
-            spin_until_lease_lost()
+            seen.append(lease.lost.wait(LIMIT))
+            with pytest.raises(rc.LeaseLost, match="revoked: operator"):
+                lease.check()
 
     with trio.fail_after(LIMIT + 5):
         async with running(workspace) as server, rc.AsyncRelayStub(server.endpoint) as stub:
@@ -696,21 +701,16 @@ async def test_sync_borrowed_raises_lease_lost_inside_the_block(workspace):
 
                     nursery.start_soon(run_job)
                     await borrowed.wait()
-                    await stub.revoke_lease(lease_id=leases[0].lease_id, reason="operator")
-            assert await lease_state(stub, leases[0].lease_id) == "revoked"
-
-
-def spin_until_lease_lost() -> None:
-    """Busy, not asleep: an asynchronous LeaseLost only lands in running Python code."""
-    deadline = time.monotonic() + LIMIT
-    while time.monotonic() < deadline:
-        pass
-    raise AssertionError("LeaseLost never arrived")
+                    (lease,) = (await stub.list_leases()).leases
+                    await stub.revoke_lease(lease_id=lease.lease_id, reason="operator")
+            assert seen == [True]
+            assert await lease_state(stub, lease.lease_id) == "revoked"
 
 
 async def test_borrowed_block_is_told_when_the_relay_goes_away(workspace, flavour):
     """If the relay dies mid-block, nothing renews the lease any more: the block
-    gets LeaseLost (cancelled in trio, raised inside a blocking block)."""
+    is told (cancelled with LeaseLost in trio; ``lease.lost`` set in a blocking
+    block, and LeaseLost raised at its exit)."""
     crash = trio.CancelScope()
 
     # task_status passes through to serve, which calls started().
@@ -720,9 +720,9 @@ async def test_borrowed_block_is_told_when_the_relay_goes_away(workspace, flavou
                               task_status=task_status)
 
     def job(url: str, token: trio.lowlevel.TrioToken) -> None:
-        with rc.RelayStub(url) as sync_stub, sync_stub.borrowed(holder="job", profile="p1"):
+        with rc.RelayStub(url) as sync_stub, sync_stub.borrowed(holder="job", profile="p1") as lease:
             trio.from_thread.run_sync(borrowed.set, trio_token=token)
-            spin_until_lease_lost()
+            assert lease.lost.wait(LIMIT)
 
     async def run_job(url: str) -> None:
         with pytest.raises(rc.LeaseLost, match="can no longer be renewed"):
@@ -996,4 +996,5 @@ async def test_readme_automation_example_runs(workspace):
                                           env=subprocess_env())
             assert proc.returncode == 0, proc.stderr.decode()
             assert proc.stdout.decode().splitlines() == [
-                "1 prompt {'fencing_token': 1, 'text': 'fix the build'}", "2 done None"]
+                "1 prompt {'fencing_token': 1, 'text': 'fix the build'}",
+                "2 prompt {'fencing_token': 1, 'text': 'run the tests'}", "3 done None"]
