@@ -385,9 +385,26 @@ FAILPOINTS: Final = (
 )
 
 
-def _log(message: str) -> None:
-    """Operator-facing diagnostics go to stderr; stdout is for results."""
-    print(f"relay: {message}", file=sys.stderr, flush=True)
+#: The levels of ``serve --log-level`` and ``[serve] log_level``.
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+
+
+def _logger(area: str) -> Any:
+    """The logger of one area: ``relay.store`` (ledger and stream I/O),
+    ``relay.serve`` (the server), ``relay.gate``.  ``logging`` loads on the
+    first record, so a CLI mutation never pays for it.  No record ever holds
+    a raw token; tracebacks go to this log, never to a client."""
+    import logging
+
+    return logging.getLogger(f"relay.{area}")
+
+
+def _configure_logging(level: str) -> None:
+    """``serve``'s handler: one line per record on stderr (stdout is for results)."""
+    import logging
+
+    logging.basicConfig(stream=sys.stderr, level=level.upper(),
+                        format="relay: %(name)s %(levelname)s: %(message)s")
 
 
 def _failpoint(name: str) -> None:
@@ -459,6 +476,7 @@ class Config:
     sse_keepalive_seconds: float = 15.0
     watch_interval_seconds: float = 0.05
     subscriber_buffer: int = 256
+    log_level: str = "info"
 
 
 # Table key -> (section, toml key); one place names the file's layout.
@@ -479,6 +497,7 @@ _CONFIG_KEYS: Final = {
     "sse_keepalive_seconds": ("serve", "sse_keepalive_seconds"),
     "watch_interval_seconds": ("serve", "watch_interval_seconds"),
     "subscriber_buffer": ("serve", "subscriber_buffer"),
+    "log_level": ("serve", "log_level"),
 }
 
 
@@ -518,6 +537,9 @@ def load_config(flow_dir: Path) -> Config:
                     hint=f"fix {path}",
                 )
             values[name] = value
+    if values.get("log_level", "info") not in LOG_LEVELS:
+        raise InvalidArgument(f"{path}: serve.log_level must be one of {', '.join(LOG_LEVELS)}",
+                              hint=f"fix {path}")
     return Config(**values)
 
 
@@ -1988,6 +2010,27 @@ class Subscriber:
     dropped: bool = False
 
 
+def _counter(help_: str) -> Any:
+    """A ``statistics()`` field that only grows (a Prometheus counter)."""
+    return attrs.field(metadata={"help": help_, "kind": "counter"})
+
+
+def _gauge(help_: str) -> Any:
+    """A ``statistics()`` field that goes up and down (a Prometheus gauge)."""
+    return attrs.field(metadata={"help": help_, "kind": "gauge"})
+
+
+@attrs.frozen
+class HubStatistics:
+    """A snapshot of an ``EventHub`` (``EventHub.statistics()``)."""
+
+    subscribers: int = _gauge("open SSE and WebSocket subscriptions, all topics")
+    topics: int = _gauge("topics with at least one subscriber")
+    frames: int = _counter("frames handed to subscribers")
+    dropped: int = _counter("subscribers dropped for falling behind")
+    feed_notices: int = _gauge("relay-feed notices kept for Last-Event-ID replay")
+
+
 @attrs.define(eq=False)
 class EventHub:
     """Fan-out of stream records and relay notices to SSE/WebSocket subscribers.
@@ -2006,6 +2049,8 @@ class EventHub:
     feed_base: int = 0
     _evicted: tuple[int, int] = (-1, -1)  # the newest notice dropped from _feed
     closed: bool = False
+    _frames: int = 0
+    _dropped: int = 0
 
     def __attrs_post_init__(self) -> None:
         import collections
@@ -2031,8 +2076,10 @@ class EventHub:
         for sub in list(self._subs.get(topic, ())):
             try:
                 sub.send.send_nowait(frame)
+                self._frames += 1
             except trio.WouldBlock:
                 sub.dropped = True
+                self._dropped += 1
                 self.unsubscribe(sub)
             except trio.BrokenResourceError:
                 self.unsubscribe(sub)
@@ -2082,8 +2129,11 @@ class EventHub:
             for sub in list(subs):
                 self.unsubscribe(sub)
 
-    def statistics(self) -> dict[str, int]:
-        return {topic: len(subs) for topic, subs in self._subs.items() if subs}
+    def statistics(self) -> HubStatistics:
+        """A frozen snapshot of the fan-out (as trio's ``statistics()`` methods)."""
+        live = [len(subs) for subs in self._subs.values() if subs]
+        return HubStatistics(subscribers=sum(live), topics=len(live), frames=self._frames,
+                             dropped=self._dropped, feed_notices=len(self._feed))
 
 
 def notices_for(name: str, reply: Any) -> list[tuple[str, dict[str, Any]]]:
@@ -2151,6 +2201,17 @@ class _Pending:
     result: Any = None
 
 
+@attrs.frozen
+class OwnerStatistics:
+    """A snapshot of a ``LedgerOwner`` (``LedgerOwner.statistics()``)."""
+
+    revision: int = _gauge("ledger revision this server holds")
+    queued: int = _gauge("mutations waiting for the next group commit")
+    commits: int = _counter("group commits attempted")
+    mutations: int = _counter("mutations in those commits")
+    failed_commits: int = _counter("group commits that hit an internal error")
+
+
 @attrs.define(eq=False)
 class LedgerOwner:
     """The one task that commits this process's mutations.
@@ -2171,6 +2232,9 @@ class LedgerOwner:
     _send: Any = None
     _receive: Any = None
     _lock: Any = None  # a commit and its announcement vs. the watcher's refresh
+    _commits: int = 0
+    _mutations: int = 0
+    _failed: int = 0
 
     def __attrs_post_init__(self) -> None:
         # Bounded: a flood of callers waits for room instead of growing memory.
@@ -2206,6 +2270,12 @@ class LedgerOwner:
     def _read_current(self) -> Ledger:
         return self.store.read() or Ledger()
 
+    def statistics(self) -> OwnerStatistics:
+        """A frozen snapshot of the commit pipeline (as trio's ``statistics()`` methods)."""
+        return OwnerStatistics(
+            revision=self.ledger.revision, queued=self._send.statistics().current_buffer_used,
+            commits=self._commits, mutations=self._mutations, failed_commits=self._failed)
+
     async def _commit(self, batch: list[_Pending]) -> None:
         started = trio.current_time()
         seen: list[Ledger] = []
@@ -2215,10 +2285,13 @@ class LedgerOwner:
                 on_start=seen.append))
         except RelayError as exc:
             results, ledger = [exc] * len(batch), None
-        except Exception as exc:  # a bug: answer internal, keep serving
-            _log(f"commit failed: {exc!r}")
+        except Exception:  # a bug: answer internal, keep serving
+            _logger("store").exception("commit of %d mutations failed", len(batch))
+            self._failed += 1
             results = [Internal("the relay hit an internal error; see its log")] * len(batch)
             ledger = None
+        self._commits += 1
+        self._mutations += len(batch)
         if self.metrics is not None:
             self.metrics.observe_commit(trio.current_time() - started, len(batch))
         if seen:
@@ -2275,7 +2348,7 @@ class LedgerOwner:
                     except (OSError, ValueError, RelayError) as exc:
                         # A damaged log must not take the server down: skip
                         # past it (the gate names it; readers get data_loss).
-                        _log(f"cannot read the {stream} log of {sid}: {exc}")
+                        _logger("store").warning("cannot read the %s log of %s: %s", stream, sid, exc)
                         self.hub.mark_seen(sid, stream, getattr(cursor, stream))
                         continue
                     self.hub.publish_records(stream, records)
@@ -2368,6 +2441,13 @@ class Metrics:
                                         registry=self.registry)
         self.subscribers = prom.Gauge("relay_subscribers", "SSE and WebSocket subscribers",
                                       ["kind"], registry=self.registry)
+        self._snapshots: list[tuple[str, Callable[[], Any]]] = []
+        self.registry.register(_SnapshotCollector(self._snapshots))
+
+    def track(self, prefix: str, statistics: Callable[[], Any]) -> None:
+        """Expose each field of a ``statistics()`` snapshot as ``relay_<prefix>_<field>``,
+        read when /metrics is scraped."""
+        self._snapshots.append((prefix, statistics))
 
     def observe_commit(self, seconds: float, batch: int) -> None:
         self.commit_seconds.observe(seconds)
@@ -2377,6 +2457,24 @@ class Metrics:
         import prometheus_client as prom
 
         return prom.generate_latest(self.registry)
+
+
+class _SnapshotCollector:
+    """A Prometheus collector over ``statistics()`` snapshots (attrs classes
+    whose fields say, in their metadata, counter or gauge and their help)."""
+
+    def __init__(self, sources: list[tuple[str, Callable[[], Any]]]):
+        self.sources = sources
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        for prefix, statistics in self.sources:
+            snapshot = statistics()
+            for field in attrs.fields(type(snapshot)):
+                family = CounterMetricFamily if field.metadata["kind"] == "counter" else GaugeMetricFamily
+                yield family(f"relay_{prefix}_{field.name}", field.metadata["help"],
+                             value=getattr(snapshot, field.name))
 
 
 @attrs.define(eq=False)
@@ -2792,7 +2890,7 @@ def create_app(service: Service) -> Any:
 
     @app.errorhandler(Exception)
     async def unexpected(exc: Exception) -> Any:
-        _log(f"internal error on {request.path}: {exc!r}")
+        _logger("serve").error("internal error on %s", request.path, exc_info=exc)
         return _error_response(Internal("the relay hit an internal error; see its log"))
 
     @app.get("/health")
@@ -3054,6 +3152,8 @@ async def serve(store: Store, config: Config, *, host: str | None = None, port: 
     owner = LedgerOwner(store, config, hub, now)
     service = Service(store, config, owner, hub, now, probe_token=probe_token, mode=mode)
     owner.metrics = service.metrics
+    service.metrics.track("owner", owner.statistics)
+    service.metrics.track("hub", hub.statistics)
     stopping = trio.Event()
     hconfig = hypercorn.config.Config()
     hconfig.bind = [f"{_bind_host(host)}:{port}"]
@@ -3436,6 +3536,7 @@ def gate(store: Store, config: Config, now: float | None = None,
         try:
             result, evidence, repair = fn(view)
         except Exception as exc:  # a check that crashes is a failed check, not a crash
+            _logger("gate").debug("check %s raised", ident, exc_info=exc)
             result, evidence, repair = "fail", f"check raised {exc!r}", _INSPECT_REPAIR
         checks.append(Check(ident, invariant, result, evidence, repair))
     return checks
@@ -3547,6 +3648,8 @@ _ADMIN: Final[dict[tuple[str, ...], tuple[str, list[tuple[tuple[str, ...], dict[
     ("serve",): ("serve HTTP, SSE, WebSocket and Connect RPCs until SIGINT/SIGTERM", [
         (("--host",), {"default": None, "help": "default 127.0.0.1 (relay.toml serve.host)"}),
         (("--port",), {"type": int, "default": None, "help": "default 9876; 0 picks a free port"}),
+        (("--log-level",), {"default": None, "choices": list(LOG_LEVELS),
+                            "help": "default info (relay.toml serve.log_level)"}),
     ]),
 }
 
@@ -3820,6 +3923,7 @@ def _run_serve(store: Store, config: Config, args: argparse.Namespace, as_json: 
     if not 0 <= port <= 65535:
         raise InvalidArgument(f"port {port} is out of range 0..65535", hint="0 picks a free port")
     require_serving_allowed(store.read(), host)  # refuse before importing the stack
+    _configure_logging(args.log_level or config.log_level)
 
     async def run() -> None:
         # The receiver stays open until the stop is recorded, so a second
@@ -3839,7 +3943,8 @@ def _run_serve(store: Store, config: Config, args: argparse.Namespace, as_json: 
                       f"serving on {server.endpoint}")
                 async for signum in signals:
                     if not server.stopping:
-                        _log(f"{signal.Signals(signum).name}: finishing in-flight requests")
+                        _logger("serve").info("%s: finishing in-flight requests",
+                                              signal.Signals(signum).name)
                         server.stop()
 
     try:

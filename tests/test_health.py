@@ -107,3 +107,130 @@ async def test_release_on_disconnect_is_bounded(workspace, monkeypatch):
                               release_on_disconnect=True)
                 await ws_until(ws, lambda f: f["type"] == "held")
     assert relay.Store(workspace).read().leases[lease["lease_id"]].state == "active"
+
+
+async def test_an_internal_error_is_logged_with_its_traceback_not_sent(workspace, monkeypatch, caplog):
+    """An unexpected exception in a request is logged on relay.serve with its
+    traceback; the caller gets `internal` with no traceback, and no record
+    holds the bearer token the request carried."""
+    import trio
+
+    import relay
+    from serve_helpers import PATIENCE, serving
+
+    def broken(self):
+        raise RuntimeError("boom in the status projection")
+
+    monkeypatch.setattr(relay.Service, "_status_doc", broken)
+    caplog.set_level("INFO", logger="relay")
+    with trio.fail_after(PATIENCE):
+        async with serving(workspace) as r:
+            response = await r.client.get("/api/relay/status",
+                                          headers={"Authorization": "Bearer tok-secret-123"})
+    assert response.status_code == 500 and response.json()["code"] == "internal"
+    assert "boom" not in response.text and "Traceback" not in response.text
+    (record,) = [x for x in caplog.records if x.name == "relay.serve" and x.levelname == "ERROR"]
+    assert record.exc_info and "boom in the status projection" in caplog.text
+    assert "tok-secret-123" not in caplog.text
+
+
+async def test_a_failed_commit_is_logged_on_relay_store(workspace, monkeypatch, caplog):
+    """A bug in the commit answers `internal` and logs the traceback on relay.store."""
+    import trio
+
+    import relay
+    from serve_helpers import PATIENCE, serving
+
+    with trio.fail_after(PATIENCE):
+        async with serving(workspace) as r:
+            def broken(*args, **kwargs):
+                raise RuntimeError("boom in commit")
+
+            monkeypatch.setattr(relay, "commit", broken)
+            await r.refused("RegisterProfile", "internal", name="p", provider="codex", mode="pooled")
+            monkeypatch.undo()
+            stats = r.server.service.owner.statistics()
+    (record,) = [x for x in caplog.records if x.name == "relay.store"]
+    assert record.levelname == "ERROR" and record.exc_info
+    assert stats.failed_commits == 1
+
+
+def test_log_level_setting_is_checked(workspace):
+    """`[serve] log_level` takes debug/info/warning/error and refuses anything else."""
+    import pytest
+
+    import relay
+
+    flow = workspace / "flow"
+    flow.mkdir()
+    (flow / "relay.toml").write_text('[serve]\nlog_level = "debug"\n')
+    assert relay.load_config(flow).log_level == "debug"
+    (flow / "relay.toml").write_text('[serve]\nlog_level = "loud"\n')
+    with pytest.raises(rc.InvalidArgument, match="log_level must be one of"):
+        relay.load_config(flow)
+
+
+async def test_serve_log_level_filters_the_server_log(workspace):
+    """`serve --log-level warning` keeps the info line about a signal out of stderr;
+    the default (info) writes it, as `relay: relay.serve INFO: ...`."""
+    import functools
+    import os
+    import signal
+    import sys
+
+    import trio
+
+    from conftest import ROOT
+    from serve_helpers import PATIENCE
+
+    async def serve_and_stop(*extra: str) -> str:
+        argv = [sys.executable, "-m", "relay", "--root", str(workspace), "serve", "--port", "0",
+                *extra]
+        async with trio.open_nursery() as nursery:
+            proc = await nursery.start(functools.partial(
+                trio.run_process, argv, stdout=-1, stderr=-1, check=False,
+                env=dict(os.environ, PYTHONPATH=str(ROOT))))
+            line = b""
+            while not line.endswith(b"\n"):
+                chunk = await proc.stdout.receive_some(1)
+                assert chunk, "serve exited before printing its endpoint"
+                line += chunk
+            proc.send_signal(signal.SIGTERM)
+            err = b""
+            while chunk := await proc.stderr.receive_some(65536):
+                err += chunk
+            await proc.wait()
+        assert proc.returncode == 0, err
+        return err.decode()
+
+    with trio.fail_after(PATIENCE):
+        quiet = await serve_and_stop("--log-level", "warning")
+        chatty = await serve_and_stop()
+    assert "finishing in-flight requests" not in quiet
+    assert "relay: relay.serve INFO: SIGTERM: finishing in-flight requests" in chatty
+
+
+async def test_statistics_are_frozen_snapshots_on_metrics(workspace):
+    """The ledger owner's and the event hub's statistics() are frozen snapshots,
+    and /metrics exposes their fields."""
+    import attrs
+    import pytest
+    import trio
+
+    from serve_helpers import PATIENCE, metric, serving
+
+    with trio.fail_after(PATIENCE):
+        async with serving(workspace) as r:
+            await r.seed()
+            async with r.sse({"feed": "relay"}) as feed:
+                await feed.until_comment("connected")
+                owner = r.server.service.owner.statistics()
+                hub = r.server.service.hub.statistics()
+                text = (await r.client.get("/metrics")).text
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        owner.commits = 0
+    assert owner.commits >= 2 and owner.mutations >= 3 and owner.failed_commits == 0
+    assert hub.subscribers >= 1 and hub.topics >= 1
+    assert metric(text, "relay_owner_commits_total") == owner.commits
+    assert metric(text, "relay_owner_revision") == owner.revision
+    assert metric(text, "relay_hub_subscribers") == hub.subscribers
