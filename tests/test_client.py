@@ -330,7 +330,8 @@ def hung_relay():
 
 async def test_sync_timeout_is_a_deadline(workspace):
     """The blocking stub's ``timeout=`` bounds the whole call, retries included:
-    0 sends nothing, and a relay that never answers costs about the timeout."""
+    0 sends nothing, and against a relay that never answers every attempt gets
+    only what is left of the one budget (socket timeout and Connect-Timeout-Ms)."""
     with trio.fail_after(LIMIT):
         async with running(workspace) as server, open_stub("sync", server.endpoint) as stub:
             await seed(stub)
@@ -340,10 +341,18 @@ async def test_sync_timeout_is_a_deadline(workspace):
             assert (await stub.get_status()).revision == before
         with hung_relay() as url:
             async with open_stub("sync", url) as stub:
-                started = time.monotonic()
+                budgets: list[tuple[float, int]] = []
+                post = stub.stub._http.post
+
+                def recording_post(*args: Any, **kwargs: Any) -> Any:
+                    budgets.append((kwargs["timeout"], int(kwargs["headers"]["Connect-Timeout-Ms"])))
+                    return post(*args, **kwargs)
+
+                stub.stub._http.post = recording_post
                 with pytest.raises(rc.DeadlineExceeded):
                     await stub.get_status(timeout=0.2)
-                assert time.monotonic() - started < 1.0
+    assert budgets and all(0 < left <= 0.2 and 0 < ms <= 200 for left, ms in budgets), budgets
+    assert [left for left, _ in budgets] == sorted((left for left, _ in budgets), reverse=True)
 
 
 async def test_async_deadline_is_the_callers_cancel_scope(workspace):

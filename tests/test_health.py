@@ -3,7 +3,23 @@ the clock seam, logging and the lease object of the sync client."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import types
+
+import attrs
+import pytest
+import trio
+
+import relay
 import relay_client as rc
+from conftest import ROOT, T0
+from serve_helpers import PATIENCE, metric, serving, ws_send, ws_until
 
 
 def test_every_status_code_has_its_own_documented_class():
@@ -27,10 +43,6 @@ def test_lease_lost_is_a_failed_precondition():
 def test_public_surface_is_declared():
     """Both modules list their public names in __all__, each one defined; relay_client
     (the generated-module part) exports every name without a leading underscore."""
-    import types
-
-    import relay
-
     for module in (relay, rc):
         assert len(set(module.__all__)) == len(module.__all__)
         assert [n for n in module.__all__ if not hasattr(module, n)] == []
@@ -43,11 +55,6 @@ def test_public_surface_is_declared():
 def test_task_status_defaults_do_not_load_trio():
     """Importing relay leaves trio unloaded although every startable task's
     ``task_status`` has a TASK_STATUS_IGNORED-like default that does nothing."""
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
     code = ("import sys, inspect, relay\n"
             "kind = type(sys.modules.get('trio')).__name__\n"
             "default = inspect.signature(relay.serve).parameters['task_status'].default\n"
@@ -61,10 +68,6 @@ async def test_async_borrowed_release_is_bounded(workspace, monkeypatch):
     """A relay that never answers the release cannot hold a finished block
     forever: the shielded release gives up after its bound (the lease is left
     to expire)."""
-    import trio
-
-    from serve_helpers import PATIENCE, serving
-
     async def never_answers(self, **fields):
         await trio.sleep_forever()
 
@@ -83,11 +86,6 @@ async def test_async_borrowed_release_is_bounded(workspace, monkeypatch):
 async def test_release_on_disconnect_is_bounded(workspace, monkeypatch):
     """A release-on-disconnect whose commit never comes back does not keep the
     connection's handler (and so a graceful stop) waiting forever."""
-    import trio
-
-    import relay
-    from serve_helpers import PATIENCE, serving, ws_send, ws_until
-
     monkeypatch.setattr(relay, "CLEANUP_SECONDS", 0.01, raising=False)
     with trio.fail_after(PATIENCE):
         async with serving(workspace) as r:
@@ -113,11 +111,6 @@ async def test_an_internal_error_is_logged_with_its_traceback_not_sent(workspace
     """An unexpected exception in a request is logged on relay.serve with its
     traceback; the caller gets `internal` with no traceback, and no record
     holds the bearer token the request carried."""
-    import trio
-
-    import relay
-    from serve_helpers import PATIENCE, serving
-
     def broken(self):
         raise RuntimeError("boom in the status projection")
 
@@ -136,11 +129,6 @@ async def test_an_internal_error_is_logged_with_its_traceback_not_sent(workspace
 
 async def test_a_failed_commit_is_logged_on_relay_store(workspace, monkeypatch, caplog):
     """A bug in the commit answers `internal` and logs the traceback on relay.store."""
-    import trio
-
-    import relay
-    from serve_helpers import PATIENCE, serving
-
     with trio.fail_after(PATIENCE):
         async with serving(workspace) as r:
             def broken(*args, **kwargs):
@@ -157,10 +145,6 @@ async def test_a_failed_commit_is_logged_on_relay_store(workspace, monkeypatch, 
 
 def test_log_level_setting_is_checked(workspace):
     """`[serve] log_level` takes debug/info/warning/error and refuses anything else."""
-    import pytest
-
-    import relay
-
     flow = workspace / "flow"
     flow.mkdir()
     (flow / "relay.toml").write_text('[serve]\nlog_level = "debug"\n')
@@ -173,15 +157,9 @@ def test_log_level_setting_is_checked(workspace):
 async def test_serve_log_level_filters_the_server_log(workspace):
     """`serve --log-level warning` keeps the info line about a signal out of stderr;
     the default (info) writes it, as `relay: relay.serve INFO: ...`."""
-    import functools
-    import os
-    import signal
     import sys
 
-    import trio
 
-    from conftest import ROOT
-    from serve_helpers import PATIENCE
 
     async def serve_and_stop(*extra: str) -> str:
         argv = [sys.executable, "-m", "relay", "--root", str(workspace), "serve", "--port", "0",
@@ -213,12 +191,6 @@ async def test_serve_log_level_filters_the_server_log(workspace):
 async def test_statistics_are_frozen_snapshots_on_metrics(workspace):
     """The ledger owner's and the event hub's statistics() are frozen snapshots,
     and /metrics exposes their fields."""
-    import attrs
-    import pytest
-    import trio
-
-    from serve_helpers import PATIENCE, metric, serving
-
     with trio.fail_after(PATIENCE):
         async with serving(workspace) as r:
             await r.seed()
@@ -234,3 +206,114 @@ async def test_statistics_are_frozen_snapshots_on_metrics(workspace):
     assert metric(text, "relay_owner_commits_total") == owner.commits
     assert metric(text, "relay_owner_revision") == owner.revision
     assert metric(text, "relay_hub_subscribers") == hub.subscribers
+
+
+################################################################
+# Lease keep-alive policy on trio's clock (autojump, no real time)
+################################################################
+
+#: Seconds of virtual time any one clocked test may take.
+VIRTUAL_PATIENCE = 10_000
+
+
+class WsPeer:
+    """Both ends of ``Service.websocket`` as memory channels: frames in, frames out."""
+    def __init__(self) -> None:
+        self.to_server, self._server_in = trio.open_memory_channel(100)
+        self._server_out, self.from_server = trio.open_memory_channel(100)
+
+    async def send(self, **frame) -> None:
+        await self.to_server.send(json.dumps(frame))
+
+    async def until(self, predicate):
+        async for text in self.from_server:
+            frame = json.loads(text)
+            if predicate(frame):
+                return frame
+        raise AssertionError("the server closed the socket")
+
+    async def rpc(self, ident: str, method: str, **request):
+        await self.send(type="rpc", id=ident, method=method, request=request)
+        frame = await self.until(lambda f: f.get("id") == ident)
+        assert frame["type"] == "reply", frame
+        return frame["reply"]
+
+
+@contextlib.asynccontextmanager
+async def on_the_trio_clock(root, monkeypatch):
+    """A Service whose every clock is trio's: the ledger's wall time is
+    ``T0 + trio.current_time()`` (one clock, so the autojump clock moves both),
+    and worker-thread hops run inline (autojump cannot see threads).  Yields a
+    WebSocket peer already connected to it."""
+    async def inline(fn, *args, **kwargs):
+        return fn(*args)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", inline)
+
+    def now() -> float:
+        return T0 + trio.current_time()
+
+    store, config, hub = relay.Store(root), relay.Config(), relay.EventHub()
+    owner = relay.LedgerOwner(store, config, hub, now)
+    service = relay.Service(store, config, owner, hub, now)
+    peer = WsPeer()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(owner.run)
+        nursery.start_soon(service.websocket, peer._server_in.receive, peer._server_out.send)
+        await peer.rpc("p", "RegisterProfile", name="p", provider="codex", mode="pooled")
+        await peer.rpc("s", "CreateSession", profile="p", session_id="s1")
+        yield peer
+        nursery.cancel_scope.cancel()
+
+
+async def grant_and_hold(peer: WsPeer, ttl: int) -> tuple[dict, float]:
+    """Grant an exclusive lease with ``ttl``, hold it, subscribe to the feed;
+    the lease and the trio time of the hold."""
+
+    lease = (await peer.rpc("g", "GrantLease", session_id="s1", holder="h", mode="exclusive-write",
+                            ttl_seconds=ttl))["lease"]
+    await peer.send(type="subscribe", id="f", feed="relay")
+    await peer.rpc("sync", "GetStatus")  # the feed subscription is in place by now
+    await peer.send(type="hold", id="h", lease_id=lease["lease_id"])
+    await peer.until(lambda f: f["type"] == "held")
+    return lease, trio.current_time()
+
+
+async def test_heartbeats_keep_a_held_lease_renewed_far_past_its_ttl(workspace, monkeypatch,
+                                                                     autojump_clock):
+    """While heartbeats arrive (every ttl/4), the relay keeps renewing a held
+    lease: ten ttls later it is still active, renewed within the last ttl/3."""
+    ttl = 60
+    with trio.fail_after(VIRTUAL_PATIENCE):
+        async with on_the_trio_clock(workspace, monkeypatch) as peer:
+            lease, held_at = await grant_and_hold(peer, ttl)
+            while trio.current_time() < held_at + 10 * ttl:
+                await trio.sleep(ttl / 4)
+                await peer.send(type="heartbeat")
+            (now_lease,) = (await peer.rpc("l", "ListLeases"))["leases"]
+            now = T0 + trio.current_time()
+    assert now_lease["state"] == "active"
+    assert relay.parse_iso(now_lease["expires_at"]) > now
+    assert now - relay.parse_iso(now_lease["last_renewed_at"]) <= ttl / 3 + 1
+    assert now - relay.parse_iso(lease["expires_at"]) >= 9 * ttl
+
+
+async def test_no_heartbeat_for_half_a_ttl_stops_renewal(workspace, monkeypatch, autojump_clock):
+    """The contract's rule: a hold with no heartbeat for ttl/2 is no longer
+    renewed and runs out -- every renewal falls within ttl/2 of the last
+    heartbeat (here: the hold), and the holder then hears lease_lost, expired."""
+    ttl = 60
+    with trio.fail_after(VIRTUAL_PATIENCE):
+        async with on_the_trio_clock(workspace, monkeypatch) as peer:
+            lease, held_at = await grant_and_hold(peer, ttl)
+            renewals = []
+            frame = await peer.until(lambda f: f["type"] in ("lease.renewed", "lease_lost"))
+            while frame["type"] == "lease.renewed":
+                renewals.append(relay.parse_iso(frame["data"]["last_renewed_at"]) - T0)
+                frame = await peer.until(lambda f: f["type"] in ("lease.renewed", "lease_lost"))
+            lost_at = trio.current_time()
+            (after,) = (await peer.rpc("l", "ListLeases"))["leases"]
+    assert renewals and all(t - held_at <= ttl / 2 for t in renewals), (held_at, renewals)
+    assert (frame["lease_id"], frame["state"]) == (lease["lease_id"], "expired")
+    assert after["state"] == "expired"
+    assert lost_at <= max(renewals) + ttl + ttl / 3 + 1  # ran out, not kept alive

@@ -739,11 +739,9 @@ async def test_cli_serve_stops_cleanly_on_a_signal(workspace, sig, as_json):
             async with httpx2.AsyncClient(base_url=endpoint, timeout=PATIENCE) as client:
                 assert (await client.get("/health")).json() == {"status": "ok"}
                 served = (await client.get("/api/relay/status")).json()["runtime"]
-            signalled = trio.current_time()
             proc.send_signal(sig)
             await proc.wait()
     assert proc.returncode == 0
-    assert trio.current_time() - signalled < 5
     assert (served["status"], served["pid"], served["endpoint"]) == ("serving", proc.pid, endpoint)
     runtime = relay.Store(workspace).read().runtime
     assert (runtime.status, runtime.endpoint) == ("stopped", endpoint)
