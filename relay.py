@@ -2528,9 +2528,10 @@ class Service:
     def authorized(self, header: str | None) -> bool:
         """Bearer check when the runtime has a token (constant time)."""
         ledger = self.owner.ledger
-        if self.probe_token is not None:
-            presented = (header or "")[7:].strip().encode()
-            return header is not None and hmac.compare_digest(presented, self.probe_token.encode())
+        if self.probe_token is not None:  # digests, so the comparison never depends on lengths
+            presented = token_digest((header or "")[7:].strip()).encode()
+            same = hmac.compare_digest(presented, token_digest(self.probe_token).encode())
+            return header is not None and same
         if not ledger.runtime.token_id and self.mode != "trusted-lan":
             return True
         # Off loopback the rule is fixed at start: a token is required even if

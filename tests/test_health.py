@@ -317,3 +317,22 @@ async def test_no_heartbeat_for_half_a_ttl_stops_renewal(workspace, monkeypatch,
     assert (frame["lease_id"], frame["state"]) == (lease["lease_id"], "expired")
     assert after["state"] == "expired"
     assert lost_at <= max(renewals) + ttl + ttl / 3 + 1  # ran out, not kept alive
+
+
+@pytest.mark.parametrize("header", ["Bearer probe-secret", "Bearer x", "Bearer " + "y" * 300, None])
+def test_the_probe_token_is_compared_as_digests(workspace, monkeypatch, header):
+    """The gate's probe compares SHA-256 digests of equal length, so a presented
+    token of any length costs the same comparison; only the right one passes."""
+    calls = []
+    real = relay.hmac.compare_digest
+
+    def spy(a, b):
+        calls.append((a, b))
+        return real(a, b)
+
+    store, config, hub = relay.Store(workspace), relay.Config(), relay.EventHub()
+    service = relay.Service(store, config, relay.LedgerOwner(store, config, hub), hub,
+                            probe_token="probe-secret")
+    monkeypatch.setattr(relay.hmac, "compare_digest", spy)
+    assert service.authorized(header) is (header == "Bearer probe-secret")
+    assert [(len(a), len(b)) for a, b in calls] == [(64, 64)]
