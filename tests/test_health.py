@@ -336,3 +336,22 @@ def test_the_probe_token_is_compared_as_digests(workspace, monkeypatch, header):
     monkeypatch.setattr(relay.hmac, "compare_digest", spy)
     assert service.authorized(header) is (header == "Bearer probe-secret")
     assert [(len(a), len(b)) for a, b in calls] == [(64, 64)]
+
+
+def test_the_leak_check_sees_open_descriptors_and_children():
+    """serve_helpers.no_leaks fails a block that leaves a descriptor open or a child unreaped."""
+    from serve_helpers import no_leaks
+
+    r, w = -1, -1
+    with pytest.raises(AssertionError, match="file descriptors left open"), no_leaks():
+        r, w = os.pipe()
+    os.close(r)
+    os.close(w)
+    child = None
+    try:
+        with pytest.raises(AssertionError, match="child processes left behind"), no_leaks():
+            child = subprocess.Popen(["true"])
+            os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # exited: a zombie now
+    finally:
+        if child is not None:
+            child.wait()
