@@ -2364,11 +2364,7 @@ async def reap_expired_leases(owner: LedgerOwner, interval: float, *,
         if any(x.state in rc.LIVE_LEASE_STATES and x.expires_at <= stamp
                for x in owner.ledger.leases.values()):
             with contextlib.suppress(RelayError):
-                await owner.submit(Mutation(lambda led, ctx: _reap(led, ctx), "reaper"))
-
-
-def _reap(ledger: Ledger, ctx: Ctx) -> tuple[Ledger, Any]:
-    return expire_leases(ledger, ctx)
+                await owner.submit(Mutation(expire_leases, "reaper"))
 
 
 async def watch_ledger(owner: LedgerOwner, interval: float, *,
@@ -3565,10 +3561,6 @@ def _gate_text(checks: list[Check]) -> str:
 # messages, so the CLI, the HTTP routes and the client stubs cannot drift.
 
 
-class _UsageError(Exception):
-    pass
-
-
 class _Parser(argparse.ArgumentParser):
     #: Set by ``main`` when the command line asks for --json, so that even a
     #: usage error prints its one JSON object.
@@ -3759,14 +3751,7 @@ def _run_rpc(store: Store, config: Config, args: argparse.Namespace, as_json: bo
 
 def _admin_mutation(store: Store, config: Config, fn: Callable[[Ledger, Ctx], Any]) -> Any:
     """Commit a local-administration change (bootstrap, tokens)."""
-    box: list[Any] = []
-
-    def apply(ledger: Ledger, ctx: Ctx) -> tuple[Ledger, Any]:
-        new, out = fn(ledger, ctx)
-        box.append(out)
-        return new, out
-
-    reply = commit_one(store, Mutation(apply, "admin"), config)
+    reply = commit_one(store, Mutation(fn, "admin"), config)
     _failpoint("before_ack")
     return reply
 
