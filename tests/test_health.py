@@ -355,3 +355,24 @@ def test_the_leak_check_sees_open_descriptors_and_children():
     finally:
         if child is not None:
             child.wait()
+
+
+def test_readme_tour_runs_in_a_workspace_that_has_history(workspace):
+    """The README's 60-second tour runs as written (every command exits 0),
+    also where the relay has committed before, so no id in it is hard-coded."""
+    from conftest import run_cli
+
+    run_cli(workspace, "profile", "register", "older", "--provider", "codex", "--mode", "pooled")
+    run_cli(workspace, "session", "create", "--profile", "older")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme.split("## A 60-second tour", 1)[1].split("\n\n", 2)[1]
+    lines = [line[4:] for line in block.splitlines()]
+    assert lines[0].startswith("alias relay=")
+    script = "\n".join(["set -euo pipefail", f'relay() {{ "{sys.executable}" -m relay "$@"; }}',
+                        *lines[1:]])
+    proc = subprocess.run(["bash", "-c", script], cwd=workspace, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT), FLOW_ROOT=str(workspace)))
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    ledger = relay.Store(workspace).read()
+    assert ledger.sessions["ses-ci"].state == "failed"  # quarantined at the end of the tour
+    assert {x.state for x in ledger.leases.values()} == {"released"}
