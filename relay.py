@@ -262,10 +262,13 @@ from relay_client import (  # noqa: E402
 )
 
 __all__ = [
+    "CLEANUP_SECONDS",
     "FAILPOINTS",
     "GATE_CHECKS",
+    "GRACEFUL_SECONDS",
     "KIB",
     "LEDGER_REL",
+    "LOG_LEVELS",
     "MEMO_REL",
     "MUTATIONS",
     "PROJECTION",
@@ -277,11 +280,13 @@ __all__ = [
     "Config",
     "Ctx",
     "EventHub",
+    "HubStatistics",
     "Ledger",
     "LedgerInvalid",
     "LedgerOwner",
     "Metrics",
     "Mutation",
+    "OwnerStatistics",
     "RequestRecord",
     "Server",
     "Service",
