@@ -238,13 +238,20 @@ class WsPeer:
         assert frame["type"] == "reply", frame
         return frame["reply"]
 
+    # What relay_client's keeper uses of a trio-websocket connection:
+    async def send_message(self, text: str) -> None:
+        await self.to_server.send(text)
+
+    async def get_message(self) -> str:
+        return await self.from_server.receive()
+
 
 @contextlib.asynccontextmanager
 async def on_the_trio_clock(root, monkeypatch):
     """A Service whose every clock is trio's: the ledger's wall time is
     ``T0 + trio.current_time()`` (one clock, so the autojump clock moves both),
     and worker-thread hops run inline (autojump cannot see threads).  Yields a
-    WebSocket peer already connected to it."""
+    WebSocket peer already connected to it (``peer.connect()`` opens another)."""
     async def inline(fn, *args, **kwargs):
         return fn(*args)
 
@@ -256,10 +263,16 @@ async def on_the_trio_clock(root, monkeypatch):
     store, config, hub = relay.Store(root), relay.Config(), relay.EventHub()
     owner = relay.LedgerOwner(store, config, hub, now)
     service = relay.Service(store, config, owner, hub, now)
-    peer = WsPeer()
     async with trio.open_nursery() as nursery:
+
+        def connect() -> WsPeer:
+            peer = WsPeer()
+            nursery.start_soon(service.websocket, peer._server_in.receive, peer._server_out.send)
+            return peer
+
+        peer = connect()
+        peer.connect = connect
         await nursery.start(owner.run)
-        nursery.start_soon(service.websocket, peer._server_in.receive, peer._server_out.send)
         await peer.rpc("p", "RegisterProfile", name="p", provider="codex", mode="pooled")
         await peer.rpc("s", "CreateSession", profile="p", session_id="s1")
         yield peer
@@ -376,3 +389,33 @@ def test_readme_tour_runs_in_a_workspace_that_has_history(workspace):
     ledger = relay.Store(workspace).read()
     assert ledger.sessions["ses-ci"].state == "failed"  # quarantined at the end of the tour
     assert {x.state for x in ledger.leases.values()} == {"released"}
+
+
+async def test_the_client_keeper_holds_a_lease_on_the_trio_clock(workspace, monkeypatch,
+                                                                 autojump_clock):
+    """relay_client's keeper (the hold, then a heartbeat every ttl/4) keeps a
+    lease renewed for ten ttls; once it stops, the lease runs out."""
+    ttl = 60
+    with trio.fail_after(VIRTUAL_PATIENCE):
+        async with on_the_trio_clock(workspace, monkeypatch) as peer:
+
+            @contextlib.asynccontextmanager
+            async def over_memory(core):
+                yield peer.connect()
+
+            monkeypatch.setattr(rc, "_open_websocket", over_memory)
+            granted = (await peer.rpc("g", "GrantLease", session_id="s1", holder="job",
+                                      mode="exclusive-write", ttl_seconds=ttl))["lease"]
+            lease, lost = rc.from_json(rc.Lease, granted), []
+            with trio.CancelScope() as block:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(rc._hold_lease, rc._Core("http://relay"), lease, lost, block)
+                    await trio.sleep(10 * ttl)
+                    (held,) = (await peer.rpc("l1", "ListLeases"))["leases"]
+                    nursery.cancel_scope.cancel()
+            await trio.sleep(2 * ttl)
+            (after,) = (await peer.rpc("l2", "ListLeases"))["leases"]
+    assert lost == [] and not block.cancel_called
+    assert held["state"] == "active"
+    assert relay.parse_iso(held["expires_at"]) - relay.parse_iso(granted["expires_at"]) >= 9 * ttl
+    assert after["state"] == "expired"
