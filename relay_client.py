@@ -34,23 +34,101 @@ from typing import Any, ClassVar, Final
 import attrs
 
 __all__ = [
+    "DEFAULT_TIMEOUT",
+    "ID_PATTERN",
+    "IS_COUNT",
+    "IS_ID",
+    "IS_OPTIONAL_ID",
+    "IS_SHA256",
+    "IS_STAMP",
+    "LEASE_MODES",
+    "LEASE_STATES",
+    "LIVE_LEASE_STATES",
+    "MAX_JSON_DEPTH",
+    "PROFILE_MODES",
+    "PROTO_PACKAGE",
+    "PROVIDERS",
+    "QUARANTINE_STATES",
     "RPCS",
+    "RPC_BY_NAME",
+    "RUNTIME_MODES",
+    "RUNTIME_STATUSES",
+    "SERVICE",
+    "SESSION_STATES",
+    "Aborted",
     "AlreadyExists",
+    "AppendRecordRequest",
+    "AppendReply",
     "AsyncRelayStub",
-    "LeaseLost",
-    "RelayStub",
+    "BorrowRequest",
+    "Canceled",
+    "ClearQuarantineRequest",
     "Code",
+    "ControlReply",
+    "ControlRequest",
+    "CreateSessionRequest",
+    "Cursor",
+    "DataLoss",
+    "DeadlineExceeded",
     "FailedPrecondition",
+    "GetStatusRequest",
+    "GrantLeaseRequest",
+    "HeldLease",
     "Internal",
     "InvalidArgument",
+    "JSONValue",
+    "Lease",
+    "LeaseLost",
+    "LeaseReply",
+    "ListLeasesReply",
+    "ListLeasesRequest",
+    "ListProfilesReply",
+    "ListProfilesRequest",
+    "ListRecordsReply",
+    "ListRecordsRequest",
+    "ListSessionsReply",
+    "ListSessionsRequest",
     "NotFound",
+    "OutOfRange",
+    "PermissionDenied",
+    "Profile",
+    "ProfileReply",
+    "Quarantine",
+    "QuarantineReply",
+    "QuarantineSessionRequest",
+    "RecordControlRequest",
+    "RecoverReply",
+    "RecoverRequest",
+    "Recovery",
+    "RegisterProfileRequest",
     "RelayError",
+    "RelayStub",
+    "ReleaseLeaseRequest",
+    "RenewLeaseRequest",
     "ResourceExhausted",
+    "RevokeLeaseRequest",
     "Rpc",
+    "Runtime",
+    "Session",
+    "SessionReply",
+    "StateWarning",
+    "StatusReply",
+    "StreamRecord",
     "Unauthenticated",
     "Unavailable",
+    "Unimplemented",
+    "Unknown",
+    "check_id",
+    "check_json_value",
     "discover",
     "from_json",
+    "json_to_proto",
+    "main",
+    "parse_digits",
+    "parse_json",
+    "proto_class",
+    "proto_to_json",
+    "strict_loads",
     "to_json",
 ]
 
@@ -141,26 +219,108 @@ class RelayError(Exception):
         return cls(str(body.get("message", "")), hint=hint, details=details)
 
 
-def _error_class(name: str, code: Code) -> type[RelayError]:
-    return type(name, (RelayError,), {"code": code, "__module__": __name__})
+class Canceled(RelayError):
+    """The call was cancelled, typically by the caller."""
+
+    code = Code.CANCELED
 
 
-Canceled = _error_class("Canceled", Code.CANCELED)
-Unknown = _error_class("Unknown", Code.UNKNOWN)
-InvalidArgument = _error_class("InvalidArgument", Code.INVALID_ARGUMENT)
-DeadlineExceeded = _error_class("DeadlineExceeded", Code.DEADLINE_EXCEEDED)
-NotFound = _error_class("NotFound", Code.NOT_FOUND)
-AlreadyExists = _error_class("AlreadyExists", Code.ALREADY_EXISTS)
-PermissionDenied = _error_class("PermissionDenied", Code.PERMISSION_DENIED)
-ResourceExhausted = _error_class("ResourceExhausted", Code.RESOURCE_EXHAUSTED)
-FailedPrecondition = _error_class("FailedPrecondition", Code.FAILED_PRECONDITION)
-Aborted = _error_class("Aborted", Code.ABORTED)
-OutOfRange = _error_class("OutOfRange", Code.OUT_OF_RANGE)
-Unimplemented = _error_class("Unimplemented", Code.UNIMPLEMENTED)
-Internal = _error_class("Internal", Code.INTERNAL)
-Unavailable = _error_class("Unavailable", Code.UNAVAILABLE)
-DataLoss = _error_class("DataLoss", Code.DATA_LOSS)
-Unauthenticated = _error_class("Unauthenticated", Code.UNAUTHENTICATED)
+class Unknown(RelayError):
+    """An error the relay could not classify (or an answer without a Connect error body)."""
+
+    code = Code.UNKNOWN
+
+
+class InvalidArgument(RelayError):
+    """The request is malformed, whatever the ledger's state."""
+
+    code = Code.INVALID_ARGUMENT
+
+
+class DeadlineExceeded(RelayError):
+    """The call did not finish before its deadline."""
+
+    code = Code.DEADLINE_EXCEEDED
+
+
+class NotFound(RelayError):
+    """A named profile, session, lease or record does not exist."""
+
+    code = Code.NOT_FOUND
+
+
+class AlreadyExists(RelayError):
+    """The thing to create exists already."""
+
+    code = Code.ALREADY_EXISTS
+
+
+class PermissionDenied(RelayError):
+    """The caller may not do this."""
+
+    code = Code.PERMISSION_DENIED
+
+
+class ResourceExhausted(RelayError):
+    """A quota or buffer ran out (e.g. a subscriber fell behind)."""
+
+    code = Code.RESOURCE_EXHAUSTED
+
+
+class FailedPrecondition(RelayError):
+    """The ledger's state forbids the call now (e.g. the lease is not live)."""
+
+    code = Code.FAILED_PRECONDITION
+
+
+class LeaseLost(FailedPrecondition):
+    """The lease of a ``borrowed`` block is gone (revoked, expired, released
+    elsewhere): a job must not go on writing without it."""
+
+    def __init__(self, message: str = "the lease was lost", **kw: Any):
+        super().__init__(message, **kw)
+
+
+class Aborted(RelayError):
+    """The call lost a race with a concurrent change; retry it."""
+
+    code = Code.ABORTED
+
+
+class OutOfRange(RelayError):
+    """A position (sequence number, Last-Event-ID) lies beyond what exists."""
+
+    code = Code.OUT_OF_RANGE
+
+
+class Unimplemented(RelayError):
+    """No such RPC, or not supported by this relay."""
+
+    code = Code.UNIMPLEMENTED
+
+
+class Internal(RelayError):
+    """A bug in the relay; its log has the details, the caller gets none."""
+
+    code = Code.INTERNAL
+
+
+class Unavailable(RelayError):
+    """The relay cannot be reached or cannot serve now; retry later."""
+
+    code = Code.UNAVAILABLE
+
+
+class DataLoss(RelayError):
+    """Durable data is damaged or missing."""
+
+    code = Code.DATA_LOSS
+
+
+class Unauthenticated(RelayError):
+    """The call carried no valid bearer token."""
+
+    code = Code.UNAUTHENTICATED
 
 _ERROR_BY_CODE: Final[dict[str, type[RelayError]]] = {
     cls.code.value: cls
@@ -1134,20 +1294,11 @@ _RELAY_PROTO_DESCRIPTOR: Final = (
 # (as a generated ``*_pb2_grpc`` stub does).
 
 DEFAULT_TIMEOUT: Final = 30.0  # seconds, per call (sync stub)
-RETRIES: Final = 3  # attempts after the first, for retry-safe failures
-BACKOFF: Final = 0.05  # seconds, doubled each attempt, capped at BACKOFF_MAX
-BACKOFF_MAX: Final = 2.0
-HEARTBEAT_FRACTION: Final = 0.25  # heartbeat every ttl * this on a held lease
-
-
-class LeaseLost(RelayError):
-    """Raised into a ``borrowed`` block when its lease is gone (revoked,
-    expired, released elsewhere): a job must not go on writing without it."""
-
-    code = Code.FAILED_PRECONDITION
-
-    def __init__(self, message: str = "the lease was lost", **kw: Any):
-        super().__init__(message, **kw)
+_RETRIES: Final = 3  # attempts after the first, for retry-safe failures
+_BACKOFF: Final = 0.05  # seconds, doubled each attempt, capped at _BACKOFF_MAX
+_BACKOFF_MAX: Final = 2.0
+_HEARTBEAT_FRACTION: Final = 0.25  # heartbeat every ttl * this on a held lease
+_CLEANUP_SECONDS: Final = 5.0  # bound on a shielded release after a borrowed block
 
 
 def discover(url: str | None = None, token: str | None = None,
@@ -1234,7 +1385,7 @@ class _Core:
 
 
 def _backoff(attempt: int) -> float:
-    return min(BACKOFF * (2 ** attempt), BACKOFF_MAX)
+    return min(_BACKOFF * (2 ** attempt), _BACKOFF_MAX)
 
 
 class _Watch:
@@ -1261,6 +1412,75 @@ class _Watch:
             return None
         self.last[record.session_id] = record.seq
         return record
+
+
+class _AsyncWatch:
+    """The trio watch iterator: an explicit state machine, not an async
+    generator, so no ``yield`` ever sits inside the open SSE response's
+    ``async with`` (a generator left suspended there is closed only by the
+    garbage collector).  ``aclose`` closes the connection at once."""
+
+    def __init__(self, stub: AsyncRelayStub, watch: _Watch, stream: str):
+        self._stub, self._watch, self._stream = stub, watch, stream
+        self._connection: contextlib.AsyncExitStack | None = None
+        self._events: Any = None
+        self._failures = 0
+        self._closed = False
+
+    def __aiter__(self) -> _AsyncWatch:
+        return self
+
+    async def __anext__(self) -> StreamRecord:
+        import httpx2
+
+        while not self._closed:
+            try:
+                if self._events is None:
+                    await self._connect()
+                event = await anext(self._events)
+                self._failures = 0
+                record = self._watch.accept(event)
+            except (StopAsyncIteration, httpx2.TransportError, ResourceExhausted):
+                # The stream ended, dropped, or we fell behind: resume from the last record.
+                await self._reconnect_later()
+                continue
+            if record is not None:
+                return record
+        raise StopAsyncIteration
+
+    async def _connect(self) -> None:
+        watch, stub = self._watch, self._stub
+        if watch.session and watch.session not in watch.last:
+            lister = stub.list_events if self._stream == "events" else stub.list_results
+            watch.last[watch.session] = (await lister(session_id=watch.session, limit=1)).last_seq
+        url, params = stub._core.stream_url(watch.session, self._stream)
+        headers = dict(stub._core.headers(), **watch.headers())
+        async with contextlib.AsyncExitStack() as connection:
+            source = await connection.enter_async_context(
+                stub._http.sse(url, params=params, headers=headers))
+            if source.response.status_code != 200:
+                await source.response.aread()
+                raise RelayError.from_json(source.response.json(),
+                                           http_status=source.response.status_code)
+            self._events = source.__aiter__()
+            connection.push_async_callback(self._events.aclose)
+            self._connection = connection.pop_all()
+
+    async def _reconnect_later(self) -> None:
+        import trio
+
+        await self._disconnect()
+        await trio.sleep(_backoff(self._failures))
+        self._failures += 1
+
+    async def _disconnect(self) -> None:
+        connection, self._connection, self._events = self._connection, None, None
+        if connection is not None:
+            await connection.aclose()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        await self._disconnect()
 
 
 class RelayStub:
@@ -1297,7 +1517,7 @@ class RelayStub:
         timeout = self._timeout if timeout is None else timeout
         body = self._core.body(request)
         deadline = time.monotonic() + timeout
-        for attempt in range(RETRIES + 1):
+        for attempt in range(_RETRIES + 1):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise DeadlineExceeded(f"{rpc.name} did not finish within {timeout} s")
@@ -1306,7 +1526,7 @@ class RelayStub:
                                            headers=self._core.headers(left), timeout=left)
                 return self._core.reply(rpc, response.status_code, response.content)
             except Exception as exc:
-                if attempt == RETRIES or not self._core.retryable(exc):
+                if attempt == _RETRIES or not self._core.retryable(exc):
                     raise _transport_error(exc) from exc
                 time.sleep(min(_backoff(attempt), max(deadline - time.monotonic(), 0)))
         raise AssertionError("unreachable")
@@ -1366,14 +1586,18 @@ class RelayStub:
 
     @contextlib.contextmanager
     def borrowed(self, *, holder: str, profile: str = "", session_id: str = "",
-                 mode: str = "exclusive-write", ttl_seconds: int = 0) -> Iterator[Lease]:
+                 mode: str = "exclusive-write", ttl_seconds: int = 0) -> Iterator[HeldLease]:
         """Borrow a session for the block; keep its lease renewed over the
         WebSocket channel; release it on exit, also on an exception.
 
-        If the lease is lost meanwhile, ``LeaseLost`` is raised inside the
-        block (delivered asynchronously into the thread that entered it)."""
-        import threading
-
+        The block gets a ``HeldLease``: the lease's fields, plus ``lost`` (a
+        ``threading.Event`` set as soon as the relay reports the lease lost or
+        the keep-alive channel closes) and ``check()``, which raises
+        ``LeaseLost`` once it is.  Nothing interrupts the block's thread: a
+        long block calls ``check()`` between steps (or waits on ``lost``), and
+        a block that ends normally on a lost lease still raises ``LeaseLost``
+        on exit.  Writes that carry ``fencing_token`` to a resource that checks
+        it are refused there by themselves."""
         reply = self.borrow(holder=holder, profile=profile, session_id=session_id, mode=mode,
                             ttl_seconds=ttl_seconds)
         lease = reply.lease
@@ -1381,17 +1605,16 @@ class RelayStub:
             with contextlib.suppress(FailedPrecondition, NotFound):
                 self.release_lease(lease_id=lease.lease_id)
             raise _not_granted(lease, reply.outcome)
-        keeper = _SyncKeeper(self._core, lease, threading.get_ident())
+        held = HeldLease(lease)
+        keeper = _SyncKeeper(self._core, held)
         try:
             keeper.start()
-            yield lease
-        except LeaseLost:
-            keeper.stop()
-            raise keeper.lost[0] if keeper.lost else LeaseLost() from None
+            yield held
         finally:
             if not keeper.stop():
                 with contextlib.suppress(FailedPrecondition, NotFound):
                     self.release_lease(lease_id=lease.lease_id)
+        held.check()  # reached only when the block ended normally
 
 
 class AsyncRelayStub:
@@ -1424,14 +1647,14 @@ class AsyncRelayStub:
         import trio
 
         body = self._core.body(request)
-        for attempt in range(RETRIES + 1):
+        for attempt in range(_RETRIES + 1):
             left = trio.current_effective_deadline() - trio.current_time()
             try:
                 response = await self._http.post(self._core.url + rpc.path, content=body,
                                                  headers=self._core.headers(left))
                 return self._core.reply(rpc, response.status_code, response.content)
             except Exception as exc:
-                if attempt == RETRIES or not self._core.retryable(exc):
+                if attempt == _RETRIES or not self._core.retryable(exc):
                     raise _transport_error(exc) from exc
                 await trio.sleep(_backoff(attempt))
         raise AssertionError("unreachable")
@@ -1440,7 +1663,7 @@ class AsyncRelayStub:
     async def watch_events(self, session: str | None = None, after: int | None = None,
                            *, stream: str = "events") -> AsyncIterator[AsyncIterator[StreamRecord]]:
         """``async with stub.watch_events(session=S) as records: async for r in records``."""
-        records = self._watch(_Watch(session, after), stream)
+        records = _AsyncWatch(self, _Watch(session, after), stream)
         try:
             yield records
         finally:
@@ -1451,35 +1674,6 @@ class AsyncRelayStub:
                             after: int | None = None) -> AsyncIterator[AsyncIterator[StreamRecord]]:
         async with self.watch_events(session, after, stream="results") as records:
             yield records
-
-    async def _watch(self, watch: _Watch, stream: str) -> AsyncIterator[StreamRecord]:
-        import httpx2
-        import trio
-
-        if watch.session and watch.session not in watch.last:
-            lister = self.list_events if stream == "events" else self.list_results
-            watch.last[watch.session] = (await lister(session_id=watch.session, limit=1)).last_seq
-        url, params = self._core.stream_url(watch.session, stream)
-        failures = 0
-        while True:
-            headers = dict(self._core.headers(), **watch.headers())
-            try:
-                async with self._http.sse(url, params=params, headers=headers) as source:
-                    if source.response.status_code != 200:
-                        await source.response.aread()
-                        raise RelayError.from_json(source.response.json(),
-                                                   http_status=source.response.status_code)
-                    async for event in source:
-                        failures = 0
-                        record = watch.accept(event)
-                        if record is not None:
-                            yield record
-            except httpx2.TransportError:
-                pass
-            except ResourceExhausted:
-                pass
-            await trio.sleep(_backoff(failures))
-            failures += 1
 
     @contextlib.asynccontextmanager
     async def borrowed(self, *, holder: str, profile: str = "", session_id: str = "",
@@ -1512,7 +1706,10 @@ class AsyncRelayStub:
                 raise _keeper_failure(group.exceptions[0]) from None
         finally:
             if not lost:
-                with trio.CancelScope(shield=True), contextlib.suppress(FailedPrecondition, NotFound):
+                # Shielded (the block may be ending by cancellation) but bounded:
+                # a relay that does not answer leaves the lease to expire.
+                with trio.move_on_after(_CLEANUP_SECONDS, shield=True), contextlib.suppress(
+                        FailedPrecondition, NotFound):
                     await self.release_lease(lease_id=lease.lease_id)
         if lost:
             raise lost[0]
@@ -1520,15 +1717,42 @@ class AsyncRelayStub:
             raise error
 
 
+@contextlib.asynccontextmanager
+async def _open_websocket(core: _Core) -> AsyncIterator[Any]:
+    """A trio-websocket client on ``/ws`` over a TCP stream closed here.
+
+    trio-websocket 0.12 never closes the stream of a connection whose peer
+    dropped without a close handshake (a relay that crashed): that socket
+    would be left to the garbage collector."""
+    from urllib.parse import urlsplit
+
+    import trio
+    import trio_websocket
+
+    url = urlsplit(core.ws_url())
+    headers = [(b"Authorization", f"Bearer {core.token}".encode())] if core.token else []
+    stream = await trio.open_tcp_stream(url.hostname or "127.0.0.1", url.port or 80)
+    try:
+        async with trio.open_nursery() as nursery:
+            ws = await trio_websocket.wrap_client_stream(
+                nursery, stream, url.netloc, url.path or "/", extra_headers=headers)
+            try:
+                yield ws
+            finally:
+                nursery.cancel_scope.cancel()
+                await ws.aclose()
+    finally:
+        await stream.aclose()
+
+
 async def _hold_lease(core: _Core, lease: Lease, lost: list[LeaseLost], block: Any,
                       *, task_status: Any) -> None:
     """Hold ``lease`` over the WebSocket channel: heartbeats keep the relay
     renewing it; a ``lease_lost`` frame cancels ``block`` and records why."""
     import trio
-    from trio_websocket import ConnectionClosed, open_websocket_url
+    from trio_websocket import ConnectionClosed
 
-    headers = [("Authorization", f"Bearer {core.token}")] if core.token else []
-    async with open_websocket_url(core.ws_url(), extra_headers=headers) as ws:
+    async with _open_websocket(core) as ws:
         await ws.send_message(json.dumps({"type": "hold", "id": 0, "lease_id": lease.lease_id}))
         # Only a "held" answer means the relay renews the lease; anything else
         # and the block must not start.
@@ -1538,7 +1762,7 @@ async def _hold_lease(core: _Core, lease: Lease, lost: list[LeaseLost], block: A
             raise RelayError.from_json(error, http_status=400) if error else Unavailable(
                 f"the relay did not agree to hold lease {lease.lease_id}: {answer}")
         task_status.started()
-        interval = max(lease.ttl_seconds * HEARTBEAT_FRACTION, 0.05)
+        interval = max(lease.ttl_seconds * _HEARTBEAT_FRACTION, 0.05)
 
         async def beat() -> None:
             while True:
@@ -1548,16 +1772,8 @@ async def _hold_lease(core: _Core, lease: Lease, lost: list[LeaseLost], block: A
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(beat)
-                while True:
-                    frame = json.loads(await ws.get_message())
-                    if frame.get("type") == "lease_lost":
-                        lost.append(LeaseLost(
-                            f"lease {lease.lease_id} on {lease.session_id} was lost "
-                            f"({frame.get('state')}{': ' + frame['reason'] if frame.get('reason') else ''})",
-                            hint="stop writing; borrow again to continue"))
-                        block.cancel()
-                        nursery.cancel_scope.cancel()
-                        return
+                frame = await _lease_lost_frame(ws)
+                nursery.cancel_scope.cancel()
         except* ConnectionClosed:
             # The relay went away (crash, restart): nothing renews the lease
             # now, so the block must stop as if it were lost -- the sync keeper
@@ -1567,13 +1783,65 @@ async def _hold_lease(core: _Core, lease: Lease, lost: list[LeaseLost], block: A
                 "the keep-alive channel to the relay closed",
                 hint="stop writing; borrow again to continue"))
             block.cancel()
+        else:
+            lost.append(LeaseLost(
+                f"lease {lease.lease_id} on {lease.session_id} was lost "
+                f"({frame.get('state')}{': ' + frame['reason'] if frame.get('reason') else ''})",
+                hint="stop writing; borrow again to continue"))
+            block.cancel()
+
+
+async def _lease_lost_frame(ws: Any) -> dict[str, Any]:
+    """Read the hold channel until the relay says the lease is lost."""
+    while True:
+        frame = json.loads(await ws.get_message())
+        if frame.get("type") == "lease_lost":
+            return frame
+
+
+class HeldLease:
+    """The lease a blocking ``borrowed`` block holds.
+
+    Its ``Lease`` fields read through (``held.lease_id``, ``held.fencing_token``,
+    ...; the message itself is ``held.lease``).  ``lost`` is a
+    ``threading.Event`` the keeper thread sets when the lease is gone;
+    ``check()`` raises ``LeaseLost`` from then on.  The trade-off against
+    interrupting the block: a blocking call inside it runs to its end, so a
+    block notices the loss at its next ``check()`` (or at its exit) and not at
+    once -- but no exception ever lands in the middle of its own cleanup.
+    """
+
+    def __init__(self, lease: Lease):
+        import threading
+
+        self.lease = lease
+        self.lost = threading.Event()
+        self._why: LeaseLost | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "lease":  # not yet set: never recurse
+            raise AttributeError(name)
+        return getattr(self.lease, name)
+
+    def __repr__(self) -> str:
+        return f"HeldLease({self.lease!r}, lost={self.lost.is_set()})"
+
+    def check(self) -> None:
+        """Raise ``LeaseLost`` (saying why) if the lease has been lost."""
+        if self.lost.is_set():
+            why = self._why or LeaseLost()
+            raise LeaseLost(why.message, hint=why.hint)
+
+    def cancel(self) -> None:
+        """``_hold_lease``'s "cancel the block", for a thread: mark the lease lost."""
+        self.lost.set()
 
 
 class _SyncKeeper:
     """Runs ``_hold_lease`` on its own trio loop in a thread for the sync stub."""
 
-    def __init__(self, core: _Core, lease: Lease, block_thread: int):
-        self.core, self.lease, self.block_thread = core, lease, block_thread
+    def __init__(self, core: _Core, held: HeldLease):
+        self.core, self.held = core, held
         self.lost: list[LeaseLost] = []
         self.failure: Exception | None = None  # the channel never opened
         self._token: Any = None
@@ -1597,9 +1865,8 @@ class _SyncKeeper:
         async def main() -> None:
             self._token = trio.lowlevel.current_trio_token()
             with trio.CancelScope() as self._scope:
-                block = _ThreadCanceller(self)
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(_hold_lease, self.core, self.lease, self.lost, block)
+                    await nursery.start(_hold_lease, self.core, self.held.lease, self.lost, self)
                     self._ready.set()
 
         try:
@@ -1608,6 +1875,11 @@ class _SyncKeeper:
             self.failure = exc  # recorded before start() is woken to look at it
         finally:
             self._ready.set()
+
+    def cancel(self) -> None:
+        """Called by ``_hold_lease`` (in the keeper thread) when the lease is lost."""
+        self.held._why = self.lost[0]
+        self.held.cancel()
 
     def stop(self) -> bool:
         """Stop holding (idempotent); True if the lease was lost meanwhile."""
@@ -1618,21 +1890,6 @@ class _SyncKeeper:
                 trio.from_thread.run_sync(self._scope.cancel, trio_token=self._token)
         self._thread.join()
         return bool(self.lost)
-
-
-class _ThreadCanceller:
-    """The sync flavour of "cancel the block": raise LeaseLost asynchronously
-    in the thread that entered ``borrowed`` (CPython's PyThreadState_SetAsyncExc,
-    the only way to interrupt a blocking block from outside)."""
-
-    def __init__(self, keeper: _SyncKeeper):
-        self.keeper = keeper
-
-    def cancel(self) -> None:
-        import ctypes
-
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(
-            ctypes.c_ulong(self.keeper.block_thread), ctypes.py_object(LeaseLost))
 
 
 def _not_granted(lease: Lease, outcome: str) -> FailedPrecondition:

@@ -271,17 +271,17 @@ def test_checksum_trick_reproduces_encode_ledger(ws):
     assert with_checksum(json.loads(body)) == data
 
 
-def test_inspect_that_differs_from_status_fails(ws, capsys, monkeypatch):
-    real = relay.inspect_relay
-
-    def drifted(store, config, now):
-        doc = real(store, config, now)
-        doc["active_leases"] += 1
-        return doc
-
-    monkeypatch.setattr(relay, "inspect_relay", drifted)
-    checks = assert_gate(ws, capsys, fail=("inspect_matches_status",))
-    assert "active_leases" in checks["inspect_matches_status"]["evidence"]
+def test_inspect_that_differs_from_status_fails(ws, capsys):
+    """A validated-memo that vouches for a ledger the typed model refuses (a hand
+    edit, re-checksummed, memo forged) makes `status` answer from the raw bytes
+    what `inspect relay` does not: the gate names the disagreement."""
+    edit_ledger_doc(ws, lambda doc: doc["profiles"]["cx"].update({"nickname": "x"}))
+    _, claimed = relay.split_checksum(relay.Store(ws).ledger_path.read_bytes())
+    (ws / relay.MEMO_REL).write_bytes(claimed)
+    checks = assert_gate(ws, capsys, fail=("status_pass", "inspect_matches_status", "ledger_valid"),
+                         skip=SKIP_WITHOUT_LEDGER)
+    assert "status (its fast path)" in checks["inspect_matches_status"]["evidence"]
+    assert "relay_mode" in checks["inspect_matches_status"]["evidence"]
     assert "inspect relay" in checks["inspect_matches_status"]["repair"]
 
 
