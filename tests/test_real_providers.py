@@ -10,6 +10,7 @@ bounded by ``trio.fail_after``.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -130,6 +131,19 @@ def test_claude_completed_command_carries_its_command():
 ################################################################
 
 
+@contextlib.asynccontextmanager
+async def plain_mock(*args: str):
+    """The mock in this test's own network namespace (so the test can call it); yields its port."""
+    proc = await trio.lowlevel.open_process([sys.executable, str(MOCK), *args], stdout=subprocess.PIPE)
+    try:
+        yield await mock_port(proc)
+    finally:
+        with trio.CancelScope(shield=True):
+            proc.kill()
+            await proc.wait()
+            await proc.stdout.aclose()
+
+
 def fetch(port: int, method: str, path: str, body: dict | None = None) -> tuple[int, dict | list]:
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method,
@@ -144,10 +158,7 @@ def fetch(port: int, method: str, path: str, body: dict | None = None) -> tuple[
 async def test_mock_records_requests_and_answers_unknown_paths_404(tmp_path):
     """An unknown path gets a 404 naming it and is recorded with route null; /_requests lists everything."""
     log = tmp_path / "log.jsonl"
-    proc = await trio.lowlevel.open_process([sys.executable, str(MOCK), "--log", str(log)],
-                                            stdout=subprocess.PIPE)
-    try:
-        port = await mock_port(proc)
+    async with plain_mock("--log", str(log)) as port:
         status, doc = await trio.to_thread.run_sync(fetch, port, "POST", "/v1/chat/completions", {"x": 1})
         assert status == 404 and "no route for POST /v1/chat/completions" in doc["error"]["message"]
         body = {"model": "m", "messages": [{"role": "user", "content": "hello there"}]}
@@ -157,10 +168,6 @@ async def test_mock_records_requests_and_answers_unknown_paths_404(tmp_path):
         status, doc = await trio.to_thread.run_sync(fetch, port, "GET", "/_requests")
         assert [(r["route"], r.get("prompt")) for r in doc] == [(None, None), ("messages", "hello there")]
         assert [json.loads(x)["n"] for x in log.read_text().splitlines()] == [1, 2]
-    finally:
-        proc.kill()
-        await proc.wait()
-        await proc.stdout.aclose()
 
 
 def stream_slow_then_release(port: int) -> tuple[list[str], list[str]]:
@@ -183,16 +190,10 @@ def stream_slow_then_release(port: int) -> tuple[list[str], list[str]]:
 
 async def test_mock_slow_stream_holds_until_released(tmp_path):
     """An @slow stream sends its opening and one token, then the rest only once released."""
-    proc = await trio.lowlevel.open_process([sys.executable, str(MOCK), "--slow-ms", "0"],
-                                            stdout=subprocess.PIPE)
-    try:
-        before, after = await trio.to_thread.run_sync(stream_slow_then_release, await mock_port(proc))
-        assert before == ["message_start", "content_block_start", "ping", "content_block_delta"]
-        assert after == ["content_block_delta"] * 5 + ["content_block_stop", "message_delta", "message_stop"]
-    finally:
-        proc.kill()
-        await proc.wait()
-        await proc.stdout.aclose()
+    async with plain_mock("--slow-ms", "0") as port:
+        before, after = await trio.to_thread.run_sync(stream_slow_then_release, port)
+    assert before == ["message_start", "content_block_start", "ping", "content_block_delta"]
+    assert after == ["content_block_delta"] * 5 + ["content_block_stop", "message_delta", "message_stop"]
 
 
 @pytest.fixture
