@@ -14,6 +14,7 @@ One module, read top to bottom; each section uses only those above it.
     Commit (the one place mutations are applied and made durable)
     Event hub (fan-out)
     Provider wire protocols (sans-I/O: bytes in, events out)
+    Provider settings (offline homes and environments; pure)
     Supervision (ledger owner, heartbeat, subprocesses)
     Service (one method per RPC; no Quart imports)
     HTTP, SSE and WebSocket adapter (create_app)
@@ -297,6 +298,7 @@ __all__ = [
     "Metrics",
     "Mutation",
     "OwnerStatistics",
+    "ProviderEndpoint",
     "RequestRecord",
     "Server",
     "Service",
@@ -332,6 +334,9 @@ __all__ = [
     "load_config",
     "main",
     "parse_iso",
+    "provider_endpoint",
+    "provider_env",
+    "provider_home_files",
     "quarantine_session",
     "read_rpc",
     "record_control",
@@ -3594,7 +3599,7 @@ class ClaudeProtocol(_JsonLinesProtocol):
     _next_control: int = attrs.field(init=False, default=0)
     _controls: dict = attrs.field(init=False, factory=dict)  # request_id -> "interrupt" | "probe"
     _approvals: dict = attrs.field(init=False, factory=dict)  # request_id -> the tool input
-    _tools: dict = attrs.field(init=False, factory=dict)  # tool_use id -> neutral item type
+    _tools: dict = attrs.field(init=False, factory=dict)  # tool_use id -> (item type, tool name, command)
     _message_id: str | None = attrs.field(init=False, default=None)  # of the streaming message
 
     def send_user_message(self, text: str, *, turn_id: str) -> bytes:
@@ -3698,11 +3703,11 @@ class ClaudeProtocol(_JsonLinesProtocol):
                 name = _opt_str(block.get("name"))
                 item_type = "command_execution" if name == "Bash" else "tool_call"
                 tool_id = _opt_str(block.get("id"))
-                self._tools[tool_id] = (item_type, name)
                 command = _obj(block.get("input")).get("command")
+                command = command if isinstance(command, str) else None
+                self._tools[tool_id] = (item_type, name, command)
                 events.append(ItemStarted(
-                    item_id=tool_id, item_type=item_type, tool_name=name,
-                    command=command if isinstance(command, str) else None, **scope,
+                    item_id=tool_id, item_type=item_type, tool_name=name, command=command, **scope,
                 ))
         return events or [ProviderNotice(name="assistant", native=frame)]
 
@@ -3713,10 +3718,12 @@ class ClaudeProtocol(_JsonLinesProtocol):
             if block.get("type") != "tool_result":
                 continue
             tool_id = _opt_str(block.get("tool_use_id"))
-            item_type, name = self._tools.pop(tool_id, ("tool_call", None))
+            # the result line names only the tool_use id: the command comes from the tool_use
+            # line, so a completed command item carries it as Codex's does
+            item_type, name, command = self._tools.pop(tool_id, ("tool_call", None, None))
             events.append(ItemCompleted(
                 thread_id=self.session_id, turn_id=self._turn, item_id=tool_id, item_type=item_type,
-                tool_name=name, status="failed" if block.get("is_error") else "completed",
+                tool_name=name, command=command, status="failed" if block.get("is_error") else "completed",
                 output=_tool_output(block.get("content")), native=frame,
             ))
         return events or [ProviderNotice(name="user", native=frame)]
@@ -3845,6 +3852,159 @@ class KimiProtocol(_JsonLinesProtocol):
             TurnCompleted(turn_id=turn_id, output_text=content, native=frame),
         ]
         return events
+
+
+################################################################
+# Provider settings (offline homes and environments; pure)
+################################################################
+
+# What a provider process needs besides its argv, as data: the files of its
+# home directory (Codex's ``$CODEX_HOME/config.toml``) and the environment
+# variables that point it at one model endpoint and keep it from talking to
+# anything else.  The offline settings are always applied, whatever the
+# endpoint: without them Codex looks up github.com, chatgpt.com and
+# ab.chatgpt.com at start-up and Claude api.anthropic.com (DNS logs in
+# ../shared/reference/providers.md), and both retry failed model calls on their
+# own, which would hide failures from the relay.  Retries are the relay's
+# decision, so the CLIs' own are off.
+#
+# Where an endpoint comes from (``flow/relay.toml`` ``[providers.<name>]``,
+# overridden by ``RELAY_<NAME>_BASE_URL`` / ``RELAY_<NAME>_MODEL`` in the
+# environment) is resolved by ``provider_endpoint``; the key itself is only
+# ever read from the environment variable the endpoint names, handed to the
+# child in its environment and never written to a file, the ledger or a log.
+
+#: Providers whose home and environment this section knows (Kimi's config was not needed yet).
+PROVIDER_SETTINGS: Final = ("codex", "claude")
+
+#: The real endpoints, the key variables and models used when nothing else is configured.
+_PROVIDER_DEFAULTS: Final = {
+    "codex": {"base_url": "https://api.openai.com/v1", "api_key_env": "OPENAI_API_KEY", "model": "gpt-5.5"},
+    "claude": {"base_url": "https://api.anthropic.com", "api_key_env": "ANTHROPIC_API_KEY", "model": None},
+}
+
+#: Codex's ``stream_idle_timeout_ms``: its own detector of a stalled model stream (milliseconds).
+CODEX_STREAM_IDLE_TIMEOUT_MS: Final = 20_000
+
+#: Claude's switches that turn off telemetry, error reports, updates and all other
+#: non-model traffic, and its own retries (with them a 5xx is retried for minutes).
+CLAUDE_OFFLINE_ENV: Final = {
+    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+    "DISABLE_TELEMETRY": "1",
+    "DISABLE_ERROR_REPORTING": "1",
+    "DISABLE_AUTOUPDATER": "1",
+    "CLAUDE_CODE_MAX_RETRIES": "0",
+}
+
+
+@attrs.frozen
+class ProviderEndpoint:
+    """One model endpoint for one provider: where to send turns and which variable holds the key."""
+
+    provider: str
+    base_url: str
+    api_key_env: str
+    model: str | None = None
+
+
+def provider_endpoint(
+    provider: str, table: dict | None = None, environ: dict | None = None,
+) -> ProviderEndpoint:
+    """The endpoint of ``provider`` from its ``[providers.<name>]`` table, then the environment.
+
+    ``table`` may hold ``base_url``, ``api_key_env`` and ``model`` (anything else
+    is refused: a key is never configured in a file, only the name of the
+    variable that holds it); ``RELAY_<NAME>_BASE_URL`` and ``RELAY_<NAME>_MODEL``
+    in ``environ`` override it.
+    """
+    if provider not in _PROVIDER_DEFAULTS:
+        raise InvalidArgument(f"no endpoint settings for provider {provider!r}",
+                              hint=f"use one of {', '.join(PROVIDER_SETTINGS)}")
+    values = dict(_PROVIDER_DEFAULTS[provider])
+    for key, value in (table or {}).items():
+        if key not in values:
+            raise InvalidArgument(
+                f"[providers.{provider}] has unknown setting {key!r}",
+                hint="use base_url, api_key_env (the name of the variable that holds the key) and model",
+            )
+        if not isinstance(value, str) or not value:
+            raise InvalidArgument(f"[providers.{provider}] {key} must be a non-empty string",
+                                  hint="fix flow/relay.toml")
+        values[key] = value
+    env = environ if environ is not None else os.environ
+    prefix = f"RELAY_{provider.upper()}_"
+    values["base_url"] = env.get(prefix + "BASE_URL") or values["base_url"]
+    values["model"] = env.get(prefix + "MODEL") or values["model"]
+    if not re.fullmatch(r"https?://[^\s?#]+", values["base_url"]):
+        raise InvalidArgument(f"provider {provider}: base_url {values['base_url']!r} is not an http(s) URL",
+                              hint=f"set [providers.{provider}] base_url or {prefix}BASE_URL")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", values["api_key_env"]):
+        raise InvalidArgument(f"provider {provider}: api_key_env {values['api_key_env']!r} "
+                              "is not a variable name",
+                              hint="name the environment variable that holds the key, e.g. OPENAI_API_KEY")
+    return ProviderEndpoint(provider=provider, **values)
+
+
+def codex_config(endpoint: ProviderEndpoint, *, approval_policy: str = "never",
+                 sandbox_mode: str = "read-only",
+                 stream_idle_timeout_ms: int = CODEX_STREAM_IDLE_TIMEOUT_MS) -> dict:
+    """Codex's ``config.toml`` as a mapping: one model provider, no retries, no plugins, no analytics."""
+    return {
+        "model": endpoint.model or _PROVIDER_DEFAULTS["codex"]["model"],
+        "model_provider": "flow_relay",
+        "approval_policy": approval_policy,
+        "sandbox_mode": sandbox_mode,
+        "check_for_update_on_startup": False,
+        "model_providers": {"flow_relay": {
+            "name": "flow-relay endpoint",
+            "base_url": endpoint.base_url.rstrip("/"),
+            "env_key": endpoint.api_key_env,
+            "wire_api": "responses",
+            "request_max_retries": 0,
+            "stream_max_retries": 0,
+            "stream_idle_timeout_ms": stream_idle_timeout_ms,
+        }},
+        "features": {"plugins": False},  # else github.com, api.github.com, chatgpt.com at start-up
+        "analytics": {"enabled": False},  # else ab.chatgpt.com
+    }
+
+
+def provider_home_files(endpoint: ProviderEndpoint, **codex_options: Any) -> dict[str, bytes]:
+    """Files to write under the provider's home (paths relative to it) before it starts.
+
+    Codex: ``config.toml`` (``codex_config``; ``codex_options`` go there).
+    Claude: nothing; it is configured by its environment and writes ``.claude/`` itself.
+    """
+    if endpoint.provider == "codex":
+        import tomli_w
+
+        return {"config.toml": tomli_w.dumps(codex_config(endpoint, **codex_options)).encode()}
+    if endpoint.provider == "claude":
+        return {}
+    raise InvalidArgument(f"no home files for provider {endpoint.provider!r}",
+                          hint=f"use one of {', '.join(PROVIDER_SETTINGS)}")
+
+
+def provider_env(endpoint: ProviderEndpoint, *, home: str, tmpdir: str, api_key: str) -> dict[str, str]:
+    """Variables to set in the provider's environment (over a scrubbed base such as PATH only).
+
+    ``home`` is ``CODEX_HOME`` and ``HOME`` (Codex) or ``HOME`` (Claude); ``tmpdir`` becomes
+    ``TMPDIR``, since both CLIs write sockets and scratch there.  ``api_key``
+    is the value of ``endpoint.api_key_env``; the caller must not log the result.
+    """
+    env = {"TMPDIR": tmpdir}
+    if endpoint.provider == "codex":
+        # HOME too: Codex runs every command with ``bash -lc``, a login shell that sources
+        # $HOME/.profile (and through it .bashrc); without HOME, bash takes the passwd home,
+        # so the relay user's own shell files would run in every borrower's command.
+        return {**env, "CODEX_HOME": home, "HOME": home, endpoint.api_key_env: api_key}
+    if endpoint.provider == "claude":
+        env.update(HOME=home, ANTHROPIC_BASE_URL=endpoint.base_url.rstrip("/"), ANTHROPIC_API_KEY=api_key)
+        if endpoint.model:
+            env["ANTHROPIC_MODEL"] = endpoint.model
+        return {**env, **CLAUDE_OFFLINE_ENV}
+    raise InvalidArgument(f"no environment for provider {endpoint.provider!r}",
+                          hint=f"use one of {', '.join(PROVIDER_SETTINGS)}")
 
 
 ################################################################
