@@ -115,7 +115,9 @@ def _runtime_warnings(runtime: dict) -> list[dict]:
     return []
 
 
-def _relay_mode(doc: dict | None, warnings: list[dict]) -> str:
+def _relay_health(doc: dict | None, warnings: list[dict]) -> str:
+    """The relay's health (JSON ``relay_mode``): its lifecycle from the runtime
+    status, or ``degraded`` over a damaged ledger."""
     if any(w["code"] == "ledger_invalid" for w in warnings):
         return "degraded"
     runtime_status = doc["runtime"]["status"] if doc else "absent"
@@ -141,7 +143,7 @@ def status_doc(root: str, doc: dict | None, warnings: list[dict], now: float) ->
     return {
         "status": "fail" if any(w["severity"] == "error" for w in warnings) else "pass",
         "projection": PROJECTION,
-        "relay_mode": _relay_mode(doc, warnings),
+        "relay_mode": _relay_health(doc, warnings),
         "ledger_path": LEDGER_REL,
         "state_present": os.path.isdir(state_dir),
         "tmp_present": os.path.isdir(tmp_dir),
@@ -376,7 +378,8 @@ TEMP_PREFIX: Final = ".relay-state.json.tmp."
 STREAMS_DIR: Final = "streams"
 ARCHIVE_DIR: Final = "archive"
 SET_ASIDE_DIR: Final = "set-aside"
-STREAM_KINDS: Final = ("events", "results")
+#: The session streams: those the rows of rc.RPCS append to and list.
+STREAM_KINDS: Final = tuple(dict.fromkeys(rpc.stream for rpc in rc.RPCS if rpc.stream))
 REQUESTS_DIR: Final = "requests"
 #: Shard files per bucket of the request log (a key's shard: its SHA-256's first byte mod this).
 REQUEST_SHARDS: Final = 16
@@ -1557,10 +1560,10 @@ def _grantable(ledger: Ledger, session_id: str) -> rc.Session:
 
 
 def register_profile(ledger: Ledger, req: rc.RegisterProfileRequest, ctx: Ctx):
-    if req.provider not in rc.PROVIDERS or req.mode not in rc.PROFILE_MODES:
+    if req.provider not in rc.PROVIDERS or req.mode not in rc.POOL_MODES:
         raise InvalidArgument(
             f"provider must be one of {', '.join(rc.PROVIDERS)} and mode one of "
-            f"{', '.join(rc.PROFILE_MODES)}", hint="see `python -m relay profile register --help`")
+            f"{', '.join(rc.POOL_MODES)}", hint="see `python -m relay profile register --help`")
     if req.mode == "pooled" and req.provider != "codex":
         raise InvalidArgument(
             f"pooled profiles are Codex-only; {req.provider} sessions are one-borrow",
@@ -1623,8 +1626,8 @@ def grant_lease(ledger: Ledger, req: rc.GrantLeaseRequest, ctx: Ctx):
     """Shared readers coexist; a writer needs the session to itself.  A writer
     that must wait for readers is recorded as waiting, which keeps new readers
     out; granting again for the same holder promotes it once readers are gone."""
-    if req.mode not in rc.LEASE_MODES:
-        raise InvalidArgument(f"mode must be one of {', '.join(rc.LEASE_MODES)}",
+    if req.mode not in rc.LEASE_ACCESS:
+        raise InvalidArgument(f"mode must be one of {', '.join(rc.LEASE_ACCESS)}",
                               hint="pass --mode shared-read or --mode exclusive-write")
     session = _grantable(ledger, req.session_id)
     ttl = _ttl(req.ttl_seconds, ctx)
@@ -1915,8 +1918,9 @@ _PRIVATE_NETWORKS: Final = tuple(ipaddress.ip_network(n) for n in (
     "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"))
 
 
-def endpoint_mode(host: str) -> str:
-    """``loopback`` or ``trusted-lan``; anything else may never be served."""
+def serving_mode(host: str) -> str:
+    """The serving mode of a host: ``loopback`` or ``trusted-lan``; anything
+    else may never be served."""
     try:
         addr = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
@@ -1943,14 +1947,14 @@ def active_token(ledger: Ledger, token_id: str) -> TokenRecord | None:
 def require_serving_allowed(ledger: Ledger | None, host: str) -> str:
     """The security rule: loopback may serve without a token; a private-network
     address needs an active token bound to the runtime; nothing else serves."""
-    mode = endpoint_mode(host)
+    serving = serving_mode(host)
     token = active_token(ledger, ledger.runtime.token_id) if ledger is not None else None
-    if mode == "trusted-lan" and token is None:
+    if serving == "trusted-lan" and token is None:
         raise FailedPrecondition(
             f"serving on {host} (trusted-lan) needs an active token bound to the runtime",
             hint="run `python -m relay token create`, then "
             "`python -m relay bootstrap --endpoint URL --token-id ID`")
-    return mode
+    return serving
 
 
 def bootstrap(ledger: Ledger, endpoint: str, token_id: str, ctx: Ctx):
@@ -1974,8 +1978,8 @@ def bootstrap(ledger: Ledger, endpoint: str, token_id: str, ctx: Ctx):
     elif not token_id:
         token_id = ledger.runtime.token_id  # re-bootstrapping must not silently drop auth
     ledger = attrs.evolve(ledger, runtime=attrs.evolve(ledger.runtime, token_id=token_id))
-    mode = require_serving_allowed(ledger, parts.hostname)
-    runtime = attrs.evolve(ledger.runtime, status="bootstrapped", endpoint=endpoint, mode=mode,
+    serving = require_serving_allowed(ledger, parts.hostname)
+    runtime = attrs.evolve(ledger.runtime, status="bootstrapped", endpoint=endpoint, mode=serving,
                            bootstrapped_at=ctx.stamp, shutdown_at="")
     return attrs.evolve(ledger, runtime=runtime), runtime
 
@@ -4265,8 +4269,8 @@ class Service:
     now: Callable[[], float] = time.time
     metrics: Metrics = attrs.Factory(Metrics)
     probe_token: str | None = attrs.field(default=None, repr=False)
-    #: loopback | trusted-lan, fixed when serving starts.
-    mode: str = "loopback"
+    #: loopback | trusted-lan, fixed when serving starts (the ledger's ``runtime.mode``).
+    serving_mode: str = "loopback"
     _status_cache: tuple[Any, bytes] | None = None
     #: Signs browser sessions; a new server's key ends every old session.
     _session_key: bytes = attrs.field(factory=lambda: secrets.token_bytes(32), repr=False)
@@ -4341,7 +4345,7 @@ class Service:
 
     def token_required(self) -> bool:
         return (self.probe_token is not None or bool(self.owner.ledger.runtime.token_id)
-                or self.mode == "trusted-lan")
+                or self.serving_mode == "trusted-lan")
 
     # -- browser sessions (the login cookie) --------------------------------------------
     #
@@ -5367,9 +5371,10 @@ class Server:
         self._stopping.set()
 
 
-def _served(endpoint: str, mode: str, pid: int) -> Mutation:
+def _served(endpoint: str, serving_mode: str, pid: int) -> Mutation:
     def apply(ledger: Ledger, ctx: Ctx) -> tuple[Ledger, Any]:
-        runtime = attrs.evolve(ledger.runtime, status="serving", endpoint=endpoint, mode=mode,
+        runtime = attrs.evolve(ledger.runtime, status="serving", endpoint=endpoint,
+                               mode=serving_mode,
                                pid=pid, served_at=ctx.stamp, shutdown_at="")
         return attrs.evolve(ledger, runtime=runtime), runtime
 
@@ -5499,10 +5504,11 @@ async def serve(store: Store, config: Config, *, host: str | None = None, port: 
     if store.request_index is None:  # a long-lived store indexes the request log in memory
         store.request_index = RequestIndex()
     ledger = await trio.to_thread.run_sync(store.read)
-    mode = require_serving_allowed(ledger, host)
+    serving = require_serving_allowed(ledger, host)
     hub = EventHub(buffer=config.subscriber_buffer)
     owner = LedgerOwner(store, config, hub, now)
-    service = Service(store, config, owner, hub, now, probe_token=probe_token, mode=mode)
+    service = Service(store, config, owner, hub, now, probe_token=probe_token,
+                      serving_mode=serving)
     owner.metrics = service.metrics
     service.metrics.track("owner", owner.statistics)
     service.metrics.track("hub", hub.statistics)
@@ -5526,7 +5532,7 @@ async def serve(store: Store, config: Config, *, host: str | None = None, port: 
             endpoint = urls[0]
             _quiet_gc()
             if probe_token is None:
-                await owner.submit(_served(endpoint, mode, os.getpid()))
+                await owner.submit(_served(endpoint, serving, os.getpid()))
             task_status.started(Server(endpoint, service, stopping))
         # hypercorn has stopped accepting and finished in-flight requests.
         if probe_token is None:

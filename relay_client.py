@@ -41,12 +41,12 @@ __all__ = [
     "IS_OPTIONAL_ID",
     "IS_SHA256",
     "IS_STAMP",
-    "LEASE_MODES",
+    "LEASE_ACCESS",
     "LEASE_STATES",
     "LIVE_LEASE_STATES",
     "MAX_JSON_DEPTH",
     "MUTATION",
-    "PROFILE_MODES",
+    "POOL_MODES",
     "PROTO_PACKAGE",
     "PROVIDERS",
     "QUARANTINE_STATES",
@@ -54,9 +54,9 @@ __all__ = [
     "RPCS",
     "RPC_BY_GET",
     "RPC_BY_NAME",
-    "RUNTIME_MODES",
     "RUNTIME_STATUSES",
     "SERVICE",
+    "SERVING_MODES",
     "SESSION_STATES",
     "UNARY",
     "Aborted",
@@ -619,8 +619,8 @@ def check_id(kind: str, value: str) -> str:
 #   flag=  the option name (``--session``), or ``positional=`` its metavar;
 #   choices= allowed values; id= the id kind checked with ``check_id``.
 PROVIDERS: Final = ("codex", "claude", "kimi")
-PROFILE_MODES: Final = ("pooled", "one-borrow")
-LEASE_MODES: Final = ("shared-read", "exclusive-write")
+POOL_MODES: Final = ("pooled", "one-borrow")
+LEASE_ACCESS: Final = ("shared-read", "exclusive-write")
 SESSION_STATES: Final = ("ready", "failed", "closed")
 LEASE_STATES: Final = ("active", "waiting", "released", "revoked", "expired")
 LIVE_LEASE_STATES: Final = ("active", "waiting")
@@ -650,7 +650,7 @@ IS_STAMP: Final = {"pattern": STAMP_PATTERN}
 IS_COUNT: Final = {"minimum": 0}
 IS_SHA256: Final = {"pattern": SHA256_PATTERN, "redact": True}  # it may be a raw secret
 RUNTIME_STATUSES: Final = ("absent", "bootstrapped", "serving", "stopped")
-RUNTIME_MODES: Final = ("", "loopback", "trusted-lan")
+SERVING_MODES: Final = ("", "loopback", "trusted-lan")
 QUARANTINE_STATES: Final = ("active", "cleared")
 
 
@@ -658,7 +658,7 @@ QUARANTINE_STATES: Final = ("active", "cleared")
 class Runtime:
     status: str = _f("absent", choices=RUNTIME_STATUSES)
     endpoint: str = ""
-    mode: str = _f("", choices=RUNTIME_MODES)  # loopback | trusted-lan
+    mode: str = _f("", choices=SERVING_MODES)  #: the serving mode: loopback | trusted-lan
     token_id: str = _f("", **IS_OPTIONAL_ID)
     pid: int = _f(0, **IS_COUNT)
     bootstrapped_at: str = _f("", **IS_STAMP)
@@ -670,7 +670,8 @@ class Runtime:
 class Profile:
     name: str = _f(**IS_ID)
     provider: str = _f(choices=PROVIDERS)
-    mode: str = _f(choices=PROFILE_MODES)
+    #: The pool mode: pooled | one-borrow (JSON and proto name ``mode``).
+    mode: str = _f(choices=POOL_MODES)
     command: tuple[str, ...] = ()
     created_at: str = _f("", **IS_STAMP)
 
@@ -692,7 +693,8 @@ class Lease:
     lease_id: str = _f(**IS_ID)
     session_id: str = _f(**IS_ID)
     holder: str = _f(**IS_ID)
-    mode: str = _f(choices=LEASE_MODES)
+    #: The lease's access: shared-read | exclusive-write (JSON and proto name ``mode``).
+    mode: str = _f(choices=LEASE_ACCESS)
     state: str = _f(choices=LEASE_STATES)
     fencing_token: int = _f(0, **IS_COUNT)
     ttl_seconds: int = _f(0, **IS_COUNT)
@@ -771,7 +773,7 @@ class Recovery:
 class RegisterProfileRequest:
     name: str = _f(positional="NAME", id="profile")
     provider: str = _f(flag="--provider", choices=PROVIDERS)
-    mode: str = _f(flag="--mode", choices=PROFILE_MODES)
+    mode: str = _f(flag="--mode", choices=POOL_MODES)
     command: tuple[str, ...] = _f((), flag="--command", argv=True,
                                   help='provider command line, e.g. "codex app-server"')
     request_id: str = _f("", **_REQ_ID)
@@ -789,7 +791,7 @@ class BorrowRequest:
     holder: str = _f(flag="--holder", id="holder")
     profile: str = _f("", flag="--profile", id="profile", help="borrow any ready session of it")
     session_id: str = _f("", flag="--session", id="session", help="borrow this session")
-    mode: str = _f("exclusive-write", flag="--mode", choices=LEASE_MODES)
+    mode: str = _f("exclusive-write", flag="--mode", choices=LEASE_ACCESS)
     ttl_seconds: int = _f(0, flag="--ttl", help="lease lifetime; default from relay.toml")
     request_id: str = _f("", **_REQ_ID)
 
@@ -798,7 +800,7 @@ class BorrowRequest:
 class GrantLeaseRequest:
     session_id: str = _f(flag="--session", id="session")
     holder: str = _f(flag="--holder", id="holder")
-    mode: str = _f(flag="--mode", choices=LEASE_MODES)
+    mode: str = _f(flag="--mode", choices=LEASE_ACCESS)
     ttl_seconds: int = _f(0, flag="--ttl", help="lease lifetime; default from relay.toml")
     request_id: str = _f("", **_REQ_ID)
 
@@ -944,6 +946,7 @@ class RecoverReply:
 class StatusReply:
     status: str  # pass | fail
     projection: str
+    #: The relay's health: unbootstrapped | ready | serving | stopped | degraded.
     relay_mode: str
     ledger_path: str
     state_present: bool
