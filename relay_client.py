@@ -1104,6 +1104,8 @@ RPCS: Final[tuple[Rpc, ...]] = (
 )
 
 RPC_BY_NAME: Final = {rpc.name: rpc for rpc in RPCS}
+#: A session stream -> the read row that lists it (where a watch pins "from now").
+_LISTS: Final = {rpc.stream: rpc for rpc in RPCS if rpc.stream and not rpc.mutates}
 #: The read routes ``GET /api/relay/<get>`` -> their rows.
 RPC_BY_GET: Final = {rpc.get: rpc for rpc in RPCS if rpc.get}
 
@@ -1503,7 +1505,7 @@ class _AsyncWatch:
     async def _connect(self) -> None:
         watch, stub = self._watch, self._stub
         if watch.session and watch.session not in watch.last:
-            lister = stub.list_events if self._stream == "events" else stub.list_results
+            lister = getattr(stub, _LISTS[self._stream].method)
             watch.last[watch.session] = (await lister(session_id=watch.session, limit=1)).last_seq
         url, params = stub._core.stream_url(watch.session, self._stream)
         headers = dict(stub._core.headers(), **watch.headers())
@@ -1611,7 +1613,7 @@ class RelayStub:
         if watch.session and watch.session not in watch.last:
             # "From now" is pinned to a sequence number, so a drop before the
             # first record still resumes exactly there.
-            lister = self.list_events if stream == "events" else self.list_results
+            lister = getattr(self, _LISTS[stream].method)
             watch.last[watch.session] = lister(session_id=watch.session, limit=1).last_seq
         url, params = self._core.stream_url(watch.session, stream)
         failures = 0
