@@ -469,38 +469,33 @@ def _bad(path: str, want: str, got: Any) -> InvalidArgument:
     )
 
 
+def _is_finite_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and (type(value) is not float or math.isfinite(value)))
+
+
+#: Scalar types -> (what a value must be, the test it must pass).  No
+#: coercion: ``True`` is no integer and ``"5"`` no number.
+_SCALAR_CHECKS: Final[dict[Any, tuple[str, Any]]] = {
+    str: ("a string", lambda v: isinstance(v, str)),
+    bool: ("a boolean", lambda v: isinstance(v, bool)),
+    int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: ("a finite number", _is_finite_number),
+}
+
+
 def _structure(tp: Any, value: Any, path: str, complete: bool = False) -> Any:
     """Check ``value`` against the type ``tp`` without coercing anything."""
     if tp is Any:
         return value
+    if tp in _SCALAR_CHECKS:
+        what, ok = _SCALAR_CHECKS[tp]
+        if not ok(value):
+            raise _bad(path, what, value)
+        return float(value) if tp is float else value
     origin = getattr(tp, "__origin__", None)
-    if tp is str:
-        if not isinstance(value, str):
-            raise _bad(path, "a string", value)
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise _bad(path, "a boolean", value)
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _bad(path, "an integer", value)
-        return value
-    if tp is float:
-        if (isinstance(value, bool) or not isinstance(value, (int, float))
-                or (type(value) is float and not math.isfinite(value))):
-            raise _bad(path, "a finite number", value)
-        return float(value)
-    if origin is list or origin is tuple:
-        if not isinstance(value, list):
-            raise _bad(path, "a list", value)
-        (item,) = tp.__args__[:1]
-        return tuple(_structure(item, v, f"{path}[{i}]", complete) for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise _bad(path, "an object", value)
-        item = tp.__args__[1]
-        return {k: _structure(item, v, f"{path}.{k}", complete) for k, v in value.items()}
+    if origin in (list, tuple, dict):
+        return _structure_container(tp, origin, value, path, complete)
     args = getattr(tp, "__args__", None)
     if args and type(None) in args:  # X | None
         if value is None:
@@ -510,6 +505,19 @@ def _structure(tp: Any, value: Any, path: str, complete: bool = False) -> Any:
     if attrs.has(tp):
         return from_json(tp, value, path=path, complete=complete)
     raise TypeError(f"relay_client cannot structure {tp!r}")  # a bug in a message
+
+
+def _structure_container(tp: Any, origin: Any, value: Any, path: str, complete: bool) -> Any:
+    """A JSON list (a tuple of the item type) or object (a dict of the value type)."""
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _bad(path, "an object", value)
+        item = tp.__args__[1]
+        return {k: _structure(item, v, f"{path}.{k}", complete) for k, v in value.items()}
+    if not isinstance(value, list):
+        raise _bad(path, "a list", value)
+    (item,) = tp.__args__[:1]
+    return tuple(_structure(item, v, f"{path}[{i}]", complete) for i, v in enumerate(value))
 
 
 def from_json(cls: type, obj: Any, *, path: str = "", complete: bool = False) -> Any:
