@@ -6072,9 +6072,7 @@ def _describe(name: str, reply: Any) -> str:
     return f"{head}: " + json.dumps(doc, sort_keys=True)
 
 
-def _run_rpc(store: Store, config: Config, args: argparse.Namespace, as_json: bool) -> int:
-    rpc = rc.RPC_BY_NAME[args._cmd]
-    request = rc.request_from_arguments(args._leaf, rpc, args)
+def _run_rpc(store: Store, config: Config, rpc: rc.Rpc, request: Any, as_json: bool) -> int:
     if rpc.mutates:
         reply = commit_one(store, rpc_mutation(rpc, request), config)
         _failpoint("before_ack")
@@ -6291,11 +6289,13 @@ def main(argv: list[str] | None = None) -> int:
     _Parser.wants_json = "--json" in (sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     as_json = getattr(args, "json", False)
+    rpc = rc.RPC_BY_NAME.get(args._cmd)
+    request = rc.request_from_arguments(args._leaf, rpc, args) if rpc else None  # usage first
     try:
         store = Store(_root(args))
         config = load_config(store.flow)
-        if args._cmd in rc.RPC_BY_NAME:
-            return _run_rpc(store, config, args, as_json)
+        if rpc is not None:
+            return _run_rpc(store, config, rpc, request, as_json)
         return _run_admin(store, config, args, as_json)
     except RelayError as exc:
         return _refuse(exc, as_json)
