@@ -4260,7 +4260,11 @@ class _SnapshotCollector:
 
 @attrs.define(eq=False)
 class Service:
-    """The relay's RPCs over a ledger owner, independent of HTTP."""
+    """The relay's RPCs over a ledger owner, independent of HTTP: grpc's
+    servicer, one method per row of ``rc.RPCS`` named ``rpc.method``.  A row
+    whose method is not written out here gets one from the table
+    (``_bind_servicer_methods``): a mutation submits ``Operations``' pure
+    operation to the ledger owner, a read answers with ``Reads``."""
 
     store: Store
     config: Config
