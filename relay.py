@@ -116,7 +116,9 @@ def _runtime_warnings(runtime: dict) -> list[dict]:
     return []
 
 
-def _relay_mode(doc: dict | None, warnings: list[dict]) -> str:
+def _relay_health(doc: dict | None, warnings: list[dict]) -> str:
+    """The relay's health (JSON ``relay_mode``): its lifecycle from the runtime
+    status, or ``degraded`` over a damaged ledger."""
     if any(w["code"] == "ledger_invalid" for w in warnings):
         return "degraded"
     runtime_status = doc["runtime"]["status"] if doc else "absent"
@@ -142,7 +144,7 @@ def status_doc(root: str, doc: dict | None, warnings: list[dict], now: float) ->
     return {
         "status": "fail" if any(w["severity"] == "error" for w in warnings) else "pass",
         "projection": PROJECTION,
-        "relay_mode": _relay_mode(doc, warnings),
+        "relay_mode": _relay_health(doc, warnings),
         "ledger_path": LEDGER_REL,
         "state_present": os.path.isdir(state_dir),
         "tmp_present": os.path.isdir(tmp_dir),
@@ -240,7 +242,6 @@ import ipaddress  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
 import secrets  # noqa: E402
-import shlex  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import threading  # noqa: E402
@@ -278,9 +279,7 @@ __all__ = [
     "LEDGER_REL",
     "LOG_LEVELS",
     "MEMO_REL",
-    "MUTATIONS",
     "PROJECTION",
-    "READS",
     "REPLAY_CHUNK",
     "SCHEMA_ID",
     "STREAM_KINDS",
@@ -297,8 +296,11 @@ __all__ = [
     "LedgerOwner",
     "Metrics",
     "Mutation",
+    "Operations",
     "OwnerStatistics",
     "ProviderEndpoint",
+    "ReadView",
+    "Reads",
     "RequestRecord",
     "Server",
     "Service",
@@ -333,12 +335,14 @@ __all__ = [
     "live_leases",
     "load_config",
     "main",
+    "operation",
     "parse_iso",
     "provider_endpoint",
     "provider_env",
     "provider_home_files",
     "quarantine_session",
     "read_rpc",
+    "reader",
     "record_control",
     "recover",
     "register_profile",
@@ -379,7 +383,8 @@ TEMP_PREFIX: Final = ".relay-state.json.tmp."
 STREAMS_DIR: Final = "streams"
 ARCHIVE_DIR: Final = "archive"
 SET_ASIDE_DIR: Final = "set-aside"
-STREAM_KINDS: Final = ("events", "results")
+#: The session streams: those the rows of rc.RPCS append to and list.
+STREAM_KINDS: Final = tuple(dict.fromkeys(rpc.stream for rpc in rc.RPCS if rpc.stream))
 REQUESTS_DIR: Final = "requests"
 #: Shard files per bucket of the request log (a key's shard: its SHA-256's first byte mod this).
 REQUEST_SHARDS: Final = 16
@@ -647,7 +652,7 @@ def _config_names(path: Path, section: str, key: str, value: Any) -> tuple[str, 
 _TOKEN_STATES: Final = ("active", "rotated", "revoked")
 #: The mutating RPCs whose ``request_id`` is an idempotency key: all but
 #: RecordControl, whose request id is its control record's own key.
-_IDEMPOTENT_METHODS: Final = tuple(r.name for r in rc.RPCS if r.mutates and r.name != "RecordControl")
+_IDEMPOTENT_METHODS: Final = tuple(r.name for r in rc.RPCS if r.mutates and not r.control)
 
 
 @attrs.frozen
@@ -1560,10 +1565,10 @@ def _grantable(ledger: Ledger, session_id: str) -> rc.Session:
 
 
 def register_profile(ledger: Ledger, req: rc.RegisterProfileRequest, ctx: Ctx):
-    if req.provider not in rc.PROVIDERS or req.mode not in rc.PROFILE_MODES:
+    if req.provider not in rc.PROVIDERS or req.mode not in rc.POOL_MODES:
         raise InvalidArgument(
             f"provider must be one of {', '.join(rc.PROVIDERS)} and mode one of "
-            f"{', '.join(rc.PROFILE_MODES)}", hint="see `python -m relay profile register --help`")
+            f"{', '.join(rc.POOL_MODES)}", hint="see `python -m relay profile register --help`")
     if req.mode == "pooled" and req.provider != "codex":
         raise InvalidArgument(
             f"pooled profiles are Codex-only; {req.provider} sessions are one-borrow",
@@ -1626,8 +1631,8 @@ def grant_lease(ledger: Ledger, req: rc.GrantLeaseRequest, ctx: Ctx):
     """Shared readers coexist; a writer needs the session to itself.  A writer
     that must wait for readers is recorded as waiting, which keeps new readers
     out; granting again for the same holder promotes it once readers are gone."""
-    if req.mode not in rc.LEASE_MODES:
-        raise InvalidArgument(f"mode must be one of {', '.join(rc.LEASE_MODES)}",
+    if req.mode not in rc.LEASE_ACCESS:
+        raise InvalidArgument(f"mode must be one of {', '.join(rc.LEASE_ACCESS)}",
                               hint="pass --mode shared-read or --mode exclusive-write")
     session = _grantable(ledger, req.session_id)
     ttl = _ttl(req.ttl_seconds, ctx)
@@ -1918,8 +1923,9 @@ _PRIVATE_NETWORKS: Final = tuple(ipaddress.ip_network(n) for n in (
     "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"))
 
 
-def endpoint_mode(host: str) -> str:
-    """``loopback`` or ``trusted-lan``; anything else may never be served."""
+def serving_mode(host: str) -> str:
+    """The serving mode of a host: ``loopback`` or ``trusted-lan``; anything
+    else may never be served."""
     try:
         addr = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
@@ -1946,14 +1952,14 @@ def active_token(ledger: Ledger, token_id: str) -> TokenRecord | None:
 def require_serving_allowed(ledger: Ledger | None, host: str) -> str:
     """The security rule: loopback may serve without a token; a private-network
     address needs an active token bound to the runtime; nothing else serves."""
-    mode = endpoint_mode(host)
+    serving = serving_mode(host)
     token = active_token(ledger, ledger.runtime.token_id) if ledger is not None else None
-    if mode == "trusted-lan" and token is None:
+    if serving == "trusted-lan" and token is None:
         raise FailedPrecondition(
             f"serving on {host} (trusted-lan) needs an active token bound to the runtime",
             hint="run `python -m relay token create`, then "
             "`python -m relay bootstrap --endpoint URL --token-id ID`")
-    return mode
+    return serving
 
 
 def bootstrap(ledger: Ledger, endpoint: str, token_id: str, ctx: Ctx):
@@ -1977,8 +1983,8 @@ def bootstrap(ledger: Ledger, endpoint: str, token_id: str, ctx: Ctx):
     elif not token_id:
         token_id = ledger.runtime.token_id  # re-bootstrapping must not silently drop auth
     ledger = attrs.evolve(ledger, runtime=attrs.evolve(ledger.runtime, token_id=token_id))
-    mode = require_serving_allowed(ledger, parts.hostname)
-    runtime = attrs.evolve(ledger.runtime, status="bootstrapped", endpoint=endpoint, mode=mode,
+    serving = require_serving_allowed(ledger, parts.hostname)
+    runtime = attrs.evolve(ledger.runtime, status="bootstrapped", endpoint=endpoint, mode=serving,
                            bootstrapped_at=ctx.stamp, shutdown_at="")
     return attrs.evolve(ledger, runtime=runtime), runtime
 
@@ -2096,22 +2102,35 @@ def compact(ledger: Ledger, ctx: Ctx) -> tuple[Ledger, dict[str, list[dict[str, 
     return ledger, {k: v for k, v in rows.items() if v}
 
 
-#: RPC name -> pure operation.  Reads are in the projections section.
-MUTATIONS: Final[dict[str, Callable[..., tuple[Ledger, Any]]]] = {
-    "RegisterProfile": register_profile,
-    "CreateSession": create_session,
-    "Borrow": borrow,
-    "Release": release_lease,
-    "GrantLease": grant_lease,
-    "RenewLease": renew_lease,
-    "ReleaseLease": release_lease,
-    "RevokeLease": revoke_lease,
-    "RecordControl": record_control,
-    "AppendEvent": lambda ledger, req, ctx: append_record(ledger, req, ctx, "events"),
-    "AppendResult": lambda ledger, req, ctx: append_record(ledger, req, ctx, "results"),
-    "QuarantineSession": quarantine_session,
-    "ClearQuarantine": clear_quarantine,
-}
+class Operations:
+    """The pure operation of every mutating RPC: one method per row of
+    ``rc.RPCS``, named ``rpc.method`` (grpc's servicer pattern), each
+    ``(ledger, request, ctx) -> (ledger, reply)``.  ``operation(rpc)`` binds a
+    row to its method; reads are ``Reads``, in the projections section."""
+
+    register_profile = staticmethod(register_profile)
+    create_session = staticmethod(create_session)
+    borrow = staticmethod(borrow)
+    grant_lease = staticmethod(grant_lease)
+    renew_lease = staticmethod(renew_lease)
+    release_lease = staticmethod(release_lease)
+    revoke_lease = staticmethod(revoke_lease)
+    record_control = staticmethod(record_control)
+    append_event = append_result = staticmethod(append_record)  # the row names the stream
+    quarantine_session = staticmethod(quarantine_session)
+    clear_quarantine = staticmethod(clear_quarantine)
+
+
+def _implementation(namespace: type, rpc: rc.Rpc) -> Callable[..., Any]:
+    """A row's method on ``Operations`` or ``Reads``: an alias row's target's,
+    given the row's stream (``stream=``) when it names one."""
+    method = getattr(namespace, rc.RPC_BY_NAME[rpc.alias_of].method if rpc.alias_of else rpc.method)
+    return functools.partial(method, stream=rpc.stream) if rpc.stream else method
+
+
+def operation(rpc: rc.Rpc) -> Callable[[Ledger, Any, Ctx], tuple[Ledger, Any]]:
+    """The pure operation of a mutating RPC's row."""
+    return _implementation(Operations, rpc)
 
 
 ################################################################
@@ -2245,23 +2264,49 @@ def recover(ledger: Ledger, req: rc.RecoverRequest, now: float):
     return rc.RecoverReply(ledger.revision, tuple(classify(ledger, s, stamp) for s in sessions))
 
 
-#: RPC name -> read over a valid ledger.
-READS: Final[dict[str, Callable[..., Any]]] = {
-    "ListProfiles": list_profiles,
-    "ListSessions": list_sessions,
-    "ListLeases": list_leases,
-    "Recover": recover,
-}
+@attrs.define(eq=False)
+class ReadView:
+    """What a read RPC reads: the store, the time, and a ledger -- the one
+    given (a server's, in memory) or, on first use, the store's."""
+
+    store: Store
+    now: float
+    _ledger: Ledger | None = None
+
+    @property
+    def ledger(self) -> Ledger:
+        if self._ledger is None:
+            self._ledger = self.store.read() or Ledger()
+        return self._ledger
 
 
-def read_rpc(store: Store, name: str, request: Any, now: float) -> Any:
-    """Answer a read RPC from the current ledger, never writing anything."""
-    if name == "GetStatus":
-        return status(store, now)
-    ledger = store.read() or Ledger()
-    if name in ("ListEvents", "ListResults"):
-        return list_records(store, ledger, request, "events" if name == "ListEvents" else "results")
-    return READS[name](ledger, request, now)
+def _over_ledger(read: Callable[[Ledger, Any, float], Any]) -> Any:
+    return staticmethod(lambda view, request: read(view.ledger, request, view.now))
+
+
+class Reads:
+    """Every read RPC: one method per row of ``rc.RPCS``, named ``rpc.method``,
+    each ``(view, request) -> reply`` over a ``ReadView``; a row with a
+    stream gets it as ``stream=``.  Nothing here writes."""
+
+    get_status = staticmethod(lambda view, request: status(view.store, view.now))
+    list_profiles = _over_ledger(list_profiles)
+    list_sessions = _over_ledger(list_sessions)
+    list_leases = _over_ledger(list_leases)
+    recover = _over_ledger(recover)
+    list_events = list_results = staticmethod(
+        lambda view, request, stream: list_records(view.store, view.ledger, request, stream))
+
+
+def reader(rpc: rc.Rpc) -> Callable[[ReadView, Any], Any]:
+    """The read of a read RPC's row."""
+    return _implementation(Reads, rpc)
+
+
+def read_rpc(store: Store, rpc: rc.Rpc | str, request: Any, now: float) -> Any:
+    """Answer a read RPC from the ledger on disk, never writing anything."""
+    rpc = rc.RPC_BY_NAME[rpc] if isinstance(rpc, str) else rpc
+    return reader(rpc)(ReadView(store, now), request)
 
 
 def inventory(store: Store) -> list[dict[str, Any]]:
@@ -2343,20 +2388,22 @@ class Mutation:
     request_id: str = ""
     digest: str = ""
     stream: str = ""
+    #: ``request_id`` is a control record's key (RecordControl's row says so).
+    control: bool = False
 
 
-def rpc_mutation(name: str, request: Any) -> Mutation:
+def rpc_mutation(rpc: rc.Rpc | str, request: Any) -> Mutation:
     """Wrap a mutating RPC's request as a Mutation (ids checked first)."""
-    rpc = rc.RPC_BY_NAME[name]
+    rpc = rc.RPC_BY_NAME[rpc] if isinstance(rpc, str) else rpc
     validate_request(request)
-    op = MUTATIONS[name]
+    op = operation(rpc)
     body = to_json(request)
     request_id = body.pop("request_id", "")
-    if name == "RecordControl":  # its id keys the record too; a prefix keeps the two apart
+    if rpc.control:  # its id keys the record too; a prefix keeps the two apart
         request_id = CONTROL_KEY_PREFIX + request_id
-    stream = {"AppendEvent": "events", "AppendResult": "results"}.get(name, "")
-    return Mutation(lambda ledger, ctx: op(ledger, request, ctx), name, rpc.response,
-                    request_id, _digest([name, body]) if request_id else "", stream)
+    return Mutation(lambda ledger, ctx: op(ledger, request, ctx), rpc.name, rpc.response,
+                    request_id, _digest([rpc.name, body]) if request_id else "", rpc.stream,
+                    rpc.control)
 
 
 def validate_request(request: Any) -> None:
@@ -2377,7 +2424,7 @@ def validate_request(request: Any) -> None:
 
 
 def _replay(ledger: Ledger, m: Mutation, prior: RequestRecord) -> Any:
-    control = m.method == "RecordControl"
+    control = m.control
     if prior.method != m.method or prior.digest != m.digest:
         if control:
             return AlreadyExists(f"control request {m.request_id[len(CONTROL_KEY_PREFIX):]!r} was "
@@ -4373,7 +4420,11 @@ class _SnapshotCollector:
 
 @attrs.define(eq=False)
 class Service:
-    """The relay's RPCs over a ledger owner, independent of HTTP."""
+    """The relay's RPCs over a ledger owner, independent of HTTP: grpc's
+    servicer, one method per row of ``rc.RPCS`` named ``rpc.method``.  A row
+    whose method is not written out here gets one from the table
+    (``_bind_servicer_methods``): a mutation submits ``Operations``' pure
+    operation to the ledger owner, a read answers with ``Reads``."""
 
     store: Store
     config: Config
@@ -4382,8 +4433,8 @@ class Service:
     now: Callable[[], float] = time.time
     metrics: Metrics = attrs.Factory(Metrics)
     probe_token: str | None = attrs.field(default=None, repr=False)
-    #: loopback | trusted-lan, fixed when serving starts.
-    mode: str = "loopback"
+    #: loopback | trusted-lan, fixed when serving starts (the ledger's ``runtime.mode``).
+    serving_mode: str = "loopback"
     _status_cache: tuple[Any, bytes] | None = None
     #: Signs browser sessions; a new server's key ends every old session.
     _session_key: bytes = attrs.field(factory=lambda: secrets.token_bytes(32), repr=False)
@@ -4391,21 +4442,29 @@ class Service:
     _logged_out: dict[str, float] = attrs.Factory(dict)
 
     async def call(self, name: str, request: Any) -> Any:
-        """Run one RPC with an already-decoded request message."""
+        """Run one RPC with an already-decoded request message: its method
+        here, named from the table (``GrantLease`` -> ``grant_lease``)."""
         rpc = rc.RPC_BY_NAME[name]
         validate_request(request)
         if rpc.mutates and self.probe_token is not None:
             raise FailedPrecondition("this is the gate's read-only probe; it takes no mutations",
                                      hint="serve the relay with `python -m relay serve`")
-        if rpc.mutates:
-            return await self.owner.submit(rpc_mutation(name, request))
-        if name == "GetStatus":
-            return from_json(rc.StatusReply, json.loads(await self.status_json()))
+        return await getattr(self, rpc.method)(request)
+
+    async def get_status(self, request: rc.GetStatusRequest) -> rc.StatusReply:
+        """The status projection (also of a damaged ledger), from its cache."""
+        return from_json(rc.StatusReply, json.loads(await self.status_json()))
+
+    async def _mutate(self, rpc: rc.Rpc, request: Any) -> Any:
+        return await self.owner.submit(rpc_mutation(rpc, request))
+
+    async def _read(self, rpc: rc.Rpc, request: Any) -> Any:
+        """A read over the ledger in memory; a stream's log is read in a thread."""
         self.owner.check_intact()
-        if name in READS:
-            return READS[name](self.owner.ledger, request, self.now())
+        if not rpc.stream:
+            return reader(rpc)(ReadView(self.store, self.now(), self.owner.ledger), request)
         try:
-            return await trio.to_thread.run_sync(read_rpc, self.store, name, request, self.now())
+            return await trio.to_thread.run_sync(read_rpc, self.store, rpc, request, self.now())
         except LedgerInvalid as exc:  # read from disk: the watcher may not have looked yet
             self.owner.damaged(exc)
             raise
@@ -4450,7 +4509,7 @@ class Service:
 
     def token_required(self) -> bool:
         return (self.probe_token is not None or bool(self.owner.ledger.runtime.token_id)
-                or self.mode == "trusted-lan")
+                or self.serving_mode == "trusted-lan")
 
     # -- browser sessions (the login cookie) --------------------------------------------
     #
@@ -4757,6 +4816,24 @@ class Service:
                         "ReleaseLease", rc.ReleaseLeaseRequest(lease_id)))
 
 
+def _bind_servicer_methods() -> None:
+    """Give ``Service`` the method of each row it does not write out: a
+    mutation is submitted to the ledger owner, a read answered by ``Reads``."""
+    for rpc in rc.RPCS:
+        if hasattr(Service, rpc.method):
+            continue
+
+        async def method(self: Service, request: Any, _rpc: rc.Rpc = rpc) -> Any:
+            return await (self._mutate if _rpc.mutates else self._read)(_rpc, request)
+
+        method.__name__ = method.__qualname__ = rpc.method
+        method.__doc__ = f"{rpc.help} (``{rpc.path}``)."
+        setattr(Service, rpc.method, method)
+
+
+_bind_servicer_methods()
+
+
 def _ws_send(out: Any, text: str) -> None:
     """Queue a frame for the socket; a client that stops reading is cut off."""
     try:
@@ -4978,42 +5055,55 @@ def _json_response(body: bytes | dict[str, Any]) -> Any:
 
 
 def create_app(service: Service) -> Any:
-    """The quart-trio app: thin routes over ``Service``."""
-    from quart import Response, request, websocket
+    """The quart-trio app: thin routes over ``Service``, each group installed
+    by its own function below."""
     from quart_trio import QuartTrio
-    from werkzeug.exceptions import HTTPException
 
     app = QuartTrio("relay")
     app.config["MAX_CONTENT_LENGTH"] = service.config.max_body_bytes
     app.config["RESPONSE_TIMEOUT"] = None
     app.config["BODY_TIMEOUT"] = 30
+    for install in (_install_guards, _install_error_handlers, _install_login,
+                    _install_rpc_routes, _install_streams, _install_operations):
+        install(app, service)
+    return app
 
-    def route_of() -> str:
-        rule = request.url_rule
-        return rule.rule if rule is not None else "unmatched"
+
+def _install_guards(app: Any, service: Service) -> None:
+    """Authentication before every route but /health and /auth/, and the
+    request counter after each."""
+    from quart import request, websocket
+
+    def refusal(conn: Any) -> Any:
+        if service.authorized(conn.headers.get("Authorization"),
+                              conn.cookies.get(_session_cookie(conn.scope))):
+            return None
+        return _error_response(rc.Unauthenticated("missing or invalid bearer token",
+                                                  hint=_LOGIN_HINT))
 
     @app.before_request
     async def check_auth() -> Any:
         if request.path == "/health" or request.path.startswith("/auth/"):
             return None
-        if not service.authorized(request.headers.get("Authorization"),
-                                  request.cookies.get(_session_cookie(request.scope))):
-            return _error_response(rc.Unauthenticated("missing or invalid bearer token",
-                                                      hint=_LOGIN_HINT))
-        return None
+        return refusal(request)
 
     @app.before_websocket
     async def check_ws_auth() -> Any:
-        if not service.authorized(websocket.headers.get("Authorization"),
-                                  websocket.cookies.get(_session_cookie(websocket.scope))):
-            return _error_response(rc.Unauthenticated("missing or invalid bearer token",
-                                                      hint=_LOGIN_HINT))
-        return None
+        return refusal(websocket)
 
     @app.after_request
     async def count(response: Any) -> Any:
-        service.metrics.requests.labels(route_of(), str(response.status_code)).inc()
+        rule = request.url_rule
+        service.metrics.requests.labels(rule.rule if rule is not None else "unmatched",
+                                        str(response.status_code)).inc()
         return response
+
+
+def _install_error_handlers(app: Any, service: Service) -> None:
+    """Every refusal as a Connect error body; an unexpected one as ``internal``
+    (its traceback logged, never sent)."""
+    from quart import request
+    from werkzeug.exceptions import HTTPException
 
     @app.errorhandler(RelayError)
     async def relay_error(exc: RelayError) -> Any:
@@ -5025,28 +5115,34 @@ def create_app(service: Service) -> Any:
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Any:
-        if exc.code == 413:
-            refusal = _body_too_large(service.config.max_body_bytes)
-            return _error_response(refusal.error, refusal.status)
-        if exc.code == 404:
-            return _error_response(NotFound(f"no route {request.path}",
-                                            hint="see specs/flow-relay-contract.md"))
-        if exc.code == 405:
-            allowed = sorted(getattr(exc, "valid_methods", None) or ())
-            return _error_response(InvalidArgument(
-                f"{request.method} is not allowed on {request.path}",
-                hint=f"use {' or '.join(allowed) or 'another method'}"), 405,
-                {"Allow": ", ".join(allowed)} if allowed else None)
-        return _error_response(InvalidArgument(exc.description or "bad request"), exc.code)
+        return _http_error_response(exc, request, service.config.max_body_bytes)
 
     @app.errorhandler(Exception)
     async def unexpected(exc: Exception) -> Any:
         _logger("serve").error("internal error on %s", request.path, exc_info=exc)
         return _error_response(Internal("the relay hit an internal error; see its log"))
 
-    @app.get("/health")
-    async def health() -> Any:
-        return _json_response({"status": "ok"})
+
+def _http_error_response(exc: Any, request: Any, max_body_bytes: int) -> Any:
+    """werkzeug's HTTP errors (413, 404, 405, ...) as Connect errors."""
+    if exc.code == 413:
+        refusal = _body_too_large(max_body_bytes)
+        return _error_response(refusal.error, refusal.status)
+    if exc.code == 404:
+        return _error_response(NotFound(f"no route {request.path}",
+                                        hint="see specs/flow-relay-contract.md"))
+    if exc.code == 405:
+        allowed = sorted(getattr(exc, "valid_methods", None) or ())
+        return _error_response(InvalidArgument(
+            f"{request.method} is not allowed on {request.path}",
+            hint=f"use {' or '.join(allowed) or 'another method'}"), 405,
+            {"Allow": ", ".join(allowed)} if allowed else None)
+    return _error_response(InvalidArgument(exc.description or "bad request"), exc.code)
+
+
+def _install_login(app: Any, service: Service) -> None:
+    """The browser login: ``POST /auth/session`` sets the cookie, logout ends it."""
+    from quart import request
 
     @app.post("/auth/session")
     async def login() -> Any:
@@ -5074,22 +5170,18 @@ def create_app(service: Service) -> Any:
                                samesite="Strict")
         return response
 
-    @app.get("/api/relay/status")
-    async def api_status() -> Any:
-        return _json_response(await service.status_json())
 
-    reads = {"profiles": ("ListProfiles", ()), "sessions": ("ListSessions", ("profile", "state")),
-             "leases": ("ListLeases", ("session", "state")),
-             "events": ("ListEvents", ("session", "after", "limit")),
-             "results": ("ListResults", ("session", "after", "limit"))}
+def _install_rpc_routes(app: Any, service: Service) -> None:
+    """The rows of ``rc.RPCS``: every one at its Connect path (POST, and GET for
+    reads), and each read that names a ``get`` route at ``/api/relay/<get>``."""
+    from quart import request
 
     @app.get("/api/relay/<name>")
     async def api_read(name: str) -> Any:
-        if name not in reads:
+        rpc = rc.RPC_BY_GET.get(name)
+        if rpc is None:
             raise NotFound(f"no route {request.path}", hint="see specs/flow-relay-contract.md")
-        method, params = reads[name]
-        body = _query_body(rc.RPC_BY_NAME[method].request, request.args, params)
-        return _json_response(await service.call_json(method, body))
+        return _json_response(await service.call_json(rpc.name, _query_body(rpc, request.args)))
 
     @app.route(f"{_CONNECT_PREFIX}<method>", methods=["GET", "POST"])
     async def connect_unary(method: str) -> Any:
@@ -5097,25 +5189,41 @@ def create_app(service: Service) -> Any:
         if rpc is None:
             raise rc.Unimplemented(f"no RPC named {method!r}",
                                    hint="see specs/relay.proto for the methods")
-        limit = service.config.max_body_bytes
-        if request.method == "GET":
-            if rpc.mutates:  # only NO_SIDE_EFFECTS RPCs have Connect's GET form
-                raise _HttpRefusal(InvalidArgument(
-                    f"{method} changes the ledger, so it takes POST only"), 405, {"Allow": "POST"})
-            codec, raw, encoding = _get_form(request.query_string)
-        else:
-            codec = _unary_codec(request.headers.get("Content-Type", ""))
-            raw, encoding = await request.get_data(), request.headers.get("Content-Encoding", "")
-        body = _decode_unary(rpc, codec, _decompress(raw, encoding, limit))
+        codec, body = await _connect_request(rpc, request, service.config.max_body_bytes)
         timeout = request.headers.get("Connect-Timeout-Ms")
-        if timeout is not None and not re.fullmatch(r"[0-9]{1,10}", timeout):
-            raise InvalidArgument(f"Connect-Timeout-Ms {timeout!r} is not a number of milliseconds")
-        deadline = int(timeout) / 1000 if timeout is not None else math.inf
-        with trio.move_on_after(deadline) as scope:
+        with trio.move_on_after(_connect_deadline(timeout)) as scope:
             reply = await service.call_json(method, body)
         if scope.cancelled_caught:
             raise rc.DeadlineExceeded(f"{method} did not finish within {timeout} ms")
         return _unary_response(rpc, codec, reply, request.headers.get("Accept-Encoding", ""))
+
+
+async def _connect_request(rpc: rc.Rpc, request: Any, limit: int) -> tuple[str, Any]:
+    """(codec, request JSON) of a Connect unary call: a POST body, or (reads
+    only) Connect's GET form."""
+    if request.method == "GET":
+        if rpc.mutates:  # only NO_SIDE_EFFECTS RPCs have Connect's GET form
+            raise _HttpRefusal(InvalidArgument(
+                f"{rpc.name} changes the ledger, so it takes POST only"), 405, {"Allow": "POST"})
+        codec, raw, encoding = _get_form(request.query_string)
+    else:
+        codec = _unary_codec(request.headers.get("Content-Type", ""))
+        raw, encoding = await request.get_data(), request.headers.get("Content-Encoding", "")
+    return codec, _decode_unary(rpc, codec, _decompress(raw, encoding, limit))
+
+
+def _connect_deadline(timeout: str | None) -> float:
+    """Seconds from a ``Connect-Timeout-Ms`` header (none: no deadline)."""
+    if timeout is None:
+        return math.inf
+    if not re.fullmatch(r"[0-9]{1,10}", timeout):
+        raise InvalidArgument(f"Connect-Timeout-Ms {timeout!r} is not a number of milliseconds")
+    return int(timeout) / 1000
+
+
+def _install_streams(app: Any, service: Service) -> None:
+    """The record and relay streams: SSE at /events, and the WebSocket channel."""
+    from quart import Response, request, websocket
 
     @app.get("/events")
     async def sse() -> Any:
@@ -5128,6 +5236,20 @@ def create_app(service: Service) -> Any:
         return Response(body, status=200, content_type="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    @app.websocket("/ws")
+    async def ws() -> None:
+        await websocket.accept()
+        await service.websocket(websocket.receive, websocket.send)
+
+
+def _install_operations(app: Any, service: Service) -> None:
+    """What an operator's tools read: /health (no token) and /metrics."""
+    from quart import Response, request
+
+    @app.get("/health")
+    async def health() -> Any:
+        return _json_response({"status": "ok"})
+
     @app.get("/metrics")
     async def metrics() -> Any:
         stamp = iso(service.now())
@@ -5135,13 +5257,6 @@ def create_app(service: Service) -> Any:
             1 for x in service.owner.ledger.leases.values() if x.state == "active" and is_live(x, stamp)))
         body, content_type = service.metrics.render(request.headers.get("Accept", ""))
         return Response(body, status=200, content_type=content_type, headers={"Vary": "Accept"})
-
-    @app.websocket("/ws")
-    async def ws() -> None:
-        await websocket.accept()
-        await service.websocket(websocket.receive, websocket.send)
-
-    return app
 
 
 _LOGIN_HINT: Final = ("send Authorization: Bearer <token>; a browser logs in once with "
@@ -5170,18 +5285,20 @@ def _session_cookie(scope: dict[str, Any]) -> str:
     return f"relay_session_{server[1]}" if server else "relay_session"
 
 
-def _query_body(request_type: type, args: Any, params: tuple[str, ...]) -> dict[str, Any]:
-    """Query parameters -> request JSON (``session`` names ``session_id``)."""
+def _query_body(rpc: rc.Rpc, args: Any) -> dict[str, Any]:
+    """A read route's query parameters -> its request JSON; the parameters
+    are the request's CLI flags (``?session=`` sets ``session_id``)."""
+    params = rpc.query
     unknown = set(args) - set(params)
     if unknown:
         raise InvalidArgument(f"unknown query parameter {sorted(unknown)[0]!r}",
                               hint=f"known: {', '.join(params) or '(none)'}")
+    integers = {f.name for f in attrs.fields(rpc.request) if f.type in (int, "int")}
     body: dict[str, Any] = {}
-    for name in params:
+    for name, field in params.items():
         if name in args:
-            field = "session_id" if name == "session" else name
             value = args[name]
-            if field in ("after", "limit"):
+            if field in integers:
                 try:
                     value = rc.parse_digits(value)
                 except ValueError:
@@ -5418,9 +5535,10 @@ class Server:
         self._stopping.set()
 
 
-def _served(endpoint: str, mode: str, pid: int) -> Mutation:
+def _served(endpoint: str, serving_mode: str, pid: int) -> Mutation:
     def apply(ledger: Ledger, ctx: Ctx) -> tuple[Ledger, Any]:
-        runtime = attrs.evolve(ledger.runtime, status="serving", endpoint=endpoint, mode=mode,
+        runtime = attrs.evolve(ledger.runtime, status="serving", endpoint=endpoint,
+                               mode=serving_mode,
                                pid=pid, served_at=ctx.stamp, shutdown_at="")
         return attrs.evolve(ledger, runtime=runtime), runtime
 
@@ -5550,10 +5668,11 @@ async def serve(store: Store, config: Config, *, host: str | None = None, port: 
     if store.request_index is None:  # a long-lived store indexes the request log in memory
         store.request_index = RequestIndex()
     ledger = await trio.to_thread.run_sync(store.read)
-    mode = require_serving_allowed(ledger, host)
+    serving = require_serving_allowed(ledger, host)
     hub = EventHub(buffer=config.subscriber_buffer)
     owner = LedgerOwner(store, config, hub, now)
-    service = Service(store, config, owner, hub, now, probe_token=probe_token, mode=mode)
+    service = Service(store, config, owner, hub, now, probe_token=probe_token,
+                      serving_mode=serving)
     owner.metrics = service.metrics
     service.metrics.track("owner", owner.statistics)
     service.metrics.track("hub", hub.statistics)
@@ -5577,7 +5696,7 @@ async def serve(store: Store, config: Config, *, host: str | None = None, port: 
             endpoint = urls[0]
             _quiet_gc()
             if probe_token is None:
-                await owner.submit(_served(endpoint, mode, os.getpid()))
+                await owner.submit(_served(endpoint, serving, os.getpid()))
             task_status.started(Server(endpoint, service, stopping))
         # hypercorn has stopped accepting and finished in-flight requests.
         if probe_token is None:
@@ -5989,45 +6108,8 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
-def _json_arg(text: str) -> Any:
-    try:
-        value = _parse_json(text)  # as strict as the server: no NaN, no lone surrogates
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
-    try:
-        rc.check_json_value(value, "value")
-    except RelayError as exc:
-        raise argparse.ArgumentTypeError(exc.message) from None
-    return value
-
-
-def _int_arg(text: str) -> int:
-    try:
-        return rc.parse_digits(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _add_request_args(parser: argparse.ArgumentParser, request_type: type) -> None:
-    for field in attrs.fields(request_type):
-        meta = field.metadata
-        required = field.default is attrs.NOTHING
-        kwargs: dict[str, Any] = {"help": meta.get("help")}
-        if meta.get("choices"):
-            kwargs["choices"] = meta["choices"]
-        if meta.get("json"):
-            kwargs["type"] = _json_arg
-        elif meta.get("argv"):
-            kwargs["type"] = shlex.split
-        elif field.type in (int, "int"):
-            kwargs["type"] = _int_arg
-        if "positional" in meta:
-            parser.add_argument(field.name, metavar=meta["positional"], **kwargs)
-        else:
-            kwargs["default"] = argparse.SUPPRESS
-            if required:
-                kwargs["required"] = True
-            parser.add_argument(meta["flag"], dest=field.name, **kwargs)
+#: Whole-number options: ASCII digits only, as the request fields' own (relay_client).
+_int_arg: Final = rc._int_arg
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -6109,21 +6191,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         leaf = tree[path[:-1]].add_parser(path[-1], help=help_, description=help_)
         _common(leaf)
         if isinstance(spec, rc.Rpc):
-            _add_request_args(leaf, spec.request)
-            leaf.set_defaults(_cmd=spec.name)
+            rc.add_request_arguments(leaf, spec.request)
+            leaf.set_defaults(_cmd=spec.name, _leaf=leaf)
         else:
             for flags, kwargs in spec:
                 leaf.add_argument(*flags, **kwargs)
             leaf.set_defaults(_cmd=" ".join(path))
     return parser
-
-
-def _request_from_args(rpc: rc.Rpc, args: argparse.Namespace) -> Any:
-    values = {f.name: getattr(args, f.name) for f in attrs.fields(rpc.request)
-              if hasattr(args, f.name)}
-    if "command" in values:
-        values["command"] = tuple(values["command"])
-    return rpc.request(**values)
 
 
 def _emit(as_json: bool, doc: dict[str, Any], human: str) -> None:
@@ -6162,15 +6236,13 @@ def _describe(name: str, reply: Any) -> str:
     return f"{head}: " + json.dumps(doc, sort_keys=True)
 
 
-def _run_rpc(store: Store, config: Config, args: argparse.Namespace, as_json: bool) -> int:
-    rpc = rc.RPC_BY_NAME[args._cmd]
-    request = _request_from_args(rpc, args)
+def _run_rpc(store: Store, config: Config, rpc: rc.Rpc, request: Any, as_json: bool) -> int:
     if rpc.mutates:
-        reply = commit_one(store, rpc_mutation(rpc.name, request), config)
+        reply = commit_one(store, rpc_mutation(rpc, request), config)
         _failpoint("before_ack")
     else:
         validate_request(request)
-        reply = read_rpc(store, rpc.name, request, time.time())
+        reply = read_rpc(store, rpc, request, time.time())
     _emit(as_json, to_json(reply), _describe(rpc.name, reply))
     return EXIT_OK
 
@@ -6381,11 +6453,13 @@ def main(argv: list[str] | None = None) -> int:
     _Parser.wants_json = "--json" in (sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     as_json = getattr(args, "json", False)
+    rpc = rc.RPC_BY_NAME.get(args._cmd)
+    request = rc.request_from_arguments(args._leaf, rpc, args) if rpc else None  # usage first
     try:
         store = Store(_root(args))
         config = load_config(store.flow)
-        if args._cmd in rc.RPC_BY_NAME:
-            return _run_rpc(store, config, args, as_json)
+        if rpc is not None:
+            return _run_rpc(store, config, rpc, request, as_json)
         return _run_admin(store, config, args, as_json)
     except RelayError as exc:
         return _refuse(exc, as_json)

@@ -41,20 +41,24 @@ __all__ = [
     "IS_OPTIONAL_ID",
     "IS_SHA256",
     "IS_STAMP",
-    "LEASE_MODES",
+    "LEASE_ACCESS",
     "LEASE_STATES",
     "LIVE_LEASE_STATES",
     "MAX_JSON_DEPTH",
-    "PROFILE_MODES",
+    "MUTATION",
+    "POOL_MODES",
     "PROTO_PACKAGE",
     "PROVIDERS",
     "QUARANTINE_STATES",
+    "READ",
     "RPCS",
+    "RPC_BY_GET",
     "RPC_BY_NAME",
-    "RUNTIME_MODES",
     "RUNTIME_STATUSES",
     "SERVICE",
+    "SERVING_MODES",
     "SESSION_STATES",
+    "UNARY",
     "Aborted",
     "AlreadyExists",
     "AppendRecordRequest",
@@ -118,16 +122,19 @@ __all__ = [
     "Unavailable",
     "Unimplemented",
     "Unknown",
+    "add_request_arguments",
     "check_id",
     "check_json_value",
     "discover",
     "from_json",
     "json_to_proto",
     "main",
+    "missing_arguments",
     "parse_digits",
     "parse_json",
     "proto_class",
     "proto_to_json",
+    "request_from_arguments",
     "strict_loads",
     "to_json",
 ]
@@ -462,38 +469,33 @@ def _bad(path: str, want: str, got: Any) -> InvalidArgument:
     )
 
 
+def _is_finite_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and (type(value) is not float or math.isfinite(value)))
+
+
+#: Scalar types -> (what a value must be, the test it must pass).  No
+#: coercion: ``True`` is no integer and ``"5"`` no number.
+_SCALAR_CHECKS: Final[dict[Any, tuple[str, Any]]] = {
+    str: ("a string", lambda v: isinstance(v, str)),
+    bool: ("a boolean", lambda v: isinstance(v, bool)),
+    int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: ("a finite number", _is_finite_number),
+}
+
+
 def _structure(tp: Any, value: Any, path: str, complete: bool = False) -> Any:
     """Check ``value`` against the type ``tp`` without coercing anything."""
     if tp is Any:
         return value
+    if tp in _SCALAR_CHECKS:
+        what, ok = _SCALAR_CHECKS[tp]
+        if not ok(value):
+            raise _bad(path, what, value)
+        return float(value) if tp is float else value
     origin = getattr(tp, "__origin__", None)
-    if tp is str:
-        if not isinstance(value, str):
-            raise _bad(path, "a string", value)
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise _bad(path, "a boolean", value)
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _bad(path, "an integer", value)
-        return value
-    if tp is float:
-        if (isinstance(value, bool) or not isinstance(value, (int, float))
-                or (type(value) is float and not math.isfinite(value))):
-            raise _bad(path, "a finite number", value)
-        return float(value)
-    if origin is list or origin is tuple:
-        if not isinstance(value, list):
-            raise _bad(path, "a list", value)
-        (item,) = tp.__args__[:1]
-        return tuple(_structure(item, v, f"{path}[{i}]", complete) for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise _bad(path, "an object", value)
-        item = tp.__args__[1]
-        return {k: _structure(item, v, f"{path}.{k}", complete) for k, v in value.items()}
+    if origin in (list, tuple, dict):
+        return _structure_container(tp, origin, value, path, complete)
     args = getattr(tp, "__args__", None)
     if args and type(None) in args:  # X | None
         if value is None:
@@ -503,6 +505,19 @@ def _structure(tp: Any, value: Any, path: str, complete: bool = False) -> Any:
     if attrs.has(tp):
         return from_json(tp, value, path=path, complete=complete)
     raise TypeError(f"relay_client cannot structure {tp!r}")  # a bug in a message
+
+
+def _structure_container(tp: Any, origin: Any, value: Any, path: str, complete: bool) -> Any:
+    """A JSON list (a tuple of the item type) or object (a dict of the value type)."""
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _bad(path, "an object", value)
+        item = tp.__args__[1]
+        return {k: _structure(item, v, f"{path}.{k}", complete) for k, v in value.items()}
+    if not isinstance(value, list):
+        raise _bad(path, "a list", value)
+    (item,) = tp.__args__[:1]
+    return tuple(_structure(item, v, f"{path}[{i}]", complete) for i, v in enumerate(value))
 
 
 def from_json(cls: type, obj: Any, *, path: str = "", complete: bool = False) -> Any:
@@ -612,8 +627,8 @@ def check_id(kind: str, value: str) -> str:
 #   flag=  the option name (``--session``), or ``positional=`` its metavar;
 #   choices= allowed values; id= the id kind checked with ``check_id``.
 PROVIDERS: Final = ("codex", "claude", "kimi")
-PROFILE_MODES: Final = ("pooled", "one-borrow")
-LEASE_MODES: Final = ("shared-read", "exclusive-write")
+POOL_MODES: Final = ("pooled", "one-borrow")
+LEASE_ACCESS: Final = ("shared-read", "exclusive-write")
 SESSION_STATES: Final = ("ready", "failed", "closed")
 LEASE_STATES: Final = ("active", "waiting", "released", "revoked", "expired")
 LIVE_LEASE_STATES: Final = ("active", "waiting")
@@ -643,7 +658,7 @@ IS_STAMP: Final = {"pattern": STAMP_PATTERN}
 IS_COUNT: Final = {"minimum": 0}
 IS_SHA256: Final = {"pattern": SHA256_PATTERN, "redact": True}  # it may be a raw secret
 RUNTIME_STATUSES: Final = ("absent", "bootstrapped", "serving", "stopped")
-RUNTIME_MODES: Final = ("", "loopback", "trusted-lan")
+SERVING_MODES: Final = ("", "loopback", "trusted-lan")
 QUARANTINE_STATES: Final = ("active", "cleared")
 
 
@@ -651,7 +666,7 @@ QUARANTINE_STATES: Final = ("active", "cleared")
 class Runtime:
     status: str = _f("absent", choices=RUNTIME_STATUSES)
     endpoint: str = ""
-    mode: str = _f("", choices=RUNTIME_MODES)  # loopback | trusted-lan
+    mode: str = _f("", choices=SERVING_MODES)  #: the serving mode: loopback | trusted-lan
     token_id: str = _f("", **IS_OPTIONAL_ID)
     pid: int = _f(0, **IS_COUNT)
     bootstrapped_at: str = _f("", **IS_STAMP)
@@ -663,7 +678,8 @@ class Runtime:
 class Profile:
     name: str = _f(**IS_ID)
     provider: str = _f(choices=PROVIDERS)
-    mode: str = _f(choices=PROFILE_MODES)
+    #: The pool mode: pooled | one-borrow (JSON and proto name ``mode``).
+    mode: str = _f(choices=POOL_MODES)
     command: tuple[str, ...] = ()
     created_at: str = _f("", **IS_STAMP)
 
@@ -685,7 +701,8 @@ class Lease:
     lease_id: str = _f(**IS_ID)
     session_id: str = _f(**IS_ID)
     holder: str = _f(**IS_ID)
-    mode: str = _f(choices=LEASE_MODES)
+    #: The lease's access: shared-read | exclusive-write (JSON and proto name ``mode``).
+    mode: str = _f(choices=LEASE_ACCESS)
     state: str = _f(choices=LEASE_STATES)
     fencing_token: int = _f(0, **IS_COUNT)
     ttl_seconds: int = _f(0, **IS_COUNT)
@@ -764,7 +781,7 @@ class Recovery:
 class RegisterProfileRequest:
     name: str = _f(positional="NAME", id="profile")
     provider: str = _f(flag="--provider", choices=PROVIDERS)
-    mode: str = _f(flag="--mode", choices=PROFILE_MODES)
+    mode: str = _f(flag="--mode", choices=POOL_MODES)
     command: tuple[str, ...] = _f((), flag="--command", argv=True,
                                   help='provider command line, e.g. "codex app-server"')
     request_id: str = _f("", **_REQ_ID)
@@ -782,7 +799,7 @@ class BorrowRequest:
     holder: str = _f(flag="--holder", id="holder")
     profile: str = _f("", flag="--profile", id="profile", help="borrow any ready session of it")
     session_id: str = _f("", flag="--session", id="session", help="borrow this session")
-    mode: str = _f("exclusive-write", flag="--mode", choices=LEASE_MODES)
+    mode: str = _f("exclusive-write", flag="--mode", choices=LEASE_ACCESS)
     ttl_seconds: int = _f(0, flag="--ttl", help="lease lifetime; default from relay.toml")
     request_id: str = _f("", **_REQ_ID)
 
@@ -791,7 +808,7 @@ class BorrowRequest:
 class GrantLeaseRequest:
     session_id: str = _f(flag="--session", id="session")
     holder: str = _f(flag="--holder", id="holder")
-    mode: str = _f(flag="--mode", choices=LEASE_MODES)
+    mode: str = _f(flag="--mode", choices=LEASE_ACCESS)
     ttl_seconds: int = _f(0, flag="--ttl", help="lease lifetime; default from relay.toml")
     request_id: str = _f("", **_REQ_ID)
 
@@ -937,6 +954,7 @@ class RecoverReply:
 class StatusReply:
     status: str  # pass | fail
     projection: str
+    #: The relay's health: unbootstrapped | ready | serving | stopped | degraded.
     relay_mode: str
     ledger_path: str
     state_present: bool
@@ -988,17 +1006,49 @@ class ListRecordsReply:
 
 SERVICE: Final = "relay.v1.Relay"
 
+#: An Rpc's kind: a read changes nothing (Connect's NO_SIDE_EFFECTS, the GET
+#: form); a mutation is applied once, under the ledger lock.
+READ: Final = "read"
+MUTATION: Final = "mutation"
+#: An Rpc's cardinality: one reply per request.
+UNARY: Final = "unary"
+
 
 @attrs.frozen
 class Rpc:
-    """One RPC: its Connect name, messages, and where it sits in the CLI."""
+    """One RPC: its Connect name and messages, and every way it is reached.
+
+    Everything the server, both CLIs and both stubs do differently per RPC is
+    a field of its row here, never a test of its name.  A row is declared
+    ``Rpc(NAME, REQUEST, RESPONSE, kind=READ|MUTATION, cli=(WORDS...), help=TEXT,
+    ...)``; the keyword fields below all have defaults."""
 
     name: str
     request: type
     response: type
-    mutates: bool
-    cli: tuple[str, ...]
-    help: str
+    kind: str = attrs.field(kw_only=True, validator=attrs.validators.in_((READ, MUTATION)))
+    #: The ``python -m relay`` command words (``relay_client`` uses ``method``).
+    cli: tuple[str, ...] = attrs.field(kw_only=True)
+    help: str = attrs.field(kw_only=True)
+    cardinality: str = attrs.field(default=UNARY, kw_only=True,
+                                   validator=attrs.validators.in_((UNARY,)))
+    #: The session stream (events | results) a mutation appends to or a read
+    #: lists; it is passed to the operation as ``stream=``, and a read of a
+    #: stream reads its log from disk.
+    stream: str = attrs.field(default="", kw_only=True,
+                              validator=attrs.validators.in_(("", "events", "results")))
+    #: The request id is the control record's own key, not an idempotency key.
+    control: bool = attrs.field(default=False, kw_only=True)
+    #: A read's route ``GET /api/relay/<get>``; its query parameters are the
+    #: request's CLI flags (``--session`` -> ``?session=``).
+    get: str = attrs.field(default="", kw_only=True)
+    #: Another row's name: this one is an explicit alias of it (same request,
+    #: same operation), kept for the callers that know it by this name.
+    alias_of: str = attrs.field(default="", kw_only=True)
+
+    @property
+    def mutates(self) -> bool:
+        return self.kind == MUTATION
 
     @property
     def path(self) -> str:
@@ -1006,54 +1056,66 @@ class Rpc:
 
     @property
     def method(self) -> str:
-        """The stub method name: ``GrantLease`` -> ``grant_lease``."""
+        """The stub and servicer method name: ``GrantLease`` -> ``grant_lease``."""
         return re.sub(r"(?<!^)(?=[A-Z])", "_", self.name).lower()
+
+    @property
+    def query(self) -> dict[str, str]:
+        """The GET route's query parameters -> the request fields they set."""
+        return {meta["flag"].removeprefix("--"): field.name
+                for field in attrs.fields(self.request)
+                if (meta := field.metadata).get("flag")} if self.get else {}
 
 
 RPCS: Final[tuple[Rpc, ...]] = (
-    Rpc("RegisterProfile", RegisterProfileRequest, ProfileReply, True, ("profile", "register"),
-        "register a provider profile (pooled profiles are Codex-only)"),
-    Rpc("CreateSession", CreateSessionRequest, SessionReply, True, ("session", "create"),
-        "record a managed session of a profile"),
-    Rpc("Borrow", BorrowRequest, LeaseReply, True, ("borrow",),
-        "lease a ready, unoccupied session (of a profile, or a named one)"),
-    Rpc("Release", ReleaseLeaseRequest, LeaseReply, True, ("release",),
-        "give back a borrowed session (same as lease release)"),
-    Rpc("GrantLease", GrantLeaseRequest, LeaseReply, True, ("lease", "grant"),
-        "grant a shared-read or exclusive-write lease on a session"),
-    Rpc("RenewLease", RenewLeaseRequest, LeaseReply, True, ("lease", "renew"),
-        "extend an active lease"),
-    Rpc("ReleaseLease", ReleaseLeaseRequest, LeaseReply, True, ("lease", "release"),
-        "release an active or waiting lease"),
-    Rpc("RevokeLease", RevokeLeaseRequest, LeaseReply, True, ("lease", "revoke"),
-        "revoke a lease, recording why"),
-    Rpc("RecordControl", RecordControlRequest, ControlReply, True, ("control", "record"),
-        "record an idempotent control request"),
-    Rpc("AppendEvent", AppendRecordRequest, AppendReply, True, ("event", "append"),
-        "append to a session's event stream"),
-    Rpc("AppendResult", AppendRecordRequest, AppendReply, True, ("result", "append"),
-        "append to a session's result stream"),
-    Rpc("QuarantineSession", QuarantineSessionRequest, QuarantineReply, True,
-        ("quarantine", "session"), "mark a session failed until the quarantine is cleared"),
-    Rpc("ClearQuarantine", ClearQuarantineRequest, QuarantineReply, True,
-        ("quarantine", "clear"), "clear a quarantine once it is safe"),
-    Rpc("Recover", RecoverRequest, RecoverReply, False, ("recover",),
-        "classify each session and name the command to run next"),
-    Rpc("GetStatus", GetStatusRequest, StatusReply, False, ("status",),
-        "the relay projection: health, counts, runtime, warnings"),
-    Rpc("ListProfiles", ListProfilesRequest, ListProfilesReply, False, ("profile", "list"),
-        "list provider profiles"),
-    Rpc("ListSessions", ListSessionsRequest, ListSessionsReply, False, ("session", "list"),
-        "list managed sessions"),
-    Rpc("ListLeases", ListLeasesRequest, ListLeasesReply, False, ("lease", "list"),
-        "list leases"),
-    Rpc("ListEvents", ListRecordsRequest, ListRecordsReply, False, ("event", "list"),
-        "list a session's events after a cursor"),
-    Rpc("ListResults", ListRecordsRequest, ListRecordsReply, False, ("result", "list"),
-        "list a session's results after a cursor"),
+    Rpc("RegisterProfile", RegisterProfileRequest, ProfileReply, kind=MUTATION,
+        cli=("profile", "register"),
+        help="register a provider profile (pooled profiles are Codex-only)"),
+    Rpc("CreateSession", CreateSessionRequest, SessionReply, kind=MUTATION,
+        cli=("session", "create"), help="record a managed session of a profile"),
+    Rpc("Borrow", BorrowRequest, LeaseReply, kind=MUTATION, cli=("borrow",),
+        help="lease a ready, unoccupied session (of a profile, or a named one)"),
+    Rpc("Release", ReleaseLeaseRequest, LeaseReply, kind=MUTATION, cli=("release",),
+        help="give back a borrowed session (same as lease release)", alias_of="ReleaseLease"),
+    Rpc("GrantLease", GrantLeaseRequest, LeaseReply, kind=MUTATION, cli=("lease", "grant"),
+        help="grant a shared-read or exclusive-write lease on a session"),
+    Rpc("RenewLease", RenewLeaseRequest, LeaseReply, kind=MUTATION, cli=("lease", "renew"),
+        help="extend an active lease"),
+    Rpc("ReleaseLease", ReleaseLeaseRequest, LeaseReply, kind=MUTATION, cli=("lease", "release"),
+        help="release an active or waiting lease"),
+    Rpc("RevokeLease", RevokeLeaseRequest, LeaseReply, kind=MUTATION, cli=("lease", "revoke"),
+        help="revoke a lease, recording why"),
+    Rpc("RecordControl", RecordControlRequest, ControlReply, kind=MUTATION,
+        cli=("control", "record"), help="record an idempotent control request", control=True),
+    Rpc("AppendEvent", AppendRecordRequest, AppendReply, kind=MUTATION, cli=("event", "append"),
+        help="append to a session's event stream", stream="events"),
+    Rpc("AppendResult", AppendRecordRequest, AppendReply, kind=MUTATION, cli=("result", "append"),
+        help="append to a session's result stream", stream="results"),
+    Rpc("QuarantineSession", QuarantineSessionRequest, QuarantineReply, kind=MUTATION,
+        cli=("quarantine", "session"), help="mark a session failed until the quarantine is cleared"),
+    Rpc("ClearQuarantine", ClearQuarantineRequest, QuarantineReply, kind=MUTATION,
+        cli=("quarantine", "clear"), help="clear a quarantine once it is safe"),
+    Rpc("Recover", RecoverRequest, RecoverReply, kind=READ, cli=("recover",),
+        help="classify each session and name the command to run next"),
+    Rpc("GetStatus", GetStatusRequest, StatusReply, kind=READ, cli=("status",),
+        help="the relay projection: health, counts, runtime, warnings", get="status"),
+    Rpc("ListProfiles", ListProfilesRequest, ListProfilesReply, kind=READ,
+        cli=("profile", "list"), help="list provider profiles", get="profiles"),
+    Rpc("ListSessions", ListSessionsRequest, ListSessionsReply, kind=READ,
+        cli=("session", "list"), help="list managed sessions", get="sessions"),
+    Rpc("ListLeases", ListLeasesRequest, ListLeasesReply, kind=READ, cli=("lease", "list"),
+        help="list leases", get="leases"),
+    Rpc("ListEvents", ListRecordsRequest, ListRecordsReply, kind=READ, cli=("event", "list"),
+        help="list a session's events after a cursor", stream="events", get="events"),
+    Rpc("ListResults", ListRecordsRequest, ListRecordsReply, kind=READ, cli=("result", "list"),
+        help="list a session's results after a cursor", stream="results", get="results"),
 )
 
 RPC_BY_NAME: Final = {rpc.name: rpc for rpc in RPCS}
+#: A session stream -> the read row that lists it (where a watch pins "from now").
+_LISTS: Final = {rpc.stream: rpc for rpc in RPCS if rpc.stream and not rpc.mutates}
+#: The read routes ``GET /api/relay/<get>`` -> their rows.
+RPC_BY_GET: Final = {rpc.get: rpc for rpc in RPCS if rpc.get}
 
 
 ################################################################
@@ -1451,7 +1513,7 @@ class _AsyncWatch:
     async def _connect(self) -> None:
         watch, stub = self._watch, self._stub
         if watch.session and watch.session not in watch.last:
-            lister = stub.list_events if self._stream == "events" else stub.list_results
+            lister = getattr(stub, _LISTS[self._stream].method)
             watch.last[watch.session] = (await lister(session_id=watch.session, limit=1)).last_seq
         url, params = stub._core.stream_url(watch.session, self._stream)
         headers = dict(stub._core.headers(), **watch.headers())
@@ -1559,7 +1621,7 @@ class RelayStub:
         if watch.session and watch.session not in watch.last:
             # "From now" is pinned to a sequence number, so a drop before the
             # first record still resumes exactly there.
-            lister = self.list_events if stream == "events" else self.list_results
+            lister = getattr(self, _LISTS[stream].method)
             watch.last[watch.session] = lister(session_id=watch.session, limit=1).last_seq
         url, params = self._core.stream_url(watch.session, stream)
         failures = 0
@@ -1983,21 +2045,69 @@ def _seconds_arg(text: str) -> float:
     return float(text)
 
 
-def _field_type(field: Any) -> Any:
-    tp = field.type
-    if tp in (int, "int"):
-        return _int_arg
-    if field.metadata.get("json") or tp in ("JSONValue",):
-        return _json_arg
-    if "tuple" in str(tp):
-        def argv(text: str) -> tuple[str, ...]:
-            import shlex
+def _argv_arg(text: str) -> tuple[str, ...]:
+    import shlex
 
-            if text.startswith("["):
-                return tuple(parse_json(text))
-            return tuple(shlex.split(text))
-        return argv
-    return str
+    return tuple(shlex.split(text))
+
+
+def _field_options(field: Any) -> tuple[str, list[str]]:
+    """A request field's one spelling on both CLIs (its ``flag``, or its
+    ``positional`` metavar) and the hidden aliases also taken: the field's
+    own name as a flag (``--session-id``, ``--lease-id``), which
+    ``relay_client`` used before the two CLIs agreed."""
+    meta = field.metadata
+    spelling = meta.get("flag") or meta["positional"]
+    alias = "--" + field.name.replace("_", "-")
+    return spelling, [alias] if alias != spelling else []
+
+
+def add_request_arguments(parser: Any, request_type: type) -> None:
+    """Add a request message's fields to a CLI (sub)parser, as both CLIs do:
+    one option per field, spelled and typed by the field's metadata
+    (``flag``/``positional``, ``choices``, ``json``, ``argv``, ``help``)."""
+    import argparse
+
+    for field in attrs.fields(request_type):
+        meta = field.metadata
+        kwargs: dict[str, Any] = {"help": meta.get("help"), "default": argparse.SUPPRESS}
+        if meta.get("choices"):
+            kwargs["choices"] = meta["choices"]
+        if meta.get("json"):
+            kwargs["type"] = _json_arg
+        elif meta.get("argv"):
+            kwargs["type"] = _argv_arg
+        elif field.type in (int, "int"):
+            kwargs["type"] = _int_arg
+        spelling, aliases = _field_options(field)
+        if "positional" in meta:
+            # Optional in argparse's eyes so that the alias may stand in for
+            # it; ``missing_arguments`` then asks for whichever is missing.
+            parser.add_argument(field.name, metavar=spelling, nargs="?", **kwargs)
+            for alias in aliases:
+                parser.add_argument(alias, dest=field.name, **dict(kwargs, help=argparse.SUPPRESS))
+            continue
+        parser.add_argument(spelling, dest=field.name, required=field.default is attrs.NOTHING,
+                            **kwargs)
+        for alias in aliases:
+            parser.add_argument(alias, dest=field.name, **dict(kwargs, help=argparse.SUPPRESS))
+
+
+def missing_arguments(request_type: type, args: Any) -> list[str]:
+    """The positional arguments a parsed command line lacks (their aliases
+    make argparse treat them as optional)."""
+    return [field.metadata["positional"] for field in attrs.fields(request_type)
+            if "positional" in field.metadata and field.default is attrs.NOTHING
+            and not hasattr(args, field.name)]
+
+
+def request_from_arguments(parser: Any, rpc: Rpc, args: Any) -> Any:
+    """The request message of a parsed command line (usage error if incomplete)."""
+    missing = missing_arguments(rpc.request, args)
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
+    return rpc.request(**{f.name: getattr(args, f.name) for f in attrs.fields(rpc.request)
+                          if hasattr(args, f.name)})
 
 
 def _build_cli() -> Any:
@@ -2016,12 +2126,8 @@ def _build_cli() -> Any:
     sub = parser.add_subparsers(dest="method", metavar="METHOD", required=True)
     for rpc in RPCS:
         leaf = sub.add_parser(rpc.method, help=rpc.help, aliases=[rpc.name])
-        for field in attrs.fields(rpc.request):
-            leaf.add_argument("--" + field.name.replace("_", "-"), dest=field.name,
-                              type=_field_type(field), default=argparse.SUPPRESS,
-                              required=field.default is attrs.NOTHING,
-                              choices=field.metadata.get("choices"), help=field.metadata.get("help"))
-        leaf.set_defaults(rpc=rpc)
+        add_request_arguments(leaf, rpc.request)
+        leaf.set_defaults(rpc=rpc, leaf=leaf)
     watch = sub.add_parser("watch", help="stream a session's records as JSON lines")
     watch.add_argument("--session", help="session id (needed to resume after a drop)")
     watch.add_argument("--after", type=_int_arg, help="start after this sequence number")
@@ -2032,6 +2138,7 @@ def _build_cli() -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_cli().parse_args(argv)
+    request = None if args.rpc is None else request_from_arguments(args.leaf, args.rpc, args)
     try:
         token = None
         if args.token_file:
@@ -2044,9 +2151,7 @@ def main(argv: list[str] | None = None) -> int:
                     for record in records:
                         print(json.dumps(to_json(record), sort_keys=True), flush=True)
                 return 0
-            fields = {f.name: getattr(args, f.name) for f in attrs.fields(args.rpc.request)
-                      if hasattr(args, f.name)}
-            reply = getattr(stub, args.rpc.method)(**fields)
+            reply = getattr(stub, args.rpc.method)(request)
             print(json.dumps(to_json(reply), sort_keys=True))
             return 0
     except RelayError as exc:

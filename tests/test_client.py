@@ -255,7 +255,8 @@ async def test_each_refusal_raises_its_code_subclass(workspace, flavour):
             lease = (await stub.borrow(holder="h1", profile="p1")).lease
             await stub.release_lease(lease_id=lease.lease_id)
             held = await stub.borrow(holder="h2", profile="p1")
-            missing = rc.Rpc("NoSuchMethod", rc.GetStatusRequest, rc.StatusReply, False, (), "")
+            missing = rc.Rpc("NoSuchMethod", rc.GetStatusRequest, rc.StatusReply, kind=rc.READ,
+                             cli=(), help="")
             cases = [
                 (rc.NotFound, lambda: stub.create_session(profile="nope")),
                 (rc.AlreadyExists, lambda: stub.create_session(profile="p1", session_id="s1")),

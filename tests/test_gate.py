@@ -467,14 +467,14 @@ def test_waiting_writer_beside_active_readers_is_fine(ws, capsys):
 def test_a_read_that_writes_to_flow_state_fails(ws, capsys, monkeypatch, route):
     touched = ws / "flow" / "state" / "relay" / "touched-by-a-read"
     if route == "ListProfiles read":
-        # The HTTP route dispatches through READS, so that is what to wrap.
-        real = relay.READS["ListProfiles"]
+        # The HTTP route dispatches through Reads, so that is what to wrap.
+        real = relay.Reads.list_profiles
 
-        def writing(ledger, request, now):
+        def writing(view, request):
             touched.write_text("oops")
-            return real(ledger, request, now)
+            return real(view, request)
 
-        monkeypatch.setitem(relay.READS, "ListProfiles", writing)
+        monkeypatch.setattr(relay.Reads, "list_profiles", staticmethod(writing))
     else:
         real_replay = relay.Service._replay_range
 
