@@ -5010,7 +5010,7 @@ DASHBOARD_HTML: Final = r'''<!doctype html>
   <button id="logout" type="button" hidden>Log out</button>
 </header>
 <!-- the relay feed (GET /events?feed=relay): newest notice first -->
-<div id="feed" class="feed" aria-live="polite"></div>
+<div id="feed" class="feed" aria-live="polite"><em class="muted">relay feed: no notices yet</em></div>
 
 <section id="login" class="panel" hidden>
   <form id="login-form">
@@ -5050,11 +5050,17 @@ DASHBOARD_HTML: Final = r'''<!doctype html>
   <section id="detail-panel" class="panel">
     <h2>Session <span id="detail-id">&mdash;</span></h2>
     <p class="muted" id="detail-hint">Pick a session to see its timeline and live events.</p>
+    <div id="detail-body" hidden>
     <dl id="detail-facts"></dl>
-    <h3>Last hour</h3>
+    <h3>Timeline
+      <select id="window" aria-label="timeline window">
+        <option value="3600">last hour</option><option value="600">last 10 minutes</option>
+        <option value="60">last minute</option>
+      </select></h3>
     <div id="timeline" class="timeline"></div>
     <h3>Live events <span id="live-state" class="muted"></span></h3>
     <ol id="live" class="live"></ol>
+    </div>
   </section>
 
   <section id="actions-panel" class="panel">
@@ -5085,10 +5091,12 @@ header h1 { font-size: 1.15em; margin: 0; }
 #logout { margin-left: auto; }
 h2 { font-size: 1.05em; margin: 0 0 .5em; }
 h3 { font-size: .95em; margin: 1em 0 .4em; }
+h3 select { font: inherit; font-weight: normal; margin-left: .5em; }
 .muted { color: var(--muted); font-weight: normal; }
 .error { color: var(--bad); }
 code { font-size: .92em; }
-main { display: grid; grid-template-columns: minmax(0, 3fr) minmax(0, 2fr); gap: 1em; padding: 1em; }
+main { display: grid; grid-template-columns: minmax(0, 3fr) minmax(0, 2fr); gap: 1em; padding: 1em;
+       align-items: start; }
 #profiles-panel, #sessions-panel { grid-column: 1; }
 #detail-panel { grid-column: 2; grid-row: 1 / span 2; }
 #actions-panel { grid-column: 1 / span 2; }
@@ -5149,6 +5157,14 @@ button.danger { color: var(--bad); border-color: var(--bad); }
   main { grid-template-columns: minmax(0, 1fr); padding: .5em; gap: .6em; }
   #profiles-panel, #sessions-panel, #detail-panel, #actions-panel { grid-column: 1; grid-row: auto; }
   form .field { grid-template-columns: 1fr; }
+  /* tables become cards: each cell over its column's name */
+  #sessions thead, #profiles thead { display: none; }
+  #sessions tr, #profiles tr { display: grid; grid-template-columns: repeat(3, minmax(0, 1fr));
+                               gap: .2em .6em; padding: .5em .3em; border-bottom: 1px solid var(--line); }
+  #sessions td, #profiles td { border: 0; padding: 0; white-space: normal; overflow-wrap: anywhere; }
+  #sessions td:empty, #profiles td:empty { display: none; }
+  #sessions td::before, #profiles td::before { content: attr(data-label); display: block;
+                                               font-size: .75em; color: var(--muted); }
   form .field .help, form .field .problem { grid-column: 1; }
   .panel { padding: .6em; }
 }
@@ -5313,8 +5329,18 @@ function renderOverview() {
   $("prev").disabled = s.offset === 0;
   $("next").disabled = s.offset + s.items.length >= s.total;
   $("sessions").tBodies[0].replaceChildren(...s.items.map(sessionRow));
+  labelCells($("profiles"));
+  labelCells($("sessions"));
   const picked = state.selected && s.items.find((x) => x.session_id === state.selected.session_id);
   if (picked) { state.selected = picked; renderDetail(); }
+}
+
+// Each cell names its column (data-label), so a narrow window can show rows as cards.
+function labelCells(table) {
+  const names = [...table.tHead.rows[0].cells].map((th) => th.textContent);
+  for (const row of table.tBodies[0].rows) {
+    [...row.cells].forEach((td, i) => { td.dataset.label = names[i]; });
+  }
 }
 
 const PROFILE_FIELDS = new Set(["name", "provider", "mode", "command", "created_at", "pool"]);
@@ -5375,6 +5401,7 @@ function renderDetail() {
   const s = state.selected;
   $("detail-id").textContent = s.session_id;
   $("detail-hint").hidden = true;
+  $("detail-body").hidden = false;
   const l = s.lease, q = s.quarantine;
   const facts = [["state", s.state], ["profile", `${s.profile} (${s.provider})`],
     ["process", describe(s.process) || "—"], ["fencing token", s.fencing_token],
@@ -5393,32 +5420,45 @@ function renderDetail() {
 
 async function loadTimeline() {
   const sid = state.selected.session_id;
-  const r = await api(`/api/relay/timeline?session=${encodeURIComponent(sid)}`);
+  const q = new URLSearchParams({session: sid});
+  const seconds = Number($("window").value);
+  if (state.overview && seconds !== 3600) {  // the server's default window is the last hour
+    const now = Date.parse(state.overview.now) + (Date.now() - state.fetchedAt);
+    q.set("since", new Date(now - seconds * 1000).toISOString().replace("Z", "000Z"));
+  }
+  const r = await api(`/api/relay/timeline?${q}`);
   if (state.selected.session_id !== sid) return;
-  $("timeline").replaceChildren(r.ok ? drawTimeline(r.body) : errorNode(r.body));
+  const width = Math.max(320, $("timeline").clientWidth || 640);
+  $("timeline").replaceChildren(r.ok ? drawTimeline(r.body, width) : errorNode(r.body));
 }
 
-// The last hour as an SVG: one row per lease holder (its lease intervals), a
+function ago(seconds) {
+  return seconds >= 60 ? `-${Math.round(seconds / 60)}m` : `-${Math.round(seconds)}s`;
+}
+
+// The window (last hour by default) as an SVG: one row per lease holder (its lease intervals), a
 // row of turns, event ticks, and vertical marks where quarantines were set
 // and cleared.  Every shape has a <title> for its details.
-function drawTimeline(t) {
-  const W = 640, LEFT = 96, ROW = 18, t0 = Date.parse(t.since), t1 = Date.parse(t.now);
+function drawTimeline(t, W) {
+  const LEFT = 84, RIGHT = 28, ROW = 20, t0 = Date.parse(t.since), t1 = Date.parse(t.now);
   const holders = [...new Set(t.leases.map((x) => x.holder))];
   const rows = [...holders, "turns", "events"];
-  const H = 22 + rows.length * ROW;
+  const H = 24 + rows.length * ROW;
   const frac = (stamp) => Math.max(0, Math.min(1, (Date.parse(stamp) - t0) / (t1 - t0)));
-  const x = (stamp) => LEFT + frac(stamp) * (W - LEFT - 4);
+  const x = (stamp) => LEFT + frac(stamp) * (W - LEFT - RIGHT);
   const root = svg("svg", {viewBox: `0 0 ${W} ${H}`, role: "img",
                            "aria-label": `timeline of ${t.session_id}`});
-  for (let m = 0; m <= 60; m += 10) {  // a tick every ten minutes
-    const at = LEFT + (m / 60) * (W - LEFT - 4);
+  const span = (t1 - t0) / 1000;
+  for (let i = 0; i <= 6; i += 1) {  // six ticks across the window
+    const at = LEFT + (i / 6) * (W - LEFT - RIGHT);
+    const label = i === 6 ? "now" : ago(span * (1 - i / 6));
     root.append(svg("line", {class: "axis", x1: at, x2: at, y1: 14, y2: H}),
-                svg("text", {x: at, y: 10, "text-anchor": "middle"}, m === 60 ? "now" : `-${60 - m}m`));
+                svg("text", {x: at, y: 11, "text-anchor": "middle"}, label));
   }
-  rows.forEach((name, i) => root.append(svg("text", {x: 4, y: 30 + i * ROW}, name.slice(0, 14))));
+  rows.forEach((name, i) => root.append(svg("text", {x: 4, y: 34 + i * ROW}, name.slice(0, 12))));
   const bar = (cls, row, a, b, title) => {
     const x0 = x(a), w = Math.max(2, x(b) - x0);
-    const r = svg("rect", {class: cls, x: x0, y: 20 + row * ROW, width: w, height: ROW - 6, rx: 2});
+    const r = svg("rect", {class: cls, x: x0, y: 22 + row * ROW, width: w, height: ROW - 6, rx: 2});
     r.append(svg("title", {}, title));
     root.append(r);
   };
@@ -5430,7 +5470,7 @@ function drawTimeline(t) {
   for (const turn of t.turns) {
     bar(`turn ${turn.state}`, holders.length, turn.start, turn.end, `turn ${turn.turn_id} ${turn.state}`);
   }
-  const eventsY = 20 + (holders.length + 1) * ROW;
+  const eventsY = 22 + (holders.length + 1) * ROW;
   for (const e of t.events) {
     const at = x(e.at);
     const tick = svg("line", {class: "event", x1: at, x2: at, y1: eventsY, y2: eventsY + ROW - 6});
@@ -5464,6 +5504,10 @@ function openLive(sid, lastSeq) {
   source.addEventListener("event", (e) => {
     const record = JSON.parse(e.data);
     sessionStorage.setItem(`cursor:${sid}`, e.lastEventId);
+    if (state.selected && state.selected.session_id === sid && record.seq > state.selected.events) {
+      state.selected.events = record.seq;
+      renderDetail();
+    }
     const list = $("live");
     list.append(el("li", {"data-seq": record.seq}, el("span", {class: "seq", text: `#${record.seq}`}),
                    el("span", {class: "kind", text: record.kind}),
@@ -5487,6 +5531,7 @@ function openFeed() {
     try { d = JSON.parse(e.data); } catch (err) { /* keep-alives carry none */ }
     const who = [d.session_id, d.holder, d.reason].filter(Boolean).join(" · ");
     const strip = $("feed");
+    for (const placeholder of strip.querySelectorAll("em")) placeholder.remove();
     strip.prepend(el("span", {class: e.type.split(".")[0], title: e.data, text: `${e.type} ${who}`}));
     while (strip.children.length > FEED_KEEP) strip.lastChild.remove();
     refreshSoon();
@@ -5646,6 +5691,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("logout").addEventListener("click", logout);
   $("rpc-select").addEventListener("change", () => { renderForm(); $("rpc-result").replaceChildren(); });
   $("rpc-form").addEventListener("submit", submitForm);
+  $("window").addEventListener("change", () => { if (state.selected) loadTimeline(); });
   $("prev").addEventListener("click", () => {
     state.page.offset = Math.max(0, state.page.offset - PAGE_ROWS);
     refresh();

@@ -24,10 +24,13 @@ import relay
 import relay_client as rc
 from conftest import T0, commit_ok, mutation
 from serve_helpers import PATIENCE, FakeClock, serving, state_digest
-from test_browser import _rpc, _seeded, browser, relay_process  # noqa: F401 - browser is a fixture
+import test_browser
+from test_browser import _rpc, _seeded, relay_process
 
 ARTIFACTS = Path(os.environ.get("FLOW_ARTIFACTS") or Path(__file__).parent / "artifacts")
 PAGE_FILES = ("/", "/dashboard.js", "/dashboard.css")
+#: The module-scoped headless Chromium of test_browser (skips, or fails as root, without it).
+browser = test_browser.browser
 
 
 def _seed(store: relay.Store, sessions: int = 3) -> None:
@@ -173,8 +176,10 @@ def test_the_overview_shows_pool_health_leases_quarantines_and_pages(workspace):
         "expires_at": relay.iso(T0 + 60)}
     assert s1["quarantine"] is None and s2["lease"] is None
     assert (s2["state"], s2["quarantine"]["reason"]) == ("failed", "provider crashed")
-    assert [s["session_id"] for s in relay.dashboard_overview(ledger, T0, offset=2)["sessions"]["items"]] == ["s3"]
-    assert [s["session_id"] for s in relay.dashboard_overview(ledger, T0, query="ALICE")["sessions"]["items"]] == ["s1"]
+    def ids(**page: Any) -> list[str]:
+        return [s["session_id"] for s in relay.dashboard_overview(ledger, T0, **page)["sessions"]["items"]]
+
+    assert ids(offset=2) == ["s3"] and ids(query="ALICE") == ["s1"] and ids(profile="claude-one") == []
     expired = relay.dashboard_overview(ledger, T0 + 61)
     assert expired["sessions"]["items"][0]["lease"] is None  # an expired lease occupies nothing
 
@@ -243,3 +248,219 @@ async def test_the_timeline_route_serves_the_same_document(workspace):
     assert [(x["holder"], x["state"], x["end"]) for x in doc["leases"]] == [
         ("alice", "active", relay.iso(clock.t))]
     assert after == before
+
+
+# -- in headless Chromium --------------------------------------------------------------------
+
+
+def _shoot(page: Any, name: str) -> None:
+    """Screenshots of the page at 1280x800 and 390x844 under ARTIFACTS."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for width, height in ((1280, 800), (390, 844)):
+        page.set_viewport_size({"width": width, "height": height})
+        page.screenshot(path=str(ARTIFACTS / f"dashboard-{name}-{width}x{height}.png"), full_page=True)
+    page.set_viewport_size({"width": 1280, "height": 800})
+
+
+def _act(page: Any, rpc: str, confirm: bool | None = None, **fields: str) -> None:
+    """Pick ``rpc`` in the actions panel, fill ``fields``, submit; answer its confirmation."""
+    page.select_option("#rpc-select", rpc)
+    for name, value in fields.items():
+        page.fill(f"#f-{name}", value)
+    if confirm is not None:
+        page.once("dialog", lambda d: d.accept() if confirm else d.dismiss())
+    page.click("#rpc-form button[type=submit]")
+
+
+def _result(page: Any) -> str:
+    page.wait_for_selector("#rpc-result > *")
+    return page.inner_text("#rpc-result")
+
+
+def _row(page: Any, session: str) -> str:
+    return page.inner_text(f'#sessions tr[data-session="{session}"]')
+
+
+def _row_shows(page: Any, session: str, text: str, present: bool = True) -> None:
+    """Wait until the session's row shows (or no longer shows) ``text``.  Playwright's
+    locators, not wait_for_function: the page's CSP forbids evaluating strings."""
+    from playwright.sync_api import expect
+
+    row = expect(page.locator(f'#sessions tr[data-session="{session}"]'))
+    (row.to_contain_text if present else row.not_to_contain_text)(text)
+
+
+def _leases(endpoint: str, secret: str) -> dict[str, dict[str, Any]]:
+    return {x["lease_id"]: x for x in _rpc(endpoint, "ListLeases", secret, session_id="s1")["leases"]}
+
+
+@pytest.mark.slow
+def test_an_operator_logs_in_borrows_streams_revokes_quarantines_clears_and_releases(browser, tmp_path):
+    """End to end in Chromium on a relay with a token: the login form (token never kept by the
+    page), profiles and sessions, Borrow through the generated form, an event appended from the
+    page and one from elsewhere streaming into the live view, a stale-token refusal's message
+    and hint, RevokeLease cancelled then confirmed, QuarantineSession and ClearQuarantine (the
+    timeline marks both), Release, a reload that resumes, and logout; every step checks the page
+    and the ledger."""
+    secret = _seeded(tmp_path, token=True)
+    with relay_process(tmp_path) as endpoint:
+        page = browser.new_page()
+        page.set_viewport_size({"width": 1280, "height": 800})
+        problems: list[str] = []
+        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda exc: problems.append(f"uncaught: {exc}"))
+        page.goto(f"{endpoint}/")
+        page.wait_for_selector("#login-form", state="visible")
+        _shoot(page, "login")
+        page.fill("#login-token", secret)
+        page.click("#login-form button[type=submit]")
+        page.wait_for_selector("body[data-ready='1']")
+        assert page.input_value("#login-token") == ""
+        stored = page.evaluate("JSON.stringify([{...localStorage}, {...sessionStorage}, document.cookie])")
+        assert secret not in stored and secret not in page.content()
+        assert "codex-main" in page.inner_text("#profiles") and "healthy" in page.inner_text("#profiles")
+        assert "s1" in _row(page, "s1") and "ready" in _row(page, "s2")
+
+        # Borrow s1 with the generated form: the row shows the holder, the ledger the lease.
+        _act(page, "Borrow", holder="alice", session_id="s1")
+        assert "Borrow: granted" in _result(page)
+        _row_shows(page, "s1", "alice")
+        (lease,) = _leases(endpoint, secret).values()
+        assert (lease["holder"], lease["state"]) == ("alice", "active")
+        assert str(lease["fencing_token"]) in _row(page, "s1")
+        assert page.inner_text("#detail-id") == "s1"  # the borrowed session is opened
+
+        # An event from the page's form (fencing token prefilled) and one from elsewhere stream in.
+        page.select_option("#rpc-select", "AppendEvent")
+        assert page.input_value("#f-fencing_token") == str(lease["fencing_token"])
+        assert page.input_value("#f-session_id") == "s1"
+        _act(page, "AppendEvent", kind="note", data='{"text": "from the page"}')
+        assert "AppendEvent: appended" in _result(page)
+        _rpc(endpoint, "AppendEvent", secret, session_id="s1", kind="agent.message", data="from elsewhere")
+        page.wait_for_selector('#live li[data-seq="2"]')
+        assert "from the page" in page.inner_text('#live li[data-seq="1"]')
+        assert "agent.message" in page.inner_text('#live li[data-seq="2"]')
+        events = _rpc(endpoint, "ListEvents", secret, session_id="s1")["records"]
+        assert [(e["kind"], e["data"]) for e in events] == [
+            ("note", {"text": "from the page"}), ("agent.message", "from elsewhere")]
+        _shoot(page, "borrowed")
+
+        # Revoke: cancelling the confirmation sends nothing; confirming revokes.
+        _act(page, "RevokeLease", confirm=False, reason="operator took it back")
+        assert "not sent" in _result(page)
+        assert _leases(endpoint, secret)[lease["lease_id"]]["state"] == "active"
+        _act(page, "RevokeLease", confirm=True, reason="operator took it back")
+        assert "RevokeLease: revoked" in _result(page)
+        revoked = _leases(endpoint, secret)[lease["lease_id"]]
+        assert (revoked["state"], revoked["revoke_reason"]) == ("revoked", "operator took it back")
+        _row_shows(page, "s1", "alice", present=False)
+
+        # A refusal: the old holder's token is stale now; the page shows message and hint.
+        _act(page, "AppendEvent", kind="late", fencing_token=str(lease["fencing_token"]))
+        shown = _result(page)
+        assert "failed_precondition" in shown and "hint:" in shown, shown
+        assert len(_rpc(endpoint, "ListEvents", secret, session_id="s1")["records"]) == 2
+
+        # Quarantine and clear: the row, the pool and the timeline follow the ledger.
+        _act(page, "QuarantineSession", confirm=True, reason="provider crashed")
+        assert "QuarantineSession: quarantined" in _result(page)
+        _row_shows(page, "s1", "provider crashed")
+        assert "failed" in _row(page, "s1") and "degraded" in page.inner_text("#profiles")
+        page.wait_for_selector("#timeline line.quarantine", state="attached")
+        assert _rpc(endpoint, "ListSessions", secret)["sessions"][0]["state"] == "failed"
+        page.select_option("#window", "60")  # zoom in: this test's minute
+        page.wait_for_selector("#timeline line.quarantine", state="attached")
+        _shoot(page, "quarantined")
+        _act(page, "ClearQuarantine", confirm=True)
+        assert "ClearQuarantine: cleared" in _result(page)
+        page.wait_for_selector("#timeline line.cleared", state="attached")
+        assert "ready" in _row(page, "s1") and "healthy" in page.inner_text("#profiles")
+        assert _rpc(endpoint, "ListSessions", secret)["sessions"][0]["state"] == "ready"
+
+        # Borrow again and release (confirmed).
+        _act(page, "Borrow", holder="bob", session_id="s1")
+        assert "Borrow: granted" in _result(page)
+        _row_shows(page, "s1", "bob")
+        _act(page, "Release", confirm=True)
+        assert "Release: released" in _result(page)
+        states = sorted((x["holder"], x["state"]) for x in _leases(endpoint, secret).values())
+        assert states == [("alice", "revoked"), ("bob", "released")]
+        assert page.locator("#timeline rect.lease").count() == 2
+
+        # A reload keeps the login (cookie) and the open session, and its live view resumes.
+        page.reload()
+        page.wait_for_selector("body[data-ready='1']")
+        page.wait_for_selector('#live li[data-seq="2"]')
+        _rpc(endpoint, "AppendEvent", secret, session_id="s1", kind="after.reload")
+        page.wait_for_selector('#live li[data-seq="3"]')
+        assert page.locator("#live li[data-seq]").count() == 3  # no gap, no duplicate
+
+        page.click("#logout")
+        page.wait_for_selector("#login-form", state="visible")
+        assert page.evaluate("fetch('/api/relay/overview').then(r => r.status)") == 401
+        page.close()
+    # Refusals (401 before login, the stale token's 412) log as failed loads; nothing else may:
+    # no uncaught exception, no CSP violation.
+    assert [p for p in problems if not p.startswith("Failed to load resource")] == [], problems
+
+
+THOUSAND = 1000
+#: Generous bounds that a regression to rendering every session (or loading a framework) breaks.
+MAX_INTERACTIVE_MS = 3000
+MAX_PAGE_BYTES = 150 * 1024
+
+
+def _thousand_sessions(root: Path) -> None:
+    """A profile, 1,000 sessions, 100 of them leased: a few group commits, no CLI per row."""
+    store = relay.Store(root)
+    commit_ok(store, "RegisterProfile", name="codex-main", provider="codex", mode="pooled")
+    now = time.time()
+    creates = [mutation("CreateSession", profile="codex-main", session_id=f"s{i:04d}")
+               for i in range(THOUSAND)]
+    borrows = [mutation("Borrow", holder=f"job-{i}", session_id=f"s{i:04d}", ttl_seconds=3600)
+               for i in range(0, THOUSAND, 10)]
+    for batch in (creates, borrows):
+        results, _ = relay.commit(store, batch, relay.Config(), now)
+        assert not any(isinstance(x, relay.RelayError) for x in results)
+
+
+@pytest.mark.slow
+def test_the_page_is_interactive_quickly_and_light_with_a_thousand_sessions(browser, tmp_path):
+    """With 1,000 sessions in the ledger the page renders one page of 50 rows, pages through the
+    rest and filters on the server, becomes interactive within MAX_INTERACTIVE_MS and weighs
+    under MAX_PAGE_BYTES; it also fits a 390 px window without a horizontal scrollbar.  The
+    measurement is written to ARTIFACTS/dashboard-thousand.json (rerun: pytest
+    tests/test_dashboard.py -k thousand -s)."""
+    _thousand_sessions(tmp_path)
+    with relay_process(tmp_path) as endpoint:
+        page = browser.new_page()
+        page.set_viewport_size({"width": 1280, "height": 800})
+        page.goto(f"{endpoint}/", wait_until="commit")
+        page.wait_for_selector("body[data-ready='1']")
+        ready_ms = int(page.get_attribute("body", "data-ready-ms"))
+        weight = page.evaluate("""() => {
+          const nav = performance.getEntriesByType('navigation')[0];
+          const all = [nav, ...performance.getEntriesByType('resource')];
+          return {bytes: all.reduce((n, e) => n + e.encodedBodySize, 0),
+                  files: all.map(e => [e.name.replace(location.origin, ''), e.encodedBodySize])};
+        }""")
+        assert page.locator("#sessions tbody tr").count() == 50
+        assert page.inner_text("#page-info") == f"1–50 of {THOUSAND}"
+        page.click("#next")
+        _row_shows(page, "s0050", "job-5")
+        page.fill("#filter", "s0999")
+        from playwright.sync_api import expect
+
+        expect(page.locator("#sessions tbody tr")).to_have_count(1)
+        _shoot(page, "thousand")
+        page.set_viewport_size({"width": 390, "height": 844})
+        overflow = page.evaluate("document.documentElement.scrollWidth")
+        page.close()
+    measured = {"sessions": THOUSAND, "time_to_interactive_ms": ready_ms, "page_bytes": weight["bytes"],
+                "files": weight["files"]}
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "dashboard-thousand.json").write_text(json.dumps(measured, indent=1))
+    print(f"\ndashboard with {THOUSAND} sessions: interactive in {ready_ms} ms, "
+          f"{weight['bytes']} bytes ({weight['files']})")
+    assert ready_ms < MAX_INTERACTIVE_MS and weight["bytes"] < MAX_PAGE_BYTES, measured
+    assert overflow <= 390, f"the page is {overflow} px wide in a 390 px window"
