@@ -271,6 +271,10 @@ from relay_client import (  # noqa: E402
 
 __all__ = [
     "CLEANUP_SECONDS",
+    "DASHBOARD_CSP",
+    "DASHBOARD_CSS",
+    "DASHBOARD_HTML",
+    "DASHBOARD_JS",
     "FAILPOINTS",
     "GATE_CHECKS",
     "GRACEFUL_SECONDS",
@@ -315,6 +319,8 @@ __all__ = [
     "create_app",
     "create_session",
     "create_token",
+    "dashboard_overview",
+    "dashboard_timeline",
     "decode_ledger",
     "decode_record",
     "encode_ledger",
@@ -344,6 +350,7 @@ __all__ = [
     "revoke_lease",
     "revoke_token",
     "rotate_token",
+    "rpc_description",
     "rpc_mutation",
     "serve",
     "shutdown",
