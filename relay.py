@@ -4956,11 +4956,11 @@ def _timeline_args(args: Any, now: float) -> tuple[str, str]:
 # -- the routes -------------------------------------------------------------------------
 
 
-def _dashboard_asset(path: str) -> tuple[str, str] | None:
-    """(content type, text) of a page file, or None."""
+def _dashboard_asset(path: str) -> tuple[str, str]:
+    """(content type, text) of a page file."""
     return {"/": ("text/html; charset=utf-8", DASHBOARD_HTML),
             "/dashboard.css": ("text/css; charset=utf-8", DASHBOARD_CSS),
-            "/dashboard.js": ("text/javascript; charset=utf-8", DASHBOARD_JS)}.get(path)
+            "/dashboard.js": ("text/javascript; charset=utf-8", DASHBOARD_JS)}[path]
 
 
 def _add_dashboard(app: Any, service: Service) -> None:
@@ -4968,14 +4968,19 @@ def _add_dashboard(app: Any, service: Service) -> None:
     ``create_app``).  The Host/Origin guard still stands in front of all of it."""
     from quart import Response, request
 
-    async def page_files() -> Any:
-        # Runs before the token check (inserted first): the files carry no data.
-        asset = _dashboard_asset(request.path) if request.method in ("GET", "HEAD") else None
-        if asset is None:
-            return None
-        return Response(asset[1], status=200, content_type=asset[0], headers=_DASHBOARD_HEADERS)
+    async def page_file() -> Any:
+        content_type, text = _dashboard_asset(request.path)
+        return Response(text, status=200, content_type=content_type, headers=_DASHBOARD_HEADERS)
 
-    app.before_request_funcs.setdefault(None, []).insert(0, page_files)
+    async def before_the_token_check() -> Any:
+        # Inserted first among the before-request hooks: the files carry no
+        # data, so they are answered ahead of the token check (as /health is).
+        rule = request.url_rule
+        return await page_file() if rule is not None and rule.endpoint == "dashboard_file" else None
+
+    for path in ("/", "/dashboard.css", "/dashboard.js"):
+        app.add_url_rule(path, "dashboard_file", page_file, methods=["GET"])
+    app.before_request_funcs.setdefault(None, []).insert(0, before_the_token_check)
 
     @app.get("/api/relay/rpcs")
     async def api_rpcs() -> Any:
@@ -5090,6 +5095,7 @@ DASHBOARD_CSS: Final = r'''/* flow-relay dashboard: plain CSS, system fonts, lig
           --ok: #58c27d; --warn: #e0a23a; --bad: #ff7b72; --accent: #7aa2ff; --shade: #2a2d36; }
 }
 * { box-sizing: border-box; }
+[hidden] { display: none !important; }  /* over the display rules below */
 body { margin: 0; font: 14px/1.4 system-ui, -apple-system, "Segoe UI", sans-serif;
        background: var(--bg); color: var(--fg); }
 header { display: flex; gap: 1em; align-items: baseline; padding: .6em 1em;
@@ -5109,7 +5115,7 @@ main { display: grid; grid-template-columns: minmax(0, 3fr) minmax(0, 2fr); gap:
 #actions-panel { grid-column: 1 / span 2; }
 .panel { background: var(--panel); border: 1px solid var(--line); border-radius: 6px;
          padding: .8em 1em; min-width: 0; }
-#login { max-width: 28em; margin: 3em auto; }
+#login { max-width: 28em; width: calc(100% - 2em); margin: 3em auto; }
 #login label { display: block; margin: .8em 0; }
 .scroll { overflow-x: auto; }
 table { border-collapse: collapse; width: 100%; }
@@ -5309,7 +5315,10 @@ async function refresh() {
   const q = new URLSearchParams({offset: state.page.offset, limit: PAGE_ROWS});
   if (state.page.q) q.set("q", state.page.q);
   const r = await api(`/api/relay/overview?${q}`);
-  if (!r.ok) return false;
+  if (!r.ok) {  // e.g. a damaged ledger: say so where the relay's summary goes
+    if (r.status !== 401) $("relay-info").replaceChildren(errorNode(r.body));
+    return false;
+  }
   state.overview = r.body;
   state.fetchedAt = Date.now();
   renderOverview();

@@ -129,6 +129,14 @@ async def test_the_rpc_description_has_every_rpc_with_its_request_fields(workspa
     assert "lease.revoked" in doc["feed_kinds"] and "quarantine.set" in doc["feed_kinds"]
 
 
+def test_the_page_names_no_rpc_of_its_own():
+    """The page's script and HTML name no RPC and no RPC path: every form comes from the
+    description, so the table is the only place an RPC is spelled."""
+    page = relay.DASHBOARD_JS + relay.DASHBOARD_HTML
+    assert [rpc.name for rpc in rc.RPCS if re.search(rf"\b{rpc.name}\b", page)] == []
+    assert rc.SERVICE not in page
+
+
 def test_a_new_rpc_in_the_table_is_described_with_no_dashboard_code(monkeypatch):
     """An RPC added to relay_client.RPCS (here a made-up destructive CloseSession) appears in the
     description, its fields from its request message: the page needs nothing new to offer it."""
@@ -311,6 +319,7 @@ def test_an_operator_logs_in_borrows_streams_revokes_quarantines_clears_and_rele
         page.on("pageerror", lambda exc: problems.append(f"uncaught: {exc}"))
         page.goto(f"{endpoint}/")
         page.wait_for_selector("#login-form", state="visible")
+        assert not page.is_visible("#app")  # nothing of the relay before the login
         _shoot(page, "login")
         page.fill("#login-token", secret)
         page.click("#login-form button[type=submit]")
