@@ -4662,9 +4662,10 @@ _DESTRUCTIVE_VERBS: Final = ("Release", "Revoke", "Quarantine", "Clear", "Close"
                              "Interrupt")
 #: The relay feed's notice kinds (``notices_for``, ``diff_notices``): an
 #: EventSource hears a named event only if it listens for that name.
-FEED_KINDS: Final = ("lease.granted", "lease.waiting", "lease.renewed", "lease.released",
-                     "lease.revoked", "lease.expired", "quarantine.set", "quarantine.cleared",
-                     "runtime.served", "runtime.stopped", "relay.shutdown")
+FEED_KINDS: Final = (*(f"lease.{x}" for x in ("granted", "waiting", "renewed", "released",
+                                               "revoked", "expired")),
+                     "quarantine.set", "quarantine.cleared",
+                     *(f"runtime.{'served' if x == 'serving' else x}" for x in rc.RUNTIME_STATUSES))
 #: Rows per page of the session list (``GET /api/relay/overview``).
 OVERVIEW_PAGE_ROWS: Final = 50
 OVERVIEW_MAX_ROWS: Final = 500
@@ -4776,6 +4777,13 @@ def _pool_health(ledger: Ledger, current: dict[str, rc.Lease]) -> dict[str, dict
     return pools
 
 
+def _running_turns(ledger: Ledger) -> dict[str, dict[str, Any]]:
+    """Per session, its unfinished turn, where the ledger keeps turn records
+    (the live runtime's; a ledger without them has none)."""
+    return {t.session_id: {"turn_id": t.turn_id, "state": t.state, "started_at": t.started_at}
+            for t in getattr(ledger, "turns", {}).values() if not t.ended_at}
+
+
 def _session_row(ledger: Ledger, session: rc.Session, lease: rc.Lease | None,
                  live: int) -> dict[str, Any]:
     row = to_json(session)
@@ -4809,13 +4817,16 @@ def dashboard_overview(ledger: Ledger, now: float, *, offset: int = 0,
               if (not profile or s.profile == profile)
               and (not text or _matches(s, current.get(s.session_id), text))]
     page = chosen[offset:offset + limit]
+    running = _running_turns(ledger)
+    rows = [_session_row(ledger, s, current.get(s.session_id), live.get(s.session_id, 0)) for s in page]
+    for row in rows:
+        row["turn"] = running.get(row["session_id"])
     return {
         "revision": ledger.revision, "now": stamp,
         "runtime": to_json(ledger.runtime),
         "profiles": [{**to_json(p), "pool": pools[p.name]} for _, p in sorted(ledger.profiles.items())],
         "sessions": {"total": len(chosen), "offset": offset, "limit": limit,
-                     "items": [_session_row(ledger, s, current.get(s.session_id),
-                                            live.get(s.session_id, 0)) for s in page]},
+                     "items": rows},
         "counts": {"sessions": len(ledger.sessions), "leased": sum(
             1 for x in current.values() if x.state == "active"),
             "quarantined": sum(1 for q in ledger.quarantines.values() if q.state == "active")},
@@ -4921,12 +4932,13 @@ def dashboard_timeline(store: Store, ledger: Ledger, session_id: str, since: str
                     key=lambda s: s["start"])
     events = _recent_records(store, ledger, session_id, "events")
     results = _recent_records(store, ledger, session_id, "results")
-    turns = [t for t in _turn_spans(events, results) if t["end"] >= since]
-    for turn in getattr(ledger, "turns", {}).values():  # the live runtime's, when it has them
-        row = to_json(turn)
-        if row.get("session_id") == session_id:
-            start = row.get("started_at", "")
-            turns.append({**row, "start": start, "end": row.get("ended_at") or stamp})
+    turns = {t["turn_id"]: t for t in _turn_spans(events, results)}
+    for turn in getattr(ledger, "turns", {}).values():  # the live runtime's records win
+        if turn.session_id == session_id:
+            turns[turn.turn_id] = {"turn_id": turn.turn_id, "state": turn.state,
+                                   "start": turn.started_at, "end": turn.ended_at or stamp,
+                                   "error": getattr(turn, "error", "")}
+    turns = sorted((t for t in turns.values() if t["end"] >= since), key=lambda t: t["start"])
     marks = []
     q = ledger.quarantines.get(session_id)
     if q is not None:
@@ -5484,7 +5496,9 @@ function drawTimeline(t, W) {
         (l.reason ? `\n${l.reason}` : ""));
   }
   for (const turn of t.turns) {
-    bar(`turn ${turn.state}`, holders.length, turn.start, turn.end, `turn ${turn.turn_id} ${turn.state}`);
+    const why = turn.error ? `: ${turn.error}` : "";
+    bar(`turn ${turn.state}`, holders.length, turn.start, turn.end,
+        `turn ${turn.turn_id} ${turn.state}${why}\n${turn.start} → ${turn.end}`);
   }
   const eventsY = 22 + (holders.length + 1) * ROW;
   for (const e of t.events) {

@@ -146,8 +146,9 @@ def test_a_new_rpc_in_the_table_is_described_with_no_dashboard_code(monkeypatch)
         session_id: str = attrs.field(metadata={"flag": "--session", "id": "session"})
         reason: str = attrs.field(default="", metadata={"flag": "--reason", "help": "why"})
 
-    extra = rc.Rpc("CloseSession", CloseSessionRequest, rc.SessionReply, True, ("session", "close"),
-                   "close a session for good")
+    extra = attrs.evolve(rc.RPC_BY_NAME["ClearQuarantine"], name="CloseSession",
+                         request=CloseSessionRequest, response=rc.SessionReply,
+                         cli=("session", "close"), help="close a session for good")
     monkeypatch.setattr(rc, "RPCS", (*rc.RPCS, extra))
     row = relay.rpc_description()["rpcs"][-1]
     assert (row["name"], row["kind"], row["destructive"]) == ("CloseSession", "mutation", True)
@@ -473,3 +474,33 @@ def test_the_page_is_interactive_quickly_and_light_with_a_thousand_sessions(brow
           f"{weight['bytes']} bytes ({weight['files']})")
     assert ready_ms < MAX_INTERACTIVE_MS and weight["bytes"] < MAX_PAGE_BYTES, measured
     assert overflow <= 390, f"the page is {overflow} px wide in a 390 px window"
+
+
+def test_the_timeline_prefers_the_ledgers_turn_records_to_what_the_streams_tell(workspace):
+    """Where the ledger keeps turn records (the live runtime's), a turn is drawn from its record
+    (state, start, end, error) and not a second time from its stream events; other sessions'
+    turns stay out."""
+    import types
+
+    store = relay.Store(workspace)
+    _seed(store, sessions=2)
+    commit_ok(store, "AppendEvent", session_id="s1", kind="turn.started", data={"turn_id": "t1"},
+              now=T0 - 50)
+    real = store.read()
+
+    @attrs.frozen
+    class Turn:  # the runtime's record, as much of it as the timeline reads
+        turn_id: str
+        session_id: str
+        state: str
+        started_at: str
+        ended_at: str
+        error: str = ""
+
+    turns = {"t1": Turn("t1", "s1", "failed", relay.iso(T0 - 50), relay.iso(T0 - 10), "crashed"),
+             "t2": Turn("t2", "s2", "running", relay.iso(T0 - 5), "")}
+    ledger = types.SimpleNamespace(**{f.name: getattr(real, f.name) for f in attrs.fields(type(real))},
+                                   turns=turns)
+    t = relay.dashboard_timeline(store, ledger, "s1", relay.iso(T0 - 3600), T0)
+    assert t["turns"] == [{"turn_id": "t1", "state": "failed", "start": relay.iso(T0 - 50),
+                           "end": relay.iso(T0 - 10), "error": "crashed"}]
