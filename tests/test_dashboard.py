@@ -331,6 +331,17 @@ def test_an_operator_logs_in_borrows_streams_revokes_quarantines_clears_and_rele
         assert "codex-main" in page.inner_text("#profiles") and "healthy" in page.inner_text("#profiles")
         assert "s1" in _row(page, "s1") and "ready" in _row(page, "s2")
 
+        # The form checks fields from their description before anything is sent.
+        before = state_digest(tmp_path)
+        _act(page, "Borrow", holder="../alice", session_id="s1", ttl_seconds="-3")
+        page.wait_for_selector("#p-holder:has-text('not a valid holder')")
+        assert page.inner_text("#p-ttl_seconds") == "a whole number"
+        page.fill("#f-holder", "")
+        page.click("#rpc-form button[type=submit]")
+        page.wait_for_selector("#p-holder:has-text('required')")
+        assert page.inner_text("#rpc-result") == "" and state_digest(tmp_path) == before
+        page.fill("#f-ttl_seconds", "")
+
         # Borrow s1 with the generated form: the row shows the holder, the ledger the lease.
         _act(page, "Borrow", holder="alice", session_id="s1")
         assert "Borrow: granted" in _result(page)
