@@ -4730,7 +4730,7 @@ def rpc_description() -> dict[str, Any]:
 
 def _current_leases(ledger: Ledger, stamp: str) -> tuple[dict[str, rc.Lease], dict[str, int]]:
     """Per session: its current lease (the live active one with the highest
-    fencing token, else the oldest waiting one) and how many live leases it has."""
+    fencing token, else a waiting one) and how many live leases it has."""
     current: dict[str, rc.Lease] = {}
     live: dict[str, int] = {}
     for lease in ledger.leases.values():
@@ -4749,12 +4749,13 @@ def _pool_health(ledger: Ledger, current: dict[str, rc.Lease]) -> dict[str, dict
     failed and closed counts, healthy|degraded, and the newest active
     quarantine as its last error.  (The live runtime's own pool fields, when
     a profile carries them, are shown beside these.)"""
-    pools = {name: {"health": "healthy", "sessions": 0, "warm": 0, "leased": 0, "failed": 0,
-                    "closed": 0, "last_error": None} for name in ledger.profiles}
+    def empty() -> dict[str, Any]:
+        return {"health": "healthy", "sessions": 0, "warm": 0, "leased": 0, "failed": 0,
+                "closed": 0, "last_error": None}
+
+    pools = {name: empty() for name in ledger.profiles}
     for session in ledger.sessions.values():
-        pool = pools.setdefault(session.profile, {"health": "healthy", "sessions": 0, "warm": 0,
-                                                  "leased": 0, "failed": 0, "closed": 0,
-                                                  "last_error": None})
+        pool = pools.setdefault(session.profile, empty())
         pool["sessions"] += 1
         lease = current.get(session.session_id)
         if session.state == "failed":
