@@ -318,6 +318,8 @@ def test_an_operator_logs_in_borrows_streams_revokes_quarantines_clears_and_rele
         problems: list[str] = []
         page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda exc: problems.append(f"uncaught: {exc}"))
+        calls: list[Any] = []
+        page.on("request", lambda req: calls.append(req) if f"/{rc.SERVICE}/" in req.url else None)
         page.goto(f"{endpoint}/")
         page.wait_for_selector("#login-form", state="visible")
         assert not page.is_visible("#app")  # nothing of the relay before the login
@@ -389,6 +391,10 @@ def test_an_operator_logs_in_borrows_streams_revokes_quarantines_clears_and_rele
         assert "failed" in _row(page, "s1") and "degraded" in page.inner_text("#profiles")
         page.wait_for_selector("#timeline line.quarantine", state="attached")
         assert _rpc(endpoint, "ListSessions", secret)["sessions"][0]["state"] == "failed"
+        from playwright.sync_api import expect
+
+        expect(page.locator("#feed")).to_contain_text("quarantine.set s1 · provider crashed")
+        expect(page.locator("#feed")).to_contain_text("lease.revoked s1 · alice")
         page.select_option("#window", "60")  # zoom in: this test's minute
         page.wait_for_selector("#timeline line.quarantine", state="attached")
         _shoot(page, "quarantined")
@@ -420,6 +426,11 @@ def test_an_operator_logs_in_borrows_streams_revokes_quarantines_clears_and_rele
         page.wait_for_selector("#login-form", state="visible")
         assert page.evaluate("fetch('/api/relay/overview').then(r => r.status)") == 401
         page.close()
+    # Every call carried a fresh request id, in the header and as the idempotency key.
+    uuid = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+    keys = [(c.headers["x-request-id"], json.loads(c.post_data)["request_id"]) for c in calls]
+    assert len(keys) == 8 and all(uuid.fullmatch(h) and uuid.fullmatch(k) for h, k in keys), keys
+    assert len({k for pair in keys for k in pair}) == 16  # the cancelled and the invalid sent nothing
     # Refusals (401 before login, the stale token's 412) log as failed loads; nothing else may:
     # no uncaught exception, no CSP violation.
     assert [p for p in problems if not p.startswith("Failed to load resource")] == [], problems
