@@ -5049,6 +5049,7 @@ DASHBOARD_HTML: Final = r'''<!doctype html>
 </section>
 
 <main id="app" hidden>
+  <div class="stack">
   <section id="profiles-panel" class="panel">
     <h2>Profiles</h2>
     <div class="scroll"><table id="profiles">
@@ -5071,6 +5072,7 @@ DASHBOARD_HTML: Final = r'''<!doctype html>
         <th>Mode</th><th>Token</th><th>Time left</th><th>Quarantine</th></tr></thead>
       <tbody></tbody></table></div>
   </section>
+  </div>
 
   <section id="detail-panel" class="panel">
     <h2>Session <span id="detail-id">&mdash;</span></h2>
@@ -5123,8 +5125,7 @@ h3 select { font: inherit; font-weight: normal; margin-left: .5em; }
 code { font-size: .92em; }
 main { display: grid; grid-template-columns: minmax(0, 3fr) minmax(0, 2fr); gap: 1em; padding: 1em;
        align-items: start; }
-#profiles-panel, #sessions-panel { grid-column: 1; }
-#detail-panel { grid-column: 2; grid-row: 1 / span 2; }
+.stack { display: flex; flex-direction: column; gap: 1em; min-width: 0; }
 #actions-panel { grid-column: 1 / span 2; }
 .panel { background: var(--panel); border: 1px solid var(--line); border-radius: 6px;
          padding: .8em 1em; min-width: 0; }
@@ -5181,7 +5182,8 @@ button.danger { color: var(--bad); border-color: var(--bad); }
 /* A narrow window (a phone at 390 px): one column, forms stacked. */
 @media (max-width: 760px) {
   main { grid-template-columns: minmax(0, 1fr); padding: .5em; gap: .6em; }
-  #profiles-panel, #sessions-panel, #detail-panel, #actions-panel { grid-column: 1; grid-row: auto; }
+  #actions-panel { grid-column: 1; }
+  .stack { gap: .6em; }
   form .field { grid-template-columns: 1fr; }
   /* tables become cards: each cell over its column's name */
   #sessions thead, #profiles thead { display: none; }
