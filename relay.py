@@ -5159,6 +5159,7 @@ dd { margin: 0; overflow-wrap: anywhere; }
 .live li:empty { display: none; }
 .live .seq { color: var(--muted); margin-right: .5em; }
 .live .kind { color: var(--accent); margin-right: .5em; }
+.live li.result { background: var(--shade); }
 .timeline svg { width: 100%; height: auto; display: block; }
 .timeline text { font-size: 11px; fill: var(--muted); }
 .timeline .axis { stroke: var(--line); }
@@ -5214,7 +5215,7 @@ const SVG = "http://www.w3.org/2000/svg";
 
 const state = {
   rpcs: [], feedKinds: [], overview: null, fetchedAt: 0,
-  page: {offset: 0, q: ""}, selected: null, holder: "", live: null, feed: null,
+  page: {offset: 0, q: ""}, selected: null, holder: "", live: null, feed: null, seen: {},
 };
 
 // -- small helpers ------------------------------------------------------------
@@ -5424,7 +5425,7 @@ function select(s) {
   }
   renderDetail();
   loadTimeline();
-  openLive(s.session_id, s.events);
+  openLive(s.session_id, {events: s.events, results: s.results});
   renderForm();  // prefill from the new context
 }
 
@@ -5519,30 +5520,36 @@ function drawTimeline(t, W) {
   return root;
 }
 
-// The live view: a native EventSource on the session's event stream.  It
-// resumes by itself after a drop (the browser sends Last-Event-ID).  Across
-// reloads the page keeps the last id it showed in sessionStorage -- a cursor,
-// not a credential -- and starts from a little before it, so nothing that
-// arrived during the reload is missed.
-function openLive(sid, lastSeq) {
-  if (state.live) state.live.close();
+// The live view: native EventSources on the session's event and result
+// streams.  Each resumes by itself after a drop (the browser sends
+// Last-Event-ID).  Across reloads the page keeps the last id it showed in
+// sessionStorage -- a cursor, not a credential -- and starts from a little
+// before it, so nothing that arrived during the reload is missed.
+function openLive(sid, counts) {
+  for (const source of state.live || []) source.close();
   $("live").replaceChildren();
-  const kept = Number((sessionStorage.getItem(`cursor:${sid}`) || "").split(":").pop() || lastSeq);
+  state.seen = {};
+  state.live = ["events", "results"].map((stream) => liveStream(sid, stream, counts[stream]));
+}
+
+function liveStream(sid, stream, lastSeq) {
+  const key = `cursor:${stream}:${sid}`;
+  const kept = Number((sessionStorage.getItem(key) || "").split(":").pop() || lastSeq);
   const from = Math.max(0, Math.min(kept, lastSeq) - LIVE_TAIL);
-  const query = new URLSearchParams({session: sid, last_event_id: `${sid}:${from}`});
+  const query = new URLSearchParams({session: sid, stream, last_event_id: `${sid}:${from}`});
   const source = new EventSource(`/events?${query}`);
-  state.live = source;
+  const name = stream.slice(0, -1);  // the SSE event name: event | result
   $("live-state").textContent = "connecting…";
   source.onopen = () => { $("live-state").textContent = "live"; };
-  source.addEventListener("event", (e) => {
+  source.addEventListener(name, (e) => {
     const record = JSON.parse(e.data);
-    sessionStorage.setItem(`cursor:${sid}`, e.lastEventId);
-    if (state.selected && state.selected.session_id === sid && record.seq > state.selected.events) {
-      state.selected.events = record.seq;
-      renderDetail();
-    }
+    sessionStorage.setItem(key, e.lastEventId);
+    const s = state.selected;
+    if (s && s.session_id === sid && record.seq > s[stream]) { s[stream] = record.seq; renderDetail(); }
+    remember(record.data);
     const list = $("live");
-    list.append(el("li", {"data-seq": record.seq}, el("span", {class: "seq", text: `#${record.seq}`}),
+    list.append(el("li", {[`data-${name}`]: record.seq, class: name},
+                   el("span", {class: "seq", text: `${name === "result" ? "result " : ""}#${record.seq}`}),
                    el("span", {class: "kind", text: record.kind}),
                    typeof record.data === "string" ? record.data : JSON.stringify(record.data)));
     while (list.children.length > LIVE_KEEP) list.firstChild.remove();
@@ -5552,6 +5559,16 @@ function openLive(sid, lastSeq) {
     if (e.data) $("live").append(el("li", {}, errorNode(JSON.parse(e.data))));
     $("live-state").textContent = source.readyState === EventSource.CLOSED ? "closed" : "reconnecting…";
   });
+  return source;
+}
+
+// Ids a record names (turn_id, approval_id, ...) prefill the form fields of
+// the same name: answering the approval the agent just asked for is one click.
+function remember(data) {
+  if (!data || typeof data !== "object") return;
+  for (const [k, v] of Object.entries(data)) {
+    if (k.endsWith("_id") && typeof v === "string" && k !== "session_id") state.seen[k] = v;
+  }
 }
 
 // The relay feed as a notification strip; every notice refreshes the overview.
@@ -5573,8 +5590,9 @@ function openFeed() {
 }
 
 function closeStreams() {
-  for (const s of [state.live, state.feed]) if (s) s.close();
-  state.live = state.feed = null;
+  for (const s of [...(state.live || []), state.feed]) if (s) s.close();
+  state.live = null;
+  state.feed = null;
 }
 
 // -- actions: one generated form per mutation RPC ------------------------------------
@@ -5582,7 +5600,8 @@ function closeStreams() {
 // What the page knows of the current context fills the fields of the same name.
 function context() {
   const s = state.selected, l = s && s.lease;
-  return {session_id: s && s.session_id, profile: s && s.profile, holder: state.holder || (l && l.holder),
+  return {...state.seen, turn_id: s && s.turn ? s.turn.turn_id : state.seen.turn_id,
+          session_id: s && s.session_id, profile: s && s.profile, holder: state.holder || (l && l.holder),
           lease_id: l && l.lease_id, fencing_token: l && l.fencing_token};
 }
 

@@ -307,7 +307,7 @@ def _leases(endpoint: str, secret: str) -> dict[str, dict[str, Any]]:
 def test_an_operator_logs_in_borrows_streams_revokes_quarantines_clears_and_releases(browser, tmp_path):
     """End to end in Chromium on a relay with a token: the login form (token never kept by the
     page), profiles and sessions, Borrow through the generated form, an event appended from the
-    page and one from elsewhere streaming into the live view, a stale-token refusal's message
+    page and one from elsewhere (and a result) streaming into the live view, a stale-token refusal's message
     and hint, RevokeLease cancelled then confirmed, QuarantineSession and ClearQuarantine (the
     timeline marks both), Release, a reload that resumes, and logout; every step checks the page
     and the ledger."""
@@ -360,9 +360,13 @@ def test_an_operator_logs_in_borrows_streams_revokes_quarantines_clears_and_rele
         _act(page, "AppendEvent", kind="note", data='{"text": "from the page"}')
         assert "AppendEvent: appended" in _result(page)
         _rpc(endpoint, "AppendEvent", secret, session_id="s1", kind="agent.message", data="from elsewhere")
-        page.wait_for_selector('#live li[data-seq="2"]')
-        assert "from the page" in page.inner_text('#live li[data-seq="1"]')
-        assert "agent.message" in page.inner_text('#live li[data-seq="2"]')
+        page.wait_for_selector('#live li[data-event="2"]')
+        assert "from the page" in page.inner_text('#live li[data-event="1"]')
+        assert "agent.message" in page.inner_text('#live li[data-event="2"]')
+        _rpc(endpoint, "AppendResult", secret, session_id="s1", kind="turn.completed",
+             data={"turn_id": "t-1", "output": "done"})
+        page.wait_for_selector('#live li[data-result="1"]')
+        assert "turn.completed" in page.inner_text('#live li[data-result="1"]')
         events = _rpc(endpoint, "ListEvents", secret, session_id="s1")["records"]
         assert [(e["kind"], e["data"]) for e in events] == [
             ("note", {"text": "from the page"}), ("agent.message", "from elsewhere")]
@@ -417,10 +421,11 @@ def test_an_operator_logs_in_borrows_streams_revokes_quarantines_clears_and_rele
         # A reload keeps the login (cookie) and the open session, and its live view resumes.
         page.reload()
         page.wait_for_selector("body[data-ready='1']")
-        page.wait_for_selector('#live li[data-seq="2"]')
+        page.wait_for_selector('#live li[data-event="2"]')
         _rpc(endpoint, "AppendEvent", secret, session_id="s1", kind="after.reload")
-        page.wait_for_selector('#live li[data-seq="3"]')
-        assert page.locator("#live li[data-seq]").count() == 3  # no gap, no duplicate
+        page.wait_for_selector('#live li[data-event="3"]')
+        assert page.locator("#live li[data-event]").count() == 3  # no gap, no duplicate
+        assert page.locator("#live li[data-result]").count() == 1
 
         page.click("#logout")
         page.wait_for_selector("#login-form", state="visible")
