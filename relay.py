@@ -17,6 +17,7 @@ One module, read top to bottom; each section uses only those above it.
     Provider settings (offline homes and environments; pure)
     Supervision (ledger owner, heartbeat, subprocesses)
     Service (one method per RPC; no Quart imports)
+    Dashboard (GET /)
     HTTP, SSE and WebSocket adapter (create_app)
     Serving
     The gate
@@ -272,6 +273,10 @@ from relay_client import (  # noqa: E402
 
 __all__ = [
     "CLEANUP_SECONDS",
+    "DASHBOARD_CSP",
+    "DASHBOARD_CSS",
+    "DASHBOARD_HTML",
+    "DASHBOARD_JS",
     "FAILPOINTS",
     "GATE_CHECKS",
     "GRACEFUL_SECONDS",
@@ -318,6 +323,8 @@ __all__ = [
     "create_app",
     "create_session",
     "create_token",
+    "dashboard_overview",
+    "dashboard_timeline",
     "decode_ledger",
     "decode_record",
     "encode_ledger",
@@ -352,6 +359,7 @@ __all__ = [
     "revoke_lease",
     "revoke_token",
     "rotate_token",
+    "rpc_description",
     "rpc_mutation",
     "serve",
     "shutdown",
@@ -4862,6 +4870,1134 @@ def _lease_lost(lease_id: str, lease: rc.Lease | None) -> str:
 
 
 ################################################################
+# Dashboard (GET /)
+################################################################
+
+# The operator's page is served by the relay itself: one HTML document, one
+# stylesheet and one script, all constants below (no build step, nothing from
+# a CDN: the relay may run offline).  The page holds no data and no secret, so
+# it is served before the token check, as /health is; everything it shows
+# comes from authenticated JSON routes (an unauthenticated page shows only its
+# login form).  Its forms are generated from ``GET /api/relay/rpcs``, the
+# table of RPCs described from the request messages' field metadata, so a new
+# RPC in ``relay_client.RPCS`` appears on the page with no dashboard code.
+
+#: A strict policy: this origin's files only, no inline script or style, no
+#: framing, no <base>, forms post only here.
+DASHBOARD_CSP: Final = ("default-src 'self'; script-src 'self'; connect-src 'self'; "
+                        "img-src 'self' data:; style-src 'self'; frame-ancestors 'none'; "
+                        "base-uri 'none'; form-action 'self'")
+_DASHBOARD_HEADERS: Final = {"Content-Security-Policy": DASHBOARD_CSP,
+                             "X-Content-Type-Options": "nosniff",
+                             "Referrer-Policy": "no-referrer",
+                             "X-Frame-Options": "DENY",
+                             "Cache-Control": "no-cache"}
+#: An RPC is destructive (the page asks before calling it) when it mutates and
+#: its name starts with one of these verbs: it ends, blocks or discards
+#: someone's work.  A rule over the table, so new RPCs are covered by name.
+_DESTRUCTIVE_VERBS: Final = ("Release", "Revoke", "Quarantine", "Clear", "Close", "Repair",
+                             "Interrupt")
+#: The relay feed's notice kinds (``notices_for``, ``diff_notices``): an
+#: EventSource hears a named event only if it listens for that name.
+FEED_KINDS: Final = (*(f"lease.{x}" for x in ("granted", "waiting", "renewed", "released",
+                                               "revoked", "expired")),
+                     "quarantine.set", "quarantine.cleared",
+                     *(f"runtime.{'served' if x == 'serving' else x}" for x in rc.RUNTIME_STATUSES))
+#: Rows per page of the session list (``GET /api/relay/overview``).
+OVERVIEW_PAGE_ROWS: Final = 50
+OVERVIEW_MAX_ROWS: Final = 500
+#: The timeline's default window and the most stream records it reads per stream.
+TIMELINE_WINDOW_SECONDS: Final = 1 * HOURS
+TIMELINE_MAX_RECORDS: Final = 2000
+_JSON_TYPES: Final = {str: "string", int: "integer", float: "number", bool: "boolean"}
+
+
+def _json_type(tp: Any) -> str:
+    import typing
+
+    if tp in _JSON_TYPES:
+        return _JSON_TYPES[tp]
+    return "array" if typing.get_origin(tp) is tuple else "json"
+
+
+def _field_description(field: Any, tp: Any) -> dict[str, Any]:
+    """One request field as the page's form needs it."""
+    meta = field.metadata
+    row: dict[str, Any] = {"name": field.name, "type": _json_type(tp),
+                           "required": field.default is attrs.NOTHING,
+                           "help": meta.get("help", "")}
+    if field.default is not attrs.NOTHING:
+        row["default"] = to_json(field.default)
+    if "choices" in meta:
+        row["choices"] = list(meta["choices"])
+    if "id" in meta:  # checked with check_id: the id pattern, anchored for RegExp
+        row["id"] = meta["id"]
+        row["pattern"] = rc.ID_PATTERN.pattern
+    if meta.get("id") == "request id":
+        row["auto"] = "request-id"  # the page fills in a fresh UUID when left empty
+    for key in ("minimum", "length"):
+        if key in meta:
+            row[key] = to_json(meta[key])
+    if meta.get("argv"):
+        row["argv"] = True
+    return row
+
+
+def rpc_description() -> dict[str, Any]:
+    """``GET /api/relay/rpcs``: every RPC of the table with its kind, whether
+    it is destructive, and its request fields."""
+    import typing
+
+    rows = []
+    for rpc in rc.RPCS:
+        hints = typing.get_type_hints(rpc.request, vars(rc))
+        rows.append({
+            "name": rpc.name, "path": rpc.path, "method": rpc.method,
+            "kind": "mutation" if rpc.mutates else "read",
+            "destructive": rpc.mutates and rpc.name.startswith(_DESTRUCTIVE_VERBS),
+            "help": rpc.help, "cli": " ".join(rpc.cli), "request": rpc.request.__name__,
+            "response": rpc.response.__name__,
+            "fields": [_field_description(f, hints[f.name]) for f in attrs.fields(rpc.request)],
+        })
+    return {"service": rc.SERVICE, "rpcs": rows, "feed_kinds": list(FEED_KINDS)}
+
+
+# -- the overview (profiles, pool health, one page of sessions) ------------------------
+
+
+def _current_leases(ledger: Ledger, stamp: str) -> tuple[dict[str, rc.Lease], dict[str, int]]:
+    """Per session: its current lease (the live active one with the highest
+    fencing token, else a waiting one) and how many live leases it has."""
+    current: dict[str, rc.Lease] = {}
+    live: dict[str, int] = {}
+    for lease in ledger.leases.values():
+        if lease.state not in rc.LIVE_LEASE_STATES or not is_live(lease, stamp):
+            continue
+        live[lease.session_id] = live.get(lease.session_id, 0) + 1
+        best = current.get(lease.session_id)
+        rank = (lease.state == "active", lease.fencing_token)
+        if best is None or rank > (best.state == "active", best.fencing_token):
+            current[lease.session_id] = lease
+    return current, live
+
+
+def _pool_health(ledger: Ledger, current: dict[str, rc.Lease]) -> dict[str, dict[str, Any]]:
+    """Per profile, from the ledger's sessions: warm (ready and free), leased,
+    failed and closed counts, healthy|degraded, and the newest active
+    quarantine as its last error.  (The live runtime's own pool fields, when
+    a profile carries them, are shown beside these.)"""
+    def empty() -> dict[str, Any]:
+        return {"health": "healthy", "sessions": 0, "warm": 0, "leased": 0, "failed": 0,
+                "closed": 0, "last_error": None}
+
+    pools = {name: empty() for name in ledger.profiles}
+    for session in ledger.sessions.values():
+        pool = pools.setdefault(session.profile, empty())
+        pool["sessions"] += 1
+        lease = current.get(session.session_id)
+        if session.state == "failed":
+            pool["failed"] += 1
+        elif session.state == "closed":
+            pool["closed"] += 1
+        elif lease is not None and lease.state == "active":
+            pool["leased"] += 1
+        else:
+            pool["warm"] += 1
+        q = ledger.quarantines.get(session.session_id)
+        if q is not None and q.state == "active":
+            last = pool["last_error"]
+            if last is None or q.quarantined_at > last["at"]:
+                pool["last_error"] = {"session_id": q.session_id, "reason": q.reason,
+                                      "at": q.quarantined_at}
+    for pool in pools.values():
+        if pool["failed"]:
+            pool["health"] = "degraded"
+    return pools
+
+
+def _running_turns(ledger: Ledger) -> dict[str, dict[str, Any]]:
+    """Per session, its unfinished turn, where the ledger keeps turn records
+    (the live runtime's; a ledger without them has none)."""
+    return {t.session_id: {"turn_id": t.turn_id, "state": t.state, "started_at": t.started_at}
+            for t in getattr(ledger, "turns", {}).values() if not t.ended_at}
+
+
+def _session_row(ledger: Ledger, session: rc.Session, lease: rc.Lease | None,
+                 live: int) -> dict[str, Any]:
+    row = to_json(session)
+    q = ledger.quarantines.get(session.session_id)
+    cursor = ledger.cursors.get(session.session_id)
+    row["lease"] = to_json(lease) if lease is not None else None
+    row["live_leases"] = live
+    row["quarantine"] = to_json(q) if q is not None and q.state == "active" else None
+    row["events"] = cursor.events if cursor else 0
+    row["results"] = cursor.results if cursor else 0
+    return row
+
+
+def _matches(session: rc.Session, lease: rc.Lease | None, text: str) -> bool:
+    haystack = (session.session_id, session.profile, session.state, lease.holder if lease else "")
+    return any(text in x.lower() for x in haystack)
+
+
+def dashboard_overview(ledger: Ledger, now: float, *, offset: int = 0,
+                       limit: int = OVERVIEW_PAGE_ROWS, query: str = "",
+                       profile: str = "") -> dict[str, Any]:
+    """``GET /api/relay/overview``: the header counts, every profile with its
+    pool health, and one page of sessions (filtered, ordered by id) with
+    their current lease and active quarantine.  One pass over the ledger in
+    memory, whatever the page: 1,000 sessions cost a few milliseconds."""
+    stamp = iso(now)
+    current, live = _current_leases(ledger, stamp)
+    pools = _pool_health(ledger, current)
+    text = query.strip().lower()
+    chosen = [s for _, s in sorted(ledger.sessions.items())
+              if (not profile or s.profile == profile)
+              and (not text or _matches(s, current.get(s.session_id), text))]
+    page = chosen[offset:offset + limit]
+    running = _running_turns(ledger)
+    rows = [_session_row(ledger, s, current.get(s.session_id), live.get(s.session_id, 0)) for s in page]
+    for row in rows:
+        row["turn"] = running.get(row["session_id"])
+    return {
+        "revision": ledger.revision, "now": stamp,
+        "runtime": to_json(ledger.runtime),
+        "profiles": [{**to_json(p), "pool": pools[p.name]} for _, p in sorted(ledger.profiles.items())],
+        "sessions": {"total": len(chosen), "offset": offset, "limit": limit,
+                     "items": rows},
+        "counts": {"sessions": len(ledger.sessions), "leased": sum(
+            1 for x in current.values() if x.state == "active"),
+            "quarantined": sum(1 for q in ledger.quarantines.values() if q.state == "active")},
+    }
+
+
+def _page_args(args: Any) -> dict[str, Any]:
+    """The overview's query (offset, limit, q, profile), checked."""
+    known = {"offset", "limit", "q", "profile"}
+    unknown = set(args) - known
+    if unknown:
+        raise InvalidArgument(f"unknown query parameter {sorted(unknown)[0]!r}",
+                              hint=f"known: {', '.join(sorted(known))}")
+    out: dict[str, Any] = {"query": args.get("q", ""), "profile": args.get("profile", "")}
+    for name, default, top in (("offset", 0, 10**9), ("limit", OVERVIEW_PAGE_ROWS, OVERVIEW_MAX_ROWS)):
+        try:
+            value = rc.parse_digits(args.get(name, str(default)))
+        except ValueError:
+            raise InvalidArgument(f"{name} must be a whole number (ASCII digits 0-9)") from None
+        if value > top:
+            raise InvalidArgument(f"{name} is {value}; at most {top}")
+        out[name] = value
+    if out["profile"]:
+        check_id("profile", out["profile"])
+    return out
+
+
+# -- the timeline (leases, turns and quarantines of one session) -----------------------
+
+
+def _archived_leases(store: Store, session_id: str) -> Iterator[dict[str, Any]]:
+    """Leases of ``session_id`` that compaction moved to archive/leases.jsonl."""
+    path = store.state_dir / ARCHIVE_DIR / "leases.jsonl"
+    needle = json.dumps(session_id).encode()
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return
+    with f:
+        for line in f:
+            if needle in line:  # cheap filter before parsing
+                with contextlib.suppress(ValueError):
+                    row = json.loads(line)
+                    if isinstance(row, dict) and row.get("session_id") == session_id:
+                        yield row
+
+
+def _lease_span(row: dict[str, Any], stamp: str) -> dict[str, Any]:
+    start = row.get("granted_at") or row.get("requested_at", "")
+    end = row.get("ended_at") or ""
+    if not end and row.get("state") in rc.LIVE_LEASE_STATES:
+        end = min(row.get("expires_at") or stamp, stamp) if row.get("state") == "active" else stamp
+    return {"lease_id": row.get("lease_id", ""), "holder": row.get("holder", ""),
+            "mode": row.get("mode", ""), "state": row.get("state", ""),
+            "fencing_token": row.get("fencing_token", 0), "start": start, "end": end or stamp,
+            "reason": row.get("revoke_reason", "")}
+
+
+def _recent_records(store: Store, ledger: Ledger, session_id: str, stream: str) -> list[rc.StreamRecord]:
+    cursor = ledger.cursors.get(session_id)
+    if cursor is None:
+        return []
+    last, committed = getattr(cursor, stream), getattr(cursor, f"{stream}_bytes")
+    return store.read_records(session_id, stream, committed, max(last - TIMELINE_MAX_RECORDS, 0),
+                              TIMELINE_MAX_RECORDS)
+
+
+def _turn_spans(events: list[rc.StreamRecord], results: list[rc.StreamRecord]) -> list[dict[str, Any]]:
+    """Turns as the streams tell them: event records of kind ``turn.*`` grouped
+    by their ``turn_id`` (first to last stamp, the last kind's suffix as the
+    state), and each result record closing the turn it names."""
+    turns: dict[str, dict[str, Any]] = {}
+    tagged = [(r, False) for r in events] + [(r, True) for r in results]
+    for record, is_result in tagged:
+        data = record.data if isinstance(record.data, dict) else {}
+        turn_id = str(data.get("turn_id") or (f"result-{record.seq}" if is_result else ""))
+        if not (is_result or record.kind.startswith("turn")) or not turn_id:
+            continue
+        turn = turns.setdefault(turn_id, {"turn_id": turn_id, "start": record.appended_at,
+                                          "end": record.appended_at, "state": "running"})
+        turn["start"] = min(turn["start"], record.appended_at)
+        turn["end"] = max(turn["end"], record.appended_at)
+        state = data.get("state") or data.get("status") or record.kind.rpartition(".")[2]
+        if state and state not in ("started", "turn"):
+            turn["state"] = str(state)
+    return sorted(turns.values(), key=lambda t: t["start"])
+
+
+def dashboard_timeline(store: Store, ledger: Ledger, session_id: str, since: str,
+                       now: float) -> dict[str, Any]:
+    """``GET /api/relay/timeline``: what happened to one session since
+    ``since``: lease intervals by holder (the ledger's and the archive's),
+    turns (the live runtime's turn records where the ledger has them, else
+    the streams' ``turn.*`` events and results), and quarantine marks.
+    Blocking reads: call it in a worker thread."""
+    if session_id not in ledger.sessions:
+        raise NotFound(f"session {session_id!r} does not exist",
+                       hint="list sessions with GET /api/relay/sessions")
+    stamp = iso(now)
+    rows = {r["lease_id"]: r for r in _archived_leases(store, session_id) if "lease_id" in r}
+    rows.update({x.lease_id: to_json(x) for x in ledger.leases.values() if x.session_id == session_id})
+    leases = sorted((s for s in (_lease_span(r, stamp) for r in rows.values()) if s["end"] >= since),
+                    key=lambda s: s["start"])
+    events = _recent_records(store, ledger, session_id, "events")
+    results = _recent_records(store, ledger, session_id, "results")
+    turns = {t["turn_id"]: t for t in _turn_spans(events, results)}
+    for turn in getattr(ledger, "turns", {}).values():  # the live runtime's records win
+        if turn.session_id == session_id:
+            turns[turn.turn_id] = {"turn_id": turn.turn_id, "state": turn.state,
+                                   "start": turn.started_at, "end": turn.ended_at or stamp,
+                                   "error": getattr(turn, "error", "")}
+    turns = sorted((t for t in turns.values() if t["end"] >= since), key=lambda t: t["start"])
+    marks = []
+    q = ledger.quarantines.get(session_id)
+    if q is not None:
+        if q.quarantined_at >= since:
+            marks.append({"kind": "quarantine", "at": q.quarantined_at, "reason": q.reason})
+        if q.cleared_at and q.cleared_at >= since:
+            marks.append({"kind": "cleared", "at": q.cleared_at, "reason": q.reason})
+    return {"session_id": session_id, "since": since, "now": stamp, "leases": leases,
+            "turns": turns, "marks": marks,
+            "events": [{"seq": r.seq, "kind": r.kind, "at": r.appended_at}
+                       for r in events if r.appended_at >= since][-200:]}
+
+
+def _timeline_args(args: Any, now: float) -> tuple[str, str]:
+    unknown = set(args) - {"session", "since"}
+    if unknown:
+        raise InvalidArgument(f"unknown query parameter {sorted(unknown)[0]!r}",
+                              hint="known: session, since")
+    session = check_id("session", args.get("session", ""))
+    since = args.get("since") or iso(now - TIMELINE_WINDOW_SECONDS)
+    if not rc.STAMP_PATTERN.fullmatch(since):
+        raise InvalidArgument(f"since {since!r} is not a timestamp like {iso(now)}",
+                              hint="leave it out for the last hour")
+    return session, since
+
+
+# -- the routes -------------------------------------------------------------------------
+
+
+def _dashboard_asset(path: str) -> tuple[str, str]:
+    """(content type, text) of a page file."""
+    return {"/": ("text/html; charset=utf-8", DASHBOARD_HTML),
+            "/dashboard.css": ("text/css; charset=utf-8", DASHBOARD_CSS),
+            "/dashboard.js": ("text/javascript; charset=utf-8", DASHBOARD_JS)}[path]
+
+
+def _add_dashboard(app: Any, service: Service) -> None:
+    """Serve the page and its three JSON routes on ``app`` (called once by
+    ``create_app``).  The Host/Origin guard still stands in front of all of it."""
+    from quart import Response, request
+
+    async def page_file() -> Any:
+        content_type, text = _dashboard_asset(request.path)
+        return Response(text, status=200, content_type=content_type, headers=_DASHBOARD_HEADERS)
+
+    async def before_the_token_check() -> Any:
+        # Inserted first among the before-request hooks: the files carry no
+        # data, so they are answered ahead of the token check (as /health is).
+        rule = request.url_rule
+        return await page_file() if rule is not None and rule.endpoint == "dashboard_file" else None
+
+    for path in ("/", "/dashboard.css", "/dashboard.js"):
+        app.add_url_rule(path, "dashboard_file", page_file, methods=["GET"])
+    app.before_request_funcs.setdefault(None, []).insert(0, before_the_token_check)
+
+    @app.get("/api/relay/rpcs")
+    async def api_rpcs() -> Any:
+        return _json_response(rpc_description())
+
+    @app.get("/api/relay/overview")
+    async def api_overview() -> Any:
+        service.owner.check_intact()
+        return _json_response(dashboard_overview(service.owner.ledger, service.now(),
+                                                 **_page_args(request.args)))
+
+    @app.get("/api/relay/timeline")
+    async def api_timeline() -> Any:
+        service.owner.check_intact()
+        now = service.now()
+        session, since = _timeline_args(request.args, now)
+        doc = await trio.to_thread.run_sync(dashboard_timeline, service.store,
+                                            service.owner.ledger, session, since, now)
+        return _json_response(doc)
+
+
+
+# -- the page files ---------------------------------------------------------------------
+
+DASHBOARD_HTML: Final = r'''<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>flow-relay</title>
+<link rel="icon" href="data:,">
+<link rel="stylesheet" href="/dashboard.css">
+<script src="/dashboard.js" defer></script>
+</head>
+<body>
+<header>
+  <h1>flow-relay</h1>
+  <span id="relay-info" class="muted"></span>
+  <button id="logout" type="button" hidden>Log out</button>
+</header>
+<!-- the relay feed (GET /events?feed=relay): newest notice first -->
+<div id="feed" class="feed" aria-live="polite"><em class="muted">relay feed: no notices yet</em></div>
+
+<section id="login" class="panel" hidden>
+  <form id="login-form">
+    <h2>Log in</h2>
+    <p>This relay requires its bearer token. It is sent once to
+      <code>POST /auth/session</code>, which sets an HttpOnly cookie; the page keeps no copy.</p>
+    <label>Token <input id="login-token" type="password" autocomplete="off" required></label>
+    <button type="submit">Log in</button>
+    <p id="login-error" class="error"></p>
+  </form>
+</section>
+
+<main id="app" hidden>
+  <div class="stack">
+  <section id="profiles-panel" class="panel">
+    <h2>Profiles</h2>
+    <div class="scroll"><table id="profiles">
+      <thead><tr><th>Profile</th><th>Provider</th><th>Mode</th><th>Pool</th>
+        <th>Warm</th><th>Leased</th><th>Failed</th><th>Last error</th><th>Runtime</th></tr></thead>
+      <tbody></tbody></table></div>
+  </section>
+
+  <section id="sessions-panel" class="panel">
+    <h2>Sessions <span id="session-count" class="muted"></span></h2>
+    <div class="toolbar">
+      <input id="filter" type="search" placeholder="filter: id, profile, holder, state"
+             aria-label="filter sessions">
+      <button id="prev" type="button" aria-label="previous page">&lsaquo;</button>
+      <span id="page-info" class="muted"></span>
+      <button id="next" type="button" aria-label="next page">&rsaquo;</button>
+    </div>
+    <div class="scroll"><table id="sessions">
+      <thead><tr><th>Session</th><th>Profile</th><th>State</th><th>Process</th><th>Holder</th>
+        <th>Mode</th><th>Token</th><th>Time left</th><th>Quarantine</th></tr></thead>
+      <tbody></tbody></table></div>
+  </section>
+  </div>
+
+  <section id="detail-panel" class="panel">
+    <h2>Session <span id="detail-id">&mdash;</span></h2>
+    <p class="muted" id="detail-hint">Pick a session to see its timeline and live events.</p>
+    <div id="detail-body" hidden>
+    <dl id="detail-facts"></dl>
+    <h3>Timeline
+      <select id="window" aria-label="timeline window">
+        <option value="3600">last hour</option><option value="600">last 10 minutes</option>
+        <option value="60">last minute</option>
+      </select></h3>
+    <div id="timeline" class="timeline"></div>
+    <h3>Live events <span id="live-state" class="muted"></span></h3>
+    <ol id="live" class="live"></ol>
+    </div>
+  </section>
+
+  <section id="actions-panel" class="panel">
+    <h2>Actions</h2>
+    <label>RPC <select id="rpc-select"></select></label>
+    <p id="rpc-help" class="muted"></p>
+    <form id="rpc-form" novalidate></form>
+    <div id="rpc-result" class="result" aria-live="polite"></div>
+  </section>
+</main>
+</body>
+</html>
+'''
+
+DASHBOARD_CSS: Final = r'''/* flow-relay dashboard: plain CSS, system fonts, light and dark. */
+:root { --bg: #f7f7f5; --fg: #1d1d1f; --muted: #6b6b70; --line: #d9d9de; --panel: #fff;
+        --ok: #1f7a3a; --warn: #a15c00; --bad: #b3261e; --accent: #2457c5; --shade: #eef1f8; }
+@media (prefers-color-scheme: dark) {
+  :root { --bg: #161618; --fg: #ececf0; --muted: #9a9aa2; --line: #34343a; --panel: #202024;
+          --ok: #58c27d; --warn: #e0a23a; --bad: #ff7b72; --accent: #7aa2ff; --shade: #2a2d36; }
+}
+* { box-sizing: border-box; }
+[hidden] { display: none !important; }  /* over the display rules below */
+body { margin: 0; font: 14px/1.4 system-ui, -apple-system, "Segoe UI", sans-serif;
+       background: var(--bg); color: var(--fg); }
+header { display: flex; gap: 1em; align-items: baseline; padding: .6em 1em;
+         border-bottom: 1px solid var(--line); background: var(--panel); flex-wrap: wrap; }
+header h1 { font-size: 1.15em; margin: 0; }
+#logout { margin-left: auto; }
+h2 { font-size: 1.05em; margin: 0 0 .5em; }
+h3 { font-size: .95em; margin: 1em 0 .4em; }
+h3 select { font: inherit; font-weight: normal; margin-left: .5em; }
+.muted { color: var(--muted); font-weight: normal; }
+.error { color: var(--bad); }
+code { font-size: .92em; }
+main { display: grid; grid-template-columns: minmax(0, 3fr) minmax(0, 2fr); gap: 1em; padding: 1em;
+       align-items: start; }
+.stack { display: flex; flex-direction: column; gap: 1em; min-width: 0; }
+#actions-panel { grid-column: 1 / span 2; }
+.panel { background: var(--panel); border: 1px solid var(--line); border-radius: 6px;
+         padding: .8em 1em; min-width: 0; }
+#login { max-width: 28em; width: calc(100% - 2em); margin: 3em auto; }
+#login label { display: block; margin: .8em 0; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; width: 100%; }
+th, td { text-align: left; padding: .3em .5em; border-bottom: 1px solid var(--line);
+         white-space: nowrap; vertical-align: top; }
+th { font-weight: 600; color: var(--muted); font-size: .9em; }
+td.wrap { white-space: normal; max-width: 22em; overflow-wrap: anywhere; }
+#sessions tbody tr { cursor: pointer; }
+#sessions tbody tr:hover, #sessions tbody tr.selected { background: var(--shade); }
+.toolbar { display: flex; gap: .5em; align-items: center; margin-bottom: .5em; }
+.toolbar input { flex: 1; min-width: 6em; }
+.badge { display: inline-block; padding: 0 .5em; border-radius: 1em; font-size: .85em;
+         border: 1px solid currentColor; }
+.healthy, .ready, .active { color: var(--ok); }
+.degraded, .waiting { color: var(--warn); }
+.failed, .revoked, .quarantine { color: var(--bad); }
+.closed, .released, .expired { color: var(--muted); }
+.feed { display: flex; gap: .5em; overflow-x: auto; padding: .3em 1em; min-height: 1.9em;
+        border-bottom: 1px solid var(--line); font-size: .85em; }
+.feed span { white-space: nowrap; padding: .1em .6em; border-radius: 1em; background: var(--shade); }
+dl { display: grid; grid-template-columns: max-content 1fr; gap: .15em 1em; margin: 0; }
+dt { color: var(--muted); }
+dd { margin: 0; overflow-wrap: anywhere; }
+.live { list-style: none; padding: 0; margin: 0; max-height: 22em; overflow-y: auto;
+        font: 12px/1.35 ui-monospace, monospace; border: 1px solid var(--line); }
+.live li { padding: .15em .4em; border-bottom: 1px solid var(--line); overflow-wrap: anywhere; }
+.live li:empty { display: none; }
+.live .seq { color: var(--muted); margin-right: .5em; }
+.live .kind { color: var(--accent); margin-right: .5em; }
+.live li.result { background: var(--shade); }
+.timeline svg { width: 100%; height: auto; display: block; }
+.timeline text { font-size: 11px; fill: var(--muted); }
+.timeline .axis { stroke: var(--line); }
+.timeline rect.lease { fill: var(--accent); opacity: .75; }
+.timeline rect.lease.revoked, .timeline rect.turn.failed { fill: var(--bad); }
+.timeline rect.lease.expired, .timeline rect.lease.released { fill: var(--muted); }
+.timeline rect.lease.waiting { fill: var(--warn); }
+.timeline rect.turn { fill: var(--ok); opacity: .8; }
+.timeline line.quarantine { stroke: var(--bad); stroke-width: 2; }
+.timeline line.cleared { stroke: var(--ok); stroke-width: 2; stroke-dasharray: 3 2; }
+.timeline line.event { stroke: var(--accent); opacity: .35; }
+form .field { margin: .5em 0; display: grid; grid-template-columns: 11em 1fr; gap: .2em 1em;
+              align-items: start; }
+form .field .help, form .field .problem { grid-column: 2; font-size: .85em; }
+form .field .problem { color: var(--bad); }
+form .field input, form .field select, form .field textarea { width: 100%; max-width: 32em; font: inherit; }
+.result { margin-top: .6em; overflow-wrap: anywhere; }
+.result pre { white-space: pre-wrap; margin: .3em 0; font-size: 12px; }
+button { font: inherit; padding: .2em .8em; }
+button.danger { color: var(--bad); border-color: var(--bad); }
+/* A narrow window (a phone at 390 px): one column, forms stacked. */
+@media (max-width: 760px) {
+  main { grid-template-columns: minmax(0, 1fr); padding: .5em; gap: .6em; }
+  #actions-panel { grid-column: 1; }
+  .stack { gap: .6em; }
+  form .field { grid-template-columns: 1fr; }
+  /* tables become cards: each cell over its column's name */
+  #sessions thead, #profiles thead { display: none; }
+  #sessions tr, #profiles tr { display: grid; grid-template-columns: repeat(3, minmax(0, 1fr));
+                               gap: .2em .6em; padding: .5em .3em; border-bottom: 1px solid var(--line); }
+  #sessions td, #profiles td { border: 0; padding: 0; white-space: normal; overflow-wrap: anywhere; }
+  #sessions td:empty, #profiles td:empty { display: none; }
+  #sessions td::before, #profiles td::before { content: attr(data-label); display: block;
+                                               font-size: .75em; color: var(--muted); }
+  form .field .help, form .field .problem { grid-column: 1; }
+  .panel { padding: .6em; }
+}
+'''
+
+DASHBOARD_JS: Final = r'''// flow-relay dashboard.  Plain JavaScript, no build step, nothing from outside
+// this relay.  Every action is the Connect RPC the stubs call
+// (POST /relay.v1.Relay/<Method>); the forms are generated from
+// GET /api/relay/rpcs, so a new RPC needs no code here.  Text goes into the
+// page with textContent only, never as HTML.  No token is kept: the login
+// form sends it once to POST /auth/session, which sets an HttpOnly cookie.
+"use strict";
+
+const PAGE_ROWS = 50;        // sessions per page (the server pages the list)
+const LIVE_KEEP = 500;       // live-view lines kept in the DOM
+const LIVE_TAIL = 50;        // events replayed when a live view opens
+const FEED_KEEP = 8;         // notices shown in the strip
+const SVG = "http://www.w3.org/2000/svg";
+
+const state = {
+  rpcs: [], feedKinds: [], overview: null, fetchedAt: 0,
+  page: {offset: 0, q: ""}, selected: null, holder: "", live: null, feed: null, seen: {},
+};
+
+// -- small helpers ------------------------------------------------------------
+
+const $ = (id) => document.getElementById(id);
+
+function el(tag, props, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(props || {})) {
+    if (k === "class") node.className = v;
+    else if (k === "text") node.textContent = v;
+    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else if (v !== undefined && v !== null && v !== false) node.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children) node.append(c);
+  return node;
+}
+
+function svg(tag, attrs, text) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+// A request id for every call: crypto.randomUUID where the page is a secure
+// context (loopback is), the same v4 layout from getRandomValues elsewhere.
+function requestId() {
+  if (crypto.randomUUID) return crypto.randomUUID();
+  const b = crypto.getRandomValues(new Uint8Array(16));
+  b[6] = (b[6] & 0x0f) | 0x40; b[8] = (b[8] & 0x3f) | 0x80;
+  const h = [...b].map((x) => x.toString(16).padStart(2, "0")).join("");
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+}
+
+// fetch JSON; resolves to {ok, status, body} (the Connect error body on refusal).
+async function api(path, options = {}) {
+  const headers = Object.assign({"X-Request-Id": requestId()}, options.headers || {});
+  let response;
+  try {
+    response = await fetch(path, Object.assign({credentials: "same-origin"}, options, {headers}));
+  } catch (err) {
+    return {ok: false, status: 0, body: {code: "unavailable", message: `the relay did not answer: ${err}`,
+                                         hint: "is `python -m relay serve` still running?"}};
+  }
+  let body = null;
+  try {
+    body = await response.json();
+  } catch (err) {
+    body = {code: "unknown", message: response.statusText};
+  }
+  if (response.status === 401) showLogin();
+  return {ok: response.ok, status: response.status, body};
+}
+
+function callRpc(rpc, body) {
+  return api(rpc.path, {method: "POST", headers: {"Content-Type": "application/json"},
+                        body: JSON.stringify(body)});
+}
+
+function errorNode(body) {
+  return el("div", {class: "error", role: "alert"},
+            el("strong", {text: `${body.code || "error"}: `}), body.message || "",
+            body.hint ? el("div", {class: "hint", text: `hint: ${body.hint}`}) : "");
+}
+
+function timeLeft(expires) {
+  if (!expires || !state.overview) return "";
+  const now = Date.parse(state.overview.now) + (Date.now() - state.fetchedAt);
+  const s = Math.round((Date.parse(expires) - now) / 1000);
+  if (s <= 0) return "expired";
+  return s >= 3600 ? `${Math.floor(s / 3600)}h ${Math.floor(s % 3600 / 60)}m`
+       : s >= 60 ? `${Math.floor(s / 60)}m ${s % 60}s` : `${s}s`;
+}
+
+// A runtime block (e.g. a session's `process`) as one line: pid, up time, version...
+function describe(value) {
+  if (value === null || value === undefined || value === "") return "";
+  if (typeof value !== "object") return String(value);
+  return Object.entries(value).filter(([, v]) => v !== "" && v !== null)
+    .map(([k, v]) => `${k} ${typeof v === "object" ? JSON.stringify(v) : v}`).join(", ");
+}
+
+// -- login --------------------------------------------------------------------
+
+function showLogin() {
+  $("app").hidden = true;
+  $("login").hidden = false;
+  $("logout").hidden = true;
+  closeStreams();
+  $("login-token").focus();
+}
+
+async function login(event) {
+  event.preventDefault();
+  const input = $("login-token");
+  const r = await api("/auth/session", {method: "POST", headers: {"Content-Type": "application/json"},
+                                        body: JSON.stringify({token: input.value})});
+  input.value = "";  // the page keeps no copy of the token
+  $("login-error").replaceChildren(r.ok ? "" : errorNode(r.body));
+  if (r.ok) boot();
+}
+
+async function logout() {
+  await api("/auth/logout", {method: "POST"});
+  sessionStorage.clear();
+  boot();
+}
+
+// -- the overview (profiles and one page of sessions) ------------------------------
+
+async function refresh() {
+  const q = new URLSearchParams({offset: state.page.offset, limit: PAGE_ROWS});
+  if (state.page.q) q.set("q", state.page.q);
+  const r = await api(`/api/relay/overview?${q}`);
+  if (!r.ok) {  // e.g. a damaged ledger: say so where the relay's summary goes
+    if (r.status !== 401) $("relay-info").replaceChildren(errorNode(r.body));
+    return false;
+  }
+  state.overview = r.body;
+  state.fetchedAt = Date.now();
+  renderOverview();
+  return true;
+}
+
+let refreshTimer = 0;
+function refreshSoon() {  // coalesce a burst of feed notices into one refresh
+  clearTimeout(refreshTimer);
+  refreshTimer = setTimeout(() => { refresh(); if (state.selected) loadTimeline(); }, 250);
+}
+
+function renderOverview() {
+  const o = state.overview;
+  $("relay-info").textContent = `revision ${o.revision} · ${o.runtime.status}` +
+    (o.runtime.endpoint ? ` at ${o.runtime.endpoint}` : "") +
+    ` · ${o.counts.sessions} sessions, ${o.counts.leased} leased, ${o.counts.quarantined} quarantined`;
+  $("logout").hidden = !o.runtime.token_id;
+  $("profiles").tBodies[0].replaceChildren(...o.profiles.map(profileRow));
+  const s = o.sessions;
+  $("session-count").textContent = `(${s.total})`;
+  $("page-info").textContent = s.total
+    ? `${s.offset + 1}–${s.offset + s.items.length} of ${s.total}` : "none";
+  $("prev").disabled = s.offset === 0;
+  $("next").disabled = s.offset + s.items.length >= s.total;
+  $("sessions").tBodies[0].replaceChildren(...s.items.map(sessionRow));
+  labelCells($("profiles"));
+  labelCells($("sessions"));
+  const picked = state.selected && s.items.find((x) => x.session_id === state.selected.session_id);
+  if (picked) { state.selected = picked; renderDetail(); }
+}
+
+// Each cell names its column (data-label), so a narrow window can show rows as cards.
+function labelCells(table) {
+  const names = [...table.tHead.rows[0].cells].map((th) => th.textContent);
+  for (const row of table.tBodies[0].rows) {
+    [...row.cells].forEach((td, i) => { td.dataset.label = names[i]; });
+  }
+}
+
+const PROFILE_FIELDS = new Set(["name", "provider", "mode", "command", "created_at", "pool"]);
+
+function profileRow(p) {
+  const pool = p.pool;
+  const extra = Object.entries(p).filter(([k]) => !PROFILE_FIELDS.has(k))
+    .map(([k, v]) => `${k}: ${describe(v)}`).join("; ");
+  const last = pool.last_error ? `${pool.last_error.session_id}: ${pool.last_error.reason}` : "";
+  return el("tr", {"data-profile": p.name},
+    el("td", {text: p.name}), el("td", {text: p.provider}), el("td", {text: p.mode}),
+    el("td", {}, el("span", {class: `badge ${pool.health}`, text: pool.health})),
+    el("td", {text: pool.warm}), el("td", {text: pool.leased}), el("td", {text: pool.failed}),
+    el("td", {class: "wrap error", text: last}), el("td", {class: "wrap", text: extra}));
+}
+
+function sessionRow(s) {
+  const l = s.lease;
+  const row = el("tr", {"data-session": s.session_id, tabindex: 0,
+                        class: state.selected && state.selected.session_id === s.session_id ? "selected" : "",
+                        onclick: () => select(s), onkeydown: (e) => { if (e.key === "Enter") select(s); }},
+    el("td", {text: s.session_id}), el("td", {text: s.profile}),
+    el("td", {}, el("span", {class: `badge ${s.state}`, text: s.state})),
+    el("td", {class: "wrap", text: describe(s.process)}),
+    el("td", {text: l ? l.holder : ""}),
+    el("td", {text: l ? `${l.mode}${l.state === "waiting" ? " (waiting)" : ""}` : ""}),
+    el("td", {text: l ? l.fencing_token : ""}),
+    el("td", {"data-expires": l ? l.expires_at : "", text: l ? timeLeft(l.expires_at) : ""}),
+    el("td", {class: "wrap error", text: s.quarantine ? s.quarantine.reason : ""}));
+  return row;
+}
+
+function tickTimes() {
+  for (const td of document.querySelectorAll("td[data-expires]")) {
+    if (td.dataset.expires) td.textContent = timeLeft(td.dataset.expires);
+  }
+  const left = $("lease-left");
+  const lease = state.selected && state.selected.lease;
+  if (left && lease) left.textContent = timeLeft(lease.expires_at);
+}
+
+// -- one session: facts, timeline, live events ------------------------------------
+
+function select(s) {
+  state.selected = s;
+  if (s.lease) state.holder = s.lease.holder;
+  history.replaceState(null, "", `#session=${encodeURIComponent(s.session_id)}`);
+  for (const tr of $("sessions").tBodies[0].rows) {
+    tr.classList.toggle("selected", tr.dataset.session === s.session_id);
+  }
+  renderDetail();
+  loadTimeline();
+  openLive(s.session_id, {events: s.events, results: s.results});
+  renderForm();  // prefill from the new context
+}
+
+function renderDetail() {
+  const s = state.selected;
+  $("detail-id").textContent = s.session_id;
+  $("detail-hint").hidden = true;
+  $("detail-body").hidden = false;
+  const l = s.lease, q = s.quarantine;
+  const facts = [["state", s.state], ["profile", `${s.profile} (${s.provider})`],
+    ["process", describe(s.process) || "—"], ["fencing token", s.fencing_token],
+    ["lease", l ? `${l.lease_id} · ${l.holder} · ${l.mode} · ${l.state} · token ${l.fencing_token}` : "none"],
+    ["renewed", l && l.last_renewed_at ? l.last_renewed_at : "—"],
+    ["events / results", `${s.events} / ${s.results}`]];
+  if (s.turn) facts.push(["turn", describe(s.turn)]);
+  if (q) facts.push(["quarantine", `${q.reason} (since ${q.quarantined_at})`]);
+  const nodes = [];
+  for (const [k, v] of facts) nodes.push(el("dt", {text: k}), el("dd", {text: String(v)}));
+  if (l) {
+    nodes.push(el("dt", {text: "time left"}), el("dd", {id: "lease-left", text: timeLeft(l.expires_at)}));
+  }
+  $("detail-facts").replaceChildren(...nodes);
+}
+
+async function loadTimeline() {
+  const sid = state.selected.session_id;
+  const q = new URLSearchParams({session: sid});
+  const seconds = Number($("window").value);
+  if (state.overview && seconds !== 3600) {  // the server's default window is the last hour
+    const now = Date.parse(state.overview.now) + (Date.now() - state.fetchedAt);
+    q.set("since", new Date(now - seconds * 1000).toISOString().replace("Z", "000Z"));
+  }
+  const r = await api(`/api/relay/timeline?${q}`);
+  if (state.selected.session_id !== sid) return;
+  const width = Math.max(320, $("timeline").clientWidth || 640);
+  $("timeline").replaceChildren(r.ok ? drawTimeline(r.body, width) : errorNode(r.body));
+}
+
+function ago(seconds) {
+  return seconds >= 60 ? `-${Math.round(seconds / 60)}m` : `-${Math.round(seconds)}s`;
+}
+
+// The window (last hour by default) as an SVG: one row per lease holder (its lease intervals), a
+// row of turns, event ticks, and vertical marks where quarantines were set
+// and cleared.  Every shape has a <title> for its details.
+function drawTimeline(t, W) {
+  const LEFT = 84, RIGHT = 28, ROW = 20, t0 = Date.parse(t.since), t1 = Date.parse(t.now);
+  const holders = [...new Set(t.leases.map((x) => x.holder))];
+  const rows = [...holders, "turns", "events"];
+  const H = 24 + rows.length * ROW;
+  const frac = (stamp) => Math.max(0, Math.min(1, (Date.parse(stamp) - t0) / (t1 - t0)));
+  const x = (stamp) => LEFT + frac(stamp) * (W - LEFT - RIGHT);
+  const root = svg("svg", {viewBox: `0 0 ${W} ${H}`, role: "img",
+                           "aria-label": `timeline of ${t.session_id}`});
+  const span = (t1 - t0) / 1000;
+  for (let i = 0; i <= 6; i += 1) {  // six ticks across the window
+    const at = LEFT + (i / 6) * (W - LEFT - RIGHT);
+    const label = i === 6 ? "now" : ago(span * (1 - i / 6));
+    root.append(svg("line", {class: "axis", x1: at, x2: at, y1: 14, y2: H}),
+                svg("text", {x: at, y: 11, "text-anchor": "middle"}, label));
+  }
+  rows.forEach((name, i) => root.append(svg("text", {x: 4, y: 34 + i * ROW}, name.slice(0, 12))));
+  const bar = (cls, row, a, b, title) => {
+    const x0 = x(a), w = Math.max(2, x(b) - x0);
+    const r = svg("rect", {class: cls, x: x0, y: 22 + row * ROW, width: w, height: ROW - 6, rx: 2});
+    r.append(svg("title", {}, title));
+    root.append(r);
+  };
+  for (const l of t.leases) {
+    bar(`lease ${l.state}`, holders.indexOf(l.holder), l.start, l.end,
+        `${l.lease_id} ${l.holder} ${l.mode} ${l.state} token ${l.fencing_token}\n${l.start} → ${l.end}` +
+        (l.reason ? `\n${l.reason}` : ""));
+  }
+  for (const turn of t.turns) {
+    const why = turn.error ? `: ${turn.error}` : "";
+    bar(`turn ${turn.state}`, holders.length, turn.start, turn.end,
+        `turn ${turn.turn_id} ${turn.state}${why}\n${turn.start} → ${turn.end}`);
+  }
+  const eventsY = 22 + (holders.length + 1) * ROW;
+  for (const e of t.events) {
+    const at = x(e.at);
+    const tick = svg("line", {class: "event", x1: at, x2: at, y1: eventsY, y2: eventsY + ROW - 6});
+    tick.append(svg("title", {}, `#${e.seq} ${e.kind} ${e.at}`));
+    root.append(tick);
+  }
+  for (const m of t.marks) {
+    const at = x(m.at);
+    const line = svg("line", {class: m.kind, x1: at, x2: at, y1: 14, y2: H});
+    line.append(svg("title", {}, `${m.kind} ${m.at}: ${m.reason}`));
+    root.append(line);
+  }
+  return root;
+}
+
+// The live view: native EventSources on the session's event and result
+// streams.  Each resumes by itself after a drop (the browser sends
+// Last-Event-ID).  Across reloads the page keeps the last id it showed in
+// sessionStorage -- a cursor, not a credential -- and starts from a little
+// before it, so nothing that arrived during the reload is missed.
+function openLive(sid, counts) {
+  for (const source of state.live || []) source.close();
+  $("live").replaceChildren();
+  state.seen = {};
+  state.live = ["events", "results"].map((stream) => liveStream(sid, stream, counts[stream]));
+}
+
+function liveStream(sid, stream, lastSeq) {
+  const key = `cursor:${stream}:${sid}`;
+  const kept = Number((sessionStorage.getItem(key) || "").split(":").pop() || lastSeq);
+  const from = Math.max(0, Math.min(kept, lastSeq) - LIVE_TAIL);
+  const query = new URLSearchParams({session: sid, stream, last_event_id: `${sid}:${from}`});
+  const source = new EventSource(`/events?${query}`);
+  const name = stream.slice(0, -1);  // the SSE event name: event | result
+  $("live-state").textContent = "connecting…";
+  source.onopen = () => { $("live-state").textContent = "live"; };
+  source.addEventListener(name, (e) => {
+    const record = JSON.parse(e.data);
+    sessionStorage.setItem(key, e.lastEventId);
+    const s = state.selected;
+    if (s && s.session_id === sid && record.seq > s[stream]) { s[stream] = record.seq; renderDetail(); }
+    remember(record.data);
+    const list = $("live");
+    list.append(el("li", {[`data-${name}`]: record.seq, class: name},
+                   el("span", {class: "seq", text: `${name === "result" ? "result " : ""}#${record.seq}`}),
+                   el("span", {class: "kind", text: record.kind}),
+                   typeof record.data === "string" ? record.data : JSON.stringify(record.data)));
+    while (list.children.length > LIVE_KEEP) list.firstChild.remove();
+    list.scrollTop = list.scrollHeight;
+  });
+  source.addEventListener("error", (e) => {  // the relay's error frame, or a dropped connection
+    if (e.data) $("live").append(el("li", {}, errorNode(JSON.parse(e.data))));
+    $("live-state").textContent = source.readyState === EventSource.CLOSED ? "closed" : "reconnecting…";
+  });
+  return source;
+}
+
+// Ids a record names (turn_id, approval_id, ...) prefill the form fields of
+// the same name: answering the approval the agent just asked for is one click.
+function remember(data) {
+  if (!data || typeof data !== "object") return;
+  for (const [k, v] of Object.entries(data)) {
+    if (k.endsWith("_id") && typeof v === "string" && k !== "session_id") state.seen[k] = v;
+  }
+}
+
+// The relay feed as a notification strip; every notice refreshes the overview.
+function openFeed() {
+  if (state.feed) state.feed.close();
+  const source = new EventSource("/events?feed=relay");
+  state.feed = source;
+  const note = (e) => {
+    let d = {};
+    try { d = JSON.parse(e.data); } catch (err) { /* keep-alives carry none */ }
+    const who = [d.session_id, d.holder, d.reason].filter(Boolean).join(" · ");
+    const strip = $("feed");
+    for (const placeholder of strip.querySelectorAll("em")) placeholder.remove();
+    strip.prepend(el("span", {class: e.type.split(".")[0], title: e.data, text: `${e.type} ${who}`}));
+    while (strip.children.length > FEED_KEEP) strip.lastChild.remove();
+    refreshSoon();
+  };
+  for (const kind of state.feedKinds) source.addEventListener(kind, note);
+}
+
+function closeStreams() {
+  for (const s of [...(state.live || []), state.feed]) if (s) s.close();
+  state.live = null;
+  state.feed = null;
+}
+
+// -- actions: one generated form per mutation RPC ------------------------------------
+
+// What the page knows of the current context fills the fields of the same name.
+function context() {
+  const s = state.selected, l = s && s.lease;
+  return {...state.seen, turn_id: s && s.turn ? s.turn.turn_id : state.seen.turn_id,
+          session_id: s && s.session_id, profile: s && s.profile, holder: state.holder || (l && l.holder),
+          lease_id: l && l.lease_id, fencing_token: l && l.fencing_token};
+}
+
+function currentRpc() { return state.rpcs.find((r) => r.name === $("rpc-select").value); }
+
+function renderForm() {
+  const rpc = currentRpc();
+  if (!rpc) return;
+  $("rpc-help").textContent = `${rpc.help} — python -m relay ${rpc.cli}`;
+  const ctx = context();
+  // A session implies its profile: naming both would ask for two things at once.
+  if (rpc.fields.some((f) => f.name === "session_id")) delete ctx.profile;
+  const form = $("rpc-form");
+  form.replaceChildren(...rpc.fields.map((f) => fieldNode(f, ctx[f.name])),
+    el("button", {type: "submit", class: rpc.destructive ? "danger" : "", text: rpc.name}));
+}
+
+function fieldNode(f, value) {
+  const id = `f-${f.name}`;
+  let input;
+  if (f.choices) {
+    input = el("select", {id, name: f.name},
+      ...(f.required ? [] : [el("option", {value: "", text: "(default)"})]),
+      ...f.choices.map((c) => el("option", {value: c, text: c})));
+    const fallback = f.default !== undefined ? f.default : f.choices[0];
+    input.value = value !== undefined && value !== null ? value : fallback;
+  } else if (f.type === "boolean") {
+    input = el("input", {id, name: f.name, type: "checkbox"});
+    input.checked = Boolean(value !== undefined ? value : f.default);
+  } else if (f.type === "json") {
+    input = el("textarea", {id, name: f.name, rows: 2, placeholder: "any JSON value"});
+  } else {
+    input = el("input", {id, name: f.name, type: f.type === "integer" ? "number" : "text",
+                         min: f.minimum !== undefined ? f.minimum : (f.type === "integer" ? 0 : null),
+                         placeholder: placeholder(f)});
+  }
+  const given = value !== undefined && value !== null && value !== "";
+  if (given && !f.choices && f.type !== "boolean") input.value = value;
+  return el("div", {class: "field"},
+    el("label", {for: id, text: f.name + (f.required ? " *" : "")}), input,
+    f.help ? el("span", {class: "help muted", text: f.help}) : "",
+    el("span", {class: "problem", id: `p-${f.name}`}));
+}
+
+function placeholder(f) {
+  if (f.auto) return "generated";
+  if (f.argv) return "words, space-separated";
+  return f.default !== undefined && f.default !== "" ? `default ${f.default}` : "";
+}
+
+// Validate one field from its description; returns [value, problem].  An
+// empty optional field is left out, so the relay's default applies.
+function readField(f, node) {
+  if (f.type === "boolean") return [node.checked, ""];
+  const raw = node.value.trim();
+  if (!raw) {
+    if (f.auto === "request-id") return [requestId(), ""];
+    return f.required ? [undefined, "required"] : [undefined, ""];
+  }
+  if (f.type === "integer") {
+    if (!/^[0-9]+$/.test(raw)) return [undefined, "a whole number"];
+    const n = Number(raw);
+    if (f.minimum !== undefined && n < f.minimum) return [undefined, `at least ${f.minimum}`];
+    return [n, ""];
+  }
+  if (f.type === "json") {
+    try { return [JSON.parse(raw), ""]; } catch (err) { return [undefined, "not valid JSON"]; }
+  }
+  if (f.type === "array") return [raw.split(/\s+/), ""];
+  if (f.choices && !f.choices.includes(raw)) return [undefined, `one of ${f.choices.join(", ")}`];
+  if (f.pattern && !new RegExp(`^(?:${f.pattern})$`).test(raw)) {
+    return [undefined, `not a valid ${f.id || "value"}: letters, digits, '.', '_' and '-'`];
+  }
+  if (f.length && (raw.length < f.length[0] || raw.length > f.length[1])) {
+    return [undefined, `${f.length[0]} to ${f.length[1]} characters`];
+  }
+  return [raw, ""];
+}
+
+async function submitForm(event) {
+  event.preventDefault();
+  const rpc = currentRpc(), form = $("rpc-form"), body = {};
+  let bad = false;
+  for (const f of rpc.fields) {
+    const [value, problem] = readField(f, form.elements[f.name]);
+    $(`p-${f.name}`).textContent = problem;
+    bad = bad || Boolean(problem);
+    if (value !== undefined) body[f.name] = value;
+  }
+  if (bad) return;
+  if (rpc.destructive && !confirm(`${rpc.name}: ${rpc.help}.\n\n${JSON.stringify(body)}\n\nGo ahead?`)) {
+    $("rpc-result").replaceChildren(el("p", {class: "muted", text: `${rpc.name} not sent`}));
+    return;
+  }
+  if (body.holder) state.holder = body.holder;
+  const r = await callRpc(rpc, body);
+  $("rpc-result").replaceChildren(r.ok
+    ? el("div", {class: "ok", role: "status"}, el("strong", {text: `${rpc.name}: ${r.body.outcome || "ok"}`}),
+         el("pre", {text: JSON.stringify(r.body, null, 1)}))
+    : errorNode(r.body));
+  if (r.ok) {
+    await refresh();
+    const sid = (r.body.lease || r.body.record || r.body.quarantine || r.body.session || {}).session_id;
+    const row = sid && state.overview.sessions.items.find((x) => x.session_id === sid);
+    if (row && (!state.selected || state.selected.session_id !== sid)) select(row);
+    else if (state.selected) { renderForm(); loadTimeline(); }
+  }
+}
+
+// -- start ----------------------------------------------------------------------------
+
+async function boot() {
+  const r = await api("/api/relay/rpcs");
+  if (!r.ok) { if (r.status !== 401) $("relay-info").replaceChildren(errorNode(r.body)); return; }
+  state.rpcs = r.body.rpcs;
+  state.feedKinds = r.body.feed_kinds;
+  const picker = $("rpc-select");
+  const keep = picker.value;
+  picker.replaceChildren(...state.rpcs.filter((x) => x.kind === "mutation")
+    .map((x) => el("option", {value: x.name, text: x.destructive ? `${x.name} ⚠` : x.name})));
+  if (keep) picker.value = keep;
+  $("login").hidden = true;
+  if (!(await refresh())) return;
+  $("app").hidden = false;
+  renderForm();
+  openFeed();
+  const wanted = new URLSearchParams(location.hash.slice(1)).get("session");
+  if (wanted) {
+    const found = await api(`/api/relay/overview?q=${encodeURIComponent(wanted)}&limit=${PAGE_ROWS}`);
+    const row = found.ok && found.body.sessions.items.find((x) => x.session_id === wanted);
+    if (row) select(row);
+  }
+  document.body.dataset.readyMs = Math.round(performance.now());
+  document.body.dataset.ready = "1";  // time to interactive is measured to here
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("login-form").addEventListener("submit", login);
+  $("logout").addEventListener("click", logout);
+  $("rpc-select").addEventListener("change", () => { renderForm(); $("rpc-result").replaceChildren(); });
+  $("rpc-form").addEventListener("submit", submitForm);
+  $("window").addEventListener("change", () => { if (state.selected) loadTimeline(); });
+  $("prev").addEventListener("click", () => {
+    state.page.offset = Math.max(0, state.page.offset - PAGE_ROWS);
+    refresh();
+  });
+  $("next").addEventListener("click", () => { state.page.offset += PAGE_ROWS; refresh(); });
+  let typing = 0;
+  $("filter").addEventListener("input", (e) => {
+    clearTimeout(typing);
+    typing = setTimeout(() => { state.page = {offset: 0, q: e.target.value}; refresh(); }, 200);
+  });
+  setInterval(tickTimes, 1000);
+  boot();
+});
+'''
+
+
+################################################################
 # HTTP, SSE and WebSocket adapter (create_app)
 ################################################################
 
@@ -5064,7 +6200,7 @@ def create_app(service: Service) -> Any:
     app.config["RESPONSE_TIMEOUT"] = None
     app.config["BODY_TIMEOUT"] = 30
     for install in (_install_guards, _install_error_handlers, _install_login,
-                    _install_rpc_routes, _install_streams, _install_operations):
+                    _install_rpc_routes, _install_streams, _install_operations, _add_dashboard):
         install(app, service)
     return app
 
