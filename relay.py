@@ -1261,27 +1261,47 @@ def _encode_request(key: str, record: RequestRecord) -> bytes:
     return b"%08x " % zlib.crc32(body) + body + b"\n"
 
 
-def _decode_request(line: bytes) -> tuple[str, RequestRecord]:
-    """One request-log line -> (key, record); raises ValueError on damage."""
+def _request_log_damaged(path: Path, what: str) -> rc.DataLoss:
+    """The refusal of a request id whose request-log shard is damaged: its
+    first answer cannot be found, so applying it again could apply it twice."""
+    return rc.DataLoss(
+        f"the request log {path} {what}; a request id recorded there cannot be "
+        "recognised, so a retry with it was not applied",
+        hint="restore flow/state/relay/requests from a backup; or check with a read "
+             "(e.g. `python -m relay event list`) whether the first attempt landed and "
+             "retry only with a new request id")
+
+
+def _decode_request(line: bytes, path: Path) -> tuple[str, RequestRecord]:
+    """One request-log line -> (key, record); raises DataLoss on damage."""
     body = line[9:-1]
     if len(line) < 11 or line[8:9] != b" " or line[:8] != b"%08x" % zlib.crc32(body):
-        raise ValueError("request log record checksum mismatch")
-    doc = json.loads(body)
-    key = doc.pop("key")
-    return key, from_json(RequestRecord, doc)
+        raise _request_log_damaged(path, "has a record whose checksum does not match")
+    try:
+        doc = json.loads(body)
+        key = doc.pop("key")
+        return key, from_json(RequestRecord, doc)
+    except (ValueError, KeyError, AttributeError, RelayError):
+        raise _request_log_damaged(path, "has a record that is not a request record") from None
 
 
 def _request_lines(path: Path, start: int, end: int | None) -> Iterator[tuple[int, bytes]]:
-    """(offset, line) of the whole lines of ``path`` in [start, end)."""
+    """(offset, line) of the whole lines of ``path`` in [start, end).  Up to a
+    committed ``end`` every byte must be there, in whole lines (DataLoss
+    otherwise: a missing or cut shard would silently forget request ids)."""
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed below; a generator holds it
     except FileNotFoundError:
+        if end is not None and end > start:
+            raise _request_log_damaged(path, f"is missing (committed {end} B)") from None
         return
     with f:
         f.seek(start)
         while end is None or f.tell() < end:
             offset = f.tell()
             line = f.readline()
+            if end is not None and (not line.endswith(b"\n") or offset + len(line) > end):
+                raise _request_log_damaged(path, f"is cut or torn before its committed {end} B")
             if not line.endswith(b"\n"):
                 return  # a torn tail of a sealed bucket cannot be committed
             yield offset, line
@@ -1292,9 +1312,10 @@ def _live_buckets(store: Store, cursor: RequestLogCursor, now: float, config: Co
     if not cursor.bucket:
         return []
     try:
-        names = os.listdir(store.state_dir / REQUESTS_DIR)
+        names = set(os.listdir(store.state_dir / REQUESTS_DIR))
     except FileNotFoundError:
-        return []
+        names = set()
+    names.add(cursor.bucket)  # committed: its shards are checked even if its directory is gone
     cut = _bucket_start(cursor.bucket)
     return sorted((n for n in names if _BUCKET_PATTERN.fullmatch(n) and _bucket_start(n) <= cut
                    and not _bucket_expired(n, now, config)), key=_bucket_start)
@@ -1312,7 +1333,7 @@ def _scan_request(store: Store, ledger: Ledger, key: str, now: float,
         path = store.state_dir / REQUESTS_DIR / bucket / f"{shard:x}.log"
         for _, line in _request_lines(path, 0, _committed_end(ledger.request_log, bucket, shard)):
             if key.encode() in line:
-                found, record = _decode_request(line)
+                found, record = _decode_request(line, path)
                 if found == key:
                     return record
     return None
@@ -1326,6 +1347,8 @@ class RequestIndex:
     bucket: str = ""
     offsets: list[int] = attrs.Factory(list)
     where: dict[str, tuple[str, int, int]] = attrs.Factory(dict)  # key -> (bucket, shard, offset)
+    #: (bucket, shard) -> why it could not be read whole: its keys are refused, not forgotten.
+    damaged: dict[tuple[str, int], rc.DataLoss] = attrs.Factory(dict)
 
     def sync(self, store: Store, cursor: RequestLogCursor, now: float, config: Config) -> None:
         """Read whatever was committed since the last sync (cheap when nothing was)."""
@@ -1349,8 +1372,9 @@ class RequestIndex:
             for shard, seen in enumerate(self.offsets):
                 self._read(store, previous, shard, seen, None)
             self.where = {k: v for k, v in self.where.items() if v[0] in live}
+            self.damaged = {k: v for k, v in self.damaged.items() if k[0] in live}
         else:
-            self.where = {}
+            self.where, self.damaged = {}, {}
         for bucket in live:
             if bucket == previous or (previous and _bucket_start(bucket) < _bucket_start(previous)):
                 continue
@@ -1360,18 +1384,29 @@ class RequestIndex:
 
     def _read(self, store: Store, bucket: str, shard: int, start: int, end: int | None) -> None:
         path = store.state_dir / REQUESTS_DIR / bucket / f"{shard:x}.log"
-        for offset, line in _request_lines(path, start, end):
-            self.where[_decode_request(line)[0]] = (bucket, shard, offset)
+        try:
+            for offset, line in _request_lines(path, start, end):
+                self.where[_decode_request(line, path)[0]] = (bucket, shard, offset)
+        except rc.DataLoss as exc:
+            self.damaged[(bucket, shard)] = exc
 
     def lookup(self, store: Store, key: str, now: float, config: Config) -> RequestRecord | None:
         hit = self.where.get(key)
-        if hit is None or _bucket_expired(hit[0], now, config):
+        if hit is None:
+            shard = _request_shard(key)
+            for (bucket, damaged_shard), exc in self.damaged.items():
+                if damaged_shard == shard and not _bucket_expired(bucket, now, config):
+                    raise exc
+            return None
+        if _bucket_expired(hit[0], now, config):
             return None
         path = store.state_dir / REQUESTS_DIR / hit[0] / f"{hit[1]:x}.log"
         for _, line in _request_lines(path, hit[2], None):
-            found, record = _decode_request(line)
-            return record if found == key else None
-        return None
+            found, record = _decode_request(line, path)
+            if found != key:
+                raise _request_log_damaged(path, f"no longer holds {key!r} where it was indexed")
+            return record
+        raise _request_log_damaged(path, f"was cut before the record of {key!r}")
 
     def note(self, cursor: RequestLogCursor, placed: dict[str, tuple[str, int, int]]) -> None:
         """Our own commit landed: take its records without reading them back."""
@@ -2398,8 +2433,12 @@ def apply_all(ledger: Ledger, mutations: list[Mutation], now: float, config: Con
     results: list[Any] = []
     appends: dict[tuple[str, str], list[rc.StreamRecord]] = {}
     for m in mutations:
-        prior = (ledger.requests.get(m.request_id) or (lookup and lookup(m.request_id))
-                 if m.request_id else None)
+        try:
+            prior = (ledger.requests.get(m.request_id) or (lookup and lookup(m.request_id))
+                     if m.request_id else None)
+        except rc.DataLoss as exc:  # its first answer is unreadable: neither replay nor apply
+            results.append(exc)
+            continue
         if prior:
             results.append(_replay(ledger, m, prior))
             continue

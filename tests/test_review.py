@@ -1,0 +1,77 @@
+"""An adversarial review of issues 8 and 9: each test pins one defect found by
+attacking the merged relay (a damaged request log, values the binary codec
+cannot carry, absolute-form request targets).  Time is injected; nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import T0, commit_ok
+
+import relay
+import relay_client as rc
+
+# -- a damaged request log refuses a retry; it never applies it again -------------------
+
+
+def _request_log_file(store: relay.Store, key: str):
+    (path,) = [p for p in (store.state_dir / "requests").glob("*/*.log")
+               if key.encode() in p.read_bytes()]
+    return path
+
+
+def _cut(path):
+    path.write_bytes(b"")
+
+
+def _flip(path):
+    data = bytearray(path.read_bytes())
+    data[data.index(b'"method"') + 3] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def _tear(path):
+    data = bytearray(path.read_bytes())
+    data[-1] = ord("x")
+    path.write_bytes(bytes(data))
+
+
+def _remove_all(path):
+    import shutil
+
+    shutil.rmtree(path.parent.parent)
+
+
+@pytest.mark.parametrize("damage", [_cut, _flip, _tear, _remove_all],
+                         ids=["cut", "flipped", "torn", "removed"])
+@pytest.mark.parametrize("indexed", [False, True], ids=["scan", "index"])
+def test_a_retry_against_a_damaged_request_log_is_data_loss_not_a_second_append(
+        tmp_path, damage, indexed):
+    """A request id whose request-log shard is cut, torn, bit-flipped or gone is refused with
+    data_loss (naming the file): before the fix a cut/torn/removed shard silently forgot the id
+    and the retry was appended a second time, and a flipped one answered internal."""
+    store = relay.Store(tmp_path)
+    commit_ok(store, "RegisterProfile", name="cx", provider="codex", mode="pooled")
+    commit_ok(store, "CreateSession", profile="cx", session_id="s1")
+    commit_ok(store, "AppendEvent", session_id="s1", kind="k", request_id="R")
+    damage(_request_log_file(store, "R"))
+    retry = relay.Store(tmp_path, request_index=relay.RequestIndex() if indexed else None)
+    with pytest.raises(rc.DataLoss, match="request log"):
+        commit_ok(retry, "AppendEvent", now=T0 + 1, session_id="s1", kind="k", request_id="R")
+    assert retry.read().cursors["s1"].events == 1
+    # Writes that carry no request id are not held up by the damage.
+    commit_ok(retry, "AppendEvent", now=T0 + 1, session_id="s1", kind="k")
+    assert retry.read().cursors["s1"].events == 2
+
+
+def test_an_indexed_key_whose_shard_is_cut_later_is_data_loss(tmp_path):
+    """The server's index found R; the shard is then cut under it: the retry is refused, not
+    taken for a new request (before the fix: appended again)."""
+    store = relay.Store(tmp_path, request_index=relay.RequestIndex())
+    commit_ok(store, "RegisterProfile", name="cx", provider="codex", mode="pooled")
+    commit_ok(store, "CreateSession", profile="cx", session_id="s1")
+    commit_ok(store, "AppendEvent", session_id="s1", kind="k", request_id="R")
+    _cut(_request_log_file(store, "R"))
+    with pytest.raises(rc.DataLoss, match="request log"):
+        commit_ok(store, "AppendEvent", now=T0 + 1, session_id="s1", kind="k", request_id="R")
+    assert store.read().cursors["s1"].events == 1
