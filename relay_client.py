@@ -45,6 +45,7 @@ __all__ = [
     "LEASE_STATES",
     "LIVE_LEASE_STATES",
     "MAX_JSON_DEPTH",
+    "MAX_JSON_INTEGER",
     "PROFILE_MODES",
     "PROTO_PACKAGE",
     "PROVIDERS",
@@ -417,10 +418,16 @@ def _finite_float(text: str) -> float:
     return value
 
 
+#: The largest integer a JSON number may be: beyond it no double holds it, so
+#: the binary codec (google.protobuf.Value) and most JSON readers could not.
+MAX_JSON_INTEGER: Final = int(sys.float_info.max)
+
+
 def check_json_value(value: Any, path: str, limit: int = MAX_JSON_DEPTH) -> None:
-    """Refuse a value nested deeper than ``limit`` or holding NaN or an
-    infinity, with ``InvalidArgument``.  Iterative: a recursive check would
-    itself run out of stack on the values it exists to refuse."""
+    """Refuse a value nested deeper than ``limit`` or holding NaN, an
+    infinity or an integer no double can hold, with ``InvalidArgument``.
+    Iterative: a recursive check would itself run out of stack on the values
+    it exists to refuse."""
     stack = [(value, 0)]
     while stack:
         item, depth = stack.pop()
@@ -428,6 +435,10 @@ def check_json_value(value: Any, path: str, limit: int = MAX_JSON_DEPTH) -> None
         if tp is float and not math.isfinite(item):
             raise InvalidArgument(f"field {path!r} holds {item!r}; only finite numbers are accepted",
                                   hint="send a finite number, or the value as a string")
+        if tp is int and not -MAX_JSON_INTEGER <= item <= MAX_JSON_INTEGER:
+            raise InvalidArgument(f"field {path!r} holds an integer of {len(str(abs(item)))} digits, "
+                                  "beyond what a double can hold (about 1.8e308)",
+                                  hint="send the number as a string")
         if tp is list or tp is dict or tp is tuple:
             if depth >= limit:
                 raise InvalidArgument(
@@ -1117,16 +1128,25 @@ def proto_to_json(name: str, data: bytes, *, defaults: bool = False) -> dict[str
     except message.DecodeError as exc:
         raise InvalidArgument(f"request body is not a valid {PROTO_PACKAGE}.{name}: {exc}",
                               hint="send the binary form of the message in specs/relay.proto") from None
-    obj = json_format.MessageToDict(msg, preserving_proto_field_name=True,
-                                    always_print_fields_with_no_presence=defaults)
+    try:
+        obj = json_format.MessageToDict(msg, preserving_proto_field_name=True,
+                                        always_print_fields_with_no_presence=defaults)
+    except json_format.SerializeToJsonError as exc:  # a Value holding NaN or an infinity
+        raise InvalidArgument(f"request body is not valid JSON data: {exc}",
+                              hint="send finite numbers only, or the value as a string") from None
     return _relay_json(cls.DESCRIPTOR, obj)
 
 
 def json_to_proto(name: str, obj: dict[str, Any]) -> bytes:
-    """The relay's JSON form of message ``name`` -> its binary form."""
+    """The relay's JSON form of message ``name`` -> its binary form; a value
+    the binary form cannot carry is ``failed_precondition``."""
     from google.protobuf import json_format
 
-    msg = json_format.ParseDict(obj, proto_class(name)(), ignore_unknown_fields=False)
+    try:
+        msg = json_format.ParseDict(obj, proto_class(name)(), ignore_unknown_fields=False)
+    except (OverflowError, json_format.ParseError) as exc:
+        raise FailedPrecondition(f"the reply holds a value the binary codec cannot carry: {exc}",
+                                 hint="ask with Content-Type: application/json") from None
     return msg.SerializeToString()
 
 

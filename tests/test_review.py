@@ -75,3 +75,40 @@ def test_an_indexed_key_whose_shard_is_cut_later_is_data_loss(tmp_path):
     with pytest.raises(rc.DataLoss, match="request log"):
         commit_ok(store, "AppendEvent", now=T0 + 1, session_id="s1", kind="k", request_id="R")
     assert store.read().cursors["s1"].events == 1
+
+
+# -- values the binary codec cannot carry are refused at every door ----------------------
+
+
+def test_a_binary_value_holding_nan_or_infinity_is_invalid_argument():
+    """A proto AppendRecordRequest whose data Value is NaN/Infinity: invalid_argument (before:
+    json_format's SerializeToJsonError escaped as HTTP 500)."""
+    cls = rc.proto_class("AppendRecordRequest")
+    for number in (float("nan"), float("inf"), float("-inf")):
+        msg = cls(session_id="s1", kind="k")
+        msg.data.number_value = number
+        with pytest.raises(rc.InvalidArgument, match="finite|NaN|Infinity"):
+            rc.proto_to_json("AppendRecordRequest", msg.SerializeToString())
+
+
+@pytest.mark.parametrize("body", [
+    '{"session_id": "s1", "kind": "k", "data": 1%s}' % ("0" * 400),
+    '{"session_id": "s1", "kind": "k", "data": {"a": [-1%s]}}' % ("0" * 309),
+])
+def test_an_integer_no_double_can_hold_is_refused_at_the_door(body):
+    """Before: stored, after which every binary (application/proto) read of the stream, and the
+    binary reply itself, answered 500 (OverflowError in json_format)."""
+    with pytest.raises(rc.InvalidArgument, match="double"):
+        rc.from_json(rc.AppendRecordRequest, rc.parse_json(body))
+    # The largest integer a double holds still goes through, both ways.
+    ok = rc.from_json(rc.AppendRecordRequest, {"session_id": "s1", "kind": "k",
+                                               "data": rc.MAX_JSON_INTEGER})
+    rc.json_to_proto("AppendRecordRequest", rc.to_json(ok))
+
+
+def test_a_reply_the_binary_codec_cannot_carry_is_a_clear_refusal():
+    """A value stored before the integer limit existed: the binary reply is failed_precondition
+    naming the JSON codec, not an internal error."""
+    with pytest.raises(rc.FailedPrecondition, match="binary codec"):
+        rc.json_to_proto("AppendReply", {"outcome": "appended", "revision": 1, "record": {
+            "session_id": "s1", "seq": 1, "kind": "k", "data": 10 ** 400, "appended_at": ""}})
