@@ -5192,9 +5192,15 @@ def browser_refusal(scope: dict[str, Any], config: Config) -> RelayError | None:
         headers.setdefault(name.decode("latin-1").lower(), []).append(value.decode("latin-1"))
     scheme = {"ws": "http", "wss": "https"}.get(scope["scheme"], scope["scheme"])
     hosts = headers.get("host", [])
-    if len(hosts) != 1 or not host_allowed(hosts[0], scope.get("server"), scheme,
-                                            frozenset(config.allowed_hosts)):
-        shown = hosts[0] if len(hosts) == 1 else f"{len(hosts)} Host headers"
+    # An absolute-form target (``GET http://evil.example/ HTTP/1.1``) names a
+    # host itself, which RFC 9112 3.2.2 puts above Host: it must pass as well.
+    absolute = re.fullmatch(rb"[a-z][a-z0-9+.-]*://([^/?#]*).*", scope.get("raw_path") or b"/",
+                            re.IGNORECASE | re.DOTALL)
+    named = hosts + ([absolute[1].decode("latin-1")] if absolute is not None else [])
+    refused = next((h for h in named if not host_allowed(
+        h, scope.get("server"), scheme, frozenset(config.allowed_hosts))), None)
+    if len(hosts) != 1 or refused is not None:
+        shown = refused if len(hosts) == 1 else f"{len(hosts)} Host headers"
         return rc.PermissionDenied(
             f"Host {shown!r} is not an address this relay serves",
             hint="connect to the address `python -m relay serve` printed, or list the name "
@@ -5206,7 +5212,8 @@ def browser_refusal(scope: dict[str, Any], config: Config) -> RelayError | None:
             f"a web page from {origins[0]!r} may not drive this relay",
             hint="open the page from the relay's own origin, or list a trusted origin in "
                  "flow/relay.toml [serve] allowed_origins")
-    if not origins and headers.get("sec-fetch-site", [""])[0] in ("cross-site", "same-site"):
+    if not origins and any(v.strip().lower() in ("cross-site", "same-site")
+                           for v in headers.get("sec-fetch-site", ())):
         return rc.PermissionDenied("a request from another site's page may not drive this relay",
                                    hint="open the page from the relay's own origin")
     import urllib.parse

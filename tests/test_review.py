@@ -112,3 +112,35 @@ def test_a_reply_the_binary_codec_cannot_carry_is_a_clear_refusal():
     with pytest.raises(rc.FailedPrecondition, match="binary codec"):
         rc.json_to_proto("AppendReply", {"outcome": "appended", "revision": 1, "record": {
             "session_id": "s1", "seq": 1, "kind": "k", "data": 10 ** 400, "appended_at": ""}})
+
+
+# -- the browser door: an absolute-form target names its host too ----------------------
+
+
+def _scope(target: bytes, **headers: str) -> dict:
+    return {"type": "http", "scheme": "http", "method": "GET", "raw_path": target,
+            "path": target.decode(), "query_string": b"", "server": ("127.0.0.1", 8123),
+            "headers": [(k.replace("_", "-").encode(), v.encode()) for k, v in headers.items()]}
+
+
+@pytest.mark.parametrize("target", [b"http://evil.example/api/relay/status",
+                                    b"HTTP://evil.example:8123/events", b"ws://evil.example/ws",
+                                    b"http://127.0.0.1:9/api/relay/status"])
+def test_an_absolute_form_target_naming_another_host_is_refused(target):
+    """RFC 9112 3.2.2: an absolute-form target's authority overrides Host.  Before, the relay
+    checked only Host and served ``GET http://evil.example/api/relay/status`` (quart routes by
+    the target's path)."""
+    refusal = relay.browser_refusal(_scope(target, Host="127.0.0.1:8123"), relay.Config())
+    authority = target.split(b"/")[2].decode()
+    assert isinstance(refusal, rc.PermissionDenied) and authority in refusal.message
+    own = relay.browser_refusal(_scope(b"http://127.0.0.1:8123/api/relay/status",
+                                       Host="127.0.0.1:8123"), relay.Config())
+    assert own is None
+
+
+@pytest.mark.parametrize("values", [("Cross-Site",), ("none", "cross-site"), (" same-site",)])
+def test_fetch_metadata_is_read_case_blind_and_every_copy_counts(values):
+    """A cross-site Sec-Fetch-Site refuses whatever its case or position (fail closed)."""
+    scope = _scope(b"/api/relay/status", Host="127.0.0.1:8123")
+    scope["headers"] += [(b"sec-fetch-site", v.encode()) for v in values]
+    assert isinstance(relay.browser_refusal(scope, relay.Config()), rc.PermissionDenied)
