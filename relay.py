@@ -2865,7 +2865,7 @@ class EventHub:
     def rebase(self, ledger: Ledger) -> None:
         """Start over from ``ledger``: its records count as published, and the
         feed history begins at its revision (a new server, or a new ledger)."""
-        self._published = {}
+        self._published, self._vectors = {}, {}  # the old ledger's sessions are not in this one
         for sid, cursor in ledger.cursors.items():
             self.mark_seen(sid, "events", cursor.events)
             self.mark_seen(sid, "results", cursor.results)

@@ -144,3 +144,22 @@ def test_fetch_metadata_is_read_case_blind_and_every_copy_counts(values):
     scope = _scope(b"/api/relay/status", Host="127.0.0.1:8123")
     scope["headers"] += [(b"sec-fetch-site", v.encode()) for v in values]
     assert isinstance(relay.browser_refusal(scope, relay.Config()), rc.PermissionDenied)
+
+
+# -- the all-sessions stream after a replaced ledger --------------------------------------
+
+
+async def test_after_a_replaced_ledger_all_sessions_ids_name_only_the_new_ledgers_sessions():
+    """A new ledger (state reset while serving) starts the hub over; before the fix the
+    all-sessions stream's ids still named the old ledger's sessions (``old:7``), which the new
+    ledger's resume refuses as not_found, so a browser's EventSource reconnect stopped dead."""
+    hub = relay.EventHub()
+    old = relay.Ledger(cursors={"old": rc.Cursor("old", events=7)})
+    hub.rebase(old)
+    hub.publish_records("events", [rc.StreamRecord("old", 8, "k")])
+    new = relay.Ledger(cursors={"s1": rc.Cursor("s1", events=0)})
+    hub.rebase(new)
+    sub = hub.subscribe("events:*")
+    hub.publish_records("events", [rc.StreamRecord("s1", 1, "k")])
+    frame = sub.receive.receive_nowait()
+    assert relay.parse_stream_cursor(frame.id) == {"s1": 1}
