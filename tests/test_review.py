@@ -163,3 +163,21 @@ async def test_after_a_replaced_ledger_all_sessions_ids_name_only_the_new_ledger
     hub.publish_records("events", [rc.StreamRecord("s1", 1, "k")])
     frame = sub.receive.receive_nowait()
     assert relay.parse_stream_cursor(frame.id) == {"s1": 1}
+
+
+@pytest.mark.xfail(strict=True, reason="the all-sessions id is a vector of every session's "
+                   "position, O(sessions) bytes; a relay-wide position would bound it")
+def test_an_all_sessions_id_fits_in_the_header_that_must_carry_it_back():
+    """Ids must come back as Last-Event-ID.  On a real server a 70 KB Last-Event-ID is refused
+    431 by hypercorn (30 KB passed; its h11_max_incomplete_size is 16 KiB).  With 600 sessions of
+    128-character ids (allowed), every all-sessions frame carries a ~78 KB id that the relay
+    itself cannot take back, and the stream sends that much per frame."""
+    import hypercorn.config
+
+    hub = relay.EventHub()
+    hub.rebase(relay.Ledger())
+    sub = hub.subscribe("events:*")
+    names = [f"s{i:03d}" + "x" * 124 for i in range(600)]
+    hub.publish_records("events", [rc.StreamRecord(sid, 1, "k") for sid in names])
+    *_, frame = [sub.receive.receive_nowait() for _ in names]
+    assert len(frame.id) < hypercorn.config.Config().h11_max_incomplete_size
