@@ -6248,14 +6248,22 @@ def _run_serve(store: Store, config: Config, args: argparse.Namespace, as_json: 
     try:
         trio.run(run)
     except* OSError as group:  # e.g. the port is taken: one line, not a traceback
-        exc = group.exceptions[0]
+        exc = _first_leaf(group)
         raise rc.Unavailable(f"cannot serve on {host}:{port}: {getattr(exc, 'strerror', None) or exc}",
                              hint="pick another --port (0 picks a free one)") from None
     except* RelayError as group:
         # A copy, chained to the group: raising the child itself would graft
         # this frame onto its traceback and lose the group's context.
-        raise copy.copy(group.exceptions[0]) from group
+        raise copy.copy(_first_leaf(group)) from group
     return EXIT_OK
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    """The first exception in a (nested: one per trio nursery) group that is not a group."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _root(args: argparse.Namespace) -> Path:

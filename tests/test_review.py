@@ -181,3 +181,31 @@ def test_an_all_sessions_id_fits_in_the_header_that_must_carry_it_back():
     hub.publish_records("events", [rc.StreamRecord(sid, 1, "k") for sid in names])
     *_, frame = [sub.receive.receive_nowait() for _ in names]
     assert len(frame.id) < hypercorn.config.Config().h11_max_incomplete_size
+
+
+# -- a disk fault as serve starts: one line, not a nested traceback -----------------------
+
+
+def test_a_disk_fault_on_serves_first_commit_is_one_line(tmp_path):
+    """serve's first commit hits a disk fault (here EISDIR: a request-log shard that is a
+    directory).  Before: the Unavailable came wrapped in three nested trio nurseries' groups, so
+    `except* RelayError` re-raised a group and the operator got 145 lines of traceback."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    store = relay.Store(tmp_path)
+    commit_ok(store, "RegisterProfile", now=time.time(), name="cx", provider="codex",
+              mode="pooled", request_id="R")  # serve's clock is real: a live bucket
+    shard = _request_log_file(store, "R")
+    shard.unlink()
+    shard.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "relay", "--root", str(tmp_path), "serve",
+                           "--port", "0"], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode != 0
+    assert proc.stderr.count("\n") == 1 and "EISDIR" in proc.stderr, proc.stderr[-500:]
+    assert "Traceback" not in proc.stderr
