@@ -4977,7 +4977,7 @@ def create_app(service: Service) -> Any:
             raise rc.Unimplemented(f"no RPC named {method!r}",
                                    hint="see specs/relay.proto for the methods")
         limit = service.config.max_body_bytes
-        if request.method == "GET":
+        if request.method in ("GET", "HEAD"):  # quart routes HEAD here too: it must be safe
             if rpc.mutates:  # only NO_SIDE_EFFECTS RPCs have Connect's GET form
                 raise _HttpRefusal(InvalidArgument(
                     f"{method} changes the ledger, so it takes POST only"), 405, {"Allow": "POST"})

@@ -209,3 +209,23 @@ def test_a_disk_fault_on_serves_first_commit_is_one_line(tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.count("\n") == 1 and "EISDIR" in proc.stderr, proc.stderr[-500:]
     assert "Traceback" not in proc.stderr
+
+
+# -- HEAD is safe: it never reaches a mutation --------------------------------------------
+
+
+async def test_head_on_a_mutating_rpc_is_405_and_changes_nothing(tmp_path):
+    """Quart answers HEAD on every GET route; the Connect route took anything but GET as POST,
+    so ``HEAD /relay.v1.Relay/AppendEvent`` with a JSON body appended the event (200)."""
+    import json
+
+    from serve_helpers import serving
+
+    async with serving(tmp_path) as r:
+        await r.seed()
+        head = await r.client.request("HEAD", f"/{rc.SERVICE}/AppendEvent", headers={
+            "Content-Type": "application/json"}, content=json.dumps(
+                {"session_id": "s1", "kind": "via-head"}).encode())
+        assert head.status_code == 405 and head.headers["Allow"] == "POST"
+        listed = await r.ok("ListEvents", session_id="s1")
+        assert listed["records"] == []
