@@ -1265,9 +1265,10 @@ def _request_log_damaged(path: Path, what: str) -> rc.DataLoss:
     """The refusal of a request id whose request-log shard is damaged: its
     first answer cannot be found, so applying it again could apply it twice."""
     return rc.DataLoss(
-        f"the request log {path} {what}; a request id recorded there cannot be "
-        "recognised, so a retry with it was not applied",
-        hint="restore flow/state/relay/requests from a backup; or check with a read "
+        f"the request log {path} {what}; a request id kept there cannot be told from a "
+        "new one, so this request was not applied (it may be a retry of one that was)",
+        hint="restore flow/state/relay/requests from a backup (then restart a running "
+             "`python -m relay serve`); or check with a read "
              "(e.g. `python -m relay event list`) whether the first attempt landed and "
              "retry only with a new request id")
 
