@@ -1487,7 +1487,7 @@ def append_request_records(store: Store, ledger: Ledger, now: float, config: Con
             _append_at(directory / f"{shard:x}.log", lengths[shard], b"".join(chunks))
             lengths[shard] = offset
     except OSError as exc:
-        raise _io_failure("append to the request log", exc) from exc
+        raise _io_failure("append to the request log", exc, store.state_dir / REQUESTS_DIR) from exc
     cursor = RequestLogCursor(bucket, tuple(lengths))
     return attrs.evolve(ledger, requests={}, request_log=cursor), placed
 

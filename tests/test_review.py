@@ -229,3 +229,21 @@ async def test_head_on_a_mutating_rpc_is_405_and_changes_nothing(tmp_path):
         assert head.status_code == 405 and head.headers["Allow"] == "POST"
         listed = await r.ok("ListEvents", session_id="s1")
         assert listed["records"] == []
+
+
+def test_a_full_disk_under_the_request_log_names_its_path(tmp_path, monkeypatch):
+    """ENOSPC from os.write carries no file name; the refusal named no path (issue 8 #10 asks
+    for the path and the errno).  Nothing is acknowledged or written."""
+    import errno
+
+    store = relay.Store(tmp_path)
+    commit_ok(store, "RegisterProfile", name="cx", provider="codex", mode="pooled")
+    commit_ok(store, "CreateSession", profile="cx", session_id="s1")
+
+    def full(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(relay, "_append_at", full)
+    with pytest.raises(rc.Unavailable, match=r"ENOSPC.*flow/state/relay/requests"):
+        commit_ok(store, "AppendEvent", session_id="s1", kind="k", request_id="R")
+    assert store.read().cursors["s1"].events == 0
