@@ -371,6 +371,11 @@ OPTIONAL_ID_PATTERN: Final = re.compile(f"(?:{ID_PATTERN.pattern})?")
 DIGITS_PATTERN: Final = re.compile(r"[0-9]+")
 
 
+#: The largest integer a JSON number may be: beyond it no double holds it, so
+#: the binary codec (google.protobuf.Value) and most JSON readers could not.
+MAX_JSON_INTEGER: Final = int(sys.float_info.max)
+
+
 def parse_digits(text: str) -> int:
     """``text`` as a non-negative integer, or ValueError unless it is ASCII digits only."""
     if not isinstance(text, str) or not DIGITS_PATTERN.fullmatch(text):
@@ -387,7 +392,7 @@ def parse_json(text: str | bytes) -> Any:
     commit.  Nesting too deep for the parser is malformed input too, not an
     internal error.  Every refusal is a ValueError.
     """
-    value = strict_loads(text)
+    value = strict_loads(text, parse_int=_door_int)
     try:
         json.dumps(value, ensure_ascii=False).encode()
     except RecursionError:
@@ -397,14 +402,26 @@ def parse_json(text: str | bytes) -> Any:
     return value
 
 
-def strict_loads(text: str | bytes) -> Any:
+def strict_loads(text: str | bytes, *, parse_int: Any = None) -> Any:
     """``json.loads`` refusing NaN, Infinity and out-of-range numbers (and
     nesting too deep for the parser) with ValueError; what the ledger reader
     uses, whose bytes our own encoder wrote (so every string encodes)."""
     try:
-        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
+                          parse_int=parse_int)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
+
+
+def _door_int(text: str) -> int:
+    """An integer literal of a request: refused beyond what a double holds
+    (the binary codec's google.protobuf.Value could never carry it back).
+    Only the doors refuse it; readers take what an earlier version stored."""
+    value = int(text)
+    if not -MAX_JSON_INTEGER <= value <= MAX_JSON_INTEGER:
+        raise ValueError(f"integer of {len(text.lstrip('-'))} digits is beyond what a double can "
+                         "hold (about 1.8e308); send it as a string")
+    return value
 
 
 def _reject_constant(name: str) -> Any:
@@ -418,16 +435,10 @@ def _finite_float(text: str) -> float:
     return value
 
 
-#: The largest integer a JSON number may be: beyond it no double holds it, so
-#: the binary codec (google.protobuf.Value) and most JSON readers could not.
-MAX_JSON_INTEGER: Final = int(sys.float_info.max)
-
-
 def check_json_value(value: Any, path: str, limit: int = MAX_JSON_DEPTH) -> None:
-    """Refuse a value nested deeper than ``limit`` or holding NaN, an
-    infinity or an integer no double can hold, with ``InvalidArgument``.
-    Iterative: a recursive check would itself run out of stack on the values
-    it exists to refuse."""
+    """Refuse a value nested deeper than ``limit`` or holding NaN or an
+    infinity, with ``InvalidArgument``.  Iterative: a recursive check would
+    itself run out of stack on the values it exists to refuse."""
     stack = [(value, 0)]
     while stack:
         item, depth = stack.pop()
@@ -435,10 +446,6 @@ def check_json_value(value: Any, path: str, limit: int = MAX_JSON_DEPTH) -> None
         if tp is float and not math.isfinite(item):
             raise InvalidArgument(f"field {path!r} holds {item!r}; only finite numbers are accepted",
                                   hint="send a finite number, or the value as a string")
-        if tp is int and not -MAX_JSON_INTEGER <= item <= MAX_JSON_INTEGER:
-            raise InvalidArgument(f"field {path!r} holds an integer of {len(str(abs(item)))} digits, "
-                                  "beyond what a double can hold (about 1.8e308)",
-                                  hint="send the number as a string")
         if tp is list or tp is dict or tp is tuple:
             if depth >= limit:
                 raise InvalidArgument(
