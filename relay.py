@@ -4528,6 +4528,11 @@ class Service:
             nursery.start_soon(self._ws_subscribe, msg, out)
         elif kind == "hold":
             lease_id = msg.get("lease_id")
+            if self.probe_token is not None:  # a hold renews and releases: mutations
+                _ws_send(out, _ws_error(ident, FailedPrecondition(
+                    "this is the gate's read-only probe; it holds no leases",
+                    hint="serve the relay with `python -m relay serve`")))
+                return
             if not isinstance(lease_id, str) or lease_id not in self.owner.ledger.leases:
                 _ws_send(out, _ws_error(ident, NotFound(f"lease {lease_id!r} does not exist")))
                 return

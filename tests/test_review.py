@@ -269,3 +269,37 @@ def test_a_full_disk_under_the_request_log_names_its_path(tmp_path, monkeypatch)
     with pytest.raises(rc.Unavailable, match=r"ENOSPC.*flow/state/relay/requests"):
         commit_ok(store, "AppendEvent", session_id="s1", kind="k", request_id="R")
     assert store.read().cursors["s1"].events == 0
+
+
+# -- the gate's read-only probe takes no mutation, not even over a /ws hold ---------------
+
+
+async def test_the_read_only_probe_refuses_a_ws_hold(tmp_path):
+    """Every RPC mutation is refused by the probe (Service.call), but a /ws ``hold`` submitted
+    RenewLease (and ReleaseLease on disconnect) to the owner directly: the gate's probe renewed
+    a lease in the ledger."""
+    import functools
+
+    import trio
+    from serve_helpers import open_ws, ws_recv, ws_send
+
+    store = relay.Store(tmp_path)
+    commit_ok(store, "RegisterProfile", name="cx", provider="codex", mode="pooled")
+    commit_ok(store, "CreateSession", profile="cx", session_id="s1")
+    now = __import__("time").time()
+    lease = commit_ok(store, "GrantLease", now=now, session_id="s1", holder="h",
+                      mode="exclusive-write", ttl_seconds=3).lease
+    before = store.read().revision
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(functools.partial(
+            relay.serve, relay.Store(tmp_path), relay.Config(), host="127.0.0.1", port=0,
+            probe_token="probe"))
+        try:
+            async with open_ws(server.endpoint, {"Authorization": "Bearer probe"}) as ws:
+                await ws_send(ws, type="hold", id=1, lease_id=lease.lease_id,
+                              release_on_disconnect=True)
+                frame = await ws_recv(ws)
+                assert frame["type"] == "error" and frame["error"]["code"] == "failed_precondition"
+        finally:
+            server.stop()
+    assert store.read().revision == before
