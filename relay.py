@@ -4351,10 +4351,13 @@ class Service:
                                      hint='send Authorization: Bearer <token> or {"token": "..."}')
         expires = float(int(self.now() + SESSION_COOKIE_SECONDS))
         body = f"{token_id}.{int(expires)}.{secrets.token_hex(8)}"  # each login its own value
-        return f"{body}.{self._session_mac(body)}", token_id, expires
+        digest = self.owner.ledger.tokens[token_id].digest
+        return f"{body}.{self._session_mac(body, digest)}", token_id, expires
 
-    def _session_mac(self, body: str) -> str:
-        return hmac.new(self._session_key, body.encode(), hashlib.sha256).hexdigest()
+    def _session_mac(self, body: str, digest: str) -> str:
+        """The MAC binds the token's digest too (never sent): a token id names
+        another token after a state reset (ids restart with revisions)."""
+        return hmac.new(self._session_key, f"{body}|{digest}".encode(), hashlib.sha256).hexdigest()
 
     def session_token_id(self, value: str) -> str:
         """The token a session value stands for, or "" unless the value is this
@@ -4363,13 +4366,14 @@ class Service:
         token_id, _, expires = body.rsplit(".", 1)[0].rpartition(".")
         if not (token_id and re.fullmatch(r"[0-9]{1,12}", expires)):
             return ""
-        if not hmac.compare_digest(mac.encode(), self._session_mac(body).encode()):
+        token = self.owner.ledger.tokens.get(token_id)
+        if token is None or not hmac.compare_digest(
+                mac.encode(), self._session_mac(body, token.digest).encode()):
             return ""
         now = self.now()
         if int(expires) <= now or value in self._logged_out:
             return ""
-        token = self.owner.ledger.tokens.get(token_id)
-        return token_id if token is not None and token_usable(token, iso(now)) else ""
+        return token_id if token_usable(token, iso(now)) else ""
 
     def close_session(self, value: str) -> None:
         """Log a session value out for good (its cookie may have been copied)."""

@@ -303,3 +303,32 @@ async def test_the_read_only_probe_refuses_a_ws_hold(tmp_path):
         finally:
             server.stop()
     assert store.read().revision == before
+
+
+# -- a login cookie names a token, and only that token --------------------------------------
+
+
+def test_a_login_cookie_does_not_carry_over_to_a_new_token_with_the_same_id(tmp_path):
+    """Token ids are ``tok-<revision>``, so after a state reset while serving, the first token
+    of the new ledger has the id of the old one.  Before the fix the old browser session
+    (signed by the same server key) was accepted for the new token, which its holder never
+    had."""
+    import types
+
+    from serve_helpers import cli_in_process
+
+    ledgers = []
+    for name in ("before", "after"):  # the same steps give the same token id
+        root = tmp_path / name
+        made = cli_in_process(root, "token", "create", "--label", "tests")
+        cli_in_process(root, "bootstrap", "--token-id", made["token"]["token_id"])
+        ledgers.append((relay.Store(root).read(), made["secret"]))
+    (old, old_secret), (new, _) = ledgers
+    assert old.runtime.token_id == new.runtime.token_id
+    owner = types.SimpleNamespace(ledger=old)
+    service = relay.Service(relay.Store(tmp_path / "before"), relay.Config(), owner,
+                            relay.EventHub(), now=lambda: T0 + 10 ** 8)
+    value, token_id, _ = service.open_session(old_secret)
+    assert service.session_token_id(value) == token_id
+    owner.ledger = new  # the server absorbs the replaced ledger; its session key stays
+    assert service.session_token_id(value) == ""
