@@ -1279,27 +1279,48 @@ def _encode_request(key: str, record: RequestRecord) -> bytes:
     return b"%08x " % zlib.crc32(body) + body + b"\n"
 
 
-def _decode_request(line: bytes) -> tuple[str, RequestRecord]:
-    """One request-log line -> (key, record); raises ValueError on damage."""
+def _request_log_damaged(path: Path, what: str) -> rc.DataLoss:
+    """The refusal of a request id whose request-log shard is damaged: its
+    first answer cannot be found, so applying it again could apply it twice."""
+    return rc.DataLoss(
+        f"the request log {path} {what}; a request id kept there cannot be told from a "
+        "new one, so this request was not applied (it may be a retry of one that was)",
+        hint="restore flow/state/relay/requests from a backup (then restart a running "
+             "`python -m relay serve`); or check with a read "
+             "(e.g. `python -m relay event list`) whether the first attempt landed and "
+             "retry only with a new request id")
+
+
+def _decode_request(line: bytes, path: Path) -> tuple[str, RequestRecord]:
+    """One request-log line -> (key, record); raises DataLoss on damage."""
     body = line[9:-1]
     if len(line) < 11 or line[8:9] != b" " or line[:8] != b"%08x" % zlib.crc32(body):
-        raise ValueError("request log record checksum mismatch")
-    doc = json.loads(body)
-    key = doc.pop("key")
-    return key, from_json(RequestRecord, doc)
+        raise _request_log_damaged(path, "has a record whose checksum does not match")
+    try:
+        doc = json.loads(body)
+        key = doc.pop("key")
+        return key, from_json(RequestRecord, doc)
+    except (ValueError, KeyError, AttributeError, RelayError):
+        raise _request_log_damaged(path, "has a record that is not a request record") from None
 
 
 def _request_lines(path: Path, start: int, end: int | None) -> Iterator[tuple[int, bytes]]:
-    """(offset, line) of the whole lines of ``path`` in [start, end)."""
+    """(offset, line) of the whole lines of ``path`` in [start, end).  Up to a
+    committed ``end`` every byte must be there, in whole lines (DataLoss
+    otherwise: a missing or cut shard would silently forget request ids)."""
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed below; a generator holds it
     except FileNotFoundError:
+        if end is not None and end > start:
+            raise _request_log_damaged(path, f"is missing (committed {end} B)") from None
         return
     with f:
         f.seek(start)
         while end is None or f.tell() < end:
             offset = f.tell()
             line = f.readline()
+            if end is not None and (not line.endswith(b"\n") or offset + len(line) > end):
+                raise _request_log_damaged(path, f"is cut or torn before its committed {end} B")
             if not line.endswith(b"\n"):
                 return  # a torn tail of a sealed bucket cannot be committed
             yield offset, line
@@ -1310,9 +1331,10 @@ def _live_buckets(store: Store, cursor: RequestLogCursor, now: float, config: Co
     if not cursor.bucket:
         return []
     try:
-        names = os.listdir(store.state_dir / REQUESTS_DIR)
+        names = set(os.listdir(store.state_dir / REQUESTS_DIR))
     except FileNotFoundError:
-        return []
+        names = set()
+    names.add(cursor.bucket)  # committed: its shards are checked even if its directory is gone
     cut = _bucket_start(cursor.bucket)
     return sorted((n for n in names if _BUCKET_PATTERN.fullmatch(n) and _bucket_start(n) <= cut
                    and not _bucket_expired(n, now, config)), key=_bucket_start)
@@ -1330,7 +1352,7 @@ def _scan_request(store: Store, ledger: Ledger, key: str, now: float,
         path = store.state_dir / REQUESTS_DIR / bucket / f"{shard:x}.log"
         for _, line in _request_lines(path, 0, _committed_end(ledger.request_log, bucket, shard)):
             if key.encode() in line:
-                found, record = _decode_request(line)
+                found, record = _decode_request(line, path)
                 if found == key:
                     return record
     return None
@@ -1344,6 +1366,8 @@ class RequestIndex:
     bucket: str = ""
     offsets: list[int] = attrs.Factory(list)
     where: dict[str, tuple[str, int, int]] = attrs.Factory(dict)  # key -> (bucket, shard, offset)
+    #: (bucket, shard) -> why it could not be read whole: its keys are refused, not forgotten.
+    damaged: dict[tuple[str, int], rc.DataLoss] = attrs.Factory(dict)
 
     def sync(self, store: Store, cursor: RequestLogCursor, now: float, config: Config) -> None:
         """Read whatever was committed since the last sync (cheap when nothing was)."""
@@ -1367,8 +1391,9 @@ class RequestIndex:
             for shard, seen in enumerate(self.offsets):
                 self._read(store, previous, shard, seen, None)
             self.where = {k: v for k, v in self.where.items() if v[0] in live}
+            self.damaged = {k: v for k, v in self.damaged.items() if k[0] in live}
         else:
-            self.where = {}
+            self.where, self.damaged = {}, {}
         for bucket in live:
             if bucket == previous or (previous and _bucket_start(bucket) < _bucket_start(previous)):
                 continue
@@ -1378,18 +1403,29 @@ class RequestIndex:
 
     def _read(self, store: Store, bucket: str, shard: int, start: int, end: int | None) -> None:
         path = store.state_dir / REQUESTS_DIR / bucket / f"{shard:x}.log"
-        for offset, line in _request_lines(path, start, end):
-            self.where[_decode_request(line)[0]] = (bucket, shard, offset)
+        try:
+            for offset, line in _request_lines(path, start, end):
+                self.where[_decode_request(line, path)[0]] = (bucket, shard, offset)
+        except rc.DataLoss as exc:
+            self.damaged[(bucket, shard)] = exc
 
     def lookup(self, store: Store, key: str, now: float, config: Config) -> RequestRecord | None:
         hit = self.where.get(key)
-        if hit is None or _bucket_expired(hit[0], now, config):
+        if hit is None:
+            shard = _request_shard(key)
+            for (bucket, damaged_shard), exc in self.damaged.items():
+                if damaged_shard == shard and not _bucket_expired(bucket, now, config):
+                    raise exc
+            return None
+        if _bucket_expired(hit[0], now, config):
             return None
         path = store.state_dir / REQUESTS_DIR / hit[0] / f"{hit[1]:x}.log"
         for _, line in _request_lines(path, hit[2], None):
-            found, record = _decode_request(line)
-            return record if found == key else None
-        return None
+            found, record = _decode_request(line, path)
+            if found != key:
+                raise _request_log_damaged(path, f"no longer holds {key!r} where it was indexed")
+            return record
+        raise _request_log_damaged(path, f"was cut before the record of {key!r}")
 
     def note(self, cursor: RequestLogCursor, placed: dict[str, tuple[str, int, int]]) -> None:
         """Our own commit landed: take its records without reading them back."""
@@ -1469,7 +1505,7 @@ def append_request_records(store: Store, ledger: Ledger, now: float, config: Con
             _append_at(directory / f"{shard:x}.log", lengths[shard], b"".join(chunks))
             lengths[shard] = offset
     except OSError as exc:
-        raise _io_failure("append to the request log", exc) from exc
+        raise _io_failure("append to the request log", exc, store.state_dir / REQUESTS_DIR) from exc
     cursor = RequestLogCursor(bucket, tuple(lengths))
     return attrs.evolve(ledger, requests={}, request_log=cursor), placed
 
@@ -2458,8 +2494,12 @@ def apply_all(ledger: Ledger, mutations: list[Mutation], now: float, config: Con
     results: list[Any] = []
     appends: dict[tuple[str, str], list[rc.StreamRecord]] = {}
     for m in mutations:
-        prior = (ledger.requests.get(m.request_id) or (lookup and lookup(m.request_id))
-                 if m.request_id else None)
+        try:
+            prior = (ledger.requests.get(m.request_id) or (lookup and lookup(m.request_id))
+                     if m.request_id else None)
+        except rc.DataLoss as exc:  # its first answer is unreadable: neither replay nor apply
+            results.append(exc)
+            continue
         if prior:
             results.append(_replay(ledger, m, prior))
             continue
@@ -2886,7 +2926,7 @@ class EventHub:
     def rebase(self, ledger: Ledger) -> None:
         """Start over from ``ledger``: its records count as published, and the
         feed history begins at its revision (a new server, or a new ledger)."""
-        self._published = {}
+        self._published, self._vectors = {}, {}  # the old ledger's sessions are not in this one
         for sid, cursor in ledger.cursors.items():
             self.mark_seen(sid, "events", cursor.events)
             self.mark_seen(sid, "results", cursor.results)
@@ -4538,10 +4578,13 @@ class Service:
                                      hint='send Authorization: Bearer <token> or {"token": "..."}')
         expires = float(int(self.now() + SESSION_COOKIE_SECONDS))
         body = f"{token_id}.{int(expires)}.{secrets.token_hex(8)}"  # each login its own value
-        return f"{body}.{self._session_mac(body)}", token_id, expires
+        digest = self.owner.ledger.tokens[token_id].digest
+        return f"{body}.{self._session_mac(body, digest)}", token_id, expires
 
-    def _session_mac(self, body: str) -> str:
-        return hmac.new(self._session_key, body.encode(), hashlib.sha256).hexdigest()
+    def _session_mac(self, body: str, digest: str) -> str:
+        """The MAC binds the token's digest too (never sent): a token id names
+        another token after a state reset (ids restart with revisions)."""
+        return hmac.new(self._session_key, f"{body}|{digest}".encode(), hashlib.sha256).hexdigest()
 
     def session_token_id(self, value: str) -> str:
         """The token a session value stands for, or "" unless the value is this
@@ -4550,13 +4593,14 @@ class Service:
         token_id, _, expires = body.rsplit(".", 1)[0].rpartition(".")
         if not (token_id and re.fullmatch(r"[0-9]{1,12}", expires)):
             return ""
-        if not hmac.compare_digest(mac.encode(), self._session_mac(body).encode()):
+        token = self.owner.ledger.tokens.get(token_id)
+        if token is None or not hmac.compare_digest(
+                mac.encode(), self._session_mac(body, token.digest).encode()):
             return ""
         now = self.now()
         if int(expires) <= now or value in self._logged_out:
             return ""
-        token = self.owner.ledger.tokens.get(token_id)
-        return token_id if token is not None and token_usable(token, iso(now)) else ""
+        return token_id if token_usable(token, iso(now)) else ""
 
     def close_session(self, value: str) -> None:
         """Log a session value out for good (its cookie may have been copied)."""
@@ -4715,6 +4759,11 @@ class Service:
             nursery.start_soon(self._ws_subscribe, msg, out)
         elif kind == "hold":
             lease_id = msg.get("lease_id")
+            if self.probe_token is not None:  # a hold renews and releases: mutations
+                _ws_send(out, _ws_error(ident, FailedPrecondition(
+                    "this is the gate's read-only probe; it holds no leases",
+                    hint="serve the relay with `python -m relay serve`")))
+                return
             if not isinstance(lease_id, str) or lease_id not in self.owner.ledger.leases:
                 _ws_send(out, _ws_error(ident, NotFound(f"lease {lease_id!r} does not exist")))
                 return
@@ -6336,8 +6385,8 @@ def _install_rpc_routes(app: Any, service: Service) -> None:
 
 async def _connect_request(rpc: rc.Rpc, request: Any, limit: int) -> tuple[str, Any]:
     """(codec, request JSON) of a Connect unary call: a POST body, or (reads
-    only) Connect's GET form."""
-    if request.method == "GET":
+    only) Connect's GET form.  Quart routes HEAD here too: it must be as safe."""
+    if request.method in ("GET", "HEAD"):
         if rpc.mutates:  # only NO_SIDE_EFFECTS RPCs have Connect's GET form
             raise _HttpRefusal(InvalidArgument(
                 f"{rpc.name} changes the ledger, so it takes POST only"), 405, {"Allow": "POST"})
@@ -6566,9 +6615,15 @@ def browser_refusal(scope: dict[str, Any], config: Config) -> RelayError | None:
         headers.setdefault(name.decode("latin-1").lower(), []).append(value.decode("latin-1"))
     scheme = {"ws": "http", "wss": "https"}.get(scope["scheme"], scope["scheme"])
     hosts = headers.get("host", [])
-    if len(hosts) != 1 or not host_allowed(hosts[0], scope.get("server"), scheme,
-                                            frozenset(config.allowed_hosts)):
-        shown = hosts[0] if len(hosts) == 1 else f"{len(hosts)} Host headers"
+    # An absolute-form target (``GET http://evil.example/ HTTP/1.1``) names a
+    # host itself, which RFC 9112 3.2.2 puts above Host: it must pass as well.
+    absolute = re.fullmatch(rb"[a-z][a-z0-9+.-]*://([^/?#]*).*", scope.get("raw_path") or b"/",
+                            re.IGNORECASE | re.DOTALL)
+    named = hosts + ([absolute[1].decode("latin-1")] if absolute is not None else [])
+    refused = next((h for h in named if not host_allowed(
+        h, scope.get("server"), scheme, frozenset(config.allowed_hosts))), None)
+    if len(hosts) != 1 or refused is not None:
+        shown = refused if len(hosts) == 1 else f"{len(hosts)} Host headers"
         return rc.PermissionDenied(
             f"Host {shown!r} is not an address this relay serves",
             hint="connect to the address `python -m relay serve` printed, or list the name "
@@ -6580,7 +6635,8 @@ def browser_refusal(scope: dict[str, Any], config: Config) -> RelayError | None:
             f"a web page from {origins[0]!r} may not drive this relay",
             hint="open the page from the relay's own origin, or list a trusted origin in "
                  "flow/relay.toml [serve] allowed_origins")
-    if not origins and headers.get("sec-fetch-site", [""])[0] in ("cross-site", "same-site"):
+    if not origins and any(v.strip().lower() in ("cross-site", "same-site")
+                           for v in headers.get("sec-fetch-site", ())):
         return rc.PermissionDenied("a request from another site's page may not drive this relay",
                                    hint="open the page from the relay's own origin")
     import urllib.parse
@@ -7570,14 +7626,22 @@ def _run_serve(store: Store, config: Config, args: argparse.Namespace, as_json: 
     try:
         trio.run(run)
     except* OSError as group:  # e.g. the port is taken: one line, not a traceback
-        exc = group.exceptions[0]
+        exc = _first_leaf(group)
         raise rc.Unavailable(f"cannot serve on {host}:{port}: {getattr(exc, 'strerror', None) or exc}",
                              hint="pick another --port (0 picks a free one)") from None
     except* RelayError as group:
         # A copy, chained to the group: raising the child itself would graft
         # this frame onto its traceback and lose the group's context.
-        raise copy.copy(group.exceptions[0]) from group
+        raise copy.copy(_first_leaf(group)) from group
     return EXIT_OK
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    """The first exception in a (nested: one per trio nursery) group that is not a group."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _root(args: argparse.Namespace) -> Path:

@@ -45,6 +45,7 @@ __all__ = [
     "LEASE_STATES",
     "LIVE_LEASE_STATES",
     "MAX_JSON_DEPTH",
+    "MAX_JSON_INTEGER",
     "MUTATION",
     "POOL_MODES",
     "PROTO_PACKAGE",
@@ -377,6 +378,11 @@ OPTIONAL_ID_PATTERN: Final = re.compile(f"(?:{ID_PATTERN.pattern})?")
 DIGITS_PATTERN: Final = re.compile(r"[0-9]+")
 
 
+#: The largest integer a JSON number may be: beyond it no double holds it, so
+#: the binary codec (google.protobuf.Value) and most JSON readers could not.
+MAX_JSON_INTEGER: Final = int(sys.float_info.max)
+
+
 def parse_digits(text: str) -> int:
     """``text`` as a non-negative integer, or ValueError unless it is ASCII digits only."""
     if not isinstance(text, str) or not DIGITS_PATTERN.fullmatch(text):
@@ -393,7 +399,7 @@ def parse_json(text: str | bytes) -> Any:
     commit.  Nesting too deep for the parser is malformed input too, not an
     internal error.  Every refusal is a ValueError.
     """
-    value = strict_loads(text)
+    value = strict_loads(text, parse_int=_door_int)
     try:
         json.dumps(value, ensure_ascii=False).encode()
     except RecursionError:
@@ -403,14 +409,26 @@ def parse_json(text: str | bytes) -> Any:
     return value
 
 
-def strict_loads(text: str | bytes) -> Any:
+def strict_loads(text: str | bytes, *, parse_int: Any = None) -> Any:
     """``json.loads`` refusing NaN, Infinity and out-of-range numbers (and
     nesting too deep for the parser) with ValueError; what the ledger reader
     uses, whose bytes our own encoder wrote (so every string encodes)."""
     try:
-        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
+                          parse_int=parse_int)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
+
+
+def _door_int(text: str) -> int:
+    """An integer literal of a request: refused beyond what a double holds
+    (the binary codec's google.protobuf.Value could never carry it back).
+    Only the doors refuse it; readers take what an earlier version stored."""
+    value = int(text)
+    if not -MAX_JSON_INTEGER <= value <= MAX_JSON_INTEGER:
+        raise ValueError(f"integer of {len(text.lstrip('-'))} digits is beyond what a double can "
+                         "hold (about 1.8e308); send it as a string")
+    return value
 
 
 def _reject_constant(name: str) -> Any:
@@ -1179,16 +1197,25 @@ def proto_to_json(name: str, data: bytes, *, defaults: bool = False) -> dict[str
     except message.DecodeError as exc:
         raise InvalidArgument(f"request body is not a valid {PROTO_PACKAGE}.{name}: {exc}",
                               hint="send the binary form of the message in specs/relay.proto") from None
-    obj = json_format.MessageToDict(msg, preserving_proto_field_name=True,
-                                    always_print_fields_with_no_presence=defaults)
+    try:
+        obj = json_format.MessageToDict(msg, preserving_proto_field_name=True,
+                                        always_print_fields_with_no_presence=defaults)
+    except json_format.SerializeToJsonError as exc:  # a Value holding NaN or an infinity
+        raise InvalidArgument(f"request body is not valid JSON data: {exc}",
+                              hint="send finite numbers only, or the value as a string") from None
     return _relay_json(cls.DESCRIPTOR, obj)
 
 
 def json_to_proto(name: str, obj: dict[str, Any]) -> bytes:
-    """The relay's JSON form of message ``name`` -> its binary form."""
+    """The relay's JSON form of message ``name`` -> its binary form; a value
+    the binary form cannot carry is ``failed_precondition``."""
     from google.protobuf import json_format
 
-    msg = json_format.ParseDict(obj, proto_class(name)(), ignore_unknown_fields=False)
+    try:
+        msg = json_format.ParseDict(obj, proto_class(name)(), ignore_unknown_fields=False)
+    except (OverflowError, json_format.ParseError) as exc:
+        raise FailedPrecondition(f"the reply holds a value the binary codec cannot carry: {exc}",
+                                 hint="ask with Content-Type: application/json") from None
     return msg.SerializeToString()
 
 
