@@ -14,10 +14,12 @@ One module, read top to bottom; each section uses only those above it.
     Commit (the one place mutations are applied and made durable)
     Event hub (fan-out)
     Provider wire protocols (sans-I/O: bytes in, events out)
+    Provider settings (offline homes and environments; pure)
     Process supervisor (provider children: spawn, read, stop, reap)
     Runtime (pools, turns, approvals, hand-over)
     Supervision (ledger owner, heartbeat, subprocesses)
     Service (one method per RPC; no Quart imports)
+    Dashboard (GET /)
     HTTP, SSE and WebSocket adapter (create_app)
     Serving
     The gate
@@ -118,7 +120,9 @@ def _runtime_warnings(runtime: dict) -> list[dict]:
     return []
 
 
-def _relay_mode(doc: dict | None, warnings: list[dict]) -> str:
+def _relay_health(doc: dict | None, warnings: list[dict]) -> str:
+    """The relay's health (JSON ``relay_mode``): its lifecycle from the runtime
+    status, or ``degraded`` over a damaged ledger."""
     if any(w["code"] == "ledger_invalid" for w in warnings):
         return "degraded"
     runtime_status = doc["runtime"]["status"] if doc else "absent"
@@ -144,7 +148,7 @@ def status_doc(root: str, doc: dict | None, warnings: list[dict], now: float) ->
     return {
         "status": "fail" if any(w["severity"] == "error" for w in warnings) else "pass",
         "projection": PROJECTION,
-        "relay_mode": _relay_mode(doc, warnings),
+        "relay_mode": _relay_health(doc, warnings),
         "ledger_path": LEDGER_REL,
         "state_present": os.path.isdir(state_dir),
         "tmp_present": os.path.isdir(tmp_dir),
@@ -191,6 +195,16 @@ def _fast_status(argv: list[str]) -> int | None:
         as_json = True
     if args != ["status"]:
         return None
+    out = _fast_status_doc(root, time.time())
+    if out is None:
+        return None
+    sys.stdout.write((json.dumps(out, sort_keys=True) if as_json else status_text(out)) + "\n")
+    return 0
+
+
+def _fast_status_doc(root: str, now: float) -> dict | None:
+    """The projection ``status`` prints from the raw ledger bytes, or None when
+    this path cannot vouch for them (the full, typed path answers then)."""
     doc = None
     try:
         with open(os.path.join(root, LEDGER_REL), "rb") as f:
@@ -209,9 +223,7 @@ def _fast_status(argv: list[str]) -> int | None:
         if split is None or split[1] != memo:
             return None
         doc = json.loads(split[0])
-    out = status_doc(root, doc, [], time.time())
-    sys.stdout.write((json.dumps(out, sort_keys=True) if as_json else status_text(out)) + "\n")
-    return 0
+    return status_doc(root, doc, [], now)
 
 
 if __name__ == "__main__":
@@ -223,6 +235,7 @@ if __name__ == "__main__":
 import argparse  # noqa: E402
 import base64  # noqa: E402
 import contextlib  # noqa: E402
+import copy  # noqa: E402
 import errno  # noqa: E402
 import fcntl  # noqa: E402
 import functools  # noqa: E402
@@ -241,11 +254,14 @@ import zlib  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from datetime import UTC, datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, ClassVar, Final  # noqa: E402
+from typing import TYPE_CHECKING, Any, ClassVar, Final, cast  # noqa: E402
 
 import attrs  # noqa: E402
 
 import relay_client as rc  # noqa: E402
+
+if TYPE_CHECKING:  # trio itself loads lazily (see the event hub section)
+    from trio import Nursery, TaskStatus  # noqa: ASYNC106 (the name trio is bound lazily below)
 from relay_client import (  # noqa: E402
     AlreadyExists,
     FailedPrecondition,
@@ -260,18 +276,104 @@ from relay_client import (  # noqa: E402
 )
 
 __all__ = [
+    "CLEANUP_SECONDS",
+    "DASHBOARD_CSP",
+    "DASHBOARD_CSS",
+    "DASHBOARD_HTML",
+    "DASHBOARD_JS",
+    "FAILPOINTS",
+    "GATE_CHECKS",
+    "GRACEFUL_SECONDS",
+    "KIB",
+    "LEDGER_REL",
+    "LOG_LEVELS",
+    "MEMO_REL",
+    "PROJECTION",
+    "REPLAY_CHUNK",
+    "SCHEMA_ID",
+    "STREAM_KINDS",
+    "TEMP_PREFIX",
     "ClaudeProtocol",
     "CodexProtocol",
     "Config",
     "Ctx",
+    "EventHub",
+    "HubStatistics",
     "KimiProtocol",
     "Ledger",
+    "LedgerInvalid",
+    "LedgerOwner",
+    "Metrics",
+    "Mutation",
+    "Operations",
+    "OwnerStatistics",
+    "ProviderEndpoint",
     "ProviderProcess",
+    "ReadView",
+    "Reads",
+    "RequestRecord",
     "Runtime",
+    "Server",
+    "Service",
     "Store",
+    "TokenRecord",
+    "append_record",
+    "apply_all",
+    "bootstrap",
+    "borrow",
+    "build_parser",
+    "cleanup_plan",
+    "clear_quarantine",
     "commit",
+    "compact",
+    "create_app",
+    "create_session",
+    "create_token",
+    "dashboard_overview",
+    "dashboard_timeline",
+    "decode_ledger",
+    "decode_record",
+    "encode_ledger",
+    "encode_record",
+    "expire_leases",
+    "gate",
+    "grant_lease",
+    "inspect_relay",
+    "inventory",
+    "iso",
+    "list_leases",
+    "list_profiles",
+    "list_records",
+    "list_sessions",
+    "live_leases",
     "load_config",
     "main",
+    "operation",
+    "parse_iso",
+    "provider_endpoint",
+    "provider_env",
+    "provider_home_files",
+    "quarantine_session",
+    "read_rpc",
+    "reader",
+    "record_control",
+    "recover",
+    "register_profile",
+    "release_lease",
+    "renew_lease",
+    "require_serving_allowed",
+    "revoke_lease",
+    "revoke_token",
+    "rotate_token",
+    "rpc_description",
+    "rpc_mutation",
+    "serve",
+    "shutdown",
+    "split_checksum",
+    "status",
+    "status_doc",
+    "token_accepts",
+    "token_digest",
 ]
 
 ################################################################
@@ -295,7 +397,8 @@ TEMP_PREFIX: Final = ".relay-state.json.tmp."
 STREAMS_DIR: Final = "streams"
 ARCHIVE_DIR: Final = "archive"
 SET_ASIDE_DIR: Final = "set-aside"
-STREAM_KINDS: Final = ("events", "results")
+#: The session streams: those the rows of rc.RPCS append to and list.
+STREAM_KINDS: Final = tuple(dict.fromkeys(rpc.stream for rpc in rc.RPCS if rpc.stream))
 REQUESTS_DIR: Final = "requests"
 #: Shard files per bucket of the request log (a key's shard: its SHA-256's first byte mod this).
 REQUEST_SHARDS: Final = 16
@@ -319,6 +422,9 @@ REPLAY_CHUNK: Final = 500
 
 #: How long a stopping server waits for in-flight requests (seconds).
 GRACEFUL_SECONDS: Final = 3.0
+
+#: The bound on every shielded cleanup, e.g. releasing a disconnected hold (seconds).
+CLEANUP_SECONDS: Final = 5.0
 
 #: GIL switch interval while serving (seconds); see ``serve``.
 SWITCH_INTERVAL: Final = 0.0005
@@ -344,9 +450,26 @@ FAILPOINTS: Final = (
 )
 
 
-def _log(message: str) -> None:
-    """Operator-facing diagnostics go to stderr; stdout is for results."""
-    print(f"relay: {message}", file=sys.stderr, flush=True)
+#: The levels of ``serve --log-level`` and ``[serve] log_level``.
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+
+
+def _logger(area: str) -> Any:
+    """The logger of one area: ``relay.store`` (ledger and stream I/O),
+    ``relay.serve`` (the server), ``relay.gate``.  ``logging`` loads on the
+    first record, so a CLI mutation never pays for it.  No record ever holds
+    a raw token; tracebacks go to this log, never to a client."""
+    import logging
+
+    return logging.getLogger(f"relay.{area}")
+
+
+def _configure_logging(level: str) -> None:
+    """``serve``'s handler: one line per record on stderr (stdout is for results)."""
+    import logging
+
+    logging.basicConfig(stream=sys.stderr, level=level.upper(),
+                        format="relay: %(name)s %(levelname)s: %(message)s")
 
 
 def _failpoint(name: str) -> None:
@@ -458,6 +581,7 @@ class Config:
     approval_timeout_seconds: float = 60.0
     #: stderr lines kept per provider process (the newest).
     stderr_lines: int = 200
+    log_level: str = "info"
 
 
 # Table key -> (section, toml key); one place names the file's layout.
@@ -488,6 +612,7 @@ _CONFIG_KEYS: Final = {
     "handover_timeout_seconds": ("runtime", "handover_timeout_seconds"),
     "approval_timeout_seconds": ("runtime", "approval_timeout_seconds"),
     "stderr_lines": ("runtime", "stderr_lines"),
+    "log_level": ("serve", "log_level"),
 }
 
 
@@ -511,7 +636,7 @@ def load_config(flow_dir: Path) -> Config:
         if not isinstance(table, dict):
             raise InvalidArgument(f"{path}: [{section}] must be a table", hint=f"fix {path}")
         if section == "providers":
-            _provider_tables(path, table)
+            _check_provider_tables(path, table)
             continue
         for key, value in table.items():
             name = by_place.get((section, key))
@@ -533,27 +658,36 @@ def load_config(flow_dir: Path) -> Config:
                     hint=f"fix {path}",
                 )
             values[name] = value
+    if values.get("log_level", "info") not in LOG_LEVELS:
+        raise InvalidArgument(f"{path}: serve.log_level must be one of {', '.join(LOG_LEVELS)}",
+                              hint=f"fix {path}")
     return Config(**values)
 
 
-def _provider_tables(path: Path, table: dict[str, Any]) -> dict[str, dict[str, str]]:
-    """``[providers.<name>]``: environment for that provider's processes
-    (endpoints, key variables), names to strings; never stored in the ledger."""
-    out: dict[str, dict[str, str]] = {}
-    for name, env in table.items():
-        if name not in rc.PROVIDERS or not isinstance(env, dict):
+#: What a ``[providers.<name>]`` table may set (``provider_endpoint`` reads it).
+PROVIDER_KEYS: Final = ("base_url", "api_key_env", "model")
+
+
+def _check_provider_tables(path: Path, table: dict[str, Any]) -> None:
+    """``[providers.<name>]``: a known provider, string values of known keys
+    (an API key itself is refused: only the name of its variable)."""
+    for name, entry in table.items():
+        if name not in rc.PROVIDERS or not isinstance(entry, dict):
             raise InvalidArgument(f"{path}: [providers.{name}] is not a provider table",
                                   hint=f"use one of {', '.join(f'[providers.{p}]' for p in rc.PROVIDERS)}")
-        for key, value in env.items():
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", key) or not isinstance(value, str):
-                raise InvalidArgument(f"{path}: providers.{name}.{key} must be an environment "
-                                      "variable name with a string value", hint=f"fix {path}")
-        out[name] = dict(env)
-    return out
+        for key, value in entry.items():
+            if key not in PROVIDER_KEYS or not isinstance(value, str):
+                raise InvalidArgument(f"{path}: providers.{name}.{key} is not a provider setting",
+                                      hint=f"set only {', '.join(PROVIDER_KEYS)} (strings); a key "
+                                      "goes in the variable api_key_env names, never in the file")
 
 
-def load_provider_settings(flow_dir: Path) -> dict[str, dict[str, str]]:
-    """The ``[providers.<name>]`` tables of ``relay.toml`` (see ``_provider_tables``)."""
+def load_provider_settings(flow_dir: Path) -> dict[str, dict[str, Any]]:
+    """The ``[providers.<name>]`` tables of ``relay.toml``: each provider's
+    endpoint (``base_url``, ``api_key_env``, ``model``; see
+    ``provider_endpoint``, which checks them when a process starts).  Never
+    stored in the ledger; a key itself is never in the file, only the name of
+    the variable that holds it."""
     import tomllib
 
     path = flow_dir / "relay.toml"
@@ -562,7 +696,10 @@ def load_provider_settings(flow_dir: Path) -> dict[str, dict[str, str]]:
     except (FileNotFoundError, tomllib.TOMLDecodeError):
         return {}
     table = doc.get("providers")
-    return _provider_tables(path, table) if isinstance(table, dict) else {}
+    if not isinstance(table, dict):
+        return {}
+    _check_provider_tables(path, table)
+    return table
 
 
 def _config_names(path: Path, section: str, key: str, value: Any) -> tuple[str, ...]:
@@ -587,7 +724,7 @@ def _config_names(path: Path, section: str, key: str, value: Any) -> tuple[str, 
 _TOKEN_STATES: Final = ("active", "rotated", "revoked")
 #: The mutating RPCs whose ``request_id`` is an idempotency key: all but
 #: RecordControl, whose request id is its control record's own key.
-_IDEMPOTENT_METHODS: Final = tuple(r.name for r in rc.RPCS if r.mutates and r.name != "RecordControl")
+_IDEMPOTENT_METHODS: Final = tuple(r.name for r in rc.RPCS if r.mutates and not r.control)
 
 
 @attrs.frozen
@@ -1220,27 +1357,48 @@ def _encode_request(key: str, record: RequestRecord) -> bytes:
     return b"%08x " % zlib.crc32(body) + body + b"\n"
 
 
-def _decode_request(line: bytes) -> tuple[str, RequestRecord]:
-    """One request-log line -> (key, record); raises ValueError on damage."""
+def _request_log_damaged(path: Path, what: str) -> rc.DataLoss:
+    """The refusal of a request id whose request-log shard is damaged: its
+    first answer cannot be found, so applying it again could apply it twice."""
+    return rc.DataLoss(
+        f"the request log {path} {what}; a request id kept there cannot be told from a "
+        "new one, so this request was not applied (it may be a retry of one that was)",
+        hint="restore flow/state/relay/requests from a backup (then restart a running "
+             "`python -m relay serve`); or check with a read "
+             "(e.g. `python -m relay event list`) whether the first attempt landed and "
+             "retry only with a new request id")
+
+
+def _decode_request(line: bytes, path: Path) -> tuple[str, RequestRecord]:
+    """One request-log line -> (key, record); raises DataLoss on damage."""
     body = line[9:-1]
     if len(line) < 11 or line[8:9] != b" " or line[:8] != b"%08x" % zlib.crc32(body):
-        raise ValueError("request log record checksum mismatch")
-    doc = json.loads(body)
-    key = doc.pop("key")
-    return key, from_json(RequestRecord, doc)
+        raise _request_log_damaged(path, "has a record whose checksum does not match")
+    try:
+        doc = json.loads(body)
+        key = doc.pop("key")
+        return key, from_json(RequestRecord, doc)
+    except (ValueError, KeyError, AttributeError, RelayError):
+        raise _request_log_damaged(path, "has a record that is not a request record") from None
 
 
 def _request_lines(path: Path, start: int, end: int | None) -> Iterator[tuple[int, bytes]]:
-    """(offset, line) of the whole lines of ``path`` in [start, end)."""
+    """(offset, line) of the whole lines of ``path`` in [start, end).  Up to a
+    committed ``end`` every byte must be there, in whole lines (DataLoss
+    otherwise: a missing or cut shard would silently forget request ids)."""
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed below; a generator holds it
     except FileNotFoundError:
+        if end is not None and end > start:
+            raise _request_log_damaged(path, f"is missing (committed {end} B)") from None
         return
     with f:
         f.seek(start)
         while end is None or f.tell() < end:
             offset = f.tell()
             line = f.readline()
+            if end is not None and (not line.endswith(b"\n") or offset + len(line) > end):
+                raise _request_log_damaged(path, f"is cut or torn before its committed {end} B")
             if not line.endswith(b"\n"):
                 return  # a torn tail of a sealed bucket cannot be committed
             yield offset, line
@@ -1251,9 +1409,10 @@ def _live_buckets(store: Store, cursor: RequestLogCursor, now: float, config: Co
     if not cursor.bucket:
         return []
     try:
-        names = os.listdir(store.state_dir / REQUESTS_DIR)
+        names = set(os.listdir(store.state_dir / REQUESTS_DIR))
     except FileNotFoundError:
-        return []
+        names = set()
+    names.add(cursor.bucket)  # committed: its shards are checked even if its directory is gone
     cut = _bucket_start(cursor.bucket)
     return sorted((n for n in names if _BUCKET_PATTERN.fullmatch(n) and _bucket_start(n) <= cut
                    and not _bucket_expired(n, now, config)), key=_bucket_start)
@@ -1271,7 +1430,7 @@ def _scan_request(store: Store, ledger: Ledger, key: str, now: float,
         path = store.state_dir / REQUESTS_DIR / bucket / f"{shard:x}.log"
         for _, line in _request_lines(path, 0, _committed_end(ledger.request_log, bucket, shard)):
             if key.encode() in line:
-                found, record = _decode_request(line)
+                found, record = _decode_request(line, path)
                 if found == key:
                     return record
     return None
@@ -1285,6 +1444,8 @@ class RequestIndex:
     bucket: str = ""
     offsets: list[int] = attrs.Factory(list)
     where: dict[str, tuple[str, int, int]] = attrs.Factory(dict)  # key -> (bucket, shard, offset)
+    #: (bucket, shard) -> why it could not be read whole: its keys are refused, not forgotten.
+    damaged: dict[tuple[str, int], rc.DataLoss] = attrs.Factory(dict)
 
     def sync(self, store: Store, cursor: RequestLogCursor, now: float, config: Config) -> None:
         """Read whatever was committed since the last sync (cheap when nothing was)."""
@@ -1308,8 +1469,9 @@ class RequestIndex:
             for shard, seen in enumerate(self.offsets):
                 self._read(store, previous, shard, seen, None)
             self.where = {k: v for k, v in self.where.items() if v[0] in live}
+            self.damaged = {k: v for k, v in self.damaged.items() if k[0] in live}
         else:
-            self.where = {}
+            self.where, self.damaged = {}, {}
         for bucket in live:
             if bucket == previous or (previous and _bucket_start(bucket) < _bucket_start(previous)):
                 continue
@@ -1319,18 +1481,29 @@ class RequestIndex:
 
     def _read(self, store: Store, bucket: str, shard: int, start: int, end: int | None) -> None:
         path = store.state_dir / REQUESTS_DIR / bucket / f"{shard:x}.log"
-        for offset, line in _request_lines(path, start, end):
-            self.where[_decode_request(line)[0]] = (bucket, shard, offset)
+        try:
+            for offset, line in _request_lines(path, start, end):
+                self.where[_decode_request(line, path)[0]] = (bucket, shard, offset)
+        except rc.DataLoss as exc:
+            self.damaged[(bucket, shard)] = exc
 
     def lookup(self, store: Store, key: str, now: float, config: Config) -> RequestRecord | None:
         hit = self.where.get(key)
-        if hit is None or _bucket_expired(hit[0], now, config):
+        if hit is None:
+            shard = _request_shard(key)
+            for (bucket, damaged_shard), exc in self.damaged.items():
+                if damaged_shard == shard and not _bucket_expired(bucket, now, config):
+                    raise exc
+            return None
+        if _bucket_expired(hit[0], now, config):
             return None
         path = store.state_dir / REQUESTS_DIR / hit[0] / f"{hit[1]:x}.log"
         for _, line in _request_lines(path, hit[2], None):
-            found, record = _decode_request(line)
-            return record if found == key else None
-        return None
+            found, record = _decode_request(line, path)
+            if found != key:
+                raise _request_log_damaged(path, f"no longer holds {key!r} where it was indexed")
+            return record
+        raise _request_log_damaged(path, f"was cut before the record of {key!r}")
 
     def note(self, cursor: RequestLogCursor, placed: dict[str, tuple[str, int, int]]) -> None:
         """Our own commit landed: take its records without reading them back."""
@@ -1410,7 +1583,7 @@ def append_request_records(store: Store, ledger: Ledger, now: float, config: Con
             _append_at(directory / f"{shard:x}.log", lengths[shard], b"".join(chunks))
             lengths[shard] = offset
     except OSError as exc:
-        raise _io_failure("append to the request log", exc) from exc
+        raise _io_failure("append to the request log", exc, store.state_dir / REQUESTS_DIR) from exc
     cursor = RequestLogCursor(bucket, tuple(lengths))
     return attrs.evolve(ledger, requests={}, request_log=cursor), placed
 
@@ -1514,10 +1687,10 @@ def _grantable(ledger: Ledger, session_id: str) -> rc.Session:
 
 
 def register_profile(ledger: Ledger, req: rc.RegisterProfileRequest, ctx: Ctx):
-    if req.provider not in rc.PROVIDERS or req.mode not in rc.PROFILE_MODES:
+    if req.provider not in rc.PROVIDERS or req.mode not in rc.POOL_MODES:
         raise InvalidArgument(
             f"provider must be one of {', '.join(rc.PROVIDERS)} and mode one of "
-            f"{', '.join(rc.PROFILE_MODES)}", hint="see `python -m relay profile register --help`")
+            f"{', '.join(rc.POOL_MODES)}", hint="see `python -m relay profile register --help`")
     if req.mode == "pooled" and req.provider != "codex":
         raise InvalidArgument(
             f"pooled profiles are Codex-only; {req.provider} sessions are one-borrow",
@@ -1644,8 +1817,8 @@ def grant_lease(ledger: Ledger, req: rc.GrantLeaseRequest, ctx: Ctx):
     """Shared readers coexist; a writer needs the session to itself.  A writer
     that must wait for readers is recorded as waiting, which keeps new readers
     out; granting again for the same holder promotes it once readers are gone."""
-    if req.mode not in rc.LEASE_MODES:
-        raise InvalidArgument(f"mode must be one of {', '.join(rc.LEASE_MODES)}",
+    if req.mode not in rc.LEASE_ACCESS:
+        raise InvalidArgument(f"mode must be one of {', '.join(rc.LEASE_ACCESS)}",
                               hint="pass --mode shared-read or --mode exclusive-write")
     session = _grantable(ledger, req.session_id)
     ttl = _ttl(req.ttl_seconds, ctx)
@@ -2009,8 +2182,9 @@ _PRIVATE_NETWORKS: Final = tuple(ipaddress.ip_network(n) for n in (
     "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"))
 
 
-def endpoint_mode(host: str) -> str:
-    """``loopback`` or ``trusted-lan``; anything else may never be served."""
+def serving_mode(host: str) -> str:
+    """The serving mode of a host: ``loopback`` or ``trusted-lan``; anything
+    else may never be served."""
     try:
         addr = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
@@ -2037,14 +2211,14 @@ def active_token(ledger: Ledger, token_id: str) -> TokenRecord | None:
 def require_serving_allowed(ledger: Ledger | None, host: str) -> str:
     """The security rule: loopback may serve without a token; a private-network
     address needs an active token bound to the runtime; nothing else serves."""
-    mode = endpoint_mode(host)
+    serving = serving_mode(host)
     token = active_token(ledger, ledger.runtime.token_id) if ledger is not None else None
-    if mode == "trusted-lan" and token is None:
+    if serving == "trusted-lan" and token is None:
         raise FailedPrecondition(
             f"serving on {host} (trusted-lan) needs an active token bound to the runtime",
             hint="run `python -m relay token create`, then "
             "`python -m relay bootstrap --endpoint URL --token-id ID`")
-    return mode
+    return serving
 
 
 def bootstrap(ledger: Ledger, endpoint: str, token_id: str, ctx: Ctx):
@@ -2068,8 +2242,8 @@ def bootstrap(ledger: Ledger, endpoint: str, token_id: str, ctx: Ctx):
     elif not token_id:
         token_id = ledger.runtime.token_id  # re-bootstrapping must not silently drop auth
     ledger = attrs.evolve(ledger, runtime=attrs.evolve(ledger.runtime, token_id=token_id))
-    mode = require_serving_allowed(ledger, parts.hostname)
-    runtime = attrs.evolve(ledger.runtime, status="bootstrapped", endpoint=endpoint, mode=mode,
+    serving = require_serving_allowed(ledger, parts.hostname)
+    runtime = attrs.evolve(ledger.runtime, status="bootstrapped", endpoint=endpoint, mode=serving,
                            bootstrapped_at=ctx.stamp, shutdown_at="")
     return attrs.evolve(ledger, runtime=runtime), runtime
 
@@ -2199,23 +2373,36 @@ def compact(ledger: Ledger, ctx: Ctx) -> tuple[Ledger, dict[str, list[dict[str, 
     return ledger, {k: v for k, v in rows.items() if v}
 
 
-#: RPC name -> pure operation.  Reads are in the projections section.
-MUTATIONS: Final[dict[str, Callable[..., tuple[Ledger, Any]]]] = {
-    "RegisterProfile": register_profile,
-    "CreateSession": create_session,
-    "Borrow": borrow,
-    "Release": release_lease,
-    "GrantLease": grant_lease,
-    "RenewLease": renew_lease,
-    "ReleaseLease": release_lease,
-    "RevokeLease": revoke_lease,
-    "RecordControl": record_control,
-    "AppendEvent": lambda ledger, req, ctx: append_record(ledger, req, ctx, "events"),
-    "AppendResult": lambda ledger, req, ctx: append_record(ledger, req, ctx, "results"),
-    "QuarantineSession": quarantine_session,
-    "ClearQuarantine": clear_quarantine,
-    "StartTurn": start_turn,
-}
+class Operations:
+    """The pure operation of every mutating RPC: one method per row of
+    ``rc.RPCS``, named ``rpc.method`` (grpc's servicer pattern), each
+    ``(ledger, request, ctx) -> (ledger, reply)``.  ``operation(rpc)`` binds a
+    row to its method; reads are ``Reads``, in the projections section."""
+
+    register_profile = staticmethod(register_profile)
+    create_session = staticmethod(create_session)
+    borrow = staticmethod(borrow)
+    grant_lease = staticmethod(grant_lease)
+    renew_lease = staticmethod(renew_lease)
+    release_lease = staticmethod(release_lease)
+    revoke_lease = staticmethod(revoke_lease)
+    record_control = staticmethod(record_control)
+    append_event = append_result = staticmethod(append_record)  # the row names the stream
+    quarantine_session = staticmethod(quarantine_session)
+    clear_quarantine = staticmethod(clear_quarantine)
+    start_turn = staticmethod(start_turn)  # the runtime submits it once the provider took the input
+
+
+def _implementation(namespace: type, rpc: rc.Rpc) -> Callable[..., Any]:
+    """A row's method on ``Operations`` or ``Reads``: an alias row's target's,
+    given the row's stream (``stream=``) when it names one."""
+    method = getattr(namespace, rc.RPC_BY_NAME[rpc.alias_of].method if rpc.alias_of else rpc.method)
+    return functools.partial(method, stream=rpc.stream) if rpc.stream else method
+
+
+def operation(rpc: rc.Rpc) -> Callable[[Ledger, Any, Ctx], tuple[Ledger, Any]]:
+    """The pure operation of a mutating RPC's row."""
+    return _implementation(Operations, rpc)
 
 
 ################################################################
@@ -2384,26 +2571,52 @@ def recover(ledger: Ledger, req: rc.RecoverRequest, now: float):
     return rc.RecoverReply(ledger.revision, tuple(classify(ledger, s, stamp) for s in sessions))
 
 
-#: RPC name -> read over a valid ledger.
-READS: Final[dict[str, Callable[..., Any]]] = {
-    "ListProfiles": list_profiles,
-    "ListSessions": list_sessions,
-    "ListLeases": list_leases,
-    "Recover": recover,
-    "GetTurn": get_turn,
-    "ListTurns": list_turns,
-    "ListTasks": list_tasks,
-}
+@attrs.define(eq=False)
+class ReadView:
+    """What a read RPC reads: the store, the time, and a ledger -- the one
+    given (a server's, in memory) or, on first use, the store's."""
+
+    store: Store
+    now: float
+    _ledger: Ledger | None = None
+
+    @property
+    def ledger(self) -> Ledger:
+        if self._ledger is None:
+            self._ledger = self.store.read() or Ledger()
+        return self._ledger
 
 
-def read_rpc(store: Store, name: str, request: Any, now: float) -> Any:
-    """Answer a read RPC from the current ledger, never writing anything."""
-    if name == "GetStatus":
-        return status(store, now)
-    ledger = store.read() or Ledger()
-    if name in ("ListEvents", "ListResults"):
-        return list_records(store, ledger, request, "events" if name == "ListEvents" else "results")
-    return READS[name](ledger, request, now)
+def _over_ledger(read: Callable[[Ledger, Any, float], Any]) -> Any:
+    return staticmethod(lambda view, request: read(view.ledger, request, view.now))
+
+
+class Reads:
+    """Every read RPC: one method per row of ``rc.RPCS``, named ``rpc.method``,
+    each ``(view, request) -> reply`` over a ``ReadView``; a row with a
+    stream gets it as ``stream=``.  Nothing here writes."""
+
+    get_status = staticmethod(lambda view, request: status(view.store, view.now))
+    list_profiles = _over_ledger(list_profiles)
+    list_sessions = _over_ledger(list_sessions)
+    list_leases = _over_ledger(list_leases)
+    recover = _over_ledger(recover)
+    get_turn = _over_ledger(get_turn)
+    list_turns = _over_ledger(list_turns)
+    list_tasks = _over_ledger(list_tasks)
+    list_events = list_results = staticmethod(
+        lambda view, request, stream: list_records(view.store, view.ledger, request, stream))
+
+
+def reader(rpc: rc.Rpc) -> Callable[[ReadView, Any], Any]:
+    """The read of a read RPC's row."""
+    return _implementation(Reads, rpc)
+
+
+def read_rpc(store: Store, rpc: rc.Rpc | str, request: Any, now: float) -> Any:
+    """Answer a read RPC from the ledger on disk, never writing anything."""
+    rpc = rc.RPC_BY_NAME[rpc] if isinstance(rpc, str) else rpc
+    return reader(rpc)(ReadView(store, now), request)
 
 
 def inventory(store: Store) -> list[dict[str, Any]]:
@@ -2485,20 +2698,22 @@ class Mutation:
     request_id: str = ""
     digest: str = ""
     stream: str = ""
+    #: ``request_id`` is a control record's key (RecordControl's row says so).
+    control: bool = False
 
 
-def rpc_mutation(name: str, request: Any) -> Mutation:
+def rpc_mutation(rpc: rc.Rpc | str, request: Any) -> Mutation:
     """Wrap a mutating RPC's request as a Mutation (ids checked first)."""
-    rpc = rc.RPC_BY_NAME[name]
+    rpc = rc.RPC_BY_NAME[rpc] if isinstance(rpc, str) else rpc
     validate_request(request)
-    op = MUTATIONS[name]
+    op = operation(rpc)
     body = to_json(request)
     request_id = body.pop("request_id", "")
-    if name == "RecordControl":  # its id keys the record too; a prefix keeps the two apart
+    if rpc.control:  # its id keys the record too; a prefix keeps the two apart
         request_id = CONTROL_KEY_PREFIX + request_id
-    stream = {"AppendEvent": "events", "AppendResult": "results"}.get(name, "")
-    return Mutation(lambda ledger, ctx: op(ledger, request, ctx), name, rpc.response,
-                    request_id, _digest([name, body]) if request_id else "", stream)
+    return Mutation(lambda ledger, ctx: op(ledger, request, ctx), rpc.name, rpc.response,
+                    request_id, _digest([rpc.name, body]) if request_id else "", rpc.stream,
+                    rpc.control)
 
 
 def validate_request(request: Any) -> None:
@@ -2519,7 +2734,7 @@ def validate_request(request: Any) -> None:
 
 
 def _replay(ledger: Ledger, m: Mutation, prior: RequestRecord) -> Any:
-    control = m.method == "RecordControl"
+    control = m.control
     if prior.method != m.method or prior.digest != m.digest:
         if control:
             return AlreadyExists(f"control request {m.request_id[len(CONTROL_KEY_PREFIX):]!r} was "
@@ -2545,8 +2760,12 @@ def apply_all(ledger: Ledger, mutations: list[Mutation], now: float, config: Con
     results: list[Any] = []
     appends: dict[tuple[str, str], list[rc.StreamRecord]] = {}
     for m in mutations:
-        prior = (ledger.requests.get(m.request_id) or (lookup and lookup(m.request_id))
-                 if m.request_id else None)
+        try:
+            prior = (ledger.requests.get(m.request_id) or (lookup and lookup(m.request_id))
+                     if m.request_id else None)
+        except rc.DataLoss as exc:  # its first answer is unreadable: neither replay nor apply
+            results.append(exc)
+            continue
         if prior:
             results.append(_replay(ledger, m, prior))
             continue
@@ -2842,6 +3061,27 @@ class Subscriber:
     farewell: Frame | None = None
 
 
+def _counter(help_: str) -> Any:
+    """A ``statistics()`` field that only grows (a Prometheus counter)."""
+    return attrs.field(metadata={"help": help_, "kind": "counter"})
+
+
+def _gauge(help_: str) -> Any:
+    """A ``statistics()`` field that goes up and down (a Prometheus gauge)."""
+    return attrs.field(metadata={"help": help_, "kind": "gauge"})
+
+
+@attrs.frozen
+class HubStatistics:
+    """A snapshot of an ``EventHub`` (``EventHub.statistics()``)."""
+
+    subscribers: int = _gauge("open SSE and WebSocket subscriptions, all topics")
+    topics: int = _gauge("topics with at least one subscriber")
+    frames: int = _counter("frames handed to subscribers")
+    dropped: int = _counter("subscribers dropped for falling behind")
+    feed_notices: int = _gauge("relay-feed notices kept for Last-Event-ID replay")
+
+
 @attrs.define(eq=False)
 class EventHub:
     """Fan-out of stream records and relay notices to SSE/WebSocket subscribers.
@@ -2862,6 +3102,8 @@ class EventHub:
     feed_base: int = 0
     _evicted: tuple[int, int] = (-1, -1)  # the newest notice dropped from _feed
     closed: bool = False
+    _frames: int = 0
+    _dropped: int = 0
 
     def __attrs_post_init__(self) -> None:
         import collections
@@ -2887,8 +3129,10 @@ class EventHub:
         for sub in list(self._subs.get(topic, ())):
             try:
                 sub.send.send_nowait(frame)
+                self._frames += 1
             except trio.WouldBlock:
                 sub.dropped = True
+                self._dropped += 1
                 self.unsubscribe(sub)
             except trio.BrokenResourceError:
                 self.unsubscribe(sub)
@@ -2949,7 +3193,7 @@ class EventHub:
     def rebase(self, ledger: Ledger) -> None:
         """Start over from ``ledger``: its records count as published, and the
         feed history begins at its revision (a new server, or a new ledger)."""
-        self._published = {}
+        self._published, self._vectors = {}, {}  # the old ledger's sessions are not in this one
         for sid, cursor in ledger.cursors.items():
             self.mark_seen(sid, "events", cursor.events)
             self.mark_seen(sid, "results", cursor.results)
@@ -2964,8 +3208,11 @@ class EventHub:
             for sub in list(subs):
                 self.unsubscribe(sub)
 
-    def statistics(self) -> dict[str, int]:
-        return {topic: len(subs) for topic, subs in self._subs.items() if subs}
+    def statistics(self) -> HubStatistics:
+        """A frozen snapshot of the fan-out (as trio's ``statistics()`` methods)."""
+        live = [len(subs) for subs in self._subs.values() if subs]
+        return HubStatistics(subscribers=sum(live), topics=len(live), frames=self._frames,
+                             dropped=self._dropped, feed_notices=len(self._feed))
 
 
 def notices_for(name: str, reply: Any) -> list[tuple[str, dict[str, Any]]]:
@@ -3714,7 +3961,7 @@ class ClaudeProtocol(_JsonLinesProtocol):
     _next_control: int = attrs.field(init=False, default=0)
     _controls: dict = attrs.field(init=False, factory=dict)  # request_id -> "interrupt" | "probe"
     _approvals: dict = attrs.field(init=False, factory=dict)  # request_id -> the tool input
-    _tools: dict = attrs.field(init=False, factory=dict)  # tool_use id -> neutral item type
+    _tools: dict = attrs.field(init=False, factory=dict)  # tool_use id -> (item type, tool name, command)
     _message_id: str | None = attrs.field(init=False, default=None)  # of the streaming message
 
     def send_user_message(self, text: str, *, turn_id: str) -> bytes:
@@ -3818,11 +4065,11 @@ class ClaudeProtocol(_JsonLinesProtocol):
                 name = _opt_str(block.get("name"))
                 item_type = "command_execution" if name == "Bash" else "tool_call"
                 tool_id = _opt_str(block.get("id"))
-                self._tools[tool_id] = (item_type, name)
                 command = _obj(block.get("input")).get("command")
+                command = command if isinstance(command, str) else None
+                self._tools[tool_id] = (item_type, name, command)
                 events.append(ItemStarted(
-                    item_id=tool_id, item_type=item_type, tool_name=name,
-                    command=command if isinstance(command, str) else None, **scope,
+                    item_id=tool_id, item_type=item_type, tool_name=name, command=command, **scope,
                 ))
         return events or [ProviderNotice(name="assistant", native=frame)]
 
@@ -3833,10 +4080,12 @@ class ClaudeProtocol(_JsonLinesProtocol):
             if block.get("type") != "tool_result":
                 continue
             tool_id = _opt_str(block.get("tool_use_id"))
-            item_type, name = self._tools.pop(tool_id, ("tool_call", None))
+            # the result line names only the tool_use id: the command comes from the tool_use
+            # line, so a completed command item carries it as Codex's does
+            item_type, name, command = self._tools.pop(tool_id, ("tool_call", None, None))
             events.append(ItemCompleted(
                 thread_id=self.session_id, turn_id=self._turn, item_id=tool_id, item_type=item_type,
-                tool_name=name, status="failed" if block.get("is_error") else "completed",
+                tool_name=name, command=command, status="failed" if block.get("is_error") else "completed",
                 output=_tool_output(block.get("content")), native=frame,
             ))
         return events or [ProviderNotice(name="user", native=frame)]
@@ -3965,6 +4214,174 @@ class KimiProtocol(_JsonLinesProtocol):
             TurnCompleted(turn_id=turn_id, output_text=content, native=frame),
         ]
         return events
+
+
+################################################################
+# Provider settings (offline homes and environments; pure)
+################################################################
+
+# What a provider process needs besides its argv, as data: the files of its
+# home directory (Codex's ``$CODEX_HOME/config.toml``) and the environment
+# variables that point it at one model endpoint and keep it from talking to
+# anything else.  The offline settings are always applied, whatever the
+# endpoint: without them Codex looks up github.com, chatgpt.com and
+# ab.chatgpt.com at start-up and Claude api.anthropic.com (DNS logs in
+# ../shared/reference/providers.md), and both retry failed model calls on their
+# own, which would hide failures from the relay.  Retries are the relay's
+# decision, so the CLIs' own are off.
+#
+# Where an endpoint comes from (``flow/relay.toml`` ``[providers.<name>]``,
+# overridden by ``RELAY_<NAME>_BASE_URL`` / ``RELAY_<NAME>_MODEL`` in the
+# environment) is resolved by ``provider_endpoint``; the key itself is only
+# ever read from the environment variable the endpoint names, handed to the
+# child in its environment and never written to a file, the ledger or a log.
+
+#: Providers whose home and environment this section knows (Kimi's config was not needed yet).
+PROVIDER_SETTINGS: Final = ("codex", "claude")
+
+#: The real endpoints, the key variables and models used when nothing else is configured.
+_PROVIDER_DEFAULTS: Final = {
+    "codex": {"base_url": "https://api.openai.com/v1", "api_key_env": "OPENAI_API_KEY", "model": "gpt-5.5"},
+    "claude": {"base_url": "https://api.anthropic.com", "api_key_env": "ANTHROPIC_API_KEY", "model": None},
+}
+
+#: Codex's ``stream_idle_timeout_ms``: its own detector of a stalled model stream (milliseconds).
+CODEX_STREAM_IDLE_TIMEOUT_MS: Final = 20_000
+
+#: Claude's switches that turn off telemetry, error reports, updates and all other
+#: non-model traffic, and its own retries (with them a 5xx is retried for minutes).
+CLAUDE_OFFLINE_ENV: Final = {
+    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+    "DISABLE_TELEMETRY": "1",
+    "DISABLE_ERROR_REPORTING": "1",
+    "DISABLE_AUTOUPDATER": "1",
+    "CLAUDE_CODE_MAX_RETRIES": "0",
+}
+
+
+@attrs.frozen
+class ProviderEndpoint:
+    """One model endpoint for one provider: where to send turns and which variable holds the key."""
+
+    provider: str
+    base_url: str
+    api_key_env: str
+    model: str | None = None
+
+
+def provider_endpoint(
+    provider: str, table: dict | None = None, environ: dict | None = None,
+) -> ProviderEndpoint:
+    """The endpoint of ``provider`` from its ``[providers.<name>]`` table, then the environment.
+
+    ``table`` may hold ``base_url``, ``api_key_env`` and ``model`` (anything else
+    is refused: a key is never configured in a file, only the name of the
+    variable that holds it); ``RELAY_<NAME>_BASE_URL`` and ``RELAY_<NAME>_MODEL``
+    in ``environ`` override it.
+    """
+    if provider not in _PROVIDER_DEFAULTS:
+        raise InvalidArgument(f"no endpoint settings for provider {provider!r}",
+                              hint=f"use one of {', '.join(PROVIDER_SETTINGS)}")
+    values = dict(_PROVIDER_DEFAULTS[provider])
+    for key, value in (table or {}).items():
+        if key not in values:
+            raise InvalidArgument(
+                f"[providers.{provider}] has unknown setting {key!r}",
+                hint="use base_url, api_key_env (the name of the variable that holds the key) and model",
+            )
+        if not isinstance(value, str) or not value:
+            raise InvalidArgument(f"[providers.{provider}] {key} must be a non-empty string",
+                                  hint="fix flow/relay.toml")
+        values[key] = value
+    env = environ if environ is not None else os.environ
+    prefix = f"RELAY_{provider.upper()}_"
+    values["base_url"] = env.get(prefix + "BASE_URL") or values["base_url"]
+    values["model"] = env.get(prefix + "MODEL") or values["model"]
+    if not re.fullmatch(r"https?://[^\s?#]+", values["base_url"]):
+        raise InvalidArgument(f"provider {provider}: base_url {values['base_url']!r} is not an http(s) URL",
+                              hint=f"set [providers.{provider}] base_url or {prefix}BASE_URL")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", values["api_key_env"]):
+        raise InvalidArgument(f"provider {provider}: api_key_env {values['api_key_env']!r} "
+                              "is not a variable name",
+                              hint="name the environment variable that holds the key, e.g. OPENAI_API_KEY")
+    return ProviderEndpoint(provider=provider, **values)
+
+
+def codex_config(endpoint: ProviderEndpoint, *, approval_policy: str = "never",
+                 sandbox_mode: str = "read-only",
+                 stream_idle_timeout_ms: int = CODEX_STREAM_IDLE_TIMEOUT_MS) -> dict:
+    """Codex's ``config.toml`` as a mapping: one model provider, no retries, no plugins, no analytics."""
+    return {
+        "model": endpoint.model or _PROVIDER_DEFAULTS["codex"]["model"],
+        "model_provider": "flow_relay",
+        "approval_policy": approval_policy,
+        "sandbox_mode": sandbox_mode,
+        "check_for_update_on_startup": False,
+        "model_providers": {"flow_relay": {
+            "name": "flow-relay endpoint",
+            "base_url": endpoint.base_url.rstrip("/"),
+            "env_key": endpoint.api_key_env,
+            "wire_api": "responses",
+            "request_max_retries": 0,
+            "stream_max_retries": 0,
+            "stream_idle_timeout_ms": stream_idle_timeout_ms,
+        }},
+        "features": {"plugins": False},  # else github.com, api.github.com, chatgpt.com at start-up
+        "analytics": {"enabled": False},  # else ab.chatgpt.com
+    }
+
+
+def provider_home_files(endpoint: ProviderEndpoint, **codex_options: Any) -> dict[str, bytes]:
+    """Files to write under the provider's home (paths relative to it) before it starts.
+
+    Codex: ``config.toml`` (``codex_config``; ``codex_options`` go there).
+    Claude: nothing; it is configured by its environment and writes ``.claude/`` itself.
+    """
+    if endpoint.provider == "codex":
+        import tomli_w
+
+        return {"config.toml": tomli_w.dumps(codex_config(endpoint, **codex_options)).encode()}
+    if endpoint.provider == "claude":
+        return {}
+    raise InvalidArgument(f"no home files for provider {endpoint.provider!r}",
+                          hint=f"use one of {', '.join(PROVIDER_SETTINGS)}")
+
+
+def provider_env(endpoint: ProviderEndpoint, *, home: str, tmpdir: str, api_key: str) -> dict[str, str]:
+    """Variables to set in the provider's environment (over a scrubbed base such as PATH only).
+
+    ``home`` is ``CODEX_HOME`` and ``HOME`` (Codex) or ``HOME`` (Claude); ``tmpdir`` becomes
+    ``TMPDIR``, since both CLIs write sockets and scratch there.  ``api_key``
+    is the value of ``endpoint.api_key_env``; the caller must not log the result.
+    """
+    env = {"TMPDIR": tmpdir}
+    if endpoint.provider == "codex":
+        # HOME too: Codex runs every command with ``bash -lc``, a login shell that sources
+        # $HOME/.profile (and through it .bashrc); without HOME, bash takes the passwd home,
+        # so the relay user's own shell files would run in every borrower's command.
+        return {**env, "CODEX_HOME": home, "HOME": home, endpoint.api_key_env: api_key}
+    if endpoint.provider == "claude":
+        env.update(HOME=home, ANTHROPIC_BASE_URL=endpoint.base_url.rstrip("/"), ANTHROPIC_API_KEY=api_key)
+        if endpoint.model:
+            env["ANTHROPIC_MODEL"] = endpoint.model
+        return {**env, **CLAUDE_OFFLINE_ENV}
+    raise InvalidArgument(f"no environment for provider {endpoint.provider!r}",
+                          hint=f"use one of {', '.join(PROVIDER_SETTINGS)}")
+
+
+class _TaskStatusIgnored:
+    """``trio.TASK_STATUS_IGNORED`` without importing trio when the module
+    loads: the default of every ``task_status``, whose ``started`` does nothing
+    (the task was not started with ``nursery.start``)."""
+
+    def __repr__(self) -> str:
+        return "TASK_STATUS_IGNORED"
+
+    def started(self, value: Any = None) -> None:
+        pass
+
+
+_TASK_STATUS_IGNORED: Final = cast("TaskStatus[Any]", _TaskStatusIgnored())
 
 
 ################################################################
@@ -4162,13 +4579,13 @@ class ProviderProcess:
         self._stderr_stream = trio.lowlevel.FdStream(fds[2][0])
         _plog.info("session %s: spawned pid %s: %s", self.session_id, self.pid, shlex.join(self.argv))
 
-    async def run(self, *, task_status: Any = None) -> None:
+    async def run(self, *, task_status: TaskStatus[None] = _TASK_STATUS_IGNORED) -> None:
         """Read stdout and stderr until the child is gone, then reap it."""
         try:
             self._reading = True
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read_stderr)
-                _started(task_status)
+                task_status.started()
                 await self._read_stdout()
                 await self._reap()
         finally:
@@ -4356,12 +4773,15 @@ def provider_argv(profile: rc.Profile) -> list[str]:
     return argv
 
 
-def provider_env(profile: rc.Profile, session_id: str, dirs: dict[str, Path],
-                 providers: dict[str, dict[str, str]]) -> dict[str, str]:
-    """The child's environment: the relay's, the ``[providers.<name>]``
-    endpoint settings, the profile's --env, then the scratch the runtime owns."""
+def process_env(profile: rc.Profile, session_id: str, dirs: dict[str, Path],
+                endpoint: ProviderEndpoint | None) -> dict[str, str]:
+    """The child's environment: the relay's, the provider's endpoint and
+    offline settings (``provider_env``: always on), the profile's --env, then
+    the scratch the runtime owns."""
     env = dict(os.environ)
-    env.update(providers.get(profile.provider, {}))
+    if endpoint is not None:
+        env.update(provider_env(endpoint, home=str(dirs["home"]), tmpdir=str(dirs["tmp"]),
+                                api_key=os.environ.get(endpoint.api_key_env, "")))
     env.update(dict(entry.split("=", 1) for entry in profile.env))
     opts = profile_options(profile)
     if profile.provider == "claude" and "base_url" in opts:
@@ -4371,6 +4791,25 @@ def provider_env(profile: rc.Profile, session_id: str, dirs: dict[str, Path],
     if profile.provider == "codex":
         env["CODEX_HOME"] = str(dirs["home"])
     return env
+
+
+def write_provider_home(profile: rc.Profile, home: Path,
+                        providers: dict[str, dict[str, Any]]) -> ProviderEndpoint | None:
+    """Write the provider's offline home files (Codex's ``config.toml``) into
+    its scratch home; returns its endpoint (None for a provider without
+    settings, e.g. Kimi).  The profile's Codex options go into the config."""
+    if profile.provider not in PROVIDER_SETTINGS:
+        return None
+    endpoint = provider_endpoint(profile.provider, providers.get(profile.provider), dict(os.environ))
+    opts = profile_options(profile)
+    if opts.get("model"):
+        endpoint = attrs.evolve(endpoint, model=opts["model"])
+    codex = ({"approval_policy": opts.get("approval_policy", "never"),
+              "sandbox_mode": opts.get("sandbox", "read-only")}
+             if profile.provider == "codex" else {})
+    for name, data in provider_home_files(endpoint, **codex).items():
+        (home / name).write_bytes(data)
+    return endpoint
 
 
 def close_session(ledger: Ledger, session_id: str, reason: str, ctx: Ctx):
@@ -4481,7 +4920,7 @@ class Runtime:
 
     # -- the reconcile loop -------------------------------------------------
 
-    async def run(self, *, task_status: Any = None) -> None:
+    async def run(self, *, task_status: TaskStatus[Runtime] = _TASK_STATUS_IGNORED) -> None:
         await trio.to_thread.run_sync(reap_orphans, self.store.tmp_dir)
         self._wake = trio.Event()
         feed = self.hub.subscribe("relay")
@@ -4490,7 +4929,7 @@ class Runtime:
                 self._nursery = nursery
                 nursery.start_soon(self._watch_feed, feed)
                 await self.reconcile()
-                _started(task_status, self)
+                task_status.started(self)
                 while True:
                     with trio.move_on_after(RECONCILE_SECONDS):
                         await self._wake.wait()
@@ -4603,7 +5042,9 @@ class Runtime:
             argv = provider_argv(profile)
             cwd = profile.cwd or str(dirs["work"])
             proto = _PROTOCOLS[profile.provider]()
-            proc = ProviderProcess(session_id, argv, provider_env(profile, session_id, dirs, self.providers),
+            endpoint = await trio.to_thread.run_sync(
+                write_provider_home, profile, dirs["home"], self.providers)
+            proc = ProviderProcess(session_id, argv, process_env(profile, session_id, dirs, endpoint),
                                    cwd, proto, self.config, on_change=self.changed)
             proc.spawn(self.now())
         except (OSError, RelayError) as exc:
@@ -5036,6 +5477,17 @@ class _Pending:
     result: Any = None
 
 
+@attrs.frozen
+class OwnerStatistics:
+    """A snapshot of a ``LedgerOwner`` (``LedgerOwner.statistics()``)."""
+
+    revision: int = _gauge("ledger revision this server holds")
+    queued: int = _gauge("mutations waiting for the next group commit")
+    commits: int = _counter("group commits attempted")
+    mutations: int = _counter("mutations in those commits")
+    failed_commits: int = _counter("group commits that hit an internal error")
+
+
 @attrs.define(eq=False)
 class LedgerOwner:
     """The one task that commits this process's mutations.
@@ -5059,6 +5511,9 @@ class LedgerOwner:
     #: Why the ledger on disk cannot be read, once this process has seen it
     #: damaged; None while it reads.  Reads refuse meanwhile (``check_intact``).
     damage: LedgerInvalid | None = None
+    _commits: int = 0
+    _mutations: int = 0
+    _failed: int = 0
 
     def __attrs_post_init__(self) -> None:
         # Bounded: a flood of callers waits for room instead of growing memory.
@@ -5074,10 +5529,10 @@ class LedgerOwner:
             raise pending.result
         return pending.result
 
-    async def run(self, *, task_status: Any = None) -> None:
+    async def run(self, *, task_status: TaskStatus[None] = _TASK_STATUS_IGNORED) -> None:
         self.ledger = await trio.to_thread.run_sync(self._read_current)
         self.hub.rebase(self.ledger)
-        _started(task_status)
+        task_status.started()
         while True:
             batch = [await self._receive.receive()]
             while len(batch) < self.max_batch:
@@ -5091,6 +5546,12 @@ class LedgerOwner:
     def _read_current(self) -> Ledger:
         return self.store.read() or Ledger()
 
+    def statistics(self) -> OwnerStatistics:
+        """A frozen snapshot of the commit pipeline (as trio's ``statistics()`` methods)."""
+        return OwnerStatistics(
+            revision=self.ledger.revision, queued=self._send.statistics().current_buffer_used,
+            commits=self._commits, mutations=self._mutations, failed_commits=self._failed)
+
     async def _commit(self, batch: list[_Pending]) -> None:
         started = trio.current_time()
         seen: list[Ledger] = []
@@ -5102,10 +5563,13 @@ class LedgerOwner:
             results, ledger = [exc] * len(batch), None
             if isinstance(exc, LedgerInvalid):
                 self.damaged(exc)
-        except Exception as exc:  # a bug: answer internal, keep serving
-            _log(f"commit failed: {exc!r}")
+        except Exception:  # a bug: answer internal, keep serving
+            _logger("store").exception("commit of %d mutations failed", len(batch))
+            self._failed += 1
             results = [Internal("the relay hit an internal error; see its log")] * len(batch)
             ledger = None
+        self._commits += 1
+        self._mutations += len(batch)
         if self.metrics is not None:
             self.metrics.observe_commit(trio.current_time() - started, len(batch))
         if seen:
@@ -5158,7 +5622,8 @@ class LedgerOwner:
         """The ledger on disk no longer reads: end every stream with the reason
         (nothing can be committed, and resuming needs a readable ledger)."""
         if self.damage is None:
-            _log(f"the ledger is damaged: {exc.message}; reads refuse until it is repaired")
+            _logger("store").error("the ledger is damaged: %s; reads refuse until it is repaired",
+                                   exc.message)
             self.hub.end_all(error_frame(exc.code.value, exc.message,
                                          f"{exc.hint}; resubscribe once it reads again"))
         self.damage = exc
@@ -5167,9 +5632,10 @@ class LedgerOwner:
         """Another ledger took this one's place: nothing published so far can
         be resumed against it (revisions and sequence numbers start again), so
         every stream ends with an error telling its client to resubscribe."""
-        _log(f"the ledger was replaced (revision {self.ledger.revision} -> {new.revision}, "
-             f"ledger_id {self.ledger.ledger_id or '(none)'} -> {new.ledger_id or '(none)'}); "
-             "ending every stream")
+        _logger("store").warning(
+            "the ledger was replaced (revision %d -> %d, ledger_id %s -> %s); ending every stream",
+            self.ledger.revision, new.revision, self.ledger.ledger_id or "(none)",
+            new.ledger_id or "(none)")
         self.ledger = new
         self.hub.end_all(error_frame(
             "aborted", "the ledger was replaced (state reset, or a copy restored): revisions and "
@@ -5200,7 +5666,7 @@ class LedgerOwner:
                     except (OSError, ValueError, RelayError) as exc:
                         # A damaged log must not take the server down: skip
                         # past it (the gate names it; readers get data_loss).
-                        _log(f"cannot read the {stream} log of {sid}: {exc}")
+                        _logger("store").warning("cannot read the %s log of %s: %s", stream, sid, exc)
                         self.hub.mark_seen(sid, stream, getattr(cursor, stream))
                         continue
                     self.hub.publish_records(stream, records)
@@ -5218,31 +5684,23 @@ def ledger_replaced(old: Ledger, new: Ledger) -> bool:
     return True
 
 
-def _started(task_status: Any, value: Any = None) -> None:
-    if task_status is not None:
-        task_status.started(value)
-
-
 async def reap_expired_leases(owner: LedgerOwner, interval: float, *,
-                              task_status: Any = None) -> None:
+                              task_status: TaskStatus[None] = _TASK_STATUS_IGNORED) -> None:
     """Heartbeat resident: mark leases past their expiry ``expired``."""
-    _started(task_status)
+    task_status.started()
     while True:
         await trio.sleep(interval)
         stamp = iso(owner.now())
         if any(x.state in rc.LIVE_LEASE_STATES and x.expires_at <= stamp
                for x in owner.ledger.leases.values()):
             with contextlib.suppress(RelayError):
-                await owner.submit(Mutation(lambda led, ctx: _reap(led, ctx), "reaper"))
+                await owner.submit(Mutation(expire_leases, "reaper"))
 
 
-def _reap(ledger: Ledger, ctx: Ctx) -> tuple[Ledger, Any]:
-    return expire_leases(ledger, ctx)
-
-
-async def watch_ledger(owner: LedgerOwner, interval: float, *, task_status: Any = None) -> None:
+async def watch_ledger(owner: LedgerOwner, interval: float, *,
+                       task_status: TaskStatus[None] = _TASK_STATUS_IGNORED) -> None:
     """Heartbeat resident: notice commits by other processes (a cheap stat)."""
-    _started(task_status)
+    task_status.started()
     path = trio.Path(owner.store.ledger_path)
     last, checked = None, trio.current_time()
     while True:
@@ -5262,23 +5720,24 @@ async def watch_ledger(owner: LedgerOwner, interval: float, *, task_status: Any 
 
 
 async def run_heartbeat(owner: LedgerOwner, config: Config, reaper: bool = True, *,
-                        task_status: Any = None) -> None:
+                        task_status: TaskStatus[Nursery] = _TASK_STATUS_IGNORED) -> None:
     """The heartbeat nursery: lease-expiry reaper and the ledger watcher."""
     async with trio.open_nursery() as nursery:
         if reaper:
             await nursery.start(reap_expired_leases, owner, config.reaper_interval_seconds)
         await nursery.start(watch_ledger, owner, config.watch_interval_seconds)
-        _started(task_status, nursery)
+        task_status.started(nursery)
 
 
-async def run_supervision(runtime: Any = None, *, task_status: Any = None) -> None:
+async def run_supervision(runtime: Runtime | None = None, *,
+                         task_status: TaskStatus[Nursery] = _TASK_STATUS_IGNORED) -> None:
     """The subprocess-supervision nursery: the live runtime (section "Runtime")
     and, under it, one task per provider process.  Without a runtime (the
     gate's read-only probe) it holds nothing."""
     async with trio.open_nursery() as nursery:
         if runtime is not None:
             await nursery.start(runtime.run)
-        _started(task_status, nursery)
+        task_status.started(nursery)
         await trio.sleep_forever()
 
 
@@ -5307,6 +5766,13 @@ class Metrics:
                                         registry=self.registry)
         self.subscribers = prom.Gauge("relay_subscribers", "SSE and WebSocket subscribers",
                                       ["kind"], registry=self.registry)
+        self._snapshots: list[tuple[str, Callable[[], Any]]] = []
+        self.registry.register(_SnapshotCollector(self._snapshots))
+
+    def track(self, prefix: str, statistics: Callable[[], Any]) -> None:
+        """Expose each field of a ``statistics()`` snapshot as ``relay_<prefix>_<field>``,
+        read when /metrics is scraped."""
+        self._snapshots.append((prefix, statistics))
 
     def observe_commit(self, seconds: float, batch: int) -> None:
         self.commit_seconds.observe(seconds)
@@ -5329,14 +5795,31 @@ def _bearer(header: str | None) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-#: RPC name -> the Runtime method that answers it (they need running providers).
-RUNTIME_RPCS: Final = {"StartTurn": "start_turn", "InterruptTurn": "interrupt_turn",
-                       "ResolveApproval": "resolve_approval"}
+class _SnapshotCollector:
+    """A Prometheus collector over ``statistics()`` snapshots (attrs classes
+    whose fields say, in their metadata, counter or gauge and their help)."""
+
+    def __init__(self, sources: list[tuple[str, Callable[[], Any]]]):
+        self.sources = sources
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        for prefix, statistics in self.sources:
+            snapshot = statistics()
+            for field in attrs.fields(type(snapshot)):
+                family = CounterMetricFamily if field.metadata["kind"] == "counter" else GaugeMetricFamily
+                yield family(f"relay_{prefix}_{field.name}", field.metadata["help"],
+                             value=getattr(snapshot, field.name))
 
 
 @attrs.define(eq=False)
 class Service:
-    """The relay's RPCs over a ledger owner, independent of HTTP."""
+    """The relay's RPCs over a ledger owner, independent of HTTP: grpc's
+    servicer, one method per row of ``rc.RPCS`` named ``rpc.method``.  A row
+    whose method is not written out here gets one from the table
+    (``_bind_servicer_methods``): a mutation submits ``Operations``' pure
+    operation to the ledger owner, a read answers with ``Reads``."""
 
     store: Store
     config: Config
@@ -5345,8 +5828,8 @@ class Service:
     now: Callable[[], float] = time.time
     metrics: Metrics = attrs.Factory(Metrics)
     probe_token: str | None = attrs.field(default=None, repr=False)
-    #: loopback | trusted-lan, fixed when serving starts.
-    mode: str = "loopback"
+    #: loopback | trusted-lan, fixed when serving starts (the ledger's ``runtime.mode``).
+    serving_mode: str = "loopback"
     _status_cache: tuple[Any, bytes] | None = None
     #: Signs browser sessions; a new server's key ends every old session.
     _session_key: bytes = attrs.field(factory=lambda: secrets.token_bytes(32), repr=False)
@@ -5356,30 +5839,53 @@ class Service:
     runtime: Any = None
 
     async def call(self, name: str, request: Any) -> Any:
-        """Run one RPC with an already-decoded request message."""
+        """Run one RPC with an already-decoded request message: its method
+        here, named from the table (``GrantLease`` -> ``grant_lease``)."""
         rpc = rc.RPC_BY_NAME[name]
         validate_request(request)
         if rpc.mutates and self.probe_token is not None:
             raise FailedPrecondition("this is the gate's read-only probe; it takes no mutations",
                                      hint="serve the relay with `python -m relay serve`")
-        if name in RUNTIME_RPCS:
-            if self.runtime is None:
-                raise Unavailable(f"{name} needs the live runtime, which this server does not run",
-                                  hint="start the relay with `python -m relay serve`")
-            self.owner.check_intact()
-            return await getattr(self.runtime, RUNTIME_RPCS[name])(request)
-        if name == "ListSessions" and self.runtime is not None:
-            self.owner.check_intact()
-            return list_sessions(self.owner.ledger, request, self.now(), self.runtime.processes())
-        if rpc.mutates:
-            return await self.owner.submit(rpc_mutation(name, request))
-        if name == "GetStatus":
-            return from_json(rc.StatusReply, json.loads(await self.status_json()))
+        return await getattr(self, rpc.method)(request)
+
+    async def get_status(self, request: rc.GetStatusRequest) -> rc.StatusReply:
+        """The status projection (also of a damaged ledger), from its cache."""
+        return from_json(rc.StatusReply, json.loads(await self.status_json()))
+
+    async def list_sessions(self, request: rc.ListSessionsRequest) -> rc.ListSessionsReply:
+        """Sessions with their live processes (when this server runs the runtime)."""
+        if self.runtime is None:
+            return await self._read(rc.RPC_BY_NAME["ListSessions"], request)
         self.owner.check_intact()
-        if name in READS:
-            return READS[name](self.owner.ledger, request, self.now())
+        return list_sessions(self.owner.ledger, request, self.now(), self.runtime.processes())
+
+    async def start_turn(self, request: rc.StartTurnRequest) -> rc.TurnReply:
+        return await self._live_runtime().start_turn(request)
+
+    async def interrupt_turn(self, request: rc.InterruptTurnRequest) -> rc.TurnReply:
+        return await self._live_runtime().interrupt_turn(request)
+
+    async def resolve_approval(self, request: rc.ResolveApprovalRequest) -> rc.ApprovalReply:
+        return await self._live_runtime().resolve_approval(request)
+
+    def _live_runtime(self) -> Runtime:
+        """The runtime, for the rows it answers (``Rpc.runtime``)."""
+        if self.runtime is None:
+            raise Unavailable("this RPC needs the live runtime, which this server does not run",
+                              hint="start the relay with `python -m relay serve`")
+        self.owner.check_intact()
+        return self.runtime
+
+    async def _mutate(self, rpc: rc.Rpc, request: Any) -> Any:
+        return await self.owner.submit(rpc_mutation(rpc, request))
+
+    async def _read(self, rpc: rc.Rpc, request: Any) -> Any:
+        """A read over the ledger in memory; a stream's log is read in a thread."""
+        self.owner.check_intact()
+        if not rpc.stream:
+            return reader(rpc)(ReadView(self.store, self.now(), self.owner.ledger), request)
         try:
-            return await trio.to_thread.run_sync(read_rpc, self.store, name, request, self.now())
+            return await trio.to_thread.run_sync(read_rpc, self.store, rpc, request, self.now())
         except LedgerInvalid as exc:  # read from disk: the watcher may not have looked yet
             self.owner.damaged(exc)
             raise
@@ -5408,9 +5914,10 @@ class Service:
         session value (the login cookie) stands in for the header."""
         ledger = self.owner.ledger
         presented = _bearer(header)
-        if self.probe_token is not None:
-            return presented is not None and hmac.compare_digest(presented.encode(),
-                                                                 self.probe_token.encode())
+        if self.probe_token is not None:  # digests, so the comparison never depends on lengths
+            same = hmac.compare_digest(token_digest(presented or "").encode(),
+                                       token_digest(self.probe_token).encode())
+            return presented is not None and same
         if not self.token_required():
             return True
         if session and self.session_token_id(session):
@@ -5423,7 +5930,7 @@ class Service:
 
     def token_required(self) -> bool:
         return (self.probe_token is not None or bool(self.owner.ledger.runtime.token_id)
-                or self.mode == "trusted-lan")
+                or self.serving_mode == "trusted-lan")
 
     # -- browser sessions (the login cookie) --------------------------------------------
     #
@@ -5444,10 +5951,13 @@ class Service:
                                      hint='send Authorization: Bearer <token> or {"token": "..."}')
         expires = float(int(self.now() + SESSION_COOKIE_SECONDS))
         body = f"{token_id}.{int(expires)}.{secrets.token_hex(8)}"  # each login its own value
-        return f"{body}.{self._session_mac(body)}", token_id, expires
+        digest = self.owner.ledger.tokens[token_id].digest
+        return f"{body}.{self._session_mac(body, digest)}", token_id, expires
 
-    def _session_mac(self, body: str) -> str:
-        return hmac.new(self._session_key, body.encode(), hashlib.sha256).hexdigest()
+    def _session_mac(self, body: str, digest: str) -> str:
+        """The MAC binds the token's digest too (never sent): a token id names
+        another token after a state reset (ids restart with revisions)."""
+        return hmac.new(self._session_key, f"{body}|{digest}".encode(), hashlib.sha256).hexdigest()
 
     def session_token_id(self, value: str) -> str:
         """The token a session value stands for, or "" unless the value is this
@@ -5456,13 +5966,14 @@ class Service:
         token_id, _, expires = body.rsplit(".", 1)[0].rpartition(".")
         if not (token_id and re.fullmatch(r"[0-9]{1,12}", expires)):
             return ""
-        if not hmac.compare_digest(mac.encode(), self._session_mac(body).encode()):
+        token = self.owner.ledger.tokens.get(token_id)
+        if token is None or not hmac.compare_digest(
+                mac.encode(), self._session_mac(body, token.digest).encode()):
             return ""
         now = self.now()
         if int(expires) <= now or value in self._logged_out:
             return ""
-        token = self.owner.ledger.tokens.get(token_id)
-        return token_id if token is not None and token_usable(token, iso(now)) else ""
+        return token_id if token_usable(token, iso(now)) else ""
 
     def close_session(self, value: str) -> None:
         """Log a session value out for good (its cookie may have been copied)."""
@@ -5588,7 +6099,9 @@ class Service:
                         continue
                     self._ws_dispatch(msg, nursery, out_send, holds)
         finally:
-            with trio.CancelScope(shield=True):
+            # Shielded (the connection is going) but bounded: a commit that
+            # does not come back in time leaves the leases to expire.
+            with trio.move_on_after(CLEANUP_SECONDS, shield=True):
                 await self._ws_release_on_disconnect(holds)
 
     async def _ws_writer(self, out_receive: Any, send: Callable[[str], Any], scope: Any) -> None:
@@ -5619,6 +6132,11 @@ class Service:
             nursery.start_soon(self._ws_subscribe, msg, out)
         elif kind == "hold":
             lease_id = msg.get("lease_id")
+            if self.probe_token is not None:  # a hold renews and releases: mutations
+                _ws_send(out, _ws_error(ident, FailedPrecondition(
+                    "this is the gate's read-only probe; it holds no leases",
+                    hint="serve the relay with `python -m relay serve`")))
+                return
             if not isinstance(lease_id, str) or lease_id not in self.owner.ledger.leases:
                 _ws_send(out, _ws_error(ident, NotFound(f"lease {lease_id!r} does not exist")))
                 return
@@ -5728,6 +6246,24 @@ class Service:
                         "ReleaseLease", rc.ReleaseLeaseRequest(lease_id)))
 
 
+def _bind_servicer_methods() -> None:
+    """Give ``Service`` the method of each row it does not write out: a
+    mutation is submitted to the ledger owner, a read answered by ``Reads``."""
+    for rpc in rc.RPCS:
+        if hasattr(Service, rpc.method):
+            continue
+
+        async def method(self: Service, request: Any, _rpc: rc.Rpc = rpc) -> Any:
+            return await (self._mutate if _rpc.mutates else self._read)(_rpc, request)
+
+        method.__name__ = method.__qualname__ = rpc.method
+        method.__doc__ = f"{rpc.help} (``{rpc.path}``)."
+        setattr(Service, rpc.method, method)
+
+
+_bind_servicer_methods()
+
+
 def _ws_send(out: Any, text: str) -> None:
     """Queue a frame for the socket; a client that stops reading is cut off."""
     try:
@@ -5753,6 +6289,1134 @@ def _lease_lost(lease_id: str, lease: rc.Lease | None) -> str:
         state = "expired"
     return json.dumps({"type": "lease_lost", "lease_id": lease_id, "state": state,
                        "reason": lease.revoke_reason if lease is not None else ""})
+
+
+################################################################
+# Dashboard (GET /)
+################################################################
+
+# The operator's page is served by the relay itself: one HTML document, one
+# stylesheet and one script, all constants below (no build step, nothing from
+# a CDN: the relay may run offline).  The page holds no data and no secret, so
+# it is served before the token check, as /health is; everything it shows
+# comes from authenticated JSON routes (an unauthenticated page shows only its
+# login form).  Its forms are generated from ``GET /api/relay/rpcs``, the
+# table of RPCs described from the request messages' field metadata, so a new
+# RPC in ``relay_client.RPCS`` appears on the page with no dashboard code.
+
+#: A strict policy: this origin's files only, no inline script or style, no
+#: framing, no <base>, forms post only here.
+DASHBOARD_CSP: Final = ("default-src 'self'; script-src 'self'; connect-src 'self'; "
+                        "img-src 'self' data:; style-src 'self'; frame-ancestors 'none'; "
+                        "base-uri 'none'; form-action 'self'")
+_DASHBOARD_HEADERS: Final = {"Content-Security-Policy": DASHBOARD_CSP,
+                             "X-Content-Type-Options": "nosniff",
+                             "Referrer-Policy": "no-referrer",
+                             "X-Frame-Options": "DENY",
+                             "Cache-Control": "no-cache"}
+#: An RPC is destructive (the page asks before calling it) when it mutates and
+#: its name starts with one of these verbs: it ends, blocks or discards
+#: someone's work.  A rule over the table, so new RPCs are covered by name.
+_DESTRUCTIVE_VERBS: Final = ("Release", "Revoke", "Quarantine", "Clear", "Close", "Repair",
+                             "Interrupt")
+#: The relay feed's notice kinds (``notices_for``, ``diff_notices``): an
+#: EventSource hears a named event only if it listens for that name.
+FEED_KINDS: Final = (*(f"lease.{x}" for x in ("granted", "waiting", "renewed", "released",
+                                               "revoked", "expired")),
+                     "quarantine.set", "quarantine.cleared",
+                     *(f"runtime.{'served' if x == 'serving' else x}" for x in rc.RUNTIME_STATUSES))
+#: Rows per page of the session list (``GET /api/relay/overview``).
+OVERVIEW_PAGE_ROWS: Final = 50
+OVERVIEW_MAX_ROWS: Final = 500
+#: The timeline's default window and the most stream records it reads per stream.
+TIMELINE_WINDOW_SECONDS: Final = 1 * HOURS
+TIMELINE_MAX_RECORDS: Final = 2000
+_JSON_TYPES: Final = {str: "string", int: "integer", float: "number", bool: "boolean"}
+
+
+def _json_type(tp: Any) -> str:
+    import typing
+
+    if tp in _JSON_TYPES:
+        return _JSON_TYPES[tp]
+    return "array" if typing.get_origin(tp) is tuple else "json"
+
+
+def _field_description(field: Any, tp: Any) -> dict[str, Any]:
+    """One request field as the page's form needs it."""
+    meta = field.metadata
+    row: dict[str, Any] = {"name": field.name, "type": _json_type(tp),
+                           "required": field.default is attrs.NOTHING,
+                           "help": meta.get("help", "")}
+    if field.default is not attrs.NOTHING:
+        row["default"] = to_json(field.default)
+    if "choices" in meta:
+        row["choices"] = list(meta["choices"])
+    if "id" in meta:  # checked with check_id: the id pattern, anchored for RegExp
+        row["id"] = meta["id"]
+        row["pattern"] = rc.ID_PATTERN.pattern
+    if meta.get("id") == "request id":
+        row["auto"] = "request-id"  # the page fills in a fresh UUID when left empty
+    for key in ("minimum", "length"):
+        if key in meta:
+            row[key] = to_json(meta[key])
+    if meta.get("argv"):
+        row["argv"] = True
+    return row
+
+
+def rpc_description() -> dict[str, Any]:
+    """``GET /api/relay/rpcs``: every RPC of the table with its kind, whether
+    it is destructive, and its request fields."""
+    import typing
+
+    rows = []
+    for rpc in rc.RPCS:
+        hints = typing.get_type_hints(rpc.request, vars(rc))
+        rows.append({
+            "name": rpc.name, "path": rpc.path, "method": rpc.method,
+            "kind": "mutation" if rpc.mutates else "read",
+            "destructive": rpc.mutates and rpc.name.startswith(_DESTRUCTIVE_VERBS),
+            "help": rpc.help, "cli": " ".join(rpc.cli), "request": rpc.request.__name__,
+            "response": rpc.response.__name__,
+            "fields": [_field_description(f, hints[f.name]) for f in attrs.fields(rpc.request)],
+        })
+    return {"service": rc.SERVICE, "rpcs": rows, "feed_kinds": list(FEED_KINDS)}
+
+
+# -- the overview (profiles, pool health, one page of sessions) ------------------------
+
+
+def _current_leases(ledger: Ledger, stamp: str) -> tuple[dict[str, rc.Lease], dict[str, int]]:
+    """Per session: its current lease (the live active one with the highest
+    fencing token, else a waiting one) and how many live leases it has."""
+    current: dict[str, rc.Lease] = {}
+    live: dict[str, int] = {}
+    for lease in ledger.leases.values():
+        if lease.state not in rc.LIVE_LEASE_STATES or not is_live(lease, stamp):
+            continue
+        live[lease.session_id] = live.get(lease.session_id, 0) + 1
+        best = current.get(lease.session_id)
+        rank = (lease.state == "active", lease.fencing_token)
+        if best is None or rank > (best.state == "active", best.fencing_token):
+            current[lease.session_id] = lease
+    return current, live
+
+
+def _pool_health(ledger: Ledger, current: dict[str, rc.Lease]) -> dict[str, dict[str, Any]]:
+    """Per profile, from the ledger's sessions: warm (ready and free), leased,
+    failed and closed counts, healthy|degraded, and the newest active
+    quarantine as its last error.  (The live runtime's own pool fields, when
+    a profile carries them, are shown beside these.)"""
+    def empty() -> dict[str, Any]:
+        return {"health": "healthy", "sessions": 0, "warm": 0, "leased": 0, "failed": 0,
+                "closed": 0, "last_error": None}
+
+    pools = {name: empty() for name in ledger.profiles}
+    for session in ledger.sessions.values():
+        pool = pools.setdefault(session.profile, empty())
+        pool["sessions"] += 1
+        lease = current.get(session.session_id)
+        if session.state == "failed":
+            pool["failed"] += 1
+        elif session.state == "closed":
+            pool["closed"] += 1
+        elif lease is not None and lease.state == "active":
+            pool["leased"] += 1
+        else:
+            pool["warm"] += 1
+        q = ledger.quarantines.get(session.session_id)
+        if q is not None and q.state == "active":
+            last = pool["last_error"]
+            if last is None or q.quarantined_at > last["at"]:
+                pool["last_error"] = {"session_id": q.session_id, "reason": q.reason,
+                                      "at": q.quarantined_at}
+    for pool in pools.values():
+        if pool["failed"]:
+            pool["health"] = "degraded"
+    return pools
+
+
+def _running_turns(ledger: Ledger) -> dict[str, dict[str, Any]]:
+    """Per session, its unfinished turn, where the ledger keeps turn records
+    (the live runtime's; a ledger without them has none)."""
+    return {t.session_id: {"turn_id": t.turn_id, "state": t.state, "started_at": t.started_at}
+            for t in getattr(ledger, "turns", {}).values() if not t.ended_at}
+
+
+def _session_row(ledger: Ledger, session: rc.Session, lease: rc.Lease | None,
+                 live: int) -> dict[str, Any]:
+    row = to_json(session)
+    q = ledger.quarantines.get(session.session_id)
+    cursor = ledger.cursors.get(session.session_id)
+    row["lease"] = to_json(lease) if lease is not None else None
+    row["live_leases"] = live
+    row["quarantine"] = to_json(q) if q is not None and q.state == "active" else None
+    row["events"] = cursor.events if cursor else 0
+    row["results"] = cursor.results if cursor else 0
+    return row
+
+
+def _matches(session: rc.Session, lease: rc.Lease | None, text: str) -> bool:
+    haystack = (session.session_id, session.profile, session.state, lease.holder if lease else "")
+    return any(text in x.lower() for x in haystack)
+
+
+def dashboard_overview(ledger: Ledger, now: float, *, offset: int = 0,
+                       limit: int = OVERVIEW_PAGE_ROWS, query: str = "",
+                       profile: str = "") -> dict[str, Any]:
+    """``GET /api/relay/overview``: the header counts, every profile with its
+    pool health, and one page of sessions (filtered, ordered by id) with
+    their current lease and active quarantine.  One pass over the ledger in
+    memory, whatever the page: 1,000 sessions cost a few milliseconds."""
+    stamp = iso(now)
+    current, live = _current_leases(ledger, stamp)
+    pools = _pool_health(ledger, current)
+    text = query.strip().lower()
+    chosen = [s for _, s in sorted(ledger.sessions.items())
+              if (not profile or s.profile == profile)
+              and (not text or _matches(s, current.get(s.session_id), text))]
+    page = chosen[offset:offset + limit]
+    running = _running_turns(ledger)
+    rows = [_session_row(ledger, s, current.get(s.session_id), live.get(s.session_id, 0)) for s in page]
+    for row in rows:
+        row["turn"] = running.get(row["session_id"])
+    return {
+        "revision": ledger.revision, "now": stamp,
+        "runtime": to_json(ledger.runtime),
+        "profiles": [{**to_json(p), "pool": pools[p.name]} for _, p in sorted(ledger.profiles.items())],
+        "sessions": {"total": len(chosen), "offset": offset, "limit": limit,
+                     "items": rows},
+        "counts": {"sessions": len(ledger.sessions), "leased": sum(
+            1 for x in current.values() if x.state == "active"),
+            "quarantined": sum(1 for q in ledger.quarantines.values() if q.state == "active")},
+    }
+
+
+def _page_args(args: Any) -> dict[str, Any]:
+    """The overview's query (offset, limit, q, profile), checked."""
+    known = {"offset", "limit", "q", "profile"}
+    unknown = set(args) - known
+    if unknown:
+        raise InvalidArgument(f"unknown query parameter {sorted(unknown)[0]!r}",
+                              hint=f"known: {', '.join(sorted(known))}")
+    out: dict[str, Any] = {"query": args.get("q", ""), "profile": args.get("profile", "")}
+    for name, default, top in (("offset", 0, 10**9), ("limit", OVERVIEW_PAGE_ROWS, OVERVIEW_MAX_ROWS)):
+        try:
+            value = rc.parse_digits(args.get(name, str(default)))
+        except ValueError:
+            raise InvalidArgument(f"{name} must be a whole number (ASCII digits 0-9)") from None
+        if value > top:
+            raise InvalidArgument(f"{name} is {value}; at most {top}")
+        out[name] = value
+    if out["profile"]:
+        check_id("profile", out["profile"])
+    return out
+
+
+# -- the timeline (leases, turns and quarantines of one session) -----------------------
+
+
+def _archived_leases(store: Store, session_id: str) -> Iterator[dict[str, Any]]:
+    """Leases of ``session_id`` that compaction moved to archive/leases.jsonl."""
+    path = store.state_dir / ARCHIVE_DIR / "leases.jsonl"
+    needle = json.dumps(session_id).encode()
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return
+    with f:
+        for line in f:
+            if needle in line:  # cheap filter before parsing
+                with contextlib.suppress(ValueError):
+                    row = json.loads(line)
+                    if isinstance(row, dict) and row.get("session_id") == session_id:
+                        yield row
+
+
+def _lease_span(row: dict[str, Any], stamp: str) -> dict[str, Any]:
+    start = row.get("granted_at") or row.get("requested_at", "")
+    end = row.get("ended_at") or ""
+    if not end and row.get("state") in rc.LIVE_LEASE_STATES:
+        end = min(row.get("expires_at") or stamp, stamp) if row.get("state") == "active" else stamp
+    return {"lease_id": row.get("lease_id", ""), "holder": row.get("holder", ""),
+            "mode": row.get("mode", ""), "state": row.get("state", ""),
+            "fencing_token": row.get("fencing_token", 0), "start": start, "end": end or stamp,
+            "reason": row.get("revoke_reason", "")}
+
+
+def _recent_records(store: Store, ledger: Ledger, session_id: str, stream: str) -> list[rc.StreamRecord]:
+    cursor = ledger.cursors.get(session_id)
+    if cursor is None:
+        return []
+    last, committed = getattr(cursor, stream), getattr(cursor, f"{stream}_bytes")
+    return store.read_records(session_id, stream, committed, max(last - TIMELINE_MAX_RECORDS, 0),
+                              TIMELINE_MAX_RECORDS)
+
+
+def _turn_spans(events: list[rc.StreamRecord], results: list[rc.StreamRecord]) -> list[dict[str, Any]]:
+    """Turns as the streams tell them: event records of kind ``turn.*`` grouped
+    by their ``turn_id`` (first to last stamp, the last kind's suffix as the
+    state), and each result record closing the turn it names."""
+    turns: dict[str, dict[str, Any]] = {}
+    tagged = [(r, False) for r in events] + [(r, True) for r in results]
+    for record, is_result in tagged:
+        data = record.data if isinstance(record.data, dict) else {}
+        turn_id = str(data.get("turn_id") or (f"result-{record.seq}" if is_result else ""))
+        if not (is_result or record.kind.startswith("turn")) or not turn_id:
+            continue
+        turn = turns.setdefault(turn_id, {"turn_id": turn_id, "start": record.appended_at,
+                                          "end": record.appended_at, "state": "running"})
+        turn["start"] = min(turn["start"], record.appended_at)
+        turn["end"] = max(turn["end"], record.appended_at)
+        state = data.get("state") or data.get("status") or record.kind.rpartition(".")[2]
+        if state and state not in ("started", "turn"):
+            turn["state"] = str(state)
+    return sorted(turns.values(), key=lambda t: t["start"])
+
+
+def dashboard_timeline(store: Store, ledger: Ledger, session_id: str, since: str,
+                       now: float) -> dict[str, Any]:
+    """``GET /api/relay/timeline``: what happened to one session since
+    ``since``: lease intervals by holder (the ledger's and the archive's),
+    turns (the live runtime's turn records where the ledger has them, else
+    the streams' ``turn.*`` events and results), and quarantine marks.
+    Blocking reads: call it in a worker thread."""
+    if session_id not in ledger.sessions:
+        raise NotFound(f"session {session_id!r} does not exist",
+                       hint="list sessions with GET /api/relay/sessions")
+    stamp = iso(now)
+    rows = {r["lease_id"]: r for r in _archived_leases(store, session_id) if "lease_id" in r}
+    rows.update({x.lease_id: to_json(x) for x in ledger.leases.values() if x.session_id == session_id})
+    leases = sorted((s for s in (_lease_span(r, stamp) for r in rows.values()) if s["end"] >= since),
+                    key=lambda s: s["start"])
+    events = _recent_records(store, ledger, session_id, "events")
+    results = _recent_records(store, ledger, session_id, "results")
+    turns = {t["turn_id"]: t for t in _turn_spans(events, results)}
+    for turn in getattr(ledger, "turns", {}).values():  # the live runtime's records win
+        if turn.session_id == session_id:
+            turns[turn.turn_id] = {"turn_id": turn.turn_id, "state": turn.state,
+                                   "start": turn.started_at, "end": turn.ended_at or stamp,
+                                   "error": getattr(turn, "error", "")}
+    turns = sorted((t for t in turns.values() if t["end"] >= since), key=lambda t: t["start"])
+    marks = []
+    q = ledger.quarantines.get(session_id)
+    if q is not None:
+        if q.quarantined_at >= since:
+            marks.append({"kind": "quarantine", "at": q.quarantined_at, "reason": q.reason})
+        if q.cleared_at and q.cleared_at >= since:
+            marks.append({"kind": "cleared", "at": q.cleared_at, "reason": q.reason})
+    return {"session_id": session_id, "since": since, "now": stamp, "leases": leases,
+            "turns": turns, "marks": marks,
+            "events": [{"seq": r.seq, "kind": r.kind, "at": r.appended_at}
+                       for r in events if r.appended_at >= since][-200:]}
+
+
+def _timeline_args(args: Any, now: float) -> tuple[str, str]:
+    unknown = set(args) - {"session", "since"}
+    if unknown:
+        raise InvalidArgument(f"unknown query parameter {sorted(unknown)[0]!r}",
+                              hint="known: session, since")
+    session = check_id("session", args.get("session", ""))
+    since = args.get("since") or iso(now - TIMELINE_WINDOW_SECONDS)
+    if not rc.STAMP_PATTERN.fullmatch(since):
+        raise InvalidArgument(f"since {since!r} is not a timestamp like {iso(now)}",
+                              hint="leave it out for the last hour")
+    return session, since
+
+
+# -- the routes -------------------------------------------------------------------------
+
+
+def _dashboard_asset(path: str) -> tuple[str, str]:
+    """(content type, text) of a page file."""
+    return {"/": ("text/html; charset=utf-8", DASHBOARD_HTML),
+            "/dashboard.css": ("text/css; charset=utf-8", DASHBOARD_CSS),
+            "/dashboard.js": ("text/javascript; charset=utf-8", DASHBOARD_JS)}[path]
+
+
+def _add_dashboard(app: Any, service: Service) -> None:
+    """Serve the page and its three JSON routes on ``app`` (called once by
+    ``create_app``).  The Host/Origin guard still stands in front of all of it."""
+    from quart import Response, request
+
+    async def page_file() -> Any:
+        content_type, text = _dashboard_asset(request.path)
+        return Response(text, status=200, content_type=content_type, headers=_DASHBOARD_HEADERS)
+
+    async def before_the_token_check() -> Any:
+        # Inserted first among the before-request hooks: the files carry no
+        # data, so they are answered ahead of the token check (as /health is).
+        rule = request.url_rule
+        return await page_file() if rule is not None and rule.endpoint == "dashboard_file" else None
+
+    for path in ("/", "/dashboard.css", "/dashboard.js"):
+        app.add_url_rule(path, "dashboard_file", page_file, methods=["GET"])
+    app.before_request_funcs.setdefault(None, []).insert(0, before_the_token_check)
+
+    @app.get("/api/relay/rpcs")
+    async def api_rpcs() -> Any:
+        return _json_response(rpc_description())
+
+    @app.get("/api/relay/overview")
+    async def api_overview() -> Any:
+        service.owner.check_intact()
+        return _json_response(dashboard_overview(service.owner.ledger, service.now(),
+                                                 **_page_args(request.args)))
+
+    @app.get("/api/relay/timeline")
+    async def api_timeline() -> Any:
+        service.owner.check_intact()
+        now = service.now()
+        session, since = _timeline_args(request.args, now)
+        doc = await trio.to_thread.run_sync(dashboard_timeline, service.store,
+                                            service.owner.ledger, session, since, now)
+        return _json_response(doc)
+
+
+
+# -- the page files ---------------------------------------------------------------------
+
+DASHBOARD_HTML: Final = r'''<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>flow-relay</title>
+<link rel="icon" href="data:,">
+<link rel="stylesheet" href="/dashboard.css">
+<script src="/dashboard.js" defer></script>
+</head>
+<body>
+<header>
+  <h1>flow-relay</h1>
+  <span id="relay-info" class="muted"></span>
+  <button id="logout" type="button" hidden>Log out</button>
+</header>
+<!-- the relay feed (GET /events?feed=relay): newest notice first -->
+<div id="feed" class="feed" aria-live="polite"><em class="muted">relay feed: no notices yet</em></div>
+
+<section id="login" class="panel" hidden>
+  <form id="login-form">
+    <h2>Log in</h2>
+    <p>This relay requires its bearer token. It is sent once to
+      <code>POST /auth/session</code>, which sets an HttpOnly cookie; the page keeps no copy.</p>
+    <label>Token <input id="login-token" type="password" autocomplete="off" required></label>
+    <button type="submit">Log in</button>
+    <p id="login-error" class="error"></p>
+  </form>
+</section>
+
+<main id="app" hidden>
+  <div class="stack">
+  <section id="profiles-panel" class="panel">
+    <h2>Profiles</h2>
+    <div class="scroll"><table id="profiles">
+      <thead><tr><th>Profile</th><th>Provider</th><th>Mode</th><th>Pool</th>
+        <th>Warm</th><th>Leased</th><th>Failed</th><th>Last error</th><th>Runtime</th></tr></thead>
+      <tbody></tbody></table></div>
+  </section>
+
+  <section id="sessions-panel" class="panel">
+    <h2>Sessions <span id="session-count" class="muted"></span></h2>
+    <div class="toolbar">
+      <input id="filter" type="search" placeholder="filter: id, profile, holder, state"
+             aria-label="filter sessions">
+      <button id="prev" type="button" aria-label="previous page">&lsaquo;</button>
+      <span id="page-info" class="muted"></span>
+      <button id="next" type="button" aria-label="next page">&rsaquo;</button>
+    </div>
+    <div class="scroll"><table id="sessions">
+      <thead><tr><th>Session</th><th>Profile</th><th>State</th><th>Process</th><th>Holder</th>
+        <th>Mode</th><th>Token</th><th>Time left</th><th>Quarantine</th></tr></thead>
+      <tbody></tbody></table></div>
+  </section>
+  </div>
+
+  <section id="detail-panel" class="panel">
+    <h2>Session <span id="detail-id">&mdash;</span></h2>
+    <p class="muted" id="detail-hint">Pick a session to see its timeline and live events.</p>
+    <div id="detail-body" hidden>
+    <dl id="detail-facts"></dl>
+    <h3>Timeline
+      <select id="window" aria-label="timeline window">
+        <option value="3600">last hour</option><option value="600">last 10 minutes</option>
+        <option value="60">last minute</option>
+      </select></h3>
+    <div id="timeline" class="timeline"></div>
+    <h3>Live events <span id="live-state" class="muted"></span></h3>
+    <ol id="live" class="live"></ol>
+    </div>
+  </section>
+
+  <section id="actions-panel" class="panel">
+    <h2>Actions</h2>
+    <label>RPC <select id="rpc-select"></select></label>
+    <p id="rpc-help" class="muted"></p>
+    <form id="rpc-form" novalidate></form>
+    <div id="rpc-result" class="result" aria-live="polite"></div>
+  </section>
+</main>
+</body>
+</html>
+'''
+
+DASHBOARD_CSS: Final = r'''/* flow-relay dashboard: plain CSS, system fonts, light and dark. */
+:root { --bg: #f7f7f5; --fg: #1d1d1f; --muted: #6b6b70; --line: #d9d9de; --panel: #fff;
+        --ok: #1f7a3a; --warn: #a15c00; --bad: #b3261e; --accent: #2457c5; --shade: #eef1f8; }
+@media (prefers-color-scheme: dark) {
+  :root { --bg: #161618; --fg: #ececf0; --muted: #9a9aa2; --line: #34343a; --panel: #202024;
+          --ok: #58c27d; --warn: #e0a23a; --bad: #ff7b72; --accent: #7aa2ff; --shade: #2a2d36; }
+}
+* { box-sizing: border-box; }
+[hidden] { display: none !important; }  /* over the display rules below */
+body { margin: 0; font: 14px/1.4 system-ui, -apple-system, "Segoe UI", sans-serif;
+       background: var(--bg); color: var(--fg); }
+header { display: flex; gap: 1em; align-items: baseline; padding: .6em 1em;
+         border-bottom: 1px solid var(--line); background: var(--panel); flex-wrap: wrap; }
+header h1 { font-size: 1.15em; margin: 0; }
+#logout { margin-left: auto; }
+h2 { font-size: 1.05em; margin: 0 0 .5em; }
+h3 { font-size: .95em; margin: 1em 0 .4em; }
+h3 select { font: inherit; font-weight: normal; margin-left: .5em; }
+.muted { color: var(--muted); font-weight: normal; }
+.error { color: var(--bad); }
+code { font-size: .92em; }
+main { display: grid; grid-template-columns: minmax(0, 3fr) minmax(0, 2fr); gap: 1em; padding: 1em;
+       align-items: start; }
+.stack { display: flex; flex-direction: column; gap: 1em; min-width: 0; }
+#actions-panel { grid-column: 1 / span 2; }
+.panel { background: var(--panel); border: 1px solid var(--line); border-radius: 6px;
+         padding: .8em 1em; min-width: 0; }
+#login { max-width: 28em; width: calc(100% - 2em); margin: 3em auto; }
+#login label { display: block; margin: .8em 0; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; width: 100%; }
+th, td { text-align: left; padding: .3em .5em; border-bottom: 1px solid var(--line);
+         white-space: nowrap; vertical-align: top; }
+th { font-weight: 600; color: var(--muted); font-size: .9em; }
+td.wrap { white-space: normal; max-width: 22em; overflow-wrap: anywhere; }
+#sessions tbody tr { cursor: pointer; }
+#sessions tbody tr:hover, #sessions tbody tr.selected { background: var(--shade); }
+.toolbar { display: flex; gap: .5em; align-items: center; margin-bottom: .5em; }
+.toolbar input { flex: 1; min-width: 6em; }
+.badge { display: inline-block; padding: 0 .5em; border-radius: 1em; font-size: .85em;
+         border: 1px solid currentColor; }
+.healthy, .ready, .active { color: var(--ok); }
+.degraded, .waiting { color: var(--warn); }
+.failed, .revoked, .quarantine { color: var(--bad); }
+.closed, .released, .expired { color: var(--muted); }
+.feed { display: flex; gap: .5em; overflow-x: auto; padding: .3em 1em; min-height: 1.9em;
+        border-bottom: 1px solid var(--line); font-size: .85em; }
+.feed span { white-space: nowrap; padding: .1em .6em; border-radius: 1em; background: var(--shade); }
+dl { display: grid; grid-template-columns: max-content 1fr; gap: .15em 1em; margin: 0; }
+dt { color: var(--muted); }
+dd { margin: 0; overflow-wrap: anywhere; }
+.live { list-style: none; padding: 0; margin: 0; max-height: 22em; overflow-y: auto;
+        font: 12px/1.35 ui-monospace, monospace; border: 1px solid var(--line); }
+.live li { padding: .15em .4em; border-bottom: 1px solid var(--line); overflow-wrap: anywhere; }
+.live li:empty { display: none; }
+.live .seq { color: var(--muted); margin-right: .5em; }
+.live .kind { color: var(--accent); margin-right: .5em; }
+.live li.result { background: var(--shade); }
+.timeline svg { width: 100%; height: auto; display: block; }
+.timeline text { font-size: 11px; fill: var(--muted); }
+.timeline .axis { stroke: var(--line); }
+.timeline rect.lease { fill: var(--accent); opacity: .75; }
+.timeline rect.lease.revoked, .timeline rect.turn.failed { fill: var(--bad); }
+.timeline rect.lease.expired, .timeline rect.lease.released { fill: var(--muted); }
+.timeline rect.lease.waiting { fill: var(--warn); }
+.timeline rect.turn { fill: var(--ok); opacity: .8; }
+.timeline line.quarantine { stroke: var(--bad); stroke-width: 2; }
+.timeline line.cleared { stroke: var(--ok); stroke-width: 2; stroke-dasharray: 3 2; }
+.timeline line.event { stroke: var(--accent); opacity: .35; }
+form .field { margin: .5em 0; display: grid; grid-template-columns: 11em 1fr; gap: .2em 1em;
+              align-items: start; }
+form .field .help, form .field .problem { grid-column: 2; font-size: .85em; }
+form .field .problem { color: var(--bad); }
+form .field input, form .field select, form .field textarea { width: 100%; max-width: 32em; font: inherit; }
+.result { margin-top: .6em; overflow-wrap: anywhere; }
+.result pre { white-space: pre-wrap; margin: .3em 0; font-size: 12px; }
+button { font: inherit; padding: .2em .8em; }
+button.danger { color: var(--bad); border-color: var(--bad); }
+/* A narrow window (a phone at 390 px): one column, forms stacked. */
+@media (max-width: 760px) {
+  main { grid-template-columns: minmax(0, 1fr); padding: .5em; gap: .6em; }
+  #actions-panel { grid-column: 1; }
+  .stack { gap: .6em; }
+  form .field { grid-template-columns: 1fr; }
+  /* tables become cards: each cell over its column's name */
+  #sessions thead, #profiles thead { display: none; }
+  #sessions tr, #profiles tr { display: grid; grid-template-columns: repeat(3, minmax(0, 1fr));
+                               gap: .2em .6em; padding: .5em .3em; border-bottom: 1px solid var(--line); }
+  #sessions td, #profiles td { border: 0; padding: 0; white-space: normal; overflow-wrap: anywhere; }
+  #sessions td:empty, #profiles td:empty { display: none; }
+  #sessions td::before, #profiles td::before { content: attr(data-label); display: block;
+                                               font-size: .75em; color: var(--muted); }
+  form .field .help, form .field .problem { grid-column: 1; }
+  .panel { padding: .6em; }
+}
+'''
+
+DASHBOARD_JS: Final = r'''// flow-relay dashboard.  Plain JavaScript, no build step, nothing from outside
+// this relay.  Every action is the Connect RPC the stubs call
+// (POST /relay.v1.Relay/<Method>); the forms are generated from
+// GET /api/relay/rpcs, so a new RPC needs no code here.  Text goes into the
+// page with textContent only, never as HTML.  No token is kept: the login
+// form sends it once to POST /auth/session, which sets an HttpOnly cookie.
+"use strict";
+
+const PAGE_ROWS = 50;        // sessions per page (the server pages the list)
+const LIVE_KEEP = 500;       // live-view lines kept in the DOM
+const LIVE_TAIL = 50;        // events replayed when a live view opens
+const FEED_KEEP = 8;         // notices shown in the strip
+const SVG = "http://www.w3.org/2000/svg";
+
+const state = {
+  rpcs: [], feedKinds: [], overview: null, fetchedAt: 0,
+  page: {offset: 0, q: ""}, selected: null, holder: "", live: null, feed: null, seen: {},
+};
+
+// -- small helpers ------------------------------------------------------------
+
+const $ = (id) => document.getElementById(id);
+
+function el(tag, props, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(props || {})) {
+    if (k === "class") node.className = v;
+    else if (k === "text") node.textContent = v;
+    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else if (v !== undefined && v !== null && v !== false) node.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children) node.append(c);
+  return node;
+}
+
+function svg(tag, attrs, text) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+// A request id for every call: crypto.randomUUID where the page is a secure
+// context (loopback is), the same v4 layout from getRandomValues elsewhere.
+function requestId() {
+  if (crypto.randomUUID) return crypto.randomUUID();
+  const b = crypto.getRandomValues(new Uint8Array(16));
+  b[6] = (b[6] & 0x0f) | 0x40; b[8] = (b[8] & 0x3f) | 0x80;
+  const h = [...b].map((x) => x.toString(16).padStart(2, "0")).join("");
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+}
+
+// fetch JSON; resolves to {ok, status, body} (the Connect error body on refusal).
+async function api(path, options = {}) {
+  const headers = Object.assign({"X-Request-Id": requestId()}, options.headers || {});
+  let response;
+  try {
+    response = await fetch(path, Object.assign({credentials: "same-origin"}, options, {headers}));
+  } catch (err) {
+    return {ok: false, status: 0, body: {code: "unavailable", message: `the relay did not answer: ${err}`,
+                                         hint: "is `python -m relay serve` still running?"}};
+  }
+  let body = null;
+  try {
+    body = await response.json();
+  } catch (err) {
+    body = {code: "unknown", message: response.statusText};
+  }
+  if (response.status === 401) showLogin();
+  return {ok: response.ok, status: response.status, body};
+}
+
+function callRpc(rpc, body) {
+  return api(rpc.path, {method: "POST", headers: {"Content-Type": "application/json"},
+                        body: JSON.stringify(body)});
+}
+
+function errorNode(body) {
+  return el("div", {class: "error", role: "alert"},
+            el("strong", {text: `${body.code || "error"}: `}), body.message || "",
+            body.hint ? el("div", {class: "hint", text: `hint: ${body.hint}`}) : "");
+}
+
+function timeLeft(expires) {
+  if (!expires || !state.overview) return "";
+  const now = Date.parse(state.overview.now) + (Date.now() - state.fetchedAt);
+  const s = Math.round((Date.parse(expires) - now) / 1000);
+  if (s <= 0) return "expired";
+  return s >= 3600 ? `${Math.floor(s / 3600)}h ${Math.floor(s % 3600 / 60)}m`
+       : s >= 60 ? `${Math.floor(s / 60)}m ${s % 60}s` : `${s}s`;
+}
+
+// A runtime block (e.g. a session's `process`) as one line: pid, up time, version...
+function describe(value) {
+  if (value === null || value === undefined || value === "") return "";
+  if (typeof value !== "object") return String(value);
+  return Object.entries(value).filter(([, v]) => v !== "" && v !== null)
+    .map(([k, v]) => `${k} ${typeof v === "object" ? JSON.stringify(v) : v}`).join(", ");
+}
+
+// -- login --------------------------------------------------------------------
+
+function showLogin() {
+  $("app").hidden = true;
+  $("login").hidden = false;
+  $("logout").hidden = true;
+  closeStreams();
+  $("login-token").focus();
+}
+
+async function login(event) {
+  event.preventDefault();
+  const input = $("login-token");
+  const r = await api("/auth/session", {method: "POST", headers: {"Content-Type": "application/json"},
+                                        body: JSON.stringify({token: input.value})});
+  input.value = "";  // the page keeps no copy of the token
+  $("login-error").replaceChildren(r.ok ? "" : errorNode(r.body));
+  if (r.ok) boot();
+}
+
+async function logout() {
+  await api("/auth/logout", {method: "POST"});
+  sessionStorage.clear();
+  boot();
+}
+
+// -- the overview (profiles and one page of sessions) ------------------------------
+
+async function refresh() {
+  const q = new URLSearchParams({offset: state.page.offset, limit: PAGE_ROWS});
+  if (state.page.q) q.set("q", state.page.q);
+  const r = await api(`/api/relay/overview?${q}`);
+  if (!r.ok) {  // e.g. a damaged ledger: say so where the relay's summary goes
+    if (r.status !== 401) $("relay-info").replaceChildren(errorNode(r.body));
+    return false;
+  }
+  state.overview = r.body;
+  state.fetchedAt = Date.now();
+  renderOverview();
+  return true;
+}
+
+let refreshTimer = 0;
+function refreshSoon() {  // coalesce a burst of feed notices into one refresh
+  clearTimeout(refreshTimer);
+  refreshTimer = setTimeout(() => { refresh(); if (state.selected) loadTimeline(); }, 250);
+}
+
+function renderOverview() {
+  const o = state.overview;
+  $("relay-info").textContent = `revision ${o.revision} · ${o.runtime.status}` +
+    (o.runtime.endpoint ? ` at ${o.runtime.endpoint}` : "") +
+    ` · ${o.counts.sessions} sessions, ${o.counts.leased} leased, ${o.counts.quarantined} quarantined`;
+  $("logout").hidden = !o.runtime.token_id;
+  $("profiles").tBodies[0].replaceChildren(...o.profiles.map(profileRow));
+  const s = o.sessions;
+  $("session-count").textContent = `(${s.total})`;
+  $("page-info").textContent = s.total
+    ? `${s.offset + 1}–${s.offset + s.items.length} of ${s.total}` : "none";
+  $("prev").disabled = s.offset === 0;
+  $("next").disabled = s.offset + s.items.length >= s.total;
+  $("sessions").tBodies[0].replaceChildren(...s.items.map(sessionRow));
+  labelCells($("profiles"));
+  labelCells($("sessions"));
+  const picked = state.selected && s.items.find((x) => x.session_id === state.selected.session_id);
+  if (picked) { state.selected = picked; renderDetail(); }
+}
+
+// Each cell names its column (data-label), so a narrow window can show rows as cards.
+function labelCells(table) {
+  const names = [...table.tHead.rows[0].cells].map((th) => th.textContent);
+  for (const row of table.tBodies[0].rows) {
+    [...row.cells].forEach((td, i) => { td.dataset.label = names[i]; });
+  }
+}
+
+const PROFILE_FIELDS = new Set(["name", "provider", "mode", "command", "created_at", "pool"]);
+
+function profileRow(p) {
+  const pool = p.pool;
+  const extra = Object.entries(p).filter(([k]) => !PROFILE_FIELDS.has(k))
+    .map(([k, v]) => `${k}: ${describe(v)}`).join("; ");
+  const last = pool.last_error ? `${pool.last_error.session_id}: ${pool.last_error.reason}` : "";
+  return el("tr", {"data-profile": p.name},
+    el("td", {text: p.name}), el("td", {text: p.provider}), el("td", {text: p.mode}),
+    el("td", {}, el("span", {class: `badge ${pool.health}`, text: pool.health})),
+    el("td", {text: pool.warm}), el("td", {text: pool.leased}), el("td", {text: pool.failed}),
+    el("td", {class: "wrap error", text: last}), el("td", {class: "wrap", text: extra}));
+}
+
+function sessionRow(s) {
+  const l = s.lease;
+  const row = el("tr", {"data-session": s.session_id, tabindex: 0,
+                        class: state.selected && state.selected.session_id === s.session_id ? "selected" : "",
+                        onclick: () => select(s), onkeydown: (e) => { if (e.key === "Enter") select(s); }},
+    el("td", {text: s.session_id}), el("td", {text: s.profile}),
+    el("td", {}, el("span", {class: `badge ${s.state}`, text: s.state})),
+    el("td", {class: "wrap", text: describe(s.process)}),
+    el("td", {text: l ? l.holder : ""}),
+    el("td", {text: l ? `${l.mode}${l.state === "waiting" ? " (waiting)" : ""}` : ""}),
+    el("td", {text: l ? l.fencing_token : ""}),
+    el("td", {"data-expires": l ? l.expires_at : "", text: l ? timeLeft(l.expires_at) : ""}),
+    el("td", {class: "wrap error", text: s.quarantine ? s.quarantine.reason : ""}));
+  return row;
+}
+
+function tickTimes() {
+  for (const td of document.querySelectorAll("td[data-expires]")) {
+    if (td.dataset.expires) td.textContent = timeLeft(td.dataset.expires);
+  }
+  const left = $("lease-left");
+  const lease = state.selected && state.selected.lease;
+  if (left && lease) left.textContent = timeLeft(lease.expires_at);
+}
+
+// -- one session: facts, timeline, live events ------------------------------------
+
+function select(s) {
+  state.selected = s;
+  if (s.lease) state.holder = s.lease.holder;
+  history.replaceState(null, "", `#session=${encodeURIComponent(s.session_id)}`);
+  for (const tr of $("sessions").tBodies[0].rows) {
+    tr.classList.toggle("selected", tr.dataset.session === s.session_id);
+  }
+  renderDetail();
+  loadTimeline();
+  openLive(s.session_id, {events: s.events, results: s.results});
+  renderForm();  // prefill from the new context
+}
+
+function renderDetail() {
+  const s = state.selected;
+  $("detail-id").textContent = s.session_id;
+  $("detail-hint").hidden = true;
+  $("detail-body").hidden = false;
+  const l = s.lease, q = s.quarantine;
+  const facts = [["state", s.state], ["profile", `${s.profile} (${s.provider})`],
+    ["process", describe(s.process) || "—"], ["fencing token", s.fencing_token],
+    ["lease", l ? `${l.lease_id} · ${l.holder} · ${l.mode} · ${l.state} · token ${l.fencing_token}` : "none"],
+    ["renewed", l && l.last_renewed_at ? l.last_renewed_at : "—"],
+    ["events / results", `${s.events} / ${s.results}`]];
+  if (s.turn) facts.push(["turn", describe(s.turn)]);
+  if (q) facts.push(["quarantine", `${q.reason} (since ${q.quarantined_at})`]);
+  const nodes = [];
+  for (const [k, v] of facts) nodes.push(el("dt", {text: k}), el("dd", {text: String(v)}));
+  if (l) {
+    nodes.push(el("dt", {text: "time left"}), el("dd", {id: "lease-left", text: timeLeft(l.expires_at)}));
+  }
+  $("detail-facts").replaceChildren(...nodes);
+}
+
+async function loadTimeline() {
+  const sid = state.selected.session_id;
+  const q = new URLSearchParams({session: sid});
+  const seconds = Number($("window").value);
+  if (state.overview && seconds !== 3600) {  // the server's default window is the last hour
+    const now = Date.parse(state.overview.now) + (Date.now() - state.fetchedAt);
+    q.set("since", new Date(now - seconds * 1000).toISOString().replace("Z", "000Z"));
+  }
+  const r = await api(`/api/relay/timeline?${q}`);
+  if (state.selected.session_id !== sid) return;
+  const width = Math.max(320, $("timeline").clientWidth || 640);
+  $("timeline").replaceChildren(r.ok ? drawTimeline(r.body, width) : errorNode(r.body));
+}
+
+function ago(seconds) {
+  return seconds >= 60 ? `-${Math.round(seconds / 60)}m` : `-${Math.round(seconds)}s`;
+}
+
+// The window (last hour by default) as an SVG: one row per lease holder (its lease intervals), a
+// row of turns, event ticks, and vertical marks where quarantines were set
+// and cleared.  Every shape has a <title> for its details.
+function drawTimeline(t, W) {
+  const LEFT = 84, RIGHT = 28, ROW = 20, t0 = Date.parse(t.since), t1 = Date.parse(t.now);
+  const holders = [...new Set(t.leases.map((x) => x.holder))];
+  const rows = [...holders, "turns", "events"];
+  const H = 24 + rows.length * ROW;
+  const frac = (stamp) => Math.max(0, Math.min(1, (Date.parse(stamp) - t0) / (t1 - t0)));
+  const x = (stamp) => LEFT + frac(stamp) * (W - LEFT - RIGHT);
+  const root = svg("svg", {viewBox: `0 0 ${W} ${H}`, role: "img",
+                           "aria-label": `timeline of ${t.session_id}`});
+  const span = (t1 - t0) / 1000;
+  for (let i = 0; i <= 6; i += 1) {  // six ticks across the window
+    const at = LEFT + (i / 6) * (W - LEFT - RIGHT);
+    const label = i === 6 ? "now" : ago(span * (1 - i / 6));
+    root.append(svg("line", {class: "axis", x1: at, x2: at, y1: 14, y2: H}),
+                svg("text", {x: at, y: 11, "text-anchor": "middle"}, label));
+  }
+  rows.forEach((name, i) => root.append(svg("text", {x: 4, y: 34 + i * ROW}, name.slice(0, 12))));
+  const bar = (cls, row, a, b, title) => {
+    const x0 = x(a), w = Math.max(2, x(b) - x0);
+    const r = svg("rect", {class: cls, x: x0, y: 22 + row * ROW, width: w, height: ROW - 6, rx: 2});
+    r.append(svg("title", {}, title));
+    root.append(r);
+  };
+  for (const l of t.leases) {
+    bar(`lease ${l.state}`, holders.indexOf(l.holder), l.start, l.end,
+        `${l.lease_id} ${l.holder} ${l.mode} ${l.state} token ${l.fencing_token}\n${l.start} → ${l.end}` +
+        (l.reason ? `\n${l.reason}` : ""));
+  }
+  for (const turn of t.turns) {
+    const why = turn.error ? `: ${turn.error}` : "";
+    bar(`turn ${turn.state}`, holders.length, turn.start, turn.end,
+        `turn ${turn.turn_id} ${turn.state}${why}\n${turn.start} → ${turn.end}`);
+  }
+  const eventsY = 22 + (holders.length + 1) * ROW;
+  for (const e of t.events) {
+    const at = x(e.at);
+    const tick = svg("line", {class: "event", x1: at, x2: at, y1: eventsY, y2: eventsY + ROW - 6});
+    tick.append(svg("title", {}, `#${e.seq} ${e.kind} ${e.at}`));
+    root.append(tick);
+  }
+  for (const m of t.marks) {
+    const at = x(m.at);
+    const line = svg("line", {class: m.kind, x1: at, x2: at, y1: 14, y2: H});
+    line.append(svg("title", {}, `${m.kind} ${m.at}: ${m.reason}`));
+    root.append(line);
+  }
+  return root;
+}
+
+// The live view: native EventSources on the session's event and result
+// streams.  Each resumes by itself after a drop (the browser sends
+// Last-Event-ID).  Across reloads the page keeps the last id it showed in
+// sessionStorage -- a cursor, not a credential -- and starts from a little
+// before it, so nothing that arrived during the reload is missed.
+function openLive(sid, counts) {
+  for (const source of state.live || []) source.close();
+  $("live").replaceChildren();
+  state.seen = {};
+  state.live = ["events", "results"].map((stream) => liveStream(sid, stream, counts[stream]));
+}
+
+function liveStream(sid, stream, lastSeq) {
+  const key = `cursor:${stream}:${sid}`;
+  const kept = Number((sessionStorage.getItem(key) || "").split(":").pop() || lastSeq);
+  const from = Math.max(0, Math.min(kept, lastSeq) - LIVE_TAIL);
+  const query = new URLSearchParams({session: sid, stream, last_event_id: `${sid}:${from}`});
+  const source = new EventSource(`/events?${query}`);
+  const name = stream.slice(0, -1);  // the SSE event name: event | result
+  $("live-state").textContent = "connecting…";
+  source.onopen = () => { $("live-state").textContent = "live"; };
+  source.addEventListener(name, (e) => {
+    const record = JSON.parse(e.data);
+    sessionStorage.setItem(key, e.lastEventId);
+    const s = state.selected;
+    if (s && s.session_id === sid && record.seq > s[stream]) { s[stream] = record.seq; renderDetail(); }
+    remember(record.data);
+    const list = $("live");
+    list.append(el("li", {[`data-${name}`]: record.seq, class: name},
+                   el("span", {class: "seq", text: `${name === "result" ? "result " : ""}#${record.seq}`}),
+                   el("span", {class: "kind", text: record.kind}),
+                   typeof record.data === "string" ? record.data : JSON.stringify(record.data)));
+    while (list.children.length > LIVE_KEEP) list.firstChild.remove();
+    list.scrollTop = list.scrollHeight;
+  });
+  source.addEventListener("error", (e) => {  // the relay's error frame, or a dropped connection
+    if (e.data) $("live").append(el("li", {}, errorNode(JSON.parse(e.data))));
+    $("live-state").textContent = source.readyState === EventSource.CLOSED ? "closed" : "reconnecting…";
+  });
+  return source;
+}
+
+// Ids a record names (turn_id, approval_id, ...) prefill the form fields of
+// the same name: answering the approval the agent just asked for is one click.
+function remember(data) {
+  if (!data || typeof data !== "object") return;
+  for (const [k, v] of Object.entries(data)) {
+    if (k.endsWith("_id") && typeof v === "string" && k !== "session_id") state.seen[k] = v;
+  }
+}
+
+// The relay feed as a notification strip; every notice refreshes the overview.
+function openFeed() {
+  if (state.feed) state.feed.close();
+  const source = new EventSource("/events?feed=relay");
+  state.feed = source;
+  const note = (e) => {
+    let d = {};
+    try { d = JSON.parse(e.data); } catch (err) { /* keep-alives carry none */ }
+    const who = [d.session_id, d.holder, d.reason].filter(Boolean).join(" · ");
+    const strip = $("feed");
+    for (const placeholder of strip.querySelectorAll("em")) placeholder.remove();
+    strip.prepend(el("span", {class: e.type.split(".")[0], title: e.data, text: `${e.type} ${who}`}));
+    while (strip.children.length > FEED_KEEP) strip.lastChild.remove();
+    refreshSoon();
+  };
+  for (const kind of state.feedKinds) source.addEventListener(kind, note);
+}
+
+function closeStreams() {
+  for (const s of [...(state.live || []), state.feed]) if (s) s.close();
+  state.live = null;
+  state.feed = null;
+}
+
+// -- actions: one generated form per mutation RPC ------------------------------------
+
+// What the page knows of the current context fills the fields of the same name.
+function context() {
+  const s = state.selected, l = s && s.lease;
+  return {...state.seen, turn_id: s && s.turn ? s.turn.turn_id : state.seen.turn_id,
+          session_id: s && s.session_id, profile: s && s.profile, holder: state.holder || (l && l.holder),
+          lease_id: l && l.lease_id, fencing_token: l && l.fencing_token};
+}
+
+function currentRpc() { return state.rpcs.find((r) => r.name === $("rpc-select").value); }
+
+function renderForm() {
+  const rpc = currentRpc();
+  if (!rpc) return;
+  $("rpc-help").textContent = `${rpc.help} — python -m relay ${rpc.cli}`;
+  const ctx = context();
+  // A session implies its profile: naming both would ask for two things at once.
+  if (rpc.fields.some((f) => f.name === "session_id")) delete ctx.profile;
+  const form = $("rpc-form");
+  form.replaceChildren(...rpc.fields.map((f) => fieldNode(f, ctx[f.name])),
+    el("button", {type: "submit", class: rpc.destructive ? "danger" : "", text: rpc.name}));
+}
+
+function fieldNode(f, value) {
+  const id = `f-${f.name}`;
+  let input;
+  if (f.choices) {
+    input = el("select", {id, name: f.name},
+      ...(f.required ? [] : [el("option", {value: "", text: "(default)"})]),
+      ...f.choices.map((c) => el("option", {value: c, text: c})));
+    const fallback = f.default !== undefined ? f.default : f.choices[0];
+    input.value = value !== undefined && value !== null ? value : fallback;
+  } else if (f.type === "boolean") {
+    input = el("input", {id, name: f.name, type: "checkbox"});
+    input.checked = Boolean(value !== undefined ? value : f.default);
+  } else if (f.type === "json") {
+    input = el("textarea", {id, name: f.name, rows: 2, placeholder: "any JSON value"});
+  } else {
+    input = el("input", {id, name: f.name, type: f.type === "integer" ? "number" : "text",
+                         min: f.minimum !== undefined ? f.minimum : (f.type === "integer" ? 0 : null),
+                         placeholder: placeholder(f)});
+  }
+  const given = value !== undefined && value !== null && value !== "";
+  if (given && !f.choices && f.type !== "boolean") input.value = value;
+  return el("div", {class: "field"},
+    el("label", {for: id, text: f.name + (f.required ? " *" : "")}), input,
+    f.help ? el("span", {class: "help muted", text: f.help}) : "",
+    el("span", {class: "problem", id: `p-${f.name}`}));
+}
+
+function placeholder(f) {
+  if (f.auto) return "generated";
+  if (f.argv) return "words, space-separated";
+  return f.default !== undefined && f.default !== "" ? `default ${f.default}` : "";
+}
+
+// Validate one field from its description; returns [value, problem].  An
+// empty optional field is left out, so the relay's default applies.
+function readField(f, node) {
+  if (f.type === "boolean") return [node.checked, ""];
+  const raw = node.value.trim();
+  if (!raw) {
+    if (f.auto === "request-id") return [requestId(), ""];
+    return f.required ? [undefined, "required"] : [undefined, ""];
+  }
+  if (f.type === "integer") {
+    if (!/^[0-9]+$/.test(raw)) return [undefined, "a whole number"];
+    const n = Number(raw);
+    if (f.minimum !== undefined && n < f.minimum) return [undefined, `at least ${f.minimum}`];
+    return [n, ""];
+  }
+  if (f.type === "json") {
+    try { return [JSON.parse(raw), ""]; } catch (err) { return [undefined, "not valid JSON"]; }
+  }
+  if (f.type === "array") return [raw.split(/\s+/), ""];
+  if (f.choices && !f.choices.includes(raw)) return [undefined, `one of ${f.choices.join(", ")}`];
+  if (f.pattern && !new RegExp(`^(?:${f.pattern})$`).test(raw)) {
+    return [undefined, `not a valid ${f.id || "value"}: letters, digits, '.', '_' and '-'`];
+  }
+  if (f.length && (raw.length < f.length[0] || raw.length > f.length[1])) {
+    return [undefined, `${f.length[0]} to ${f.length[1]} characters`];
+  }
+  return [raw, ""];
+}
+
+async function submitForm(event) {
+  event.preventDefault();
+  const rpc = currentRpc(), form = $("rpc-form"), body = {};
+  let bad = false;
+  for (const f of rpc.fields) {
+    const [value, problem] = readField(f, form.elements[f.name]);
+    $(`p-${f.name}`).textContent = problem;
+    bad = bad || Boolean(problem);
+    if (value !== undefined) body[f.name] = value;
+  }
+  if (bad) return;
+  if (rpc.destructive && !confirm(`${rpc.name}: ${rpc.help}.\n\n${JSON.stringify(body)}\n\nGo ahead?`)) {
+    $("rpc-result").replaceChildren(el("p", {class: "muted", text: `${rpc.name} not sent`}));
+    return;
+  }
+  if (body.holder) state.holder = body.holder;
+  const r = await callRpc(rpc, body);
+  $("rpc-result").replaceChildren(r.ok
+    ? el("div", {class: "ok", role: "status"}, el("strong", {text: `${rpc.name}: ${r.body.outcome || "ok"}`}),
+         el("pre", {text: JSON.stringify(r.body, null, 1)}))
+    : errorNode(r.body));
+  if (r.ok) {
+    await refresh();
+    const sid = (r.body.lease || r.body.record || r.body.quarantine || r.body.session || {}).session_id;
+    const row = sid && state.overview.sessions.items.find((x) => x.session_id === sid);
+    if (row && (!state.selected || state.selected.session_id !== sid)) select(row);
+    else if (state.selected) { renderForm(); loadTimeline(); }
+  }
+}
+
+// -- start ----------------------------------------------------------------------------
+
+async function boot() {
+  const r = await api("/api/relay/rpcs");
+  if (!r.ok) { if (r.status !== 401) $("relay-info").replaceChildren(errorNode(r.body)); return; }
+  state.rpcs = r.body.rpcs;
+  state.feedKinds = r.body.feed_kinds;
+  const picker = $("rpc-select");
+  const keep = picker.value;
+  picker.replaceChildren(...state.rpcs.filter((x) => x.kind === "mutation")
+    .map((x) => el("option", {value: x.name, text: x.destructive ? `${x.name} ⚠` : x.name})));
+  if (keep) picker.value = keep;
+  $("login").hidden = true;
+  if (!(await refresh())) return;
+  $("app").hidden = false;
+  renderForm();
+  openFeed();
+  const wanted = new URLSearchParams(location.hash.slice(1)).get("session");
+  if (wanted) {
+    const found = await api(`/api/relay/overview?q=${encodeURIComponent(wanted)}&limit=${PAGE_ROWS}`);
+    const row = found.ok && found.body.sessions.items.find((x) => x.session_id === wanted);
+    if (row) select(row);
+  }
+  document.body.dataset.readyMs = Math.round(performance.now());
+  document.body.dataset.ready = "1";  // time to interactive is measured to here
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("login-form").addEventListener("submit", login);
+  $("logout").addEventListener("click", logout);
+  $("rpc-select").addEventListener("change", () => { renderForm(); $("rpc-result").replaceChildren(); });
+  $("rpc-form").addEventListener("submit", submitForm);
+  $("window").addEventListener("change", () => { if (state.selected) loadTimeline(); });
+  $("prev").addEventListener("click", () => {
+    state.page.offset = Math.max(0, state.page.offset - PAGE_ROWS);
+    refresh();
+  });
+  $("next").addEventListener("click", () => { state.page.offset += PAGE_ROWS; refresh(); });
+  let typing = 0;
+  $("filter").addEventListener("input", (e) => {
+    clearTimeout(typing);
+    typing = setTimeout(() => { state.page = {offset: 0, q: e.target.value}; refresh(); }, 200);
+  });
+  setInterval(tickTimes, 1000);
+  boot();
+});
+'''
 
 
 ################################################################
@@ -5949,42 +7613,55 @@ def _json_response(body: bytes | dict[str, Any]) -> Any:
 
 
 def create_app(service: Service) -> Any:
-    """The quart-trio app: thin routes over ``Service``."""
-    from quart import Response, request, websocket
+    """The quart-trio app: thin routes over ``Service``, each group installed
+    by its own function below."""
     from quart_trio import QuartTrio
-    from werkzeug.exceptions import HTTPException
 
     app = QuartTrio("relay")
     app.config["MAX_CONTENT_LENGTH"] = service.config.max_body_bytes
     app.config["RESPONSE_TIMEOUT"] = None
     app.config["BODY_TIMEOUT"] = 30
+    for install in (_install_guards, _install_error_handlers, _install_login,
+                    _install_rpc_routes, _install_streams, _install_operations, _add_dashboard):
+        install(app, service)
+    return app
 
-    def route_of() -> str:
-        rule = request.url_rule
-        return rule.rule if rule is not None else "unmatched"
+
+def _install_guards(app: Any, service: Service) -> None:
+    """Authentication before every route but /health and /auth/, and the
+    request counter after each."""
+    from quart import request, websocket
+
+    def refusal(conn: Any) -> Any:
+        if service.authorized(conn.headers.get("Authorization"),
+                              conn.cookies.get(_session_cookie(conn.scope))):
+            return None
+        return _error_response(rc.Unauthenticated("missing or invalid bearer token",
+                                                  hint=_LOGIN_HINT))
 
     @app.before_request
     async def check_auth() -> Any:
         if request.path == "/health" or request.path.startswith("/auth/"):
             return None
-        if not service.authorized(request.headers.get("Authorization"),
-                                  request.cookies.get(_session_cookie(request.scope))):
-            return _error_response(rc.Unauthenticated("missing or invalid bearer token",
-                                                      hint=_LOGIN_HINT))
-        return None
+        return refusal(request)
 
     @app.before_websocket
     async def check_ws_auth() -> Any:
-        if not service.authorized(websocket.headers.get("Authorization"),
-                                  websocket.cookies.get(_session_cookie(websocket.scope))):
-            return _error_response(rc.Unauthenticated("missing or invalid bearer token",
-                                                      hint=_LOGIN_HINT))
-        return None
+        return refusal(websocket)
 
     @app.after_request
     async def count(response: Any) -> Any:
-        service.metrics.requests.labels(route_of(), str(response.status_code)).inc()
+        rule = request.url_rule
+        service.metrics.requests.labels(rule.rule if rule is not None else "unmatched",
+                                        str(response.status_code)).inc()
         return response
+
+
+def _install_error_handlers(app: Any, service: Service) -> None:
+    """Every refusal as a Connect error body; an unexpected one as ``internal``
+    (its traceback logged, never sent)."""
+    from quart import request
+    from werkzeug.exceptions import HTTPException
 
     @app.errorhandler(RelayError)
     async def relay_error(exc: RelayError) -> Any:
@@ -5996,28 +7673,34 @@ def create_app(service: Service) -> Any:
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Any:
-        if exc.code == 413:
-            refusal = _body_too_large(service.config.max_body_bytes)
-            return _error_response(refusal.error, refusal.status)
-        if exc.code == 404:
-            return _error_response(NotFound(f"no route {request.path}",
-                                            hint="see specs/flow-relay-contract.md"))
-        if exc.code == 405:
-            allowed = sorted(getattr(exc, "valid_methods", None) or ())
-            return _error_response(InvalidArgument(
-                f"{request.method} is not allowed on {request.path}",
-                hint=f"use {' or '.join(allowed) or 'another method'}"), 405,
-                {"Allow": ", ".join(allowed)} if allowed else None)
-        return _error_response(InvalidArgument(exc.description or "bad request"), exc.code)
+        return _http_error_response(exc, request, service.config.max_body_bytes)
 
     @app.errorhandler(Exception)
     async def unexpected(exc: Exception) -> Any:
-        _log(f"internal error on {request.path}: {exc!r}")
+        _logger("serve").error("internal error on %s", request.path, exc_info=exc)
         return _error_response(Internal("the relay hit an internal error; see its log"))
 
-    @app.get("/health")
-    async def health() -> Any:
-        return _json_response({"status": "ok"})
+
+def _http_error_response(exc: Any, request: Any, max_body_bytes: int) -> Any:
+    """werkzeug's HTTP errors (413, 404, 405, ...) as Connect errors."""
+    if exc.code == 413:
+        refusal = _body_too_large(max_body_bytes)
+        return _error_response(refusal.error, refusal.status)
+    if exc.code == 404:
+        return _error_response(NotFound(f"no route {request.path}",
+                                        hint="see specs/flow-relay-contract.md"))
+    if exc.code == 405:
+        allowed = sorted(getattr(exc, "valid_methods", None) or ())
+        return _error_response(InvalidArgument(
+            f"{request.method} is not allowed on {request.path}",
+            hint=f"use {' or '.join(allowed) or 'another method'}"), 405,
+            {"Allow": ", ".join(allowed)} if allowed else None)
+    return _error_response(InvalidArgument(exc.description or "bad request"), exc.code)
+
+
+def _install_login(app: Any, service: Service) -> None:
+    """The browser login: ``POST /auth/session`` sets the cookie, logout ends it."""
+    from quart import request
 
     @app.post("/auth/session")
     async def login() -> Any:
@@ -6045,24 +7728,18 @@ def create_app(service: Service) -> Any:
                                samesite="Strict")
         return response
 
-    @app.get("/api/relay/status")
-    async def api_status() -> Any:
-        return _json_response(await service.status_json())
 
-    reads = {"profiles": ("ListProfiles", ()), "sessions": ("ListSessions", ("profile", "state")),
-             "leases": ("ListLeases", ("session", "state")),
-             "events": ("ListEvents", ("session", "after", "limit")),
-             "results": ("ListResults", ("session", "after", "limit")),
-             "turns": ("ListTurns", ("session", "task_ref", "state")),
-             "tasks": ("ListTasks", ("task_ref",))}
+def _install_rpc_routes(app: Any, service: Service) -> None:
+    """The rows of ``rc.RPCS``: every one at its Connect path (POST, and GET for
+    reads), and each read that names a ``get`` route at ``/api/relay/<get>``."""
+    from quart import request
 
     @app.get("/api/relay/<name>")
     async def api_read(name: str) -> Any:
-        if name not in reads:
+        rpc = rc.RPC_BY_GET.get(name)
+        if rpc is None:
             raise NotFound(f"no route {request.path}", hint="see specs/flow-relay-contract.md")
-        method, params = reads[name]
-        body = _query_body(rc.RPC_BY_NAME[method].request, request.args, params)
-        return _json_response(await service.call_json(method, body))
+        return _json_response(await service.call_json(rpc.name, _query_body(rpc, request.args)))
 
     @app.route(f"{_CONNECT_PREFIX}<method>", methods=["GET", "POST"])
     async def connect_unary(method: str) -> Any:
@@ -6070,25 +7747,41 @@ def create_app(service: Service) -> Any:
         if rpc is None:
             raise rc.Unimplemented(f"no RPC named {method!r}",
                                    hint="see specs/relay.proto for the methods")
-        limit = service.config.max_body_bytes
-        if request.method == "GET":
-            if rpc.mutates:  # only NO_SIDE_EFFECTS RPCs have Connect's GET form
-                raise _HttpRefusal(InvalidArgument(
-                    f"{method} changes the ledger, so it takes POST only"), 405, {"Allow": "POST"})
-            codec, raw, encoding = _get_form(request.query_string)
-        else:
-            codec = _unary_codec(request.headers.get("Content-Type", ""))
-            raw, encoding = await request.get_data(), request.headers.get("Content-Encoding", "")
-        body = _decode_unary(rpc, codec, _decompress(raw, encoding, limit))
+        codec, body = await _connect_request(rpc, request, service.config.max_body_bytes)
         timeout = request.headers.get("Connect-Timeout-Ms")
-        if timeout is not None and not re.fullmatch(r"[0-9]{1,10}", timeout):
-            raise InvalidArgument(f"Connect-Timeout-Ms {timeout!r} is not a number of milliseconds")
-        deadline = int(timeout) / 1000 if timeout is not None else math.inf
-        with trio.move_on_after(deadline) as scope:
+        with trio.move_on_after(_connect_deadline(timeout)) as scope:
             reply = await service.call_json(method, body)
         if scope.cancelled_caught:
             raise rc.DeadlineExceeded(f"{method} did not finish within {timeout} ms")
         return _unary_response(rpc, codec, reply, request.headers.get("Accept-Encoding", ""))
+
+
+async def _connect_request(rpc: rc.Rpc, request: Any, limit: int) -> tuple[str, Any]:
+    """(codec, request JSON) of a Connect unary call: a POST body, or (reads
+    only) Connect's GET form.  Quart routes HEAD here too: it must be as safe."""
+    if request.method in ("GET", "HEAD"):
+        if rpc.mutates:  # only NO_SIDE_EFFECTS RPCs have Connect's GET form
+            raise _HttpRefusal(InvalidArgument(
+                f"{rpc.name} changes the ledger, so it takes POST only"), 405, {"Allow": "POST"})
+        codec, raw, encoding = _get_form(request.query_string)
+    else:
+        codec = _unary_codec(request.headers.get("Content-Type", ""))
+        raw, encoding = await request.get_data(), request.headers.get("Content-Encoding", "")
+    return codec, _decode_unary(rpc, codec, _decompress(raw, encoding, limit))
+
+
+def _connect_deadline(timeout: str | None) -> float:
+    """Seconds from a ``Connect-Timeout-Ms`` header (none: no deadline)."""
+    if timeout is None:
+        return math.inf
+    if not re.fullmatch(r"[0-9]{1,10}", timeout):
+        raise InvalidArgument(f"Connect-Timeout-Ms {timeout!r} is not a number of milliseconds")
+    return int(timeout) / 1000
+
+
+def _install_streams(app: Any, service: Service) -> None:
+    """The record and relay streams: SSE at /events, and the WebSocket channel."""
+    from quart import Response, request, websocket
 
     @app.get("/events")
     async def sse() -> Any:
@@ -6101,6 +7794,20 @@ def create_app(service: Service) -> Any:
         return Response(body, status=200, content_type="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    @app.websocket("/ws")
+    async def ws() -> None:
+        await websocket.accept()
+        await service.websocket(websocket.receive, websocket.send)
+
+
+def _install_operations(app: Any, service: Service) -> None:
+    """What an operator's tools read: /health (no token) and /metrics."""
+    from quart import Response, request
+
+    @app.get("/health")
+    async def health() -> Any:
+        return _json_response({"status": "ok"})
+
     @app.get("/metrics")
     async def metrics() -> Any:
         stamp = iso(service.now())
@@ -6108,13 +7815,6 @@ def create_app(service: Service) -> Any:
             1 for x in service.owner.ledger.leases.values() if x.state == "active" and is_live(x, stamp)))
         body, content_type = service.metrics.render(request.headers.get("Accept", ""))
         return Response(body, status=200, content_type=content_type, headers={"Vary": "Accept"})
-
-    @app.websocket("/ws")
-    async def ws() -> None:
-        await websocket.accept()
-        await service.websocket(websocket.receive, websocket.send)
-
-    return app
 
 
 _LOGIN_HINT: Final = ("send Authorization: Bearer <token>; a browser logs in once with "
@@ -6143,18 +7843,20 @@ def _session_cookie(scope: dict[str, Any]) -> str:
     return f"relay_session_{server[1]}" if server else "relay_session"
 
 
-def _query_body(request_type: type, args: Any, params: tuple[str, ...]) -> dict[str, Any]:
-    """Query parameters -> request JSON (``session`` names ``session_id``)."""
+def _query_body(rpc: rc.Rpc, args: Any) -> dict[str, Any]:
+    """A read route's query parameters -> its request JSON; the parameters
+    are the request's CLI flags (``?session=`` sets ``session_id``)."""
+    params = rpc.query
     unknown = set(args) - set(params)
     if unknown:
         raise InvalidArgument(f"unknown query parameter {sorted(unknown)[0]!r}",
                               hint=f"known: {', '.join(params) or '(none)'}")
+    integers = {f.name for f in attrs.fields(rpc.request) if f.type in (int, "int")}
     body: dict[str, Any] = {}
-    for name in params:
+    for name, field in params.items():
         if name in args:
-            field = "session_id" if name == "session" else name
             value = args[name]
-            if field in ("after", "limit"):
+            if field in integers:
                 try:
                     value = rc.parse_digits(value)
                 except ValueError:
@@ -6286,9 +7988,15 @@ def browser_refusal(scope: dict[str, Any], config: Config) -> RelayError | None:
         headers.setdefault(name.decode("latin-1").lower(), []).append(value.decode("latin-1"))
     scheme = {"ws": "http", "wss": "https"}.get(scope["scheme"], scope["scheme"])
     hosts = headers.get("host", [])
-    if len(hosts) != 1 or not host_allowed(hosts[0], scope.get("server"), scheme,
-                                            frozenset(config.allowed_hosts)):
-        shown = hosts[0] if len(hosts) == 1 else f"{len(hosts)} Host headers"
+    # An absolute-form target (``GET http://evil.example/ HTTP/1.1``) names a
+    # host itself, which RFC 9112 3.2.2 puts above Host: it must pass as well.
+    absolute = re.fullmatch(rb"[a-z][a-z0-9+.-]*://([^/?#]*).*", scope.get("raw_path") or b"/",
+                            re.IGNORECASE | re.DOTALL)
+    named = hosts + ([absolute[1].decode("latin-1")] if absolute is not None else [])
+    refused = next((h for h in named if not host_allowed(
+        h, scope.get("server"), scheme, frozenset(config.allowed_hosts))), None)
+    if len(hosts) != 1 or refused is not None:
+        shown = refused if len(hosts) == 1 else f"{len(hosts)} Host headers"
         return rc.PermissionDenied(
             f"Host {shown!r} is not an address this relay serves",
             hint="connect to the address `python -m relay serve` printed, or list the name "
@@ -6300,7 +8008,8 @@ def browser_refusal(scope: dict[str, Any], config: Config) -> RelayError | None:
             f"a web page from {origins[0]!r} may not drive this relay",
             hint="open the page from the relay's own origin, or list a trusted origin in "
                  "flow/relay.toml [serve] allowed_origins")
-    if not origins and headers.get("sec-fetch-site", [""])[0] in ("cross-site", "same-site"):
+    if not origins and any(v.strip().lower() in ("cross-site", "same-site")
+                           for v in headers.get("sec-fetch-site", ())):
         return rc.PermissionDenied("a request from another site's page may not drive this relay",
                                    hint="open the page from the relay's own origin")
     import urllib.parse
@@ -6391,9 +8100,10 @@ class Server:
         self._stopping.set()
 
 
-def _served(endpoint: str, mode: str, pid: int) -> Mutation:
+def _served(endpoint: str, serving_mode: str, pid: int) -> Mutation:
     def apply(ledger: Ledger, ctx: Ctx) -> tuple[Ledger, Any]:
-        runtime = attrs.evolve(ledger.runtime, status="serving", endpoint=endpoint, mode=mode,
+        runtime = attrs.evolve(ledger.runtime, status="serving", endpoint=endpoint,
+                               mode=serving_mode,
                                pid=pid, served_at=ctx.stamp, shutdown_at="")
         return attrs.evolve(ledger, runtime=runtime), runtime
 
@@ -6503,7 +8213,7 @@ def _has_body(scope: dict[str, Any]) -> bool:
 
 async def serve(store: Store, config: Config, *, host: str | None = None, port: int | None = None,
                 now: Callable[[], float] = time.time, probe_token: str | None = None,
-                task_status: Any = None) -> None:
+                task_status: TaskStatus[Server] = _TASK_STATUS_IGNORED) -> None:
     """Run the relay until ``Server.stop()`` (or cancellation).
 
     ``task_status.started(server)`` fires once the socket listens and the
@@ -6523,15 +8233,18 @@ async def serve(store: Store, config: Config, *, host: str | None = None, port: 
     if store.request_index is None:  # a long-lived store indexes the request log in memory
         store.request_index = RequestIndex()
     ledger = await trio.to_thread.run_sync(store.read)
-    mode = require_serving_allowed(ledger, host)
+    serving = require_serving_allowed(ledger, host)
     hub = EventHub(buffer=config.subscriber_buffer)
     owner = LedgerOwner(store, config, hub, now)
-    service = Service(store, config, owner, hub, now, probe_token=probe_token, mode=mode)
+    service = Service(store, config, owner, hub, now, probe_token=probe_token,
+                      serving_mode=serving)
     owner.metrics = service.metrics
     runtime = None
     if probe_token is None:
         runtime = Runtime(owner, hub, store, config, now, providers=load_provider_settings(store.flow))
         service.runtime = runtime
+    service.metrics.track("owner", owner.statistics)
+    service.metrics.track("hub", hub.statistics)
     stopping = trio.Event()
     _send_reason_phrases()
     if probe_token is None:  # the gate's probe speaks JSON only: keep it fast
@@ -6552,8 +8265,8 @@ async def serve(store: Store, config: Config, *, host: str | None = None, port: 
             endpoint = urls[0]
             _quiet_gc()
             if probe_token is None:
-                await owner.submit(_served(endpoint, mode, os.getpid()))
-            _started(task_status, Server(endpoint, service, stopping))
+                await owner.submit(_served(endpoint, serving, os.getpid()))
+            task_status.started(Server(endpoint, service, stopping))
         # hypercorn has stopped accepting and finished in-flight requests.
         if runtime is not None:
             await runtime.aclose()
@@ -6666,13 +8379,17 @@ def _check_status(view: _GateView) -> tuple[str, str, str]:
 
 
 def _check_inspect(view: _GateView) -> tuple[str, str, str]:
-    plain = to_json(status(view.store, view.now))
+    # ``status`` answers from the raw bytes when the validated-memo vouches for
+    # them, so compare with what it would really print, not with inspect's own path.
+    fast = _fast_status_doc(str(view.store.root), view.now)
+    plain = fast if fast is not None else to_json(status(view.store, view.now))
     detailed = inspect_relay(view.store, view.config, view.now)
     differ = sorted(k for k in plain if detailed.get(k) != plain[k])
+    path = "status (its fast path)" if fast is not None else "status"
     if differ:
-        return ("fail", f"inspect relay differs from status in {', '.join(differ)}",
+        return ("fail", f"inspect relay differs from {path} in {', '.join(differ)}",
                 "python -m relay inspect relay --json")
-    return "pass", f"{len(plain)} projection fields agree", ""
+    return "pass", f"{len(plain)} projection fields agree with {path}", ""
 
 
 def _check_ledger(view: _GateView) -> tuple[str, str, str]:
@@ -6861,7 +8578,8 @@ async def _probe_reads(view: _GateView) -> list[str]:
     return routes
 
 
-async def _probe_sse(http: Any, sid: str, after: int, last: int, *, task_status: Any) -> None:
+async def _probe_sse(http: Any, sid: str, after: int, last: int, *,
+                     task_status: TaskStatus[None]) -> None:
     """Replay one session's events after ``after``; started once seq ``last``
     has arrived.  The stream is then read to its end (the probe's stop), never
     abandoned: httpx2 leaks an abandoned stream's inner async generators."""
@@ -6919,6 +8637,7 @@ def gate(store: Store, config: Config, now: float | None = None,
         try:
             result, evidence, repair = fn(view)
         except Exception as exc:  # a check that crashes is a failed check, not a crash
+            _logger("gate").debug("check %s raised", ident, exc_info=exc)
             result, evidence, repair = "fail", f"check raised {exc!r}", _INSPECT_REPAIR
         checks.append(Check(ident, invariant, result, evidence, repair))
     return checks
@@ -6946,10 +8665,6 @@ def _gate_text(checks: list[Check]) -> str:
 # messages, so the CLI, the HTTP routes and the client stubs cannot drift.
 
 
-class _UsageError(Exception):
-    pass
-
-
 class _Parser(argparse.ArgumentParser):
     #: Set by ``main`` when the command line asks for --json, so that even a
     #: usage error prints its one JSON object.
@@ -6964,47 +8679,8 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
-def _json_arg(text: str) -> Any:
-    try:
-        value = _parse_json(text)  # as strict as the server: no NaN, no lone surrogates
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
-    try:
-        rc.check_json_value(value, "value")
-    except RelayError as exc:
-        raise argparse.ArgumentTypeError(exc.message) from None
-    return value
-
-
-def _int_arg(text: str) -> int:
-    try:
-        return rc.parse_digits(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _add_request_args(parser: argparse.ArgumentParser, request_type: type) -> None:
-    for field in attrs.fields(request_type):
-        meta = field.metadata
-        required = field.default is attrs.NOTHING
-        kwargs: dict[str, Any] = {"help": meta.get("help")}
-        if meta.get("choices"):
-            kwargs["choices"] = meta["choices"]
-        if meta.get("json"):
-            kwargs["type"] = _json_arg
-        elif meta.get("argv"):
-            kwargs["type"] = shlex.split
-        elif meta.get("repeat"):
-            kwargs["action"] = "append"
-        elif field.type in (int, "int"):
-            kwargs["type"] = _int_arg
-        if "positional" in meta:
-            parser.add_argument(field.name, metavar=meta["positional"], **kwargs)
-        else:
-            kwargs["default"] = argparse.SUPPRESS
-            if required:
-                kwargs["required"] = True
-            parser.add_argument(meta["flag"], dest=field.name, **kwargs)
+#: Whole-number options: ASCII digits only, as the request fields' own (relay_client).
+_int_arg: Final = rc._int_arg
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -7044,6 +8720,8 @@ _ADMIN: Final[dict[tuple[str, ...], tuple[str, list[tuple[tuple[str, ...], dict[
     ("serve",): ("serve HTTP, SSE, WebSocket and Connect RPCs until SIGINT/SIGTERM", [
         (("--host",), {"default": None, "help": "default 127.0.0.1 (relay.toml serve.host)"}),
         (("--port",), {"type": _int_arg, "default": None, "help": "default 9876; 0 picks a free port"}),
+        (("--log-level",), {"default": None, "choices": list(LOG_LEVELS),
+                            "help": "default info (relay.toml serve.log_level)"}),
     ]),
 }
 
@@ -7084,8 +8762,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         leaf = tree[path[:-1]].add_parser(path[-1], help=help_, description=help_)
         _common(leaf)
         if isinstance(spec, rc.Rpc):
-            _add_request_args(leaf, spec.request)
-            leaf.set_defaults(_cmd=spec.name)
+            rc.add_request_arguments(leaf, spec.request)
+            leaf.set_defaults(_cmd=spec.name, _leaf=leaf)
             if spec.name == "StartTurn":
                 leaf.add_argument("--wait", action="store_true",
                                   help="stream the turn here; exit 0 if it completed, else 1")
@@ -7094,15 +8772,6 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                 leaf.add_argument(*flags, **kwargs)
             leaf.set_defaults(_cmd=" ".join(path))
     return parser
-
-
-def _request_from_args(rpc: rc.Rpc, args: argparse.Namespace) -> Any:
-    values = {f.name: getattr(args, f.name) for f in attrs.fields(rpc.request)
-              if hasattr(args, f.name)}
-    for name in ("command", "env", "options"):
-        if name in values:
-            values[name] = tuple(values[name])
-    return rpc.request(**values)
 
 
 def _emit(as_json: bool, doc: dict[str, Any], human: str) -> None:
@@ -7141,10 +8810,9 @@ def _describe(name: str, reply: Any) -> str:
     return f"{head}: " + json.dumps(doc, sort_keys=True)
 
 
-#: The RPCs the CLI sends to the running server (the endpoint in the ledger's
-#: runtime record) instead of answering from the ledger: they need providers.
-SERVER_RPCS: Final = frozenset({"StartTurn", "InterruptTurn", "ResolveApproval", "GetTurn",
-                                "ListTurns", "ListTasks"})
+#: The RPCs the live runtime answers (rows with ``runtime=True``): the CLI sends
+#: them to the running server (the endpoint in the ledger's runtime record).
+SERVER_RPCS: Final = frozenset(rpc.name for rpc in rc.RPCS if rpc.runtime)
 
 
 def _run_remote(store: Store, rpc: rc.Rpc, request: Any, args: argparse.Namespace,
@@ -7178,32 +8846,24 @@ def _wait_turn(stub: Any, turn: rc.Turn, as_json: bool) -> int:
     return EXIT_REFUSED
 
 
-def _run_rpc(store: Store, config: Config, args: argparse.Namespace, as_json: bool) -> int:
-    rpc = rc.RPC_BY_NAME[args._cmd]
-    request = _request_from_args(rpc, args)
-    if rpc.name in SERVER_RPCS:
+def _run_rpc(store: Store, config: Config, rpc: rc.Rpc, request: Any, args: argparse.Namespace,
+             as_json: bool) -> int:
+    if rpc.runtime:  # it needs running providers: the running server answers it
         validate_request(request)
         return _run_remote(store, rpc, request, args, as_json)
     if rpc.mutates:
-        reply = commit_one(store, rpc_mutation(rpc.name, request), config)
+        reply = commit_one(store, rpc_mutation(rpc, request), config)
         _failpoint("before_ack")
     else:
         validate_request(request)
-        reply = read_rpc(store, rpc.name, request, time.time())
+        reply = read_rpc(store, rpc, request, time.time())
     _emit(as_json, to_json(reply), _describe(rpc.name, reply))
     return EXIT_OK
 
 
 def _admin_mutation(store: Store, config: Config, fn: Callable[[Ledger, Ctx], Any]) -> Any:
     """Commit a local-administration change (bootstrap, tokens)."""
-    box: list[Any] = []
-
-    def apply(ledger: Ledger, ctx: Ctx) -> tuple[Ledger, Any]:
-        new, out = fn(ledger, ctx)
-        box.append(out)
-        return new, out
-
-    reply = commit_one(store, Mutation(apply, "admin"), config)
+    reply = commit_one(store, Mutation(fn, "admin"), config)
     _failpoint("before_ack")
     return reply
 
@@ -7361,6 +9021,7 @@ def _run_serve(store: Store, config: Config, args: argparse.Namespace, as_json: 
     if not 0 <= port <= 65535:
         raise InvalidArgument(f"port {port} is out of range 0..65535", hint="0 picks a free port")
     require_serving_allowed(store.read(), host)  # refuse before importing the stack
+    _configure_logging(args.log_level or config.log_level)
 
     async def run() -> None:
         # The receiver stays open until the stop is recorded, so a second
@@ -7369,7 +9030,9 @@ def _run_serve(store: Store, config: Config, args: argparse.Namespace, as_json: 
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
 
-                async def serve_then_stop(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+                # task_status passes through to serve, which calls started().
+                async def serve_then_stop(  # noqa: ASYNC128
+                        task_status: TaskStatus[Server] = _TASK_STATUS_IGNORED) -> None:
                     await serve(store, config, host=host, port=port, task_status=task_status)
                     nursery.cancel_scope.cancel()
 
@@ -7378,18 +9041,29 @@ def _run_serve(store: Store, config: Config, args: argparse.Namespace, as_json: 
                       f"serving on {server.endpoint}")
                 async for signum in signals:
                     if not server.stopping:
-                        _log(f"{signal.Signals(signum).name}: finishing in-flight requests")
+                        _logger("serve").info("%s: finishing in-flight requests",
+                                              signal.Signals(signum).name)
                         server.stop()
 
     try:
         trio.run(run)
     except* OSError as group:  # e.g. the port is taken: one line, not a traceback
-        exc = group.exceptions[0]
+        exc = _first_leaf(group)
         raise rc.Unavailable(f"cannot serve on {host}:{port}: {getattr(exc, 'strerror', None) or exc}",
                              hint="pick another --port (0 picks a free one)") from None
     except* RelayError as group:
-        raise group.exceptions[0] from None
+        # A copy, chained to the group: raising the child itself would graft
+        # this frame onto its traceback and lose the group's context.
+        raise copy.copy(_first_leaf(group)) from group
     return EXIT_OK
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    """The first exception in a (nested: one per trio nursery) group that is not a group."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _root(args: argparse.Namespace) -> Path:
@@ -7401,11 +9075,13 @@ def main(argv: list[str] | None = None) -> int:
     _Parser.wants_json = "--json" in (sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     as_json = getattr(args, "json", False)
+    rpc = rc.RPC_BY_NAME.get(args._cmd)
+    request = rc.request_from_arguments(args._leaf, rpc, args) if rpc else None  # usage first
     try:
         store = Store(_root(args))
         config = load_config(store.flow)
-        if args._cmd in rc.RPC_BY_NAME:
-            return _run_rpc(store, config, args, as_json)
+        if rpc is not None:
+            return _run_rpc(store, config, rpc, request, args, as_json)
         return _run_admin(store, config, args, as_json)
     except RelayError as exc:
         return _refuse(exc, as_json)

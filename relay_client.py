@@ -34,23 +34,109 @@ from typing import Any, ClassVar, Final
 import attrs
 
 __all__ = [
+    "DEFAULT_TIMEOUT",
+    "ID_PATTERN",
+    "IS_COUNT",
+    "IS_ID",
+    "IS_OPTIONAL_ID",
+    "IS_SHA256",
+    "IS_STAMP",
+    "LEASE_ACCESS",
+    "LEASE_STATES",
+    "LIVE_LEASE_STATES",
+    "MAX_JSON_DEPTH",
+    "MAX_JSON_INTEGER",
+    "MUTATION",
+    "POOL_MODES",
+    "PROTO_PACKAGE",
+    "PROVIDERS",
+    "QUARANTINE_STATES",
+    "READ",
     "RPCS",
+    "RPC_BY_GET",
+    "RPC_BY_NAME",
+    "RUNTIME_STATUSES",
+    "SERVICE",
+    "SERVING_MODES",
+    "SESSION_STATES",
+    "UNARY",
+    "Aborted",
     "AlreadyExists",
+    "AppendRecordRequest",
+    "AppendReply",
     "AsyncRelayStub",
-    "LeaseLost",
-    "RelayStub",
+    "BorrowRequest",
+    "Canceled",
+    "ClearQuarantineRequest",
     "Code",
+    "ControlReply",
+    "ControlRequest",
+    "CreateSessionRequest",
+    "Cursor",
+    "DataLoss",
+    "DeadlineExceeded",
     "FailedPrecondition",
+    "GetStatusRequest",
+    "GrantLeaseRequest",
+    "HeldLease",
     "Internal",
     "InvalidArgument",
+    "JSONValue",
+    "Lease",
+    "LeaseLost",
+    "LeaseReply",
+    "ListLeasesReply",
+    "ListLeasesRequest",
+    "ListProfilesReply",
+    "ListProfilesRequest",
+    "ListRecordsReply",
+    "ListRecordsRequest",
+    "ListSessionsReply",
+    "ListSessionsRequest",
     "NotFound",
+    "OutOfRange",
+    "PermissionDenied",
+    "Profile",
+    "ProfileReply",
+    "Quarantine",
+    "QuarantineReply",
+    "QuarantineSessionRequest",
+    "RecordControlRequest",
+    "RecoverReply",
+    "RecoverRequest",
+    "Recovery",
+    "RegisterProfileRequest",
     "RelayError",
+    "RelayStub",
+    "ReleaseLeaseRequest",
+    "RenewLeaseRequest",
     "ResourceExhausted",
+    "RevokeLeaseRequest",
     "Rpc",
+    "Runtime",
+    "Session",
+    "SessionReply",
+    "StateWarning",
+    "StatusReply",
+    "StreamRecord",
     "Unauthenticated",
     "Unavailable",
+    "Unimplemented",
+    "Unknown",
+    "add_request_arguments",
+    "check_id",
+    "check_json_value",
     "discover",
     "from_json",
+    "json_to_proto",
+    "main",
+    "missing_arguments",
+    "parse_digits",
+    "parse_json",
+    "proto_class",
+    "proto_to_json",
+    "request_from_arguments",
+    "strict_loads",
     "to_json",
 ]
 
@@ -141,26 +227,108 @@ class RelayError(Exception):
         return cls(str(body.get("message", "")), hint=hint, details=details)
 
 
-def _error_class(name: str, code: Code) -> type[RelayError]:
-    return type(name, (RelayError,), {"code": code, "__module__": __name__})
+class Canceled(RelayError):
+    """The call was cancelled, typically by the caller."""
+
+    code = Code.CANCELED
 
 
-Canceled = _error_class("Canceled", Code.CANCELED)
-Unknown = _error_class("Unknown", Code.UNKNOWN)
-InvalidArgument = _error_class("InvalidArgument", Code.INVALID_ARGUMENT)
-DeadlineExceeded = _error_class("DeadlineExceeded", Code.DEADLINE_EXCEEDED)
-NotFound = _error_class("NotFound", Code.NOT_FOUND)
-AlreadyExists = _error_class("AlreadyExists", Code.ALREADY_EXISTS)
-PermissionDenied = _error_class("PermissionDenied", Code.PERMISSION_DENIED)
-ResourceExhausted = _error_class("ResourceExhausted", Code.RESOURCE_EXHAUSTED)
-FailedPrecondition = _error_class("FailedPrecondition", Code.FAILED_PRECONDITION)
-Aborted = _error_class("Aborted", Code.ABORTED)
-OutOfRange = _error_class("OutOfRange", Code.OUT_OF_RANGE)
-Unimplemented = _error_class("Unimplemented", Code.UNIMPLEMENTED)
-Internal = _error_class("Internal", Code.INTERNAL)
-Unavailable = _error_class("Unavailable", Code.UNAVAILABLE)
-DataLoss = _error_class("DataLoss", Code.DATA_LOSS)
-Unauthenticated = _error_class("Unauthenticated", Code.UNAUTHENTICATED)
+class Unknown(RelayError):
+    """An error the relay could not classify (or an answer without a Connect error body)."""
+
+    code = Code.UNKNOWN
+
+
+class InvalidArgument(RelayError):
+    """The request is malformed, whatever the ledger's state."""
+
+    code = Code.INVALID_ARGUMENT
+
+
+class DeadlineExceeded(RelayError):
+    """The call did not finish before its deadline."""
+
+    code = Code.DEADLINE_EXCEEDED
+
+
+class NotFound(RelayError):
+    """A named profile, session, lease or record does not exist."""
+
+    code = Code.NOT_FOUND
+
+
+class AlreadyExists(RelayError):
+    """The thing to create exists already."""
+
+    code = Code.ALREADY_EXISTS
+
+
+class PermissionDenied(RelayError):
+    """The caller may not do this."""
+
+    code = Code.PERMISSION_DENIED
+
+
+class ResourceExhausted(RelayError):
+    """A quota or buffer ran out (e.g. a subscriber fell behind)."""
+
+    code = Code.RESOURCE_EXHAUSTED
+
+
+class FailedPrecondition(RelayError):
+    """The ledger's state forbids the call now (e.g. the lease is not live)."""
+
+    code = Code.FAILED_PRECONDITION
+
+
+class LeaseLost(FailedPrecondition):
+    """The lease of a ``borrowed`` block is gone (revoked, expired, released
+    elsewhere): a job must not go on writing without it."""
+
+    def __init__(self, message: str = "the lease was lost", **kw: Any):
+        super().__init__(message, **kw)
+
+
+class Aborted(RelayError):
+    """The call lost a race with a concurrent change; retry it."""
+
+    code = Code.ABORTED
+
+
+class OutOfRange(RelayError):
+    """A position (sequence number, Last-Event-ID) lies beyond what exists."""
+
+    code = Code.OUT_OF_RANGE
+
+
+class Unimplemented(RelayError):
+    """No such RPC, or not supported by this relay."""
+
+    code = Code.UNIMPLEMENTED
+
+
+class Internal(RelayError):
+    """A bug in the relay; its log has the details, the caller gets none."""
+
+    code = Code.INTERNAL
+
+
+class Unavailable(RelayError):
+    """The relay cannot be reached or cannot serve now; retry later."""
+
+    code = Code.UNAVAILABLE
+
+
+class DataLoss(RelayError):
+    """Durable data is damaged or missing."""
+
+    code = Code.DATA_LOSS
+
+
+class Unauthenticated(RelayError):
+    """The call carried no valid bearer token."""
+
+    code = Code.UNAUTHENTICATED
 
 _ERROR_BY_CODE: Final[dict[str, type[RelayError]]] = {
     cls.code.value: cls
@@ -210,6 +378,11 @@ OPTIONAL_ID_PATTERN: Final = re.compile(f"(?:{ID_PATTERN.pattern})?")
 DIGITS_PATTERN: Final = re.compile(r"[0-9]+")
 
 
+#: The largest integer a JSON number may be: beyond it no double holds it, so
+#: the binary codec (google.protobuf.Value) and most JSON readers could not.
+MAX_JSON_INTEGER: Final = int(sys.float_info.max)
+
+
 def parse_digits(text: str) -> int:
     """``text`` as a non-negative integer, or ValueError unless it is ASCII digits only."""
     if not isinstance(text, str) or not DIGITS_PATTERN.fullmatch(text):
@@ -226,7 +399,7 @@ def parse_json(text: str | bytes) -> Any:
     commit.  Nesting too deep for the parser is malformed input too, not an
     internal error.  Every refusal is a ValueError.
     """
-    value = strict_loads(text)
+    value = strict_loads(text, parse_int=_door_int)
     try:
         json.dumps(value, ensure_ascii=False).encode()
     except RecursionError:
@@ -236,14 +409,26 @@ def parse_json(text: str | bytes) -> Any:
     return value
 
 
-def strict_loads(text: str | bytes) -> Any:
+def strict_loads(text: str | bytes, *, parse_int: Any = None) -> Any:
     """``json.loads`` refusing NaN, Infinity and out-of-range numbers (and
     nesting too deep for the parser) with ValueError; what the ledger reader
     uses, whose bytes our own encoder wrote (so every string encodes)."""
     try:
-        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
+                          parse_int=parse_int)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
+
+
+def _door_int(text: str) -> int:
+    """An integer literal of a request: refused beyond what a double holds
+    (the binary codec's google.protobuf.Value could never carry it back).
+    Only the doors refuse it; readers take what an earlier version stored."""
+    value = int(text)
+    if not -MAX_JSON_INTEGER <= value <= MAX_JSON_INTEGER:
+        raise ValueError(f"integer of {len(text.lstrip('-'))} digits is beyond what a double can "
+                         "hold (about 1.8e308); send it as a string")
+    return value
 
 
 def _reject_constant(name: str) -> Any:
@@ -302,38 +487,33 @@ def _bad(path: str, want: str, got: Any) -> InvalidArgument:
     )
 
 
+def _is_finite_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and (type(value) is not float or math.isfinite(value)))
+
+
+#: Scalar types -> (what a value must be, the test it must pass).  No
+#: coercion: ``True`` is no integer and ``"5"`` no number.
+_SCALAR_CHECKS: Final[dict[Any, tuple[str, Any]]] = {
+    str: ("a string", lambda v: isinstance(v, str)),
+    bool: ("a boolean", lambda v: isinstance(v, bool)),
+    int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: ("a finite number", _is_finite_number),
+}
+
+
 def _structure(tp: Any, value: Any, path: str, complete: bool = False) -> Any:
     """Check ``value`` against the type ``tp`` without coercing anything."""
     if tp is Any:
         return value
+    if tp in _SCALAR_CHECKS:
+        what, ok = _SCALAR_CHECKS[tp]
+        if not ok(value):
+            raise _bad(path, what, value)
+        return float(value) if tp is float else value
     origin = getattr(tp, "__origin__", None)
-    if tp is str:
-        if not isinstance(value, str):
-            raise _bad(path, "a string", value)
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise _bad(path, "a boolean", value)
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _bad(path, "an integer", value)
-        return value
-    if tp is float:
-        if (isinstance(value, bool) or not isinstance(value, (int, float))
-                or (type(value) is float and not math.isfinite(value))):
-            raise _bad(path, "a finite number", value)
-        return float(value)
-    if origin is list or origin is tuple:
-        if not isinstance(value, list):
-            raise _bad(path, "a list", value)
-        (item,) = tp.__args__[:1]
-        return tuple(_structure(item, v, f"{path}[{i}]", complete) for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise _bad(path, "an object", value)
-        item = tp.__args__[1]
-        return {k: _structure(item, v, f"{path}.{k}", complete) for k, v in value.items()}
+    if origin in (list, tuple, dict):
+        return _structure_container(tp, origin, value, path, complete)
     args = getattr(tp, "__args__", None)
     if args and type(None) in args:  # X | None
         if value is None:
@@ -343,6 +523,19 @@ def _structure(tp: Any, value: Any, path: str, complete: bool = False) -> Any:
     if attrs.has(tp):
         return from_json(tp, value, path=path, complete=complete)
     raise TypeError(f"relay_client cannot structure {tp!r}")  # a bug in a message
+
+
+def _structure_container(tp: Any, origin: Any, value: Any, path: str, complete: bool) -> Any:
+    """A JSON list (a tuple of the item type) or object (a dict of the value type)."""
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _bad(path, "an object", value)
+        item = tp.__args__[1]
+        return {k: _structure(item, v, f"{path}.{k}", complete) for k, v in value.items()}
+    if not isinstance(value, list):
+        raise _bad(path, "a list", value)
+    (item,) = tp.__args__[:1]
+    return tuple(_structure(item, v, f"{path}[{i}]", complete) for i, v in enumerate(value))
 
 
 def from_json(cls: type, obj: Any, *, path: str = "", complete: bool = False) -> Any:
@@ -452,8 +645,8 @@ def check_id(kind: str, value: str) -> str:
 #   flag=  the option name (``--session``), or ``positional=`` its metavar;
 #   choices= allowed values; id= the id kind checked with ``check_id``.
 PROVIDERS: Final = ("codex", "claude", "kimi")
-PROFILE_MODES: Final = ("pooled", "one-borrow")
-LEASE_MODES: Final = ("shared-read", "exclusive-write")
+POOL_MODES: Final = ("pooled", "one-borrow")
+LEASE_ACCESS: Final = ("shared-read", "exclusive-write")
 SESSION_STATES: Final = ("ready", "failed", "closed")
 LEASE_STATES: Final = ("active", "waiting", "released", "revoked", "expired")
 LIVE_LEASE_STATES: Final = ("active", "waiting")
@@ -490,7 +683,7 @@ ENV_ENTRY_PATTERN: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}=[^\x00]{0,4
 OPTION_ENTRY_PATTERN: Final = re.compile(r"[a-z_]{1,64}=[^\x00\n]{0,1024}")
 #: The longest turn input a StartTurn takes (characters).
 MAX_TURN_INPUT: Final = 32 * 1024
-RUNTIME_MODES: Final = ("", "loopback", "trusted-lan")
+SERVING_MODES: Final = ("", "loopback", "trusted-lan")
 QUARANTINE_STATES: Final = ("active", "cleared")
 
 
@@ -498,7 +691,7 @@ QUARANTINE_STATES: Final = ("active", "cleared")
 class Runtime:
     status: str = _f("absent", choices=RUNTIME_STATUSES)
     endpoint: str = ""
-    mode: str = _f("", choices=RUNTIME_MODES)  # loopback | trusted-lan
+    mode: str = _f("", choices=SERVING_MODES)  #: the serving mode: loopback | trusted-lan
     token_id: str = _f("", **IS_OPTIONAL_ID)
     pid: int = _f(0, **IS_COUNT)
     bootstrapped_at: str = _f("", **IS_STAMP)
@@ -510,7 +703,8 @@ class Runtime:
 class Profile:
     name: str = _f(**IS_ID)
     provider: str = _f(choices=PROVIDERS)
-    mode: str = _f(choices=PROFILE_MODES)
+    #: The pool mode: pooled | one-borrow (JSON and proto name ``mode``).
+    mode: str = _f(choices=POOL_MODES)
     command: tuple[str, ...] = ()
     created_at: str = _f("", **IS_STAMP)
     #: Idle, warm sessions the runtime keeps ready (pooled) or pre-spawned (one-borrow).
@@ -540,7 +734,8 @@ class Lease:
     lease_id: str = _f(**IS_ID)
     session_id: str = _f(**IS_ID)
     holder: str = _f(**IS_ID)
-    mode: str = _f(choices=LEASE_MODES)
+    #: The lease's access: shared-read | exclusive-write (JSON and proto name ``mode``).
+    mode: str = _f(choices=LEASE_ACCESS)
     state: str = _f(choices=LEASE_STATES)
     fencing_token: int = _f(0, **IS_COUNT)
     ttl_seconds: int = _f(0, **IS_COUNT)
@@ -674,7 +869,7 @@ class Recovery:
 class RegisterProfileRequest:
     name: str = _f(positional="NAME", id="profile")
     provider: str = _f(flag="--provider", choices=PROVIDERS)
-    mode: str = _f(flag="--mode", choices=PROFILE_MODES)
+    mode: str = _f(flag="--mode", choices=POOL_MODES)
     command: tuple[str, ...] = _f((), flag="--command", argv=True,
                                   help='provider command line, e.g. "codex app-server" '
                                   "(default: the provider's real CLI)")
@@ -699,7 +894,7 @@ class BorrowRequest:
     holder: str = _f(flag="--holder", id="holder")
     profile: str = _f("", flag="--profile", id="profile", help="borrow any ready session of it")
     session_id: str = _f("", flag="--session", id="session", help="borrow this session")
-    mode: str = _f("exclusive-write", flag="--mode", choices=LEASE_MODES)
+    mode: str = _f("exclusive-write", flag="--mode", choices=LEASE_ACCESS)
     ttl_seconds: int = _f(0, flag="--ttl", help="lease lifetime; default from relay.toml")
     request_id: str = _f("", **_REQ_ID)
 
@@ -708,7 +903,7 @@ class BorrowRequest:
 class GrantLeaseRequest:
     session_id: str = _f(flag="--session", id="session")
     holder: str = _f(flag="--holder", id="holder")
-    mode: str = _f(flag="--mode", choices=LEASE_MODES)
+    mode: str = _f(flag="--mode", choices=LEASE_ACCESS)
     ttl_seconds: int = _f(0, flag="--ttl", help="lease lifetime; default from relay.toml")
     request_id: str = _f("", **_REQ_ID)
 
@@ -898,6 +1093,7 @@ class RecoverReply:
 class StatusReply:
     status: str  # pass | fail
     projection: str
+    #: The relay's health: unbootstrapped | ready | serving | stopped | degraded.
     relay_mode: str
     ledger_path: str
     state_present: bool
@@ -973,17 +1169,54 @@ class ListRecordsReply:
 
 SERVICE: Final = "relay.v1.Relay"
 
+#: An Rpc's kind: a read changes nothing (Connect's NO_SIDE_EFFECTS, the GET
+#: form); a mutation is applied once, under the ledger lock.
+READ: Final = "read"
+MUTATION: Final = "mutation"
+#: An Rpc's cardinality: one reply per request.
+UNARY: Final = "unary"
+
 
 @attrs.frozen
 class Rpc:
-    """One RPC: its Connect name, messages, and where it sits in the CLI."""
+    """One RPC: its Connect name and messages, and every way it is reached.
+
+    Everything the server, both CLIs and both stubs do differently per RPC is
+    a field of its row here, never a test of its name.  A row is declared
+    ``Rpc(NAME, REQUEST, RESPONSE, kind=READ|MUTATION, cli=(WORDS...), help=TEXT,
+    ...)``; the keyword fields below all have defaults."""
 
     name: str
     request: type
     response: type
-    mutates: bool
-    cli: tuple[str, ...]
-    help: str
+    kind: str = attrs.field(kw_only=True, validator=attrs.validators.in_((READ, MUTATION)))
+    #: The ``python -m relay`` command words (``relay_client`` uses ``method``).
+    cli: tuple[str, ...] = attrs.field(kw_only=True)
+    help: str = attrs.field(kw_only=True)
+    cardinality: str = attrs.field(default=UNARY, kw_only=True,
+                                   validator=attrs.validators.in_((UNARY,)))
+    #: The session stream (events | results) a mutation appends to or a read
+    #: lists; it is passed to the operation as ``stream=``, and a read of a
+    #: stream reads its log from disk.
+    stream: str = attrs.field(default="", kw_only=True,
+                              validator=attrs.validators.in_(("", "events", "results")))
+    #: The request id is the control record's own key, not an idempotency key.
+    control: bool = attrs.field(default=False, kw_only=True)
+    #: A read's route ``GET /api/relay/<get>``; its query parameters are the
+    #: request's CLI flags (``--session`` -> ``?session=``, ``--task-ref`` ->
+    #: ``?task_ref=``).
+    get: str = attrs.field(default="", kw_only=True)
+    #: Another row's name: this one is an explicit alias of it (same request,
+    #: same operation), kept for the callers that know it by this name.
+    alias_of: str = attrs.field(default="", kw_only=True)
+    #: Answered by the live runtime of a running ``serve`` (it needs provider
+    #: processes): the servicer hands it to the runtime, and ``python -m relay``
+    #: sends it to the running server instead of answering from the ledger.
+    runtime: bool = attrs.field(default=False, kw_only=True)
+
+    @property
+    def mutates(self) -> bool:
+        return self.kind == MUTATION
 
     @property
     def path(self) -> str:
@@ -991,66 +1224,78 @@ class Rpc:
 
     @property
     def method(self) -> str:
-        """The stub method name: ``GrantLease`` -> ``grant_lease``."""
+        """The stub and servicer method name: ``GrantLease`` -> ``grant_lease``."""
         return re.sub(r"(?<!^)(?=[A-Z])", "_", self.name).lower()
+
+    @property
+    def query(self) -> dict[str, str]:
+        """The GET route's query parameters -> the request fields they set."""
+        return {meta["flag"].removeprefix("--").replace("-", "_"): field.name
+                for field in attrs.fields(self.request)
+                if (meta := field.metadata).get("flag")} if self.get else {}
 
 
 RPCS: Final[tuple[Rpc, ...]] = (
-    Rpc("RegisterProfile", RegisterProfileRequest, ProfileReply, True, ("profile", "register"),
-        "register a provider profile (pooled profiles are Codex-only)"),
-    Rpc("CreateSession", CreateSessionRequest, SessionReply, True, ("session", "create"),
-        "record a managed session of a profile"),
-    Rpc("Borrow", BorrowRequest, LeaseReply, True, ("borrow",),
-        "lease a ready, unoccupied session (of a profile, or a named one)"),
-    Rpc("Release", ReleaseLeaseRequest, LeaseReply, True, ("release",),
-        "give back a borrowed session (same as lease release)"),
-    Rpc("GrantLease", GrantLeaseRequest, LeaseReply, True, ("lease", "grant"),
-        "grant a shared-read or exclusive-write lease on a session"),
-    Rpc("RenewLease", RenewLeaseRequest, LeaseReply, True, ("lease", "renew"),
-        "extend an active lease"),
-    Rpc("ReleaseLease", ReleaseLeaseRequest, LeaseReply, True, ("lease", "release"),
-        "release an active or waiting lease"),
-    Rpc("RevokeLease", RevokeLeaseRequest, LeaseReply, True, ("lease", "revoke"),
-        "revoke a lease, recording why"),
-    Rpc("RecordControl", RecordControlRequest, ControlReply, True, ("control", "record"),
-        "record an idempotent control request"),
-    Rpc("AppendEvent", AppendRecordRequest, AppendReply, True, ("event", "append"),
-        "append to a session's event stream"),
-    Rpc("AppendResult", AppendRecordRequest, AppendReply, True, ("result", "append"),
-        "append to a session's result stream"),
-    Rpc("QuarantineSession", QuarantineSessionRequest, QuarantineReply, True,
-        ("quarantine", "session"), "mark a session failed until the quarantine is cleared"),
-    Rpc("ClearQuarantine", ClearQuarantineRequest, QuarantineReply, True,
-        ("quarantine", "clear"), "clear a quarantine once it is safe"),
-    Rpc("Recover", RecoverRequest, RecoverReply, False, ("recover",),
-        "classify each session and name the command to run next"),
-    Rpc("GetStatus", GetStatusRequest, StatusReply, False, ("status",),
-        "the relay projection: health, counts, runtime, warnings"),
-    Rpc("ListProfiles", ListProfilesRequest, ListProfilesReply, False, ("profile", "list"),
-        "list provider profiles"),
-    Rpc("ListSessions", ListSessionsRequest, ListSessionsReply, False, ("session", "list"),
-        "list managed sessions"),
-    Rpc("ListLeases", ListLeasesRequest, ListLeasesReply, False, ("lease", "list"),
-        "list leases"),
-    Rpc("ListEvents", ListRecordsRequest, ListRecordsReply, False, ("event", "list"),
-        "list a session's events after a cursor"),
-    Rpc("ListResults", ListRecordsRequest, ListRecordsReply, False, ("result", "list"),
-        "list a session's results after a cursor"),
-    Rpc("StartTurn", StartTurnRequest, TurnReply, True, ("turn", "start"),
-        "run a prompt on a leased session (answered once the provider took it)"),
-    Rpc("InterruptTurn", InterruptTurnRequest, TurnReply, True, ("turn", "interrupt"),
-        "interrupt a running turn"),
-    Rpc("ResolveApproval", ResolveApprovalRequest, ApprovalReply, True, ("turn", "approve"),
-        "answer an approval the agent asked for (accept or decline)"),
-    Rpc("GetTurn", GetTurnRequest, TurnReply, False, ("turn", "show"),
-        "one turn"),
-    Rpc("ListTurns", ListTurnsRequest, ListTurnsReply, False, ("turn", "list"),
-        "list turns (by session, task_ref, state)"),
-    Rpc("ListTasks", ListTasksRequest, ListTasksReply, False, ("task", "list"),
-        "turns grouped by task_ref (read-only)"),
+    Rpc("RegisterProfile", RegisterProfileRequest, ProfileReply, kind=MUTATION,
+        cli=("profile", "register"),
+        help="register a provider profile (pooled profiles are Codex-only)"),
+    Rpc("CreateSession", CreateSessionRequest, SessionReply, kind=MUTATION,
+        cli=("session", "create"), help="record a managed session of a profile"),
+    Rpc("Borrow", BorrowRequest, LeaseReply, kind=MUTATION, cli=("borrow",),
+        help="lease a ready, unoccupied session (of a profile, or a named one)"),
+    Rpc("Release", ReleaseLeaseRequest, LeaseReply, kind=MUTATION, cli=("release",),
+        help="give back a borrowed session (same as lease release)", alias_of="ReleaseLease"),
+    Rpc("GrantLease", GrantLeaseRequest, LeaseReply, kind=MUTATION, cli=("lease", "grant"),
+        help="grant a shared-read or exclusive-write lease on a session"),
+    Rpc("RenewLease", RenewLeaseRequest, LeaseReply, kind=MUTATION, cli=("lease", "renew"),
+        help="extend an active lease"),
+    Rpc("ReleaseLease", ReleaseLeaseRequest, LeaseReply, kind=MUTATION, cli=("lease", "release"),
+        help="release an active or waiting lease"),
+    Rpc("RevokeLease", RevokeLeaseRequest, LeaseReply, kind=MUTATION, cli=("lease", "revoke"),
+        help="revoke a lease, recording why"),
+    Rpc("RecordControl", RecordControlRequest, ControlReply, kind=MUTATION,
+        cli=("control", "record"), help="record an idempotent control request", control=True),
+    Rpc("AppendEvent", AppendRecordRequest, AppendReply, kind=MUTATION, cli=("event", "append"),
+        help="append to a session's event stream", stream="events"),
+    Rpc("AppendResult", AppendRecordRequest, AppendReply, kind=MUTATION, cli=("result", "append"),
+        help="append to a session's result stream", stream="results"),
+    Rpc("QuarantineSession", QuarantineSessionRequest, QuarantineReply, kind=MUTATION,
+        cli=("quarantine", "session"), help="mark a session failed until the quarantine is cleared"),
+    Rpc("ClearQuarantine", ClearQuarantineRequest, QuarantineReply, kind=MUTATION,
+        cli=("quarantine", "clear"), help="clear a quarantine once it is safe"),
+    Rpc("Recover", RecoverRequest, RecoverReply, kind=READ, cli=("recover",),
+        help="classify each session and name the command to run next"),
+    Rpc("GetStatus", GetStatusRequest, StatusReply, kind=READ, cli=("status",),
+        help="the relay projection: health, counts, runtime, warnings", get="status"),
+    Rpc("ListProfiles", ListProfilesRequest, ListProfilesReply, kind=READ,
+        cli=("profile", "list"), help="list provider profiles", get="profiles"),
+    Rpc("ListSessions", ListSessionsRequest, ListSessionsReply, kind=READ,
+        cli=("session", "list"), help="list managed sessions", get="sessions"),
+    Rpc("ListLeases", ListLeasesRequest, ListLeasesReply, kind=READ, cli=("lease", "list"),
+        help="list leases", get="leases"),
+    Rpc("ListEvents", ListRecordsRequest, ListRecordsReply, kind=READ, cli=("event", "list"),
+        help="list a session's events after a cursor", stream="events", get="events"),
+    Rpc("ListResults", ListRecordsRequest, ListRecordsReply, kind=READ, cli=("result", "list"),
+        help="list a session's results after a cursor", stream="results", get="results"),
+    Rpc("StartTurn", StartTurnRequest, TurnReply, kind=MUTATION, cli=("turn", "start"),
+        help="run a prompt on a leased session (answered once the provider took it)", runtime=True),
+    Rpc("InterruptTurn", InterruptTurnRequest, TurnReply, kind=MUTATION, cli=("turn", "interrupt"),
+        help="interrupt a running turn", runtime=True),
+    Rpc("ResolveApproval", ResolveApprovalRequest, ApprovalReply, kind=MUTATION,
+        cli=("turn", "approve"), help="answer an approval the agent asked for (accept or decline)",
+        runtime=True),
+    Rpc("GetTurn", GetTurnRequest, TurnReply, kind=READ, cli=("turn", "show"), help="one turn"),
+    Rpc("ListTurns", ListTurnsRequest, ListTurnsReply, kind=READ, cli=("turn", "list"),
+        help="list turns (by session, task_ref, state)", get="turns"),
+    Rpc("ListTasks", ListTasksRequest, ListTasksReply, kind=READ, cli=("task", "list"),
+        help="turns grouped by task_ref (read-only)", get="tasks"),
 )
 
 RPC_BY_NAME: Final = {rpc.name: rpc for rpc in RPCS}
+#: A session stream -> the read row that lists it (where a watch pins "from now").
+_LISTS: Final = {rpc.stream: rpc for rpc in RPCS if rpc.stream and not rpc.mutates}
+#: The read routes ``GET /api/relay/<get>`` -> their rows.
+RPC_BY_GET: Final = {rpc.get: rpc for rpc in RPCS if rpc.get}
 
 
 ################################################################
@@ -1114,16 +1359,25 @@ def proto_to_json(name: str, data: bytes, *, defaults: bool = False) -> dict[str
     except message.DecodeError as exc:
         raise InvalidArgument(f"request body is not a valid {PROTO_PACKAGE}.{name}: {exc}",
                               hint="send the binary form of the message in specs/relay.proto") from None
-    obj = json_format.MessageToDict(msg, preserving_proto_field_name=True,
-                                    always_print_fields_with_no_presence=defaults)
+    try:
+        obj = json_format.MessageToDict(msg, preserving_proto_field_name=True,
+                                        always_print_fields_with_no_presence=defaults)
+    except json_format.SerializeToJsonError as exc:  # a Value holding NaN or an infinity
+        raise InvalidArgument(f"request body is not valid JSON data: {exc}",
+                              hint="send finite numbers only, or the value as a string") from None
     return _relay_json(cls.DESCRIPTOR, obj)
 
 
 def json_to_proto(name: str, obj: dict[str, Any]) -> bytes:
-    """The relay's JSON form of message ``name`` -> its binary form."""
+    """The relay's JSON form of message ``name`` -> its binary form; a value
+    the binary form cannot carry is ``failed_precondition``."""
     from google.protobuf import json_format
 
-    msg = json_format.ParseDict(obj, proto_class(name)(), ignore_unknown_fields=False)
+    try:
+        msg = json_format.ParseDict(obj, proto_class(name)(), ignore_unknown_fields=False)
+    except (OverflowError, json_format.ParseError) as exc:
+        raise FailedPrecondition(f"the reply holds a value the binary codec cannot carry: {exc}",
+                                 hint="ask with Content-Type: application/json") from None
     return msg.SerializeToString()
 
 
@@ -1335,20 +1589,11 @@ _RELAY_PROTO_DESCRIPTOR: Final = (
 # (as a generated ``*_pb2_grpc`` stub does).
 
 DEFAULT_TIMEOUT: Final = 30.0  # seconds, per call (sync stub)
-RETRIES: Final = 3  # attempts after the first, for retry-safe failures
-BACKOFF: Final = 0.05  # seconds, doubled each attempt, capped at BACKOFF_MAX
-BACKOFF_MAX: Final = 2.0
-HEARTBEAT_FRACTION: Final = 0.25  # heartbeat every ttl * this on a held lease
-
-
-class LeaseLost(RelayError):
-    """Raised into a ``borrowed`` block when its lease is gone (revoked,
-    expired, released elsewhere): a job must not go on writing without it."""
-
-    code = Code.FAILED_PRECONDITION
-
-    def __init__(self, message: str = "the lease was lost", **kw: Any):
-        super().__init__(message, **kw)
+_RETRIES: Final = 3  # attempts after the first, for retry-safe failures
+_BACKOFF: Final = 0.05  # seconds, doubled each attempt, capped at _BACKOFF_MAX
+_BACKOFF_MAX: Final = 2.0
+_HEARTBEAT_FRACTION: Final = 0.25  # heartbeat every ttl * this on a held lease
+_CLEANUP_SECONDS: Final = 5.0  # bound on a shielded release after a borrowed block
 
 
 def discover(url: str | None = None, token: str | None = None,
@@ -1435,7 +1680,7 @@ class _Core:
 
 
 def _backoff(attempt: int) -> float:
-    return min(BACKOFF * (2 ** attempt), BACKOFF_MAX)
+    return min(_BACKOFF * (2 ** attempt), _BACKOFF_MAX)
 
 
 class _Watch:
@@ -1462,6 +1707,75 @@ class _Watch:
             return None
         self.last[record.session_id] = record.seq
         return record
+
+
+class _AsyncWatch:
+    """The trio watch iterator: an explicit state machine, not an async
+    generator, so no ``yield`` ever sits inside the open SSE response's
+    ``async with`` (a generator left suspended there is closed only by the
+    garbage collector).  ``aclose`` closes the connection at once."""
+
+    def __init__(self, stub: AsyncRelayStub, watch: _Watch, stream: str):
+        self._stub, self._watch, self._stream = stub, watch, stream
+        self._connection: contextlib.AsyncExitStack | None = None
+        self._events: Any = None
+        self._failures = 0
+        self._closed = False
+
+    def __aiter__(self) -> _AsyncWatch:
+        return self
+
+    async def __anext__(self) -> StreamRecord:
+        import httpx2
+
+        while not self._closed:
+            try:
+                if self._events is None:
+                    await self._connect()
+                event = await anext(self._events)
+                self._failures = 0
+                record = self._watch.accept(event)
+            except (StopAsyncIteration, httpx2.TransportError, ResourceExhausted):
+                # The stream ended, dropped, or we fell behind: resume from the last record.
+                await self._reconnect_later()
+                continue
+            if record is not None:
+                return record
+        raise StopAsyncIteration
+
+    async def _connect(self) -> None:
+        watch, stub = self._watch, self._stub
+        if watch.session and watch.session not in watch.last:
+            lister = getattr(stub, _LISTS[self._stream].method)
+            watch.last[watch.session] = (await lister(session_id=watch.session, limit=1)).last_seq
+        url, params = stub._core.stream_url(watch.session, self._stream)
+        headers = dict(stub._core.headers(), **watch.headers())
+        async with contextlib.AsyncExitStack() as connection:
+            source = await connection.enter_async_context(
+                stub._http.sse(url, params=params, headers=headers))
+            if source.response.status_code != 200:
+                await source.response.aread()
+                raise RelayError.from_json(source.response.json(),
+                                           http_status=source.response.status_code)
+            self._events = source.__aiter__()
+            connection.push_async_callback(self._events.aclose)
+            self._connection = connection.pop_all()
+
+    async def _reconnect_later(self) -> None:
+        import trio
+
+        await self._disconnect()
+        await trio.sleep(_backoff(self._failures))
+        self._failures += 1
+
+    async def _disconnect(self) -> None:
+        connection, self._connection, self._events = self._connection, None, None
+        if connection is not None:
+            await connection.aclose()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        await self._disconnect()
 
 
 class RelayStub:
@@ -1498,7 +1812,7 @@ class RelayStub:
         timeout = self._timeout if timeout is None else timeout
         body = self._core.body(request)
         deadline = time.monotonic() + timeout
-        for attempt in range(RETRIES + 1):
+        for attempt in range(_RETRIES + 1):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise DeadlineExceeded(f"{rpc.name} did not finish within {timeout} s")
@@ -1507,7 +1821,7 @@ class RelayStub:
                                            headers=self._core.headers(left), timeout=left)
                 return self._core.reply(rpc, response.status_code, response.content)
             except Exception as exc:
-                if attempt == RETRIES or not self._core.retryable(exc):
+                if attempt == _RETRIES or not self._core.retryable(exc):
                     raise _transport_error(exc) from exc
                 time.sleep(min(_backoff(attempt), max(deadline - time.monotonic(), 0)))
         raise AssertionError("unreachable")
@@ -1540,7 +1854,7 @@ class RelayStub:
         if watch.session and watch.session not in watch.last:
             # "From now" is pinned to a sequence number, so a drop before the
             # first record still resumes exactly there.
-            lister = self.list_events if stream == "events" else self.list_results
+            lister = getattr(self, _LISTS[stream].method)
             watch.last[watch.session] = lister(session_id=watch.session, limit=1).last_seq
         url, params = self._core.stream_url(watch.session, stream)
         failures = 0
@@ -1571,10 +1885,14 @@ class RelayStub:
         """Borrow a session for the block; keep its lease renewed over the
         WebSocket channel; release it on exit, also on an exception.
 
-        If the lease is lost meanwhile, ``LeaseLost`` is raised inside the
-        block (delivered asynchronously into the thread that entered it)."""
-        import threading
-
+        The block gets a ``HeldLease``: the lease's fields, plus ``lost`` (a
+        ``threading.Event`` set as soon as the relay reports the lease lost or
+        the keep-alive channel closes) and ``check()``, which raises
+        ``LeaseLost`` once it is.  Nothing interrupts the block's thread: a
+        long block calls ``check()`` between steps (or waits on ``lost``), and
+        a block that ends normally on a lost lease still raises ``LeaseLost``
+        on exit.  Writes that carry ``fencing_token`` to a resource that checks
+        it are refused there by themselves."""
         reply = self.borrow(holder=holder, profile=profile, session_id=session_id, mode=mode,
                             ttl_seconds=ttl_seconds)
         lease = reply.lease
@@ -1582,17 +1900,16 @@ class RelayStub:
             with contextlib.suppress(FailedPrecondition, NotFound):
                 self.release_lease(lease_id=lease.lease_id)
             raise _not_granted(lease, reply.outcome)
-        keeper = _SyncKeeper(self._core, lease, threading.get_ident())
+        held = BorrowedLease(self, lease)
+        keeper = _SyncKeeper(self._core, held)
         try:
             keeper.start()
-            yield BorrowedLease(self, lease)
-        except LeaseLost:
-            keeper.stop()
-            raise keeper.lost[0] if keeper.lost else LeaseLost() from None
+            yield held
         finally:
             if not keeper.stop():
                 with contextlib.suppress(FailedPrecondition, NotFound):
                     self.release_lease(lease_id=lease.lease_id)
+        held.check()  # reached only when the block ended normally
 
 
 class AsyncRelayStub:
@@ -1625,14 +1942,14 @@ class AsyncRelayStub:
         import trio
 
         body = self._core.body(request)
-        for attempt in range(RETRIES + 1):
+        for attempt in range(_RETRIES + 1):
             left = trio.current_effective_deadline() - trio.current_time()
             try:
                 response = await self._http.post(self._core.url + rpc.path, content=body,
                                                  headers=self._core.headers(left))
                 return self._core.reply(rpc, response.status_code, response.content)
             except Exception as exc:
-                if attempt == RETRIES or not self._core.retryable(exc):
+                if attempt == _RETRIES or not self._core.retryable(exc):
                     raise _transport_error(exc) from exc
                 await trio.sleep(_backoff(attempt))
         raise AssertionError("unreachable")
@@ -1641,7 +1958,7 @@ class AsyncRelayStub:
     async def watch_events(self, session: str | None = None, after: int | None = None,
                            *, stream: str = "events") -> AsyncIterator[AsyncIterator[StreamRecord]]:
         """``async with stub.watch_events(session=S) as records: async for r in records``."""
-        records = self._watch(_Watch(session, after), stream)
+        records = _AsyncWatch(self, _Watch(session, after), stream)
         try:
             yield records
         finally:
@@ -1652,35 +1969,6 @@ class AsyncRelayStub:
                             after: int | None = None) -> AsyncIterator[AsyncIterator[StreamRecord]]:
         async with self.watch_events(session, after, stream="results") as records:
             yield records
-
-    async def _watch(self, watch: _Watch, stream: str) -> AsyncIterator[StreamRecord]:
-        import httpx2
-        import trio
-
-        if watch.session and watch.session not in watch.last:
-            lister = self.list_events if stream == "events" else self.list_results
-            watch.last[watch.session] = (await lister(session_id=watch.session, limit=1)).last_seq
-        url, params = self._core.stream_url(watch.session, stream)
-        failures = 0
-        while True:
-            headers = dict(self._core.headers(), **watch.headers())
-            try:
-                async with self._http.sse(url, params=params, headers=headers) as source:
-                    if source.response.status_code != 200:
-                        await source.response.aread()
-                        raise RelayError.from_json(source.response.json(),
-                                                   http_status=source.response.status_code)
-                    async for event in source:
-                        failures = 0
-                        record = watch.accept(event)
-                        if record is not None:
-                            yield record
-            except httpx2.TransportError:
-                pass
-            except ResourceExhausted:
-                pass
-            await trio.sleep(_backoff(failures))
-            failures += 1
 
     @contextlib.asynccontextmanager
     async def borrowed(self, *, holder: str, profile: str = "", session_id: str = "",
@@ -1714,12 +2002,53 @@ class AsyncRelayStub:
                 raise _keeper_failure(group.exceptions[0]) from None
         finally:
             if not lost:
-                with trio.CancelScope(shield=True), contextlib.suppress(FailedPrecondition, NotFound):
+                # Shielded (the block may be ending by cancellation) but bounded:
+                # a relay that does not answer leaves the lease to expire.
+                with trio.move_on_after(_CLEANUP_SECONDS, shield=True), contextlib.suppress(
+                        FailedPrecondition, NotFound):
                     await self.release_lease(lease_id=lease.lease_id)
         if lost:
             raise lost[0]
         if error is not None:
             raise error
+
+
+class HeldLease:
+    """The lease a blocking ``borrowed`` block holds.
+
+    Its ``Lease`` fields read through (``held.lease_id``, ``held.fencing_token``,
+    ...; the message itself is ``held.lease``).  ``lost`` is a
+    ``threading.Event`` the keeper thread sets when the lease is gone;
+    ``check()`` raises ``LeaseLost`` from then on.  The trade-off against
+    interrupting the block: a blocking call inside it runs to its end, so a
+    block notices the loss at its next ``check()`` (or at its exit) and not at
+    once -- but no exception ever lands in the middle of its own cleanup.
+    """
+
+    def __init__(self, lease: Lease):
+        import threading
+
+        self.lease = lease
+        self.lost = threading.Event()
+        self._why: LeaseLost | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "lease":  # not yet set: never recurse
+            raise AttributeError(name)
+        return getattr(self.lease, name)
+
+    def __repr__(self) -> str:
+        return f"HeldLease({self.lease!r}, lost={self.lost.is_set()})"
+
+    def check(self) -> None:
+        """Raise ``LeaseLost`` (saying why) if the lease has been lost."""
+        if self.lost.is_set():
+            why = self._why or LeaseLost()
+            raise LeaseLost(why.message, hint=why.hint)
+
+    def cancel(self) -> None:
+        """``_hold_lease``'s "cancel the block", for a thread: mark the lease lost."""
+        self.lost.set()
 
 
 #: The event kinds that end a turn in the session's event stream.
@@ -1730,19 +2059,17 @@ def _of_turn(record: StreamRecord, turn_id: str) -> bool:
     return isinstance(record.data, dict) and record.data.get("turn_id") == turn_id
 
 
-class BorrowedLease:
-    """What ``RelayStub.borrowed`` yields: the lease's fields (``lease_id``,
-    ``session_id``, ``fencing_token``, ...) and turns run under it, the fencing
-    token carried for the caller."""
+class BorrowedLease(HeldLease):
+    """What ``RelayStub.borrowed`` yields: a ``HeldLease`` (the lease's fields,
+    ``lost`` and ``check()``) that also runs turns under the lease, the
+    fencing token carried for the caller."""
 
     def __init__(self, stub: RelayStub, lease: Lease):
-        self.stub, self.lease = stub, lease
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.lease, name)
+        super().__init__(lease)
+        self.stub = stub
 
     def __repr__(self) -> str:
-        return f"BorrowedLease({self.lease!r})"
+        return f"BorrowedLease({self.lease!r}, lost={self.lost.is_set()})"
 
     def start(self, prompt: str, *, task_ref: str = "") -> Turn:
         """Start a turn; returns it ``running`` once the provider took the input."""
@@ -1829,15 +2156,42 @@ class _TurnEvents:
         raise StopAsyncIteration
 
 
+@contextlib.asynccontextmanager
+async def _open_websocket(core: _Core) -> AsyncIterator[Any]:
+    """A trio-websocket client on ``/ws`` over a TCP stream closed here.
+
+    trio-websocket 0.12 never closes the stream of a connection whose peer
+    dropped without a close handshake (a relay that crashed): that socket
+    would be left to the garbage collector."""
+    from urllib.parse import urlsplit
+
+    import trio
+    import trio_websocket
+
+    url = urlsplit(core.ws_url())
+    headers = [(b"Authorization", f"Bearer {core.token}".encode())] if core.token else []
+    stream = await trio.open_tcp_stream(url.hostname or "127.0.0.1", url.port or 80)
+    try:
+        async with trio.open_nursery() as nursery:
+            ws = await trio_websocket.wrap_client_stream(
+                nursery, stream, url.netloc, url.path or "/", extra_headers=headers)
+            try:
+                yield ws
+            finally:
+                nursery.cancel_scope.cancel()
+                await ws.aclose()
+    finally:
+        await stream.aclose()
+
+
 async def _hold_lease(core: _Core, lease: Lease, lost: list[LeaseLost], block: Any,
                       *, task_status: Any) -> None:
     """Hold ``lease`` over the WebSocket channel: heartbeats keep the relay
     renewing it; a ``lease_lost`` frame cancels ``block`` and records why."""
     import trio
-    from trio_websocket import ConnectionClosed, open_websocket_url
+    from trio_websocket import ConnectionClosed
 
-    headers = [("Authorization", f"Bearer {core.token}")] if core.token else []
-    async with open_websocket_url(core.ws_url(), extra_headers=headers) as ws:
+    async with _open_websocket(core) as ws:
         await ws.send_message(json.dumps({"type": "hold", "id": 0, "lease_id": lease.lease_id}))
         # Only a "held" answer means the relay renews the lease; anything else
         # and the block must not start.
@@ -1847,7 +2201,7 @@ async def _hold_lease(core: _Core, lease: Lease, lost: list[LeaseLost], block: A
             raise RelayError.from_json(error, http_status=400) if error else Unavailable(
                 f"the relay did not agree to hold lease {lease.lease_id}: {answer}")
         task_status.started()
-        interval = max(lease.ttl_seconds * HEARTBEAT_FRACTION, 0.05)
+        interval = max(lease.ttl_seconds * _HEARTBEAT_FRACTION, 0.05)
 
         async def beat() -> None:
             while True:
@@ -1857,16 +2211,8 @@ async def _hold_lease(core: _Core, lease: Lease, lost: list[LeaseLost], block: A
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(beat)
-                while True:
-                    frame = json.loads(await ws.get_message())
-                    if frame.get("type") == "lease_lost":
-                        lost.append(LeaseLost(
-                            f"lease {lease.lease_id} on {lease.session_id} was lost "
-                            f"({frame.get('state')}{': ' + frame['reason'] if frame.get('reason') else ''})",
-                            hint="stop writing; borrow again to continue"))
-                        block.cancel()
-                        nursery.cancel_scope.cancel()
-                        return
+                frame = await _lease_lost_frame(ws)
+                nursery.cancel_scope.cancel()
         except* ConnectionClosed:
             # The relay went away (crash, restart): nothing renews the lease
             # now, so the block must stop as if it were lost -- the sync keeper
@@ -1876,13 +2222,27 @@ async def _hold_lease(core: _Core, lease: Lease, lost: list[LeaseLost], block: A
                 "the keep-alive channel to the relay closed",
                 hint="stop writing; borrow again to continue"))
             block.cancel()
+        else:
+            lost.append(LeaseLost(
+                f"lease {lease.lease_id} on {lease.session_id} was lost "
+                f"({frame.get('state')}{': ' + frame['reason'] if frame.get('reason') else ''})",
+                hint="stop writing; borrow again to continue"))
+            block.cancel()
+
+
+async def _lease_lost_frame(ws: Any) -> dict[str, Any]:
+    """Read the hold channel until the relay says the lease is lost."""
+    while True:
+        frame = json.loads(await ws.get_message())
+        if frame.get("type") == "lease_lost":
+            return frame
 
 
 class _SyncKeeper:
     """Runs ``_hold_lease`` on its own trio loop in a thread for the sync stub."""
 
-    def __init__(self, core: _Core, lease: Lease, block_thread: int):
-        self.core, self.lease, self.block_thread = core, lease, block_thread
+    def __init__(self, core: _Core, held: HeldLease):
+        self.core, self.held = core, held
         self.lost: list[LeaseLost] = []
         self.failure: Exception | None = None  # the channel never opened
         self._token: Any = None
@@ -1906,9 +2266,8 @@ class _SyncKeeper:
         async def main() -> None:
             self._token = trio.lowlevel.current_trio_token()
             with trio.CancelScope() as self._scope:
-                block = _ThreadCanceller(self)
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(_hold_lease, self.core, self.lease, self.lost, block)
+                    await nursery.start(_hold_lease, self.core, self.held.lease, self.lost, self)
                     self._ready.set()
 
         try:
@@ -1917,6 +2276,11 @@ class _SyncKeeper:
             self.failure = exc  # recorded before start() is woken to look at it
         finally:
             self._ready.set()
+
+    def cancel(self) -> None:
+        """Called by ``_hold_lease`` (in the keeper thread) when the lease is lost."""
+        self.held._why = self.lost[0]
+        self.held.cancel()
 
     def stop(self) -> bool:
         """Stop holding (idempotent); True if the lease was lost meanwhile."""
@@ -1927,21 +2291,6 @@ class _SyncKeeper:
                 trio.from_thread.run_sync(self._scope.cancel, trio_token=self._token)
         self._thread.join()
         return bool(self.lost)
-
-
-class _ThreadCanceller:
-    """The sync flavour of "cancel the block": raise LeaseLost asynchronously
-    in the thread that entered ``borrowed`` (CPython's PyThreadState_SetAsyncExc,
-    the only way to interrupt a blocking block from outside)."""
-
-    def __init__(self, keeper: _SyncKeeper):
-        self.keeper = keeper
-
-    def cancel(self) -> None:
-        import ctypes
-
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(
-            ctypes.c_ulong(self.keeper.block_thread), ctypes.py_object(LeaseLost))
 
 
 def _not_granted(lease: Lease, outcome: str) -> FailedPrecondition:
@@ -2035,21 +2384,69 @@ def _seconds_arg(text: str) -> float:
     return float(text)
 
 
-def _field_type(field: Any) -> Any:
-    tp = field.type
-    if tp in (int, "int"):
-        return _int_arg
-    if field.metadata.get("json") or tp in ("JSONValue",):
-        return _json_arg
-    if "tuple" in str(tp):
-        def argv(text: str) -> tuple[str, ...]:
-            import shlex
+def _argv_arg(text: str) -> tuple[str, ...]:
+    import shlex
 
-            if text.startswith("["):
-                return tuple(parse_json(text))
-            return tuple(shlex.split(text))
-        return argv
-    return str
+    return tuple(shlex.split(text))
+
+
+def _field_options(field: Any) -> tuple[str, list[str]]:
+    """A request field's one spelling on both CLIs (its ``flag``, or its
+    ``positional`` metavar) and the hidden aliases also taken: the field's
+    own name as a flag (``--session-id``, ``--lease-id``), which
+    ``relay_client`` used before the two CLIs agreed."""
+    meta = field.metadata
+    spelling = meta.get("flag") or meta["positional"]
+    alias = "--" + field.name.replace("_", "-")
+    return spelling, [alias] if alias != spelling else []
+
+
+def add_request_arguments(parser: Any, request_type: type) -> None:
+    """Add a request message's fields to a CLI (sub)parser, as both CLIs do:
+    one option per field, spelled and typed by the field's metadata
+    (``flag``/``positional``, ``choices``, ``json``, ``argv``, ``help``)."""
+    import argparse
+
+    for field in attrs.fields(request_type):
+        meta = field.metadata
+        kwargs: dict[str, Any] = {"help": meta.get("help"), "default": argparse.SUPPRESS}
+        if meta.get("choices"):
+            kwargs["choices"] = meta["choices"]
+        if meta.get("json"):
+            kwargs["type"] = _json_arg
+        elif meta.get("argv"):
+            kwargs["type"] = _argv_arg
+        elif field.type in (int, "int"):
+            kwargs["type"] = _int_arg
+        spelling, aliases = _field_options(field)
+        if "positional" in meta:
+            # Optional in argparse's eyes so that the alias may stand in for
+            # it; ``missing_arguments`` then asks for whichever is missing.
+            parser.add_argument(field.name, metavar=spelling, nargs="?", **kwargs)
+            for alias in aliases:
+                parser.add_argument(alias, dest=field.name, **dict(kwargs, help=argparse.SUPPRESS))
+            continue
+        parser.add_argument(spelling, dest=field.name, required=field.default is attrs.NOTHING,
+                            **kwargs)
+        for alias in aliases:
+            parser.add_argument(alias, dest=field.name, **dict(kwargs, help=argparse.SUPPRESS))
+
+
+def missing_arguments(request_type: type, args: Any) -> list[str]:
+    """The positional arguments a parsed command line lacks (their aliases
+    make argparse treat them as optional)."""
+    return [field.metadata["positional"] for field in attrs.fields(request_type)
+            if "positional" in field.metadata and field.default is attrs.NOTHING
+            and not hasattr(args, field.name)]
+
+
+def request_from_arguments(parser: Any, rpc: Rpc, args: Any) -> Any:
+    """The request message of a parsed command line (usage error if incomplete)."""
+    missing = missing_arguments(rpc.request, args)
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
+    return rpc.request(**{f.name: getattr(args, f.name) for f in attrs.fields(rpc.request)
+                          if hasattr(args, f.name)})
 
 
 def _build_cli() -> Any:
@@ -2068,12 +2465,8 @@ def _build_cli() -> Any:
     sub = parser.add_subparsers(dest="method", metavar="METHOD", required=True)
     for rpc in RPCS:
         leaf = sub.add_parser(rpc.method, help=rpc.help, aliases=[rpc.name])
-        for field in attrs.fields(rpc.request):
-            leaf.add_argument("--" + field.name.replace("_", "-"), dest=field.name,
-                              type=_field_type(field), default=argparse.SUPPRESS,
-                              required=field.default is attrs.NOTHING,
-                              choices=field.metadata.get("choices"), help=field.metadata.get("help"))
-        leaf.set_defaults(rpc=rpc)
+        add_request_arguments(leaf, rpc.request)
+        leaf.set_defaults(rpc=rpc, leaf=leaf)
     watch = sub.add_parser("watch", help="stream a session's records as JSON lines")
     watch.add_argument("--session", help="session id (needed to resume after a drop)")
     watch.add_argument("--after", type=_int_arg, help="start after this sequence number")
@@ -2084,6 +2477,7 @@ def _build_cli() -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_cli().parse_args(argv)
+    request = None if args.rpc is None else request_from_arguments(args.leaf, args.rpc, args)
     try:
         token = None
         if args.token_file:
@@ -2096,9 +2490,7 @@ def main(argv: list[str] | None = None) -> int:
                     for record in records:
                         print(json.dumps(to_json(record), sort_keys=True), flush=True)
                 return 0
-            fields = {f.name: getattr(args, f.name) for f in attrs.fields(args.rpc.request)
-                      if hasattr(args, f.name)}
-            reply = getattr(stub, args.rpc.method)(**fields)
+            reply = getattr(stub, args.rpc.method)(request)
             print(json.dumps(to_json(reply), sort_keys=True))
             return 0
     except RelayError as exc:

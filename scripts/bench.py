@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gc
 import itertools
 import json
@@ -879,7 +880,7 @@ def run_trio(fn: Callable[..., Any], *args: Any) -> Any:
             leaf = leaf.exceptions[0]
         if leaf is group:
             raise
-        raise leaf from group
+        raise copy.copy(leaf) from group
 
 
 def percentile(xs: list[float], pct: int) -> float:

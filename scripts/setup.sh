@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv and install flow-relay with its test tools, and buf (npm
-# @bufbuild/buf, pinned in scripts/node/package-lock.json) when npm exists.
+# Create .venv and install flow-relay with its test tools (the real Codex CLI
+# among them: openai-codex-cli-bin), and buf and Claude Code (npm @bufbuild/buf,
+# @anthropic-ai/claude-code, pinned in scripts/node/package-lock.json) when npm exists.
 # Safe to re-run: each step reinstalls only when its manifest changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,16 +28,18 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
     echo "$want" > "$stamp"
 fi
-# buf (buf lint, and buf curl in tests/test_third_party.py): a project-local
-# npm install, never global.  Without npm the tests that need it skip, naming this.
+# buf (buf lint, and buf curl in tests/test_third_party.py) and Claude Code
+# (tests/test_real_providers.py): a project-local npm install, never global.
+# Without npm the tests that need buf skip, and the Claude tests fail, naming this.
 node=scripts/node
 if command -v npm >/dev/null 2>&1; then
     nstamp=$node/node_modules/.flow-relay-installed
     nwant=$(sha256sum $node/package-lock.json | cut -c1-64)
-    if [ "$(cat "$nstamp" 2>/dev/null)" != "$nwant" ] || [ ! -x $node/node_modules/.bin/buf ]; then
+    if [ "$(cat "$nstamp" 2>/dev/null)" != "$nwant" ] || [ ! -x $node/node_modules/.bin/buf ] \
+        || [ ! -x $node/node_modules/.bin/claude ]; then
         (cd $node && npm ci --no-audit --no-fund --loglevel=error)
         echo "$nwant" > "$nstamp"
     fi
 else
-    echo "setup: npm not found; buf is not installed (tests that need it will skip)" >&2
+    echo "setup: npm not found; buf and Claude Code are not installed (tests that need them skip or fail)" >&2
 fi

@@ -74,3 +74,21 @@ def snapshot(root: Path) -> dict:
             with open(path, "rb") as f:
                 out[os.path.relpath(path, root)] = (f.read(), st.st_ino, st.st_mtime_ns)
     return out
+
+
+#: Test modules that serve the relay (in-process, or as child processes): each
+#: of their tests must close every socket and file and reap every child.
+SERVING_MODULES = frozenset({"test_serve", "test_serve_ws", "test_client", "test_health", "test_cli"})
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks_around_serving_tests(request: pytest.FixtureRequest):
+    """Zombie and file-descriptor leak check around every serving test (but those
+    sharing the module-scoped server, whose pooled connection outlives each)."""
+    if request.module.__name__ not in SERVING_MODULES or "threaded_relay" in request.fixturenames:
+        yield
+        return
+    from serve_helpers import no_leaks
+
+    with no_leaks():
+        yield

@@ -299,3 +299,41 @@ def metric(text: str, name: str, **labels: str) -> float:
         if sample == name and got == want:
             return float(value)
     return 0.0
+
+
+# -- leak checks around serving tests ------------------------------------------------
+
+
+def open_fds() -> set[int]:
+    """This process's open file descriptors."""
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+def child_pids() -> set[int]:
+    """This process's children, running or zombie (not yet reaped)."""
+    pids: set[int] = set()
+    for task in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):
+            with open(f"/proc/self/task/{task}/children") as f:
+                pids.update(int(pid) for pid in f.read().split())
+    return pids
+
+
+@contextlib.contextmanager
+def no_leaks() -> Any:
+    """Fail if the block leaves file descriptors open or child processes behind
+    (running or zombie).  Garbage is collected first, so only what is still
+    referenced, or was never closed, counts."""
+    import gc
+
+    gc.collect()
+    fds, children = open_fds(), child_pids()
+    yield
+    gc.collect()
+    leaked_fds = open_fds() - fds
+    targets = {}
+    for fd in leaked_fds:
+        with contextlib.suppress(OSError):
+            targets[fd] = os.readlink(f"/proc/self/fd/{fd}")
+    assert not targets, f"file descriptors left open: {targets}"
+    assert child_pids() - children == set(), "child processes left behind (running or zombie)"

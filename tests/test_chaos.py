@@ -252,10 +252,11 @@ async def test_sigkill_chaos_loses_and_duplicates_nothing(workspace, tmp_path_fa
             procs[0].send_signal(signal.SIGTERM)  # the last server stops cleanly
             assert await procs[0].wait() == 0
         finally:
-            for proc in procs:
-                if proc.returncode is None:
-                    proc.kill()
-                    await proc.wait()
+            with trio.move_on_after(PATIENCE, shield=True):  # reap every server, even when cancelled
+                for proc in procs:
+                    if proc.returncode is None:
+                        proc.kill()
+                        await proc.wait()
         counts = _verify(chaos)
         gate = await cli_process(workspace, "gate")
     assert gate["status"] == "pass", [c for c in gate["checks"] if c["result"] == "fail"]

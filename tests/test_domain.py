@@ -906,11 +906,15 @@ def test_revoked_token_is_never_accepted():
 
 
 def test_token_check_compares_every_token_in_constant_time(monkeypatch):
-    """token_accepts runs hmac.compare_digest against every token, match or not."""
+    """token_accepts compares the presented token's SHA-256 digest with every
+    stored digest through hmac.compare_digest, match or not and whatever the
+    presented length: both sides are always 64 hex digits, so neither the
+    comparison count nor its length says anything about the stored tokens."""
     ledger = relay.Ledger()
     for i in range(5):
         ledger, _ = relay.create_token(ledger, "", relay.token_digest(f"t{i}"), _ctx(ledger))
         ledger = _bump(ledger)
+    stored = sorted(t.digest.encode() for t in ledger.tokens.values())
     calls = []
     real = relay.hmac.compare_digest
 
@@ -919,10 +923,13 @@ def test_token_check_compares_every_token_in_constant_time(monkeypatch):
         return real(a, b)
 
     monkeypatch.setattr(relay.hmac, "compare_digest", spy)
-    for raw in ("t0", "t4", "nope"):
+    for raw, accepted in (("t0", True), ("t4", True), ("nope", False), ("", False),
+                          ("t0" * 500, False), (stored[0].decode(), False)):
         calls.clear()
-        relay.token_accepts(ledger, raw, relay.iso(T0))
-        assert len(calls) == len(ledger.tokens)
+        assert relay.token_accepts(ledger, raw, relay.iso(T0)) is accepted, raw
+        assert sorted(b for _, b in calls) == stored, raw
+        assert {a for a, _ in calls} == {relay.token_digest(raw).encode()}, raw
+        assert all(len(a) == len(b) == 64 for a, b in calls), raw
 
 
 # -- the serving rule -----------------------------------------------------------

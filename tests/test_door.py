@@ -20,7 +20,6 @@ from conftest import mutation
 from serve_helpers import (
     PATIENCE,
     FakeClock,
-    cli_in_process,
     cli_process,
     metric,
     serving,
@@ -29,6 +28,7 @@ from serve_helpers import (
     ws_send,
     ws_until,
 )
+from test_serve import _bound_token
 
 HANDSHAKE = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
              "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
@@ -178,14 +178,6 @@ async def test_a_listed_origin_gets_preflights_and_cors_headers(workspace):
 
 
 # -- the login cookie ------------------------------------------------------------------------
-
-
-def _bound_token(root):
-    cli_in_process(root, "profile", "register", "codex-main", "--provider", "codex", "--mode", "pooled")
-    cli_in_process(root, "session", "create", "--profile", "codex-main", "--session-id", "s1")
-    made = cli_in_process(root, "token", "create", "--label", "tests")
-    cli_in_process(root, "bootstrap", "--token-id", made["token"]["token_id"])
-    return made["token"]["token_id"], made["secret"]
 
 
 async def _login(r, **how: str) -> httpx2.Response:

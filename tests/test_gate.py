@@ -271,17 +271,17 @@ def test_checksum_trick_reproduces_encode_ledger(ws):
     assert with_checksum(json.loads(body)) == data
 
 
-def test_inspect_that_differs_from_status_fails(ws, capsys, monkeypatch):
-    real = relay.inspect_relay
-
-    def drifted(store, config, now):
-        doc = real(store, config, now)
-        doc["active_leases"] += 1
-        return doc
-
-    monkeypatch.setattr(relay, "inspect_relay", drifted)
-    checks = assert_gate(ws, capsys, fail=("inspect_matches_status",))
-    assert "active_leases" in checks["inspect_matches_status"]["evidence"]
+def test_inspect_that_differs_from_status_fails(ws, capsys):
+    """A validated-memo that vouches for a ledger the typed model refuses (a hand
+    edit, re-checksummed, memo forged) makes `status` answer from the raw bytes
+    what `inspect relay` does not: the gate names the disagreement."""
+    edit_ledger_doc(ws, lambda doc: doc["profiles"]["cx"].update({"nickname": "x"}))
+    _, claimed = relay.split_checksum(relay.Store(ws).ledger_path.read_bytes())
+    (ws / relay.MEMO_REL).write_bytes(claimed)
+    checks = assert_gate(ws, capsys, fail=("status_pass", "inspect_matches_status", "ledger_valid"),
+                         skip=SKIP_WITHOUT_LEDGER)
+    assert "status (its fast path)" in checks["inspect_matches_status"]["evidence"]
+    assert "relay_mode" in checks["inspect_matches_status"]["evidence"]
     assert "inspect relay" in checks["inspect_matches_status"]["repair"]
 
 
@@ -467,14 +467,14 @@ def test_waiting_writer_beside_active_readers_is_fine(ws, capsys):
 def test_a_read_that_writes_to_flow_state_fails(ws, capsys, monkeypatch, route):
     touched = ws / "flow" / "state" / "relay" / "touched-by-a-read"
     if route == "ListProfiles read":
-        # The HTTP route dispatches through READS, so that is what to wrap.
-        real = relay.READS["ListProfiles"]
+        # The HTTP route dispatches through Reads, so that is what to wrap.
+        real = relay.Reads.list_profiles
 
-        def writing(ledger, request, now):
+        def writing(view, request):
             touched.write_text("oops")
-            return real(ledger, request, now)
+            return real(view, request)
 
-        monkeypatch.setitem(relay.READS, "ListProfiles", writing)
+        monkeypatch.setattr(relay.Reads, "list_profiles", staticmethod(writing))
     else:
         real_replay = relay.Service._replay_range
 

@@ -19,7 +19,7 @@ def _lan_service(root) -> relay.Service:
     store, config = relay.Store(root), relay.Config()
     hub = relay.EventHub()
     owner = relay.LedgerOwner(store, config, hub)
-    return relay.Service(store, config, owner, hub, mode="trusted-lan")
+    return relay.Service(store, config, owner, hub, serving_mode="trusted-lan")
 
 
 async def test_trusted_lan_server_fails_closed_without_a_bound_token(tmp_path):
@@ -29,7 +29,7 @@ async def test_trusted_lan_server_fails_closed_without_a_bound_token(tmp_path):
     assert service.owner.ledger.runtime.token_id == ""
     assert not service.authorized(None)
     assert not service.authorized("Bearer anything")
-    service.mode = "loopback"
+    service.serving_mode = "loopback"
     assert service.authorized(None)
 
 

@@ -703,7 +703,6 @@ async def test_metrics_expose_requests_commits_leases_and_subscribers(workspace)
 
 async def test_stop_ends_open_streams_and_records_shutdown(workspace):
     """server.stop() ends an open SSE stream, serve returns, and the runtime is recorded stopped."""
-    ended = trio.Event()
     with trio.fail_after(PATIENCE):
         async with trio.open_nursery() as nursery:
             server = await nursery.start(functools.partial(
@@ -711,11 +710,10 @@ async def test_stop_ends_open_streams_and_records_shutdown(workspace):
             async with open_sse(server.endpoint, {"feed": "relay"}) as stream:
                 await stream.until_comment("connected")
                 server.stop()
-                assert await stream.next() is None
-                ended.set()
-        # serve() has returned: the nursery closed.
+                assert await stream.next() is None  # ended by stop(), not by a cancellation
+        # serve() has returned by itself: nothing cancelled the nursery.
+        assert not nursery.cancel_scope.cancel_called
     runtime = relay.Store(workspace).read().runtime
-    assert ended.is_set()
     assert (runtime.status, runtime.pid) == ("stopped", 0)
     assert runtime.shutdown_at >= runtime.served_at
 
@@ -741,11 +739,9 @@ async def test_cli_serve_stops_cleanly_on_a_signal(workspace, sig, as_json):
             async with httpx2.AsyncClient(base_url=endpoint, timeout=PATIENCE) as client:
                 assert (await client.get("/health")).json() == {"status": "ok"}
                 served = (await client.get("/api/relay/status")).json()["runtime"]
-            signalled = trio.current_time()
             proc.send_signal(sig)
             await proc.wait()
     assert proc.returncode == 0
-    assert trio.current_time() - signalled < 5
     assert (served["status"], served["pid"], served["endpoint"]) == ("serving", proc.pid, endpoint)
     runtime = relay.Store(workspace).read().runtime
     assert (runtime.status, runtime.endpoint) == ("stopped", endpoint)
@@ -862,9 +858,14 @@ def test_random_bodies_never_get_a_5xx(threaded_relay, call):
         assert rc.Code(doc["code"]).http_status == response.status_code
 
 
-def test_server_and_ledger_survive_the_random_bodies(threaded_relay):
-    """After the random bodies the server still answers and the ledger decodes and passes the gate."""
+@settings(max_examples=3, deadline=None)
+@given(calls=st.lists(rpc_bodies(), min_size=30, max_size=30))
+def test_server_and_ledger_survive_random_bodies(threaded_relay, calls):
+    """After a run of random bodies of its own (whatever other tests sent) the
+    server still answers, and the ledger decodes and passes the gate."""
     root, client = threaded_relay
+    for name, body in calls:
+        client.post(f"/{rc.SERVICE}/{name}", content=body, headers=JSON)
     assert client.get("/health").json() == {"status": "ok"}
     assert client.post(f"/{rc.SERVICE}/GetStatus", json={}).json()["status"] == "pass"
     store = relay.Store(root)

@@ -109,82 +109,6 @@ async def test_subscribe_resumes_after_an_id_then_streams_live(workspace):
     assert ahead["data"]["code"] == "out_of_range"
 
 
-async def test_hold_with_heartbeats_keeps_a_lease_past_its_ttl(workspace):
-    """While the socket lives and heartbeats arrive, the relay renews a held lease well past its ttl."""
-    clock = FakeClock()
-    with trio.fail_after(PATIENCE):
-        async with serving(workspace, FAST, now=clock) as r:
-            (sid,) = await r.seed()
-            lease = (await r.ok("GrantLease", session_id=sid, holder="h", mode="exclusive-write",
-                                ttl_seconds=1))["lease"]
-            async with r.ws() as ws:
-                await ws_send(ws, type="subscribe", feed="relay")
-                await ws_send(ws, type="hold", id="h1", lease_id=lease["lease_id"])
-                held = await ws_until(ws, lambda f: f["type"] in ("held", "error"))
-                await ws_send(ws, type="heartbeat", id="b0")
-                for beat in range(1, 5):
-                    frame = await ws_until(ws, lambda f: f["type"] in LEASE_CHANGES)
-                    assert frame["type"] == "lease.renewed", frame
-                    clock.advance(0.75)  # the ledger's time runs, less than a ttl per renewal
-                    await ws_send(ws, type="heartbeat", id=f"b{beat}")
-                listed = await r.ok("ListLeases", session_id=sid)
-                await ws_send(ws, type="rpc", id="bye", method="ReleaseLease",
-                              request={"lease_id": lease["lease_id"]})
-                await ws_until(ws, lambda f: f.get("id") == "bye")
-    assert held == {"type": "held", "id": "h1", "lease_id": lease["lease_id"]}
-    (now_lease,) = listed["leases"]
-    assert now_lease["state"] == "active"
-    assert clock() - relay.parse_iso(lease["expires_at"]) >= 2  # three seconds on a one-second ttl
-    assert relay.parse_iso(now_lease["expires_at"]) > clock()
-    assert now_lease["last_renewed_at"]
-
-
-async def test_dropped_socket_leaves_the_lease_to_expire(workspace):
-    """A dropped socket without release_on_disconnect does not release the lease: the reaper expires it."""
-    clock = FakeClock()
-    with trio.fail_after(PATIENCE):
-        async with serving(workspace, FAST, now=clock) as r:
-            (sid,) = await r.seed()
-            async with r.sse({"feed": "relay"}) as feed:
-                await feed.until_comment("connected")
-                lease = (await r.ok("GrantLease", session_id=sid, holder="h", mode="exclusive-write",
-                                    ttl_seconds=1))["lease"]
-                async with r.ws() as ws:
-                    await ws_send(ws, type="hold", id=1, lease_id=lease["lease_id"],
-                                  release_on_disconnect=False)
-                    await ws_until(ws, lambda f: f["type"] == "held")
-                still = await r.ok("ListLeases", session_id=sid, state="active")
-                clock.advance(1)
-                notices = [await feed.next()]
-                while notices[-1]["event"] != "lease.expired":
-                    notices.append(await feed.next())
-            expired = await r.ok("ListLeases", session_id=sid)
-    assert notices[0]["event"] == "lease.granted"
-    assert "lease.released" not in [n["event"] for n in notices]
-    assert [x["lease_id"] for x in still["leases"]] == [lease["lease_id"]]
-    assert expired["leases"][0]["state"] == "expired"
-    assert relay.Store(workspace).read().leases[lease["lease_id"]].state == "expired"
-
-
-async def test_dropped_socket_releases_when_asked(workspace):
-    """With release_on_disconnect the relay releases the held lease as soon as the socket drops."""
-    with trio.fail_after(PATIENCE):
-        async with serving(workspace, FAST) as r:
-            (sid,) = await r.seed()
-            async with r.sse({"feed": "relay"}) as feed:
-                await feed.until_comment("connected")
-                lease = (await r.ok("GrantLease", session_id=sid, holder="h", mode="exclusive-write",
-                                    ttl_seconds=600))["lease"]
-                async with r.ws() as ws:
-                    await ws_send(ws, type="hold", id=1, lease_id=lease["lease_id"],
-                                  release_on_disconnect=True)
-                    await ws_until(ws, lambda f: f["type"] == "held")
-                notices = [await feed.next(), await feed.next()]
-    assert [(n["event"], n["data"]["lease_id"]) for n in notices] == [
-        ("lease.granted", lease["lease_id"]), ("lease.released", lease["lease_id"])]
-    assert relay.Store(workspace).read().leases[lease["lease_id"]].state == "released"
-
-
 async def test_holder_hears_lease_lost_when_revoked_or_expired(workspace):
     """A held lease revoked underneath, or let expire without heartbeats, is reported as lease_lost."""
     clock = FakeClock()
@@ -219,8 +143,11 @@ async def test_heartbeat_frames_are_acknowledged(workspace):
                 assert await ws_recv(ws) == {"type": "heartbeat", "id": 7}
 
 
-async def test_stop_closes_sockets_cleanly_and_releases_what_they_asked(workspace):
-    """server.stop() closes sockets at once, cleanly, releasing holds marked release_on_disconnect."""
+async def test_stop_closes_sockets_cleanly_and_releases_what_they_asked(workspace, monkeypatch):
+    """server.stop() closes sockets at once, cleanly, releasing holds marked
+    release_on_disconnect: with hypercorn's graceful timeout longer than the
+    test's patience, only an immediate close can pass."""
+    monkeypatch.setattr(relay, "GRACEFUL_SECONDS", 4 * PATIENCE)
     with trio.fail_after(PATIENCE):
         async with trio.open_nursery() as nursery:
             server = await nursery.start(functools.partial(
@@ -235,13 +162,10 @@ async def test_stop_closes_sockets_cleanly_and_releases_what_they_asked(workspac
                 lease = (await ws_until(ws, lambda f: f.get("id") == 3))["reply"]["lease"]
                 await ws_send(ws, type="hold", id=4, lease_id=lease["lease_id"], release_on_disconnect=True)
                 await ws_until(ws, lambda f: f["type"] == "held")
-                stopped_at = trio.current_time()
                 server.stop()
                 with pytest.raises(trio_websocket.ConnectionClosed) as closed:
                     await ws_until(ws, lambda f: False)
             # serve() has returned once the nursery exits
-        elapsed = trio.current_time() - stopped_at
     assert closed.value.reason.code == 1000
-    assert elapsed < 2  # not hypercorn's 5 s graceful timeout
     ledger = relay.Store(workspace).read()
     assert (ledger.runtime.status, ledger.leases[lease["lease_id"]].state) == ("stopped", "released")

@@ -327,8 +327,8 @@ def test_schema_enums_match_the_code(schema):
     d = schema["$defs"]
     enum = lambda part, field: tuple(d[part]["properties"][field]["enum"])  # noqa: E731
     assert enum("Profile", "provider") == enum("Session", "provider") == rc.PROVIDERS
-    assert enum("Profile", "mode") == rc.PROFILE_MODES
-    assert enum("Lease", "mode") == rc.LEASE_MODES
+    assert enum("Profile", "mode") == rc.POOL_MODES
+    assert enum("Lease", "mode") == rc.LEASE_ACCESS
     assert enum("Lease", "state") == rc.LEASE_STATES
     assert enum("Session", "state") == rc.SESSION_STATES
     # Idempotency records exist for the mutating RPCs whose request_id is an

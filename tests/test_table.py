@@ -1,0 +1,137 @@
+"""The table of RPCs (``relay_client.RPCS``) is the one truth: every row is
+served, specified in relay.proto, reachable from both CLIs with the same
+options, and bound on both stubs."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+from typing import Any
+
+import attrs
+import trio
+
+import relay
+import relay_client as rc
+from serve_helpers import PATIENCE, serving
+from test_specs import PROTO, SPECS, parse_proto
+
+#: Options every command has, whatever its request.
+_COMMON = {"help", "json", "root", "rpc", "leaf", "_cmd", "_leaf"}
+
+
+def _leaf(parser: argparse.ArgumentParser, words: tuple[str, ...]) -> argparse.ArgumentParser:
+    for word in words:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[word]
+    return parser
+
+
+def _options(parser: argparse.ArgumentParser) -> set[tuple[Any, ...]]:
+    """What a command line can say to a leaf: each option's spellings, its
+    field, whether it is positional, and whether its help is hidden."""
+    return {(tuple(a.option_strings) or (a.metavar,), a.dest, a.help == argparse.SUPPRESS)
+            for a in parser._actions if a.dest not in _COMMON}
+
+
+def _example(rpc: rc.Rpc, session: str) -> dict[str, str]:
+    """Query parameters for a row's GET route: its required ones, plus a cursor."""
+    fields = attrs.fields_dict(rpc.request)
+    query = {param: session for param, field in rpc.query.items()
+             if fields[field].default is attrs.NOTHING}
+    return query | ({"after": "0"} if "after" in rpc.query else {})
+
+
+async def test_every_row_is_served_specified_reachable_and_stubbed(workspace):
+    """For each row: Service has its method and the Connect route reaches it;
+    its GET route (if any) answers what the Connect call answers; relay.proto
+    declares it with its messages; both CLIs take exactly the same options
+    for it; both stubs bind it."""
+    proto = parse_proto(PROTO.read_text())
+    declared = {name: (request, response) for name, request, response in proto.rpcs}
+    relay_cli, client_cli = relay.build_parser(), rc._build_cli()
+    with trio.fail_after(PATIENCE):
+        async with serving(workspace) as r:
+            (session,) = await r.seed()
+            for rpc in rc.RPCS:
+                assert inspect.iscoroutinefunction(getattr(relay.Service, rpc.method)), rpc.name
+                reply = await r.post(rpc.name, {})  # decoded, then refused by its own rules at most
+                assert reply.json().get("code") not in ("unimplemented", "internal"), rpc.name
+                if rpc.get:
+                    query = _example(rpc, session)
+                    got = await r.client.get(f"/api/relay/{rpc.get}", params=query)
+                    body = {rpc.query[k]: int(v) if k == "after" else v for k, v in query.items()}
+                    assert (got.status_code, got.json()) == (200, await r.ok(rpc.name, **body))
+                assert declared[rpc.name] == (rpc.request.__name__, rpc.response.__name__)
+                assert (proto.idempotency.get(rpc.name) == "NO_SIDE_EFFECTS") == (not rpc.mutates)
+                relay_options = _options(_leaf(relay_cli, rpc.cli))
+                # `relay turn start --wait` only changes how the reply is shown (it
+                # follows the turn): it is no request field, and the one such extra.
+                extras = {o for o in relay_options if o[1] not in attrs.fields_dict(rpc.request)}
+                assert {dest for _, dest, _ in extras} <= {"wait"}, rpc.name
+                relay_options -= extras
+                assert relay_options == _options(_leaf(client_cli, (rpc.method,))), rpc.name
+                assert {dest for _, dest, _ in relay_options} == set(attrs.fields_dict(rpc.request))
+                assert callable(getattr(rc.RelayStub, rpc.method)), rpc.name
+                assert inspect.iscoroutinefunction(getattr(rc.AsyncRelayStub, rpc.method)), rpc.name
+
+
+def test_the_read_routes_of_the_contract_are_the_rows():
+    """The contract's table of ``GET /api/relay/...`` routes, with their query
+    parameters, is exactly what the rows' ``get`` and request flags give."""
+    import re
+
+    text = (SPECS / "flow-relay-contract.md").read_text()
+    routes = dict(re.findall(r"^\| `/api/relay/([a-z]+)\??([a-z_=&]*)` \|", text, re.M))
+    assert routes == {rpc.get: "&".join(f"{p}=" for p in rpc.query)
+                      for rpc in rc.RPCS if rpc.get}
+
+
+def test_an_alias_row_is_its_target():
+    """``Release`` is declared an alias of ``ReleaseLease``: same messages, same operation."""
+    aliases = [rpc for rpc in rc.RPCS if rpc.alias_of]
+    assert [rpc.name for rpc in aliases] == ["Release"]
+    for rpc in aliases:
+        target = rc.RPC_BY_NAME[rpc.alias_of]
+        assert (rpc.request, rpc.response, rpc.kind) == (target.request, target.response, target.kind)
+        assert relay.operation(rpc) is relay.operation(target)
+
+
+def test_rows_carry_what_was_keyed_by_name():
+    """The stream a row appends to or lists, and RecordControl's control key,
+    reach the commit from the row alone."""
+    stream_rows = {rpc.name: rpc.stream for rpc in rc.RPCS if rpc.stream}
+    assert stream_rows == {"AppendEvent": "events", "AppendResult": "results",
+                           "ListEvents": "events", "ListResults": "results"}
+    append = rc.AppendRecordRequest("s1", "k", 1, request_id="r1")
+    for name in ("AppendEvent", "AppendResult"):
+        mutation = relay.rpc_mutation(name, append)
+        assert (mutation.stream, mutation.control, mutation.request_id) == (
+            stream_rows[name], False, "r1")
+    control = relay.rpc_mutation("RecordControl", rc.RecordControlRequest("r1", "s1", "k"))
+    assert control.control and control.request_id == relay.CONTROL_KEY_PREFIX + "r1"
+    assert relay.STREAM_KINDS == ("events", "results")
+
+
+def test_both_clis_take_one_spelling_and_the_old_one_hidden():
+    """``relay lease release L`` / ``relay_client release_lease L`` and the
+    ``--lease-id``, ``--session-id`` spellings relay_client took before all
+    parse to the same request."""
+    relay_cli, client_cli = relay.build_parser(), rc._build_cli()
+
+    def request(parser: argparse.ArgumentParser, *argv: str) -> Any:
+        args = parser.parse_args(argv)
+        rpc = rc.RPC_BY_NAME[args._cmd] if hasattr(args, "_cmd") else args.rpc
+        return rc.request_from_arguments(args._leaf if hasattr(args, "_leaf") else args.leaf,
+                                         rpc, args)
+
+    release = rc.ReleaseLeaseRequest("lease-3")
+    assert request(relay_cli, "lease", "release", "lease-3") == release
+    assert request(relay_cli, "lease", "release", "--lease-id", "lease-3") == release
+    assert request(client_cli, "release_lease", "lease-3") == release
+    assert request(client_cli, "ReleaseLease", "--lease-id", "lease-3") == release
+    borrow = rc.BorrowRequest("h", session_id="s1", ttl_seconds=5)
+    for argv in (("--session", "s1", "--ttl", "5"), ("--session-id", "s1", "--ttl-seconds", "5")):
+        assert request(relay_cli, "borrow", "--holder", "h", *argv) == borrow
+        assert request(client_cli, "borrow", "--holder", "h", *argv) == borrow
+    assert "--session-id" not in _leaf(relay_cli, ("borrow",)).format_help()
