@@ -15,6 +15,8 @@ One module, read top to bottom; each section uses only those above it.
     Event hub (fan-out)
     Provider wire protocols (sans-I/O: bytes in, events out)
     Provider settings (offline homes and environments; pure)
+    Process supervisor (provider children: spawn, read, stop, reap)
+    Runtime (pools, turns, approvals, hand-over)
     Supervision (ledger owner, heartbeat, subprocesses)
     Service (one method per RPC; no Quart imports)
     Dashboard (GET /)
@@ -29,7 +31,8 @@ nursery tree is::
     serve()                       root nursery
     |-- ledger owner              group-commits mutations under the file lock
     |-- heartbeat nursery         lease-expiry reaper; ledger watcher
-    |-- supervision nursery       provider subprocesses (live runtime; none yet)
+    |-- supervision nursery       the live runtime: pools, turns, hand-over
+    |   `-- one task per provider process (stdout reader, stderr ring, reaper)
     `-- http nursery              hypercorn serving the quart-trio app:
                                   HTTP, SSE, WebSocket, Connect RPCs
 
@@ -243,6 +246,7 @@ import ipaddress  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
 import secrets  # noqa: E402
+import shlex  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import threading  # noqa: E402
@@ -304,9 +308,11 @@ __all__ = [
     "Operations",
     "OwnerStatistics",
     "ProviderEndpoint",
+    "ProviderProcess",
     "ReadView",
     "Reads",
     "RequestRecord",
+    "Runtime",
     "Server",
     "Service",
     "Store",
@@ -565,6 +571,16 @@ class Config:
     allowed_hosts: tuple[str, ...] = ()
     #: Origins (``scheme://host[:port]``) besides the relay's own that may drive it.
     allowed_origins: tuple[str, ...] = ()
+    #: Provider processes: how long each step of a stop may take, the
+    #: handshake, a release's hand-over, an unanswered approval.
+    stop_stdin_seconds: float = 2.0
+    stop_term_seconds: float = 2.0
+    stop_kill_seconds: float = 2.0
+    startup_timeout_seconds: float = 10.0
+    handover_timeout_seconds: float = 5.0
+    approval_timeout_seconds: float = 60.0
+    #: stderr lines kept per provider process (the newest).
+    stderr_lines: int = 200
     log_level: str = "info"
 
 
@@ -589,6 +605,13 @@ _CONFIG_KEYS: Final = {
     "subscriber_buffer": ("serve", "subscriber_buffer"),
     "allowed_hosts": ("serve", "allowed_hosts"),
     "allowed_origins": ("serve", "allowed_origins"),
+    "stop_stdin_seconds": ("runtime", "stop_stdin_seconds"),
+    "stop_term_seconds": ("runtime", "stop_term_seconds"),
+    "stop_kill_seconds": ("runtime", "stop_kill_seconds"),
+    "startup_timeout_seconds": ("runtime", "startup_timeout_seconds"),
+    "handover_timeout_seconds": ("runtime", "handover_timeout_seconds"),
+    "approval_timeout_seconds": ("runtime", "approval_timeout_seconds"),
+    "stderr_lines": ("runtime", "stderr_lines"),
     "log_level": ("serve", "log_level"),
 }
 
@@ -612,6 +635,9 @@ def load_config(flow_dir: Path) -> Config:
     for section, table in doc.items():
         if not isinstance(table, dict):
             raise InvalidArgument(f"{path}: [{section}] must be a table", hint=f"fix {path}")
+        if section == "providers":
+            _check_provider_tables(path, table)
+            continue
         for key, value in table.items():
             name = by_place.get((section, key))
             if name is None:
@@ -636,6 +662,44 @@ def load_config(flow_dir: Path) -> Config:
         raise InvalidArgument(f"{path}: serve.log_level must be one of {', '.join(LOG_LEVELS)}",
                               hint=f"fix {path}")
     return Config(**values)
+
+
+#: What a ``[providers.<name>]`` table may set (``provider_endpoint`` reads it).
+PROVIDER_KEYS: Final = ("base_url", "api_key_env", "model")
+
+
+def _check_provider_tables(path: Path, table: dict[str, Any]) -> None:
+    """``[providers.<name>]``: a known provider, string values of known keys
+    (an API key itself is refused: only the name of its variable)."""
+    for name, entry in table.items():
+        if name not in rc.PROVIDERS or not isinstance(entry, dict):
+            raise InvalidArgument(f"{path}: [providers.{name}] is not a provider table",
+                                  hint=f"use one of {', '.join(f'[providers.{p}]' for p in rc.PROVIDERS)}")
+        for key, value in entry.items():
+            if key not in PROVIDER_KEYS or not isinstance(value, str):
+                raise InvalidArgument(f"{path}: providers.{name}.{key} is not a provider setting",
+                                      hint=f"set only {', '.join(PROVIDER_KEYS)} (strings); a key "
+                                      "goes in the variable api_key_env names, never in the file")
+
+
+def load_provider_settings(flow_dir: Path) -> dict[str, dict[str, Any]]:
+    """The ``[providers.<name>]`` tables of ``relay.toml``: each provider's
+    endpoint (``base_url``, ``api_key_env``, ``model``; see
+    ``provider_endpoint``, which checks them when a process starts).  Never
+    stored in the ledger; a key itself is never in the file, only the name of
+    the variable that holds it."""
+    import tomllib
+
+    path = flow_dir / "relay.toml"
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, tomllib.TOMLDecodeError):
+        return {}
+    table = doc.get("providers")
+    if not isinstance(table, dict):
+        return {}
+    _check_provider_tables(path, table)
+    return table
 
 
 def _config_names(path: Path, section: str, key: str, value: Any) -> tuple[str, ...]:
@@ -724,6 +788,8 @@ class Ledger:
     quarantines: dict[str, rc.Quarantine] = attrs.Factory(dict)
     requests: dict[str, RequestRecord] = attrs.Factory(dict)
     request_log: RequestLogCursor = RequestLogCursor()
+    #: Turns run by the live runtime; terminal ones are archived like leases.
+    turns: dict[str, rc.Turn] = attrs.Factory(dict)
 
 
 def _put(mapping: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
@@ -808,6 +874,11 @@ def decode_ledger(data: bytes) -> Ledger:
         # specs/relay-state.schema.json says (the writer writes every field).
         for name, default in _LATER_MEMBERS:  # a ledger of an earlier version lacks them
             doc.setdefault(name, default)
+        for name, fields in _LATER_FIELDS.items():
+            for record in doc[name].values() if isinstance(doc.get(name), dict) else ():
+                for key, default in fields.items():
+                    if isinstance(record, dict):
+                        record.setdefault(key, default)
         ledger = from_json(Ledger, doc, complete=True)
         _check_replies(ledger)
     except RelayError as exc:
@@ -818,12 +889,19 @@ def decode_ledger(data: bytes) -> Ledger:
 
 
 #: Ledger members added after the first release, with what their absence means.
-_LATER_MEMBERS: Final = (("ledger_id", ""), ("request_log", {"bucket": "", "shard_bytes": []}))
+_LATER_MEMBERS: Final = (("ledger_id", ""), ("request_log", {"bucket": "", "shard_bytes": []}),
+                         ("turns", {}))
+#: Record fields added after the first release: member -> field -> what absence means.
+_LATER_FIELDS: Final = {"profiles": {"pool_size": 1, "cwd": "", "env": [], "options": []}}
 
 
 def _check_replies(ledger: Ledger) -> None:
     """Each stored reply is a complete reply message of its method."""
     for key, record in ledger.requests.items():
+        profile = record.reply.get("profile") if record.method == "RegisterProfile" else None
+        if isinstance(profile, dict):  # a reply stored before the later profile fields
+            for name, default in _LATER_FIELDS["profiles"].items():
+                profile.setdefault(name, default)
         from_json(rc.RPC_BY_NAME[record.method].response, record.reply,
                   path=f"requests.{key}.reply", complete=True)
 
@@ -833,7 +911,7 @@ def _check_ledger_keys(ledger: Ledger, hint: str) -> None:
     for name, key_field in (
         ("profiles", "name"), ("sessions", "session_id"), ("leases", "lease_id"),
         ("control_requests", "request_id"), ("cursors", "session_id"),
-        ("tokens", "token_id"), ("quarantines", "session_id"),
+        ("tokens", "token_id"), ("quarantines", "session_id"), ("turns", "turn_id"),
     ):
         for key, record in getattr(ledger, name).items():
             if getattr(record, key_field) != key or not rc.ID_PATTERN.fullmatch(key):
@@ -1617,7 +1695,9 @@ def register_profile(ledger: Ledger, req: rc.RegisterProfileRequest, ctx: Ctx):
         raise InvalidArgument(
             f"pooled profiles are Codex-only; {req.provider} sessions are one-borrow",
             hint=f"register it with --provider {req.provider} --mode one-borrow")
-    profile = rc.Profile(req.name, req.provider, req.mode, tuple(req.command), ctx.stamp)
+    check_profile_settings(req)
+    profile = rc.Profile(req.name, req.provider, req.mode, tuple(req.command), ctx.stamp,
+                         req.pool_size, req.cwd, tuple(req.env), tuple(req.options))
     old = ledger.profiles.get(req.name)
     if old is not None:
         if attrs.evolve(old, created_at=ctx.stamp) == profile:
@@ -1627,6 +1707,68 @@ def register_profile(ledger: Ledger, req: rc.RegisterProfileRequest, ctx: Ctx):
             hint="pick another NAME, or list profiles with `python -m relay profile list`")
     ledger = attrs.evolve(ledger, profiles=_put(ledger.profiles, req.name, profile))
     return ledger, rc.ProfileReply("registered", ctx.revision, profile)
+
+
+#: The provider settings ``--option key=value`` may set: provider -> key -> allowed values
+#: (a tuple), or a pattern a free value must match.  Never raw shell: each maps
+#: to one documented flag, request field or environment variable (see the
+#: runtime contract, "Profiles").
+PROVIDER_OPTIONS: Final[dict[str, dict[str, Any]]] = {
+    "codex": {
+        "approval_policy": ("never", "on-request", "untrusted"),
+        "sandbox": ("read-only", "workspace-write", "danger-full-access"),
+        "model": re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}"),
+        "model_provider": re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"),
+    },
+    "claude": {
+        "permission_mode": ("default", "acceptEdits", "dontAsk", "plan", "bypassPermissions"),
+        "allowed_tools": re.compile(r"[A-Za-z0-9_(),:* .-]{1,512}"),
+        "model": re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}"),
+        "base_url": re.compile(r"https?://[A-Za-z0-9.\[\]:_-]+(/[A-Za-z0-9._~/-]*)?"),
+        "permission_prompt": ("stdio", "none"),
+    },
+    "kimi": {
+        "model": re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}"),
+    },
+}
+
+#: Environment names the runtime sets itself; a profile may not override them.
+RESERVED_ENV: Final = frozenset({"HOME", "CODEX_HOME", "TMPDIR", "FLOW_RELAY_SESSION", "FLOW_RELAY_SCRATCH"})
+
+
+def profile_options(profile: rc.Profile) -> dict[str, str]:
+    return dict(entry.split("=", 1) for entry in profile.options)
+
+
+def check_profile_settings(req: rc.RegisterProfileRequest) -> None:
+    """``pool_size``, ``cwd``, ``env`` and ``options`` as the runtime contract allows."""
+    hint = "see `python -m relay profile register --help` and specs/flow-runtime-contract.md"
+    if not 1 <= req.pool_size <= 64:
+        raise InvalidArgument(f"pool size {req.pool_size} is out of range 1..64", hint=hint)
+    if req.cwd and (not os.path.isabs(req.cwd) or "\x00" in req.cwd or len(req.cwd) > 4096):
+        raise InvalidArgument(f"cwd {req.cwd!r} is not an absolute path", hint=hint)
+    for entry in req.env:
+        if not rc.ENV_ENTRY_PATTERN.fullmatch(entry):
+            raise InvalidArgument(f"env entry {entry[:80]!r} is not KEY=VALUE", hint=hint)
+        if entry.split("=", 1)[0] in RESERVED_ENV:
+            raise InvalidArgument(f"env {entry.split('=', 1)[0]} is set by the runtime itself",
+                                  hint=f"leave out {', '.join(sorted(RESERVED_ENV))}")
+    table = PROVIDER_OPTIONS[req.provider]
+    seen: set[str] = set()
+    for entry in req.options:
+        key, sep, value = entry.partition("=")
+        allowed = table.get(key)
+        if not sep or allowed is None:
+            raise InvalidArgument(f"{req.provider} has no option {key!r}",
+                                  hint=f"{req.provider} options: {', '.join(sorted(table))}")
+        if key in seen:
+            raise InvalidArgument(f"option {key!r} is given twice", hint=hint)
+        seen.add(key)
+        ok = value in allowed if isinstance(allowed, tuple) else allowed.fullmatch(value)
+        if not ok:
+            want = ", ".join(allowed) if isinstance(allowed, tuple) else allowed.pattern
+            raise InvalidArgument(f"option {key}={value[:80]!r} is not allowed; want {want}",
+                                  hint=hint)
 
 
 def create_session(ledger: Ledger, req: rc.CreateSessionRequest, ctx: Ctx):
@@ -1957,6 +2099,79 @@ def clear_quarantine(ledger: Ledger, req: rc.ClearQuarantineRequest, ctx: Ctx):
     return ledger, rc.QuarantineReply("cleared", ctx.revision, quarantine)
 
 
+# -- turns (the live runtime submits these; see the Runtime section) ---------------
+
+
+def turn_holder(ledger: Ledger, session_id: str, lease_id: str, token: int, stamp: str) -> rc.Lease:
+    """The lease a turn acts for: live, exclusive-write, on ``session_id``, and
+    carrying the session's current fencing token (anything else is refused,
+    naming the current token, so a stale holder learns it was superseded)."""
+    session = _session(ledger, session_id)
+    current = session.fencing_token
+    lease = ledger.leases.get(lease_id)
+    hint = "borrow the session again (exclusive-write) and use the new lease's fencing token"
+    if lease is None:
+        raise FailedPrecondition(f"lease {lease_id!r} does not exist; current fencing token of "
+                                 f"{session_id!r} is {current}", hint=hint)
+    if lease.session_id != session_id:
+        raise FailedPrecondition(f"lease {lease_id!r} is on session {lease.session_id!r}, not "
+                                 f"{session_id!r}", hint="pass the session the lease was granted on")
+    if lease.mode != "exclusive-write":
+        raise FailedPrecondition(f"lease {lease_id!r} is {lease.mode}; turns need an "
+                                 "exclusive-write lease", hint=hint)
+    if lease.state != "active" or not is_live(lease, stamp):
+        raise FailedPrecondition(f"lease {lease_id!r} is {_state_at(lease, stamp)}; current fencing "
+                                 f"token of {session_id!r} is {current}", hint=hint)
+    if token != current or token != lease.fencing_token:
+        raise FailedPrecondition(f"stale fencing token {token}; current {current}", hint=hint)
+    if _quarantined(ledger, session_id):
+        raise FailedPrecondition(f"session {session_id!r} is quarantined",
+                                 hint=f"see `python -m relay recover --session {session_id}`")
+    return lease
+
+
+def running_turn(ledger: Ledger, session_id: str) -> rc.Turn | None:
+    return next((t for t in ledger.turns.values()
+                 if t.session_id == session_id and t.state == "running"), None)
+
+
+def start_turn(ledger: Ledger, req: rc.StartTurnRequest, ctx: Ctx):
+    """Record a running turn for the holder of the session's current token."""
+    turn_holder(ledger, req.session_id, req.lease_id, req.fencing_token, ctx.stamp)
+    if not req.input.strip() or len(req.input) > rc.MAX_TURN_INPUT:
+        raise InvalidArgument(f"input must be 1..{rc.MAX_TURN_INPUT} characters",
+                              hint="pass the prompt with --input")
+    if len(req.task_ref) > 512:
+        raise InvalidArgument("task_ref must be at most 512 characters", hint="pass a short reference")
+    running = running_turn(ledger, req.session_id)
+    if running is not None:
+        raise FailedPrecondition(
+            f"session {req.session_id!r} is running turn {running.turn_id!r}",
+            hint=f"wait for it, or `python -m relay turn interrupt {running.turn_id} ...`")
+    turn = rc.Turn(f"turn-{ctx.revision}", req.session_id, req.lease_id, "running", req.input,
+                   task_ref=req.task_ref, started_at=ctx.stamp, request_id=req.request_id)
+    ledger = attrs.evolve(ledger, turns=_put(ledger.turns, turn.turn_id, turn))
+    return ledger, rc.TurnReply(turn)
+
+
+#: How much of a turn's output text the ledger keeps (characters); the result
+#: record in the session's result stream has it whole (up to max_record_bytes).
+TURN_TEXT_KEPT: Final = 16 * KIB
+
+
+def end_turn(ledger: Ledger, turn_id: str, state: str, output_text: str, error: str, usage: Any,
+             ctx: Ctx):
+    """A running turn's terminal state (a turn that already ended is left as it is)."""
+    turn = ledger.turns.get(turn_id)
+    if turn is None or turn.state != "running":
+        return ledger, rc.TurnReply(turn) if turn is not None else None
+    if len(output_text) > TURN_TEXT_KEPT:
+        output_text = output_text[:TURN_TEXT_KEPT] + " [truncated: the result stream has it whole]"
+    turn = attrs.evolve(turn, state=state, output_text=output_text, error=error[:2048],
+                        usage=usage, ended_at=ctx.stamp)
+    return attrs.evolve(ledger, turns=_put(ledger.turns, turn_id, turn)), rc.TurnReply(turn)
+
+
 # -- runtime and tokens (local administration, not RPCs) --------------------------
 
 
@@ -2118,6 +2333,14 @@ def _old_controls(ledger: Ledger, cut: str, keep: int) -> list[rc.ControlRequest
     return [x for i, x in enumerate(ordered) if i < overflow or x.recorded_at < cut]
 
 
+def _old_turns(ledger: Ledger, cut: str, keep: int) -> list[rc.Turn]:
+    """Terminal turns past the lease retention window, and beyond the newest ``keep``."""
+    ended = sorted((x for x in ledger.turns.values() if x.state != "running"),
+                   key=lambda x: (x.ended_at, x.turn_id))
+    overflow = max(len(ended) - keep, 0)
+    return [x for i, x in enumerate(ended) if i < overflow or x.ended_at < cut]
+
+
 def compact(ledger: Ledger, ctx: Ctx) -> tuple[Ledger, dict[str, list[dict[str, Any]]]]:
     """Move terminal leases and old control requests out of the ledger after
     their retention windows or beyond their caps.  Returns the rows to
@@ -2130,19 +2353,23 @@ def compact(ledger: Ledger, ctx: Ctx) -> tuple[Ledger, dict[str, list[dict[str, 
     overflow = max(len(ended) - cfg.max_terminal_leases, 0)
     old_leases = [x for i, x in enumerate(ended) if i < overflow or x.ended_at < lease_cut]
     old_controls = _old_controls(ledger, control_cut, cfg.max_control_requests)
-    if not old_leases and not old_controls:
+    old_turns = _old_turns(ledger, lease_cut, cfg.max_terminal_leases)
+    if not old_leases and not old_controls and not old_turns:
         return attrs.evolve(ledger, compacted_at=ctx.stamp), {}
     gone_leases = {x.lease_id for x in old_leases}
     gone_controls = {x.request_id for x in old_controls}
+    gone_turns = {x.turn_id for x in old_turns}
     ledger = attrs.evolve(
         ledger,
         leases={k: v for k, v in ledger.leases.items() if k not in gone_leases},
         control_requests={k: v for k, v in ledger.control_requests.items()
                           if k not in gone_controls},
+        turns={k: v for k, v in ledger.turns.items() if k not in gone_turns},
         compacted_at=ctx.stamp,
     )
     rows = {"leases": [to_json(x) for x in old_leases],
-            "control-requests": [to_json(x) for x in old_controls]}
+            "control-requests": [to_json(x) for x in old_controls],
+            "turns": [to_json(x) for x in old_turns]}
     return ledger, {k: v for k, v in rows.items() if v}
 
 
@@ -2163,6 +2390,7 @@ class Operations:
     append_event = append_result = staticmethod(append_record)  # the row names the stream
     quarantine_session = staticmethod(quarantine_session)
     clear_quarantine = staticmethod(clear_quarantine)
+    start_turn = staticmethod(start_turn)  # the runtime submits it once the provider took the input
 
 
 def _implementation(namespace: type, rpc: rc.Rpc) -> Callable[..., Any]:
@@ -2233,10 +2461,45 @@ def list_profiles(ledger: Ledger, req: rc.ListProfilesRequest, now: float):
     return rc.ListProfilesReply(ledger.revision, tuple(v for _, v in sorted(ledger.profiles.items())))
 
 
-def list_sessions(ledger: Ledger, req: rc.ListSessionsRequest, now: float):
-    rows = [s for _, s in sorted(ledger.sessions.items())
+def list_sessions(ledger: Ledger, req: rc.ListSessionsRequest, now: float,
+                  processes: dict[str, rc.ProcessInfo] | None = None):
+    """Sessions, each with its live process when a server's runtime knows one."""
+    rows = [session_view(s, (processes or {}).get(s.session_id)) for _, s in sorted(ledger.sessions.items())
             if (not req.profile or s.profile == req.profile) and (not req.state or s.state == req.state)]
     return rc.ListSessionsReply(ledger.revision, tuple(rows))
+
+
+def session_view(session: rc.Session, process: rc.ProcessInfo | None) -> rc.SessionView:
+    return rc.SessionView(*(getattr(session, f.name) for f in attrs.fields(rc.Session)),
+                          process=process or rc.ProcessInfo())
+
+
+def get_turn(ledger: Ledger, req: rc.GetTurnRequest, now: float):
+    turn = ledger.turns.get(req.turn_id)
+    if turn is None:
+        raise _not_found("turn", req.turn_id, "list turns with `python -m relay turn list`")
+    return rc.TurnReply(turn)
+
+
+def list_turns(ledger: Ledger, req: rc.ListTurnsRequest, now: float):
+    rows = [t for t in sorted(ledger.turns.values(), key=lambda t: (t.started_at, t.turn_id))
+            if (not req.session_id or t.session_id == req.session_id)
+            and (not req.task_ref or t.task_ref == req.task_ref)
+            and (not req.state or t.state == req.state)]
+    return rc.ListTurnsReply(ledger.revision, tuple(rows))
+
+
+def list_tasks(ledger: Ledger, req: rc.ListTasksRequest, now: float):
+    """Turns grouped by their ``task_ref`` (turns without one are left out)."""
+    groups: dict[str, list[rc.Turn]] = {}
+    for turn in list_turns(ledger, rc.ListTurnsRequest(task_ref=req.task_ref), now).turns:
+        if turn.task_ref:
+            groups.setdefault(turn.task_ref, []).append(turn)
+    tasks = tuple(
+        rc.TaskView(ref, tuple(turns), **{state: sum(1 for t in turns if t.state == state)
+                                          for state in rc.TURN_STATES})
+        for ref, turns in sorted(groups.items()))
+    return rc.ListTasksReply(ledger.revision, tasks)
 
 
 def effective_lease(lease: rc.Lease, stamp: str) -> rc.Lease:
@@ -2338,6 +2601,9 @@ class Reads:
     list_sessions = _over_ledger(list_sessions)
     list_leases = _over_ledger(list_leases)
     recover = _over_ledger(recover)
+    get_turn = _over_ledger(get_turn)
+    list_turns = _over_ledger(list_turns)
+    list_tasks = _over_ledger(list_tasks)
     list_events = list_results = staticmethod(
         lambda view, request, stream: list_records(view.store, view.ledger, request, stream))
 
@@ -2589,6 +2855,7 @@ def _compact_if_due(store: Store, ledger: Ledger, now: float, config: Config) ->
     """Compact once per interval, or at once when a count cap is exceeded (so
     lease churn cannot grow the ledger, and every commit, between runs)."""
     crowded = (len(ledger.leases) > 2 * config.max_terminal_leases
+               or len(ledger.turns) > 2 * config.max_terminal_leases
                or len(ledger.control_requests) > 2 * config.max_control_requests)
     if not crowded and ledger.compacted_at > iso(now - config.compact_interval_seconds):
         return ledger
@@ -4102,11 +4369,6 @@ def provider_env(endpoint: ProviderEndpoint, *, home: str, tmpdir: str, api_key:
                           hint=f"use one of {', '.join(PROVIDER_SETTINGS)}")
 
 
-################################################################
-# Supervision (ledger owner, heartbeat, subprocesses)
-################################################################
-
-
 class _TaskStatusIgnored:
     """``trio.TASK_STATUS_IGNORED`` without importing trio when the module
     loads: the default of every ``task_status``, whose ``started`` does nothing
@@ -4120,6 +4382,1092 @@ class _TaskStatusIgnored:
 
 
 _TASK_STATUS_IGNORED: Final = cast("TaskStatus[Any]", _TaskStatusIgnored())
+
+
+################################################################
+# Process supervisor (provider children: spawn, read, stop, reap)
+################################################################
+
+# One ``ProviderProcess`` per provider child.  Its life is a small state
+# machine, each transition logged with its reason:
+#
+#     starting --(handshake, or spawned for CLIs that print nothing first)--> running
+#     starting | running --(stop asked)--> stopping --(reaped)--> exited
+#     starting | running --(stdout EOF / exit nobody asked for)--> exited
+#
+# The child runs in its own session and process group (``start_new_session``),
+# so a stop signals the group: commands the agent started die with it.  It
+# also gets PR_SET_PDEATHSIG=SIGKILL, so a relay killed with SIGKILL takes its
+# children along.  That signal fires when the *thread* that forked the child
+# exits, not the process; trio's ``open_process`` forks in a worker thread
+# (which trio retires after idling), so the child is forked here, on the trio
+# thread, with ``subprocess.Popen`` (a few milliseconds) and waited for with a
+# pidfd.  Belt and braces: every process group is recorded in
+# ``flow/tmp/relay/providers.json``, and the next ``serve`` kills what a dead
+# server left (``reap_orphans``), identifying members by the scratch path in
+# their environment, so a recycled pid or group id is never hit.
+#
+# stdout is read all the time by one task and handed on in bounded batches
+# (a full pipe stalls the agent); stderr is kept as a ring of its newest lines.
+
+PROVIDERS_RECORD: Final = "providers.json"
+SESSIONS_DIR: Final = "sessions"
+#: The chunk a provider's stdout is read in (bytes).
+READ_CHUNK_BYTES: Final = 64 * KIB
+#: Event batches (one per stdout read) queued for the runtime before the reader waits.
+EVENT_BATCHES: Final = 64
+_PR_SET_PDEATHSIG: Final = 1
+#: The environment variables that mark a provider process as this workspace's.
+SCRATCH_ENV: Final = "FLOW_RELAY_SCRATCH"
+SESSION_ENV: Final = "FLOW_RELAY_SESSION"
+
+_plog = __import__("logging").getLogger("relay.process")
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def scratch_dirs(tmp_dir: Path, session_id: str) -> dict[str, Path]:
+    """A session's scratch: its root, a home (HOME and CODEX_HOME), TMPDIR and work dir."""
+    root = tmp_dir / SESSIONS_DIR / session_id
+    return {"root": root, "home": root / "home", "tmp": root / "tmp", "work": root / "work"}
+
+
+def make_scratch(tmp_dir: Path, session_id: str) -> dict[str, Path]:
+    dirs = scratch_dirs(tmp_dir, session_id)
+    for path in dirs.values():
+        path.mkdir(parents=True, exist_ok=True)
+    return dirs
+
+
+def _group_members(pgid: int, marker: str | None = None) -> list[int]:
+    """Live pids in process group ``pgid`` (with ``marker`` in their environment, if given)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            if int(fields[2]) != pgid or fields[0] == b"Z":
+                continue
+            if marker is not None:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if marker.encode() not in f.read().split(b"\0"):
+                        continue
+        except (OSError, IndexError, ValueError):
+            continue
+        found.append(int(entry))
+    return found
+
+
+def reap_orphans(tmp_dir: Path) -> int:
+    """Kill the provider process groups a previous server of this workspace
+    recorded and left behind (it died without stopping them).  Returns how
+    many processes were killed.  Blocking: call from a worker thread."""
+    path = tmp_dir / PROVIDERS_RECORD
+    try:
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return 0
+    if not isinstance(doc, dict) or doc.get("server_pid") == os.getpid():
+        return 0
+    killed = 0
+    for row in doc.get("processes", []) if isinstance(doc.get("processes"), list) else ():
+        try:
+            pgid, scratch = int(row["pgid"]), str(row["scratch"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        for pid in _group_members(pgid, f"{SCRATCH_ENV}={scratch}"):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+    with contextlib.suppress(OSError):
+        path.unlink()
+    if killed:
+        _plog.warning("killed %d provider processes left by a previous server", killed)
+    return killed
+
+
+def _write_record(tmp_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """The live provider groups, for the next server's ``reap_orphans`` (temp, fsync, rename)."""
+    _make_dirs(tmp_dir)
+    path = tmp_dir / PROVIDERS_RECORD
+    tmp = path.with_name(f".{PROVIDERS_RECORD}.tmp.{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(json.dumps({"server_pid": os.getpid(), "processes": rows}, sort_keys=True).encode())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(tmp_dir)
+
+
+@attrs.define(eq=False)
+class ProviderProcess:
+    """One provider child: its pipes, its protocol object, its state machine."""
+
+    session_id: str
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    protocol: Any
+    config: Config = Config()
+    state: str = "starting"
+    reason: str = ""
+    pid: int = 0
+    started_at: str = ""
+    provider_version: str = ""
+    returncode: int | None = None
+    stop_requested: bool = False
+    stderr: Any = None  # deque of the newest lines
+    events: Any = None  # receive side: one list of WireEvents per stdout read
+    exited: Any = None  # trio.Event
+    _events_send: Any = None
+    _popen: Any = None
+    _stdin: Any = None
+    _stdout: Any = None
+    _stderr_stream: Any = None
+    _write_lock: Any = None
+    _reading: bool = False
+    _stderr_seen: Any = attrs.Factory(lambda: trio.Event())
+    #: Called after every state transition (the runtime wakes its watchers).
+    on_change: Callable[[], None] | None = None
+
+    def __attrs_post_init__(self) -> None:
+        import collections
+
+        self.stderr = collections.deque(maxlen=self.config.stderr_lines)
+        self._events_send, self.events = trio.open_memory_channel(EVENT_BATCHES)
+        self.exited = trio.Event()
+        self._write_lock = trio.Lock()
+
+    @property
+    def info(self) -> rc.ProcessInfo:
+        return rc.ProcessInfo(self.pid, self.state, self.started_at, self.provider_version)
+
+    def transition(self, state: str, reason: str) -> None:
+        if state != self.state:
+            _plog.info("session %s pid %s: %s -> %s (%s)", self.session_id, self.pid, self.state,
+                       state, reason)
+        self.state, self.reason = state, reason
+        if self.on_change is not None:
+            self.on_change()
+
+    def spawn(self, now: float) -> None:
+        """Fork and exec the child (on the calling, trio, thread: see above)."""
+        import subprocess
+
+        fds = [os.pipe() for _ in range(3)]  # stdin, stdout, stderr: (read, write)
+        child = (fds[0][0], fds[1][1], fds[2][1])
+        try:
+            self._popen = subprocess.Popen(
+                self.argv, stdin=child[0], stdout=child[1], stderr=child[2], cwd=self.cwd,
+                env=self.env, start_new_session=True, preexec_fn=_die_with_parent, close_fds=True)
+        except OSError:
+            for r, w in fds:
+                os.close(r)
+                os.close(w)
+            raise
+        for fd in child:
+            os.close(fd)
+        self.pid, self.started_at = self._popen.pid, iso(now)
+        self._stdin = trio.lowlevel.FdStream(fds[0][1])
+        self._stdout = trio.lowlevel.FdStream(fds[1][0])
+        self._stderr_stream = trio.lowlevel.FdStream(fds[2][0])
+        _plog.info("session %s: spawned pid %s: %s", self.session_id, self.pid, shlex.join(self.argv))
+
+    async def run(self, *, task_status: TaskStatus[None] = _TASK_STATUS_IGNORED) -> None:
+        """Read stdout and stderr until the child is gone, then reap it."""
+        try:
+            self._reading = True
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_stderr)
+                task_status.started()
+                await self._read_stdout()
+                await self._reap()
+        finally:
+            self._reading = False
+            with trio.CancelScope(shield=True):
+                if self.returncode is None:  # cancelled: the relay is stopping
+                    await self.stop("the relay is stopping")
+                for stream in (self._stdin, self._stdout, self._stderr_stream):
+                    with contextlib.suppress(Exception):
+                        await stream.aclose()
+                self._events_send.close()
+
+    async def _read_stdout(self) -> None:
+        while True:
+            try:
+                chunk = await self._stdout.receive_some(READ_CHUNK_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                chunk = b""
+            events = self.protocol.receive_data(chunk) if chunk else self.protocol.receive_eof()
+            reply = self.protocol.data_to_send()
+            if reply:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self.write(reply)
+            if events:
+                await self._events_send.send(events)
+            if not chunk:
+                return
+
+    async def _read_stderr(self) -> None:
+        tail = b""
+        while True:
+            try:
+                chunk = await self._stderr_stream.receive_some(READ_CHUNK_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not chunk:
+                if tail:
+                    self.stderr.append(tail.decode("utf-8", "replace"))
+                return
+            *lines, tail = (tail + chunk).split(b"\n")
+            tail = tail[-4096:]
+            self.stderr.extend(line[:4096].decode("utf-8", "replace") for line in lines)
+            if lines:
+                self._stderr_seen.set()
+                self._stderr_seen = trio.Event()
+
+    async def wait_stderr(self, text: str) -> str:
+        """The first kept stderr line containing ``text``, once there is one."""
+        while True:
+            line = next((x for x in self.stderr if text in x), None)
+            if line is not None:
+                return line
+            await self._stderr_seen.wait()
+
+    async def write(self, data: bytes) -> None:
+        """Write to the child's stdin (whole, one writer at a time)."""
+        async with self._write_lock:
+            await self._stdin.send_all(data)
+
+    async def _reap(self) -> None:
+        """Wait for the exit (a pidfd, else a worker thread) and collect the status: no zombie."""
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):
+            pidfd = None
+        if pidfd is not None:
+            try:
+                await trio.lowlevel.wait_readable(pidfd)
+            finally:
+                os.close(pidfd)
+            self.returncode = self._popen.wait()  # it has exited: this does not block
+        else:  # pragma: no cover - kernels before 5.3
+            self.returncode = await trio.to_thread.run_sync(self._popen.wait)
+        if self.exited.is_set():
+            return
+        self._kill_group()  # whatever the agent left running in its group goes too
+        why = self.reason if self.stop_requested else f"exited on its own with {self.returncode}"
+        self.transition("exited", why)
+        self.exited.set()
+
+    def _kill_group(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+
+    def leftovers(self) -> list[int]:
+        """Processes of the child's group other than the child itself (what its commands left)."""
+        return [pid for pid in _group_members(self.pid) if pid != self.pid]
+
+    async def stop(self, reason: str) -> None:
+        """Close stdin, wait; SIGTERM the group, wait; SIGKILL the group, wait.
+        Each wait is bounded by configuration; shielded, so it finishes."""
+        if self.returncode is not None:
+            return
+        self.stop_requested = True
+        self.transition("stopping", reason)
+        cfg = self.config
+        with trio.CancelScope(shield=True):
+            with contextlib.suppress(Exception):
+                await self._stdin.aclose()
+            for sig, seconds in ((None, cfg.stop_stdin_seconds), (signal.SIGTERM, cfg.stop_term_seconds),
+                                 (signal.SIGKILL, cfg.stop_kill_seconds)):
+                if sig is not None:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(self.pid, sig)
+                with trio.move_on_after(seconds):
+                    if self._reading:
+                        await self.exited.wait()
+                    else:  # the reader was cancelled (the relay is stopping): reap here
+                        await self._reap()
+                    return
+            _plog.error("session %s pid %s survived SIGKILL for %s s", self.session_id, self.pid,
+                        cfg.stop_kill_seconds)
+
+
+################################################################
+# Runtime (pools, turns, approvals, hand-over)
+################################################################
+
+# The runtime lives in the supervision nursery of ``serve``.  It reconciles
+# the ledger with reality: every profile gets ``pool_size`` idle sessions with
+# a live, handshaken process (it creates the sessions through the ledger owner,
+# like any RPC), and every lease that ends hands its session over (pooled) or
+# closes it (one-borrow).  It runs turns for the holder of a session's current
+# fencing token and writes what the agent does into the session's streams:
+# provider-neutral events (``turn.started``, ``item.started``,
+# ``item.completed``, ``approval.requested``, ``turn.completed`` /
+# ``turn.failed`` / ``turn.interrupted``) with the native frame under
+# ``data.native``, one result record per turn.  Those records are committed
+# before they are published (the ledger owner publishes after each commit).
+# Token deltas are not durable: each stdout read's deltas of one item are
+# coalesced into one live ``delta`` frame (no SSE id, so no Last-Event-ID
+# position), published at once; the completed item carries the whole text.
+#
+# Failure handling (issue 12) hooks in at ``_on_exit`` (a process that ended
+# on its own) and ``_start_failed``: for now both quarantine the session with a
+# reason code (``provider_exited``, ``start_failed``), fail its running turn
+# and let the pool start a replacement, with exponential backoff per profile.
+
+_rlog = __import__("logging").getLogger("relay.runtime")
+
+#: The provider's real CLI when a profile names no --command.
+DEFAULT_COMMANDS: Final = {
+    "codex": ("codex", "app-server"),
+    "claude": ("claude", "-p", "--input-format", "stream-json", "--output-format", "stream-json",
+               "--verbose", "--include-partial-messages"),
+    "kimi": ("kimi", "--print", "--input-format", "stream-json", "--output-format", "stream-json"),
+}
+#: How often the runtime re-reads the ledger when no notice woke it (seconds).
+RECONCILE_SECONDS: Final = 0.5
+#: The longest a profile waits before its next spawn after failures (seconds).
+SPAWN_BACKOFF_MAX_SECONDS: Final = 60.0
+#: How much of a native frame an event record keeps (bytes of canonical JSON).
+NATIVE_KEPT_BYTES: Final = 16 * KIB
+#: The event kinds the runtime makes durable (everything else stays in memory).
+DURABLE_KINDS: Final = ("turn.started", "item.started", "item.completed", "approval.requested",
+                        "approval.resolved", "turn.completed", "turn.failed", "turn.interrupted")
+_END_STATES: Final = {"turn.completed": "completed", "turn.failed": "failed",
+                      "turn.interrupted": "interrupted"}
+
+
+_PROTOCOLS: Final = {"codex": CodexProtocol, "claude": ClaudeProtocol, "kimi": KimiProtocol}
+
+
+def provider_argv(profile: rc.Profile) -> list[str]:
+    """The argv of a profile's process: its --command (or the real CLI), with
+    the documented options that are flags appended (Claude).  The program is
+    resolved on PATH; one that cannot be found is ``FailedPrecondition``."""
+    argv = list(profile.command or DEFAULT_COMMANDS[profile.provider])
+    found = shutil.which(argv[0])
+    if found is None:
+        raise FailedPrecondition(f"{argv[0]} is not on PATH for profile {profile.name!r}",
+                                 hint="install it, or register the profile with --command")
+    argv[0] = found
+    opts = profile_options(profile)
+    if profile.provider == "claude":
+        flags = {"permission_mode": "--permission-mode", "allowed_tools": "--allowedTools",
+                 "model": "--model"}
+        for key, flag in flags.items():
+            if key in opts:
+                argv += [flag, opts[key]]
+        if opts.get("permission_prompt", "stdio") == "stdio":
+            argv += ["--permission-prompt-tool", "stdio"]
+    if profile.provider == "kimi" and "model" in opts:
+        argv += ["--model", opts["model"]]
+    return argv
+
+
+def process_env(profile: rc.Profile, session_id: str, dirs: dict[str, Path],
+                endpoint: ProviderEndpoint | None) -> dict[str, str]:
+    """The child's environment: the relay's, the provider's endpoint and
+    offline settings (``provider_env``: always on), the profile's --env, then
+    the scratch the runtime owns."""
+    env = dict(os.environ)
+    if endpoint is not None:
+        env.update(provider_env(endpoint, home=str(dirs["home"]), tmpdir=str(dirs["tmp"]),
+                                api_key=os.environ.get(endpoint.api_key_env, "")))
+    env.update(dict(entry.split("=", 1) for entry in profile.env))
+    opts = profile_options(profile)
+    if profile.provider == "claude" and "base_url" in opts:
+        env["ANTHROPIC_BASE_URL"] = opts["base_url"]
+    env.update({"HOME": str(dirs["home"]), "TMPDIR": str(dirs["tmp"]),
+                SCRATCH_ENV: str(dirs["root"]), SESSION_ENV: session_id})
+    if profile.provider == "codex":
+        env["CODEX_HOME"] = str(dirs["home"])
+    return env
+
+
+def write_provider_home(profile: rc.Profile, home: Path,
+                        providers: dict[str, dict[str, Any]]) -> ProviderEndpoint | None:
+    """Write the provider's offline home files (Codex's ``config.toml``) into
+    its scratch home; returns its endpoint (None for a provider without
+    settings, e.g. Kimi).  The profile's Codex options go into the config."""
+    if profile.provider not in PROVIDER_SETTINGS:
+        return None
+    endpoint = provider_endpoint(profile.provider, providers.get(profile.provider), dict(os.environ))
+    opts = profile_options(profile)
+    if opts.get("model"):
+        endpoint = attrs.evolve(endpoint, model=opts["model"])
+    codex = ({"approval_policy": opts.get("approval_policy", "never"),
+              "sandbox_mode": opts.get("sandbox", "read-only")}
+             if profile.provider == "codex" else {})
+    for name, data in provider_home_files(endpoint, **codex).items():
+        (home / name).write_bytes(data)
+    return endpoint
+
+
+def close_session(ledger: Ledger, session_id: str, reason: str, ctx: Ctx):
+    """A session whose process is gone for good (a one-borrow session after its lease)."""
+    session = ledger.sessions.get(session_id)
+    if session is None or session.state == "closed":
+        return ledger, session
+    session = attrs.evolve(session, state="closed", updated_at=ctx.stamp)
+    return attrs.evolve(ledger, sessions=_put(ledger.sessions, session_id, session)), session
+
+
+def _native(frame: Any) -> Any:
+    """The native frame, or a note of its size when it is too big to keep."""
+    size = len(_canonical(frame))
+    return frame if size <= NATIVE_KEPT_BYTES else {"omitted_bytes": size}
+
+
+def event_data(event: WireEvent, turn_id: str | None) -> dict[str, Any]:
+    """The provider-neutral record of one wire event (fields left empty are dropped)."""
+    data: dict[str, Any] = {"turn_id": turn_id}
+    for field in attrs.fields(type(event)):
+        if field.name in ("native", "turn_id", "thread_id"):
+            continue
+        value = getattr(event, field.name)
+        if value not in (None, "", ()):
+            data[field.name] = value
+    data["native"] = _native(event.native)
+    return data
+
+
+@attrs.define(eq=False)
+class _TurnRun:
+    """The running turn of a session, in memory."""
+
+    turn: rc.Turn
+    native_id: str | None = None
+    text: list[str] = attrs.Factory(list)
+    ended: Any = attrs.Factory(lambda: trio.Event())
+    started: Any = attrs.Factory(lambda: trio.Event())  # the provider opened it (turn.started)
+    state: str = ""
+
+
+@attrs.define(eq=False)
+class _Waiter:
+    event: Any = attrs.Factory(lambda: trio.Event())
+    result: Any = None
+
+
+@attrs.define(eq=False)
+class LiveSession:
+    """A session with a process behind it: what the runtime knows of it."""
+
+    session_id: str
+    profile: rc.Profile
+    proc: ProviderProcess
+    lock: Any = attrs.Factory(lambda: trio.Lock())  # StartTurn, interrupt, hand-over: one at a time
+    lease_id: str = ""  # the lease whose thread is open (Codex) / the one borrower (one-borrow)
+    thread_id: str = ""
+    used: bool = False  # a one-borrow session served its lease
+    turn: _TurnRun | None = None
+    approvals: dict[str, Any] = attrs.Factory(dict)  # approval_id -> cancel scope of its timer
+    waiters: dict[str, _Waiter] = attrs.Factory(dict)
+    handing_over: bool = False
+
+    def expect(self, name: str) -> _Waiter:
+        waiter = self.waiters[name] = _Waiter()
+        return waiter
+
+    def resolve(self, name: str, result: Any) -> None:
+        waiter = self.waiters.pop(name, None)
+        if waiter is not None:
+            waiter.result = result
+            waiter.event.set()
+
+
+@attrs.define(eq=False)
+class Runtime:
+    """Provider processes for the ledger's sessions, and the turns run on them."""
+
+    owner: Any  # LedgerOwner
+    hub: Any  # EventHub
+    store: Any  # Store
+    config: Config
+    now: Callable[[], float] = time.time
+    providers: dict[str, dict[str, str]] = attrs.Factory(dict)
+    sessions: dict[str, LiveSession] = attrs.Factory(dict)
+    _nursery: Any = None
+    _failures: dict[str, int] = attrs.Factory(dict)  # profile -> consecutive start failures
+    _not_before: dict[str, float] = attrs.Factory(dict)  # profile -> trio time of the next spawn
+    _wake: Any = None
+    _busy: set[str] = attrs.Factory(set)  # sessions being started or recycled
+    _closing: bool = False
+    _changed: Any = None  # trio.Event, replaced each time it fires
+    _record_lock: Any = attrs.Factory(lambda: trio.Lock())  # one providers.json writer
+    _programs: dict[tuple[str, tuple[str, ...]], bool] = attrs.Factory(dict)  # profile -> installed
+
+    def changed(self) -> None:
+        """Something observable changed (a process state, a reconcile pass)."""
+        if self._changed is not None:
+            self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_changed(self) -> None:
+        """Until the next ``changed()`` (what tests and ``--wait`` loops block on)."""
+        if self._changed is None:
+            self._changed = trio.Event()
+        await self._changed.wait()
+
+    # -- the reconcile loop -------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[Runtime] = _TASK_STATUS_IGNORED) -> None:
+        await trio.to_thread.run_sync(reap_orphans, self.store.tmp_dir)
+        self._wake = trio.Event()
+        feed = self.hub.subscribe("relay")
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._watch_feed, feed)
+                await self.reconcile()
+                task_status.started(self)
+                while True:
+                    with trio.move_on_after(RECONCILE_SECONDS):
+                        await self._wake.wait()
+                    self._wake = trio.Event()
+                    await self.reconcile()
+                    self.changed()
+        finally:
+            self.hub.unsubscribe(feed)
+            with trio.CancelScope(shield=True):
+                async with trio.open_nursery() as stops:
+                    for live in list(self.sessions.values()):
+                        stops.start_soon(live.proc.stop, "the relay is stopping")
+                await trio.to_thread.run_sync(self._write_record_sync, [])
+
+    async def _watch_feed(self, feed: Subscriber) -> None:
+        async for _ in feed.receive:
+            self._wake.set()
+
+    def processes(self) -> dict[str, rc.ProcessInfo]:
+        return {sid: live.proc.info for sid, live in self.sessions.items()}
+
+    async def reconcile(self) -> None:
+        """Bring processes in line with the ledger (each step is idempotent)."""
+        ledger = self.owner.ledger
+        stamp = iso(self.now())
+        for live in list(self.sessions.values()):
+            await self._check_lease(ledger, live, stamp)
+        for profile in sorted(ledger.profiles.values(), key=lambda p: p.name):
+            await self._fill_pool(ledger, profile, stamp)
+
+    async def _check_lease(self, ledger: Ledger, live: LiveSession, stamp: str) -> None:
+        session = ledger.sessions.get(live.session_id)
+        if session is None or session.state != "ready" or _quarantined(ledger, live.session_id):
+            if live.proc.state not in ("stopping", "exited"):
+                self._nursery.start_soon(self._retire, live, "the session is no longer ready")
+            return
+        held = live_leases(ledger, live.session_id, stamp)
+        leases = [x for x in held if x.state == "active" and x.mode == "exclusive-write"]
+        if leases and not live.lease_id:
+            live.lease_id = leases[0].lease_id
+            live.used = True
+        elif live.handing_over:
+            return
+        elif (live.lease_id and not any(x.lease_id == live.lease_id for x in leases)) or (
+                not held and not live.lease_id and live.profile.mode == "one-borrow"
+                and self._was_borrowed(ledger, live.session_id)):
+            live.handing_over = live.used = True
+            self._nursery.start_soon(self._hand_over, live)
+
+    def _managed(self, profile: rc.Profile) -> bool:
+        """Whether the runtime runs this profile's sessions: its program is
+        installed.  A profile whose program is missing stays a ledger-only
+        record (said once in the log), so a host without the CLIs, or a
+        workspace that only records sessions, is left as it is."""
+        key = (profile.name, profile.command)
+        if key not in self._programs:
+            try:
+                provider_argv(profile)
+                self._programs[key] = True
+            except FailedPrecondition as exc:
+                _rlog.warning("profile %s is not run by the runtime: %s", profile.name, exc.message)
+                self._programs[key] = False
+        return self._programs[key]
+
+    async def _fill_pool(self, ledger: Ledger, profile: rc.Profile, stamp: str) -> None:
+        """Start processes for the profile's ready sessions, and sessions for its pool."""
+        if trio.current_time() < self._not_before.get(profile.name, 0.0) or not self._managed(profile):
+            return
+        ready = [s for s in ledger.sessions.values() if s.profile == profile.name
+                 and s.state == "ready" and not _quarantined(ledger, s.session_id)]
+        for session in sorted(ready, key=lambda s: s.session_id):
+            if session.session_id in self.sessions or session.session_id in self._busy:
+                continue
+            if profile.mode == "one-borrow" and self._was_borrowed(ledger, session.session_id):
+                await self._close(session.session_id, "a one-borrow session serves one lease")
+                continue
+            await self._start(profile, session.session_id)
+        idle = sum(1 for s in ready if s.session_id in self._busy or (
+            s.session_id in self.sessions and not live_leases(ledger, s.session_id, stamp)
+            and not self.sessions[s.session_id].lease_id))
+        for _ in range(profile.pool_size - idle):
+            try:
+                reply = await self.owner.submit(rpc_mutation(
+                    "CreateSession", rc.CreateSessionRequest(profile.name)))
+            except RelayError as exc:
+                _rlog.warning("cannot create a session for %s: %s", profile.name, exc.message)
+                return
+            if not await self._start(profile, reply.session.session_id):
+                return
+
+    @staticmethod
+    def _was_borrowed(ledger: Ledger, session_id: str) -> bool:
+        return any(x.session_id == session_id and x.state not in ("waiting",)
+                   for x in ledger.leases.values()) or any(
+            t.session_id == session_id for t in ledger.turns.values())
+
+    # -- processes ----------------------------------------------------------
+
+    async def _start(self, profile: rc.Profile, session_id: str) -> bool:
+        """Spawn and (Codex) handshake a session's process; False if that failed."""
+        self._busy.add(session_id)
+        try:
+            return await self._spawn(profile, session_id)
+        finally:
+            self._busy.discard(session_id)
+
+    async def _spawn(self, profile: rc.Profile, session_id: str) -> bool:
+        try:
+            dirs = await trio.to_thread.run_sync(make_scratch, self.store.tmp_dir, session_id)
+            argv = provider_argv(profile)
+            cwd = profile.cwd or str(dirs["work"])
+            proto = _PROTOCOLS[profile.provider]()
+            endpoint = await trio.to_thread.run_sync(
+                write_provider_home, profile, dirs["home"], self.providers)
+            proc = ProviderProcess(session_id, argv, process_env(profile, session_id, dirs, endpoint),
+                                   cwd, proto, self.config, on_change=self.changed)
+            proc.spawn(self.now())
+        except (OSError, RelayError) as exc:
+            await self._start_failed(profile, session_id, f"cannot spawn: {exc}")
+            return False
+        live = LiveSession(session_id, profile, proc)
+        self.sessions[session_id] = live
+        await self._nursery.start(proc.run)
+        self._nursery.start_soon(self._consume, live)
+        await self._write_record()
+        if profile.provider == "codex":
+            waiter = live.expect("handshake")
+            await proc.write(proto.send_initialize())
+            with trio.move_on_after(self.config.startup_timeout_seconds):
+                await waiter.event.wait()
+            if not isinstance(waiter.result, HandshakeCompleted):
+                why = getattr(waiter.result, "error", None) or "no handshake within " \
+                      f"{self.config.startup_timeout_seconds} s"
+                await proc.stop(f"start failed: {why}")
+                await self._start_failed(profile, session_id, why, live)
+                return False
+            proc.provider_version = waiter.result.provider_version or ""
+        proc.transition("running", "handshake completed" if profile.provider == "codex"
+                        else "spawned (this CLI prints nothing before its first input)")
+        self._failures.pop(profile.name, None)
+        return True
+
+    async def _start_failed(self, profile: rc.Profile, session_id: str, why: str,
+                            live: LiveSession | None = None) -> None:
+        n = self._failures[profile.name] = self._failures.get(profile.name, 0) + 1
+        delay = min(2.0 ** (n - 1), SPAWN_BACKOFF_MAX_SECONDS)
+        self._not_before[profile.name] = trio.current_time() + delay
+        stderr = " | ".join(list(live.proc.stderr)[-3:]) if live else ""
+        _rlog.warning("session %s of %s: start failed (%s); next spawn in %.0f s", session_id,
+                      profile.name, why, delay)
+        await self._quarantine(session_id, f"start_failed: {why}" + (f"; stderr: {stderr}" if stderr else ""))
+
+    async def _quarantine(self, session_id: str, reason: str) -> None:
+        with contextlib.suppress(RelayError):
+            await self.owner.submit(rpc_mutation("QuarantineSession", rc.QuarantineSessionRequest(
+                session_id, reason[:500])))
+
+    async def _close(self, session_id: str, reason: str) -> None:
+        with contextlib.suppress(RelayError):
+            await self.owner.submit(Mutation(
+                lambda led, ctx: close_session(led, session_id, reason, ctx), "close_session"))
+
+    async def _retire(self, live: LiveSession, reason: str) -> None:
+        await live.proc.stop(reason)
+
+    async def _write_record(self) -> None:
+        rows = [{"pid": x.proc.pid, "pgid": x.proc.pid, "session_id": sid,
+                 "scratch": str(scratch_dirs(self.store.tmp_dir, sid)["root"])}
+                for sid, x in self.sessions.items() if x.proc.returncode is None]
+        async with self._record_lock:
+            await trio.to_thread.run_sync(self._write_record_sync, rows)
+
+    def _write_record_sync(self, rows: list[dict[str, Any]]) -> None:
+        try:
+            _write_record(self.store.tmp_dir, rows)
+        except OSError as exc:
+            _rlog.error("cannot record provider processes: %s", exc)
+
+    async def _on_exit(self, live: LiveSession) -> None:
+        """The process is gone: forget it; if nobody asked, fail its turn and
+        quarantine the session (``provider_exited``); the pool replaces it."""
+        if self.sessions.get(live.session_id) is live:
+            del self.sessions[live.session_id]
+        await self._write_record()
+        proc = live.proc
+        crashed = not proc.stop_requested and not self._closing
+        if crashed:  # first, so the holder's lease is revoked when it learns the turn failed
+            tail = " | ".join(list(proc.stderr)[-3:])
+            await self._quarantine(live.session_id, f"provider_exited: exit status {proc.returncode}"
+                                   + (f"; stderr: {tail}" if tail else ""))
+        if live.turn is not None:
+            why = "the relay stopped" if self._closing else \
+                f"provider_exited: exit status {proc.returncode}"
+            await self._end_turn(live, "failed", why)
+        if self._closing:
+            return
+        if not crashed and live.profile.mode == "one-borrow" and live.used:
+            await self._close(live.session_id, "its one lease ended")
+        self._wake.set()
+        self.changed()
+
+    # -- events from the process ---------------------------------------------
+
+    async def _consume(self, live: LiveSession) -> None:
+        try:
+            async for batch in live.proc.events:
+                # Deltas first, at once: a subscriber must not wait for the
+                # commits of the durable events that came in the same read.
+                deltas: dict[tuple[str, str], list[str]] = {}
+                for event in batch:
+                    if isinstance(event, ItemDelta):
+                        key = (event.item_id or "", event.stream or "text")
+                        deltas.setdefault(key, []).append(event.delta)
+                        if live.turn is not None and event.stream == "text":
+                            live.turn.text.append(event.delta)
+                self._publish_deltas(live, deltas)
+                for event in batch:
+                    if not isinstance(event, ItemDelta):
+                        await self._on_event(live, event)
+        finally:
+            # Bounded even when shielded: a child that survives SIGKILL, or a
+            # ledger owner already gone (a cancelled serve), must not hang us.
+            with trio.CancelScope(shield=True), trio.move_on_after(
+                    self.config.stop_stdin_seconds + self.config.stop_term_seconds
+                    + self.config.stop_kill_seconds + 1.0):
+                await live.proc.exited.wait()
+                await self._on_exit(live)
+
+    def _publish_deltas(self, live: LiveSession, deltas: dict[tuple[str, str], list[str]]) -> None:
+        turn_id = live.turn.turn.turn_id if live.turn is not None else None
+        for (item_id, stream), parts in deltas.items():
+            data = {"session_id": live.session_id, "turn_id": turn_id, "item_id": item_id,
+                    "stream": stream, "delta": "".join(parts)}
+            frame = Frame.make("", "delta", data)
+            self.hub.publish(f"events:{live.session_id}", frame)
+            self.hub.publish("events:*", frame)
+
+    async def _on_event(self, live: LiveSession, event: WireEvent) -> None:
+        kind = event.kind
+        if kind in ("handshake.completed", "handshake.failed"):
+            live.resolve("handshake", event)
+            if kind == "handshake.completed" and event.provider_version:
+                live.proc.provider_version = event.provider_version
+            return
+        if kind == "thread.started":
+            live.resolve("thread", event)
+            return
+        if kind == "thread.archived":
+            live.resolve("archive", event)
+            return
+        if kind == "turn.accepted":
+            if live.turn is not None:
+                live.turn.native_id = event.turn_id
+            live.resolve("accepted", event)
+            return
+        if kind == "request.failed":
+            live.resolve({"thread/start": "thread", "turn/start": "accepted",
+                          "thread/archive": "archive", "turn/interrupt": "interrupt"}.get(
+                              event.method or "", "other"), event)
+            return
+        if kind == "interrupt.acknowledged":
+            live.resolve("interrupt", event)
+            return
+        if kind in ("approval.resolved", "approval.cancelled"):
+            scope = live.approvals.pop(event.approval_id, None)
+            if scope is not None:
+                scope.cancel()
+        if kind == "approval.requested":
+            self._nursery.start_soon(self._approval_timer, live, event.approval_id)
+        if kind not in DURABLE_KINDS:
+            return
+        run = live.turn
+        if run is not None and kind == "turn.started":
+            run.native_id = run.native_id or event.turn_id
+            run.started.set()
+        turn_id = run.turn.turn_id if run is not None else None
+        if kind in _END_STATES and run is not None:
+            text = event.output_text or "".join(run.text)
+            await self._end_turn(live, _END_STATES[kind], event.error or "", text, event.usage,
+                                 event_data(event, turn_id))
+            return
+        await self._append(live.session_id, "AppendEvent", kind, event_data(event, turn_id))
+
+    async def _append(self, session_id: str, rpc: str, kind: str, data: Any) -> None:
+        if len(_canonical(data)) > self.config.max_record_bytes and isinstance(data, dict):
+            data = dict(data, native={"omitted": True})
+            for key in ("text", "output", "output_text"):
+                if isinstance(data.get(key), str):
+                    data[key] = data[key][: self.config.max_record_bytes // 2]
+        try:
+            await self.owner.submit(rpc_mutation(rpc, rc.AppendRecordRequest(session_id, kind, data)))
+        except RelayError as exc:
+            _rlog.error("session %s: cannot record %s: %s", session_id, kind, exc.message)
+
+    async def _end_turn(self, live: LiveSession, state: str, error: str, text: str = "",
+                        usage: Any = None, data: dict[str, Any] | None = None) -> None:
+        """The turn's terminal state, its result record, then its end event, in
+        that order: whoever sees the end event finds the turn and result done."""
+        run, live.turn = live.turn, None
+        if run is None:
+            return
+        for scope in live.approvals.values():
+            scope.cancel()
+        live.approvals.clear()
+        turn = attrs.evolve(run.turn, state=state, output_text=text, error=error, usage=usage,
+                            ended_at=iso(self.now()))
+        with contextlib.suppress(RelayError):
+            reply = await self.owner.submit(Mutation(lambda led, ctx: end_turn(
+                led, turn.turn_id, state, text, error, usage, ctx), "end_turn"))
+            if reply is not None:
+                turn = attrs.evolve(reply.turn, output_text=text)  # the whole text in the result
+        await self._append(live.session_id, "AppendResult", f"turn.{state}", to_json(turn))
+        if data is None:  # ended by the relay, not by the provider: say so in the stream too
+            data = {"turn_id": turn.turn_id, "error": error, "by": "relay"}
+        await self._append(live.session_id, "AppendEvent", f"turn.{state}", data)
+        run.state = state
+        run.ended.set()
+
+    # -- turns ----------------------------------------------------------------
+
+    def _live(self, session_id: str) -> LiveSession:
+        live = self.sessions.get(session_id)
+        if live is None or live.proc.state != "running":
+            state = live.proc.state if live is not None else "not started"
+            raise Unavailable(f"session {session_id!r} has no running provider process ({state})",
+                              hint="see `python -m relay session list`; the runtime starts one "
+                              "for every ready session")
+        return live
+
+    async def _lendable(self, session_id: str) -> LiveSession:
+        """The session's process once it may take a turn: a hand-over, recycle
+        or start in progress is waited for (bounded by startup_timeout_seconds)."""
+        with trio.move_on_after(self.config.startup_timeout_seconds):
+            while True:
+                live = self.sessions.get(session_id)
+                waiting = session_id in self._busy or (live is not None and (
+                    live.handing_over or live.proc.state == "starting"))
+                if not waiting:
+                    return self._live(session_id)
+                await self.wait_changed()
+        return self._live(session_id)
+
+    async def start_turn(self, req: rc.StartTurnRequest) -> rc.TurnReply:
+        turn_holder(self.owner.ledger, req.session_id, req.lease_id, req.fencing_token,
+                    iso(self.now()))
+        while True:
+            live = await self._lendable(req.session_id)
+            async with live.lock:  # a hand-over holds it: the next borrower waits for the clean-up
+                if self.sessions.get(req.session_id) is live and not live.handing_over:
+                    return await self._start_locked(live, req)
+
+    async def _start_locked(self, live: LiveSession, req: rc.StartTurnRequest) -> rc.TurnReply:
+        known = {t.turn_id for t in self.owner.ledger.turns.values()
+                 if t.session_id == req.session_id}
+        reply = await self.owner.submit(rpc_mutation("StartTurn", req))
+        if reply.turn.turn_id in known:  # an idempotent retry: it was started already
+            return rc.TurnReply(self.owner.ledger.turns.get(reply.turn.turn_id, reply.turn))
+        run = live.turn = _TurnRun(reply.turn)
+        try:
+            await self._send_turn(live, req)
+        except RelayError as exc:
+            if live.turn is run:
+                await self._end_turn(live, "failed", f"the provider did not take the input: "
+                                     f"{exc.message}")
+            raise
+        return rc.TurnReply(reply.turn)
+
+    async def _send_turn(self, live: LiveSession, req: rc.StartTurnRequest) -> None:
+        proto, proc = live.proc.protocol, live.proc
+        try:
+            if live.profile.provider != "codex":
+                live.lease_id, live.used = req.lease_id, True
+                await proc.write(proto.send_user_message(req.input, turn_id=live.turn.turn.turn_id))
+                return
+            if live.thread_id == "" or live.lease_id != req.lease_id:
+                live.lease_id = req.lease_id
+                live.thread_id = await self._start_thread(live)
+            waiter = live.expect("accepted")
+            await proc.write(proto.send_turn_start(live.thread_id, req.input))
+            await self._wait(waiter, "turn/start")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise Unavailable(f"the provider of {req.session_id!r} closed its input",
+                              hint="see `python -m relay recover`") from None
+
+    async def _start_thread(self, live: LiveSession) -> str:
+        """A fresh, non-ephemeral thread for the lease (so it can be archived at release)."""
+        opts = profile_options(live.profile)
+        config = {k: opts[k] for k in ("model", "model_provider") if k in opts}
+        waiter = live.expect("thread")
+        await live.proc.write(live.proc.protocol.send_thread_start(
+            cwd=live.profile.cwd or live.proc.cwd, approval_policy=opts.get("approval_policy", "never"),
+            sandbox=opts.get("sandbox", "read-only"), ephemeral=False, config=config or None))
+        event = await self._wait(waiter, "thread/start")
+        return event.thread_id
+
+    async def _wait(self, waiter: _Waiter, what: str) -> Any:
+        with trio.move_on_after(self.config.startup_timeout_seconds):
+            await waiter.event.wait()
+        if isinstance(waiter.result, RequestFailed):
+            raise FailedPrecondition(f"the provider refused {what}: {waiter.result.message}",
+                                     hint="see the session's events")
+        if waiter.result is None:
+            raise Unavailable(f"the provider did not answer {what} within "
+                              f"{self.config.startup_timeout_seconds} s",
+                              hint="see `python -m relay recover`")
+        return waiter.result
+
+    async def interrupt_turn(self, req: rc.InterruptTurnRequest) -> rc.TurnReply:
+        ledger = self.owner.ledger
+        turn_holder(ledger, req.session_id, req.lease_id, req.fencing_token, iso(self.now()))
+        turn = ledger.turns.get(req.turn_id)
+        if turn is None or turn.session_id != req.session_id:
+            raise _not_found("turn", req.turn_id, "list turns with `python -m relay turn list`")
+        live = self.sessions.get(req.session_id)
+        run = live.turn if live is not None else None
+        if run is None or run.turn.turn_id != req.turn_id:
+            raise FailedPrecondition(f"turn {req.turn_id!r} is {turn.state}, not running",
+                                     hint="nothing to interrupt")
+        await self._interrupt(live, run)
+        with trio.move_on_after(self.config.handover_timeout_seconds):
+            await run.ended.wait()
+        return rc.TurnReply(self.owner.ledger.turns.get(req.turn_id, turn))
+
+    async def _interrupt(self, live: LiveSession, run: _TurnRun) -> None:
+        """Ask the provider to end ``run``; a turn it has not opened yet is
+        waited for first (an interrupt before then may be lost on the wire)."""
+        proto = live.proc.protocol
+        if not isinstance(proto, KimiProtocol):  # Kimi says nothing before its reply
+            with trio.move_on_after(self.config.handover_timeout_seconds):
+                await run.started.wait()
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, WireStateError):
+            if isinstance(proto, CodexProtocol):
+                if run.native_id is None:
+                    return
+                await live.proc.write(proto.send_turn_interrupt(live.thread_id, run.native_id))
+            elif isinstance(proto, ClaudeProtocol):
+                await live.proc.write(proto.send_interrupt())
+            else:  # Kimi has no interrupt: only stopping the process ends its turn
+                await live.proc.stop("interrupt (Kimi has no interrupt request)")
+
+    # -- approvals --------------------------------------------------------------
+
+    async def resolve_approval(self, req: rc.ResolveApprovalRequest) -> rc.ApprovalReply:
+        turn_holder(self.owner.ledger, req.session_id, req.lease_id, req.fencing_token,
+                    iso(self.now()))
+        live = self._live(req.session_id)
+        return await self._answer(live, req.approval_id, req.decision, "by the lease holder")
+
+    async def _answer(self, live: LiveSession, approval_id: str, decision: str, by: str) -> rc.ApprovalReply:
+        try:
+            data = live.proc.protocol.send_approval(approval_id, decision)
+        except (WireStateError, AttributeError):
+            raise FailedPrecondition(f"approval {approval_id!r} is not open on {live.session_id!r}",
+                                     hint="see the session's approval.requested events") from None
+        scope = live.approvals.pop(approval_id, None)
+        if scope is not None:
+            scope.cancel()
+        await live.proc.write(data)
+        turn_id = live.turn.turn.turn_id if live.turn is not None else None
+        await self._append(live.session_id, "AppendEvent", "approval.resolved",
+                           {"turn_id": turn_id, "approval_id": approval_id, "decision": decision, "by": by})
+        return rc.ApprovalReply("accepted" if decision == "accept" else "declined", live.session_id,
+                                approval_id)
+
+    async def _approval_timer(self, live: LiveSession, approval_id: str) -> None:
+        with trio.CancelScope() as scope:
+            live.approvals[approval_id] = scope
+            await trio.sleep(self.config.approval_timeout_seconds)
+            live.approvals.pop(approval_id, None)
+            with contextlib.suppress(RelayError, trio.BrokenResourceError, trio.ClosedResourceError):
+                await self._answer(live, approval_id, "decline",
+                                   f"timeout ({self.config.approval_timeout_seconds} s)")
+
+    # -- hand-over at release -----------------------------------------------------
+
+    async def _hand_over(self, live: LiveSession) -> None:
+        """The borrower's lease ended.  One-borrow: stop (the session closes).
+        Pooled: interrupt its turn, archive its thread, and recycle the process
+        if anything it started still runs; only then may the next borrower's
+        turns run (they wait on the session lock)."""
+        async with live.lock:
+            try:
+                if live.profile.mode == "one-borrow":
+                    await live.proc.stop("its one lease ended")
+                    return
+                if not await self._clean(live):
+                    await self._recycle(live)
+            finally:
+                live.lease_id, live.thread_id, live.handing_over = "", "", False
+
+    async def _clean(self, live: LiveSession) -> bool:
+        """True when the process is clean for the next borrower."""
+        run = live.turn
+        with trio.move_on_after(self.config.handover_timeout_seconds) as scope:
+            if run is not None:
+                await self._interrupt(live, run)
+                await run.ended.wait()
+            if live.thread_id:
+                waiter = live.expect("archive")
+                await live.proc.write(live.proc.protocol.send_thread_archive(live.thread_id))
+                await waiter.event.wait()
+                if not isinstance(waiter.result, ThreadArchived):
+                    return False
+        if scope.cancelled_caught:
+            return False
+        leftovers = await trio.to_thread.run_sync(live.proc.leftovers)
+        if leftovers:
+            _rlog.info("session %s: recycling, the last borrower left processes %s",
+                       live.session_id, leftovers)
+        return not leftovers
+
+    async def _recycle(self, live: LiveSession) -> None:
+        """A fresh process in place of one the last borrower may have marked."""
+        self._busy.add(live.session_id)
+        try:
+            if live.turn is not None:
+                await self._end_turn(live, "interrupted", "the lease ended")
+            await live.proc.stop("recycled at hand-over")
+            await live.proc.exited.wait()
+            await self._spawn(live.profile, live.session_id)
+        finally:
+            self._busy.discard(live.session_id)
+
+    async def aclose(self) -> None:
+        """Stop every provider (graceful shutdown, while the ledger owner still
+        commits: running turns end ``failed``, "the relay stopped")."""
+        self._closing = True
+        with trio.CancelScope(shield=True):
+            async with trio.open_nursery() as stops:
+                for live in list(self.sessions.values()):
+                    stops.start_soon(live.proc.stop, "the relay is stopping")
+            with trio.move_on_after(self.config.stop_kill_seconds + 1.0):
+                while self.sessions:
+                    await trio.sleep(0.01)
+
+################################################################
+# Supervision (ledger owner, heartbeat, subprocesses)
+################################################################
 
 
 @attrs.define(eq=False)
@@ -4381,15 +5729,14 @@ async def run_heartbeat(owner: LedgerOwner, config: Config, reaper: bool = True,
         task_status.started(nursery)
 
 
-async def run_supervision(*, task_status: TaskStatus[Nursery] = _TASK_STATUS_IGNORED) -> None:
-    """The subprocess-supervision nursery.
-
-    This is where the live runtime's provider subprocesses will run (pooled
-    Codex processes kept warm, one-borrow Claude/Kimi children), each started
-    with ``nursery.start`` and stopped SIGTERM -> wait -> SIGKILL.  It holds no
-    children yet: the control plane records sessions, it does not spawn them.
-    """
+async def run_supervision(runtime: Runtime | None = None, *,
+                         task_status: TaskStatus[Nursery] = _TASK_STATUS_IGNORED) -> None:
+    """The subprocess-supervision nursery: the live runtime (section "Runtime")
+    and, under it, one task per provider process.  Without a runtime (the
+    gate's read-only probe) it holds nothing."""
     async with trio.open_nursery() as nursery:
+        if runtime is not None:
+            await nursery.start(runtime.run)
         task_status.started(nursery)
         await trio.sleep_forever()
 
@@ -4488,6 +5835,8 @@ class Service:
     _session_key: bytes = attrs.field(factory=lambda: secrets.token_bytes(32), repr=False)
     #: Session values logged out before their expiry -> that expiry (seconds).
     _logged_out: dict[str, float] = attrs.Factory(dict)
+    #: The live runtime (None in the gate's probe and in service-level tests).
+    runtime: Any = None
 
     async def call(self, name: str, request: Any) -> Any:
         """Run one RPC with an already-decoded request message: its method
@@ -4502,6 +5851,30 @@ class Service:
     async def get_status(self, request: rc.GetStatusRequest) -> rc.StatusReply:
         """The status projection (also of a damaged ledger), from its cache."""
         return from_json(rc.StatusReply, json.loads(await self.status_json()))
+
+    async def list_sessions(self, request: rc.ListSessionsRequest) -> rc.ListSessionsReply:
+        """Sessions with their live processes (when this server runs the runtime)."""
+        if self.runtime is None:
+            return await self._read(rc.RPC_BY_NAME["ListSessions"], request)
+        self.owner.check_intact()
+        return list_sessions(self.owner.ledger, request, self.now(), self.runtime.processes())
+
+    async def start_turn(self, request: rc.StartTurnRequest) -> rc.TurnReply:
+        return await self._live_runtime().start_turn(request)
+
+    async def interrupt_turn(self, request: rc.InterruptTurnRequest) -> rc.TurnReply:
+        return await self._live_runtime().interrupt_turn(request)
+
+    async def resolve_approval(self, request: rc.ResolveApprovalRequest) -> rc.ApprovalReply:
+        return await self._live_runtime().resolve_approval(request)
+
+    def _live_runtime(self) -> Runtime:
+        """The runtime, for the rows it answers (``Rpc.runtime``)."""
+        if self.runtime is None:
+            raise Unavailable("this RPC needs the live runtime, which this server does not run",
+                              hint="start the relay with `python -m relay serve`")
+        self.owner.check_intact()
+        return self.runtime
 
     async def _mutate(self, rpc: rc.Rpc, request: Any) -> Any:
         return await self.owner.submit(rpc_mutation(rpc, request))
@@ -6866,6 +8239,10 @@ async def serve(store: Store, config: Config, *, host: str | None = None, port: 
     service = Service(store, config, owner, hub, now, probe_token=probe_token,
                       serving_mode=serving)
     owner.metrics = service.metrics
+    runtime = None
+    if probe_token is None:
+        runtime = Runtime(owner, hub, store, config, now, providers=load_provider_settings(store.flow))
+        service.runtime = runtime
     service.metrics.track("owner", owner.statistics)
     service.metrics.track("hub", hub.statistics)
     stopping = trio.Event()
@@ -6880,7 +8257,7 @@ async def serve(store: Store, config: Config, *, host: str | None = None, port: 
     async with trio.open_nursery() as root:
         await root.start(owner.run)
         await root.start(run_heartbeat, owner, config, probe_token is None)
-        await root.start(run_supervision)
+        await root.start(run_supervision, runtime)
         async with trio.open_nursery() as http:
             app = _close_after_response(_guard_browsers(create_app(service), service))
             urls = await http.start(functools.partial(
@@ -6891,6 +8268,8 @@ async def serve(store: Store, config: Config, *, host: str | None = None, port: 
                 await owner.submit(_served(endpoint, serving, os.getpid()))
             task_status.started(Server(endpoint, service, stopping))
         # hypercorn has stopped accepting and finished in-flight requests.
+        if runtime is not None:
+            await runtime.aclose()
         if probe_token is None:
             with contextlib.suppress(RelayError):
                 await owner.submit(_stopped())
@@ -7385,6 +8764,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         if isinstance(spec, rc.Rpc):
             rc.add_request_arguments(leaf, spec.request)
             leaf.set_defaults(_cmd=spec.name, _leaf=leaf)
+            if spec.name == "StartTurn":
+                leaf.add_argument("--wait", action="store_true",
+                                  help="stream the turn here; exit 0 if it completed, else 1")
         else:
             for flags, kwargs in spec:
                 leaf.add_argument(*flags, **kwargs)
@@ -7428,7 +8810,47 @@ def _describe(name: str, reply: Any) -> str:
     return f"{head}: " + json.dumps(doc, sort_keys=True)
 
 
-def _run_rpc(store: Store, config: Config, rpc: rc.Rpc, request: Any, as_json: bool) -> int:
+#: The RPCs the live runtime answers (rows with ``runtime=True``): the CLI sends
+#: them to the running server (the endpoint in the ledger's runtime record).
+SERVER_RPCS: Final = frozenset(rpc.name for rpc in rc.RPCS if rpc.runtime)
+
+
+def _run_remote(store: Store, rpc: rc.Rpc, request: Any, args: argparse.Namespace,
+                as_json: bool) -> int:
+    with rc.RelayStub(root=store.root, timeout=rc.DEFAULT_TIMEOUT) as stub:
+        reply = getattr(stub, rpc.method)(request)
+        _emit(as_json, to_json(reply), _describe(rpc.name, reply))
+        if rpc.name == "StartTurn" and getattr(args, "wait", False):
+            return _wait_turn(stub, reply.turn, as_json)
+    return EXIT_OK
+
+
+def _wait_turn(stub: Any, turn: rc.Turn, as_json: bool) -> int:
+    """Print the turn's events as they are committed; 0 if it completed, else 1."""
+    seq = 0
+    for record in stub.list_events(session_id=turn.session_id, limit=10_000).records:
+        if isinstance(record.data, dict) and record.data.get("turn_id") == turn.turn_id:
+            seq = record.seq - 1
+            break
+    else:
+        seq = stub.list_events(session_id=turn.session_id, limit=1).last_seq
+    with stub.watch_events(turn.session_id, after=seq) as records:
+        for record in records:
+            data = record.data if isinstance(record.data, dict) else {}
+            if data.get("turn_id") != turn.turn_id:
+                continue
+            text = data.get("text") or data.get("output") or data.get("error") or ""
+            _emit(as_json, to_json(record), f"{record.kind}\t{text}".rstrip())
+            if record.kind in _END_STATES:
+                return EXIT_OK if record.kind == "turn.completed" else EXIT_REFUSED
+    return EXIT_REFUSED
+
+
+def _run_rpc(store: Store, config: Config, rpc: rc.Rpc, request: Any, args: argparse.Namespace,
+             as_json: bool) -> int:
+    if rpc.runtime:  # it needs running providers: the running server answers it
+        validate_request(request)
+        return _run_remote(store, rpc, request, args, as_json)
     if rpc.mutates:
         reply = commit_one(store, rpc_mutation(rpc, request), config)
         _failpoint("before_ack")
@@ -7659,7 +9081,7 @@ def main(argv: list[str] | None = None) -> int:
         store = Store(_root(args))
         config = load_config(store.flow)
         if rpc is not None:
-            return _run_rpc(store, config, rpc, request, as_json)
+            return _run_rpc(store, config, rpc, request, args, as_json)
         return _run_admin(store, config, args, as_json)
     except RelayError as exc:
         return _refuse(exc, as_json)

@@ -676,6 +676,13 @@ IS_STAMP: Final = {"pattern": STAMP_PATTERN}
 IS_COUNT: Final = {"minimum": 0}
 IS_SHA256: Final = {"pattern": SHA256_PATTERN, "redact": True}  # it may be a raw secret
 RUNTIME_STATUSES: Final = ("absent", "bootstrapped", "serving", "stopped")
+TURN_STATES: Final = ("running", "completed", "failed", "interrupted")
+PROCESS_STATES: Final = ("starting", "running", "stopping", "exited")
+#: A profile's --env entry and --option entry (values are checked per provider by the relay).
+ENV_ENTRY_PATTERN: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}=[^\x00]{0,4096}")
+OPTION_ENTRY_PATTERN: Final = re.compile(r"[a-z_]{1,64}=[^\x00\n]{0,1024}")
+#: The longest turn input a StartTurn takes (characters).
+MAX_TURN_INPUT: Final = 32 * 1024
 SERVING_MODES: Final = ("", "loopback", "trusted-lan")
 QUARANTINE_STATES: Final = ("active", "cleared")
 
@@ -700,6 +707,14 @@ class Profile:
     mode: str = _f(choices=POOL_MODES)
     command: tuple[str, ...] = ()
     created_at: str = _f("", **IS_STAMP)
+    #: Idle, warm sessions the runtime keeps ready (pooled) or pre-spawned (one-borrow).
+    pool_size: int = _f(1, minimum=1)
+    #: The provider's working directory; "" = the session's own scratch directory.
+    cwd: str = _f("", length=(0, 4096))
+    #: Extra environment of the provider process, each "KEY=VALUE".
+    env: tuple[str, ...] = _f((), pattern=ENV_ENTRY_PATTERN)
+    #: Provider settings from the documented table, each "key=value".
+    options: tuple[str, ...] = _f((), pattern=OPTION_ENTRY_PATTERN)
 
 
 @attrs.frozen
@@ -761,6 +776,61 @@ class StreamRecord:
 
 
 @attrs.frozen
+class Turn:
+    """One prompt run on a session for a lease holder (durable; see the runtime contract)."""
+
+    turn_id: str = _f(**IS_ID)
+    session_id: str = _f(**IS_ID)
+    lease_id: str = _f(**IS_ID)
+    state: str = _f("running", choices=TURN_STATES)
+    input: str = _f("", length=(0, MAX_TURN_INPUT))
+    output_text: str = ""
+    error: str = ""
+    task_ref: str = _f("", length=(0, 512))
+    started_at: str = _f("", **IS_STAMP)
+    ended_at: str = _f("", **IS_STAMP)
+    usage: JSONValue = None
+    request_id: str = _f("", **IS_OPTIONAL_ID)
+
+
+@attrs.frozen
+class ProcessInfo:
+    """A session's provider process as the running server sees it (in memory, not durable)."""
+
+    pid: int = 0
+    state: str = ""  # starting | running | stopping | exited
+    started_at: str = ""
+    provider_version: str = ""
+
+
+@attrs.frozen
+class SessionView:
+    """A session row of ListSessions: the ledger record plus its live process."""
+
+    session_id: str
+    profile: str
+    provider: str
+    state: str
+    created_at: str
+    updated_at: str
+    fencing_token: int
+    #: Empty (pid 0, state "") when no process runs or no server answers.
+    process: ProcessInfo = ProcessInfo()
+
+
+@attrs.frozen
+class TaskView:
+    """The turns that carry one task_ref (the relay is not the task's owner)."""
+
+    task_ref: str
+    turns: tuple[Turn, ...] = ()
+    running: int = 0
+    completed: int = 0
+    failed: int = 0
+    interrupted: int = 0
+
+
+@attrs.frozen
 class Cursor:
     """Where a session's event and result logs end: the last committed sequence
     number and byte length of each.  Bytes past the length are uncommitted."""
@@ -801,8 +871,15 @@ class RegisterProfileRequest:
     provider: str = _f(flag="--provider", choices=PROVIDERS)
     mode: str = _f(flag="--mode", choices=POOL_MODES)
     command: tuple[str, ...] = _f((), flag="--command", argv=True,
-                                  help='provider command line, e.g. "codex app-server"')
+                                  help='provider command line, e.g. "codex app-server" '
+                                  "(default: the provider's real CLI)")
     request_id: str = _f("", **_REQ_ID)
+    pool_size: int = _f(1, flag="--pool-size", help="warm idle sessions kept ready (default 1)")
+    cwd: str = _f("", flag="--cwd", help="provider working directory (default: session scratch)")
+    env: tuple[str, ...] = _f((), flag="--env", repeat=True, help="KEY=VALUE for the provider "
+                              "process (repeatable)")
+    options: tuple[str, ...] = _f((), flag="--option", repeat=True, help="provider setting "
+                                  "key=value from the documented table (repeatable)")
 
 
 @attrs.frozen
@@ -881,6 +958,50 @@ class QuarantineSessionRequest:
 class ClearQuarantineRequest:
     session_id: str = _f(positional="SESSION_ID", id="session")
     request_id: str = _f("", **_REQ_ID)
+
+
+@attrs.frozen
+class StartTurnRequest:
+    session_id: str = _f(flag="--session", id="session")
+    lease_id: str = _f(flag="--lease", id="lease")
+    fencing_token: int = _f(flag="--fencing-token", help="the fencing token of that lease")
+    input: str = _f(flag="--input", help="the prompt")
+    task_ref: str = _f("", flag="--task-ref", help="opaque pointer to the task this turn serves")
+    request_id: str = _f("", **_REQ_ID)
+
+
+@attrs.frozen
+class InterruptTurnRequest:
+    session_id: str = _f(flag="--session", id="session")
+    lease_id: str = _f(flag="--lease", id="lease")
+    fencing_token: int = _f(flag="--fencing-token", help="the fencing token of that lease")
+    turn_id: str = _f(positional="TURN_ID", id="turn")
+
+
+@attrs.frozen
+class GetTurnRequest:
+    turn_id: str = _f(positional="TURN_ID", id="turn")
+
+
+@attrs.frozen
+class ListTurnsRequest:
+    session_id: str = _f("", flag="--session", id="session")
+    task_ref: str = _f("", flag="--task-ref")
+    state: str = _f("", flag="--state", choices=TURN_STATES)
+
+
+@attrs.frozen
+class ListTasksRequest:
+    task_ref: str = _f("", flag="--task-ref")
+
+
+@attrs.frozen
+class ResolveApprovalRequest:
+    session_id: str = _f(flag="--session", id="session")
+    lease_id: str = _f(flag="--lease", id="lease")
+    fencing_token: int = _f(flag="--fencing-token", help="the fencing token of that lease")
+    approval_id: str = _f(positional="APPROVAL_ID")
+    decision: str = _f(flag="--decision", choices=("accept", "decline"))
 
 
 @attrs.frozen
@@ -994,6 +1115,30 @@ class StatusReply:
 
 
 @attrs.frozen
+class TurnReply:
+    turn: Turn
+
+
+@attrs.frozen
+class ListTurnsReply:
+    revision: int
+    turns: tuple[Turn, ...] = ()
+
+
+@attrs.frozen
+class ListTasksReply:
+    revision: int
+    tasks: tuple[TaskView, ...] = ()
+
+
+@attrs.frozen
+class ApprovalReply:
+    outcome: str  # accepted | declined
+    session_id: str
+    approval_id: str
+
+
+@attrs.frozen
 class ListProfilesReply:
     revision: int
     profiles: tuple[Profile, ...] = ()
@@ -1002,7 +1147,7 @@ class ListProfilesReply:
 @attrs.frozen
 class ListSessionsReply:
     revision: int
-    sessions: tuple[Session, ...] = ()
+    sessions: tuple[SessionView, ...] = ()
 
 
 @attrs.frozen
@@ -1058,11 +1203,16 @@ class Rpc:
     #: The request id is the control record's own key, not an idempotency key.
     control: bool = attrs.field(default=False, kw_only=True)
     #: A read's route ``GET /api/relay/<get>``; its query parameters are the
-    #: request's CLI flags (``--session`` -> ``?session=``).
+    #: request's CLI flags (``--session`` -> ``?session=``, ``--task-ref`` ->
+    #: ``?task_ref=``).
     get: str = attrs.field(default="", kw_only=True)
     #: Another row's name: this one is an explicit alias of it (same request,
     #: same operation), kept for the callers that know it by this name.
     alias_of: str = attrs.field(default="", kw_only=True)
+    #: Answered by the live runtime of a running ``serve`` (it needs provider
+    #: processes): the servicer hands it to the runtime, and ``python -m relay``
+    #: sends it to the running server instead of answering from the ledger.
+    runtime: bool = attrs.field(default=False, kw_only=True)
 
     @property
     def mutates(self) -> bool:
@@ -1080,7 +1230,7 @@ class Rpc:
     @property
     def query(self) -> dict[str, str]:
         """The GET route's query parameters -> the request fields they set."""
-        return {meta["flag"].removeprefix("--"): field.name
+        return {meta["flag"].removeprefix("--").replace("-", "_"): field.name
                 for field in attrs.fields(self.request)
                 if (meta := field.metadata).get("flag")} if self.get else {}
 
@@ -1127,6 +1277,18 @@ RPCS: Final[tuple[Rpc, ...]] = (
         help="list a session's events after a cursor", stream="events", get="events"),
     Rpc("ListResults", ListRecordsRequest, ListRecordsReply, kind=READ, cli=("result", "list"),
         help="list a session's results after a cursor", stream="results", get="results"),
+    Rpc("StartTurn", StartTurnRequest, TurnReply, kind=MUTATION, cli=("turn", "start"),
+        help="run a prompt on a leased session (answered once the provider took it)", runtime=True),
+    Rpc("InterruptTurn", InterruptTurnRequest, TurnReply, kind=MUTATION, cli=("turn", "interrupt"),
+        help="interrupt a running turn", runtime=True),
+    Rpc("ResolveApproval", ResolveApprovalRequest, ApprovalReply, kind=MUTATION,
+        cli=("turn", "approve"), help="answer an approval the agent asked for (accept or decline)",
+        runtime=True),
+    Rpc("GetTurn", GetTurnRequest, TurnReply, kind=READ, cli=("turn", "show"), help="one turn"),
+    Rpc("ListTurns", ListTurnsRequest, ListTurnsReply, kind=READ, cli=("turn", "list"),
+        help="list turns (by session, task_ref, state)", get="turns"),
+    Rpc("ListTasks", ListTasksRequest, ListTasksReply, kind=READ, cli=("task", "list"),
+        help="turns grouped by task_ref (read-only)", get="tasks"),
 )
 
 RPC_BY_NAME: Final = {rpc.name: rpc for rpc in RPCS}
@@ -1249,126 +1411,170 @@ def _integral(value: Any) -> Any:
 
 # --- BEGIN GENERATED by scripts/gen_proto.py from specs/relay.proto; do not edit ---
 _RELAY_PROTO_DESCRIPTOR: Final = (
-    b'\n\x0brelay.proto\x12\x08relay.v1\x1a\x1cgoogle/protobuf/struct.proto"\x96\x01\n\x16RegisterProfi'
+    b'\n\x0brelay.proto\x12\x08relay.v1\x1a\x1cgoogle/protobuf/struct.proto"\xf2\x01\n\x16RegisterProfi'
     b'leRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n\x08provider\x18\x02 \x01(\tR\x08pr'
     b'ovider\x12\x12\n\x04mode\x18\x03 \x01(\tR\x04mode\x12\x18\n\x07command\x18\x04 \x03(\tR\x07comman'
-    b'd\x12\x1e\n\nrequest_id\x18\x05 \x01(\tR\nrequest_id"p\n\x14CreateSessionRequest\x12\x18\n\x07pro'
-    b'file\x18\x01 \x01(\tR\x07profile\x12\x1e\n\nsession_id\x18\x02 \x01(\tR\nsession_id\x12\x1e\n\nre'
-    b'quest_id\x18\x03 \x01(\tR\nrequest_id"\xb7\x01\n\rBorrowRequest\x12\x16\n\x06holder\x18\x01 \x01('
-    b'\tR\x06holder\x12\x18\n\x07profile\x18\x02 \x01(\tR\x07profile\x12\x1e\n\nsession_id\x18\x03 \x01'
-    b'(\tR\nsession_id\x12\x12\n\x04mode\x18\x04 \x01(\tR\x04mode\x12 \n\x0bttl_seconds\x18\x05 \x01(\r'
-    b'R\x0bttl_seconds\x12\x1e\n\nrequest_id\x18\x06 \x01(\tR\nrequest_id"\xa1\x01\n\x11GrantLeaseReque'
-    b'st\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x16\n\x06holder\x18\x02 \x01(\tR\x06hol'
-    b'der\x12\x12\n\x04mode\x18\x03 \x01(\tR\x04mode\x12 \n\x0bttl_seconds\x18\x04 \x01(\rR\x0bttl_seco'
-    b'nds\x12\x1e\n\nrequest_id\x18\x05 \x01(\tR\nrequest_id"w\n\x13ReleaseLeaseRequest\x12\x1a\n\x08le'
-    b'ase_id\x18\x01 \x01(\tR\x08lease_id\x12\x1e\n\nrequest_id\x18\x02 \x01(\tR\nrequest_id\x12$\n\rfe'
-    b'ncing_token\x18\x03 \x01(\rR\rfencing_token"\x97\x01\n\x11RenewLeaseRequest\x12\x1a\n\x08lease_id'
-    b'\x18\x01 \x01(\tR\x08lease_id\x12 \n\x0bttl_seconds\x18\x02 \x01(\rR\x0bttl_seconds\x12\x1e\n\nre'
-    b'quest_id\x18\x03 \x01(\tR\nrequest_id\x12$\n\rfencing_token\x18\x04 \x01(\rR\rfencing_token"h\n'
-    b'\x12RevokeLeaseRequest\x12\x1a\n\x08lease_id\x18\x01 \x01(\tR\x08lease_id\x12\x16\n\x06reason\x18'
-    b'\x02 \x01(\tR\x06reason\x12\x1e\n\nrequest_id\x18\x03 \x01(\tR\nrequest_id"\x9c\x01\n\x14RecordCo'
-    b'ntrolRequest\x12\x1e\n\nrequest_id\x18\x01 \x01(\tR\nrequest_id\x12\x1e\n\nsession_id\x18\x02 '
-    b'\x01(\tR\nsession_id\x12\x12\n\x04kind\x18\x03 \x01(\tR\x04kind\x120\n\x07payload\x18\x04 \x01('
-    b'\x0b2\x16.google.protobuf.ValueR\x07payload"\xbb\x01\n\x13AppendRecordRequest\x12\x1e\n\nsession_'
-    b'id\x18\x01 \x01(\tR\nsession_id\x12\x12\n\x04kind\x18\x02 \x01(\tR\x04kind\x12*\n\x04data\x18\x03'
-    b' \x01(\x0b2\x16.google.protobuf.ValueR\x04data\x12\x1e\n\nrequest_id\x18\x04 \x01(\tR\nrequest_id'
-    b'\x12$\n\rfencing_token\x18\x05 \x01(\rR\rfencing_token"r\n\x18QuarantineSessionRequest\x12\x1e\n'
-    b'\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x16\n\x06reason\x18\x02 \x01(\tR\x06reason\x12\x1e'
-    b'\n\nrequest_id\x18\x03 \x01(\tR\nrequest_id"X\n\x16ClearQuarantineRequest\x12\x1e\n\nsession_id'
-    b'\x18\x01 \x01(\tR\nsession_id\x12\x1e\n\nrequest_id\x18\x02 \x01(\tR\nrequest_id"0\n\x0eRecoverRe'
-    b'quest\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id"\x12\n\x10GetStatusRequest"\x15\n\x13Lis'
-    b'tProfilesRequest"E\n\x13ListSessionsRequest\x12\x18\n\x07profile\x18\x01 \x01(\tR\x07profile\x12'
-    b'\x14\n\x05state\x18\x02 \x01(\tR\x05state"I\n\x11ListLeasesRequest\x12\x1e\n\nsession_id\x18\x01 '
-    b'\x01(\tR\nsession_id\x12\x14\n\x05state\x18\x02 \x01(\tR\x05state"`\n\x12ListRecordsRequest\x12'
-    b'\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x14\n\x05after\x18\x02 \x01(\rR\x05after\x12'
-    b'\x14\n\x05limit\x18\x03 \x01(\rR\x05limit"q\n\x0cProfileReply\x12\x18\n\x07outcome\x18\x01 \x01('
-    b'\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revision\x12+\n\x07profile\x18\x03 \x01('
-    b'\x0b2\x11.relay.v1.ProfileR\x07profile"q\n\x0cSessionReply\x12\x18\n\x07outcome\x18\x01 \x01(\tR'
-    b'\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revision\x12+\n\x07session\x18\x03 \x01('
-    b'\x0b2\x11.relay.v1.SessionR\x07session"i\n\nLeaseReply\x12\x18\n\x07outcome\x18\x01 \x01(\tR\x07o'
-    b'utcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revision\x12%\n\x05lease\x18\x03 \x01(\x0b2\x0f.'
-    b'relay.v1.LeaseR\x05lease"\x88\x01\n\x0cControlReply\x12\x18\n\x07outcome\x18\x01 \x01(\tR\x07outc'
-    b'ome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revision\x12B\n\x0fcontrol_request\x18\x03 \x01('
-    b'\x0b2\x18.relay.v1.ControlRequestR\x0fcontrol_request"s\n\x0bAppendReply\x12\x18\n\x07outcome\x18'
-    b'\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revision\x12.\n\x06record\x18'
-    b'\x03 \x01(\x0b2\x16.relay.v1.StreamRecordR\x06record"\xab\x01\n\x0fQuarantineReply\x12\x18\n\x07o'
-    b'utcome\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revision\x124\n\nqua'
-    b'rantine\x18\x03 \x01(\x0b2\x14.relay.v1.QuarantineR\nquarantine\x12,\n\x11revoked_lease_ids\x18'
-    b'\x04 \x03(\tR\x11revoked_lease_ids"Z\n\x0cRecoverReply\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08'
-    b'revision\x12.\n\x08sessions\x18\x02 \x03(\x0b2\x12.relay.v1.RecoveryR\x08sessions"\xdc\x05\n\x0bS'
-    b'tatusReply\x12\x16\n\x06status\x18\x01 \x01(\tR\x06status\x12\x1e\n\nprojection\x18\x02 \x01(\tR'
-    b'\nprojection\x12\x1e\n\nrelay_mode\x18\x03 \x01(\tR\nrelay_mode\x12 \n\x0bledger_path\x18\x04 '
-    b'\x01(\tR\x0bledger_path\x12$\n\rstate_present\x18\x05 \x01(\x08R\rstate_present\x12 \n\x0btmp_pre'
-    b'sent\x18\x06 \x01(\x08R\x0btmp_present\x12&\n\x0eledger_present\x18\x07 \x01(\x08R\x0eledger_pres'
-    b'ent\x12,\n\x11durable_artifacts\x18\x08 \x01(\rR\x11durable_artifacts\x12$\n\rtmp_artifacts\x18\t'
-    b' \x01(\rR\rtmp_artifacts\x12\x1a\n\x08revision\x18\n \x01(\rR\x08revision\x12\x1a\n\x08profiles'
-    b'\x18\x0b \x01(\rR\x08profiles\x12\x1a\n\x08sessions\x18\x0c \x01(\rR\x08sessions\x12$\n\ractive_l'
-    b'eases\x18\r \x01(\rR\ractive_leases\x12&\n\x0ewaiting_leases\x18\x0e \x01(\rR\x0ewaiting_leases'
-    b'\x12.\n\x12active_quarantines\x18\x0f \x01(\rR\x12active_quarantines\x12*\n\x10control_requests'
-    b'\x18\x10 \x01(\rR\x10control_requests\x12\x16\n\x06events\x18\x11 \x01(\rR\x06events\x12\x18\n'
-    b'\x07results\x18\x12 \x01(\rR\x07results\x12+\n\x07runtime\x18\x13 \x01(\x0b2\x11.relay.v1.Runtime'
-    b'R\x07runtime\x122\n\x08warnings\x18\x14 \x03(\x0b2\x16.relay.v1.StateWarningR\x08warnings"^\n\x11'
-    b'ListProfilesReply\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revision\x12-\n\x08profiles\x18\x02 '
-    b'\x03(\x0b2\x11.relay.v1.ProfileR\x08profiles"^\n\x11ListSessionsReply\x12\x1a\n\x08revision\x18'
-    b'\x01 \x01(\rR\x08revision\x12-\n\x08sessions\x18\x02 \x03(\x0b2\x11.relay.v1.SessionR\x08sessions'
-    b'"V\n\x0fListLeasesReply\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revision\x12\'\n\x06leases\x18'
-    b'\x02 \x03(\x0b2\x0f.relay.v1.LeaseR\x06leases"\x80\x01\n\x10ListRecordsReply\x12\x1e\n\nsession_i'
-    b'd\x18\x01 \x01(\tR\nsession_id\x12\x1a\n\x08last_seq\x18\x02 \x01(\rR\x08last_seq\x120\n\x07recor'
-    b'ds\x18\x03 \x03(\x0b2\x16.relay.v1.StreamRecordR\x07records"\xe9\x01\n\x07Runtime\x12\x16\n\x06st'
-    b'atus\x18\x01 \x01(\tR\x06status\x12\x1a\n\x08endpoint\x18\x02 \x01(\tR\x08endpoint\x12\x12\n\x04m'
-    b'ode\x18\x03 \x01(\tR\x04mode\x12\x1a\n\x08token_id\x18\x04 \x01(\tR\x08token_id\x12\x10\n\x03pid'
-    b'\x18\x05 \x01(\rR\x03pid\x12(\n\x0fbootstrapped_at\x18\x06 \x01(\tR\x0fbootstrapped_at\x12\x1c\n'
-    b'\tserved_at\x18\x07 \x01(\tR\tserved_at\x12 \n\x0bshutdown_at\x18\x08 \x01(\tR\x0bshutdown_at"'
-    b'\x87\x01\n\x07Profile\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n\x08provider\x18\x02 '
-    b'\x01(\tR\x08provider\x12\x12\n\x04mode\x18\x03 \x01(\tR\x04mode\x12\x18\n\x07command\x18\x04 \x03'
-    b'(\tR\x07command\x12\x1e\n\ncreated_at\x18\x05 \x01(\tR\ncreated_at"\xdb\x01\n\x07Session\x12\x1e'
-    b'\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x18\n\x07profile\x18\x02 \x01(\tR\x07profile\x12'
-    b'\x1a\n\x08provider\x18\x03 \x01(\tR\x08provider\x12\x14\n\x05state\x18\x04 \x01(\tR\x05state\x12'
-    b'\x1e\n\ncreated_at\x18\x05 \x01(\tR\ncreated_at\x12\x1e\n\nupdated_at\x18\x06 \x01(\tR\nupdated_a'
-    b't\x12$\n\rfencing_token\x18\x07 \x01(\rR\rfencing_token"\x9d\x03\n\x05Lease\x12\x1a\n\x08lease_id'
-    b'\x18\x01 \x01(\tR\x08lease_id\x12\x1e\n\nsession_id\x18\x02 \x01(\tR\nsession_id\x12\x16\n\x06hol'
-    b'der\x18\x03 \x01(\tR\x06holder\x12\x12\n\x04mode\x18\x04 \x01(\tR\x04mode\x12\x14\n\x05state\x18'
-    b'\x05 \x01(\tR\x05state\x12$\n\rfencing_token\x18\x06 \x01(\rR\rfencing_token\x12 \n\x0bttl_second'
-    b's\x18\x07 \x01(\rR\x0bttl_seconds\x12"\n\x0crequested_at\x18\x08 \x01(\tR\x0crequested_at\x12\x1e'
-    b'\n\ngranted_at\x18\t \x01(\tR\ngranted_at\x12\x1e\n\nexpires_at\x18\n \x01(\tR\nexpires_at\x12(\n'
-    b'\x0flast_renewed_at\x18\x0b \x01(\tR\x0flast_renewed_at\x12\x1a\n\x08ended_at\x18\x0c \x01(\tR'
-    b'\x08ended_at\x12$\n\rrevoke_reason\x18\r \x01(\tR\rrevoke_reason"\xe0\x01\n\x0eControlRequest\x12'
-    b'\x1e\n\nrequest_id\x18\x01 \x01(\tR\nrequest_id\x12\x1e\n\nsession_id\x18\x02 \x01(\tR\nsession_i'
-    b'd\x12\x12\n\x04kind\x18\x03 \x01(\tR\x04kind\x120\n\x07payload\x18\x04 \x01(\x0b2\x16.google.prot'
-    b'obuf.ValueR\x07payload\x12&\n\x0epayload_digest\x18\x05 \x01(\tR\x0epayload_digest\x12 \n\x0breco'
-    b'rded_at\x18\x06 \x01(\tR\x0brecorded_at"\xa2\x01\n\nQuarantine\x12\x1e\n\nsession_id\x18\x01 \x01'
-    b'(\tR\nsession_id\x12\x16\n\x06reason\x18\x02 \x01(\tR\x06reason\x12\x14\n\x05state\x18\x03 \x01('
-    b'\tR\x05state\x12&\n\x0equarantined_at\x18\x04 \x01(\tR\x0equarantined_at\x12\x1e\n\ncleared_at'
-    b'\x18\x05 \x01(\tR\ncleared_at"\xa2\x01\n\x0cStreamRecord\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\n'
-    b'session_id\x12\x10\n\x03seq\x18\x02 \x01(\rR\x03seq\x12\x12\n\x04kind\x18\x03 \x01(\tR\x04kind'
-    b'\x12*\n\x04data\x18\x04 \x01(\x0b2\x16.google.protobuf.ValueR\x04data\x12 \n\x0bappended_at\x18'
-    b'\x05 \x01(\tR\x0bappended_at"\x9a\x01\n\x0cStateWarning\x12\x14\n\x05owner\x18\x01 \x01(\tR\x05ow'
-    b'ner\x12\x12\n\x04code\x18\x02 \x01(\tR\x04code\x12\x12\n\x04path\x18\x03 \x01(\tR\x04path\x12\x18'
-    b'\n\x07message\x18\x04 \x01(\tR\x07message\x12\x16\n\x06repair\x18\x05 \x01(\tR\x06repair\x12\x1a'
-    b'\n\x08severity\x18\x06 \x01(\tR\x08severity"\xac\x01\n\x08Recovery\x12\x1e\n\nsession_id\x18\x01 '
-    b'\x01(\tR\nsession_id\x12&\n\x0eclassification\x18\x02 \x01(\tR\x0eclassification\x12\x16\n\x06rea'
-    b'son\x18\x03 \x01(\tR\x06reason\x12"\n\x0cnext_command\x18\x04 \x01(\tR\x0cnext_command\x12\x1c\n'
-    b'\tlease_ids\x18\x05 \x03(\tR\tlease_ids2\xa7\x0b\n\x05Relay\x12K\n\x0fRegisterProfile\x12 .relay.'
-    b'v1.RegisterProfileRequest\x1a\x16.relay.v1.ProfileReply\x12G\n\rCreateSession\x12\x1e.relay.v1.Cr'
-    b'eateSessionRequest\x1a\x16.relay.v1.SessionReply\x127\n\x06Borrow\x12\x17.relay.v1.BorrowRequest'
-    b'\x1a\x14.relay.v1.LeaseReply\x12>\n\x07Release\x12\x1d.relay.v1.ReleaseLeaseRequest\x1a\x14.relay'
-    b'.v1.LeaseReply\x12?\n\nGrantLease\x12\x1b.relay.v1.GrantLeaseRequest\x1a\x14.relay.v1.LeaseReply'
-    b'\x12?\n\nRenewLease\x12\x1b.relay.v1.RenewLeaseRequest\x1a\x14.relay.v1.LeaseReply\x12C\n\x0cRele'
-    b'aseLease\x12\x1d.relay.v1.ReleaseLeaseRequest\x1a\x14.relay.v1.LeaseReply\x12A\n\x0bRevokeLease'
-    b'\x12\x1c.relay.v1.RevokeLeaseRequest\x1a\x14.relay.v1.LeaseReply\x12G\n\rRecordControl\x12\x1e.re'
-    b'lay.v1.RecordControlRequest\x1a\x16.relay.v1.ControlReply\x12C\n\x0bAppendEvent\x12\x1d.relay.v1.'
-    b'AppendRecordRequest\x1a\x15.relay.v1.AppendReply\x12D\n\x0cAppendResult\x12\x1d.relay.v1.AppendRe'
-    b'cordRequest\x1a\x15.relay.v1.AppendReply\x12R\n\x11QuarantineSession\x12".relay.v1.QuarantineSess'
-    b'ionRequest\x1a\x19.relay.v1.QuarantineReply\x12N\n\x0fClearQuarantine\x12 .relay.v1.ClearQuaranti'
-    b'neRequest\x1a\x19.relay.v1.QuarantineReply\x12@\n\x07Recover\x12\x18.relay.v1.RecoverRequest\x1a'
-    b'\x16.relay.v1.RecoverReply"\x03\x90\x02\x01\x12C\n\tGetStatus\x12\x1a.relay.v1.GetStatusRequest'
-    b'\x1a\x15.relay.v1.StatusReply"\x03\x90\x02\x01\x12O\n\x0cListProfiles\x12\x1d.relay.v1.ListProfil'
-    b'esRequest\x1a\x1b.relay.v1.ListProfilesReply"\x03\x90\x02\x01\x12O\n\x0cListSessions\x12\x1d.rela'
-    b'y.v1.ListSessionsRequest\x1a\x1b.relay.v1.ListSessionsReply"\x03\x90\x02\x01\x12I\n\nListLeases'
-    b'\x12\x1b.relay.v1.ListLeasesRequest\x1a\x19.relay.v1.ListLeasesReply"\x03\x90\x02\x01\x12K\n\nLis'
-    b'tEvents\x12\x1c.relay.v1.ListRecordsRequest\x1a\x1a.relay.v1.ListRecordsReply"\x03\x90\x02\x01'
-    b'\x12L\n\x0bListResults\x12\x1c.relay.v1.ListRecordsRequest\x1a\x1a.relay.v1.ListRecordsReply"\x03'
-    b'\x90\x02\x01b\x06proto3'
+    b'd\x12\x1e\n\nrequest_id\x18\x05 \x01(\tR\nrequest_id\x12\x1c\n\tpool_size\x18\x06 \x01(\rR\tpool_'
+    b'size\x12\x10\n\x03cwd\x18\x07 \x01(\tR\x03cwd\x12\x10\n\x03env\x18\x08 \x03(\tR\x03env\x12\x18\n'
+    b'\x07options\x18\t \x03(\tR\x07options"p\n\x14CreateSessionRequest\x12\x18\n\x07profile\x18\x01 '
+    b'\x01(\tR\x07profile\x12\x1e\n\nsession_id\x18\x02 \x01(\tR\nsession_id\x12\x1e\n\nrequest_id\x18'
+    b'\x03 \x01(\tR\nrequest_id"\xb7\x01\n\rBorrowRequest\x12\x16\n\x06holder\x18\x01 \x01(\tR\x06holde'
+    b'r\x12\x18\n\x07profile\x18\x02 \x01(\tR\x07profile\x12\x1e\n\nsession_id\x18\x03 \x01(\tR\nsessio'
+    b'n_id\x12\x12\n\x04mode\x18\x04 \x01(\tR\x04mode\x12 \n\x0bttl_seconds\x18\x05 \x01(\rR\x0bttl_sec'
+    b'onds\x12\x1e\n\nrequest_id\x18\x06 \x01(\tR\nrequest_id"\xa1\x01\n\x11GrantLeaseRequest\x12\x1e\n'
+    b'\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x16\n\x06holder\x18\x02 \x01(\tR\x06holder\x12\x12'
+    b'\n\x04mode\x18\x03 \x01(\tR\x04mode\x12 \n\x0bttl_seconds\x18\x04 \x01(\rR\x0bttl_seconds\x12\x1e'
+    b'\n\nrequest_id\x18\x05 \x01(\tR\nrequest_id"w\n\x13ReleaseLeaseRequest\x12\x1a\n\x08lease_id\x18'
+    b'\x01 \x01(\tR\x08lease_id\x12\x1e\n\nrequest_id\x18\x02 \x01(\tR\nrequest_id\x12$\n\rfencing_toke'
+    b'n\x18\x03 \x01(\rR\rfencing_token"\x97\x01\n\x11RenewLeaseRequest\x12\x1a\n\x08lease_id\x18\x01 '
+    b'\x01(\tR\x08lease_id\x12 \n\x0bttl_seconds\x18\x02 \x01(\rR\x0bttl_seconds\x12\x1e\n\nrequest_id'
+    b'\x18\x03 \x01(\tR\nrequest_id\x12$\n\rfencing_token\x18\x04 \x01(\rR\rfencing_token"h\n\x12Revoke'
+    b'LeaseRequest\x12\x1a\n\x08lease_id\x18\x01 \x01(\tR\x08lease_id\x12\x16\n\x06reason\x18\x02 \x01('
+    b'\tR\x06reason\x12\x1e\n\nrequest_id\x18\x03 \x01(\tR\nrequest_id"\x9c\x01\n\x14RecordControlReque'
+    b'st\x12\x1e\n\nrequest_id\x18\x01 \x01(\tR\nrequest_id\x12\x1e\n\nsession_id\x18\x02 \x01(\tR\nses'
+    b'sion_id\x12\x12\n\x04kind\x18\x03 \x01(\tR\x04kind\x120\n\x07payload\x18\x04 \x01(\x0b2\x16.googl'
+    b'e.protobuf.ValueR\x07payload"\xbb\x01\n\x13AppendRecordRequest\x12\x1e\n\nsession_id\x18\x01 \x01'
+    b'(\tR\nsession_id\x12\x12\n\x04kind\x18\x02 \x01(\tR\x04kind\x12*\n\x04data\x18\x03 \x01(\x0b2\x16'
+    b'.google.protobuf.ValueR\x04data\x12\x1e\n\nrequest_id\x18\x04 \x01(\tR\nrequest_id\x12$\n\rfencin'
+    b'g_token\x18\x05 \x01(\rR\rfencing_token"r\n\x18QuarantineSessionRequest\x12\x1e\n\nsession_id\x18'
+    b'\x01 \x01(\tR\nsession_id\x12\x16\n\x06reason\x18\x02 \x01(\tR\x06reason\x12\x1e\n\nrequest_id'
+    b'\x18\x03 \x01(\tR\nrequest_id"X\n\x16ClearQuarantineRequest\x12\x1e\n\nsession_id\x18\x01 \x01(\t'
+    b'R\nsession_id\x12\x1e\n\nrequest_id\x18\x02 \x01(\tR\nrequest_id"0\n\x0eRecoverRequest\x12\x1e\n'
+    b'\nsession_id\x18\x01 \x01(\tR\nsession_id"\x12\n\x10GetStatusRequest"\x15\n\x13ListProfilesReques'
+    b't"E\n\x13ListSessionsRequest\x12\x18\n\x07profile\x18\x01 \x01(\tR\x07profile\x12\x14\n\x05state'
+    b'\x18\x02 \x01(\tR\x05state"I\n\x11ListLeasesRequest\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsessi'
+    b'on_id\x12\x14\n\x05state\x18\x02 \x01(\tR\x05state"`\n\x12ListRecordsRequest\x12\x1e\n\nsession_i'
+    b'd\x18\x01 \x01(\tR\nsession_id\x12\x14\n\x05after\x18\x02 \x01(\rR\x05after\x12\x14\n\x05limit'
+    b'\x18\x03 \x01(\rR\x05limit"\xc6\x01\n\x10StartTurnRequest\x12\x1e\n\nsession_id\x18\x01 \x01(\tR'
+    b'\nsession_id\x12\x1a\n\x08lease_id\x18\x02 \x01(\tR\x08lease_id\x12$\n\rfencing_token\x18\x03 '
+    b'\x01(\rR\rfencing_token\x12\x14\n\x05input\x18\x04 \x01(\tR\x05input\x12\x1a\n\x08task_ref\x18'
+    b'\x05 \x01(\tR\x08task_ref\x12\x1e\n\nrequest_id\x18\x06 \x01(\tR\nrequest_id"\x92\x01\n\x14Interr'
+    b'uptTurnRequest\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x1a\n\x08lease_id\x18\x02 '
+    b'\x01(\tR\x08lease_id\x12$\n\rfencing_token\x18\x03 \x01(\rR\rfencing_token\x12\x18\n\x07turn_id'
+    b'\x18\x04 \x01(\tR\x07turn_id"*\n\x0eGetTurnRequest\x12\x18\n\x07turn_id\x18\x01 \x01(\tR\x07turn_'
+    b'id"d\n\x10ListTurnsRequest\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x1a\n\x08task_r'
+    b'ef\x18\x02 \x01(\tR\x08task_ref\x12\x14\n\x05state\x18\x03 \x01(\tR\x05state".\n\x10ListTasksRequ'
+    b'est\x12\x1a\n\x08task_ref\x18\x01 \x01(\tR\x08task_ref"\xb8\x01\n\x16ResolveApprovalRequest\x12'
+    b'\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x1a\n\x08lease_id\x18\x02 \x01(\tR\x08lease_i'
+    b'd\x12$\n\rfencing_token\x18\x03 \x01(\rR\rfencing_token\x12 \n\x0bapproval_id\x18\x04 \x01(\tR'
+    b'\x0bapproval_id\x12\x1a\n\x08decision\x18\x05 \x01(\tR\x08decision"q\n\x0cProfileReply\x12\x18\n'
+    b'\x07outcome\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revision\x12+\n'
+    b'\x07profile\x18\x03 \x01(\x0b2\x11.relay.v1.ProfileR\x07profile"q\n\x0cSessionReply\x12\x18\n\x07'
+    b'outcome\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revision\x12+\n\x07'
+    b'session\x18\x03 \x01(\x0b2\x11.relay.v1.SessionR\x07session"i\n\nLeaseReply\x12\x18\n\x07outcome'
+    b'\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revision\x12%\n\x05lease'
+    b'\x18\x03 \x01(\x0b2\x0f.relay.v1.LeaseR\x05lease"\x88\x01\n\x0cControlReply\x12\x18\n\x07outcome'
+    b'\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revision\x12B\n\x0fcontrol'
+    b'_request\x18\x03 \x01(\x0b2\x18.relay.v1.ControlRequestR\x0fcontrol_request"s\n\x0bAppendReply'
+    b'\x12\x18\n\x07outcome\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revis'
+    b'ion\x12.\n\x06record\x18\x03 \x01(\x0b2\x16.relay.v1.StreamRecordR\x06record"\xab\x01\n\x0fQuaran'
+    b'tineReply\x12\x18\n\x07outcome\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR'
+    b'\x08revision\x124\n\nquarantine\x18\x03 \x01(\x0b2\x14.relay.v1.QuarantineR\nquarantine\x12,\n'
+    b'\x11revoked_lease_ids\x18\x04 \x03(\tR\x11revoked_lease_ids"Z\n\x0cRecoverReply\x12\x1a\n\x08revi'
+    b'sion\x18\x01 \x01(\rR\x08revision\x12.\n\x08sessions\x18\x02 \x03(\x0b2\x12.relay.v1.RecoveryR'
+    b'\x08sessions"\xdc\x05\n\x0bStatusReply\x12\x16\n\x06status\x18\x01 \x01(\tR\x06status\x12\x1e\n\n'
+    b'projection\x18\x02 \x01(\tR\nprojection\x12\x1e\n\nrelay_mode\x18\x03 \x01(\tR\nrelay_mode\x12 \n'
+    b'\x0bledger_path\x18\x04 \x01(\tR\x0bledger_path\x12$\n\rstate_present\x18\x05 \x01(\x08R\rstate_p'
+    b'resent\x12 \n\x0btmp_present\x18\x06 \x01(\x08R\x0btmp_present\x12&\n\x0eledger_present\x18\x07 '
+    b'\x01(\x08R\x0eledger_present\x12,\n\x11durable_artifacts\x18\x08 \x01(\rR\x11durable_artifacts'
+    b'\x12$\n\rtmp_artifacts\x18\t \x01(\rR\rtmp_artifacts\x12\x1a\n\x08revision\x18\n \x01(\rR\x08revi'
+    b'sion\x12\x1a\n\x08profiles\x18\x0b \x01(\rR\x08profiles\x12\x1a\n\x08sessions\x18\x0c \x01(\rR'
+    b'\x08sessions\x12$\n\ractive_leases\x18\r \x01(\rR\ractive_leases\x12&\n\x0ewaiting_leases\x18\x0e'
+    b' \x01(\rR\x0ewaiting_leases\x12.\n\x12active_quarantines\x18\x0f \x01(\rR\x12active_quarantines'
+    b'\x12*\n\x10control_requests\x18\x10 \x01(\rR\x10control_requests\x12\x16\n\x06events\x18\x11 \x01'
+    b'(\rR\x06events\x12\x18\n\x07results\x18\x12 \x01(\rR\x07results\x12+\n\x07runtime\x18\x13 \x01('
+    b'\x0b2\x11.relay.v1.RuntimeR\x07runtime\x122\n\x08warnings\x18\x14 \x03(\x0b2\x16.relay.v1.StateWa'
+    b'rningR\x08warnings"^\n\x11ListProfilesReply\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revision'
+    b'\x12-\n\x08profiles\x18\x02 \x03(\x0b2\x11.relay.v1.ProfileR\x08profiles"b\n\x11ListSessionsReply'
+    b'\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revision\x121\n\x08sessions\x18\x02 \x03(\x0b2\x15.rel'
+    b'ay.v1.SessionViewR\x08sessions"V\n\x0fListLeasesReply\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08r'
+    b'evision\x12\'\n\x06leases\x18\x02 \x03(\x0b2\x0f.relay.v1.LeaseR\x06leases"\x80\x01\n\x10ListReco'
+    b'rdsReply\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x1a\n\x08last_seq\x18\x02 \x01(\r'
+    b'R\x08last_seq\x120\n\x07records\x18\x03 \x03(\x0b2\x16.relay.v1.StreamRecordR\x07records"/\n\tTur'
+    b'nReply\x12"\n\x04turn\x18\x01 \x01(\x0b2\x0e.relay.v1.TurnR\x04turn"R\n\x0eListTurnsReply\x12\x1a'
+    b'\n\x08revision\x18\x01 \x01(\rR\x08revision\x12$\n\x05turns\x18\x02 \x03(\x0b2\x0e.relay.v1.TurnR'
+    b'\x05turns"V\n\x0eListTasksReply\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revision\x12(\n\x05task'
+    b's\x18\x02 \x03(\x0b2\x12.relay.v1.TaskViewR\x05tasks"k\n\rApprovalReply\x12\x18\n\x07outcome\x18'
+    b'\x01 \x01(\tR\x07outcome\x12\x1e\n\nsession_id\x18\x02 \x01(\tR\nsession_id\x12 \n\x0bapproval_id'
+    b'\x18\x03 \x01(\tR\x0bapproval_id"\xe9\x01\n\x07Runtime\x12\x16\n\x06status\x18\x01 \x01(\tR\x06st'
+    b'atus\x12\x1a\n\x08endpoint\x18\x02 \x01(\tR\x08endpoint\x12\x12\n\x04mode\x18\x03 \x01(\tR\x04mod'
+    b'e\x12\x1a\n\x08token_id\x18\x04 \x01(\tR\x08token_id\x12\x10\n\x03pid\x18\x05 \x01(\rR\x03pid\x12'
+    b'(\n\x0fbootstrapped_at\x18\x06 \x01(\tR\x0fbootstrapped_at\x12\x1c\n\tserved_at\x18\x07 \x01(\tR'
+    b'\tserved_at\x12 \n\x0bshutdown_at\x18\x08 \x01(\tR\x0bshutdown_at"\xe3\x01\n\x07Profile\x12\x12\n'
+    b'\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n\x08provider\x18\x02 \x01(\tR\x08provider\x12\x12\n'
+    b'\x04mode\x18\x03 \x01(\tR\x04mode\x12\x18\n\x07command\x18\x04 \x03(\tR\x07command\x12\x1e\n\ncre'
+    b'ated_at\x18\x05 \x01(\tR\ncreated_at\x12\x1c\n\tpool_size\x18\x06 \x01(\rR\tpool_size\x12\x10\n'
+    b'\x03cwd\x18\x07 \x01(\tR\x03cwd\x12\x10\n\x03env\x18\x08 \x03(\tR\x03env\x12\x18\n\x07options\x18'
+    b'\t \x03(\tR\x07options"\xdb\x01\n\x07Session\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id'
+    b'\x12\x18\n\x07profile\x18\x02 \x01(\tR\x07profile\x12\x1a\n\x08provider\x18\x03 \x01(\tR\x08provi'
+    b'der\x12\x14\n\x05state\x18\x04 \x01(\tR\x05state\x12\x1e\n\ncreated_at\x18\x05 \x01(\tR\ncreated_'
+    b'at\x12\x1e\n\nupdated_at\x18\x06 \x01(\tR\nupdated_at\x12$\n\rfencing_token\x18\x07 \x01(\rR\rfen'
+    b'cing_token"\x9d\x03\n\x05Lease\x12\x1a\n\x08lease_id\x18\x01 \x01(\tR\x08lease_id\x12\x1e\n\nsess'
+    b'ion_id\x18\x02 \x01(\tR\nsession_id\x12\x16\n\x06holder\x18\x03 \x01(\tR\x06holder\x12\x12\n\x04m'
+    b'ode\x18\x04 \x01(\tR\x04mode\x12\x14\n\x05state\x18\x05 \x01(\tR\x05state\x12$\n\rfencing_token'
+    b'\x18\x06 \x01(\rR\rfencing_token\x12 \n\x0bttl_seconds\x18\x07 \x01(\rR\x0bttl_seconds\x12"\n\x0c'
+    b'requested_at\x18\x08 \x01(\tR\x0crequested_at\x12\x1e\n\ngranted_at\x18\t \x01(\tR\ngranted_at'
+    b'\x12\x1e\n\nexpires_at\x18\n \x01(\tR\nexpires_at\x12(\n\x0flast_renewed_at\x18\x0b \x01(\tR\x0fl'
+    b'ast_renewed_at\x12\x1a\n\x08ended_at\x18\x0c \x01(\tR\x08ended_at\x12$\n\rrevoke_reason\x18\r '
+    b'\x01(\tR\rrevoke_reason"\xe0\x01\n\x0eControlRequest\x12\x1e\n\nrequest_id\x18\x01 \x01(\tR\nrequ'
+    b'est_id\x12\x1e\n\nsession_id\x18\x02 \x01(\tR\nsession_id\x12\x12\n\x04kind\x18\x03 \x01(\tR\x04k'
+    b'ind\x120\n\x07payload\x18\x04 \x01(\x0b2\x16.google.protobuf.ValueR\x07payload\x12&\n\x0epayload_'
+    b'digest\x18\x05 \x01(\tR\x0epayload_digest\x12 \n\x0brecorded_at\x18\x06 \x01(\tR\x0brecorded_at"'
+    b'\xa2\x01\n\nQuarantine\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x16\n\x06reason\x18'
+    b'\x02 \x01(\tR\x06reason\x12\x14\n\x05state\x18\x03 \x01(\tR\x05state\x12&\n\x0equarantined_at\x18'
+    b'\x04 \x01(\tR\x0equarantined_at\x12\x1e\n\ncleared_at\x18\x05 \x01(\tR\ncleared_at"\xa2\x01\n\x0c'
+    b'StreamRecord\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x10\n\x03seq\x18\x02 \x01(\rR'
+    b'\x03seq\x12\x12\n\x04kind\x18\x03 \x01(\tR\x04kind\x12*\n\x04data\x18\x04 \x01(\x0b2\x16.google.p'
+    b'rotobuf.ValueR\x04data\x12 \n\x0bappended_at\x18\x05 \x01(\tR\x0bappended_at"\x9a\x01\n\x0cStateW'
+    b'arning\x12\x14\n\x05owner\x18\x01 \x01(\tR\x05owner\x12\x12\n\x04code\x18\x02 \x01(\tR\x04code'
+    b'\x12\x12\n\x04path\x18\x03 \x01(\tR\x04path\x12\x18\n\x07message\x18\x04 \x01(\tR\x07message\x12'
+    b'\x16\n\x06repair\x18\x05 \x01(\tR\x06repair\x12\x1a\n\x08severity\x18\x06 \x01(\tR\x08severity"'
+    b'\xac\x01\n\x08Recovery\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12&\n\x0eclassificatio'
+    b'n\x18\x02 \x01(\tR\x0eclassification\x12\x16\n\x06reason\x18\x03 \x01(\tR\x06reason\x12"\n\x0cnex'
+    b't_command\x18\x04 \x01(\tR\x0cnext_command\x12\x1c\n\tlease_ids\x18\x05 \x03(\tR\tlease_ids"\xe6'
+    b'\x02\n\x04Turn\x12\x18\n\x07turn_id\x18\x01 \x01(\tR\x07turn_id\x12\x1e\n\nsession_id\x18\x02 '
+    b'\x01(\tR\nsession_id\x12\x1a\n\x08lease_id\x18\x03 \x01(\tR\x08lease_id\x12\x14\n\x05state\x18'
+    b'\x04 \x01(\tR\x05state\x12\x14\n\x05input\x18\x05 \x01(\tR\x05input\x12 \n\x0boutput_text\x18\x06'
+    b' \x01(\tR\x0boutput_text\x12\x14\n\x05error\x18\x07 \x01(\tR\x05error\x12\x1a\n\x08task_ref\x18'
+    b'\x08 \x01(\tR\x08task_ref\x12\x1e\n\nstarted_at\x18\t \x01(\tR\nstarted_at\x12\x1a\n\x08ended_at'
+    b'\x18\n \x01(\tR\x08ended_at\x12,\n\x05usage\x18\x0b \x01(\x0b2\x16.google.protobuf.ValueR\x05usag'
+    b'e\x12\x1e\n\nrequest_id\x18\x0c \x01(\tR\nrequest_id"\x81\x01\n\x0bProcessInfo\x12\x10\n\x03pid'
+    b'\x18\x01 \x01(\rR\x03pid\x12\x14\n\x05state\x18\x02 \x01(\tR\x05state\x12\x1e\n\nstarted_at\x18'
+    b'\x03 \x01(\tR\nstarted_at\x12*\n\x10provider_version\x18\x04 \x01(\tR\x10provider_version"\x90'
+    b'\x02\n\x0bSessionView\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x18\n\x07profile\x18'
+    b'\x02 \x01(\tR\x07profile\x12\x1a\n\x08provider\x18\x03 \x01(\tR\x08provider\x12\x14\n\x05state'
+    b'\x18\x04 \x01(\tR\x05state\x12\x1e\n\ncreated_at\x18\x05 \x01(\tR\ncreated_at\x12\x1e\n\nupdated_'
+    b'at\x18\x06 \x01(\tR\nupdated_at\x12$\n\rfencing_token\x18\x07 \x01(\rR\rfencing_token\x12/\n\x07p'
+    b'rocess\x18\x08 \x01(\x0b2\x15.relay.v1.ProcessInfoR\x07process"\xbe\x01\n\x08TaskView\x12\x1a\n'
+    b'\x08task_ref\x18\x01 \x01(\tR\x08task_ref\x12$\n\x05turns\x18\x02 \x03(\x0b2\x0e.relay.v1.TurnR'
+    b'\x05turns\x12\x18\n\x07running\x18\x03 \x01(\rR\x07running\x12\x1c\n\tcompleted\x18\x04 \x01(\rR'
+    b'\tcompleted\x12\x16\n\x06failed\x18\x05 \x01(\rR\x06failed\x12 \n\x0binterrupted\x18\x06 \x01(\rR'
+    b'\x0binterrupted2\xc8\x0e\n\x05Relay\x12K\n\x0fRegisterProfile\x12 .relay.v1.RegisterProfileReques'
+    b't\x1a\x16.relay.v1.ProfileReply\x12G\n\rCreateSession\x12\x1e.relay.v1.CreateSessionRequest\x1a'
+    b'\x16.relay.v1.SessionReply\x127\n\x06Borrow\x12\x17.relay.v1.BorrowRequest\x1a\x14.relay.v1.Lease'
+    b'Reply\x12>\n\x07Release\x12\x1d.relay.v1.ReleaseLeaseRequest\x1a\x14.relay.v1.LeaseReply\x12?\n\n'
+    b'GrantLease\x12\x1b.relay.v1.GrantLeaseRequest\x1a\x14.relay.v1.LeaseReply\x12?\n\nRenewLease\x12'
+    b'\x1b.relay.v1.RenewLeaseRequest\x1a\x14.relay.v1.LeaseReply\x12C\n\x0cReleaseLease\x12\x1d.relay.'
+    b'v1.ReleaseLeaseRequest\x1a\x14.relay.v1.LeaseReply\x12A\n\x0bRevokeLease\x12\x1c.relay.v1.RevokeL'
+    b'easeRequest\x1a\x14.relay.v1.LeaseReply\x12G\n\rRecordControl\x12\x1e.relay.v1.RecordControlReque'
+    b'st\x1a\x16.relay.v1.ControlReply\x12C\n\x0bAppendEvent\x12\x1d.relay.v1.AppendRecordRequest\x1a'
+    b'\x15.relay.v1.AppendReply\x12D\n\x0cAppendResult\x12\x1d.relay.v1.AppendRecordRequest\x1a\x15.rel'
+    b'ay.v1.AppendReply\x12R\n\x11QuarantineSession\x12".relay.v1.QuarantineSessionRequest\x1a\x19.rela'
+    b'y.v1.QuarantineReply\x12N\n\x0fClearQuarantine\x12 .relay.v1.ClearQuarantineRequest\x1a\x19.relay'
+    b'.v1.QuarantineReply\x12@\n\x07Recover\x12\x18.relay.v1.RecoverRequest\x1a\x16.relay.v1.RecoverRep'
+    b'ly"\x03\x90\x02\x01\x12C\n\tGetStatus\x12\x1a.relay.v1.GetStatusRequest\x1a\x15.relay.v1.StatusRe'
+    b'ply"\x03\x90\x02\x01\x12O\n\x0cListProfiles\x12\x1d.relay.v1.ListProfilesRequest\x1a\x1b.relay.v1'
+    b'.ListProfilesReply"\x03\x90\x02\x01\x12O\n\x0cListSessions\x12\x1d.relay.v1.ListSessionsRequest'
+    b'\x1a\x1b.relay.v1.ListSessionsReply"\x03\x90\x02\x01\x12I\n\nListLeases\x12\x1b.relay.v1.ListLeas'
+    b'esRequest\x1a\x19.relay.v1.ListLeasesReply"\x03\x90\x02\x01\x12K\n\nListEvents\x12\x1c.relay.v1.L'
+    b'istRecordsRequest\x1a\x1a.relay.v1.ListRecordsReply"\x03\x90\x02\x01\x12L\n\x0bListResults\x12'
+    b'\x1c.relay.v1.ListRecordsRequest\x1a\x1a.relay.v1.ListRecordsReply"\x03\x90\x02\x01\x12<\n\tStart'
+    b'Turn\x12\x1a.relay.v1.StartTurnRequest\x1a\x13.relay.v1.TurnReply\x12D\n\rInterruptTurn\x12\x1e.r'
+    b'elay.v1.InterruptTurnRequest\x1a\x13.relay.v1.TurnReply\x12L\n\x0fResolveApproval\x12 .relay.v1.R'
+    b'esolveApprovalRequest\x1a\x17.relay.v1.ApprovalReply\x12=\n\x07GetTurn\x12\x18.relay.v1.GetTurnRe'
+    b'quest\x1a\x13.relay.v1.TurnReply"\x03\x90\x02\x01\x12F\n\tListTurns\x12\x1a.relay.v1.ListTurnsReq'
+    b'uest\x1a\x18.relay.v1.ListTurnsReply"\x03\x90\x02\x01\x12F\n\tListTasks\x12\x1a.relay.v1.ListTask'
+    b'sRequest\x1a\x18.relay.v1.ListTasksReply"\x03\x90\x02\x01b\x06proto3'
 )
 # --- END GENERATED ---
 
@@ -1675,7 +1881,7 @@ class RelayStub:
 
     @contextlib.contextmanager
     def borrowed(self, *, holder: str, profile: str = "", session_id: str = "",
-                 mode: str = "exclusive-write", ttl_seconds: int = 0) -> Iterator[HeldLease]:
+                 mode: str = "exclusive-write", ttl_seconds: int = 0) -> Iterator[BorrowedLease]:
         """Borrow a session for the block; keep its lease renewed over the
         WebSocket channel; release it on exit, also on an exception.
 
@@ -1694,7 +1900,7 @@ class RelayStub:
             with contextlib.suppress(FailedPrecondition, NotFound):
                 self.release_lease(lease_id=lease.lease_id)
             raise _not_granted(lease, reply.outcome)
-        held = HeldLease(lease)
+        held = BorrowedLease(self, lease)
         keeper = _SyncKeeper(self._core, held)
         try:
             keeper.start()
@@ -1766,7 +1972,8 @@ class AsyncRelayStub:
 
     @contextlib.asynccontextmanager
     async def borrowed(self, *, holder: str, profile: str = "", session_id: str = "",
-                       mode: str = "exclusive-write", ttl_seconds: int = 0) -> AsyncIterator[Lease]:
+                       mode: str = "exclusive-write", ttl_seconds: int = 0
+                       ) -> AsyncIterator[AsyncBorrowedLease]:
         """Borrow for the block, keep the lease alive over the WebSocket, and
         release on exit (also on exception or cancellation).  If the lease is
         lost, the block is cancelled and ``LeaseLost`` raised."""
@@ -1786,7 +1993,7 @@ class AsyncRelayStub:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(_hold_lease, self._core, lease, lost, nursery.cancel_scope)
                     try:
-                        yield lease
+                        yield AsyncBorrowedLease(self, lease)
                     except Exception as exc:
                         error = exc  # re-raised below as itself, not wrapped in the nursery's group
                     finally:
@@ -1804,6 +2011,149 @@ class AsyncRelayStub:
             raise lost[0]
         if error is not None:
             raise error
+
+
+class HeldLease:
+    """The lease a blocking ``borrowed`` block holds.
+
+    Its ``Lease`` fields read through (``held.lease_id``, ``held.fencing_token``,
+    ...; the message itself is ``held.lease``).  ``lost`` is a
+    ``threading.Event`` the keeper thread sets when the lease is gone;
+    ``check()`` raises ``LeaseLost`` from then on.  The trade-off against
+    interrupting the block: a blocking call inside it runs to its end, so a
+    block notices the loss at its next ``check()`` (or at its exit) and not at
+    once -- but no exception ever lands in the middle of its own cleanup.
+    """
+
+    def __init__(self, lease: Lease):
+        import threading
+
+        self.lease = lease
+        self.lost = threading.Event()
+        self._why: LeaseLost | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "lease":  # not yet set: never recurse
+            raise AttributeError(name)
+        return getattr(self.lease, name)
+
+    def __repr__(self) -> str:
+        return f"HeldLease({self.lease!r}, lost={self.lost.is_set()})"
+
+    def check(self) -> None:
+        """Raise ``LeaseLost`` (saying why) if the lease has been lost."""
+        if self.lost.is_set():
+            why = self._why or LeaseLost()
+            raise LeaseLost(why.message, hint=why.hint)
+
+    def cancel(self) -> None:
+        """``_hold_lease``'s "cancel the block", for a thread: mark the lease lost."""
+        self.lost.set()
+
+
+#: The event kinds that end a turn in the session's event stream.
+TURN_END_KINDS: Final = ("turn.completed", "turn.failed", "turn.interrupted")
+
+
+def _of_turn(record: StreamRecord, turn_id: str) -> bool:
+    return isinstance(record.data, dict) and record.data.get("turn_id") == turn_id
+
+
+class BorrowedLease(HeldLease):
+    """What ``RelayStub.borrowed`` yields: a ``HeldLease`` (the lease's fields,
+    ``lost`` and ``check()``) that also runs turns under the lease, the
+    fencing token carried for the caller."""
+
+    def __init__(self, stub: RelayStub, lease: Lease):
+        super().__init__(lease)
+        self.stub = stub
+
+    def __repr__(self) -> str:
+        return f"BorrowedLease({self.lease!r}, lost={self.lost.is_set()})"
+
+    def start(self, prompt: str, *, task_ref: str = "") -> Turn:
+        """Start a turn; returns it ``running`` once the provider took the input."""
+        return self.stub.start_turn(session_id=self.lease.session_id, lease_id=self.lease.lease_id,
+                                    fencing_token=self.lease.fencing_token, input=prompt,
+                                    task_ref=task_ref).turn
+
+    @contextlib.contextmanager
+    def stream(self, prompt: str, *, task_ref: str = "") -> Iterator[Iterator[StreamRecord]]:
+        """``with lease.stream("fix it") as events: for e in events`` -- the
+        turn's events as they are committed, ending with its end event."""
+        after = self.stub.list_events(session_id=self.lease.session_id, limit=1).last_seq
+        turn = self.start(prompt, task_ref=task_ref)
+        with self.stub.watch_events(self.lease.session_id, after=after) as records:
+            def of_turn() -> Iterator[StreamRecord]:
+                for record in records:
+                    if _of_turn(record, turn.turn_id):
+                        yield record
+                        if record.kind in TURN_END_KINDS:
+                            return
+            yield of_turn()
+
+    def run(self, prompt: str, *, task_ref: str = "") -> Turn:
+        """Run a turn to its end; returns the turn (``state``, ``output_text``, ``error``)."""
+        with self.stream(prompt, task_ref=task_ref) as events:
+            for record in events:
+                if record.kind in TURN_END_KINDS:
+                    return self.stub.get_turn(turn_id=record.data["turn_id"]).turn
+        raise Unavailable("the event stream ended before the turn did",
+                          hint="read the turn with `python -m relay turn show TURN_ID`")
+
+
+class AsyncBorrowedLease:
+    """The trio flavour of ``BorrowedLease``: ``await lease.run(...)``, and
+    ``async with lease.stream(...) as events: async for e in events``."""
+
+    def __init__(self, stub: AsyncRelayStub, lease: Lease):
+        self.stub, self.lease = stub, lease
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.lease, name)
+
+    def __repr__(self) -> str:
+        return f"AsyncBorrowedLease({self.lease!r})"
+
+    async def start(self, prompt: str, *, task_ref: str = "") -> Turn:
+        return (await self.stub.start_turn(
+            session_id=self.lease.session_id, lease_id=self.lease.lease_id,
+            fencing_token=self.lease.fencing_token, input=prompt, task_ref=task_ref)).turn
+
+    @contextlib.asynccontextmanager
+    async def stream(self, prompt: str, *, task_ref: str = "") -> AsyncIterator[AsyncIterator[StreamRecord]]:
+        after = (await self.stub.list_events(session_id=self.lease.session_id, limit=1)).last_seq
+        turn = await self.start(prompt, task_ref=task_ref)
+        async with self.stub.watch_events(self.lease.session_id, after=after) as records:
+            yield _TurnEvents(records, turn.turn_id)
+
+    async def run(self, prompt: str, *, task_ref: str = "") -> Turn:
+        async with self.stream(prompt, task_ref=task_ref) as events:
+            async for record in events:
+                if record.kind in TURN_END_KINDS:
+                    return (await self.stub.get_turn(turn_id=record.data["turn_id"])).turn
+        raise Unavailable("the event stream ended before the turn did",
+                          hint="read the turn with `python -m relay turn show TURN_ID`")
+
+
+class _TurnEvents:
+    """One turn's records of a watched event stream, ending with its end event
+    (a plain async iterator, not a generator: nothing to finalize)."""
+
+    def __init__(self, records: Any, turn_id: str):
+        self.records, self.turn_id, self.done = records, turn_id, False
+
+    def __aiter__(self) -> _TurnEvents:
+        return self
+
+    async def __anext__(self) -> StreamRecord:
+        if self.done:
+            raise StopAsyncIteration
+        async for record in self.records:
+            if _of_turn(record, self.turn_id):
+                self.done = record.kind in TURN_END_KINDS
+                return record
+        raise StopAsyncIteration
 
 
 @contextlib.asynccontextmanager
@@ -1886,44 +2236,6 @@ async def _lease_lost_frame(ws: Any) -> dict[str, Any]:
         frame = json.loads(await ws.get_message())
         if frame.get("type") == "lease_lost":
             return frame
-
-
-class HeldLease:
-    """The lease a blocking ``borrowed`` block holds.
-
-    Its ``Lease`` fields read through (``held.lease_id``, ``held.fencing_token``,
-    ...; the message itself is ``held.lease``).  ``lost`` is a
-    ``threading.Event`` the keeper thread sets when the lease is gone;
-    ``check()`` raises ``LeaseLost`` from then on.  The trade-off against
-    interrupting the block: a blocking call inside it runs to its end, so a
-    block notices the loss at its next ``check()`` (or at its exit) and not at
-    once -- but no exception ever lands in the middle of its own cleanup.
-    """
-
-    def __init__(self, lease: Lease):
-        import threading
-
-        self.lease = lease
-        self.lost = threading.Event()
-        self._why: LeaseLost | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "lease":  # not yet set: never recurse
-            raise AttributeError(name)
-        return getattr(self.lease, name)
-
-    def __repr__(self) -> str:
-        return f"HeldLease({self.lease!r}, lost={self.lost.is_set()})"
-
-    def check(self) -> None:
-        """Raise ``LeaseLost`` (saying why) if the lease has been lost."""
-        if self.lost.is_set():
-            why = self._why or LeaseLost()
-            raise LeaseLost(why.message, hint=why.hint)
-
-    def cancel(self) -> None:
-        """``_hold_lease``'s "cancel the block", for a thread: mark the lease lost."""
-        self.lost.set()
 
 
 class _SyncKeeper:

@@ -22,7 +22,12 @@ a network or a real CLI, and it misbehaves on cue:
   ``@wedge``, ``@flood``, ``@bad-json``, ``@huge`` (one ``--huge-bytes`` line),
   ``@error`` (the turn fails as on an HTTP 500), ``@approve`` (a command that
   asks for approval), ``@command`` (a command that needs none), ``@ask`` (a
-  server request the relay cannot answer), ``@slow`` (``--slow-ms`` per token).
+  server request the relay cannot answer), ``@slow`` (``--slow-ms`` per token),
+  ``@background`` (Codex: start ``sleep 300`` that outlives the turn, as a
+  command left running does, and is killed by ``thread/archive``),
+  ``@detach`` (as ``@background``, but not tied to the thread: only the end of
+  the process group stops it), ``@pwd`` (the reply names the thread's cwd), ``@stamp`` (Codex: each
+  delta is the wall-clock time it was written, for latency measurements).
 
 When it stops answering on purpose it says so on stderr first (``wedged:``,
 ``hang:``), so tests can synchronise on that line instead of sleeping.
@@ -37,6 +42,7 @@ import json
 import os
 import queue
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -258,6 +264,12 @@ class Codex(Provider):
         if thread is None or thread["ephemeral"]:
             return self.fail(rid, f"no rollout found for thread id {params.get('threadId')}")
         del self.threads[thread["id"]]
+        for pid in thread.get("background", []):  # archive stops what its commands left running
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
         self.reply(rid, {})
 
     def on_thread_loaded_list(self, rid, params: dict) -> None:
@@ -370,11 +382,23 @@ class Codex(Provider):
         cues = run.cues
         history = sum(1 for t in thread["turns"][:-1] if t["status"] == "completed")
         text = reply_text(self.count, history, run.prompt)
+        for cue in ("background", "detach") if cues & {"background", "detach"} else ():
+            if cue in cues:
+                child = subprocess.Popen(["sleep", "300"], stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                if cue == "background":
+                    thread.setdefault("background", []).append(child.pid)
+                log(f"{cue}: pid {child.pid}")
+                text += f" [{cue} pid {child.pid}]"
+        if "pwd" in cues:
+            text += f" [cwd {thread['cwd']}]"
         parts = [f"tok{i} " for i in range(self.args.flood_count)] if "flood" in cues else tokens(text)
         text = "".join(parts)
         item = {"type": "agentMessage", "id": f"msg_standin_{self.count}", "text": ""}
         self.notify("item/started", {"item": item} | ids)
         for i, part in enumerate(parts):
+            if "stamp" in cues:  # the delta says when it was written (latency measurements)
+                part = f"{time.time():.6f} "
             self.notify("item/agentMessage/delta", ids | {"itemId": item["id"], "delta": part})
             if i == 0 and "crash" in cues:
                 crash()

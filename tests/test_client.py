@@ -221,7 +221,8 @@ async def test_every_rpc_returns_its_typed_reply(workspace, flavour, style):
                 return reply
 
             await exercise_every_rpc(call)
-    assert set(called) == set(rc.RPC_BY_NAME)
+    # The turn RPCs need a running provider: tests/test_runtime.py calls each of them.
+    assert set(called) == set(rc.RPC_BY_NAME) - relay.SERVER_RPCS
 
 
 async def test_a_call_takes_a_message_or_fields_not_both():
