@@ -227,6 +227,7 @@ if __name__ == "__main__":
 # The full module: everything below may import attrs and relay_client.
 import argparse  # noqa: E402
 import base64  # noqa: E402
+import bisect  # noqa: E402
 import contextlib  # noqa: E402
 import copy  # noqa: E402
 import errno  # noqa: E402
@@ -236,6 +237,7 @@ import gzip  # noqa: E402
 import hashlib  # noqa: E402
 import hmac  # noqa: E402
 import ipaddress  # noqa: E402
+import itertools  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
 import secrets  # noqa: E402
@@ -709,10 +711,135 @@ class Ledger:
 
 
 def _put(mapping: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
-    """A copy of ``mapping`` with ``key`` set: ledgers are values, never edited."""
+    """A copy of ``mapping`` with ``key`` set: ledgers are values, never edited.
+    A derived index of ``mapping`` (see below) is carried over to the copy."""
     new = dict(mapping)
     new[key] = value
+    hit = _INDEXES.get(id(mapping))
+    if hit is not None and hit[0] is mapping:
+        _remember_index(new, hit[1].put(key, mapping.get(key), value))
     return new
+
+
+# -- derived indexes ----------------------------------------------------------------
+#
+# Lookups by session and by profile (Borrow, a grant's live leases, the
+# compaction cap) would otherwise scan every lease, for every session: Borrow
+# was quadratic.  An index is derived from one map object (a ledger's
+# ``leases`` or ``sessions``), never encoded, and never edited: ``_put``
+# derives the copy's index from the original's in time proportional to the
+# change, and any map made another way (decoding, compaction, expiry) gets its
+# index built on first use.  The registry holds the map with its index, so an
+# id is never reused while it is registered, and keeps only the newest few
+# (a commit needs the current ledger's; older ones rebuild if asked again).
+
+_INDEXES: dict[int, tuple[dict[str, Any], Any]] = {}
+_INDEXES_LOCK: Final = threading.Lock()
+_INDEXES_KEPT: Final = 16
+
+
+def _remember_index(mapping: dict[str, Any], index: Any) -> Any:
+    with _INDEXES_LOCK:
+        _INDEXES[id(mapping)] = (mapping, index)
+        while len(_INDEXES) > _INDEXES_KEPT:
+            del _INDEXES[next(iter(_INDEXES))]
+    return index
+
+
+def _index_of(mapping: dict[str, Any], kind: type) -> Any:
+    """``mapping``'s index of class ``kind``, built now if it has none."""
+    hit = _INDEXES.get(id(mapping))
+    if hit is not None and hit[0] is mapping and isinstance(hit[1], kind):
+        return hit[1]
+    return _remember_index(mapping, kind.build(mapping))
+
+
+@attrs.frozen
+class _LeaseIndex:
+    """Of a ``leases`` map: each session's lease ids (in the map's order), the
+    sessions holding an active or waiting lease (with how many), the number
+    of such leases, and a lower bound of their ``expires_at``."""
+
+    by_session: dict[str, tuple[str, ...]]
+    busy: dict[str, int]
+    live: int
+    #: No active or waiting lease expires before this ("" when there may be one).
+    soonest: str
+
+    @classmethod
+    def build(cls, leases: dict[str, rc.Lease]) -> _LeaseIndex:
+        by_session: dict[str, list[str]] = {}
+        busy: dict[str, int] = {}
+        expiries = []
+        for lease_id, lease in leases.items():
+            by_session.setdefault(lease.session_id, []).append(lease_id)
+            if lease.state in rc.LIVE_LEASE_STATES:
+                busy[lease.session_id] = busy.get(lease.session_id, 0) + 1
+                expiries.append(lease.expires_at)
+        return _LeaseIndex({k: tuple(v) for k, v in by_session.items()}, busy, len(expiries),
+                           min(expiries, default="~"))
+
+    def put(self, key: str, old: rc.Lease | None, new: rc.Lease) -> _LeaseIndex:
+        by_session, busy, live, soonest = self.by_session, self.busy, self.live, self.soonest
+        if old is None or old.session_id != new.session_id:
+            by_session = dict(by_session)
+            if old is not None:
+                by_session[old.session_id] = tuple(x for x in by_session[old.session_id] if x != key)
+            by_session[new.session_id] = (*by_session.get(new.session_id, ()), key)
+        was = old is not None and old.state in rc.LIVE_LEASE_STATES
+        now = new.state in rc.LIVE_LEASE_STATES
+        if was and (not now or old.session_id != new.session_id):
+            busy, live = dict(busy), live - 1
+            busy[old.session_id] -= 1
+            if not busy[old.session_id]:
+                del busy[old.session_id]
+        if now and (not was or old.session_id != new.session_id):
+            busy, live = dict(busy) if busy is self.busy else busy, live + 1
+            busy[new.session_id] = busy.get(new.session_id, 0) + 1
+        if now:
+            soonest = min(soonest, new.expires_at)
+        return _LeaseIndex(by_session, busy, live, soonest)
+
+
+def _lease_index(ledger: Ledger) -> _LeaseIndex:
+    return _index_of(ledger.leases, _LeaseIndex)
+
+
+def _session_index(ledger: Ledger) -> _SessionIndex:
+    return _index_of(ledger.sessions, _SessionIndex)
+
+
+@attrs.frozen
+class _SessionIndex:
+    """Of a ``sessions`` map: each profile's ready sessions, sorted by id."""
+
+    ready: dict[str, tuple[str, ...]]
+
+    @classmethod
+    def build(cls, sessions: dict[str, rc.Session]) -> _SessionIndex:
+        ready: dict[str, list[str]] = {}
+        for sid in sorted(sessions):
+            if sessions[sid].state == "ready":
+                ready.setdefault(sessions[sid].profile, []).append(sid)
+        return _SessionIndex({k: tuple(v) for k, v in ready.items()})
+
+    def put(self, key: str, old: rc.Session | None, new: rc.Session) -> _SessionIndex:
+        was = old is not None and old.state == "ready"
+        now = new.state == "ready"
+        if was == now and (not now or old.profile == new.profile):
+            return self
+        ready = dict(self.ready)
+        if was:
+            ready[old.profile] = tuple(x for x in ready[old.profile] if x != key)
+        if now:
+            ids = ready.get(new.profile, ())
+            at = bisect.bisect_left(ids, key)
+            ready[new.profile] = (*ids[:at], key, *ids[at:])
+        return _SessionIndex(ready)
+
+
+#: Bytes from the end of an encoded ledger to the start of its hex digest.
+_DIGEST_TAIL: Final = 64 + len('"}\n')
 
 
 def encode_ledger(ledger: Ledger) -> bytes:
@@ -1058,19 +1185,24 @@ class Store:
                               "acknowledged; `python -m relay status` shows it") from exc
         _failpoint("after_dir_fsync")
         self._cache = ((st.st_ino, st.st_size, st.st_mtime_ns), data[-CHECKSUM_TAIL_BYTES:], ledger)
-        self._record_validated(data)
+        self._record_validated(data[-_DIGEST_TAIL:-3])
 
-    def _record_validated(self, data: bytes) -> None:
-        """Tell the fast status path that these exact bytes came from the typed
-        model.  Scratch, not truth: losing it only makes ``status`` slower."""
-        claimed = split_checksum(data)
-        # Written in place, not renamed: a torn memo only fails to match, and
+    def _record_validated(self, digest: bytes) -> None:
+        """Tell the fast status path that the ledger with this checksum came
+        from the typed model.  Scratch, not truth: losing it only makes
+        ``status`` slower.  ``digest`` is the hex digest ``encode_ledger``
+        just wrote at the tail (no second hash of the body)."""
+        # Overwritten in place, never truncated: every digest has the same 64
+        # bytes, and O_TRUNC on a file about to be rewritten makes ext4 start
+        # writeback at close (its replace-via-truncate heuristic), which cost
+        # ~17% of a commit.  A torn or stale memo only fails to match, and
         # then the fast path falls back to full validation.
         with contextlib.suppress(OSError):
-            fd = os.open(self.tmp_dir / MEMO_NAME, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                         0o600)
+            fd = os.open(self.tmp_dir / MEMO_NAME, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
-                os.write(fd, claimed[1] if claimed else b"")
+                os.pwrite(fd, digest, 0)
+                if os.fstat(fd).st_size != len(digest):  # an older, longer or empty memo
+                    os.ftruncate(fd, len(digest))
             finally:
                 os.close(fd)
 
@@ -1522,10 +1654,31 @@ def is_live(lease: rc.Lease, stamp: str) -> bool:
 
 
 def live_leases(ledger: Ledger, session_id: str, stamp: str) -> list[rc.Lease]:
+    leases = ledger.leases
     return [
-        lease for lease in ledger.leases.values()
-        if lease.session_id == session_id and is_live(lease, stamp)
+        lease for lease in map(leases.__getitem__, _lease_index(ledger).by_session.get(session_id, ()))
+        if is_live(lease, stamp)
     ]
+
+
+def _first_free(ledger: Ledger, profile: str, stamp: str) -> str | None:
+    """The smallest id of a ready, unoccupied, unquarantined session of
+    ``profile``: what Borrow takes.  Walks the profile's ready sessions in id
+    order past those holding an active or waiting lease; when such a lease may
+    already have run out (the reaper has not marked it yet), every session is
+    checked as it is, as before the index."""
+    index = _lease_index(ledger)
+    if index.soonest <= stamp:  # a bound gone stale (its lease ended early): recompute it
+        index = _remember_index(ledger.leases, _LeaseIndex.build(ledger.leases))
+    ready = _session_index(ledger).ready.get(profile, ())
+    if index.soonest <= stamp:
+        candidates: Iterator[str] = iter(ready)
+    else:  # no active or waiting lease has run out: a busy session is occupied
+        candidates = itertools.filterfalse(index.busy.__contains__, ready)
+    for sid in candidates:
+        if not live_leases(ledger, sid, stamp) and not _quarantined(ledger, sid):
+            return sid
+    return None
 
 
 def _ttl(requested: int, ctx: Ctx) -> int:
@@ -1676,17 +1829,11 @@ def borrow(ledger: Ledger, req: rc.BorrowRequest, ctx: Ctx):
     else:
         if req.profile not in ledger.profiles:
             raise _not_found("profile", req.profile, "list profiles with `python -m relay profile list`")
-        free = [
-            s.session_id for s in ledger.sessions.values()
-            if s.profile == req.profile and s.state == "ready"
-            and not live_leases(ledger, s.session_id, ctx.stamp)
-            and not _quarantined(ledger, s.session_id)
-        ]
-        if not free:
+        session_id = _first_free(ledger, req.profile, ctx.stamp)
+        if session_id is None:
             raise rc.ResourceExhausted(
                 f"profile {req.profile!r} has no ready, unoccupied session",
                 hint=f"create one with `python -m relay session create --profile {req.profile}`")
-        session_id = min(free)
     grant = rc.GrantLeaseRequest(session_id, req.holder, req.mode, req.ttl_seconds)
     return grant_lease(ledger, grant, ctx)
 
@@ -2488,7 +2635,8 @@ def _damaged_logs(store: Store, start: Ledger, appends: dict[tuple[str, str], An
 def _compact_if_due(store: Store, ledger: Ledger, now: float, config: Config) -> Ledger:
     """Compact once per interval, or at once when a count cap is exceeded (so
     lease churn cannot grow the ledger, and every commit, between runs)."""
-    crowded = (len(ledger.leases) > 2 * config.max_terminal_leases
+    terminal = len(ledger.leases) - _lease_index(ledger).live  # live leases never count
+    crowded = (terminal > 2 * config.max_terminal_leases
                or len(ledger.control_requests) > 2 * config.max_control_requests)
     if not crowded and ledger.compacted_at > iso(now - config.compact_interval_seconds):
         return ledger
