@@ -712,46 +712,69 @@ class Ledger:
 
 def _put(mapping: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
     """A copy of ``mapping`` with ``key`` set: ledgers are values, never edited.
-    A derived index of ``mapping`` (see below) is carried over to the copy."""
-    new = dict(mapping)
+    What was derived from ``mapping`` (see below) is carried over to the copy."""
+    new = _Map(mapping)
     new[key] = value
-    hit = _INDEXES.get(id(mapping))
-    if hit is not None and hit[0] is mapping:
-        _remember_index(new, hit[1].put(key, mapping.get(key), value))
+    old = mapping.get(key)
+    new.derived = {kind: got.put(key, old, value) for kind, got in _derived_of(mapping).items()}
     return new
 
 
-# -- derived indexes ----------------------------------------------------------------
+# -- derived data: indexes and encodings --------------------------------------------
 #
 # Lookups by session and by profile (Borrow, a grant's live leases, the
-# compaction cap) would otherwise scan every lease, for every session: Borrow
-# was quadratic.  An index is derived from one map object (a ledger's
-# ``leases`` or ``sessions``), never encoded, and never edited: ``_put``
-# derives the copy's index from the original's in time proportional to the
-# change, and any map made another way (decoding, compaction, expiry) gets its
-# index built on first use.  The registry holds the map with its index, so an
-# id is never reused while it is registered, and keeps only the newest few
-# (a commit needs the current ledger's; older ones rebuild if asked again).
-
-_INDEXES: dict[int, tuple[dict[str, Any], Any]] = {}
-_INDEXES_LOCK: Final = threading.Lock()
-_INDEXES_KEPT: Final = 16
+# compaction cap) would otherwise scan every lease, for every session (Borrow
+# was quadratic), and every commit would re-encode every record.  What is
+# derived from a ledger map (an index, its encoded entries) lives on the map
+# object itself, a ``_Map``: never encoded, never edited once built, and gone
+# with the map.  ``_put`` derives the copy's data from the original's in time
+# proportional to the change; a map made another way (decoding, compaction,
+# expiry, a test) gets it built on first use.  Plain dicts cannot carry
+# attributes, so theirs sit in a small registry that holds the dict (its id
+# cannot be reused while registered) and keeps only the most recent.
 
 
-def _remember_index(mapping: dict[str, Any], index: Any) -> Any:
-    with _INDEXES_LOCK:
-        _INDEXES[id(mapping)] = (mapping, index)
-        while len(_INDEXES) > _INDEXES_KEPT:
-            del _INDEXES[next(iter(_INDEXES))]
-    return index
+class _Map(dict):
+    """A ledger map with the data derived from it (kind -> value)."""
+
+    __slots__ = ("derived",)
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.derived: dict[type, Any] = {}
 
 
-def _index_of(mapping: dict[str, Any], kind: type) -> Any:
-    """``mapping``'s index of class ``kind``, built now if it has none."""
-    hit = _INDEXES.get(id(mapping))
-    if hit is not None and hit[0] is mapping and isinstance(hit[1], kind):
-        return hit[1]
-    return _remember_index(mapping, kind.build(mapping))
+_PLAIN_DERIVED: dict[int, tuple[dict[str, Any], dict[type, Any]]] = {}
+_PLAIN_DERIVED_LOCK: Final = threading.Lock()
+_PLAIN_DERIVED_KEPT: Final = 32
+
+
+def _derived_of(mapping: dict[str, Any]) -> dict[type, Any]:
+    if type(mapping) is _Map:
+        return mapping.derived
+    hit = _PLAIN_DERIVED.get(id(mapping))
+    return hit[1] if hit is not None and hit[0] is mapping else {}
+
+
+def _derived(mapping: dict[str, Any], kind: type) -> Any:
+    """``mapping``'s derived data of class ``kind``, built now if it has none.
+    Two threads may both build it; either result is the same value."""
+    if type(mapping) is _Map:
+        got = mapping.derived.get(kind)
+        if got is None:
+            got = mapping.derived[kind] = kind.build(mapping)
+        return got
+    with _PLAIN_DERIVED_LOCK:
+        hit = _PLAIN_DERIVED.pop(id(mapping), None)
+        if hit is None or hit[0] is not mapping:
+            hit = (mapping, {})
+        _PLAIN_DERIVED[id(mapping)] = hit  # most recently used last
+        while len(_PLAIN_DERIVED) > _PLAIN_DERIVED_KEPT:
+            del _PLAIN_DERIVED[next(iter(_PLAIN_DERIVED))]
+    got = hit[1].get(kind)
+    if got is None:
+        got = hit[1][kind] = kind.build(mapping)
+    return got
 
 
 @attrs.frozen
@@ -802,11 +825,11 @@ class _LeaseIndex:
 
 
 def _lease_index(ledger: Ledger) -> _LeaseIndex:
-    return _index_of(ledger.leases, _LeaseIndex)
+    return _derived(ledger.leases, _LeaseIndex)
 
 
 def _session_index(ledger: Ledger) -> _SessionIndex:
-    return _index_of(ledger.sessions, _SessionIndex)
+    return _derived(ledger.sessions, _SessionIndex)
 
 
 @attrs.frozen
@@ -844,9 +867,16 @@ _DIGEST_TAIL: Final = 64 + len('"}\n')
 
 def encode_ledger(ledger: Ledger) -> bytes:
     """Canonical bytes with a trailing SHA-256 checksum of everything before it."""
-    body = _encode_body(ledger)
-    digest = hashlib.sha256(body).hexdigest()
-    return body[:-1] + b',"checksum":"sha256:' + digest.encode() + b'"}\n'
+    with _FRAGMENTS_LOCK:
+        parts = _encode_parts_locked(ledger)
+    # One join, one hash: at 10,000 sessions the body is ~6 MB, and each
+    # further copy of it (a concatenation) costs as much as its hash.
+    parts.append(_CHECKSUM_TAIL)
+    data = b"".join(parts)
+    cut = len(data) - len(_CHECKSUM_TAIL)
+    digest = hashlib.sha256(memoryview(data)[:cut])
+    digest.update(b"}")  # the body the checksum covers ends where the tail begins
+    return data + digest.hexdigest().encode() + b'"}\n'
 
 
 #: id(record) -> (record, its canonical JSON).  Records are immutable values
@@ -856,7 +886,7 @@ def encode_ledger(ledger: Ledger) -> bytes:
 #: stores (or threads) encoding at once would otherwise evict while the other
 #: inserts ("dictionary changed size during iteration").
 _FRAGMENTS: dict[int, tuple[Any, bytes]] = {}
-_FRAGMENTS_LOCK: Final = threading.Lock()
+_FRAGMENTS_LOCK: Final = threading.RLock()
 
 
 def _fragment(record: Any) -> bytes:
@@ -871,17 +901,51 @@ def _fragment(record: Any) -> bytes:
 def _encode_body(ledger: Ledger) -> bytes:
     """``_canonical(to_json(ledger))``, byte for byte, from cached fragments."""
     with _FRAGMENTS_LOCK:
-        return _encode_body_locked(ledger)
+        return b"".join(_encode_parts_locked(ledger)) + b"}"
 
 
-def _encode_body_locked(ledger: Ledger) -> bytes:
-    parts, live = [], 0
+@attrs.frozen
+class _Encoded:
+    """Of a ledger map: its keys in canonical (sorted) order and, for each,
+    the canonical bytes ``,"key":{record}`` (the first without its comma is
+    where the map's body starts; joining them all is the rest of it)."""
+
+    keys: list[str]
+    entries: list[bytes]
+
+    @classmethod
+    def build(cls, mapping: dict[str, Any]) -> _Encoded:
+        keys = sorted(mapping)
+        with _FRAGMENTS_LOCK:  # reentrant: the encoder builds with it held
+            return cls(keys, [b"," + _canonical(k) + b":" + _fragment(mapping[k]) for k in keys])
+
+    def put(self, key: str, old: Any, new: Any) -> _Encoded:
+        at = bisect.bisect_left(self.keys, key)
+        entry = b"," + _canonical(key) + b":" + _canonical(to_json(new))
+        keys, entries = list(self.keys), list(self.entries)
+        if at < len(keys) and keys[at] == key:
+            entries[at] = entry
+        else:
+            keys.insert(at, key)
+            entries.insert(at, entry)
+        return _Encoded(keys, entries)
+
+
+def _encode_parts_locked(ledger: Ledger) -> list[bytes]:
+    """The canonical body as pieces to join, all but its closing brace."""
+    parts, live = [b"{"], 0
     for name in sorted(f.name for f in attrs.fields(Ledger)):
+        if len(parts) > 1:
+            parts.append(b",")
         value = getattr(ledger, name)
         if isinstance(value, dict):
             live += len(value)
-            inner = b",".join(_canonical(k) + b":" + _fragment(value[k]) for k in sorted(value))
-            parts.append(_canonical(name) + b":{" + inner + b"}")
+            entries = _derived(value, _Encoded).entries
+            parts.append(_canonical(name) + b":{")
+            if entries:  # each entry but the first brings its leading comma
+                parts.append(entries[0][1:])
+                parts.extend(entries[1:])
+            parts.append(b"}")
         else:
             parts.append(_canonical(name) + b":" + _canonical(to_json(value) if attrs.has(type(value))
                                                               else value))
@@ -890,7 +954,7 @@ def _encode_body_locked(ledger: Ledger) -> bytes:
                 for r in getattr(ledger, f.name).values()}
         for key in [k for k in _FRAGMENTS if k not in keep]:
             del _FRAGMENTS[key]
-    return b"{" + b",".join(parts) + b"}"
+    return parts
 
 
 def decode_ledger(data: bytes) -> Ledger:
@@ -1669,7 +1733,8 @@ def _first_free(ledger: Ledger, profile: str, stamp: str) -> str | None:
     checked as it is, as before the index."""
     index = _lease_index(ledger)
     if index.soonest <= stamp:  # a bound gone stale (its lease ended early): recompute it
-        index = _remember_index(ledger.leases, _LeaseIndex.build(ledger.leases))
+        index = _LeaseIndex.build(ledger.leases)
+        _derived_of(ledger.leases)[_LeaseIndex] = index
     ready = _session_index(ledger).ready.get(profile, ())
     if index.soonest <= stamp:
         candidates: Iterator[str] = iter(ready)
