@@ -1449,8 +1449,10 @@ def sse_memory(bench: Bench) -> list[Figure]:
 # ``--scale`` runs only this.  Each N gets a fresh workspace whose ledger holds
 # N sessions of one pooled profile, each with a live exclusive lease, plus a
 # "bench" session (the one the commits touch) and a free session (what Borrow
-# finds).  The ledger is built in memory from records the real operations
-# made and written once: building it by commits would cost minutes at 10,000.
+# finds), named to sort after every other: Borrow takes the smallest free id,
+# so in a busy pool the occupied sessions are the small ids (the worst case).
+# The ledger is built in memory from records the real operations made and
+# written once: building it by commits would cost minutes at 10,000.
 # Every row has its baseline measured in the same run, interleaved with it.
 
 SCALE_NS = (10, 100, 1_000, 10_000)
@@ -1464,8 +1466,10 @@ def scale_workspace(root: Path, n: int) -> tuple[relay.Store, relay.Config]:
     commit_ok(store, config, [
         relay.rpc_mutation("RegisterProfile", rc.RegisterProfileRequest(
             name="pool-codex", provider="codex", mode="pooled")),
-        *(relay.rpc_mutation("CreateSession", rc.CreateSessionRequest(profile="pool-codex", session_id=sid))
-          for sid in ("tpl", "bench", "a-free")),
+        relay.rpc_mutation("RegisterProfile", rc.RegisterProfileRequest(  # keeps "bench" out of Borrow
+            name="bench-pool", provider="codex", mode="pooled")),
+        *(relay.rpc_mutation("CreateSession", rc.CreateSessionRequest(profile=profile, session_id=sid))
+          for sid, profile in (("bench", "bench-pool"), ("tpl", "pool-codex"), ("zz-free", "pool-codex"))),
         relay.rpc_mutation("GrantLease", rc.GrantLeaseRequest(
             session_id="tpl", holder="holder", mode="exclusive-write", ttl_seconds=config.max_ttl_seconds)),
     ])
@@ -1494,8 +1498,26 @@ def timed_borrow(store: relay.Store, config: relay.Config) -> Callable[[], float
         start = time.perf_counter()
         _, reply = relay.borrow(ledger, request, ctx)
         took = time.perf_counter() - start
-        if reply.outcome != "granted" or reply.lease.session_id != "a-free":
+        if reply.outcome != "granted" or reply.lease.session_id != "zz-free":
             raise BenchError(f"Borrow picked {reply.lease.session_id} ({reply.outcome})")
+        return took
+    return run
+
+
+def timed_lookup(store: relay.Store) -> Callable[[], float]:
+    """Borrow's choice of session alone (no grant: no copy of the maps), where
+    this relay has it; NaN before the lookup had its own function."""
+    ledger = store.read()
+    first_free = getattr(relay, "_first_free", None)
+
+    def run() -> float:
+        if first_free is None:
+            return math.nan
+        start = time.perf_counter()
+        sid = first_free(ledger, "pool-codex", relay.iso(time.time()))
+        took = time.perf_counter() - start
+        if sid != "zz-free":
+            raise BenchError(f"the lookup picked {sid}")
         return took
     return run
 
@@ -1522,7 +1544,8 @@ def scale_row(bench: Bench, n: int) -> dict[str, Any]:
         durable = interleave({"raw": raw, "lease": timed_lease(store, config),
                               "append": timed_append(store, config)}, commits, warmup=2)
         progress(f"scale N={n}: {borrows} Borrow rounds, {spawns} spawn rounds")
-        borrow_runs = interleave({"borrow": timed_borrow(store, config)}, borrows, warmup=1)
+        borrow_runs = interleave({"borrow": timed_borrow(store, config),
+                                  "lookup": timed_lookup(store)}, borrows, warmup=1)
         procs = interleave({
             "pass": lambda: spawn(bench, ["-c", "pass"], root),
             "status": lambda: spawn(bench, ["-m", "relay", "status", "--json"], root),
@@ -1544,6 +1567,7 @@ SCALE_COLUMNS = (
     ("append", "raw", "in-process AppendEvent commit", "raw temp+fsync+rename, ledger-sized"),
     ("first_commit_ms", "raw", "first AppendEvent commit of a fresh Store", "raw temp+fsync+rename"),
     ("borrow", None, "Borrow by profile (pure operation)", ""),
+    ("lookup", None, "  of which the choice of session", ""),
     ("status", "pass", "status --json cold start", "python -c pass"),
     ("mutation", "pass", "CLI event append, spawn to exit", "python -c pass"),
 )
