@@ -153,3 +153,40 @@ def test_incremental_encoding_is_the_canonical_json(seed):
             body = relay._canonical(rc.to_json(ledger))
             digest = hashlib.sha256(body).hexdigest().encode()
             assert relay.encode_ledger(ledger) == body[:-1] + b',"checksum":"sha256:' + digest + b'"}\n'
+
+
+async def test_sse_replay_is_one_write_per_chunk():
+    """A replayed chunk of frames leaves the SSE body as one piece (one socket
+    write), holding every frame in order, not one piece per frame."""
+    import trio
+
+    class Gauge:
+        def labels(self, *_):
+            return self
+
+        def inc(self):
+            pass
+
+        dec = inc
+
+    unsubscribed = []
+    service = type("S", (), {})()
+    service.metrics = type("M", (), {"subscribers": Gauge()})()
+    service.config = relay.Config()
+    service.hub = type("H", (), {"unsubscribe": lambda self, sub: unsubscribed.append(sub)})()
+    send, receive = trio.open_memory_channel(1)
+    sub = relay.Subscriber("events:s1", send, receive)
+    frames = [relay.Frame.make(f"s1:{i}", "event", {"seq": i}, i) for i in range(1, 4)]
+    await send.aclose()  # no live frames: the body ends after the replay
+    pieces = [piece async for piece in relay._sse_body(service, sub, frames, {})]
+    assert pieces[1:] == [b"".join(f.sse for f in frames)]
+    assert unsubscribed == [sub]
+
+
+def test_split_checksum_of_a_big_ledger():
+    """Above the size where the OpenSSL hash is used, the checksum still verifies
+    and still catches a flipped byte."""
+    body = b'{"a":"' + b"x" * (2 * relay._BIG_LEDGER_BYTES) + b'"}'
+    data = body[:-1] + b',"checksum":"sha256:' + hashlib.sha256(body).hexdigest().encode() + b'"}\n'
+    assert relay.split_checksum(data) == (body, hashlib.sha256(body).hexdigest().encode())
+    assert relay.split_checksum(data.replace(b"xxx", b"xyx", 1)) is None
