@@ -1457,7 +1457,7 @@ def sse_memory(bench: Bench) -> list[Figure]:
 
 SCALE_NS = (10, 100, 1_000, 10_000)
 #: (commit rounds, spawn rounds, borrow rounds) per N: fewer where each costs more.
-SCALE_REPS = {10: (40, 12, 60), 100: (40, 12, 40), 1_000: (20, 8, 10), 10_000: (8, 5, 3)}
+SCALE_REPS = {10: (80, 20, 200), 100: (80, 20, 100), 1_000: (40, 12, 30), 10_000: (12, 6, 7)}
 
 
 def scale_workspace(root: Path, n: int) -> tuple[relay.Store, relay.Config]:
