@@ -190,3 +190,16 @@ def test_split_checksum_of_a_big_ledger():
     data = body[:-1] + b',"checksum":"sha256:' + hashlib.sha256(body).hexdigest().encode() + b'"}\n'
     assert relay.split_checksum(data) == (body, hashlib.sha256(body).hexdigest().encode())
     assert relay.split_checksum(data.replace(b"xxx", b"xyx", 1)) is None
+
+
+def test_canonical_encoder_is_json_dumps():
+    """The encoder made once writes what ``json.dumps`` with the canonical options
+    writes, and still refuses NaN."""
+    import json
+
+    for value in ({"b": [1, 2.5, None, True], "a": "ü\u2028\"\\", "c": {"z": {}, "y": []}},
+                  [1e300, -0.0, 12345678901234567890], "x", 3):
+        assert relay._canonical(value) == json.dumps(
+            value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    with pytest.raises(ValueError):
+        relay._canonical({"x": float("nan")})
