@@ -90,9 +90,21 @@ def split_checksum(data: bytes) -> tuple[bytes, bytes] | None:
         return None
     body = data[:cut] + b"}"
     claimed = data[cut + len(_CHECKSUM_TAIL) : -3]
-    if _sha256(body).hexdigest().encode() != claimed:  # integrity, not a secret
+    if _hasher(len(body))(body).hexdigest().encode() != claimed:  # integrity, not a secret
         return None
     return body, claimed
+
+
+#: Above this size OpenSSL's SHA-256 (~5x faster) repays the ~10 ms of importing hashlib.
+_BIG_LEDGER_BYTES = 512 * 1024
+
+
+def _hasher(size: int):
+    if size < _BIG_LEDGER_BYTES:
+        return _sha256
+    import hashlib
+
+    return hashlib.sha256
 
 
 def _count_files(directory: str) -> int:
@@ -234,6 +246,7 @@ if __name__ == "__main__":
 # The full module: everything below may import attrs and relay_client.
 import argparse  # noqa: E402
 import base64  # noqa: E402
+import bisect  # noqa: E402
 import contextlib  # noqa: E402
 import copy  # noqa: E402
 import errno  # noqa: E402
@@ -243,6 +256,7 @@ import gzip  # noqa: E402
 import hashlib  # noqa: E402
 import hmac  # noqa: E402
 import ipaddress  # noqa: E402
+import itertools  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
 import secrets  # noqa: E402
@@ -488,8 +502,14 @@ def parse_iso(stamp: str) -> float:
 def _canonical(value: Any) -> bytes:
     # allow_nan=False: the last defence against writing NaN or an infinity,
     # which no strict JSON reader (ours included) would read back.
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False).encode()
+    return _CANONICAL.encode(value).encode()
+
+
+#: What ``json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+#: allow_nan=False)`` uses, made once: dumps builds one per call, ~20% of
+#: encoding a small record (and a first commit encodes every record).
+_CANONICAL: Final = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                                     allow_nan=False)
 
 
 def _digest(value: Any) -> str:
@@ -793,17 +813,174 @@ class Ledger:
 
 
 def _put(mapping: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
-    """A copy of ``mapping`` with ``key`` set: ledgers are values, never edited."""
-    new = dict(mapping)
+    """A copy of ``mapping`` with ``key`` set: ledgers are values, never edited.
+    What was derived from ``mapping`` (see below) is carried over to the copy."""
+    new = _Map(mapping)
     new[key] = value
+    old = mapping.get(key)
+    new.derived = {kind: got.put(key, old, value) for kind, got in _derived_of(mapping).items()}
     return new
+
+
+# -- derived data: indexes and encodings --------------------------------------------
+#
+# Lookups by session and by profile (Borrow, a grant's live leases, the
+# compaction cap) would otherwise scan every lease, for every session (Borrow
+# was quadratic), and every commit would re-encode every record.  What is
+# derived from a ledger map (an index, its encoded entries) lives on the map
+# object itself, a ``_Map``: never encoded, never edited once built, and gone
+# with the map.  ``_put`` derives the copy's data from the original's in time
+# proportional to the change; a map made another way (decoding, compaction,
+# expiry, a test) gets it built on first use.  Plain dicts cannot carry
+# attributes, so theirs sit in a small registry that holds the dict (its id
+# cannot be reused while registered) and keeps only the most recent.
+
+
+class _Map(dict):
+    """A ledger map with the data derived from it (kind -> value)."""
+
+    __slots__ = ("derived",)
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.derived: dict[type, Any] = {}
+
+
+_PLAIN_DERIVED: dict[int, tuple[dict[str, Any], dict[type, Any]]] = {}
+_PLAIN_DERIVED_LOCK: Final = threading.Lock()
+_PLAIN_DERIVED_KEPT: Final = 32
+
+
+def _derived_of(mapping: dict[str, Any]) -> dict[type, Any]:
+    if type(mapping) is _Map:
+        return mapping.derived
+    hit = _PLAIN_DERIVED.get(id(mapping))
+    return hit[1] if hit is not None and hit[0] is mapping else {}
+
+
+def _derived(mapping: dict[str, Any], kind: type) -> Any:
+    """``mapping``'s derived data of class ``kind``, built now if it has none.
+    Two threads may both build it; either result is the same value."""
+    if type(mapping) is _Map:
+        got = mapping.derived.get(kind)
+        if got is None:
+            got = mapping.derived[kind] = kind.build(mapping)
+        return got
+    with _PLAIN_DERIVED_LOCK:
+        hit = _PLAIN_DERIVED.pop(id(mapping), None)
+        if hit is None or hit[0] is not mapping:
+            hit = (mapping, {})
+        _PLAIN_DERIVED[id(mapping)] = hit  # most recently used last
+        while len(_PLAIN_DERIVED) > _PLAIN_DERIVED_KEPT:
+            del _PLAIN_DERIVED[next(iter(_PLAIN_DERIVED))]
+    got = hit[1].get(kind)
+    if got is None:
+        got = hit[1][kind] = kind.build(mapping)
+    return got
+
+
+@attrs.frozen
+class _LeaseIndex:
+    """Of a ``leases`` map: each session's lease ids (in the map's order), the
+    sessions holding an active or waiting lease (with how many), the number
+    of such leases, and a lower bound of their ``expires_at``."""
+
+    by_session: dict[str, tuple[str, ...]]
+    busy: dict[str, int]
+    live: int
+    #: No active or waiting lease expires before this ("" when there may be one).
+    soonest: str
+
+    @classmethod
+    def build(cls, leases: dict[str, rc.Lease]) -> _LeaseIndex:
+        by_session: dict[str, list[str]] = {}
+        busy: dict[str, int] = {}
+        expiries = []
+        for lease_id, lease in leases.items():
+            by_session.setdefault(lease.session_id, []).append(lease_id)
+            if lease.state in rc.LIVE_LEASE_STATES:
+                busy[lease.session_id] = busy.get(lease.session_id, 0) + 1
+                expiries.append(lease.expires_at)
+        return _LeaseIndex({k: tuple(v) for k, v in by_session.items()}, busy, len(expiries),
+                           min(expiries, default="~"))
+
+    def put(self, key: str, old: rc.Lease | None, new: rc.Lease) -> _LeaseIndex:
+        by_session, busy, live, soonest = self.by_session, self.busy, self.live, self.soonest
+        if old is None or old.session_id != new.session_id:
+            by_session = dict(by_session)
+            if old is not None:
+                by_session[old.session_id] = tuple(x for x in by_session[old.session_id] if x != key)
+            by_session[new.session_id] = (*by_session.get(new.session_id, ()), key)
+        was = old is not None and old.state in rc.LIVE_LEASE_STATES
+        now = new.state in rc.LIVE_LEASE_STATES
+        if was and (not now or old.session_id != new.session_id):
+            busy, live = dict(busy), live - 1
+            busy[old.session_id] -= 1
+            if not busy[old.session_id]:
+                del busy[old.session_id]
+        if now and (not was or old.session_id != new.session_id):
+            busy, live = dict(busy) if busy is self.busy else busy, live + 1
+            busy[new.session_id] = busy.get(new.session_id, 0) + 1
+        if now:
+            soonest = min(soonest, new.expires_at)
+        return _LeaseIndex(by_session, busy, live, soonest)
+
+
+def _lease_index(ledger: Ledger) -> _LeaseIndex:
+    return _derived(ledger.leases, _LeaseIndex)
+
+
+def _session_index(ledger: Ledger) -> _SessionIndex:
+    return _derived(ledger.sessions, _SessionIndex)
+
+
+@attrs.frozen
+class _SessionIndex:
+    """Of a ``sessions`` map: each profile's ready sessions, sorted by id."""
+
+    ready: dict[str, tuple[str, ...]]
+
+    @classmethod
+    def build(cls, sessions: dict[str, rc.Session]) -> _SessionIndex:
+        ready: dict[str, list[str]] = {}
+        for sid in sorted(sessions):
+            if sessions[sid].state == "ready":
+                ready.setdefault(sessions[sid].profile, []).append(sid)
+        return _SessionIndex({k: tuple(v) for k, v in ready.items()})
+
+    def put(self, key: str, old: rc.Session | None, new: rc.Session) -> _SessionIndex:
+        was = old is not None and old.state == "ready"
+        now = new.state == "ready"
+        if was == now and (not now or old.profile == new.profile):
+            return self
+        ready = dict(self.ready)
+        if was:
+            ready[old.profile] = tuple(x for x in ready[old.profile] if x != key)
+        if now:
+            ids = ready.get(new.profile, ())
+            at = bisect.bisect_left(ids, key)
+            ready[new.profile] = (*ids[:at], key, *ids[at:])
+        return _SessionIndex(ready)
 
 
 def encode_ledger(ledger: Ledger) -> bytes:
     """Canonical bytes with a trailing SHA-256 checksum of everything before it."""
-    body = _encode_body(ledger)
-    digest = hashlib.sha256(body).hexdigest()
-    return body[:-1] + b',"checksum":"sha256:' + digest.encode() + b'"}\n'
+    head, tail = _encode_sealed(ledger)
+    return head + tail
+
+
+def _encode_sealed(ledger: Ledger) -> tuple[bytes, bytes]:
+    """``encode_ledger``'s bytes in two pieces, to be written one after the
+    other: everything up to the hex digest, then the digest and ``"}\n``.
+    One join, one hash: at 10,000 sessions the body is ~6 MB, and each further
+    copy of it (a concatenation) costs about as much as hashing it."""
+    with _FRAGMENTS_LOCK:
+        parts = _encode_parts_locked(ledger)
+    parts.append(_CHECKSUM_TAIL)
+    head = b"".join(parts)
+    digest = hashlib.sha256(memoryview(head)[: len(head) - len(_CHECKSUM_TAIL)])
+    digest.update(b"}")  # the body the checksum covers ends where the tail begins
+    return head, digest.hexdigest().encode() + b'"}\n'
 
 
 #: id(record) -> (record, its canonical JSON).  Records are immutable values
@@ -813,7 +990,7 @@ def encode_ledger(ledger: Ledger) -> bytes:
 #: stores (or threads) encoding at once would otherwise evict while the other
 #: inserts ("dictionary changed size during iteration").
 _FRAGMENTS: dict[int, tuple[Any, bytes]] = {}
-_FRAGMENTS_LOCK: Final = threading.Lock()
+_FRAGMENTS_LOCK: Final = threading.RLock()
 
 
 def _fragment(record: Any) -> bytes:
@@ -828,17 +1005,51 @@ def _fragment(record: Any) -> bytes:
 def _encode_body(ledger: Ledger) -> bytes:
     """``_canonical(to_json(ledger))``, byte for byte, from cached fragments."""
     with _FRAGMENTS_LOCK:
-        return _encode_body_locked(ledger)
+        return b"".join(_encode_parts_locked(ledger)) + b"}"
 
 
-def _encode_body_locked(ledger: Ledger) -> bytes:
-    parts, live = [], 0
+@attrs.frozen
+class _Encoded:
+    """Of a ledger map: its keys in canonical (sorted) order and, for each,
+    the canonical bytes ``,"key":{record}`` (the first without its comma is
+    where the map's body starts; joining them all is the rest of it)."""
+
+    keys: list[str]
+    entries: list[bytes]
+
+    @classmethod
+    def build(cls, mapping: dict[str, Any]) -> _Encoded:
+        keys = sorted(mapping)
+        with _FRAGMENTS_LOCK:  # reentrant: the encoder builds with it held
+            return cls(keys, [b"," + _canonical(k) + b":" + _fragment(mapping[k]) for k in keys])
+
+    def put(self, key: str, old: Any, new: Any) -> _Encoded:
+        at = bisect.bisect_left(self.keys, key)
+        entry = b"," + _canonical(key) + b":" + _canonical(to_json(new))
+        keys, entries = list(self.keys), list(self.entries)
+        if at < len(keys) and keys[at] == key:
+            entries[at] = entry
+        else:
+            keys.insert(at, key)
+            entries.insert(at, entry)
+        return _Encoded(keys, entries)
+
+
+def _encode_parts_locked(ledger: Ledger) -> list[bytes]:
+    """The canonical body as pieces to join, all but its closing brace."""
+    parts, live = [b"{"], 0
     for name in sorted(f.name for f in attrs.fields(Ledger)):
+        if len(parts) > 1:
+            parts.append(b",")
         value = getattr(ledger, name)
         if isinstance(value, dict):
             live += len(value)
-            inner = b",".join(_canonical(k) + b":" + _fragment(value[k]) for k in sorted(value))
-            parts.append(_canonical(name) + b":{" + inner + b"}")
+            entries = _derived(value, _Encoded).entries
+            parts.append(_canonical(name) + b":{")
+            if entries:  # each entry but the first brings its leading comma
+                parts.append(entries[0][1:])
+                parts.extend(entries[1:])
+            parts.append(b"}")
         else:
             parts.append(_canonical(name) + b":" + _canonical(to_json(value) if attrs.has(type(value))
                                                               else value))
@@ -847,7 +1058,7 @@ def _encode_body_locked(ledger: Ledger) -> bytes:
                 for r in getattr(ledger, f.name).values()}
         for key in [k for k in _FRAGMENTS if k not in keep]:
             del _FRAGMENTS[key]
-    return b"{" + b",".join(parts) + b"}"
+    return parts
 
 
 def decode_ledger(data: bytes) -> Ledger:
@@ -1031,23 +1242,26 @@ class Store:
     #: The server's in-memory index of the request log (None: look keys up on disk).
     request_index: RequestIndex | None = None
 
-    @property
+    # Cached: a commit asks for these paths ~40 times, and building a Path
+    # costs microseconds each (a quarter of a small commit's CPU).
+
+    @functools.cached_property
     def flow(self) -> Path:
         return self.root / "flow"
 
-    @property
+    @functools.cached_property
     def state_dir(self) -> Path:
         return self.flow / "state" / "relay"
 
-    @property
+    @functools.cached_property
     def tmp_dir(self) -> Path:
         return self.flow / "tmp" / "relay"
 
-    @property
+    @functools.cached_property
     def ledger_path(self) -> Path:
         return self.state_dir / LEDGER_NAME
 
-    @property
+    @functools.cached_property
     def lock_path(self) -> Path:
         return self.tmp_dir / LOCK_NAME
 
@@ -1127,13 +1341,14 @@ class Store:
         descriptor (after a failed fsync the kernel may have dropped the dirty
         pages: the PostgreSQL lesson); the ledger stays the old or the new one.
         """
-        data = encode_ledger(ledger)
+        head, tail = _encode_sealed(ledger)
         tmp = self.state_dir / f"{TEMP_PREFIX}{os.getpid()}.{secrets.token_hex(4)}"
         try:
             _make_dirs(self.state_dir)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                _write_all(fd, data)
+                _write_all(fd, head)
+                _write_all(fd, tail)
                 _failpoint("after_temp_write")
                 os.fsync(fd)
                 _failpoint("after_temp_fsync")
@@ -1153,20 +1368,26 @@ class Store:
                               "the change is in place but not known to be durable, so it was not "
                               "acknowledged; `python -m relay status` shows it") from exc
         _failpoint("after_dir_fsync")
-        self._cache = ((st.st_ino, st.st_size, st.st_mtime_ns), data[-CHECKSUM_TAIL_BYTES:], ledger)
-        self._record_validated(data)
+        last = head[len(tail) - CHECKSUM_TAIL_BYTES :] + tail  # the file's last bytes
+        self._cache = ((st.st_ino, st.st_size, st.st_mtime_ns), last, ledger)
+        self._record_validated(tail[:-3])
 
-    def _record_validated(self, data: bytes) -> None:
-        """Tell the fast status path that these exact bytes came from the typed
-        model.  Scratch, not truth: losing it only makes ``status`` slower."""
-        claimed = split_checksum(data)
-        # Written in place, not renamed: a torn memo only fails to match, and
+    def _record_validated(self, digest: bytes) -> None:
+        """Tell the fast status path that the ledger with this checksum came
+        from the typed model.  Scratch, not truth: losing it only makes
+        ``status`` slower.  ``digest`` is the hex digest ``encode_ledger``
+        just wrote at the tail (no second hash of the body)."""
+        # Overwritten in place, never truncated: every digest has the same 64
+        # bytes, and O_TRUNC on a file about to be rewritten makes ext4 start
+        # writeback at close (its replace-via-truncate heuristic), which cost
+        # ~17% of a commit.  A torn or stale memo only fails to match, and
         # then the fast path falls back to full validation.
         with contextlib.suppress(OSError):
-            fd = os.open(self.tmp_dir / MEMO_NAME, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                         0o600)
+            fd = os.open(self.tmp_dir / MEMO_NAME, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
-                os.write(fd, claimed[1] if claimed else b"")
+                os.pwrite(fd, digest, 0)
+                if os.fstat(fd).st_size != len(digest):  # an older, longer or empty memo
+                    os.ftruncate(fd, len(digest))
             finally:
                 os.close(fd)
 
@@ -1654,10 +1875,32 @@ def is_live(lease: rc.Lease, stamp: str) -> bool:
 
 
 def live_leases(ledger: Ledger, session_id: str, stamp: str) -> list[rc.Lease]:
+    leases = ledger.leases
     return [
-        lease for lease in ledger.leases.values()
-        if lease.session_id == session_id and is_live(lease, stamp)
+        lease for lease in map(leases.__getitem__, _lease_index(ledger).by_session.get(session_id, ()))
+        if is_live(lease, stamp)
     ]
+
+
+def _first_free(ledger: Ledger, profile: str, stamp: str) -> str | None:
+    """The smallest id of a ready, unoccupied, unquarantined session of
+    ``profile``: what Borrow takes.  Walks the profile's ready sessions in id
+    order past those holding an active or waiting lease; when such a lease may
+    already have run out (the reaper has not marked it yet), every session is
+    checked as it is, as before the index."""
+    index = _lease_index(ledger)
+    if index.soonest <= stamp:  # a bound gone stale (its lease ended early): recompute it
+        index = _LeaseIndex.build(ledger.leases)
+        _derived_of(ledger.leases)[_LeaseIndex] = index
+    ready = _session_index(ledger).ready.get(profile, ())
+    if index.soonest <= stamp:
+        candidates: Iterator[str] = iter(ready)
+    else:  # no active or waiting lease has run out: a busy session is occupied
+        candidates = itertools.filterfalse(index.busy.__contains__, ready)
+    for sid in candidates:
+        if not live_leases(ledger, sid, stamp) and not _quarantined(ledger, sid):
+            return sid
+    return None
 
 
 def _ttl(requested: int, ctx: Ctx) -> int:
@@ -1872,17 +2115,11 @@ def borrow(ledger: Ledger, req: rc.BorrowRequest, ctx: Ctx):
     else:
         if req.profile not in ledger.profiles:
             raise _not_found("profile", req.profile, "list profiles with `python -m relay profile list`")
-        free = [
-            s.session_id for s in ledger.sessions.values()
-            if s.profile == req.profile and s.state == "ready"
-            and not live_leases(ledger, s.session_id, ctx.stamp)
-            and not _quarantined(ledger, s.session_id)
-        ]
-        if not free:
+        session_id = _first_free(ledger, req.profile, ctx.stamp)
+        if session_id is None:
             raise rc.ResourceExhausted(
                 f"profile {req.profile!r} has no ready, unoccupied session",
                 hint=f"create one with `python -m relay session create --profile {req.profile}`")
-        session_id = min(free)
     grant = rc.GrantLeaseRequest(session_id, req.holder, req.mode, req.ttl_seconds)
     return grant_lease(ledger, grant, ctx)
 
@@ -2854,7 +3091,8 @@ def _damaged_logs(store: Store, start: Ledger, appends: dict[tuple[str, str], An
 def _compact_if_due(store: Store, ledger: Ledger, now: float, config: Config) -> Ledger:
     """Compact once per interval, or at once when a count cap is exceeded (so
     lease churn cannot grow the ledger, and every commit, between runs)."""
-    crowded = (len(ledger.leases) > 2 * config.max_terminal_leases
+    terminal = len(ledger.leases) - _lease_index(ledger).live  # live leases never count
+    crowded = (terminal > 2 * config.max_terminal_leases
                or len(ledger.turns) > 2 * config.max_terminal_leases
                or len(ledger.control_requests) > 2 * config.max_control_requests)
     if not crowded and ledger.compacted_at > iso(now - config.compact_interval_seconds):
@@ -7886,9 +8124,8 @@ async def _sse_body(service: Service, sub: Subscriber, frames: Any, last: dict[s
     try:
         yield f"retry: {SSE_RETRY_MS}\n: connected\n\n".encode()
         replay = Replay.of(frames)
-        while chunk := await replay.take():
-            for frame in chunk:
-                yield frame.sse
+        while chunk := await replay.take():  # one write per chunk, not one per frame
+            yield b"".join(frame.sse for frame in chunk)
         if replay.failed:
             return
         while True:

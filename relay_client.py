@@ -615,6 +615,8 @@ def _plain(value: Any) -> Any:
         return {k: _plain(v) for k, v in value.items()}
     names = _FIELD_NAMES.get(tp)
     if names is None:
+        if isinstance(value, dict):  # a dict subclass: relay's ledger maps carry derived data
+            return {k: _plain(v) for k, v in value.items()}
         if not attrs.has(tp):
             return value
         names = _FIELD_NAMES[tp] = tuple(f.name for f in attrs.fields(tp))

@@ -10,6 +10,7 @@ machine moves both sides alike.
     .venv/bin/python scripts/bench.py --quick         # smoke run, few repetitions
     .venv/bin/python scripts/bench.py --only history  # one section (repeatable)
     .venv/bin/python scripts/bench.py --list          # the sections
+    .venv/bin/python scripts/bench.py --scale         # N = 10 .. 10,000 scaling table (~4 min)
     .venv/bin/python scripts/bench.py --only http_status --only http_mutations \
         --only ws_leases --only sse_fanout --only sse_memory   # the serving sections
 
@@ -67,6 +68,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+import attrs  # noqa: E402
 
 import relay  # noqa: E402
 import relay_client as rc  # noqa: E402
@@ -1440,6 +1443,213 @@ def sse_memory(bench: Bench) -> list[Figure]:
 
 
 ################################################################
+# Scale (issue 14): the same figures at N = 10 .. 10,000 sessions with live leases
+################################################################
+
+# ``--scale`` runs only this.  Each N gets a fresh workspace whose ledger holds
+# N sessions of one pooled profile, each with a live exclusive lease, plus a
+# "bench" session (the one the commits touch) and a free session (what Borrow
+# finds), named to sort after every other: Borrow takes the smallest free id,
+# so in a busy pool the occupied sessions are the small ids (the worst case).
+# The ledger is built in memory from records the real operations made and
+# written once: building it by commits would cost minutes at 10,000.
+# Every row has its baseline measured in the same run, interleaved with it.
+
+SCALE_NS = (10, 100, 1_000, 10_000)
+#: (commit rounds, spawn rounds, borrow rounds) per N: fewer where each costs more.
+SCALE_REPS = {10: (80, 20, 200), 100: (80, 20, 100), 1_000: (40, 12, 30), 10_000: (12, 6, 7)}
+
+
+def scale_workspace(root: Path, n: int) -> tuple[relay.Store, relay.Config]:
+    """A workspace with ``n`` leased sessions, a free one and the "bench" one."""
+    store, config = store_for(root)
+    commit_ok(store, config, [
+        relay.rpc_mutation("RegisterProfile", rc.RegisterProfileRequest(
+            name="pool-codex", provider="codex", mode="pooled")),
+        relay.rpc_mutation("RegisterProfile", rc.RegisterProfileRequest(  # keeps "bench" out of Borrow
+            name="bench-pool", provider="codex", mode="pooled")),
+        *(relay.rpc_mutation("CreateSession", rc.CreateSessionRequest(profile=profile, session_id=sid))
+          for sid, profile in (("bench", "bench-pool"), ("tpl", "pool-codex"), ("zz-free", "pool-codex"))),
+        relay.rpc_mutation("GrantLease", rc.GrantLeaseRequest(
+            session_id="tpl", holder="holder", mode="exclusive-write", ttl_seconds=config.max_ttl_seconds)),
+    ])
+    ledger = store.read()
+    assert ledger is not None
+    tpl_session, tpl_cursor = ledger.sessions["tpl"], ledger.cursors["tpl"]
+    (tpl_lease,) = [x for x in ledger.leases.values() if x.session_id == "tpl"]
+    sessions, cursors, leases = dict(ledger.sessions), dict(ledger.cursors), dict(ledger.leases)
+    for sid in (f"s{i:05d}" for i in range(1, n)):  # "tpl" is the n-th
+        sessions[sid] = attrs.evolve(tpl_session, session_id=sid)
+        cursors[sid] = attrs.evolve(tpl_cursor, session_id=sid)
+        lease_id = f"lease-{sid}"
+        leases[lease_id] = attrs.evolve(tpl_lease, lease_id=lease_id, session_id=sid)
+    store.write(attrs.evolve(ledger, revision=ledger.revision + 1, sessions=sessions,
+                                   cursors=cursors, leases=leases))
+    return store, config
+
+
+def timed_borrow(store: relay.Store, config: relay.Config) -> Callable[[], float]:
+    """The pure Borrow by profile over the current ledger (no commit): the lookup cost."""
+    ledger = store.read()
+    request = rc.BorrowRequest(holder="borrower", profile="pool-codex")
+
+    def run() -> float:
+        ctx = relay.Ctx(time.time(), ledger.revision + 1, config)
+        start = time.perf_counter()
+        _, reply = relay.borrow(ledger, request, ctx)
+        took = time.perf_counter() - start
+        if reply.outcome != "granted" or reply.lease.session_id != "zz-free":
+            raise BenchError(f"Borrow picked {reply.lease.session_id} ({reply.outcome})")
+        return took
+    return run
+
+
+def timed_lookup(store: relay.Store) -> Callable[[], float]:
+    """Borrow's choice of session alone (no grant: no copy of the maps), where
+    this relay has it; NaN before the lookup had its own function."""
+    ledger = store.read()
+    first_free = getattr(relay, "_first_free", None)
+
+    def run() -> float:
+        if first_free is None:
+            return math.nan
+        start = time.perf_counter()
+        sid = first_free(ledger, "pool-codex", relay.iso(time.time()))
+        took = time.perf_counter() - start
+        if sid != "zz-free":
+            raise BenchError(f"the lookup picked {sid}")
+        return took
+    return run
+
+
+def scale_row(bench: Bench, n: int) -> dict[str, Any]:
+    """Every scale figure at one N, each with its same-run baseline (ms lists)."""
+    commits, spawns, borrows = (max(x // (4 if bench.quick else 1), 2) for x in SCALE_REPS[n])
+    with workspace(bench) as root:
+        t0 = time.perf_counter()
+        store, config = scale_workspace(root, n)
+        built = time.perf_counter() - t0
+        size = store.ledger_path.stat().st_size
+        progress(f"scale N={n}: ledger {size:,} B built in {built:.1f} s; {commits} commit rounds")
+        raw_dir = root / "raw"
+        raw_dir.mkdir()
+        pool = os.urandom(max(size, 1 << 20))
+
+        def raw() -> float:
+            return raw_durable_write(raw_dir, pool[:store.ledger_path.stat().st_size], dir_fsync=False)
+
+        first_start = time.perf_counter()
+        commit_ok(relay.Store(root), config, [append_mutation("bench", -1)])  # a fresh Store: cold cache
+        first = time.perf_counter() - first_start
+        durable = interleave({"raw": raw, "lease": timed_lease(store, config),
+                              "append": timed_append(store, config)}, commits, warmup=2)
+        progress(f"scale N={n}: {borrows} Borrow rounds, {spawns} spawn rounds")
+        borrow_runs = interleave({"borrow": timed_borrow(store, config),
+                                  "lookup": timed_lookup(store)}, borrows, warmup=1)
+        procs = interleave({
+            "pass": lambda: spawn(bench, ["-c", "pass"], root),
+            "status": lambda: spawn(bench, ["-m", "relay", "status", "--json"], root),
+            "mutation": lambda: spawn(bench, ["-m", "relay", "event", "append", "--session", "bench",
+                                              "--kind", "k"], root),
+        }, spawns, warmup=1)
+        status = cli(bench, root, "status")
+        if status.get("sessions") != n + 2 or status.get("active_leases") < n:
+            raise BenchError(f"N={n}: status says {status.get('sessions')} sessions, "
+                             f"{status.get('active_leases')} active leases")
+        final_size = store.ledger_path.stat().st_size
+    med = {k: statistics.median(v) * 1e3 for runs in (durable, borrow_runs, procs) for k, v in runs.items()}
+    return {"n": n, "ledger_bytes": size, "final_bytes": final_size, "first_commit_ms": first * 1e3,
+            "bytes_per_session": size / n, **med}
+
+
+SCALE_COLUMNS = (
+    ("lease", "raw", "in-process lease commit (grant|release)", "raw temp+fsync+rename, ledger-sized"),
+    ("append", "raw", "in-process AppendEvent commit", "raw temp+fsync+rename, ledger-sized"),
+    ("first_commit_ms", "raw", "first AppendEvent commit of a fresh Store", "raw temp+fsync+rename"),
+    ("borrow", None, "Borrow by profile (pure operation)", ""),
+    ("lookup", None, "  of which the choice of session", ""),
+    ("status", "pass", "status --json cold start", "python -c pass"),
+    ("mutation", "pass", "CLI event append, spawn to exit", "python -c pass"),
+)
+
+
+def scale_table(rows: list[dict[str, Any]]) -> str:
+    """Figure x N: each cell the median ms and, in brackets, its baseline and ratio."""
+    head = ["figure (median ms; [baseline, ratio])"] + [f"N={r['n']:,}" for r in rows]
+    body = []
+    for key, base, label, _ in SCALE_COLUMNS:
+        cells = [label]
+        for r in rows:
+            cells.append(f"{r[key]:.2f}" + (f" [{r[base]:.2f}, {r[key] / r[base]:.1f}x]" if base else ""))
+        body.append(cells)
+    body.append(["ledger bytes per session+lease"] + [f"{r['bytes_per_session']:,.0f} B" for r in rows])
+    body.append(["ledger size"] + [f"{r['ledger_bytes']:,} B" for r in rows])
+    widths = [max(len(c[i]) for c in [head, *body]) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths,
+                                                                                        strict=True)))
+             for cells in [head, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    notes = [f"  {label}: baseline = {what}" for _, base, label, what in SCALE_COLUMNS if base]
+    return "\n".join(lines + ["", "baselines (measured in the same run, interleaved):"] + notes)
+
+
+def scale_figures(rows: list[dict[str, Any]]) -> list[Figure]:
+    """The issue's targets over the scale rows, each a ratio with PASS/MISS."""
+    by = {r["n"]: r for r in rows}
+    lo, hi = by[SCALE_NS[0]], by[SCALE_NS[-1]]
+    figs = [
+        Figure("scale.lease_1k", "lease commit at N=1,000 vs N=10", by[1_000]["lease"], "ms",
+               lo["lease"], "same at N=10", "<= 2"),
+        Figure("scale.lease_10k", "lease commit at N=10,000 vs N=10", hi["lease"], "ms",
+               lo["lease"], "same at N=10", "<= 5"),
+        Figure("scale.append_10k", "AppendEvent commit at N=10,000 vs N=10", hi["append"], "ms",
+               lo["append"], "same at N=10", "<= 1.2"),
+        Figure("scale.borrow_10k", "Borrow by profile at N=10,000 vs N=10", hi["borrow"], "ms",
+               lo["borrow"], "same at N=10", "<= 2"),
+        Figure("scale.status_10", "status cold start at N=10", lo["status"], "ms", lo["pass"],
+               "python -c pass", "<= 2"),
+        Figure("scale.status_10k", "status cold start at N=10,000", hi["status"], "ms", hi["pass"],
+               "python -c pass", "<= 4"),
+    ]
+    for r in rows:
+        n = f"{r['n']:,}"
+        figs.append(Figure(f"scale.cli_mutation_{r['n']}", f"CLI mutation spawn-to-exit at N={n}",
+                           r["mutation"], "ms", r["pass"], "python -c pass", "<= 4"))
+    for what in ("lease", "append"):  # rate >= 0.5x raw rate  <=>  time <= 2x raw time
+        for r in rows:
+            figs.append(Figure(f"scale.{what}_vs_raw_{r['n']}", f"{what} commit at N={r['n']:,} vs raw write",
+                               r[what], "ms", r["raw"], "raw temp+fsync+rename, ledger-sized", "<= 2",
+                               note="rate >= 0.5x the raw rate"))
+    for key, label in (("sse", "SSE publish-to-all p99 at 1,000 subscribers; replay; memory"),
+                       ("http", "HTTP durable RPCs c64, GET status, /ws pairs vs etcd"),
+                       ("soak", "30-minute soak")):
+        figs.append(skipped_figure(f"scale.{key}", label, "", "not a --scale figure: run "
+                                   + {"sse": "--only sse_fanout --only sse_memory",
+                                      "http": "--only http_status --only http_mutations --only ws_leases",
+                                      "soak": "scripts/soak.py"}[key]))
+    return figs
+
+
+def run_scale(bench: Bench, json_path: Path) -> int:
+    started = time.time()
+    rows = [scale_row(bench, n) for n in SCALE_NS]
+    figures = scale_figures(rows)
+    print(scale_table(rows) + "\n")
+    print(table([(Section("scale", "issue 14 targets over the scale rows", lambda b: []), figures, "")]))
+    passed = sum(f.result == "PASS" for f in figures)
+    missed = [f.key for f in figures if f.result == "MISS"]
+    print(f"\n{passed} PASS, {len(missed)} MISS in {time.time() - started:.1f} s"
+          + (" (quick)" if bench.quick else ""))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps({"meta": {"git": git_describe(), "quick": bench.quick,
+                                              "cpus": os.cpu_count()},
+                                     "rows": rows, "figures": [f.as_json() for f in figures]},
+                                    indent=2) + "\n", encoding="utf-8")
+    print(f"results: {json_path}")
+    return 0
+
+
+################################################################
 # Report
 ################################################################
 
@@ -1521,6 +1731,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="parent of the temporary workspaces (default: the system temp dir)")
     parser.add_argument("--strict", action="store_true", help="exit 1 when any target is missed")
     parser.add_argument("--list", action="store_true", help="list the sections and exit")
+    parser.add_argument("--scale", action="store_true",
+                        help="only the scaling table: N = 10 .. 10,000 sessions with live leases")
     parser.add_argument("--profile-servers", type=Path, default=None, metavar="DIR",
                         help="run the relay servers of the serving sections under cProfile, "
                              "writing DIR/SECTION.prof (slows them: for diagnosis, not figures)")
@@ -1535,6 +1747,9 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C, so every server child is stopped by its ``finally``.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     check_relay_import(bench)
+    if args.scale:
+        return run_scale(bench, args.json.with_name("scale.json") if args.json == DEFAULT_JSON
+                         else args.json)
     chosen = [SECTIONS[name] for name in SECTIONS if not args.only or name in args.only]
     started, load_before = time.time(), os.getloadavg()
     results: list[tuple[Section, list[Figure], str]] = []

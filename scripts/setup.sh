@@ -28,6 +28,12 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
     echo "$want" > "$stamp"
 fi
+# Bytecode for the two modules every CLI command loads.  This environment may
+# set PYTHONDONTWRITEBYTECODE=1, which stops Python writing .pyc files but not
+# reading them: without this step each spawn recompiles ~8,000 lines.  The
+# default (timestamp) check makes Python ignore a .pyc whose source changed
+# since, so a stale one is never used; re-running setup refreshes them.
+.venv/bin/python -m compileall -q relay.py relay_client.py
 # buf (buf lint, and buf curl in tests/test_third_party.py) and Claude Code
 # (tests/test_real_providers.py): a project-local npm install, never global.
 # Without npm the tests that need buf skip, and the Claude tests fail, naming this.
