@@ -229,7 +229,9 @@ def test_a_disk_fault_on_serves_first_commit_is_one_line(tmp_path):
                            "--port", "0"], capture_output=True, text=True, timeout=60,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert proc.returncode != 0
-    assert proc.stderr.count("\n") == 1 and "EISDIR" in proc.stderr, proc.stderr[-500:]
+    # The runtime may say first that it runs no process for the profile (no codex on PATH).
+    said = [line for line in proc.stderr.splitlines() if "relay.runtime WARNING" not in line]
+    assert len(said) == 1 and "EISDIR" in said[0], proc.stderr[-500:]
     assert "Traceback" not in proc.stderr
 
 

@@ -43,7 +43,7 @@ def random_step(rng: random.Random, ledger: relay.Ledger, now: float, revision: 
         choices += [
             (relay.grant_lease, lambda: rc.GrantLeaseRequest(
                 session_id=rng.choice(sids), holder=f"h{rng.randrange(3)}",
-                mode=rng.choice(rc.LEASE_MODES), ttl_seconds=ttl)),
+                mode=rng.choice(rc.LEASE_ACCESS), ttl_seconds=ttl)),
             (relay.quarantine_session, lambda: rc.QuarantineSessionRequest(
                 session_id=rng.choice(sids), reason="x")),
             (relay.clear_quarantine, lambda: rc.ClearQuarantineRequest(session_id=rng.choice(sids))),

@@ -55,6 +55,11 @@ def _buf() -> str:
     return found
 
 
+#: The rows only a live provider can exercise (a turn to start, interrupt,
+#: approve or read): tests/test_runtime.py calls each of them.
+NEEDS_A_PROVIDER = relay.SERVER_RPCS | {"GetTurn"}
+
+
 async def drive_every_rpc(call: Call) -> set[str]:
     """Call each of the relay's RPCs once or more, checking each answer; returns
     the names called.  ``call`` sends one request and returns the reply as
@@ -97,6 +102,8 @@ async def drive_every_rpc(call: Call) -> set[str]:
     events = await ok("ListEvents", session_id="s1")
     assert int(events["last_seq"]) == 2 and events["records"][0]["data"] == data
     assert int((await ok("ListResults", session_id="s1"))["last_seq"]) == 1
+    assert (await ok("ListTurns", session_id="s1")).get("turns", []) == []
+    assert (await ok("ListTasks")).get("tasks", []) == []
     return set(called)
 
 
@@ -132,7 +139,7 @@ async def test_buf_curl_calls_every_rpc(workspace, tmp_path):
                 return json.loads(done.stdout)
 
             # The turn RPCs need a running provider: tests/test_runtime.py calls them.
-            assert await drive_every_rpc(call) == set(rc.RPC_BY_NAME) - relay.SERVER_RPCS
+            assert await drive_every_rpc(call) == set(rc.RPC_BY_NAME) - NEEDS_A_PROVIDER
             refused = await curl(r.server.endpoint, "CreateSession", {"profile": "nope"})
             assert refused.returncode != 0
             error = json.loads(refused.stderr)
@@ -226,7 +233,7 @@ async def test_connectrpc_defaults_call_every_rpc(workspace, connect_gen, monkey
             client, call = _connect_caller(connect_gen, r.server.endpoint)
             with client:
                 # The turn RPCs need a running provider: tests/test_runtime.py calls them.
-                assert await drive_every_rpc(call) == set(rc.RPC_BY_NAME) - relay.SERVER_RPCS
+                assert await drive_every_rpc(call) == set(rc.RPC_BY_NAME) - NEEDS_A_PROVIDER
             assert {(ctype, enc) for _, ctype, enc, _ in seen} == {("application/proto", "gzip")}
 
 
@@ -241,10 +248,10 @@ async def test_connectrpc_json_codec_and_get_form(workspace, connect_gen, monkey
                                            use_get=True)
             with client:
                 # The turn RPCs need a running provider: tests/test_runtime.py calls them.
-                assert await drive_every_rpc(call) == set(rc.RPC_BY_NAME) - relay.SERVER_RPCS
+                assert await drive_every_rpc(call) == set(rc.RPC_BY_NAME) - NEEDS_A_PROVIDER
             assert {ctype for verb, ctype, _, _ in seen if verb == "POST"} == {"application/json"}
             gets = {name for verb, _, _, name in seen if verb == "GET"}
-            assert gets == {rpc.name for rpc in rc.RPCS if not rpc.mutates} - relay.SERVER_RPCS
+            assert gets == {rpc.name for rpc in rc.RPCS if not rpc.mutates} - NEEDS_A_PROVIDER
 
 
 async def test_connectrpc_sees_codes_and_the_hint_detail(workspace, connect_gen):

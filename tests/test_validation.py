@@ -288,7 +288,7 @@ def real_ledger(tmp_path_factory) -> dict:
     assert {x["state"] for x in doc["leases"].values()} == set(rc.LEASE_STATES)
     # The turn RPCs need a running provider (their records: tests/test_runtime.py).
     assert {x["method"] for x in doc["requests"].values()} == {
-        r.name for r in rc.RPCS if r.mutates and r.name != "RecordControl"} - set(relay.RUNTIME_RPCS)
+        r.name for r in rc.RPCS if r.mutates and r.name != "RecordControl"} - set(relay.SERVER_RPCS)
     return doc
 
 
