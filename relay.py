@@ -5140,6 +5140,8 @@ class Runtime:
     _wake: Any = None
     _busy: set[str] = attrs.Factory(set)  # sessions being started or recycled
     _closing: bool = False
+    #: Set whenever ``sessions`` is empty (the last process is gone).
+    _none_left: Any = attrs.Factory(lambda: trio.Event())
     _changed: Any = None  # trio.Event, replaced each time it fires
     _record_lock: Any = attrs.Factory(lambda: trio.Lock())  # one providers.json writer
     _programs: dict[tuple[str, tuple[str, ...]], bool] = attrs.Factory(dict)  # profile -> installed
@@ -5290,6 +5292,8 @@ class Runtime:
             return False
         live = LiveSession(session_id, profile, proc)
         self.sessions[session_id] = live
+        if self._none_left.is_set():
+            self._none_left = trio.Event()
         await self._nursery.start(proc.run)
         self._nursery.start_soon(self._consume, live)
         await self._write_record()
@@ -5351,6 +5355,8 @@ class Runtime:
         quarantine the session (``provider_exited``); the pool replaces it."""
         if self.sessions.get(live.session_id) is live:
             del self.sessions[live.session_id]
+            if not self.sessions:
+                self._none_left.set()
         await self._write_record()
         proc = live.proc
         crashed = not proc.stop_requested and not self._closing
@@ -5530,8 +5536,9 @@ class Runtime:
             await self._send_turn(live, req)
         except RelayError as exc:
             if live.turn is run:
-                await self._end_turn(live, "failed", f"the provider did not take the input: "
-                                     f"{exc.message}")
+                with trio.move_on_after(CLEANUP_SECONDS, shield=True):  # record it, even if cancelled
+                    await self._end_turn(live, "failed", f"the provider did not take the input: "
+                                         f"{exc.message}")
             raise
         return rc.TurnReply(reply.turn)
 
@@ -5700,8 +5707,8 @@ class Runtime:
                 for live in list(self.sessions.values()):
                     stops.start_soon(live.proc.stop, "the relay is stopping")
             with trio.move_on_after(self.config.stop_kill_seconds + 1.0):
-                while self.sessions:
-                    await trio.sleep(0.01)
+                if self.sessions:
+                    await self._none_left.wait()
 
 ################################################################
 # Supervision (ledger owner, heartbeat, subprocesses)
