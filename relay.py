@@ -7004,11 +7004,64 @@ def _check_cursors(view: _GateView) -> tuple[str, str, str]:
     return "pass", f"{len(view.ledger.cursors)} session cursors agree with their logs", ""
 
 
+def _removed_by(path: Path) -> Path:
+    """The file an unlink of ``path`` removes: its directory resolved, its name kept
+    (unlinking a symlink removes the link, not its target)."""
+    return Path(os.path.realpath(path.parent)) / path.name
+
+
+def _live_file(store: Store, path: Path) -> bool:
+    """Whether removing ``path`` would lose the lock or durable state (the
+    ledger, a stream log, an archive): anything in flow/state/relay but an
+    orphan temp file."""
+    state_dir = Path(os.path.realpath(store.state_dir))
+    return path == _removed_by(store.lock_path) or (
+        path.is_relative_to(state_dir) and not path.name.startswith(TEMP_PREFIX))
+
+
 def _check_cleanup(view: _GateView) -> tuple[str, str, str]:
+    # The plan is computed from the files as they are; a tmp directory that is
+    # a link into flow/state makes the dry run list the ledger and the logs.
     plan = cleanup_plan(view.store)
-    if view.store.lock_path in plan:
-        return "fail", "cleanup would remove the mutation lock", "do not run state cleanup --apply"
+    root = os.path.realpath(view.store.root)
+    for path in plan:
+        if _live_file(view.store, removed := _removed_by(path)):
+            what = "the mutation lock" if removed == _removed_by(view.store.lock_path) \
+                else f"live file {os.path.relpath(removed, root)}"
+            return ("fail", f"cleanup would remove {what} (as {os.path.relpath(path, root)})",
+                    "do not run state cleanup --apply; make flow/tmp/relay a plain directory")
     return "pass", f"dry run would remove {len(plan)} files and keep the lock", ""
+
+
+def _lan_problem(view: _GateView) -> tuple[str, str] | None:
+    """A host this workspace serves on (flow/relay.toml's ``[serve] host``, the
+    runtime's endpoint) that is private-network with no active token bound:
+    the evidence and the repair, or None."""
+    from urllib.parse import urlsplit
+
+    base = view.ledger or Ledger()
+    rt = base.runtime
+    if active_token(base, rt.token_id) is not None:
+        return None
+    with contextlib.suppress(ValueError):
+        host = urlsplit(rt.endpoint).hostname if rt.endpoint else None
+        if rt.mode == "trusted-lan" or (host and _serves_lan(host)):
+            return (f"runtime serves trusted-lan at {rt.endpoint} without an active token",
+                    "python -m relay token rotate, or python -m relay bootstrap --endpoint "
+                    "http://127.0.0.1:9876")
+    if _serves_lan(view.config.host):
+        return (f"flow/relay.toml serves on {view.config.host} (trusted-lan) with no active "
+                "token bound: serve will refuse",
+                "python -m relay token create, then python -m relay bootstrap --endpoint URL "
+                "--token-id ID; or set [serve] host = \"127.0.0.1\"")
+    return None
+
+
+def _serves_lan(host: str) -> bool:
+    try:
+        return serving_mode(host) == "trusted-lan"
+    except RelayError:
+        return False  # refused whatever the token: not this check's finding
 
 
 def _check_lan(view: _GateView) -> tuple[str, str, str]:
@@ -7020,11 +7073,8 @@ def _check_lan(view: _GateView) -> tuple[str, str, str]:
         except RelayError:
             continue
         return "fail", f"serving on {host} without a token was allowed", "report this as a relay bug"
-    rt = base.runtime
-    if rt.mode == "trusted-lan" and active_token(base, rt.token_id) is None:
-        return ("fail", f"runtime serves trusted-lan at {rt.endpoint} without an active token",
-                "python -m relay token rotate, or python -m relay bootstrap --endpoint "
-                "http://127.0.0.1:9876")
+    if (problem := _lan_problem(view)) is not None:
+        return "fail", *problem
     return "pass", "private-network serving without a token is refused (checked without binding)", ""
 
 
