@@ -4453,6 +4453,11 @@ class Service:
         """Run one RPC with an already-decoded request message: its method
         here, named from the table (``GrantLease`` -> ``grant_lease``)."""
         rpc = rc.RPC_BY_NAME[name]
+        if rpc.streams:
+            raise rc.Unimplemented(f"{name} is a server stream, not a unary call",
+                                   hint=f"open GET /events?{rpc.watch}, or send a WebSocket "
+                                   f"frame {{\"type\": \"subscribe\", \"{rpc.watch.split('=')[0]}\": "
+                                   f"\"{rpc.watch.split('=')[1]}\"}} on /ws")
         validate_request(request)
         if rpc.mutates and self.probe_token is not None:
             raise FailedPrecondition("this is the gate's read-only probe; it takes no mutations",
@@ -4581,6 +4586,13 @@ class Service:
         if feed:
             return await self._open_feed(feed, last_event_id)
         return await self._open_records(session, stream, last_event_id)
+
+    async def _watch(self, rpc: rc.Rpc, request: Any) -> tuple[Subscriber, Any, dict[str, int]]:
+        """A server-stream row's subscription (``open_stream`` of its selector)."""
+        key, _, value = rpc.watch.partition("=")
+        return await self.open_stream(
+            session=getattr(request, "session_id", ""), stream=rpc.stream,
+            feed=value if key == "feed" else "", last_event_id=request.last_event_id)
 
     async def _open_records(self, session: str, stream: str, last_event_id: str):
         if stream not in STREAM_KINDS:
@@ -4740,9 +4752,8 @@ class Service:
 
     async def _ws_subscribe(self, msg: dict[str, Any], out: Any) -> None:
         try:
-            sub, frames, last = await self.open_stream(
-                session=str(msg.get("session") or ""), stream=str(msg.get("stream") or "events"),
-                feed=str(msg.get("feed") or ""), last_event_id=str(msg.get("last_event_id") or ""))
+            rpc = rc.watch_rpc(msg)  # the row, by the frame's "stream" or "feed"
+            sub, frames, last = await getattr(self, rpc.method)(rpc.request_from_parameters(msg))
         except RelayError as exc:  # e.g. a malformed session id: answer, keep the socket
             sub, frames, last = None, [error_frame(exc.code.value, exc.message)], {}
         replay = Replay.of(frames)
@@ -4832,6 +4843,8 @@ def _bind_servicer_methods() -> None:
             continue
 
         async def method(self: Service, request: Any, _rpc: rc.Rpc = rpc) -> Any:
+            if _rpc.streams:
+                return await self._watch(_rpc, request)
             return await (self._mutate if _rpc.mutates else self._read)(_rpc, request)
 
         method.__name__ = method.__qualname__ = rpc.method
@@ -6363,11 +6376,13 @@ def _install_streams(app: Any, service: Service) -> None:
 
     @app.get("/events")
     async def sse() -> Any:
-        args = request.args
-        last_id = request.headers.get("Last-Event-ID") or args.get("last_event_id", "")
-        sub, frames, last = await service.open_stream(
-            session=args.get("session", ""), stream=args.get("stream", "events"),
-            feed=args.get("feed", ""), last_event_id=last_id)
+        # The row by ?stream= / ?feed=; its request from the query (the header
+        # wins for the id, as a browser's EventSource sends it).
+        rpc = rc.watch_rpc(request.args)
+        query = dict(request.args.items())
+        if last_id := request.headers.get("Last-Event-ID"):
+            query["last_event_id"] = last_id
+        sub, frames, last = await getattr(service, rpc.method)(rpc.request_from_parameters(query))
         body = _sse_body(service, sub, frames, last)
         return Response(body, status=200, content_type="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -7423,6 +7438,8 @@ def _describe(name: str, reply: Any) -> str:
 
 
 def _run_rpc(store: Store, config: Config, rpc: rc.Rpc, request: Any, as_json: bool) -> int:
+    if rpc.streams:
+        return _follow(store, config, rpc, request)
     if rpc.mutates:
         reply = commit_one(store, rpc_mutation(rpc, request), config)
         _failpoint("before_ack")
@@ -7431,6 +7448,39 @@ def _run_rpc(store: Store, config: Config, rpc: rc.Rpc, request: Any, as_json: b
         reply = read_rpc(store, rpc, request, time.time())
     _emit(as_json, to_json(reply), _describe(rpc.name, reply))
     return EXIT_OK
+
+
+def _follow(store: Store, config: Config, rpc: rc.Rpc, request: Any) -> int:
+    """A server-stream row with no server: follow one session's log on disk
+    (what a serving relay's watcher reads), a JSON line per record, until
+    interrupted.  The relay feed lives in a server's memory: refused."""
+    if not rpc.stream:
+        raise FailedPrecondition(f"{' '.join(rpc.cli)} needs a serving relay (the feed is kept "
+                                 "in its memory)", hint=f"python -m relay_client {rpc.method}")
+    if not request.session_id:
+        raise InvalidArgument(f"{' '.join(rpc.cli)} without a server follows one session",
+                              hint=f"pass --session S, or run python -m relay_client {rpc.method}")
+    lister = rc._LISTS[rpc.stream]  # the read row listing that stream
+    page = functools.partial(read_rpc, store, lister)
+    if request.last_event_id:
+        cursor = parse_stream_cursor(request.last_event_id)
+        if set(cursor) != {request.session_id}:
+            raise InvalidArgument(f"--last-event-id {request.last_event_id!r} is not "
+                                  f"{request.session_id}:SEQ", hint="send back an id this stream sent")
+        after = cursor[request.session_id]
+    else:  # from now
+        after = page(rc.ListRecordsRequest(request.session_id, limit=1), time.time()).last_seq
+    try:
+        while True:
+            reply = page(rc.ListRecordsRequest(request.session_id, after, limit=1000), time.time())
+            for record in reply.records:
+                sys.stdout.write(json.dumps(to_json(record), sort_keys=True) + "\n")
+                after = record.seq
+            sys.stdout.flush()
+            if not reply.records:
+                time.sleep(config.watch_interval_seconds)
+    except KeyboardInterrupt:
+        return EXIT_OK
 
 
 def _admin_mutation(store: Store, config: Config, fn: Callable[[Ledger, Ctx], Any]) -> Any:

@@ -899,6 +899,20 @@ class ListRecordsRequest:
     limit: int = _f(100, flag="--limit", help="at most this many (1..10000)")
 
 
+@attrs.frozen
+class WatchRecordsRequest:
+    session_id: str = _f("", flag="--session",
+                         help="one session's records (without it: every session's)")
+    last_event_id: str = _f("", flag="--last-event-id",
+                            help="resume after this id (S:SEQ, or S1:SEQ,S2:SEQ for every session)")
+
+
+@attrs.frozen
+class WatchFeedRequest:
+    last_event_id: str = _f("", flag="--last-event-id",
+                            help="resume after this notice id (REVISION.INDEX)")
+
+
 # -- responses -----------------------------------------------------------------
 
 @attrs.frozen
@@ -994,6 +1008,16 @@ class ListLeasesReply:
 
 
 @attrs.frozen
+class FeedNotice:
+    """One relay-feed notice: its id (``REVISION.INDEX``), its kind
+    (``lease.granted``, ...) and the record it announces."""
+
+    id: str
+    kind: str
+    data: JSONValue = None
+
+
+@attrs.frozen
 class ListRecordsReply:
     session_id: str
     last_seq: int
@@ -1010,8 +1034,10 @@ SERVICE: Final = "relay.v1.Relay"
 #: form); a mutation is applied once, under the ledger lock.
 READ: Final = "read"
 MUTATION: Final = "mutation"
-#: An Rpc's cardinality: one reply per request.
+#: An Rpc's cardinality: one reply per request, or a stream of messages
+#: (served as SSE ``/events`` and WebSocket ``subscribe``, not as Connect).
 UNARY: Final = "unary"
+SERVER_STREAM: Final = "server_stream"
 
 
 @attrs.frozen
@@ -1031,7 +1057,7 @@ class Rpc:
     cli: tuple[str, ...] = attrs.field(kw_only=True)
     help: str = attrs.field(kw_only=True)
     cardinality: str = attrs.field(default=UNARY, kw_only=True,
-                                   validator=attrs.validators.in_((UNARY,)))
+                                   validator=attrs.validators.in_((UNARY, SERVER_STREAM)))
     #: The session stream (events | results) a mutation appends to or a read
     #: lists; it is passed to the operation as ``stream=``, and a read of a
     #: stream reads its log from disk.
@@ -1045,6 +1071,10 @@ class Rpc:
     #: Another row's name: this one is an explicit alias of it (same request,
     #: same operation), kept for the callers that know it by this name.
     alias_of: str = attrs.field(default="", kw_only=True)
+    #: A server stream's selector, ``KEY=VALUE``: the query parameter of SSE
+    #: ``/events`` and the member of a WebSocket ``subscribe`` frame that pick
+    #: this row (``stream=events``, ``feed=relay``).
+    watch: str = attrs.field(default="", kw_only=True)
 
     @property
     def mutates(self) -> bool:
@@ -1060,11 +1090,26 @@ class Rpc:
         return re.sub(r"(?<!^)(?=[A-Z])", "_", self.name).lower()
 
     @property
+    def streams(self) -> bool:
+        return self.cardinality == SERVER_STREAM
+
+    @property
     def query(self) -> dict[str, str]:
         """The GET route's query parameters -> the request fields they set."""
-        return {meta["flag"].removeprefix("--"): field.name
-                for field in attrs.fields(self.request)
-                if (meta := field.metadata).get("flag")} if self.get else {}
+        return self.parameters if self.get else {}
+
+    @property
+    def parameters(self) -> dict[str, str]:
+        """URL query parameters (and WebSocket frame members) -> the request
+        fields they set: each field's CLI flag without ``--``, dashes as
+        underscores (``--last-event-id`` -> ``last_event_id``)."""
+        return {meta["flag"].removeprefix("--").replace("-", "_"): field.name
+                for field in attrs.fields(self.request) if (meta := field.metadata).get("flag")}
+
+    def request_from_parameters(self, values: Any) -> Any:
+        """The request of a query string or a ``subscribe`` frame (strings)."""
+        return self.request(**{name: str(values[param]) for param, name in self.parameters.items()
+                               if values.get(param)})
 
 
 RPCS: Final[tuple[Rpc, ...]] = (
@@ -1109,11 +1154,37 @@ RPCS: Final[tuple[Rpc, ...]] = (
         help="list a session's events after a cursor", stream="events", get="events"),
     Rpc("ListResults", ListRecordsRequest, ListRecordsReply, kind=READ, cli=("result", "list"),
         help="list a session's results after a cursor", stream="results", get="results"),
+    Rpc("WatchEvents", WatchRecordsRequest, StreamRecord, kind=READ, cardinality=SERVER_STREAM,
+        cli=("event", "watch"), help="follow event streams live, resuming after an id",
+        stream="events", watch="stream=events"),
+    Rpc("WatchResults", WatchRecordsRequest, StreamRecord, kind=READ, cardinality=SERVER_STREAM,
+        cli=("result", "watch"), help="follow result streams live, resuming after an id",
+        stream="results", watch="stream=results"),
+    Rpc("WatchFeed", WatchFeedRequest, FeedNotice, kind=READ, cardinality=SERVER_STREAM,
+        cli=("feed", "watch"), help="follow the relay feed (lease, quarantine, runtime notices)",
+        watch="feed=relay"),
 )
 
 RPC_BY_NAME: Final = {rpc.name: rpc for rpc in RPCS}
 #: A session stream -> the read row that lists it (where a watch pins "from now").
-_LISTS: Final = {rpc.stream: rpc for rpc in RPCS if rpc.stream and not rpc.mutates}
+_LISTS: Final = {rpc.stream: rpc for rpc in RPCS
+                  if rpc.stream and not rpc.mutates and not rpc.streams}
+#: A server stream's selector (``stream=events``) -> its row.
+RPC_BY_WATCH: Final = {rpc.watch: rpc for rpc in RPCS if rpc.watch}
+
+
+def watch_rpc(selector: Any) -> Rpc:
+    """The server-stream row an SSE query or a ``subscribe`` frame selects:
+    ``feed=...`` if given, else ``stream=...`` (``events`` by default)."""
+    if selector.get("feed"):
+        rpc = RPC_BY_WATCH.get(f"feed={selector['feed']}")
+        if rpc is None:
+            raise InvalidArgument("feed must be 'relay'", hint="?feed=relay")
+        return rpc
+    rpc = RPC_BY_WATCH.get(f"stream={selector.get('stream') or 'events'}")
+    if rpc is None:
+        raise InvalidArgument("stream must be events or results", hint="?stream=events|results")
+    return rpc
 #: The read routes ``GET /api/relay/<get>`` -> their rows.
 RPC_BY_GET: Final = {rpc.get: rpc for rpc in RPCS if rpc.get}
 
@@ -1254,65 +1325,69 @@ _RELAY_PROTO_DESCRIPTOR: Final = (
     b'\x14\n\x05state\x18\x02 \x01(\tR\x05state"I\n\x11ListLeasesRequest\x12\x1e\n\nsession_id\x18\x01 '
     b'\x01(\tR\nsession_id\x12\x14\n\x05state\x18\x02 \x01(\tR\x05state"`\n\x12ListRecordsRequest\x12'
     b'\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x14\n\x05after\x18\x02 \x01(\rR\x05after\x12'
-    b'\x14\n\x05limit\x18\x03 \x01(\rR\x05limit"q\n\x0cProfileReply\x12\x18\n\x07outcome\x18\x01 \x01('
-    b'\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revision\x12+\n\x07profile\x18\x03 \x01('
-    b'\x0b2\x11.relay.v1.ProfileR\x07profile"q\n\x0cSessionReply\x12\x18\n\x07outcome\x18\x01 \x01(\tR'
-    b'\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revision\x12+\n\x07session\x18\x03 \x01('
-    b'\x0b2\x11.relay.v1.SessionR\x07session"i\n\nLeaseReply\x12\x18\n\x07outcome\x18\x01 \x01(\tR\x07o'
-    b'utcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revision\x12%\n\x05lease\x18\x03 \x01(\x0b2\x0f.'
-    b'relay.v1.LeaseR\x05lease"\x88\x01\n\x0cControlReply\x12\x18\n\x07outcome\x18\x01 \x01(\tR\x07outc'
-    b'ome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revision\x12B\n\x0fcontrol_request\x18\x03 \x01('
-    b'\x0b2\x18.relay.v1.ControlRequestR\x0fcontrol_request"s\n\x0bAppendReply\x12\x18\n\x07outcome\x18'
-    b'\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revision\x12.\n\x06record\x18'
-    b'\x03 \x01(\x0b2\x16.relay.v1.StreamRecordR\x06record"\xab\x01\n\x0fQuarantineReply\x12\x18\n\x07o'
-    b'utcome\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revision\x124\n\nqua'
-    b'rantine\x18\x03 \x01(\x0b2\x14.relay.v1.QuarantineR\nquarantine\x12,\n\x11revoked_lease_ids\x18'
-    b'\x04 \x03(\tR\x11revoked_lease_ids"Z\n\x0cRecoverReply\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08'
-    b'revision\x12.\n\x08sessions\x18\x02 \x03(\x0b2\x12.relay.v1.RecoveryR\x08sessions"\xdc\x05\n\x0bS'
-    b'tatusReply\x12\x16\n\x06status\x18\x01 \x01(\tR\x06status\x12\x1e\n\nprojection\x18\x02 \x01(\tR'
-    b'\nprojection\x12\x1e\n\nrelay_mode\x18\x03 \x01(\tR\nrelay_mode\x12 \n\x0bledger_path\x18\x04 '
-    b'\x01(\tR\x0bledger_path\x12$\n\rstate_present\x18\x05 \x01(\x08R\rstate_present\x12 \n\x0btmp_pre'
-    b'sent\x18\x06 \x01(\x08R\x0btmp_present\x12&\n\x0eledger_present\x18\x07 \x01(\x08R\x0eledger_pres'
-    b'ent\x12,\n\x11durable_artifacts\x18\x08 \x01(\rR\x11durable_artifacts\x12$\n\rtmp_artifacts\x18\t'
-    b' \x01(\rR\rtmp_artifacts\x12\x1a\n\x08revision\x18\n \x01(\rR\x08revision\x12\x1a\n\x08profiles'
-    b'\x18\x0b \x01(\rR\x08profiles\x12\x1a\n\x08sessions\x18\x0c \x01(\rR\x08sessions\x12$\n\ractive_l'
-    b'eases\x18\r \x01(\rR\ractive_leases\x12&\n\x0ewaiting_leases\x18\x0e \x01(\rR\x0ewaiting_leases'
-    b'\x12.\n\x12active_quarantines\x18\x0f \x01(\rR\x12active_quarantines\x12*\n\x10control_requests'
-    b'\x18\x10 \x01(\rR\x10control_requests\x12\x16\n\x06events\x18\x11 \x01(\rR\x06events\x12\x18\n'
-    b'\x07results\x18\x12 \x01(\rR\x07results\x12+\n\x07runtime\x18\x13 \x01(\x0b2\x11.relay.v1.Runtime'
-    b'R\x07runtime\x122\n\x08warnings\x18\x14 \x03(\x0b2\x16.relay.v1.StateWarningR\x08warnings"^\n\x11'
-    b'ListProfilesReply\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revision\x12-\n\x08profiles\x18\x02 '
-    b'\x03(\x0b2\x11.relay.v1.ProfileR\x08profiles"^\n\x11ListSessionsReply\x12\x1a\n\x08revision\x18'
-    b'\x01 \x01(\rR\x08revision\x12-\n\x08sessions\x18\x02 \x03(\x0b2\x11.relay.v1.SessionR\x08sessions'
-    b'"V\n\x0fListLeasesReply\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revision\x12\'\n\x06leases\x18'
-    b'\x02 \x03(\x0b2\x0f.relay.v1.LeaseR\x06leases"\x80\x01\n\x10ListRecordsReply\x12\x1e\n\nsession_i'
-    b'd\x18\x01 \x01(\tR\nsession_id\x12\x1a\n\x08last_seq\x18\x02 \x01(\rR\x08last_seq\x120\n\x07recor'
-    b'ds\x18\x03 \x03(\x0b2\x16.relay.v1.StreamRecordR\x07records"\xe9\x01\n\x07Runtime\x12\x16\n\x06st'
-    b'atus\x18\x01 \x01(\tR\x06status\x12\x1a\n\x08endpoint\x18\x02 \x01(\tR\x08endpoint\x12\x12\n\x04m'
-    b'ode\x18\x03 \x01(\tR\x04mode\x12\x1a\n\x08token_id\x18\x04 \x01(\tR\x08token_id\x12\x10\n\x03pid'
-    b'\x18\x05 \x01(\rR\x03pid\x12(\n\x0fbootstrapped_at\x18\x06 \x01(\tR\x0fbootstrapped_at\x12\x1c\n'
-    b'\tserved_at\x18\x07 \x01(\tR\tserved_at\x12 \n\x0bshutdown_at\x18\x08 \x01(\tR\x0bshutdown_at"'
-    b'\x87\x01\n\x07Profile\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n\x08provider\x18\x02 '
-    b'\x01(\tR\x08provider\x12\x12\n\x04mode\x18\x03 \x01(\tR\x04mode\x12\x18\n\x07command\x18\x04 \x03'
-    b'(\tR\x07command\x12\x1e\n\ncreated_at\x18\x05 \x01(\tR\ncreated_at"\xdb\x01\n\x07Session\x12\x1e'
-    b'\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x18\n\x07profile\x18\x02 \x01(\tR\x07profile\x12'
-    b'\x1a\n\x08provider\x18\x03 \x01(\tR\x08provider\x12\x14\n\x05state\x18\x04 \x01(\tR\x05state\x12'
-    b'\x1e\n\ncreated_at\x18\x05 \x01(\tR\ncreated_at\x12\x1e\n\nupdated_at\x18\x06 \x01(\tR\nupdated_a'
-    b't\x12$\n\rfencing_token\x18\x07 \x01(\rR\rfencing_token"\x9d\x03\n\x05Lease\x12\x1a\n\x08lease_id'
-    b'\x18\x01 \x01(\tR\x08lease_id\x12\x1e\n\nsession_id\x18\x02 \x01(\tR\nsession_id\x12\x16\n\x06hol'
-    b'der\x18\x03 \x01(\tR\x06holder\x12\x12\n\x04mode\x18\x04 \x01(\tR\x04mode\x12\x14\n\x05state\x18'
-    b'\x05 \x01(\tR\x05state\x12$\n\rfencing_token\x18\x06 \x01(\rR\rfencing_token\x12 \n\x0bttl_second'
-    b's\x18\x07 \x01(\rR\x0bttl_seconds\x12"\n\x0crequested_at\x18\x08 \x01(\tR\x0crequested_at\x12\x1e'
-    b'\n\ngranted_at\x18\t \x01(\tR\ngranted_at\x12\x1e\n\nexpires_at\x18\n \x01(\tR\nexpires_at\x12(\n'
-    b'\x0flast_renewed_at\x18\x0b \x01(\tR\x0flast_renewed_at\x12\x1a\n\x08ended_at\x18\x0c \x01(\tR'
-    b'\x08ended_at\x12$\n\rrevoke_reason\x18\r \x01(\tR\rrevoke_reason"\xe0\x01\n\x0eControlRequest\x12'
-    b'\x1e\n\nrequest_id\x18\x01 \x01(\tR\nrequest_id\x12\x1e\n\nsession_id\x18\x02 \x01(\tR\nsession_i'
-    b'd\x12\x12\n\x04kind\x18\x03 \x01(\tR\x04kind\x120\n\x07payload\x18\x04 \x01(\x0b2\x16.google.prot'
-    b'obuf.ValueR\x07payload\x12&\n\x0epayload_digest\x18\x05 \x01(\tR\x0epayload_digest\x12 \n\x0breco'
-    b'rded_at\x18\x06 \x01(\tR\x0brecorded_at"\xa2\x01\n\nQuarantine\x12\x1e\n\nsession_id\x18\x01 \x01'
-    b'(\tR\nsession_id\x12\x16\n\x06reason\x18\x02 \x01(\tR\x06reason\x12\x14\n\x05state\x18\x03 \x01('
-    b'\tR\x05state\x12&\n\x0equarantined_at\x18\x04 \x01(\tR\x0equarantined_at\x12\x1e\n\ncleared_at'
-    b'\x18\x05 \x01(\tR\ncleared_at"\xa2\x01\n\x0cStreamRecord\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\n'
+    b'\x14\n\x05limit\x18\x03 \x01(\rR\x05limit"[\n\x13WatchRecordsRequest\x12\x1e\n\nsession_id\x18'
+    b'\x01 \x01(\tR\nsession_id\x12$\n\rlast_event_id\x18\x02 \x01(\tR\rlast_event_id"8\n\x10WatchFeedR'
+    b'equest\x12$\n\rlast_event_id\x18\x01 \x01(\tR\rlast_event_id"q\n\x0cProfileReply\x12\x18\n\x07out'
+    b'come\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revision\x12+\n\x07pro'
+    b'file\x18\x03 \x01(\x0b2\x11.relay.v1.ProfileR\x07profile"q\n\x0cSessionReply\x12\x18\n\x07outcome'
+    b'\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revision\x12+\n\x07session'
+    b'\x18\x03 \x01(\x0b2\x11.relay.v1.SessionR\x07session"i\n\nLeaseReply\x12\x18\n\x07outcome\x18\x01'
+    b' \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revision\x12%\n\x05lease\x18\x03 '
+    b'\x01(\x0b2\x0f.relay.v1.LeaseR\x05lease"\x88\x01\n\x0cControlReply\x12\x18\n\x07outcome\x18\x01 '
+    b'\x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revision\x12B\n\x0fcontrol_request'
+    b'\x18\x03 \x01(\x0b2\x18.relay.v1.ControlRequestR\x0fcontrol_request"s\n\x0bAppendReply\x12\x18\n'
+    b'\x07outcome\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revision\x12.\n'
+    b'\x06record\x18\x03 \x01(\x0b2\x16.relay.v1.StreamRecordR\x06record"\xab\x01\n\x0fQuarantineReply'
+    b'\x12\x18\n\x07outcome\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revis'
+    b'ion\x124\n\nquarantine\x18\x03 \x01(\x0b2\x14.relay.v1.QuarantineR\nquarantine\x12,\n\x11revoked_'
+    b'lease_ids\x18\x04 \x03(\tR\x11revoked_lease_ids"Z\n\x0cRecoverReply\x12\x1a\n\x08revision\x18\x01'
+    b' \x01(\rR\x08revision\x12.\n\x08sessions\x18\x02 \x03(\x0b2\x12.relay.v1.RecoveryR\x08sessions"'
+    b'\xdc\x05\n\x0bStatusReply\x12\x16\n\x06status\x18\x01 \x01(\tR\x06status\x12\x1e\n\nprojection'
+    b'\x18\x02 \x01(\tR\nprojection\x12\x1e\n\nrelay_mode\x18\x03 \x01(\tR\nrelay_mode\x12 \n\x0bledger'
+    b'_path\x18\x04 \x01(\tR\x0bledger_path\x12$\n\rstate_present\x18\x05 \x01(\x08R\rstate_present\x12'
+    b' \n\x0btmp_present\x18\x06 \x01(\x08R\x0btmp_present\x12&\n\x0eledger_present\x18\x07 \x01(\x08R'
+    b'\x0eledger_present\x12,\n\x11durable_artifacts\x18\x08 \x01(\rR\x11durable_artifacts\x12$\n\rtmp_'
+    b'artifacts\x18\t \x01(\rR\rtmp_artifacts\x12\x1a\n\x08revision\x18\n \x01(\rR\x08revision\x12\x1a'
+    b'\n\x08profiles\x18\x0b \x01(\rR\x08profiles\x12\x1a\n\x08sessions\x18\x0c \x01(\rR\x08sessions'
+    b'\x12$\n\ractive_leases\x18\r \x01(\rR\ractive_leases\x12&\n\x0ewaiting_leases\x18\x0e \x01(\rR'
+    b'\x0ewaiting_leases\x12.\n\x12active_quarantines\x18\x0f \x01(\rR\x12active_quarantines\x12*\n\x10'
+    b'control_requests\x18\x10 \x01(\rR\x10control_requests\x12\x16\n\x06events\x18\x11 \x01(\rR\x06eve'
+    b'nts\x12\x18\n\x07results\x18\x12 \x01(\rR\x07results\x12+\n\x07runtime\x18\x13 \x01(\x0b2\x11.rel'
+    b'ay.v1.RuntimeR\x07runtime\x122\n\x08warnings\x18\x14 \x03(\x0b2\x16.relay.v1.StateWarningR\x08war'
+    b'nings"^\n\x11ListProfilesReply\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revision\x12-\n\x08profi'
+    b'les\x18\x02 \x03(\x0b2\x11.relay.v1.ProfileR\x08profiles"^\n\x11ListSessionsReply\x12\x1a\n\x08re'
+    b'vision\x18\x01 \x01(\rR\x08revision\x12-\n\x08sessions\x18\x02 \x03(\x0b2\x11.relay.v1.SessionR'
+    b'\x08sessions"V\n\x0fListLeasesReply\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revision\x12\'\n'
+    b'\x06leases\x18\x02 \x03(\x0b2\x0f.relay.v1.LeaseR\x06leases"\x80\x01\n\x10ListRecordsReply\x12'
+    b'\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x1a\n\x08last_seq\x18\x02 \x01(\rR\x08last_se'
+    b'q\x120\n\x07records\x18\x03 \x03(\x0b2\x16.relay.v1.StreamRecordR\x07records"\xe9\x01\n\x07Runtim'
+    b'e\x12\x16\n\x06status\x18\x01 \x01(\tR\x06status\x12\x1a\n\x08endpoint\x18\x02 \x01(\tR\x08endpoi'
+    b'nt\x12\x12\n\x04mode\x18\x03 \x01(\tR\x04mode\x12\x1a\n\x08token_id\x18\x04 \x01(\tR\x08token_id'
+    b'\x12\x10\n\x03pid\x18\x05 \x01(\rR\x03pid\x12(\n\x0fbootstrapped_at\x18\x06 \x01(\tR\x0fbootstrap'
+    b'ped_at\x12\x1c\n\tserved_at\x18\x07 \x01(\tR\tserved_at\x12 \n\x0bshutdown_at\x18\x08 \x01(\tR'
+    b'\x0bshutdown_at"\x87\x01\n\x07Profile\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n\x08pro'
+    b'vider\x18\x02 \x01(\tR\x08provider\x12\x12\n\x04mode\x18\x03 \x01(\tR\x04mode\x12\x18\n\x07comman'
+    b'd\x18\x04 \x03(\tR\x07command\x12\x1e\n\ncreated_at\x18\x05 \x01(\tR\ncreated_at"\xdb\x01\n\x07Se'
+    b'ssion\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x18\n\x07profile\x18\x02 \x01(\tR'
+    b'\x07profile\x12\x1a\n\x08provider\x18\x03 \x01(\tR\x08provider\x12\x14\n\x05state\x18\x04 \x01(\t'
+    b'R\x05state\x12\x1e\n\ncreated_at\x18\x05 \x01(\tR\ncreated_at\x12\x1e\n\nupdated_at\x18\x06 \x01('
+    b'\tR\nupdated_at\x12$\n\rfencing_token\x18\x07 \x01(\rR\rfencing_token"\x9d\x03\n\x05Lease\x12\x1a'
+    b'\n\x08lease_id\x18\x01 \x01(\tR\x08lease_id\x12\x1e\n\nsession_id\x18\x02 \x01(\tR\nsession_id'
+    b'\x12\x16\n\x06holder\x18\x03 \x01(\tR\x06holder\x12\x12\n\x04mode\x18\x04 \x01(\tR\x04mode\x12'
+    b'\x14\n\x05state\x18\x05 \x01(\tR\x05state\x12$\n\rfencing_token\x18\x06 \x01(\rR\rfencing_token'
+    b'\x12 \n\x0bttl_seconds\x18\x07 \x01(\rR\x0bttl_seconds\x12"\n\x0crequested_at\x18\x08 \x01(\tR'
+    b'\x0crequested_at\x12\x1e\n\ngranted_at\x18\t \x01(\tR\ngranted_at\x12\x1e\n\nexpires_at\x18\n '
+    b'\x01(\tR\nexpires_at\x12(\n\x0flast_renewed_at\x18\x0b \x01(\tR\x0flast_renewed_at\x12\x1a\n\x08e'
+    b'nded_at\x18\x0c \x01(\tR\x08ended_at\x12$\n\rrevoke_reason\x18\r \x01(\tR\rrevoke_reason"\xe0\x01'
+    b'\n\x0eControlRequest\x12\x1e\n\nrequest_id\x18\x01 \x01(\tR\nrequest_id\x12\x1e\n\nsession_id\x18'
+    b'\x02 \x01(\tR\nsession_id\x12\x12\n\x04kind\x18\x03 \x01(\tR\x04kind\x120\n\x07payload\x18\x04 '
+    b'\x01(\x0b2\x16.google.protobuf.ValueR\x07payload\x12&\n\x0epayload_digest\x18\x05 \x01(\tR\x0epay'
+    b'load_digest\x12 \n\x0brecorded_at\x18\x06 \x01(\tR\x0brecorded_at"\xa2\x01\n\nQuarantine\x12\x1e'
+    b'\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x16\n\x06reason\x18\x02 \x01(\tR\x06reason\x12'
+    b'\x14\n\x05state\x18\x03 \x01(\tR\x05state\x12&\n\x0equarantined_at\x18\x04 \x01(\tR\x0equarantine'
+    b'd_at\x12\x1e\n\ncleared_at\x18\x05 \x01(\tR\ncleared_at"\\\n\nFeedNotice\x12\x0e\n\x02id\x18\x01 '
+    b'\x01(\tR\x02id\x12\x12\n\x04kind\x18\x02 \x01(\tR\x04kind\x12*\n\x04data\x18\x03 \x01(\x0b2\x16.g'
+    b'oogle.protobuf.ValueR\x04data"\xa2\x01\n\x0cStreamRecord\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\n'
     b'session_id\x12\x10\n\x03seq\x18\x02 \x01(\rR\x03seq\x12\x12\n\x04kind\x18\x03 \x01(\tR\x04kind'
     b'\x12*\n\x04data\x18\x04 \x01(\x0b2\x16.google.protobuf.ValueR\x04data\x12 \n\x0bappended_at\x18'
     b'\x05 \x01(\tR\x0bappended_at"\x9a\x01\n\x0cStateWarning\x12\x14\n\x05owner\x18\x01 \x01(\tR\x05ow'
@@ -1321,9 +1396,9 @@ _RELAY_PROTO_DESCRIPTOR: Final = (
     b'\n\x08severity\x18\x06 \x01(\tR\x08severity"\xac\x01\n\x08Recovery\x12\x1e\n\nsession_id\x18\x01 '
     b'\x01(\tR\nsession_id\x12&\n\x0eclassification\x18\x02 \x01(\tR\x0eclassification\x12\x16\n\x06rea'
     b'son\x18\x03 \x01(\tR\x06reason\x12"\n\x0cnext_command\x18\x04 \x01(\tR\x0cnext_command\x12\x1c\n'
-    b'\tlease_ids\x18\x05 \x03(\tR\tlease_ids2\xa7\x0b\n\x05Relay\x12K\n\x0fRegisterProfile\x12 .relay.'
-    b'v1.RegisterProfileRequest\x1a\x16.relay.v1.ProfileReply\x12G\n\rCreateSession\x12\x1e.relay.v1.Cr'
-    b'eateSessionRequest\x1a\x16.relay.v1.SessionReply\x127\n\x06Borrow\x12\x17.relay.v1.BorrowRequest'
+    b'\tlease_ids\x18\x05 \x03(\tR\tlease_ids2\x88\r\n\x05Relay\x12K\n\x0fRegisterProfile\x12 .relay.v1'
+    b'.RegisterProfileRequest\x1a\x16.relay.v1.ProfileReply\x12G\n\rCreateSession\x12\x1e.relay.v1.Crea'
+    b'teSessionRequest\x1a\x16.relay.v1.SessionReply\x127\n\x06Borrow\x12\x17.relay.v1.BorrowRequest'
     b'\x1a\x14.relay.v1.LeaseReply\x12>\n\x07Release\x12\x1d.relay.v1.ReleaseLeaseRequest\x1a\x14.relay'
     b'.v1.LeaseReply\x12?\n\nGrantLease\x12\x1b.relay.v1.GrantLeaseRequest\x1a\x14.relay.v1.LeaseReply'
     b'\x12?\n\nRenewLease\x12\x1b.relay.v1.RenewLeaseRequest\x1a\x14.relay.v1.LeaseReply\x12C\n\x0cRele'
@@ -1341,7 +1416,10 @@ _RELAY_PROTO_DESCRIPTOR: Final = (
     b'\x12\x1b.relay.v1.ListLeasesRequest\x1a\x19.relay.v1.ListLeasesReply"\x03\x90\x02\x01\x12K\n\nLis'
     b'tEvents\x12\x1c.relay.v1.ListRecordsRequest\x1a\x1a.relay.v1.ListRecordsReply"\x03\x90\x02\x01'
     b'\x12L\n\x0bListResults\x12\x1c.relay.v1.ListRecordsRequest\x1a\x1a.relay.v1.ListRecordsReply"\x03'
-    b'\x90\x02\x01b\x06proto3'
+    b'\x90\x02\x01\x12K\n\x0bWatchEvents\x12\x1d.relay.v1.WatchRecordsRequest\x1a\x16.relay.v1.StreamRe'
+    b'cord"\x03\x90\x02\x010\x01\x12L\n\x0cWatchResults\x12\x1d.relay.v1.WatchRecordsRequest\x1a\x16.re'
+    b'lay.v1.StreamRecord"\x03\x90\x02\x010\x01\x12D\n\tWatchFeed\x12\x1a.relay.v1.WatchFeedRequest\x1a'
+    b'\x14.relay.v1.FeedNotice"\x03\x90\x02\x010\x01b\x06proto3'
 )
 # --- END GENERATED ---
 
@@ -1436,8 +1514,10 @@ class _Core:
         return isinstance(exc, (httpx2.TransportError, Unavailable)) and not isinstance(
             exc, httpx2.UnsupportedProtocol)
 
-    def stream_url(self, session: str | None, stream: str) -> tuple[str, dict[str, str]]:
-        params = {"stream": stream}
+    def stream_url(self, rpc: Rpc, session: str | None) -> tuple[str, dict[str, str]]:
+        """SSE ``/events`` and the query of a server-stream row (its selector)."""
+        key, _, value = rpc.watch.partition("=")
+        params = {key: value}
         if session:
             params["session"] = session
         return f"{self.url}/events", params
@@ -1452,21 +1532,34 @@ def _backoff(attempt: int) -> float:
 
 class _Watch:
     """Resume bookkeeping for a watched stream: skip what was seen, remember
-    where to resume.  Shared by both flavours."""
+    where to resume.  Shared by both flavours; ``rpc`` is its server-stream row."""
 
-    def __init__(self, session: str | None, after: int | None):
-        self.session = session
+    def __init__(self, rpc: Rpc, session: str | None = None, after: int | None = None,
+                 last_event_id: str = ""):
+        self.rpc, self.session = rpc, session
         self.last: dict[str, int] = {session: after} if session and after is not None else {}
+        self.last_id = last_event_id  # the feed's (and a caller's first) Last-Event-ID
+
+    @property
+    def needs_pin(self) -> bool:
+        """A one-session watch "from now" pins now to a sequence number first."""
+        return bool(self.rpc.stream and self.session and self.session not in self.last
+                    and not self.last_id)
 
     def headers(self) -> dict[str, str]:
         if self.session and self.session in self.last:
             return {"Last-Event-ID": f"{self.session}:{self.last[self.session]}"}
-        return {}
+        return {"Last-Event-ID": self.last_id} if self.last_id else {}
 
-    def accept(self, event: Any) -> StreamRecord | None:
+    def accept(self, event: Any) -> Any:
         """Decode one SSE event; None for ones already seen; raise on errors."""
         if event.event == "error":
             raise RelayError.from_json(event.json(), http_status=400)
+        if not self.rpc.stream:
+            if not event.id:
+                return None
+            self.last_id = event.id
+            return FeedNotice(event.id, event.event, event.json())
         if event.event not in ("event", "result"):
             return None
         record = from_json(StreamRecord, event.json())
@@ -1482,8 +1575,8 @@ class _AsyncWatch:
     ``async with`` (a generator left suspended there is closed only by the
     garbage collector).  ``aclose`` closes the connection at once."""
 
-    def __init__(self, stub: AsyncRelayStub, watch: _Watch, stream: str):
-        self._stub, self._watch, self._stream = stub, watch, stream
+    def __init__(self, stub: AsyncRelayStub, watch: _Watch):
+        self._stub, self._watch = stub, watch
         self._connection: contextlib.AsyncExitStack | None = None
         self._events: Any = None
         self._failures = 0
@@ -1492,7 +1585,7 @@ class _AsyncWatch:
     def __aiter__(self) -> _AsyncWatch:
         return self
 
-    async def __anext__(self) -> StreamRecord:
+    async def __anext__(self) -> Any:
         import httpx2
 
         while not self._closed:
@@ -1512,10 +1605,10 @@ class _AsyncWatch:
 
     async def _connect(self) -> None:
         watch, stub = self._watch, self._stub
-        if watch.session and watch.session not in watch.last:
-            lister = getattr(stub, _LISTS[self._stream].method)
+        if watch.needs_pin:
+            lister = getattr(stub, _LISTS[watch.rpc.stream].method)
             watch.last[watch.session] = (await lister(session_id=watch.session, limit=1)).last_seq
-        url, params = stub._core.stream_url(watch.session, self._stream)
+        url, params = stub._core.stream_url(watch.rpc, watch.session)
         headers = dict(stub._core.headers(), **watch.headers())
         async with contextlib.AsyncExitStack() as connection:
             source = await connection.enter_async_context(
@@ -1594,36 +1687,24 @@ class RelayStub:
         raise AssertionError("unreachable")
 
     @contextlib.contextmanager
-    def watch_events(self, session: str | None = None, after: int | None = None,
-                     *, stream: str = "events") -> Iterator[Iterator[StreamRecord]]:
-        """``with stub.watch_events(session=S, after=0) as records: for r in records``.
-
-        Reconnects with backoff after a dropped connection, resuming from the
-        last record seen (a session filter is needed to resume); never yields
-        a record twice or skips one."""
-        records = self._watch(_Watch(session, after), stream)
+    def _watching(self, watch: _Watch) -> Iterator[Iterator[Any]]:
+        records = self._watch(watch)
         try:
             yield records
         finally:
             records.close()  # the stream's connection goes now, not at garbage collection
 
-    @contextlib.contextmanager
-    def watch_results(self, session: str | None = None,
-                      after: int | None = None) -> Iterator[Iterator[StreamRecord]]:
-        with self.watch_events(session, after, stream="results") as records:
-            yield records
-
-    def _watch(self, watch: _Watch, stream: str) -> Iterator[StreamRecord]:
+    def _watch(self, watch: _Watch) -> Iterator[Any]:
         import time
 
         import httpx2
 
-        if watch.session and watch.session not in watch.last:
+        if watch.needs_pin:
             # "From now" is pinned to a sequence number, so a drop before the
             # first record still resumes exactly there.
-            lister = getattr(self, _LISTS[stream].method)
+            lister = getattr(self, _LISTS[watch.rpc.stream].method)
             watch.last[watch.session] = lister(session_id=watch.session, limit=1).last_seq
-        url, params = self._core.stream_url(watch.session, stream)
+        url, params = self._core.stream_url(watch.rpc, watch.session)
         failures = 0
         while True:
             headers = dict(self._core.headers(), **watch.headers())
@@ -1722,20 +1803,12 @@ class AsyncRelayStub:
         raise AssertionError("unreachable")
 
     @contextlib.asynccontextmanager
-    async def watch_events(self, session: str | None = None, after: int | None = None,
-                           *, stream: str = "events") -> AsyncIterator[AsyncIterator[StreamRecord]]:
-        """``async with stub.watch_events(session=S) as records: async for r in records``."""
-        records = _AsyncWatch(self, _Watch(session, after), stream)
+    async def _watching(self, watch: _Watch) -> AsyncIterator[AsyncIterator[Any]]:
+        records = _AsyncWatch(self, watch)
         try:
             yield records
         finally:
             await records.aclose()
-
-    @contextlib.asynccontextmanager
-    async def watch_results(self, session: str | None = None,
-                            after: int | None = None) -> AsyncIterator[AsyncIterator[StreamRecord]]:
-        async with self.watch_events(session, after, stream="results") as records:
-            yield records
 
     @contextlib.asynccontextmanager
     async def borrowed(self, *, holder: str, profile: str = "", session_id: str = "",
@@ -1982,8 +2055,50 @@ def _transport_error(exc: BaseException) -> BaseException:
     return exc
 
 
+def _watch_of(rpc: Rpc, args: tuple[Any, ...], fields: dict[str, Any]) -> _Watch:
+    """A stream method's arguments -> its watch: ``(session, after)`` for the
+    record streams (``after`` a sequence number; None: from now), or
+    ``last_event_id=`` (the feed's ``REVISION.INDEX``, or any id the stream sent);
+    or the row's request message."""
+    if len(args) == 1 and not fields and isinstance(args[0], rpc.request):
+        request = args[0]
+        return _Watch(rpc, getattr(request, "session_id", "") or None,
+                      last_event_id=request.last_event_id)
+    if rpc.stream:
+        names = ("session", "after")
+        given = dict(zip(names, args, strict=False)) | fields
+    else:
+        names, given = (), dict(fields)
+    unknown = set(given) - {*names, "last_event_id"}
+    if len(args) > len(names) or unknown:
+        raise TypeError(f"{rpc.method}() takes {', '.join(names + ('last_event_id',))}")
+    return _Watch(rpc, given.get("session"), given.get("after"), given.get("last_event_id") or "")
+
+
+def _bind_stream_methods(rpc: Rpc) -> None:
+    """A server-stream row: a context manager over its records (grpc's
+    ``stub.Watch(request)`` iterator, but closed with its block)."""
+    def sync_method(self: RelayStub, *args: Any, _rpc: Rpc = rpc, **fields: Any) -> Any:
+        return self._watching(_watch_of(_rpc, args, fields))
+
+    def async_method(self: AsyncRelayStub, *args: Any, _rpc: Rpc = rpc, **fields: Any) -> Any:
+        return self._watching(_watch_of(_rpc, args, fields))
+
+    usage = (f"``with stub.{rpc.method}(...) as records: for r in records`` (sync); "
+             "``async with`` / ``async for`` (trio)")
+    for cls, fn in ((RelayStub, sync_method), (AsyncRelayStub, async_method)):
+        fn.__name__ = fn.__qualname__ = rpc.method
+        fn.__doc__ = (f"{rpc.help}.\n\n{usage}: each a {rpc.response.__name__}.  Reconnects with "
+                      "backoff after a drop, resuming after the last one seen (a record "
+                      "stream needs its session to resume); never yields one twice.")
+        setattr(cls, rpc.method, fn)
+
+
 def _bind_stub_methods() -> None:
     for rpc in RPCS:
+        if rpc.streams:
+            _bind_stream_methods(rpc)
+            continue
         def sync_method(self: RelayStub, request: Any = None, *, timeout: float | None = None,
                         _rpc: Rpc = rpc, **fields: Any) -> Any:
             return self._call(_rpc, _request_of(_rpc, request, fields), timeout)
@@ -2136,6 +2251,14 @@ def _build_cli() -> Any:
     return parser
 
 
+def _print_stream(watching: Any) -> int:
+    """Print a stream's messages as JSON lines until it is interrupted."""
+    with watching as messages:
+        for message in messages:
+            print(json.dumps(to_json(message), sort_keys=True), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_cli().parse_args(argv)
     request = None if args.rpc is None else request_from_arguments(args.leaf, args.rpc, args)
@@ -2145,12 +2268,11 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.token_file, encoding="utf-8") as f:
                 token = f.read().strip()
         with RelayStub(args.url, token=token, root=args.root, timeout=args.timeout) as stub:
-            if args.rpc is None:
-                with stub.watch_events(args.session, args.after,
-                                       stream="results" if args.results else "events") as records:
-                    for record in records:
-                        print(json.dumps(to_json(record), sort_keys=True), flush=True)
-                return 0
+            if args.rpc is None:  # ``watch``: the record streams by sequence number
+                rpc = RPC_BY_NAME["WatchResults" if args.results else "WatchEvents"]
+                return _print_stream(getattr(stub, rpc.method)(args.session, args.after))
+            if args.rpc.streams:
+                return _print_stream(getattr(stub, args.rpc.method)(request))
             reply = getattr(stub, args.rpc.method)(request)
             print(json.dumps(to_json(reply), sort_keys=True))
             return 0

@@ -221,7 +221,7 @@ async def test_every_rpc_returns_its_typed_reply(workspace, flavour, style):
                 return reply
 
             await exercise_every_rpc(call)
-    assert set(called) == set(rc.RPC_BY_NAME)
+    assert set(called) == {rpc.name for rpc in rc.RPCS if not rpc.streams}  # streams: watch tests
 
 
 async def test_a_call_takes_a_message_or_fields_not_both():

@@ -141,7 +141,7 @@ async def test_every_rpc_speaks_binary_protobuf(workspace):
             reads = {"Recover": {}, "GetStatus": {}, "ListProfiles": {}, "ListSessions": {},
                      "ListLeases": {"session_id": "s1"}, "ListEvents": {"session_id": "s1"},
                      "ListResults": {"session_id": "s1"}}
-            assert set(reads) == {rpc.name for rpc in rc.RPCS if not rpc.mutates}
+            assert set(reads) == {rpc.name for rpc in rc.RPCS if not rpc.mutates and not rpc.streams}
             for method, fields in reads.items():
                 name = rc.RPC_BY_NAME[method].response.__name__
                 binary = (await _proto_call(r, method, fields)).content

@@ -13,7 +13,7 @@ import trio
 
 import relay
 import relay_client as rc
-from serve_helpers import PATIENCE, serving
+from serve_helpers import PATIENCE, serving, ws_send, ws_until
 from test_specs import PROTO, SPECS, parse_proto
 
 #: Options every command has, whatever its request.
@@ -42,11 +42,41 @@ def _example(rpc: rc.Rpc, session: str) -> dict[str, str]:
     return query | ({"after": "0"} if "after" in rpc.query else {})
 
 
+async def _produce(r: Any, rpc: rc.Rpc, session: str) -> tuple[str, Any]:
+    """Commit something a server-stream row streams: the id to resume just
+    before it, and the data its frame must carry."""
+    if rpc.stream:  # the mutation that appends to that stream
+        append = next(x for x in rc.RPCS if x.mutates and x.stream == rpc.stream)
+        record = (await r.ok(append.name, session_id=session, kind="table", data=[rpc.name]))["record"]
+        return f"{session}:{record['seq'] - 1}", record
+    reply = await r.ok("GrantLease", session_id=session, holder=rpc.method, mode="shared-read")
+    return str(reply["revision"] - 1), reply["lease"]  # REVISION alone is REVISION.0
+
+
+async def _assert_streamed(r: Any, rpc: rc.Rpc, session: str) -> None:
+    """The row is served by SSE ``/events`` and by a /ws ``subscribe`` frame,
+    both selected by its ``watch``, its request taken from their parameters."""
+    before, data = await _produce(r, rpc, session)
+    key, _, value = rpc.watch.partition("=")
+    params = {key: value, "last_event_id": before} | ({"session": session} if rpc.stream else {})
+    assert set(params) - {key} == set(rpc.parameters), rpc.name
+    async with r.sse(params) as sse:
+        assert sse.status == 200, rpc.name
+        while (event := await sse.next()) is not None and event.get("data") != data:
+            pass
+        assert event is not None, rpc.name
+    async with r.ws() as ws:
+        await ws_send(ws, type="subscribe", **params)
+        await ws_until(ws, lambda frame: frame.get("data") == data)
+
+
 async def test_every_row_is_served_specified_reachable_and_stubbed(workspace):
-    """For each row: Service has its method and the Connect route reaches it;
-    its GET route (if any) answers what the Connect call answers; relay.proto
-    declares it with its messages; both CLIs take exactly the same options
-    for it; both stubs bind it."""
+    """For each row: Service has its method; a unary row's Connect route
+    reaches it, and its GET route (if any) answers what the Connect call
+    answers; a server-stream row is served by SSE and /ws (its Connect route
+    says so, unimplemented); relay.proto declares it with its messages and
+    cardinality; both CLIs take exactly the same options for it; both stubs
+    bind it (a coroutine per unary row, a context manager per stream row)."""
     proto = parse_proto(PROTO.read_text())
     declared = {name: (request, response) for name, request, response in proto.rpcs}
     relay_cli, client_cli = relay.build_parser(), rc._build_cli()
@@ -56,7 +86,13 @@ async def test_every_row_is_served_specified_reachable_and_stubbed(workspace):
             for rpc in rc.RPCS:
                 assert inspect.iscoroutinefunction(getattr(relay.Service, rpc.method)), rpc.name
                 reply = await r.post(rpc.name, {})  # decoded, then refused by its own rules at most
-                assert reply.json().get("code") not in ("unimplemented", "internal"), rpc.name
+                assert (rpc.name in proto.server_streams) == rpc.streams, rpc.name
+                if rpc.streams:
+                    assert reply.json()["code"] == "unimplemented", rpc.name
+                    assert f"GET /events?{rpc.watch}" in reply.json()["hint"], rpc.name
+                    await _assert_streamed(r, rpc, session)
+                else:
+                    assert reply.json().get("code") not in ("unimplemented", "internal"), rpc.name
                 if rpc.get:
                     query = _example(rpc, session)
                     got = await r.client.get(f"/api/relay/{rpc.get}", params=query)
@@ -68,7 +104,13 @@ async def test_every_row_is_served_specified_reachable_and_stubbed(workspace):
                 assert relay_options == _options(_leaf(client_cli, (rpc.method,))), rpc.name
                 assert {dest for _, dest, _ in relay_options} == set(attrs.fields_dict(rpc.request))
                 assert callable(getattr(rc.RelayStub, rpc.method)), rpc.name
-                assert inspect.iscoroutinefunction(getattr(rc.AsyncRelayStub, rpc.method)), rpc.name
+                bound = getattr(rc.AsyncRelayStub, rpc.method)
+                assert inspect.iscoroutinefunction(bound) != rpc.streams, rpc.name
+            async with rc.AsyncRelayStub(r.server.endpoint) as stub:
+                for rpc in (rpc for rpc in rc.RPCS if rpc.streams):
+                    with rc.RelayStub(r.server.endpoint) as sync_stub:
+                        assert hasattr(getattr(sync_stub, rpc.method)(), "__enter__"), rpc.name
+                    assert hasattr(getattr(stub, rpc.method)(), "__aenter__"), rpc.name
 
 
 def test_the_read_routes_of_the_contract_are_the_rows():
@@ -97,7 +139,8 @@ def test_rows_carry_what_was_keyed_by_name():
     reach the commit from the row alone."""
     stream_rows = {rpc.name: rpc.stream for rpc in rc.RPCS if rpc.stream}
     assert stream_rows == {"AppendEvent": "events", "AppendResult": "results",
-                           "ListEvents": "events", "ListResults": "results"}
+                           "ListEvents": "events", "ListResults": "results",
+                           "WatchEvents": "events", "WatchResults": "results"}
     append = rc.AppendRecordRequest("s1", "k", 1, request_id="r1")
     for name in ("AppendEvent", "AppendResult"):
         mutation = relay.rpc_mutation(name, append)
