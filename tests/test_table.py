@@ -6,9 +6,16 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import attrs
+import pytest
 import trio
 
 import relay
@@ -173,3 +180,109 @@ def test_both_clis_take_one_spelling_and_the_old_one_hidden():
         assert request(relay_cli, "borrow", "--holder", "h", *argv) == borrow
         assert request(client_cli, "borrow", "--holder", "h", *argv) == borrow
     assert "--session-id" not in _leaf(relay_cli, ("borrow",)).format_help()
+
+
+def _first_notice(url: str, after: str) -> Any:
+    with rc.RelayStub(url) as stub, stub.watch_feed(last_event_id=after) as notices:
+        return next(iter(notices))
+
+
+@pytest.mark.filterwarnings(r"ignore:Async generator '(httpx2|httpcore2)\.:ResourceWarning")
+async def test_both_stubs_watch_the_feed_from_an_id(workspace):
+    """``watch_feed(last_event_id=...)``, bound from the WatchFeed row, yields the
+    feed's notices after that id as FeedNotice messages, on both stubs."""
+    with trio.fail_after(PATIENCE):
+        async with serving(workspace) as r:
+            (session,) = await r.seed()
+            granted = await r.ok("GrantLease", session_id=session, holder="h", mode="shared-read")
+            after = str(granted["revision"] - 1)
+            notice = await trio.to_thread.run_sync(_first_notice, r.server.endpoint, after)
+            assert (notice.kind, notice.data) == ("lease.granted", granted["lease"])
+            assert notice.id.startswith(f"{granted['revision']}.")
+            async with rc.AsyncRelayStub(r.server.endpoint) as stub, \
+                    stub.watch_feed(last_event_id=after) as notices:
+                assert await anext(notices) == notice
+            with pytest.raises(TypeError, match="takes last_event_id"):
+                rc.RelayStub(r.server.endpoint).watch_feed("s1")
+
+
+_REPO = Path(__file__).resolve().parent.parent
+
+
+def _relay(root: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "relay", "--root", str(root), *args]
+
+
+async def test_relay_event_watch_follows_the_log_without_a_server(workspace):
+    """``relay event watch --session S --last-event-id S:N`` prints the records
+    after N, then each one committed later, as JSON lines, until interrupted."""
+    env = dict(os.environ, PYTHONPATH=str(_REPO))
+    for args in (("profile", "register", "p", "--provider", "codex", "--mode", "pooled"),
+                 ("session", "create", "--profile", "p", "--session-id", "s1"),
+                 ("event", "append", "--session", "s1", "--kind", "a"),
+                 ("event", "append", "--session", "s1", "--kind", "b")):
+        assert relay.main(["--root", str(workspace), *args]) == 0
+    with trio.fail_after(PATIENCE):
+        proc = await trio.lowlevel.open_process(
+            _relay(workspace, "event", "watch", "--session", "s1", "--last-event-id", "s1:1"),
+            stdout=subprocess.PIPE, env=env)
+        try:
+            lines = _Lines(proc.stdout)
+            assert json.loads(await lines.next())["kind"] == "b"
+            await trio.to_thread.run_sync(relay.main, ["--root", str(workspace), "event", "append",
+                                                       "--session", "s1", "--kind", "c"])
+            assert (json.loads(await lines.next())["seq"]) == 3
+            proc.send_signal(signal.SIGINT)
+            assert await proc.wait() == 0
+        finally:
+            with trio.CancelScope(shield=True):
+                proc.kill()
+                await proc.wait()
+                await proc.stdout.aclose()
+
+
+def test_relay_feed_watch_refuses_naming_the_client(workspace, capsys):
+    """The feed lives in a serving relay: ``relay feed watch`` refuses in one
+    line naming ``python -m relay_client watch_feed``; a record watch with no
+    session refuses too."""
+    assert relay.main(["--root", str(workspace), "feed", "watch"]) == relay.EXIT_REFUSED
+    assert relay.main(["--root", str(workspace), "event", "watch"]) == relay.EXIT_REFUSED
+    feed, event = capsys.readouterr().err.splitlines()
+    assert "needs a serving relay" in feed and "python -m relay_client watch_feed" in feed
+    assert "pass --session S" in event and "relay_client watch_events" in event
+
+
+class _Lines:
+    """Lines of a child's stdout."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream, self._buffer = stream, b""
+
+    async def next(self) -> str:
+        while b"\n" not in self._buffer:
+            chunk = await self._stream.receive_some()
+            assert chunk, "the child closed its stdout"
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line.decode()
+
+
+async def test_relay_client_has_a_command_per_stream_row(workspace):
+    """``python -m relay_client watch_results --session S --last-event-id S:0``
+    (the row's own options) prints the stream's records as JSON lines."""
+    with trio.fail_after(PATIENCE):
+        async with serving(workspace) as r:
+            (session,) = await r.seed()
+            await r.ok("AppendResult", session_id=session, kind="done", data=1)
+            proc = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "relay_client", "--url", r.server.endpoint, "watch_results",
+                 "--session", session, "--last-event-id", f"{session}:0"],
+                stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(_REPO)))
+            try:
+                record = json.loads(await _Lines(proc.stdout).next())
+                assert (record["session_id"], record["seq"], record["data"]) == (session, 1, 1)
+            finally:
+                with trio.CancelScope(shield=True):
+                    proc.kill()
+                    await proc.wait()
+                    await proc.stdout.aclose()
