@@ -4454,10 +4454,10 @@ class Service:
         here, named from the table (``GrantLease`` -> ``grant_lease``)."""
         rpc = rc.RPC_BY_NAME[name]
         if rpc.streams:
+            key, _, value = rpc.watch.partition("=")
+            frame = json.dumps({"type": "subscribe", key: value})
             raise rc.Unimplemented(f"{name} is a server stream, not a unary call",
-                                   hint=f"open GET /events?{rpc.watch}, or send a WebSocket "
-                                   f"frame {{\"type\": \"subscribe\", \"{rpc.watch.split('=')[0]}\": "
-                                   f"\"{rpc.watch.split('=')[1]}\"}} on /ws")
+                                   hint=f"open GET /events?{rpc.watch}, or send {frame} on /ws")
         validate_request(request)
         if rpc.mutates and self.probe_token is not None:
             raise FailedPrecondition("this is the gate's read-only probe; it takes no mutations",
@@ -4957,12 +4957,12 @@ def _field_description(field: Any, tp: Any) -> dict[str, Any]:
 
 
 def rpc_description() -> dict[str, Any]:
-    """``GET /api/relay/rpcs``: every RPC of the table with its kind, whether
+    """``GET /api/relay/rpcs``: every unary RPC of the table with its kind, whether
     it is destructive, and its request fields."""
     import typing
 
     rows = []
-    for rpc in rc.RPCS:
+    for rpc in (rpc for rpc in rc.RPCS if not rpc.streams):  # the forms call Connect: unary only
         hints = typing.get_type_hints(rpc.request, vars(rc))
         rows.append({
             "name": rpc.name, "path": rpc.path, "method": rpc.method,
