@@ -53,9 +53,9 @@ __all__ = [
     "READ",
     "RPCS",
     "RPC_BY_GET",
-    "RPC_BY_NAME",
+    "RPC_BY_NAME", "RPC_BY_WATCH",
     "RUNTIME_STATUSES",
-    "SERVICE",
+    "SERVER_STREAM", "SERVICE",
     "SERVING_MODES",
     "SESSION_STATES",
     "UNARY",
@@ -74,7 +74,7 @@ __all__ = [
     "Cursor",
     "DataLoss",
     "DeadlineExceeded",
-    "FailedPrecondition",
+    "FailedPrecondition", "FeedNotice",
     "GetStatusRequest",
     "GrantLeaseRequest",
     "HeldLease",
@@ -121,7 +121,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
-    "Unknown",
+    "Unknown", "WatchFeedRequest", "WatchRecordsRequest",
     "add_request_arguments",
     "check_id",
     "check_json_value",
@@ -136,7 +136,7 @@ __all__ = [
     "proto_to_json",
     "request_from_arguments",
     "strict_loads",
-    "to_json",
+    "to_json", "watch_rpc",
 ]
 
 ################################################################
