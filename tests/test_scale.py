@@ -16,6 +16,15 @@ import relay_client as rc
 CONFIG = relay.Config()
 
 
+
+def two_profiles() -> relay.Ledger:
+    """A fresh ledger with pooled profiles p and q (revision 1)."""
+    ledger = relay.Ledger()
+    for name in "pq":
+        ledger, _ = relay.register_profile(ledger, rc.RegisterProfileRequest(
+            name=name, provider="codex", mode="pooled"), relay.Ctx(T0, 1, CONFIG))
+    return ledger
+
 def scanned_free(ledger: relay.Ledger, profile: str, stamp: str) -> str | None:
     """What Borrow picked before the index: the smallest free session id, by a full scan."""
     free = [s.session_id for s in ledger.sessions.values()
@@ -74,10 +83,7 @@ def test_indexed_lookups_answer_as_a_full_scan(seed):
     derived indexes equal a scan of every lease, over random histories."""
     rng = random.Random(seed)
     for _ in range(25):
-        ledger, now = relay.Ledger(), T0
-        for name in "pq":
-            ledger, _ = relay.register_profile(ledger, rc.RegisterProfileRequest(
-                name=name, provider="codex", mode="pooled"), relay.Ctx(now, 1, CONFIG))
+        ledger, now = two_profiles(), T0
         for revision in range(2, 80):
             ledger, now = random_step(rng, ledger, now, revision)
             stamp = relay.iso(now)
@@ -143,10 +149,7 @@ def test_incremental_encoding_is_the_canonical_json(seed):
     """Maps encoded from entries carried over by ``_put`` give exactly the bytes
     of encoding the whole ledger afresh, checksum included, over random histories."""
     rng = random.Random(100 + seed)
-    ledger, now = relay.Ledger(), T0
-    for name in "pq":
-        ledger, _ = relay.register_profile(ledger, rc.RegisterProfileRequest(
-            name=name, provider="codex", mode="pooled"), relay.Ctx(now, 1, CONFIG))
+    ledger, now = two_profiles(), T0
     for revision in range(2, 300):
         ledger, now = random_step(rng, ledger, now, revision)
         if revision % 7 == 0:
