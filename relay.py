@@ -7076,6 +7076,9 @@ dd { margin: 0; overflow-wrap: anywhere; }
 .live .seq { color: var(--muted); margin-right: .5em; }
 .live .kind { color: var(--accent); margin-right: .5em; }
 .live li.result { background: var(--shade); }
+.badge.running { color: var(--accent); display: table; margin-top: .2em; }
+td.proc { white-space: normal; min-width: 10em; max-width: 16em; }
+.clamp { display: -webkit-box; -webkit-box-orient: vertical; -webkit-line-clamp: 3; overflow: hidden; }
 .turn { border: 1px solid var(--line); border-radius: 4px; padding: .3em .6em; }
 .turn p { margin: .2em 0; overflow-wrap: anywhere; }
 .turn .approval { color: var(--warn); }
@@ -7222,8 +7225,35 @@ function timeLeft(expires) {
 function describe(value) {
   if (value === null || value === undefined || value === "") return "";
   if (typeof value !== "object") return String(value);
+  if (Array.isArray(value)) return value.join(" ");
   return Object.entries(value).filter(([, v]) => v !== "" && v !== null)
     .map(([k, v]) => `${k} ${typeof v === "object" ? JSON.stringify(v) : v}`).join(", ");
+}
+
+// A session's provider process, short: "pid 123 · running · up 4m 2s · 0.163.0".
+function processText(p) {
+  if (!p || !p.pid) return "";
+  const up = p.started_at && p.state === "running" ? `up ${timeLeftSince(p.started_at)}` : "";
+  return [`pid ${p.pid}`, p.state, up, p.provider_version].filter(Boolean).join(" · ");
+}
+
+function timeLeftSince(stamp) {
+  if (!state.overview) return "";
+  const now = Date.parse(state.overview.now) + (Date.now() - state.fetchedAt);
+  const s = Math.max(0, Math.round((now - Date.parse(stamp)) / 1000));
+  return s >= 3600 ? `${Math.floor(s / 3600)}h ${Math.floor(s % 3600 / 60)}m`
+       : s >= 60 ? `${Math.floor(s / 60)}m ${s % 60}s` : `${s}s`;
+}
+
+// A stream record's data for the live view, without the provider's native frame
+// (kept whole in the line's tooltip).
+function shown(data) {
+  if (typeof data === "string") return data;
+  if (data && typeof data === "object" && !Array.isArray(data) && "native" in data) {
+    const {native, ...rest} = data;  // eslint-disable-line no-unused-vars
+    return JSON.stringify(rest);
+  }
+  return JSON.stringify(data);
 }
 
 // -- login --------------------------------------------------------------------
@@ -7306,14 +7336,15 @@ const PROFILE_FIELDS = new Set(["name", "provider", "mode", "command", "created_
 
 function profileRow(p) {
   const pool = p.pool;
-  const extra = Object.entries(p).filter(([k]) => !PROFILE_FIELDS.has(k))
+  const extra = Object.entries(p).filter(([k, v]) => !PROFILE_FIELDS.has(k) && describe(v) !== "")
     .map(([k, v]) => `${k}: ${describe(v)}`).join("; ");
   const last = pool.last_error ? `${pool.last_error.session_id}: ${pool.last_error.reason}` : "";
   return el("tr", {"data-profile": p.name},
     el("td", {text: p.name}), el("td", {text: p.provider}), el("td", {text: p.mode}),
     el("td", {}, el("span", {class: `badge ${pool.health}`, text: pool.health})),
     el("td", {text: pool.warm}), el("td", {text: pool.leased}), el("td", {text: pool.failed}),
-    el("td", {class: "wrap error", text: last}), el("td", {class: "wrap", text: extra}));
+    el("td", {class: "wrap error", title: last || null}, last ? el("div", {class: "clamp", text: last}) : ""),
+    el("td", {class: "wrap", text: extra}));
 }
 
 function sessionRow(s) {
@@ -7322,13 +7353,15 @@ function sessionRow(s) {
                         class: state.selected && state.selected.session_id === s.session_id ? "selected" : "",
                         onclick: () => select(s), onkeydown: (e) => { if (e.key === "Enter") select(s); }},
     el("td", {text: s.session_id}), el("td", {text: s.profile}),
-    el("td", {}, el("span", {class: `badge ${s.state}`, text: s.state})),
-    el("td", {class: "wrap", text: describe(s.process)}),
+    el("td", {}, el("span", {class: `badge ${s.state}`, text: s.state}),
+      s.turn ? el("span", {class: "badge running", title: s.turn.turn_id, text: "turn running"}) : ""),
+    el("td", {class: "proc", text: processText(s.process)}),
     el("td", {text: l ? l.holder : ""}),
     el("td", {text: l ? `${l.mode}${l.state === "waiting" ? " (waiting)" : ""}` : ""}),
     el("td", {text: l ? l.fencing_token : ""}),
     el("td", {"data-expires": l ? l.expires_at : "", text: l ? timeLeft(l.expires_at) : ""}),
-    el("td", {class: "wrap error", text: s.quarantine ? s.quarantine.reason : ""}));
+    el("td", {class: "wrap error", title: s.quarantine ? s.quarantine.reason : null},
+      s.quarantine ? el("div", {class: "clamp", text: s.quarantine.reason}) : ""));
   return row;
 }
 
@@ -7363,7 +7396,7 @@ function renderDetail() {
   $("detail-body").hidden = false;
   const l = s.lease, q = s.quarantine;
   const facts = [["state", s.state], ["profile", `${s.profile} (${s.provider})`],
-    ["process", describe(s.process) || "—"], ["fencing token", s.fencing_token],
+    ["process", processText(s.process) || "—"], ["fencing token", s.fencing_token],
     ["lease", l ? `${l.lease_id} · ${l.holder} · ${l.mode} · ${l.state} · token ${l.fencing_token}` : "none"],
     ["renewed", l && l.last_renewed_at ? l.last_renewed_at : "—"],
     ["events / results", `${s.events} / ${s.results}`]];
@@ -7486,7 +7519,10 @@ function liveStream(sid, stream, lastSeq) {
     list.append(el("li", {[`data-${name}`]: record.seq, class: name},
                    el("span", {class: "seq", text: `${name === "result" ? "result " : ""}#${record.seq}`}),
                    el("span", {class: "kind", text: record.kind}),
-                   typeof record.data === "string" ? record.data : JSON.stringify(record.data)));
+                   shown(record.data)));
+    if (record.data && typeof record.data === "object" && "native" in record.data) {
+      list.lastChild.title = JSON.stringify(record.data.native);
+    }
     while (list.children.length > LIVE_KEEP) list.firstChild.remove();
     list.scrollTop = list.scrollHeight;
   });

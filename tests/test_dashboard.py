@@ -572,7 +572,7 @@ def test_an_operator_runs_approves_interrupts_and_sees_a_crash_quarantine_on_a_l
         page.goto(f"{endpoint}/")
         page.wait_for_selector("body[data-ready='1']")
         # The pool's warm session shows its process (the page re-reads the overview by itself).
-        expect(page.locator("#sessions tbody")).to_contain_text("state running")
+        expect(page.locator("#sessions tbody")).to_contain_text("· running ·")
         (row,) = _rpc(endpoint, "ListSessions", profile="cx")["sessions"]
         sid = row["session_id"]
         assert str(row["process"]["pid"]) in _row(page, sid)
@@ -665,7 +665,7 @@ def test_an_operator_runs_approves_interrupts_and_sees_a_crash_quarantine_on_a_l
         _shoot(page, "crashed")
 
         # The pool replaces the session: borrow the replacement and release it (confirmed).
-        expect(page.locator("#sessions tbody")).to_contain_text("state running")
+        expect(page.locator("#sessions tbody")).to_contain_text("· running ·")
         (spare,) = [s for s in _rpc(endpoint, "ListSessions", profile="cx")["sessions"]
                     if s["session_id"] != sid]
         _act(page, "Borrow", holder="bob", profile="cx", session_id="")
