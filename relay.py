@@ -7120,6 +7120,7 @@ button.danger { color: var(--bad); border-color: var(--bad); }
                                gap: .2em .6em; padding: .5em .3em; border-bottom: 1px solid var(--line); }
   #sessions td, #profiles td { border: 0; padding: 0; white-space: normal; overflow-wrap: anywhere; }
   #sessions td:empty, #profiles td:empty { display: none; }
+  #sessions td.proc { min-width: 0; max-width: none; grid-column: span 2; }
   #sessions td::before, #profiles td::before { content: attr(data-label); display: block;
                                                font-size: .75em; color: var(--muted); }
   form .field .help, form .field .problem { grid-column: 1; }
