@@ -6087,6 +6087,11 @@ class Service:
         """Run one RPC with an already-decoded request message: its method
         here, named from the table (``GrantLease`` -> ``grant_lease``)."""
         rpc = rc.RPC_BY_NAME[name]
+        if rpc.streams:
+            key, _, value = rpc.watch.partition("=")
+            frame = json.dumps({"type": "subscribe", key: value})
+            raise rc.Unimplemented(f"{name} is a server stream, not a unary call",
+                                   hint=f"open GET /events?{rpc.watch}, or send {frame} on /ws")
         validate_request(request)
         if rpc.mutates and self.probe_token is not None:
             raise FailedPrecondition("this is the gate's read-only probe; it takes no mutations",
@@ -6243,6 +6248,13 @@ class Service:
         if feed:
             return await self._open_feed(feed, last_event_id)
         return await self._open_records(session, stream, last_event_id)
+
+    async def _watch(self, rpc: rc.Rpc, request: Any) -> tuple[Subscriber, Any, dict[str, int]]:
+        """A server-stream row's subscription (``open_stream`` of its selector)."""
+        key, _, value = rpc.watch.partition("=")
+        return await self.open_stream(
+            session=getattr(request, "session_id", ""), stream=rpc.stream,
+            feed=value if key == "feed" else "", last_event_id=request.last_event_id)
 
     async def _open_records(self, session: str, stream: str, last_event_id: str):
         if stream not in STREAM_KINDS:
@@ -6407,9 +6419,8 @@ class Service:
 
     async def _ws_subscribe(self, msg: dict[str, Any], out: Any) -> None:
         try:
-            sub, frames, last = await self.open_stream(
-                session=str(msg.get("session") or ""), stream=str(msg.get("stream") or "events"),
-                feed=str(msg.get("feed") or ""), last_event_id=str(msg.get("last_event_id") or ""))
+            rpc = rc.watch_rpc(msg)  # the row, by the frame's "stream" or "feed"
+            sub, frames, last = await getattr(self, rpc.method)(rpc.request_from_parameters(msg))
         except RelayError as exc:  # e.g. a malformed session id: answer, keep the socket
             sub, frames, last = None, [error_frame(exc.code.value, exc.message)], {}
         replay = Replay.of(frames)
@@ -6499,6 +6510,8 @@ def _bind_servicer_methods() -> None:
             continue
 
         async def method(self: Service, request: Any, _rpc: rc.Rpc = rpc) -> Any:
+            if _rpc.streams:
+                return await self._watch(_rpc, request)
             return await (self._mutate if _rpc.mutates else self._read)(_rpc, request)
 
         method.__name__ = method.__qualname__ = rpc.method
@@ -6611,12 +6624,12 @@ def _field_description(field: Any, tp: Any) -> dict[str, Any]:
 
 
 def rpc_description() -> dict[str, Any]:
-    """``GET /api/relay/rpcs``: every RPC of the table with its kind, whether
+    """``GET /api/relay/rpcs``: every unary RPC of the table with its kind, whether
     it is destructive, and its request fields."""
     import typing
 
     rows = []
-    for rpc in rc.RPCS:
+    for rpc in (rpc for rpc in rc.RPCS if not rpc.streams):  # the forms call Connect: unary only
         hints = typing.get_type_hints(rpc.request, vars(rc))
         rows.append({
             "name": rpc.name, "path": rpc.path, "method": rpc.method,
@@ -8166,11 +8179,13 @@ def _install_streams(app: Any, service: Service) -> None:
 
     @app.get("/events")
     async def sse() -> Any:
-        args = request.args
-        last_id = request.headers.get("Last-Event-ID") or args.get("last_event_id", "")
-        sub, frames, last = await service.open_stream(
-            session=args.get("session", ""), stream=args.get("stream", "events"),
-            feed=args.get("feed", ""), last_event_id=last_id)
+        # The row by ?stream= / ?feed=; its request from the query (the header
+        # wins for the id, as a browser's EventSource sends it).
+        rpc = rc.watch_rpc(request.args)
+        query = dict(request.args.items())
+        if last_id := request.headers.get("Last-Event-ID"):
+            query["last_event_id"] = last_id
+        sub, frames, last = await getattr(service, rpc.method)(rpc.request_from_parameters(query))
         body = _sse_body(service, sub, frames, last)
         return Response(body, status=200, content_type="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -8819,11 +8834,64 @@ def _check_cursors(view: _GateView) -> tuple[str, str, str]:
     return "pass", f"{len(view.ledger.cursors)} session cursors agree with their logs", ""
 
 
+def _removed_by(path: Path) -> Path:
+    """The file an unlink of ``path`` removes: its directory resolved, its name kept
+    (unlinking a symlink removes the link, not its target)."""
+    return Path(os.path.realpath(path.parent)) / path.name
+
+
+def _live_file(store: Store, path: Path) -> bool:
+    """Whether removing ``path`` would lose the lock or durable state (the
+    ledger, a stream log, an archive): anything in flow/state/relay but an
+    orphan temp file."""
+    state_dir = Path(os.path.realpath(store.state_dir))
+    return path == _removed_by(store.lock_path) or (
+        path.is_relative_to(state_dir) and not path.name.startswith(TEMP_PREFIX))
+
+
 def _check_cleanup(view: _GateView) -> tuple[str, str, str]:
+    # The plan is computed from the files as they are; a tmp directory that is
+    # a link into flow/state makes the dry run list the ledger and the logs.
     plan = cleanup_plan(view.store)
-    if view.store.lock_path in plan:
-        return "fail", "cleanup would remove the mutation lock", "do not run state cleanup --apply"
+    root = os.path.realpath(view.store.root)
+    for path in plan:
+        if _live_file(view.store, removed := _removed_by(path)):
+            what = "the mutation lock" if removed == _removed_by(view.store.lock_path) \
+                else f"live file {os.path.relpath(removed, root)}"
+            return ("fail", f"cleanup would remove {what} (as {os.path.relpath(path, root)})",
+                    "do not run state cleanup --apply; make flow/tmp/relay a plain directory")
     return "pass", f"dry run would remove {len(plan)} files and keep the lock", ""
+
+
+def _lan_problem(view: _GateView) -> tuple[str, str] | None:
+    """A host this workspace serves on (flow/relay.toml's ``[serve] host``, the
+    runtime's endpoint) that is private-network with no active token bound:
+    the evidence and the repair, or None."""
+    from urllib.parse import urlsplit
+
+    base = view.ledger or Ledger()
+    rt = base.runtime
+    if active_token(base, rt.token_id) is not None:
+        return None
+    with contextlib.suppress(ValueError):
+        host = urlsplit(rt.endpoint).hostname if rt.endpoint else None
+        if rt.mode == "trusted-lan" or (host and _serves_lan(host)):
+            return (f"runtime serves trusted-lan at {rt.endpoint} without an active token",
+                    "python -m relay token rotate, or python -m relay bootstrap --endpoint "
+                    "http://127.0.0.1:9876")
+    if _serves_lan(view.config.host):
+        return (f"flow/relay.toml serves on {view.config.host} (trusted-lan) with no active "
+                "token bound: serve will refuse",
+                "python -m relay token create, then python -m relay bootstrap --endpoint URL "
+                "--token-id ID; or set [serve] host = \"127.0.0.1\"")
+    return None
+
+
+def _serves_lan(host: str) -> bool:
+    try:
+        return serving_mode(host) == "trusted-lan"
+    except RelayError:
+        return False  # refused whatever the token: not this check's finding
 
 
 def _check_lan(view: _GateView) -> tuple[str, str, str]:
@@ -8835,11 +8903,8 @@ def _check_lan(view: _GateView) -> tuple[str, str, str]:
         except RelayError:
             continue
         return "fail", f"serving on {host} without a token was allowed", "report this as a relay bug"
-    rt = base.runtime
-    if rt.mode == "trusted-lan" and active_token(base, rt.token_id) is None:
-        return ("fail", f"runtime serves trusted-lan at {rt.endpoint} without an active token",
-                "python -m relay token rotate, or python -m relay bootstrap --endpoint "
-                "http://127.0.0.1:9876")
+    if (problem := _lan_problem(view)) is not None:
+        return "fail", *problem
     return "pass", "private-network serving without a token is refused (checked without binding)", ""
 
 
@@ -9228,6 +9293,8 @@ def _wait_turn(stub: Any, turn: rc.Turn, as_json: bool) -> int:
 
 def _run_rpc(store: Store, config: Config, rpc: rc.Rpc, request: Any, args: argparse.Namespace,
              as_json: bool) -> int:
+    if rpc.streams:
+        return _follow(store, config, rpc, request)
     if rpc.runtime:  # it needs running providers: the running server answers it
         validate_request(request)
         return _run_remote(store, rpc, request, args, as_json)
@@ -9239,6 +9306,39 @@ def _run_rpc(store: Store, config: Config, rpc: rc.Rpc, request: Any, args: argp
         reply = read_rpc(store, rpc, request, time.time())
     _emit(as_json, to_json(reply), _describe(rpc.name, reply))
     return EXIT_OK
+
+
+def _follow(store: Store, config: Config, rpc: rc.Rpc, request: Any) -> int:
+    """A server-stream row with no server: follow one session's log on disk
+    (what a serving relay's watcher reads), a JSON line per record, until
+    interrupted.  The relay feed lives in a server's memory: refused."""
+    if not rpc.stream:
+        raise FailedPrecondition(f"{' '.join(rpc.cli)} needs a serving relay (the feed is kept "
+                                 "in its memory)", hint=f"python -m relay_client {rpc.method}")
+    if not request.session_id:
+        raise InvalidArgument(f"{' '.join(rpc.cli)} without a server follows one session",
+                              hint=f"pass --session S, or run python -m relay_client {rpc.method}")
+    lister = rc._LISTS[rpc.stream]  # the read row listing that stream
+    page = functools.partial(read_rpc, store, lister)
+    if request.last_event_id:
+        cursor = parse_stream_cursor(request.last_event_id)
+        if set(cursor) != {request.session_id}:
+            raise InvalidArgument(f"--last-event-id {request.last_event_id!r} is not "
+                                  f"{request.session_id}:SEQ", hint="send back an id this stream sent")
+        after = cursor[request.session_id]
+    else:  # from now
+        after = page(rc.ListRecordsRequest(request.session_id, limit=1), time.time()).last_seq
+    try:
+        while True:
+            reply = page(rc.ListRecordsRequest(request.session_id, after, limit=1000), time.time())
+            for record in reply.records:
+                sys.stdout.write(json.dumps(to_json(record), sort_keys=True) + "\n")
+                after = record.seq
+            sys.stdout.flush()
+            if not reply.records:
+                time.sleep(config.watch_interval_seconds)
+    except KeyboardInterrupt:
+        return EXIT_OK
 
 
 def _admin_mutation(store: Store, config: Config, fn: Callable[[Ledger, Ctx], Any]) -> Any:

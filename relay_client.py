@@ -56,9 +56,9 @@ __all__ = [
     "READ",
     "RPCS",
     "RPC_BY_GET",
-    "RPC_BY_NAME",
+    "RPC_BY_NAME", "RPC_BY_WATCH",
     "RUNTIME_STATUSES",
-    "SERVICE",
+    "SERVER_STREAM", "SERVICE",
     "SERVING_MODES",
     "SESSION_STATES",
     "TURN_END_KINDS",
@@ -82,7 +82,7 @@ __all__ = [
     "Cursor",
     "DataLoss",
     "DeadlineExceeded",
-    "FailedPrecondition",
+    "FailedPrecondition", "FeedNotice",
     "GetStatusRequest",
     "GetTurnRequest",
     "GrantLeaseRequest",
@@ -142,7 +142,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
-    "Unknown",
+    "Unknown", "WatchFeedRequest", "WatchRecordsRequest",
     "add_request_arguments",
     "check_id",
     "check_json_value",
@@ -157,7 +157,7 @@ __all__ = [
     "proto_to_json",
     "request_from_arguments",
     "strict_loads",
-    "to_json",
+    "to_json", "watch_rpc",
 ]
 
 ################################################################
@@ -1060,6 +1060,20 @@ class ListRecordsRequest:
     limit: int = _f(100, flag="--limit", help="at most this many (1..10000)")
 
 
+@attrs.frozen
+class WatchRecordsRequest:
+    session_id: str = _f("", flag="--session",
+                         help="one session's records (without it: every session's)")
+    last_event_id: str = _f("", flag="--last-event-id",
+                            help="resume after this id (S:SEQ, or S1:SEQ,S2:SEQ for every session)")
+
+
+@attrs.frozen
+class WatchFeedRequest:
+    last_event_id: str = _f("", flag="--last-event-id",
+                            help="resume after this notice id (REVISION.INDEX)")
+
+
 # -- responses -----------------------------------------------------------------
 
 @attrs.frozen
@@ -1179,6 +1193,16 @@ class ListLeasesReply:
 
 
 @attrs.frozen
+class FeedNotice:
+    """One relay-feed notice: its id (``REVISION.INDEX``), its kind
+    (``lease.granted``, ...) and the record it announces."""
+
+    id: str
+    kind: str
+    data: JSONValue = None
+
+
+@attrs.frozen
 class ListRecordsReply:
     session_id: str
     last_seq: int
@@ -1195,8 +1219,10 @@ SERVICE: Final = "relay.v1.Relay"
 #: form); a mutation is applied once, under the ledger lock.
 READ: Final = "read"
 MUTATION: Final = "mutation"
-#: An Rpc's cardinality: one reply per request.
+#: An Rpc's cardinality: one reply per request, or a stream of messages
+#: (served as SSE ``/events`` and WebSocket ``subscribe``, not as Connect).
 UNARY: Final = "unary"
+SERVER_STREAM: Final = "server_stream"
 
 
 @attrs.frozen
@@ -1216,7 +1242,7 @@ class Rpc:
     cli: tuple[str, ...] = attrs.field(kw_only=True)
     help: str = attrs.field(kw_only=True)
     cardinality: str = attrs.field(default=UNARY, kw_only=True,
-                                   validator=attrs.validators.in_((UNARY,)))
+                                   validator=attrs.validators.in_((UNARY, SERVER_STREAM)))
     #: The session stream (events | results) a mutation appends to or a read
     #: lists; it is passed to the operation as ``stream=``, and a read of a
     #: stream reads its log from disk.
@@ -1235,6 +1261,10 @@ class Rpc:
     #: processes): the servicer hands it to the runtime, and ``python -m relay``
     #: sends it to the running server instead of answering from the ledger.
     runtime: bool = attrs.field(default=False, kw_only=True)
+    #: A server stream's selector, ``KEY=VALUE``: the query parameter of SSE
+    #: ``/events`` and the member of a WebSocket ``subscribe`` frame that pick
+    #: this row (``stream=events``, ``feed=relay``).
+    watch: str = attrs.field(default="", kw_only=True)
 
     @property
     def mutates(self) -> bool:
@@ -1250,11 +1280,26 @@ class Rpc:
         return re.sub(r"(?<!^)(?=[A-Z])", "_", self.name).lower()
 
     @property
+    def streams(self) -> bool:
+        return self.cardinality == SERVER_STREAM
+
+    @property
     def query(self) -> dict[str, str]:
         """The GET route's query parameters -> the request fields they set."""
+        return self.parameters if self.get else {}
+
+    @property
+    def parameters(self) -> dict[str, str]:
+        """URL query parameters (and WebSocket frame members) -> the request
+        fields they set: each field's CLI flag without ``--``, dashes as
+        underscores (``--last-event-id`` -> ``last_event_id``)."""
         return {meta["flag"].removeprefix("--").replace("-", "_"): field.name
-                for field in attrs.fields(self.request)
-                if (meta := field.metadata).get("flag")} if self.get else {}
+                for field in attrs.fields(self.request) if (meta := field.metadata).get("flag")}
+
+    def request_from_parameters(self, values: Any) -> Any:
+        """The request of a query string or a ``subscribe`` frame (strings)."""
+        return self.request(**{name: str(values[param]) for param, name in self.parameters.items()
+                               if values.get(param)})
 
 
 RPCS: Final[tuple[Rpc, ...]] = (
@@ -1311,11 +1356,37 @@ RPCS: Final[tuple[Rpc, ...]] = (
         help="list turns (by session, task_ref, state)", get="turns"),
     Rpc("ListTasks", ListTasksRequest, ListTasksReply, kind=READ, cli=("task", "list"),
         help="turns grouped by task_ref (read-only)", get="tasks"),
+    Rpc("WatchEvents", WatchRecordsRequest, StreamRecord, kind=READ, cardinality=SERVER_STREAM,
+        cli=("event", "watch"), help="follow event streams live, resuming after an id",
+        stream="events", watch="stream=events"),
+    Rpc("WatchResults", WatchRecordsRequest, StreamRecord, kind=READ, cardinality=SERVER_STREAM,
+        cli=("result", "watch"), help="follow result streams live, resuming after an id",
+        stream="results", watch="stream=results"),
+    Rpc("WatchFeed", WatchFeedRequest, FeedNotice, kind=READ, cardinality=SERVER_STREAM,
+        cli=("feed", "watch"), help="follow the relay feed (lease, quarantine, runtime notices)",
+        watch="feed=relay"),
 )
 
 RPC_BY_NAME: Final = {rpc.name: rpc for rpc in RPCS}
 #: A session stream -> the read row that lists it (where a watch pins "from now").
-_LISTS: Final = {rpc.stream: rpc for rpc in RPCS if rpc.stream and not rpc.mutates}
+_LISTS: Final = {rpc.stream: rpc for rpc in RPCS
+                  if rpc.stream and not rpc.mutates and not rpc.streams}
+#: A server stream's selector (``stream=events``) -> its row.
+RPC_BY_WATCH: Final = {rpc.watch: rpc for rpc in RPCS if rpc.watch}
+
+
+def watch_rpc(selector: Any) -> Rpc:
+    """The server-stream row an SSE query or a ``subscribe`` frame selects:
+    ``feed=...`` if given, else ``stream=...`` (``events`` by default)."""
+    if selector.get("feed"):
+        rpc = RPC_BY_WATCH.get(f"feed={selector['feed']}")
+        if rpc is None:
+            raise InvalidArgument("feed must be 'relay'", hint="?feed=relay")
+        return rpc
+    rpc = RPC_BY_WATCH.get(f"stream={selector.get('stream') or 'events'}")
+    if rpc is None:
+        raise InvalidArgument("stream must be events or results", hint="?stream=events|results")
+    return rpc
 #: The read routes ``GET /api/relay/<get>`` -> their rows.
 RPC_BY_GET: Final = {rpc.get: rpc for rpc in RPCS if rpc.get}
 
@@ -1479,124 +1550,131 @@ _RELAY_PROTO_DESCRIPTOR: Final = (
     b'est\x12\x1a\n\x08task_ref\x18\x01 \x01(\tR\x08task_ref"\xb8\x01\n\x16ResolveApprovalRequest\x12'
     b'\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x1a\n\x08lease_id\x18\x02 \x01(\tR\x08lease_i'
     b'd\x12$\n\rfencing_token\x18\x03 \x01(\rR\rfencing_token\x12 \n\x0bapproval_id\x18\x04 \x01(\tR'
-    b'\x0bapproval_id\x12\x1a\n\x08decision\x18\x05 \x01(\tR\x08decision"q\n\x0cProfileReply\x12\x18\n'
-    b'\x07outcome\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revision\x12+\n'
-    b'\x07profile\x18\x03 \x01(\x0b2\x11.relay.v1.ProfileR\x07profile"q\n\x0cSessionReply\x12\x18\n\x07'
-    b'outcome\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revision\x12+\n\x07'
-    b'session\x18\x03 \x01(\x0b2\x11.relay.v1.SessionR\x07session"i\n\nLeaseReply\x12\x18\n\x07outcome'
-    b'\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revision\x12%\n\x05lease'
-    b'\x18\x03 \x01(\x0b2\x0f.relay.v1.LeaseR\x05lease"\x88\x01\n\x0cControlReply\x12\x18\n\x07outcome'
-    b'\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revision\x12B\n\x0fcontrol'
-    b'_request\x18\x03 \x01(\x0b2\x18.relay.v1.ControlRequestR\x0fcontrol_request"s\n\x0bAppendReply'
-    b'\x12\x18\n\x07outcome\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revis'
-    b'ion\x12.\n\x06record\x18\x03 \x01(\x0b2\x16.relay.v1.StreamRecordR\x06record"\xab\x01\n\x0fQuaran'
-    b'tineReply\x12\x18\n\x07outcome\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR'
-    b'\x08revision\x124\n\nquarantine\x18\x03 \x01(\x0b2\x14.relay.v1.QuarantineR\nquarantine\x12,\n'
-    b'\x11revoked_lease_ids\x18\x04 \x03(\tR\x11revoked_lease_ids"Z\n\x0cRecoverReply\x12\x1a\n\x08revi'
-    b'sion\x18\x01 \x01(\rR\x08revision\x12.\n\x08sessions\x18\x02 \x03(\x0b2\x12.relay.v1.RecoveryR'
-    b'\x08sessions"\xdc\x05\n\x0bStatusReply\x12\x16\n\x06status\x18\x01 \x01(\tR\x06status\x12\x1e\n\n'
-    b'projection\x18\x02 \x01(\tR\nprojection\x12\x1e\n\nrelay_mode\x18\x03 \x01(\tR\nrelay_mode\x12 \n'
-    b'\x0bledger_path\x18\x04 \x01(\tR\x0bledger_path\x12$\n\rstate_present\x18\x05 \x01(\x08R\rstate_p'
-    b'resent\x12 \n\x0btmp_present\x18\x06 \x01(\x08R\x0btmp_present\x12&\n\x0eledger_present\x18\x07 '
-    b'\x01(\x08R\x0eledger_present\x12,\n\x11durable_artifacts\x18\x08 \x01(\rR\x11durable_artifacts'
-    b'\x12$\n\rtmp_artifacts\x18\t \x01(\rR\rtmp_artifacts\x12\x1a\n\x08revision\x18\n \x01(\rR\x08revi'
-    b'sion\x12\x1a\n\x08profiles\x18\x0b \x01(\rR\x08profiles\x12\x1a\n\x08sessions\x18\x0c \x01(\rR'
-    b'\x08sessions\x12$\n\ractive_leases\x18\r \x01(\rR\ractive_leases\x12&\n\x0ewaiting_leases\x18\x0e'
-    b' \x01(\rR\x0ewaiting_leases\x12.\n\x12active_quarantines\x18\x0f \x01(\rR\x12active_quarantines'
-    b'\x12*\n\x10control_requests\x18\x10 \x01(\rR\x10control_requests\x12\x16\n\x06events\x18\x11 \x01'
-    b'(\rR\x06events\x12\x18\n\x07results\x18\x12 \x01(\rR\x07results\x12+\n\x07runtime\x18\x13 \x01('
-    b'\x0b2\x11.relay.v1.RuntimeR\x07runtime\x122\n\x08warnings\x18\x14 \x03(\x0b2\x16.relay.v1.StateWa'
-    b'rningR\x08warnings"^\n\x11ListProfilesReply\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revision'
-    b'\x12-\n\x08profiles\x18\x02 \x03(\x0b2\x11.relay.v1.ProfileR\x08profiles"b\n\x11ListSessionsReply'
-    b'\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revision\x121\n\x08sessions\x18\x02 \x03(\x0b2\x15.rel'
-    b'ay.v1.SessionViewR\x08sessions"V\n\x0fListLeasesReply\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08r'
-    b'evision\x12\'\n\x06leases\x18\x02 \x03(\x0b2\x0f.relay.v1.LeaseR\x06leases"\x80\x01\n\x10ListReco'
-    b'rdsReply\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x1a\n\x08last_seq\x18\x02 \x01(\r'
-    b'R\x08last_seq\x120\n\x07records\x18\x03 \x03(\x0b2\x16.relay.v1.StreamRecordR\x07records"/\n\tTur'
-    b'nReply\x12"\n\x04turn\x18\x01 \x01(\x0b2\x0e.relay.v1.TurnR\x04turn"R\n\x0eListTurnsReply\x12\x1a'
-    b'\n\x08revision\x18\x01 \x01(\rR\x08revision\x12$\n\x05turns\x18\x02 \x03(\x0b2\x0e.relay.v1.TurnR'
-    b'\x05turns"V\n\x0eListTasksReply\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revision\x12(\n\x05task'
-    b's\x18\x02 \x03(\x0b2\x12.relay.v1.TaskViewR\x05tasks"k\n\rApprovalReply\x12\x18\n\x07outcome\x18'
-    b'\x01 \x01(\tR\x07outcome\x12\x1e\n\nsession_id\x18\x02 \x01(\tR\nsession_id\x12 \n\x0bapproval_id'
-    b'\x18\x03 \x01(\tR\x0bapproval_id"\xe9\x01\n\x07Runtime\x12\x16\n\x06status\x18\x01 \x01(\tR\x06st'
-    b'atus\x12\x1a\n\x08endpoint\x18\x02 \x01(\tR\x08endpoint\x12\x12\n\x04mode\x18\x03 \x01(\tR\x04mod'
-    b'e\x12\x1a\n\x08token_id\x18\x04 \x01(\tR\x08token_id\x12\x10\n\x03pid\x18\x05 \x01(\rR\x03pid\x12'
-    b'(\n\x0fbootstrapped_at\x18\x06 \x01(\tR\x0fbootstrapped_at\x12\x1c\n\tserved_at\x18\x07 \x01(\tR'
-    b'\tserved_at\x12 \n\x0bshutdown_at\x18\x08 \x01(\tR\x0bshutdown_at"\xe3\x01\n\x07Profile\x12\x12\n'
-    b'\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n\x08provider\x18\x02 \x01(\tR\x08provider\x12\x12\n'
-    b'\x04mode\x18\x03 \x01(\tR\x04mode\x12\x18\n\x07command\x18\x04 \x03(\tR\x07command\x12\x1e\n\ncre'
-    b'ated_at\x18\x05 \x01(\tR\ncreated_at\x12\x1c\n\tpool_size\x18\x06 \x01(\rR\tpool_size\x12\x10\n'
-    b'\x03cwd\x18\x07 \x01(\tR\x03cwd\x12\x10\n\x03env\x18\x08 \x03(\tR\x03env\x12\x18\n\x07options\x18'
-    b'\t \x03(\tR\x07options"\xdb\x01\n\x07Session\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id'
-    b'\x12\x18\n\x07profile\x18\x02 \x01(\tR\x07profile\x12\x1a\n\x08provider\x18\x03 \x01(\tR\x08provi'
-    b'der\x12\x14\n\x05state\x18\x04 \x01(\tR\x05state\x12\x1e\n\ncreated_at\x18\x05 \x01(\tR\ncreated_'
-    b'at\x12\x1e\n\nupdated_at\x18\x06 \x01(\tR\nupdated_at\x12$\n\rfencing_token\x18\x07 \x01(\rR\rfen'
-    b'cing_token"\x9d\x03\n\x05Lease\x12\x1a\n\x08lease_id\x18\x01 \x01(\tR\x08lease_id\x12\x1e\n\nsess'
-    b'ion_id\x18\x02 \x01(\tR\nsession_id\x12\x16\n\x06holder\x18\x03 \x01(\tR\x06holder\x12\x12\n\x04m'
-    b'ode\x18\x04 \x01(\tR\x04mode\x12\x14\n\x05state\x18\x05 \x01(\tR\x05state\x12$\n\rfencing_token'
-    b'\x18\x06 \x01(\rR\rfencing_token\x12 \n\x0bttl_seconds\x18\x07 \x01(\rR\x0bttl_seconds\x12"\n\x0c'
-    b'requested_at\x18\x08 \x01(\tR\x0crequested_at\x12\x1e\n\ngranted_at\x18\t \x01(\tR\ngranted_at'
-    b'\x12\x1e\n\nexpires_at\x18\n \x01(\tR\nexpires_at\x12(\n\x0flast_renewed_at\x18\x0b \x01(\tR\x0fl'
-    b'ast_renewed_at\x12\x1a\n\x08ended_at\x18\x0c \x01(\tR\x08ended_at\x12$\n\rrevoke_reason\x18\r '
-    b'\x01(\tR\rrevoke_reason"\xe0\x01\n\x0eControlRequest\x12\x1e\n\nrequest_id\x18\x01 \x01(\tR\nrequ'
-    b'est_id\x12\x1e\n\nsession_id\x18\x02 \x01(\tR\nsession_id\x12\x12\n\x04kind\x18\x03 \x01(\tR\x04k'
-    b'ind\x120\n\x07payload\x18\x04 \x01(\x0b2\x16.google.protobuf.ValueR\x07payload\x12&\n\x0epayload_'
-    b'digest\x18\x05 \x01(\tR\x0epayload_digest\x12 \n\x0brecorded_at\x18\x06 \x01(\tR\x0brecorded_at"'
-    b'\xa2\x01\n\nQuarantine\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x16\n\x06reason\x18'
-    b'\x02 \x01(\tR\x06reason\x12\x14\n\x05state\x18\x03 \x01(\tR\x05state\x12&\n\x0equarantined_at\x18'
-    b'\x04 \x01(\tR\x0equarantined_at\x12\x1e\n\ncleared_at\x18\x05 \x01(\tR\ncleared_at"\xa2\x01\n\x0c'
-    b'StreamRecord\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x10\n\x03seq\x18\x02 \x01(\rR'
-    b'\x03seq\x12\x12\n\x04kind\x18\x03 \x01(\tR\x04kind\x12*\n\x04data\x18\x04 \x01(\x0b2\x16.google.p'
-    b'rotobuf.ValueR\x04data\x12 \n\x0bappended_at\x18\x05 \x01(\tR\x0bappended_at"\x9a\x01\n\x0cStateW'
-    b'arning\x12\x14\n\x05owner\x18\x01 \x01(\tR\x05owner\x12\x12\n\x04code\x18\x02 \x01(\tR\x04code'
-    b'\x12\x12\n\x04path\x18\x03 \x01(\tR\x04path\x12\x18\n\x07message\x18\x04 \x01(\tR\x07message\x12'
-    b'\x16\n\x06repair\x18\x05 \x01(\tR\x06repair\x12\x1a\n\x08severity\x18\x06 \x01(\tR\x08severity"'
-    b'\xac\x01\n\x08Recovery\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12&\n\x0eclassificatio'
-    b'n\x18\x02 \x01(\tR\x0eclassification\x12\x16\n\x06reason\x18\x03 \x01(\tR\x06reason\x12"\n\x0cnex'
-    b't_command\x18\x04 \x01(\tR\x0cnext_command\x12\x1c\n\tlease_ids\x18\x05 \x03(\tR\tlease_ids"\xe6'
-    b'\x02\n\x04Turn\x12\x18\n\x07turn_id\x18\x01 \x01(\tR\x07turn_id\x12\x1e\n\nsession_id\x18\x02 '
-    b'\x01(\tR\nsession_id\x12\x1a\n\x08lease_id\x18\x03 \x01(\tR\x08lease_id\x12\x14\n\x05state\x18'
-    b'\x04 \x01(\tR\x05state\x12\x14\n\x05input\x18\x05 \x01(\tR\x05input\x12 \n\x0boutput_text\x18\x06'
-    b' \x01(\tR\x0boutput_text\x12\x14\n\x05error\x18\x07 \x01(\tR\x05error\x12\x1a\n\x08task_ref\x18'
-    b'\x08 \x01(\tR\x08task_ref\x12\x1e\n\nstarted_at\x18\t \x01(\tR\nstarted_at\x12\x1a\n\x08ended_at'
-    b'\x18\n \x01(\tR\x08ended_at\x12,\n\x05usage\x18\x0b \x01(\x0b2\x16.google.protobuf.ValueR\x05usag'
-    b'e\x12\x1e\n\nrequest_id\x18\x0c \x01(\tR\nrequest_id"\x81\x01\n\x0bProcessInfo\x12\x10\n\x03pid'
-    b'\x18\x01 \x01(\rR\x03pid\x12\x14\n\x05state\x18\x02 \x01(\tR\x05state\x12\x1e\n\nstarted_at\x18'
-    b'\x03 \x01(\tR\nstarted_at\x12*\n\x10provider_version\x18\x04 \x01(\tR\x10provider_version"\x90'
-    b'\x02\n\x0bSessionView\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x18\n\x07profile\x18'
-    b'\x02 \x01(\tR\x07profile\x12\x1a\n\x08provider\x18\x03 \x01(\tR\x08provider\x12\x14\n\x05state'
-    b'\x18\x04 \x01(\tR\x05state\x12\x1e\n\ncreated_at\x18\x05 \x01(\tR\ncreated_at\x12\x1e\n\nupdated_'
-    b'at\x18\x06 \x01(\tR\nupdated_at\x12$\n\rfencing_token\x18\x07 \x01(\rR\rfencing_token\x12/\n\x07p'
-    b'rocess\x18\x08 \x01(\x0b2\x15.relay.v1.ProcessInfoR\x07process"\xbe\x01\n\x08TaskView\x12\x1a\n'
-    b'\x08task_ref\x18\x01 \x01(\tR\x08task_ref\x12$\n\x05turns\x18\x02 \x03(\x0b2\x0e.relay.v1.TurnR'
-    b'\x05turns\x12\x18\n\x07running\x18\x03 \x01(\rR\x07running\x12\x1c\n\tcompleted\x18\x04 \x01(\rR'
-    b'\tcompleted\x12\x16\n\x06failed\x18\x05 \x01(\rR\x06failed\x12 \n\x0binterrupted\x18\x06 \x01(\rR'
-    b'\x0binterrupted2\xc8\x0e\n\x05Relay\x12K\n\x0fRegisterProfile\x12 .relay.v1.RegisterProfileReques'
-    b't\x1a\x16.relay.v1.ProfileReply\x12G\n\rCreateSession\x12\x1e.relay.v1.CreateSessionRequest\x1a'
-    b'\x16.relay.v1.SessionReply\x127\n\x06Borrow\x12\x17.relay.v1.BorrowRequest\x1a\x14.relay.v1.Lease'
-    b'Reply\x12>\n\x07Release\x12\x1d.relay.v1.ReleaseLeaseRequest\x1a\x14.relay.v1.LeaseReply\x12?\n\n'
-    b'GrantLease\x12\x1b.relay.v1.GrantLeaseRequest\x1a\x14.relay.v1.LeaseReply\x12?\n\nRenewLease\x12'
-    b'\x1b.relay.v1.RenewLeaseRequest\x1a\x14.relay.v1.LeaseReply\x12C\n\x0cReleaseLease\x12\x1d.relay.'
-    b'v1.ReleaseLeaseRequest\x1a\x14.relay.v1.LeaseReply\x12A\n\x0bRevokeLease\x12\x1c.relay.v1.RevokeL'
-    b'easeRequest\x1a\x14.relay.v1.LeaseReply\x12G\n\rRecordControl\x12\x1e.relay.v1.RecordControlReque'
-    b'st\x1a\x16.relay.v1.ControlReply\x12C\n\x0bAppendEvent\x12\x1d.relay.v1.AppendRecordRequest\x1a'
-    b'\x15.relay.v1.AppendReply\x12D\n\x0cAppendResult\x12\x1d.relay.v1.AppendRecordRequest\x1a\x15.rel'
-    b'ay.v1.AppendReply\x12R\n\x11QuarantineSession\x12".relay.v1.QuarantineSessionRequest\x1a\x19.rela'
-    b'y.v1.QuarantineReply\x12N\n\x0fClearQuarantine\x12 .relay.v1.ClearQuarantineRequest\x1a\x19.relay'
-    b'.v1.QuarantineReply\x12@\n\x07Recover\x12\x18.relay.v1.RecoverRequest\x1a\x16.relay.v1.RecoverRep'
-    b'ly"\x03\x90\x02\x01\x12C\n\tGetStatus\x12\x1a.relay.v1.GetStatusRequest\x1a\x15.relay.v1.StatusRe'
-    b'ply"\x03\x90\x02\x01\x12O\n\x0cListProfiles\x12\x1d.relay.v1.ListProfilesRequest\x1a\x1b.relay.v1'
-    b'.ListProfilesReply"\x03\x90\x02\x01\x12O\n\x0cListSessions\x12\x1d.relay.v1.ListSessionsRequest'
-    b'\x1a\x1b.relay.v1.ListSessionsReply"\x03\x90\x02\x01\x12I\n\nListLeases\x12\x1b.relay.v1.ListLeas'
-    b'esRequest\x1a\x19.relay.v1.ListLeasesReply"\x03\x90\x02\x01\x12K\n\nListEvents\x12\x1c.relay.v1.L'
-    b'istRecordsRequest\x1a\x1a.relay.v1.ListRecordsReply"\x03\x90\x02\x01\x12L\n\x0bListResults\x12'
-    b'\x1c.relay.v1.ListRecordsRequest\x1a\x1a.relay.v1.ListRecordsReply"\x03\x90\x02\x01\x12<\n\tStart'
-    b'Turn\x12\x1a.relay.v1.StartTurnRequest\x1a\x13.relay.v1.TurnReply\x12D\n\rInterruptTurn\x12\x1e.r'
-    b'elay.v1.InterruptTurnRequest\x1a\x13.relay.v1.TurnReply\x12L\n\x0fResolveApproval\x12 .relay.v1.R'
-    b'esolveApprovalRequest\x1a\x17.relay.v1.ApprovalReply\x12=\n\x07GetTurn\x12\x18.relay.v1.GetTurnRe'
-    b'quest\x1a\x13.relay.v1.TurnReply"\x03\x90\x02\x01\x12F\n\tListTurns\x12\x1a.relay.v1.ListTurnsReq'
-    b'uest\x1a\x18.relay.v1.ListTurnsReply"\x03\x90\x02\x01\x12F\n\tListTasks\x12\x1a.relay.v1.ListTask'
-    b'sRequest\x1a\x18.relay.v1.ListTasksReply"\x03\x90\x02\x01b\x06proto3'
+    b'\x0bapproval_id\x12\x1a\n\x08decision\x18\x05 \x01(\tR\x08decision"[\n\x13WatchRecordsRequest\x12'
+    b'\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12$\n\rlast_event_id\x18\x02 \x01(\tR\rlast_even'
+    b't_id"8\n\x10WatchFeedRequest\x12$\n\rlast_event_id\x18\x01 \x01(\tR\rlast_event_id"q\n\x0cProfile'
+    b'Reply\x12\x18\n\x07outcome\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08'
+    b'revision\x12+\n\x07profile\x18\x03 \x01(\x0b2\x11.relay.v1.ProfileR\x07profile"q\n\x0cSessionRepl'
+    b'y\x12\x18\n\x07outcome\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revi'
+    b'sion\x12+\n\x07session\x18\x03 \x01(\x0b2\x11.relay.v1.SessionR\x07session"i\n\nLeaseReply\x12'
+    b'\x18\n\x07outcome\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revision'
+    b'\x12%\n\x05lease\x18\x03 \x01(\x0b2\x0f.relay.v1.LeaseR\x05lease"\x88\x01\n\x0cControlReply\x12'
+    b'\x18\n\x07outcome\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revision'
+    b'\x12B\n\x0fcontrol_request\x18\x03 \x01(\x0b2\x18.relay.v1.ControlRequestR\x0fcontrol_request"s\n'
+    b'\x0bAppendReply\x12\x18\n\x07outcome\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 '
+    b'\x01(\rR\x08revision\x12.\n\x06record\x18\x03 \x01(\x0b2\x16.relay.v1.StreamRecordR\x06record"'
+    b'\xab\x01\n\x0fQuarantineReply\x12\x18\n\x07outcome\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revis'
+    b'ion\x18\x02 \x01(\rR\x08revision\x124\n\nquarantine\x18\x03 \x01(\x0b2\x14.relay.v1.QuarantineR\n'
+    b'quarantine\x12,\n\x11revoked_lease_ids\x18\x04 \x03(\tR\x11revoked_lease_ids"Z\n\x0cRecoverReply'
+    b'\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revision\x12.\n\x08sessions\x18\x02 \x03(\x0b2\x12.rel'
+    b'ay.v1.RecoveryR\x08sessions"\xdc\x05\n\x0bStatusReply\x12\x16\n\x06status\x18\x01 \x01(\tR\x06sta'
+    b'tus\x12\x1e\n\nprojection\x18\x02 \x01(\tR\nprojection\x12\x1e\n\nrelay_mode\x18\x03 \x01(\tR\nre'
+    b'lay_mode\x12 \n\x0bledger_path\x18\x04 \x01(\tR\x0bledger_path\x12$\n\rstate_present\x18\x05 \x01'
+    b'(\x08R\rstate_present\x12 \n\x0btmp_present\x18\x06 \x01(\x08R\x0btmp_present\x12&\n\x0eledger_pr'
+    b'esent\x18\x07 \x01(\x08R\x0eledger_present\x12,\n\x11durable_artifacts\x18\x08 \x01(\rR\x11durabl'
+    b'e_artifacts\x12$\n\rtmp_artifacts\x18\t \x01(\rR\rtmp_artifacts\x12\x1a\n\x08revision\x18\n \x01('
+    b'\rR\x08revision\x12\x1a\n\x08profiles\x18\x0b \x01(\rR\x08profiles\x12\x1a\n\x08sessions\x18\x0c '
+    b'\x01(\rR\x08sessions\x12$\n\ractive_leases\x18\r \x01(\rR\ractive_leases\x12&\n\x0ewaiting_leases'
+    b'\x18\x0e \x01(\rR\x0ewaiting_leases\x12.\n\x12active_quarantines\x18\x0f \x01(\rR\x12active_quara'
+    b'ntines\x12*\n\x10control_requests\x18\x10 \x01(\rR\x10control_requests\x12\x16\n\x06events\x18'
+    b'\x11 \x01(\rR\x06events\x12\x18\n\x07results\x18\x12 \x01(\rR\x07results\x12+\n\x07runtime\x18'
+    b'\x13 \x01(\x0b2\x11.relay.v1.RuntimeR\x07runtime\x122\n\x08warnings\x18\x14 \x03(\x0b2\x16.relay.'
+    b'v1.StateWarningR\x08warnings"^\n\x11ListProfilesReply\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08r'
+    b'evision\x12-\n\x08profiles\x18\x02 \x03(\x0b2\x11.relay.v1.ProfileR\x08profiles"b\n\x11ListSessio'
+    b'nsReply\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revision\x121\n\x08sessions\x18\x02 \x03(\x0b2'
+    b'\x15.relay.v1.SessionViewR\x08sessions"V\n\x0fListLeasesReply\x12\x1a\n\x08revision\x18\x01 \x01('
+    b'\rR\x08revision\x12\'\n\x06leases\x18\x02 \x03(\x0b2\x0f.relay.v1.LeaseR\x06leases"\x80\x01\n\x10'
+    b'ListRecordsReply\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x1a\n\x08last_seq\x18\x02'
+    b' \x01(\rR\x08last_seq\x120\n\x07records\x18\x03 \x03(\x0b2\x16.relay.v1.StreamRecordR\x07records"'
+    b'/\n\tTurnReply\x12"\n\x04turn\x18\x01 \x01(\x0b2\x0e.relay.v1.TurnR\x04turn"R\n\x0eListTurnsReply'
+    b'\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revision\x12$\n\x05turns\x18\x02 \x03(\x0b2\x0e.relay.'
+    b'v1.TurnR\x05turns"V\n\x0eListTasksReply\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revision\x12(\n'
+    b'\x05tasks\x18\x02 \x03(\x0b2\x12.relay.v1.TaskViewR\x05tasks"k\n\rApprovalReply\x12\x18\n\x07outc'
+    b'ome\x18\x01 \x01(\tR\x07outcome\x12\x1e\n\nsession_id\x18\x02 \x01(\tR\nsession_id\x12 \n\x0bappr'
+    b'oval_id\x18\x03 \x01(\tR\x0bapproval_id"\xe9\x01\n\x07Runtime\x12\x16\n\x06status\x18\x01 \x01(\t'
+    b'R\x06status\x12\x1a\n\x08endpoint\x18\x02 \x01(\tR\x08endpoint\x12\x12\n\x04mode\x18\x03 \x01(\tR'
+    b'\x04mode\x12\x1a\n\x08token_id\x18\x04 \x01(\tR\x08token_id\x12\x10\n\x03pid\x18\x05 \x01(\rR\x03'
+    b'pid\x12(\n\x0fbootstrapped_at\x18\x06 \x01(\tR\x0fbootstrapped_at\x12\x1c\n\tserved_at\x18\x07 '
+    b'\x01(\tR\tserved_at\x12 \n\x0bshutdown_at\x18\x08 \x01(\tR\x0bshutdown_at"\xe3\x01\n\x07Profile'
+    b'\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n\x08provider\x18\x02 \x01(\tR\x08provider'
+    b'\x12\x12\n\x04mode\x18\x03 \x01(\tR\x04mode\x12\x18\n\x07command\x18\x04 \x03(\tR\x07command\x12'
+    b'\x1e\n\ncreated_at\x18\x05 \x01(\tR\ncreated_at\x12\x1c\n\tpool_size\x18\x06 \x01(\rR\tpool_size'
+    b'\x12\x10\n\x03cwd\x18\x07 \x01(\tR\x03cwd\x12\x10\n\x03env\x18\x08 \x03(\tR\x03env\x12\x18\n\x07o'
+    b'ptions\x18\t \x03(\tR\x07options"\xdb\x01\n\x07Session\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nse'
+    b'ssion_id\x12\x18\n\x07profile\x18\x02 \x01(\tR\x07profile\x12\x1a\n\x08provider\x18\x03 \x01(\tR'
+    b'\x08provider\x12\x14\n\x05state\x18\x04 \x01(\tR\x05state\x12\x1e\n\ncreated_at\x18\x05 \x01(\tR'
+    b'\ncreated_at\x12\x1e\n\nupdated_at\x18\x06 \x01(\tR\nupdated_at\x12$\n\rfencing_token\x18\x07 '
+    b'\x01(\rR\rfencing_token"\x9d\x03\n\x05Lease\x12\x1a\n\x08lease_id\x18\x01 \x01(\tR\x08lease_id'
+    b'\x12\x1e\n\nsession_id\x18\x02 \x01(\tR\nsession_id\x12\x16\n\x06holder\x18\x03 \x01(\tR\x06holde'
+    b'r\x12\x12\n\x04mode\x18\x04 \x01(\tR\x04mode\x12\x14\n\x05state\x18\x05 \x01(\tR\x05state\x12$\n'
+    b'\rfencing_token\x18\x06 \x01(\rR\rfencing_token\x12 \n\x0bttl_seconds\x18\x07 \x01(\rR\x0bttl_sec'
+    b'onds\x12"\n\x0crequested_at\x18\x08 \x01(\tR\x0crequested_at\x12\x1e\n\ngranted_at\x18\t \x01(\tR'
+    b'\ngranted_at\x12\x1e\n\nexpires_at\x18\n \x01(\tR\nexpires_at\x12(\n\x0flast_renewed_at\x18\x0b '
+    b'\x01(\tR\x0flast_renewed_at\x12\x1a\n\x08ended_at\x18\x0c \x01(\tR\x08ended_at\x12$\n\rrevoke_rea'
+    b'son\x18\r \x01(\tR\rrevoke_reason"\xe0\x01\n\x0eControlRequest\x12\x1e\n\nrequest_id\x18\x01 \x01'
+    b'(\tR\nrequest_id\x12\x1e\n\nsession_id\x18\x02 \x01(\tR\nsession_id\x12\x12\n\x04kind\x18\x03 '
+    b'\x01(\tR\x04kind\x120\n\x07payload\x18\x04 \x01(\x0b2\x16.google.protobuf.ValueR\x07payload\x12&'
+    b'\n\x0epayload_digest\x18\x05 \x01(\tR\x0epayload_digest\x12 \n\x0brecorded_at\x18\x06 \x01(\tR'
+    b'\x0brecorded_at"\xa2\x01\n\nQuarantine\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x16'
+    b'\n\x06reason\x18\x02 \x01(\tR\x06reason\x12\x14\n\x05state\x18\x03 \x01(\tR\x05state\x12&\n\x0equ'
+    b'arantined_at\x18\x04 \x01(\tR\x0equarantined_at\x12\x1e\n\ncleared_at\x18\x05 \x01(\tR\ncleared_a'
+    b't"\\\n\nFeedNotice\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n\x04kind\x18\x02 \x01(\tR\x04k'
+    b'ind\x12*\n\x04data\x18\x03 \x01(\x0b2\x16.google.protobuf.ValueR\x04data"\xa2\x01\n\x0cStreamReco'
+    b'rd\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x10\n\x03seq\x18\x02 \x01(\rR\x03seq'
+    b'\x12\x12\n\x04kind\x18\x03 \x01(\tR\x04kind\x12*\n\x04data\x18\x04 \x01(\x0b2\x16.google.protobuf'
+    b'.ValueR\x04data\x12 \n\x0bappended_at\x18\x05 \x01(\tR\x0bappended_at"\x9a\x01\n\x0cStateWarning'
+    b'\x12\x14\n\x05owner\x18\x01 \x01(\tR\x05owner\x12\x12\n\x04code\x18\x02 \x01(\tR\x04code\x12\x12'
+    b'\n\x04path\x18\x03 \x01(\tR\x04path\x12\x18\n\x07message\x18\x04 \x01(\tR\x07message\x12\x16\n'
+    b'\x06repair\x18\x05 \x01(\tR\x06repair\x12\x1a\n\x08severity\x18\x06 \x01(\tR\x08severity"\xac\x01'
+    b'\n\x08Recovery\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12&\n\x0eclassification\x18'
+    b'\x02 \x01(\tR\x0eclassification\x12\x16\n\x06reason\x18\x03 \x01(\tR\x06reason\x12"\n\x0cnext_com'
+    b'mand\x18\x04 \x01(\tR\x0cnext_command\x12\x1c\n\tlease_ids\x18\x05 \x03(\tR\tlease_ids"\xe6\x02\n'
+    b'\x04Turn\x12\x18\n\x07turn_id\x18\x01 \x01(\tR\x07turn_id\x12\x1e\n\nsession_id\x18\x02 \x01(\tR'
+    b'\nsession_id\x12\x1a\n\x08lease_id\x18\x03 \x01(\tR\x08lease_id\x12\x14\n\x05state\x18\x04 \x01('
+    b'\tR\x05state\x12\x14\n\x05input\x18\x05 \x01(\tR\x05input\x12 \n\x0boutput_text\x18\x06 \x01(\tR'
+    b'\x0boutput_text\x12\x14\n\x05error\x18\x07 \x01(\tR\x05error\x12\x1a\n\x08task_ref\x18\x08 \x01('
+    b'\tR\x08task_ref\x12\x1e\n\nstarted_at\x18\t \x01(\tR\nstarted_at\x12\x1a\n\x08ended_at\x18\n \x01'
+    b'(\tR\x08ended_at\x12,\n\x05usage\x18\x0b \x01(\x0b2\x16.google.protobuf.ValueR\x05usage\x12\x1e\n'
+    b'\nrequest_id\x18\x0c \x01(\tR\nrequest_id"\x81\x01\n\x0bProcessInfo\x12\x10\n\x03pid\x18\x01 \x01'
+    b'(\rR\x03pid\x12\x14\n\x05state\x18\x02 \x01(\tR\x05state\x12\x1e\n\nstarted_at\x18\x03 \x01(\tR\n'
+    b'started_at\x12*\n\x10provider_version\x18\x04 \x01(\tR\x10provider_version"\x90\x02\n\x0bSessionV'
+    b'iew\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x18\n\x07profile\x18\x02 \x01(\tR\x07p'
+    b'rofile\x12\x1a\n\x08provider\x18\x03 \x01(\tR\x08provider\x12\x14\n\x05state\x18\x04 \x01(\tR\x05'
+    b'state\x12\x1e\n\ncreated_at\x18\x05 \x01(\tR\ncreated_at\x12\x1e\n\nupdated_at\x18\x06 \x01(\tR\n'
+    b'updated_at\x12$\n\rfencing_token\x18\x07 \x01(\rR\rfencing_token\x12/\n\x07process\x18\x08 \x01('
+    b'\x0b2\x15.relay.v1.ProcessInfoR\x07process"\xbe\x01\n\x08TaskView\x12\x1a\n\x08task_ref\x18\x01 '
+    b'\x01(\tR\x08task_ref\x12$\n\x05turns\x18\x02 \x03(\x0b2\x0e.relay.v1.TurnR\x05turns\x12\x18\n\x07'
+    b'running\x18\x03 \x01(\rR\x07running\x12\x1c\n\tcompleted\x18\x04 \x01(\rR\tcompleted\x12\x16\n'
+    b'\x06failed\x18\x05 \x01(\rR\x06failed\x12 \n\x0binterrupted\x18\x06 \x01(\rR\x0binterrupted2\xa9'
+    b'\x10\n\x05Relay\x12K\n\x0fRegisterProfile\x12 .relay.v1.RegisterProfileRequest\x1a\x16.relay.v1.P'
+    b'rofileReply\x12G\n\rCreateSession\x12\x1e.relay.v1.CreateSessionRequest\x1a\x16.relay.v1.SessionR'
+    b'eply\x127\n\x06Borrow\x12\x17.relay.v1.BorrowRequest\x1a\x14.relay.v1.LeaseReply\x12>\n\x07Releas'
+    b'e\x12\x1d.relay.v1.ReleaseLeaseRequest\x1a\x14.relay.v1.LeaseReply\x12?\n\nGrantLease\x12\x1b.rel'
+    b'ay.v1.GrantLeaseRequest\x1a\x14.relay.v1.LeaseReply\x12?\n\nRenewLease\x12\x1b.relay.v1.RenewLeas'
+    b'eRequest\x1a\x14.relay.v1.LeaseReply\x12C\n\x0cReleaseLease\x12\x1d.relay.v1.ReleaseLeaseRequest'
+    b'\x1a\x14.relay.v1.LeaseReply\x12A\n\x0bRevokeLease\x12\x1c.relay.v1.RevokeLeaseRequest\x1a\x14.re'
+    b'lay.v1.LeaseReply\x12G\n\rRecordControl\x12\x1e.relay.v1.RecordControlRequest\x1a\x16.relay.v1.Co'
+    b'ntrolReply\x12C\n\x0bAppendEvent\x12\x1d.relay.v1.AppendRecordRequest\x1a\x15.relay.v1.AppendRepl'
+    b'y\x12D\n\x0cAppendResult\x12\x1d.relay.v1.AppendRecordRequest\x1a\x15.relay.v1.AppendReply\x12R\n'
+    b'\x11QuarantineSession\x12".relay.v1.QuarantineSessionRequest\x1a\x19.relay.v1.QuarantineReply\x12'
+    b'N\n\x0fClearQuarantine\x12 .relay.v1.ClearQuarantineRequest\x1a\x19.relay.v1.QuarantineReply\x12@'
+    b'\n\x07Recover\x12\x18.relay.v1.RecoverRequest\x1a\x16.relay.v1.RecoverReply"\x03\x90\x02\x01\x12C'
+    b'\n\tGetStatus\x12\x1a.relay.v1.GetStatusRequest\x1a\x15.relay.v1.StatusReply"\x03\x90\x02\x01\x12'
+    b'O\n\x0cListProfiles\x12\x1d.relay.v1.ListProfilesRequest\x1a\x1b.relay.v1.ListProfilesReply"\x03'
+    b'\x90\x02\x01\x12O\n\x0cListSessions\x12\x1d.relay.v1.ListSessionsRequest\x1a\x1b.relay.v1.ListSes'
+    b'sionsReply"\x03\x90\x02\x01\x12I\n\nListLeases\x12\x1b.relay.v1.ListLeasesRequest\x1a\x19.relay.v'
+    b'1.ListLeasesReply"\x03\x90\x02\x01\x12K\n\nListEvents\x12\x1c.relay.v1.ListRecordsRequest\x1a\x1a'
+    b'.relay.v1.ListRecordsReply"\x03\x90\x02\x01\x12L\n\x0bListResults\x12\x1c.relay.v1.ListRecordsReq'
+    b'uest\x1a\x1a.relay.v1.ListRecordsReply"\x03\x90\x02\x01\x12<\n\tStartTurn\x12\x1a.relay.v1.StartT'
+    b'urnRequest\x1a\x13.relay.v1.TurnReply\x12D\n\rInterruptTurn\x12\x1e.relay.v1.InterruptTurnRequest'
+    b'\x1a\x13.relay.v1.TurnReply\x12L\n\x0fResolveApproval\x12 .relay.v1.ResolveApprovalRequest\x1a'
+    b'\x17.relay.v1.ApprovalReply\x12=\n\x07GetTurn\x12\x18.relay.v1.GetTurnRequest\x1a\x13.relay.v1.Tu'
+    b'rnReply"\x03\x90\x02\x01\x12F\n\tListTurns\x12\x1a.relay.v1.ListTurnsRequest\x1a\x18.relay.v1.Lis'
+    b'tTurnsReply"\x03\x90\x02\x01\x12F\n\tListTasks\x12\x1a.relay.v1.ListTasksRequest\x1a\x18.relay.v1'
+    b'.ListTasksReply"\x03\x90\x02\x01\x12K\n\x0bWatchEvents\x12\x1d.relay.v1.WatchRecordsRequest\x1a'
+    b'\x16.relay.v1.StreamRecord"\x03\x90\x02\x010\x01\x12L\n\x0cWatchResults\x12\x1d.relay.v1.WatchRec'
+    b'ordsRequest\x1a\x16.relay.v1.StreamRecord"\x03\x90\x02\x010\x01\x12D\n\tWatchFeed\x12\x1a.relay.v'
+    b'1.WatchFeedRequest\x1a\x14.relay.v1.FeedNotice"\x03\x90\x02\x010\x01b\x06proto3'
 )
 # --- END GENERATED ---
 
@@ -1691,8 +1769,10 @@ class _Core:
         return isinstance(exc, (httpx2.TransportError, Unavailable)) and not isinstance(
             exc, httpx2.UnsupportedProtocol)
 
-    def stream_url(self, session: str | None, stream: str) -> tuple[str, dict[str, str]]:
-        params = {"stream": stream}
+    def stream_url(self, rpc: Rpc, session: str | None) -> tuple[str, dict[str, str]]:
+        """SSE ``/events`` and the query of a server-stream row (its selector)."""
+        key, _, value = rpc.watch.partition("=")
+        params = {key: value}
         if session:
             params["session"] = session
         return f"{self.url}/events", params
@@ -1707,21 +1787,34 @@ def _backoff(attempt: int) -> float:
 
 class _Watch:
     """Resume bookkeeping for a watched stream: skip what was seen, remember
-    where to resume.  Shared by both flavours."""
+    where to resume.  Shared by both flavours; ``rpc`` is its server-stream row."""
 
-    def __init__(self, session: str | None, after: int | None):
-        self.session = session
+    def __init__(self, rpc: Rpc, session: str | None = None, after: int | None = None,
+                 last_event_id: str = ""):
+        self.rpc, self.session = rpc, session
         self.last: dict[str, int] = {session: after} if session and after is not None else {}
+        self.last_id = last_event_id  # the feed's (and a caller's first) Last-Event-ID
+
+    @property
+    def needs_pin(self) -> bool:
+        """A one-session watch "from now" pins now to a sequence number first."""
+        return bool(self.rpc.stream and self.session and self.session not in self.last
+                    and not self.last_id)
 
     def headers(self) -> dict[str, str]:
         if self.session and self.session in self.last:
             return {"Last-Event-ID": f"{self.session}:{self.last[self.session]}"}
-        return {}
+        return {"Last-Event-ID": self.last_id} if self.last_id else {}
 
-    def accept(self, event: Any) -> StreamRecord | None:
+    def accept(self, event: Any) -> Any:
         """Decode one SSE event; None for ones already seen; raise on errors."""
         if event.event == "error":
             raise RelayError.from_json(event.json(), http_status=400)
+        if not self.rpc.stream:
+            if not event.id:
+                return None
+            self.last_id = event.id
+            return FeedNotice(event.id, event.event, event.json())
         if event.event not in ("event", "result"):
             return None
         record = from_json(StreamRecord, event.json())
@@ -1737,8 +1830,8 @@ class _AsyncWatch:
     ``async with`` (a generator left suspended there is closed only by the
     garbage collector).  ``aclose`` closes the connection at once."""
 
-    def __init__(self, stub: AsyncRelayStub, watch: _Watch, stream: str):
-        self._stub, self._watch, self._stream = stub, watch, stream
+    def __init__(self, stub: AsyncRelayStub, watch: _Watch):
+        self._stub, self._watch = stub, watch
         self._connection: contextlib.AsyncExitStack | None = None
         self._events: Any = None
         self._failures = 0
@@ -1747,7 +1840,7 @@ class _AsyncWatch:
     def __aiter__(self) -> _AsyncWatch:
         return self
 
-    async def __anext__(self) -> StreamRecord:
+    async def __anext__(self) -> Any:
         import httpx2
 
         while not self._closed:
@@ -1767,10 +1860,10 @@ class _AsyncWatch:
 
     async def _connect(self) -> None:
         watch, stub = self._watch, self._stub
-        if watch.session and watch.session not in watch.last:
-            lister = getattr(stub, _LISTS[self._stream].method)
+        if watch.needs_pin:
+            lister = getattr(stub, _LISTS[watch.rpc.stream].method)
             watch.last[watch.session] = (await lister(session_id=watch.session, limit=1)).last_seq
-        url, params = stub._core.stream_url(watch.session, self._stream)
+        url, params = stub._core.stream_url(watch.rpc, watch.session)
         headers = dict(stub._core.headers(), **watch.headers())
         async with contextlib.AsyncExitStack() as connection:
             source = await connection.enter_async_context(
@@ -1849,36 +1942,24 @@ class RelayStub:
         raise AssertionError("unreachable")
 
     @contextlib.contextmanager
-    def watch_events(self, session: str | None = None, after: int | None = None,
-                     *, stream: str = "events") -> Iterator[Iterator[StreamRecord]]:
-        """``with stub.watch_events(session=S, after=0) as records: for r in records``.
-
-        Reconnects with backoff after a dropped connection, resuming from the
-        last record seen (a session filter is needed to resume); never yields
-        a record twice or skips one."""
-        records = self._watch(_Watch(session, after), stream)
+    def _watching(self, watch: _Watch) -> Iterator[Iterator[Any]]:
+        records = self._watch(watch)
         try:
             yield records
         finally:
             records.close()  # the stream's connection goes now, not at garbage collection
 
-    @contextlib.contextmanager
-    def watch_results(self, session: str | None = None,
-                      after: int | None = None) -> Iterator[Iterator[StreamRecord]]:
-        with self.watch_events(session, after, stream="results") as records:
-            yield records
-
-    def _watch(self, watch: _Watch, stream: str) -> Iterator[StreamRecord]:
+    def _watch(self, watch: _Watch) -> Iterator[Any]:
         import time
 
         import httpx2
 
-        if watch.session and watch.session not in watch.last:
+        if watch.needs_pin:
             # "From now" is pinned to a sequence number, so a drop before the
             # first record still resumes exactly there.
-            lister = getattr(self, _LISTS[stream].method)
+            lister = getattr(self, _LISTS[watch.rpc.stream].method)
             watch.last[watch.session] = lister(session_id=watch.session, limit=1).last_seq
-        url, params = self._core.stream_url(watch.session, stream)
+        url, params = self._core.stream_url(watch.rpc, watch.session)
         failures = 0
         while True:
             headers = dict(self._core.headers(), **watch.headers())
@@ -1977,20 +2058,12 @@ class AsyncRelayStub:
         raise AssertionError("unreachable")
 
     @contextlib.asynccontextmanager
-    async def watch_events(self, session: str | None = None, after: int | None = None,
-                           *, stream: str = "events") -> AsyncIterator[AsyncIterator[StreamRecord]]:
-        """``async with stub.watch_events(session=S) as records: async for r in records``."""
-        records = _AsyncWatch(self, _Watch(session, after), stream)
+    async def _watching(self, watch: _Watch) -> AsyncIterator[AsyncIterator[Any]]:
+        records = _AsyncWatch(self, watch)
         try:
             yield records
         finally:
             await records.aclose()
-
-    @contextlib.asynccontextmanager
-    async def watch_results(self, session: str | None = None,
-                            after: int | None = None) -> AsyncIterator[AsyncIterator[StreamRecord]]:
-        async with self.watch_events(session, after, stream="results") as records:
-            yield records
 
     @contextlib.asynccontextmanager
     async def borrowed(self, *, holder: str, profile: str = "", session_id: str = "",
@@ -2343,8 +2416,50 @@ def _transport_error(exc: BaseException) -> BaseException:
     return exc
 
 
+def _watch_of(rpc: Rpc, args: tuple[Any, ...], fields: dict[str, Any]) -> _Watch:
+    """A stream method's arguments -> its watch: ``(session, after)`` for the
+    record streams (``after`` a sequence number; None: from now), or
+    ``last_event_id=`` (the feed's ``REVISION.INDEX``, or any id the stream sent);
+    or the row's request message."""
+    if len(args) == 1 and not fields and isinstance(args[0], rpc.request):
+        request = args[0]
+        return _Watch(rpc, getattr(request, "session_id", "") or None,
+                      last_event_id=request.last_event_id)
+    if rpc.stream:
+        names = ("session", "after")
+        given = dict(zip(names, args, strict=False)) | fields
+    else:
+        names, given = (), dict(fields)
+    unknown = set(given) - {*names, "last_event_id"}
+    if len(args) > len(names) or unknown:
+        raise TypeError(f"{rpc.method}() takes {', '.join(names + ('last_event_id',))}")
+    return _Watch(rpc, given.get("session"), given.get("after"), given.get("last_event_id") or "")
+
+
+def _bind_stream_methods(rpc: Rpc) -> None:
+    """A server-stream row: a context manager over its records (grpc's
+    ``stub.Watch(request)`` iterator, but closed with its block)."""
+    def sync_method(self: RelayStub, *args: Any, _rpc: Rpc = rpc, **fields: Any) -> Any:
+        return self._watching(_watch_of(_rpc, args, fields))
+
+    def async_method(self: AsyncRelayStub, *args: Any, _rpc: Rpc = rpc, **fields: Any) -> Any:
+        return self._watching(_watch_of(_rpc, args, fields))
+
+    usage = (f"``with stub.{rpc.method}(...) as records: for r in records`` (sync); "
+             "``async with`` / ``async for`` (trio)")
+    for cls, fn in ((RelayStub, sync_method), (AsyncRelayStub, async_method)):
+        fn.__name__ = fn.__qualname__ = rpc.method
+        fn.__doc__ = (f"{rpc.help}.\n\n{usage}: each a {rpc.response.__name__}.  Reconnects with "
+                      "backoff after a drop, resuming after the last one seen (a record "
+                      "stream needs its session to resume); never yields one twice.")
+        setattr(cls, rpc.method, fn)
+
+
 def _bind_stub_methods() -> None:
     for rpc in RPCS:
+        if rpc.streams:
+            _bind_stream_methods(rpc)
+            continue
         def sync_method(self: RelayStub, request: Any = None, *, timeout: float | None = None,
                         _rpc: Rpc = rpc, **fields: Any) -> Any:
             return self._call(_rpc, _request_of(_rpc, request, fields), timeout)
@@ -2497,6 +2612,14 @@ def _build_cli() -> Any:
     return parser
 
 
+def _print_stream(watching: Any) -> int:
+    """Print a stream's messages as JSON lines until it is interrupted."""
+    with watching as messages:
+        for message in messages:
+            print(json.dumps(to_json(message), sort_keys=True), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_cli().parse_args(argv)
     request = None if args.rpc is None else request_from_arguments(args.leaf, args.rpc, args)
@@ -2506,12 +2629,11 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.token_file, encoding="utf-8") as f:
                 token = f.read().strip()
         with RelayStub(args.url, token=token, root=args.root, timeout=args.timeout) as stub:
-            if args.rpc is None:
-                with stub.watch_events(args.session, args.after,
-                                       stream="results" if args.results else "events") as records:
-                    for record in records:
-                        print(json.dumps(to_json(record), sort_keys=True), flush=True)
-                return 0
+            if args.rpc is None:  # ``watch``: the record streams by sequence number
+                rpc = RPC_BY_NAME["WatchResults" if args.results else "WatchEvents"]
+                return _print_stream(getattr(stub, rpc.method)(args.session, args.after))
+            if args.rpc.streams:
+                return _print_stream(getattr(stub, args.rpc.method)(request))
             reply = getattr(stub, args.rpc.method)(request)
             print(json.dumps(to_json(reply), sort_keys=True))
             return 0

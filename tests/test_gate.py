@@ -344,32 +344,43 @@ def test_cursor_disagreeing_with_its_log_fails(ws, capsys, damage):
     assert checks["cursors_match_streams"]["repair"] == "python -m relay state inventory"
 
 
-def test_cleanup_plan_that_takes_the_lock_fails(ws, capsys, monkeypatch):
-    real = relay.cleanup_plan
-    monkeypatch.setattr(relay, "cleanup_plan", lambda store: real(store) + [store.lock_path])
+@pytest.mark.parametrize("target", ["flow/state/relay", "flow/state"])
+def test_cleanup_through_a_linked_tmp_dir_fails(ws, capsys, target):
+    """flow/tmp/relay as a link into flow/state makes the real dry-run plan list
+    the ledger: the check names it and says not to apply the cleanup."""
+    tmp = ws / "flow" / "tmp" / "relay"
+    shutil.rmtree(tmp)
+    tmp.symlink_to(ws / target, target_is_directory=True)
     checks = assert_gate(ws, capsys, fail=("cleanup_preserves_lock",))
-    assert "lock" in checks["cleanup_preserves_lock"]["evidence"]
+    evidence = checks["cleanup_preserves_lock"]["evidence"]
+    assert "cleanup would remove live file flow/state/relay/" in evidence
+    assert checks["cleanup_preserves_lock"]["repair"].startswith("do not run state cleanup --apply")
 
 
 def test_a_check_that_crashes_is_a_failed_check(ws, capsys, monkeypatch):
-    def broken(store):
-        raise OSError("disk on fire")
+    """An OSError while a check reads the workspace fails that check, naming the error."""
+    real_realpath, flow = os.path.realpath, ws / "flow"
 
-    monkeypatch.setattr(relay, "cleanup_plan", broken)
+    def failing_realpath(path, *args, **kwargs):
+        if Path(path).is_relative_to(flow):
+            raise OSError("disk on fire")
+        return real_realpath(path, *args, **kwargs)
+
+    monkeypatch.setattr(os.path, "realpath", failing_realpath)
     checks = assert_gate(ws, capsys, fail=("cleanup_preserves_lock",))
     assert "check raised" in checks["cleanup_preserves_lock"]["evidence"]
     assert "disk on fire" in checks["cleanup_preserves_lock"]["evidence"]
 
 
-def test_private_network_serving_without_token_allowed_fails(ws, capsys, monkeypatch):
-    real = relay.require_serving_allowed
-
-    def lax(ledger, host):
-        return "trusted-lan" if host == "10.0.0.1" else real(ledger, host)
-
-    monkeypatch.setattr(relay, "require_serving_allowed", lax)
+def test_configured_private_network_host_without_active_token_fails(ws, capsys):
+    """flow/relay.toml serving on 10.0.0.1 while no active token is bound: serve
+    would refuse, and the gate says so before anyone tries."""
+    cli(ws, "bootstrap", "--token-id", "none")
+    assert_gate(ws, capsys)  # tokenless on loopback is fine
+    (ws / "flow" / "relay.toml").write_text('[serve]\nhost = "10.0.0.1"\n')
     checks = assert_gate(ws, capsys, fail=("lan_requires_token",))
     assert "10.0.0.1" in checks["lan_requires_token"]["evidence"]
+    assert "token create" in checks["lan_requires_token"]["repair"]
 
 
 def test_runtime_serving_trusted_lan_without_active_token_fails(ws, capsys):

@@ -165,8 +165,8 @@ async def test_every_rpc_answers_over_connect(workspace):
             assert (await ok("ListTurns", session_id=sid))["turns"] == []
             assert (await ok("ListTasks"))["tasks"] == []
     # Starting, interrupting, approving or reading a turn needs a running provider:
-    # tests/test_runtime.py calls each of them.
-    assert called == set(rc.RPC_BY_NAME) - relay.SERVER_RPCS - {"GetTurn"}
+    # tests/test_runtime.py calls each of them; the server streams: test_table.
+    assert called == {rpc.name for rpc in rc.RPCS if not rpc.streams} - relay.SERVER_RPCS - {"GetTurn"}
 
 
 async def test_refusals_carry_connect_codes_and_http_statuses(workspace):
@@ -771,7 +771,7 @@ async def test_read_routes_and_replays_leave_flow_state_untouched(workspace):
             for path in paths:
                 assert (await r.client.get(path)).status_code == 200, path
             for name, rpc in rc.RPC_BY_NAME.items():
-                if not rpc.mutates and name != "GetTurn":  # GetTurn needs a turn (test_runtime)
+                if not rpc.mutates and not rpc.streams and name != "GetTurn":  # GetTurn: test_runtime
                     fields = {"session_id": s1} if "session_id" in {
                         f.name for f in attrs.fields(rpc.request)} else {}
                     await r.ok(name, **fields)
@@ -852,7 +852,7 @@ def test_random_bodies_never_get_a_5xx(threaded_relay, call):
     name, body = call
     response = client.post(f"/{rc.SERVICE}/{name}", content=body, headers=JSON)
     doc = response.json()
-    if name not in rc.RPC_BY_NAME:  # unimplemented is 501 by Connect's mapping
+    if name not in rc.RPC_BY_NAME or rc.RPC_BY_NAME[name].streams:  # 501 by Connect's mapping
         assert doc["code"] in ("unimplemented", "invalid_argument"), doc
     else:
         assert response.status_code < 500, (name, body, response.text)

@@ -38,7 +38,8 @@ _FIELD = re.compile(
     r"(?P<repeated>repeated\s+)?(?P<type>[A-Za-z_][\w.]*)\s+(?P<name>[A-Za-z_]\w*)\s*=\s*"
     r"(?P<number>\d+)\s*(?:\[\s*json_name\s*=\s*\"(?P<json_name>[^\"]*)\"\s*\])?"
 )
-_RPC = re.compile(r"rpc\s+(\w+)\s*\(\s*([\w.]+)\s*\)\s*returns\s*\(\s*([\w.]+)\s*\)")
+_RPC = re.compile(r"rpc\s+(\w+)\s*\(\s*([\w.]+)\s*\)\s*returns\s*\(\s*(?:stream\s+)?([\w.]+)\s*\)")
+_SERVER_STREAM = re.compile(r"rpc\s+(\w+)\s*\([^)]*\)\s*returns\s*\(\s*stream\s")
 # An rpc ends in ";" or in a body holding only its idempotency_level option.
 _RPC_END = re.compile(r"\s*(?:;|\{\s*option\s+idempotency_level\s*=\s*(\w+)\s*;\s*\})")
 
@@ -63,6 +64,8 @@ class ProtoFile:
     #: rpc name -> its idempotency_level option ("" when unset)
     idempotency: dict[str, str]
     messages: dict[str, tuple[ProtoField, ...]]
+    #: the rpcs that return ``stream X``
+    server_streams: frozenset[str] = frozenset()
 
 
 def parse_proto(text: str) -> ProtoFile:
@@ -90,7 +93,7 @@ def parse_proto(text: str) -> ProtoFile:
     body, pos = services[0].group(2), 0
     while body[pos:].strip():
         m = re.compile(r"\s*" + _RPC.pattern + _RPC_END.pattern).match(body, pos)
-        assert m, f"not a unary rpc statement: {body[pos:pos + 80].strip()!r}"
+        assert m, f"not a unary or server-stream rpc statement: {body[pos:pos + 80].strip()!r}"
         rpcs.append(m.groups()[:3])
         idempotency[m.group(1)] = m.group(4) or ""
         pos = m.end()
@@ -115,7 +118,8 @@ def parse_proto(text: str) -> ProtoFile:
         comments[m.group(2)] = " ".join(
             line.strip().removeprefix("//").strip() for line in m.group(1).splitlines())
     return ProtoFile(syntax[0].group(1), package[0].group(1), tuple(i.group(1) for i in imports),
-                     services[0].group(1), tuple(rpcs), comments, idempotency, parsed)
+                     services[0].group(1), tuple(rpcs), comments, idempotency, parsed,
+                     frozenset(_SERVER_STREAM.findall(code)))
 
 
 ################################################################
@@ -173,9 +177,13 @@ def contract_drift(proto: ProtoFile) -> list[str]:
     want_rpcs = [(r.name, r.request.__name__, r.response.__name__) for r in rc.RPCS]
     if list(proto.rpcs) != want_rpcs:
         problems.append(f"rpcs differ:\n  proto: {list(proto.rpcs)}\n  code:  {want_rpcs}")
+    streams = {r.name for r in rc.RPCS if r.streams}
+    if proto.server_streams != streams:
+        problems.append(f"server streams differ: proto {sorted(proto.server_streams)}, "
+                        f"code {sorted(streams)}")
     for rpc in rc.RPCS:
         comment = proto.rpc_comments.get(rpc.name, "")
-        for want in (rpc.help, f"POST {rpc.path}"):
+        for want in (rpc.help, f"GET /events?{rpc.watch}" if rpc.streams else f"POST {rpc.path}"):
             if want not in comment:
                 problems.append(f"rpc {rpc.name}: comment lacks {want!r}")
         # Connect's GET form is offered exactly for the RPCs that do not mutate.

@@ -55,9 +55,10 @@ def _buf() -> str:
     return found
 
 
-#: The rows only a live provider can exercise (a turn to start, interrupt,
-#: approve or read): tests/test_runtime.py calls each of them.
-NEEDS_A_PROVIDER = relay.SERVER_RPCS | {"GetTurn"}
+#: What a Connect client calls here: the unary rows (the server streams are SSE
+#: and /ws, tests/test_table.py) but those only a live provider can exercise (a
+#: turn to start, interrupt, approve or read: tests/test_runtime.py).
+UNARY = {rpc.name for rpc in rc.RPCS if not rpc.streams} - relay.SERVER_RPCS - {"GetTurn"}
 
 
 async def drive_every_rpc(call: Call) -> set[str]:
@@ -138,8 +139,7 @@ async def test_buf_curl_calls_every_rpc(workspace, tmp_path):
                 assert done.returncode == 0, (method, done.stderr.decode())
                 return json.loads(done.stdout)
 
-            # The turn RPCs need a running provider: tests/test_runtime.py calls them.
-            assert await drive_every_rpc(call) == set(rc.RPC_BY_NAME) - NEEDS_A_PROVIDER
+            assert await drive_every_rpc(call) == UNARY
             refused = await curl(r.server.endpoint, "CreateSession", {"profile": "nope"})
             assert refused.returncode != 0
             error = json.loads(refused.stderr)
@@ -232,8 +232,7 @@ async def test_connectrpc_defaults_call_every_rpc(workspace, connect_gen, monkey
         async with serving(workspace) as r:
             client, call = _connect_caller(connect_gen, r.server.endpoint)
             with client:
-                # The turn RPCs need a running provider: tests/test_runtime.py calls them.
-                assert await drive_every_rpc(call) == set(rc.RPC_BY_NAME) - NEEDS_A_PROVIDER
+                assert await drive_every_rpc(call) == UNARY
             assert {(ctype, enc) for _, ctype, enc, _ in seen} == {("application/proto", "gzip")}
 
 
@@ -247,11 +246,10 @@ async def test_connectrpc_json_codec_and_get_form(workspace, connect_gen, monkey
             client, call = _connect_caller(connect_gen, r.server.endpoint, codec=proto_json_codec(),
                                            use_get=True)
             with client:
-                # The turn RPCs need a running provider: tests/test_runtime.py calls them.
-                assert await drive_every_rpc(call) == set(rc.RPC_BY_NAME) - NEEDS_A_PROVIDER
+                assert await drive_every_rpc(call) == UNARY
             assert {ctype for verb, ctype, _, _ in seen if verb == "POST"} == {"application/json"}
             gets = {name for verb, _, _, name in seen if verb == "GET"}
-            assert gets == {rpc.name for rpc in rc.RPCS if not rpc.mutates} - NEEDS_A_PROVIDER
+            assert gets == {rpc.name for rpc in rc.RPCS if not rpc.mutates} & UNARY
 
 
 async def test_connectrpc_sees_codes_and_the_hint_detail(workspace, connect_gen):

@@ -957,19 +957,20 @@ async def test_stand_in_crash_mid_turn(tmp_path, provider):
 CUE_OR_FAULT = pytest.mark.parametrize("via", ["cue", "fault"])
 
 
-def cued(via: str, fault: str) -> tuple[tuple[str, ...], str]:
-    """The stand-in's arguments and prompt that trigger ``fault`` per turn (cue) or for every turn."""
-    return ((), f"say hi @{fault}") if via == "cue" else (("--fault", fault), "say hi")
+@contextlib.asynccontextmanager
+async def faulted_turn(tmp_path: Path, provider: str, via: str, fault: str):
+    """A stand-in with one turn started under ``fault``, cued for that turn or set for every turn."""
+    args, prompt = ((), f"say hi @{fault}") if via == "cue" else (("--fault", fault), "say hi")
+    async with stand_in(tmp_path, provider, *args) as child:
+        await child.open()
+        yield child, await child.turn(prompt)
 
 
 @BOTH
 @CUE_OR_FAULT
 async def test_stand_in_hang_ignores_the_interrupt(tmp_path, provider, via):
     """hang: the interrupt is acknowledged but the turn never ends; the process still answers probes."""
-    args, prompt = cued(via, "hang")
-    async with stand_in(tmp_path, provider, *args) as child:
-        await child.open()
-        turn_id = await child.turn(prompt)
+    async with faulted_turn(tmp_path, provider, via, "hang") as (child, turn_id):
         await child.interrupt(turn_id)
         await child.until("interrupt.acknowledged")
         await child.until_stderr("hang: ignoring interrupt")
@@ -985,10 +986,7 @@ async def test_stand_in_hang_ignores_the_interrupt(tmp_path, provider, via):
 @CUE_OR_FAULT
 async def test_stand_in_wedge_answers_nothing(tmp_path, provider, via):
     """wedge: alive, but no probe answer and no exit on stdin EOF; only a signal ends it."""
-    args, prompt = cued(via, "wedge")
-    async with stand_in(tmp_path, provider, *args) as child:
-        await child.open()
-        await child.turn(prompt)
+    async with faulted_turn(tmp_path, provider, via, "wedge") as (child, _):
         await child.until_stderr("wedged: answering nothing")
         await child.send(child.proto.send_probe())
         await child.until_stderr("wedged: ignoring")
