@@ -6722,10 +6722,12 @@ def _matches(session: rc.Session, lease: rc.Lease | None, text: str) -> bool:
 
 def dashboard_overview(ledger: Ledger, now: float, *, offset: int = 0,
                        limit: int = OVERVIEW_PAGE_ROWS, query: str = "",
-                       profile: str = "") -> dict[str, Any]:
+                       profile: str = "",
+                       processes: dict[str, rc.ProcessInfo] | None = None) -> dict[str, Any]:
     """``GET /api/relay/overview``: the header counts, every profile with its
     pool health, and one page of sessions (filtered, ordered by id) with
-    their current lease and active quarantine.  One pass over the ledger in
+    their current lease, active quarantine, running turn and (from the
+    running server's runtime, ``processes``) provider process.  One pass over the ledger in
     memory, whatever the page: 1,000 sessions cost a few milliseconds."""
     stamp = iso(now)
     current, live = _current_leases(ledger, stamp)
@@ -6739,6 +6741,9 @@ def dashboard_overview(ledger: Ledger, now: float, *, offset: int = 0,
     rows = [_session_row(ledger, s, current.get(s.session_id), live.get(s.session_id, 0)) for s in page]
     for row in rows:
         row["turn"] = running.get(row["session_id"])
+        process = (processes or {}).get(row["session_id"])
+        if process is not None:
+            row["process"] = to_json(process)
     return {
         "revision": ledger.revision, "now": stamp,
         "runtime": to_json(ledger.runtime),
@@ -6919,8 +6924,9 @@ def _add_dashboard(app: Any, service: Service) -> None:
     @app.get("/api/relay/overview")
     async def api_overview() -> Any:
         service.owner.check_intact()
+        processes = service.runtime.processes() if service.runtime is not None else None
         return _json_response(dashboard_overview(service.owner.ledger, service.now(),
-                                                 **_page_args(request.args)))
+                                                 **_page_args(request.args), processes=processes))
 
     @app.get("/api/relay/timeline")
     async def api_timeline() -> Any:
@@ -7002,6 +7008,12 @@ DASHBOARD_HTML: Final = r'''<!doctype html>
         <option value="60">last minute</option>
       </select></h3>
     <div id="timeline" class="timeline"></div>
+    <h3>Turn <span id="turn-state" class="muted">none yet</span></h3>
+    <div id="turn-view" class="turn">
+      <p id="turn-info" class="muted"></p>
+      <p id="turn-approval" class="approval" hidden></p>
+      <pre id="turn-output" aria-live="polite"></pre>
+    </div>
     <h3>Live events <span id="live-state" class="muted"></span></h3>
     <ol id="live" class="live"></ol>
     </div>
@@ -7077,6 +7089,18 @@ dd { margin: 0; overflow-wrap: anywhere; }
 .live .seq { color: var(--muted); margin-right: .5em; }
 .live .kind { color: var(--accent); margin-right: .5em; }
 .live li.result { background: var(--shade); }
+.badge.running { color: var(--accent); display: table; margin-top: .2em; }
+td.proc { white-space: normal; min-width: 10em; max-width: 16em; }
+.clamp { display: -webkit-box; -webkit-box-orient: vertical; -webkit-line-clamp: 3; overflow: hidden; }
+.turn { border: 1px solid var(--line); border-radius: 4px; padding: .3em .6em; }
+.turn p { margin: .2em 0; overflow-wrap: anywhere; }
+.turn .approval { color: var(--warn); }
+.turn pre { white-space: pre-wrap; overflow-wrap: anywhere; margin: .3em 0; min-height: 1.4em;
+            max-height: 14em; overflow-y: auto; font: 12px/1.35 ui-monospace, monospace; }
+#turn-state.running { color: var(--accent); }
+#turn-state.completed { color: var(--ok); }
+#turn-state.failed { color: var(--bad); }
+#turn-state.interrupted { color: var(--warn); }
 .timeline svg { width: 100%; height: auto; display: block; }
 .timeline text { font-size: 11px; fill: var(--muted); }
 .timeline .axis { stroke: var(--line); }
@@ -7109,6 +7133,7 @@ button.danger { color: var(--bad); border-color: var(--bad); }
                                gap: .2em .6em; padding: .5em .3em; border-bottom: 1px solid var(--line); }
   #sessions td, #profiles td { border: 0; padding: 0; white-space: normal; overflow-wrap: anywhere; }
   #sessions td:empty, #profiles td:empty { display: none; }
+  #sessions td.proc { min-width: 0; max-width: none; grid-column: span 2; }
   #sessions td::before, #profiles td::before { content: attr(data-label); display: block;
                                                font-size: .75em; color: var(--muted); }
   form .field .help, form .field .problem { grid-column: 1; }
@@ -7128,11 +7153,13 @@ const PAGE_ROWS = 50;        // sessions per page (the server pages the list)
 const LIVE_KEEP = 500;       // live-view lines kept in the DOM
 const LIVE_TAIL = 50;        // events replayed when a live view opens
 const FEED_KEEP = 8;         // notices shown in the strip
+const POLL_MS = 2000;        // the overview is re-read this often too: processes and turns send no notice
 const SVG = "http://www.w3.org/2000/svg";
 
 const state = {
   rpcs: [], feedKinds: [], overview: null, fetchedAt: 0,
   page: {offset: 0, q: ""}, selected: null, holder: "", live: null, feed: null, seen: {},
+  turn: null,  // the open session's latest turn as its stream tells it
 };
 
 // -- small helpers ------------------------------------------------------------
@@ -7212,8 +7239,35 @@ function timeLeft(expires) {
 function describe(value) {
   if (value === null || value === undefined || value === "") return "";
   if (typeof value !== "object") return String(value);
+  if (Array.isArray(value)) return value.join(" ");
   return Object.entries(value).filter(([, v]) => v !== "" && v !== null)
     .map(([k, v]) => `${k} ${typeof v === "object" ? JSON.stringify(v) : v}`).join(", ");
+}
+
+// A session's provider process, short: "pid 123 · running · up 4m 2s · 0.163.0".
+function processText(p) {
+  if (!p || !p.pid) return "";
+  const up = p.started_at && p.state === "running" ? `up ${timeLeftSince(p.started_at)}` : "";
+  return [`pid ${p.pid}`, p.state, up, p.provider_version].filter(Boolean).join(" · ");
+}
+
+function timeLeftSince(stamp) {
+  if (!state.overview) return "";
+  const now = Date.parse(state.overview.now) + (Date.now() - state.fetchedAt);
+  const s = Math.max(0, Math.round((now - Date.parse(stamp)) / 1000));
+  return s >= 3600 ? `${Math.floor(s / 3600)}h ${Math.floor(s % 3600 / 60)}m`
+       : s >= 60 ? `${Math.floor(s / 60)}m ${s % 60}s` : `${s}s`;
+}
+
+// A stream record's data for the live view, without the provider's native frame
+// (kept whole in the line's tooltip).
+function shown(data) {
+  if (typeof data === "string") return data;
+  if (data && typeof data === "object" && !Array.isArray(data) && "native" in data) {
+    const {native, ...rest} = data;  // eslint-disable-line no-unused-vars
+    return JSON.stringify(rest);
+  }
+  return JSON.stringify(data);
 }
 
 // -- login --------------------------------------------------------------------
@@ -7296,14 +7350,15 @@ const PROFILE_FIELDS = new Set(["name", "provider", "mode", "command", "created_
 
 function profileRow(p) {
   const pool = p.pool;
-  const extra = Object.entries(p).filter(([k]) => !PROFILE_FIELDS.has(k))
+  const extra = Object.entries(p).filter(([k, v]) => !PROFILE_FIELDS.has(k) && describe(v) !== "")
     .map(([k, v]) => `${k}: ${describe(v)}`).join("; ");
   const last = pool.last_error ? `${pool.last_error.session_id}: ${pool.last_error.reason}` : "";
   return el("tr", {"data-profile": p.name},
     el("td", {text: p.name}), el("td", {text: p.provider}), el("td", {text: p.mode}),
     el("td", {}, el("span", {class: `badge ${pool.health}`, text: pool.health})),
     el("td", {text: pool.warm}), el("td", {text: pool.leased}), el("td", {text: pool.failed}),
-    el("td", {class: "wrap error", text: last}), el("td", {class: "wrap", text: extra}));
+    el("td", {class: "wrap error", title: last || null}, last ? el("div", {class: "clamp", text: last}) : ""),
+    el("td", {class: "wrap", text: extra}));
 }
 
 function sessionRow(s) {
@@ -7312,13 +7367,15 @@ function sessionRow(s) {
                         class: state.selected && state.selected.session_id === s.session_id ? "selected" : "",
                         onclick: () => select(s), onkeydown: (e) => { if (e.key === "Enter") select(s); }},
     el("td", {text: s.session_id}), el("td", {text: s.profile}),
-    el("td", {}, el("span", {class: `badge ${s.state}`, text: s.state})),
-    el("td", {class: "wrap", text: describe(s.process)}),
+    el("td", {}, el("span", {class: `badge ${s.state}`, text: s.state}),
+      s.turn ? el("span", {class: "badge running", title: s.turn.turn_id, text: "turn running"}) : ""),
+    el("td", {class: "proc", text: processText(s.process)}),
     el("td", {text: l ? l.holder : ""}),
     el("td", {text: l ? `${l.mode}${l.state === "waiting" ? " (waiting)" : ""}` : ""}),
     el("td", {text: l ? l.fencing_token : ""}),
     el("td", {"data-expires": l ? l.expires_at : "", text: l ? timeLeft(l.expires_at) : ""}),
-    el("td", {class: "wrap error", text: s.quarantine ? s.quarantine.reason : ""}));
+    el("td", {class: "wrap error", title: s.quarantine ? s.quarantine.reason : null},
+      s.quarantine ? el("div", {class: "clamp", text: s.quarantine.reason}) : ""));
   return row;
 }
 
@@ -7353,7 +7410,7 @@ function renderDetail() {
   $("detail-body").hidden = false;
   const l = s.lease, q = s.quarantine;
   const facts = [["state", s.state], ["profile", `${s.profile} (${s.provider})`],
-    ["process", describe(s.process) || "—"], ["fencing token", s.fencing_token],
+    ["process", processText(s.process) || "—"], ["fencing token", s.fencing_token],
     ["lease", l ? `${l.lease_id} · ${l.holder} · ${l.mode} · ${l.state} · token ${l.fencing_token}` : "none"],
     ["renewed", l && l.last_renewed_at ? l.last_renewed_at : "—"],
     ["events / results", `${s.events} / ${s.results}`]];
@@ -7446,6 +7503,8 @@ function openLive(sid, counts) {
   for (const source of state.live || []) source.close();
   $("live").replaceChildren();
   state.seen = {};
+  state.turn = null;
+  renderTurn();
   state.live = ["events", "results"].map((stream) => liveStream(sid, stream, counts[stream]));
 }
 
@@ -7464,14 +7523,34 @@ function liveStream(sid, stream, lastSeq) {
     const s = state.selected;
     if (s && s.session_id === sid && record.seq > s[stream]) { s[stream] = record.seq; renderDetail(); }
     remember(record.data);
+    if (name === "event") followTurn(record);
+    else if (record.data && typeof record.data.output_text === "string" && state.turn &&
+             record.data.turn_id === state.turn.turn_id) {
+      state.turn.output = record.data.output_text;  // the result holds the whole reply
+      renderTurn();
+    }
     const list = $("live");
     list.append(el("li", {[`data-${name}`]: record.seq, class: name},
                    el("span", {class: "seq", text: `${name === "result" ? "result " : ""}#${record.seq}`}),
                    el("span", {class: "kind", text: record.kind}),
-                   typeof record.data === "string" ? record.data : JSON.stringify(record.data)));
+                   shown(record.data)));
+    if (record.data && typeof record.data === "object" && "native" in record.data) {
+      list.lastChild.title = JSON.stringify(record.data.native);
+    }
     while (list.children.length > LIVE_KEEP) list.firstChild.remove();
     list.scrollTop = list.scrollHeight;
   });
+  if (name === "event") {  // token deltas: live only (no id), the completed item has the whole text
+    source.addEventListener("delta", (e) => {
+      const d = JSON.parse(e.data);
+      if (!state.turn || state.turn.turn_id !== d.turn_id) {
+        state.turn = {turn_id: d.turn_id, state: "running", output: "", approval: null};
+      }
+      state.turn.output += d.delta || "";
+      state.turn.deltas = (state.turn.deltas || 0) + 1;
+      renderTurn();
+    });
+  }
   source.addEventListener("error", (e) => {  // the relay's error frame, or a dropped connection
     if (e.data) $("live").append(el("li", {}, errorNode(JSON.parse(e.data))));
     $("live-state").textContent = source.readyState === EventSource.CLOSED ? "closed" : "reconnecting…";
@@ -7481,11 +7560,65 @@ function liveStream(sid, stream, lastSeq) {
 
 // Ids a record names (turn_id, approval_id, ...) prefill the form fields of
 // the same name: answering the approval the agent just asked for is one click.
+// An empty field of the form on show is filled at once.
 function remember(data) {
   if (!data || typeof data !== "object") return;
   for (const [k, v] of Object.entries(data)) {
-    if (k.endsWith("_id") && typeof v === "string" && k !== "session_id") state.seen[k] = v;
+    // never a request id: each call needs a fresh one, and a reused id is refused
+    if (k.endsWith("_id") && typeof v === "string" && k !== "session_id" && k !== "request_id") {
+      state.seen[k] = v;
+      const input = $(`f-${k}`);
+      if (input && !input.value) input.value = v;
+    }
   }
+}
+
+// The turn view follows the runtime's provider-neutral events: turn.started,
+// the agent's message (deltas, then the completed item), approvals asked and
+// answered, and the turn's end with its error.
+function followTurn(record) {
+  const d = record.data && typeof record.data === "object" ? record.data : {};
+  const kind = record.kind;
+  if (!d.turn_id || !(kind.startsWith("turn.") || kind.startsWith("item.") || kind.startsWith("approval."))) {
+    return;
+  }
+  if (!state.turn || state.turn.turn_id !== d.turn_id) {
+    state.turn = {turn_id: d.turn_id, state: "running", output: "", approval: null, at: record.appended_at};
+  }
+  const t = state.turn;
+  if (kind === "item.completed" && d.item_type === "agent_message" && typeof d.text === "string") {
+    t.output = d.text;
+  } else if (kind === "item.completed" && d.item_type === "command_execution") {
+    t.command = `${d.command || "command"}: ${d.status || ""}`;
+  } else if (kind === "approval.requested") {
+    t.approval = d;
+  } else if (kind === "approval.resolved" || kind === "approval.cancelled") {
+    t.approval = null;
+  } else if (/^turn\.(completed|failed|interrupted)$/.test(kind)) {
+    t.state = kind.slice(5);
+    t.error = d.error || "";
+    t.approval = null;
+  }
+  renderTurn();
+  if (kind.startsWith("turn.") || kind.startsWith("approval.")) refreshSoon();
+}
+
+function renderTurn() {
+  const t = state.turn;
+  $("turn-state").textContent = t ? t.state : "none yet";
+  $("turn-state").className = t ? t.state : "muted";
+  $("turn-info").textContent = t
+    ? [`turn ${t.turn_id}`, t.at ? `started ${t.at}` : "", t.command || "",
+       t.error ? `error: ${t.error}` : ""].filter(Boolean).join(" · ")
+    : "Start one on a lease you hold (Actions below).";
+  const ask = t && t.approval;
+  $("turn-approval").hidden = !ask;
+  $("turn-approval").textContent = ask
+    ? `approval ${ask.approval_id} asked (${ask.approval_kind || "?"}` +
+      `${ask.command ? `: ${ask.command}` : ""}) — answer it below (the approval id is filled in)` : "";
+  $("turn-output").textContent = t ? t.output : "";
+  $("turn-output").dataset.deltas = t ? t.deltas || 0 : 0;  // how many live deltas it was built from
+  $("turn-output").scrollTop = $("turn-output").scrollHeight;
 }
 
 // The relay feed as a notification strip; every notice refreshes the overview.
@@ -7517,7 +7650,8 @@ function closeStreams() {
 // What the page knows of the current context fills the fields of the same name.
 function context() {
   const s = state.selected, l = s && s.lease;
-  return {...state.seen, turn_id: s && s.turn ? s.turn.turn_id : state.seen.turn_id,
+  const running = state.turn && state.turn.state === "running" ? state.turn.turn_id : "";
+  return {...state.seen, turn_id: s && s.turn ? s.turn.turn_id : running || state.seen.turn_id,
           session_id: s && s.session_id, profile: s && s.profile, holder: state.holder || (l && l.holder),
           lease_id: l && l.lease_id, fencing_token: l && l.fencing_token};
 }
@@ -7621,7 +7755,8 @@ async function submitForm(event) {
     : errorNode(r.body));
   if (r.ok) {
     await refresh();
-    const sid = (r.body.lease || r.body.record || r.body.quarantine || r.body.session || {}).session_id;
+    const sid = (r.body.lease || r.body.record || r.body.quarantine || r.body.session || r.body.turn ||
+                 {}).session_id;
     const row = sid && state.overview.sessions.items.find((x) => x.session_id === sid);
     if (row && (!state.selected || state.selected.session_id !== sid)) select(row);
     else if (state.selected) { renderForm(); loadTimeline(); }
@@ -7672,6 +7807,7 @@ document.addEventListener("DOMContentLoaded", () => {
     typing = setTimeout(() => { state.page = {offset: 0, q: e.target.value}; refresh(); }, 200);
   });
   setInterval(tickTimes, 1000);
+  setInterval(() => { if (!$("app").hidden && !document.hidden) refresh(); }, POLL_MS);
   boot();
 });
 '''

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -532,3 +533,148 @@ def test_the_timeline_prefers_the_ledgers_turn_records_to_what_the_streams_tell(
     t = relay.dashboard_timeline(store, ledger, "s1", relay.iso(T0 - 3600), T0)
     assert t["turns"] == [{"turn_id": "t1", "state": "failed", "start": relay.iso(T0 - 50),
                            "end": relay.iso(T0 - 10), "error": "crashed"}]
+
+
+#: The stand-in provider as a profile's command line (one word per item).
+STAND_IN = [sys.executable, str(Path(__file__).resolve().parent.parent / "scripts" / "stand_in_provider.py"),
+            "--provider", "codex"]
+
+
+def _turns(endpoint: str, sid: str) -> list[dict[str, Any]]:
+    return _rpc(endpoint, "ListTurns", session_id=sid)["turns"]
+
+
+def _kinds(endpoint: str, sid: str) -> list[str]:
+    return [e["kind"] for e in _rpc(endpoint, "ListEvents", session_id=sid, limit=10000)["records"]]
+
+
+@pytest.mark.slow
+def test_an_operator_runs_approves_interrupts_and_sees_a_crash_quarantine_on_a_live_session(
+        browser, tmp_path):
+    """End to end in Chromium on a relay whose pooled profile runs the stand-in provider: Borrow
+    by profile from the page, StartTurn from the generated form (session, lease and fencing token
+    prefilled from the held lease) with the reply streaming into the turn view (live deltas, then
+    the completed message), an @approve turn answered with ResolveApproval (its approval id
+    prefilled from the approval.requested event), a @stall turn interrupted (cancelled, then
+    confirmed), a @crash turn that ends in a provider_exited quarantine (turn bar failed, a
+    quarantine mark on the timeline, the reason in the row and the facts, the lease revoked), and a
+    Borrow of the pool's replacement released.  Each step checks the page and the ledger.
+    RepairSession does not exist yet (issue 12): the page offers no repair."""
+    from playwright.sync_api import expect
+
+    with relay_process(tmp_path) as endpoint:
+        _rpc(endpoint, "RegisterProfile", name="cx", provider="codex", mode="pooled",
+             command=STAND_IN, options=["approval_policy=untrusted"])
+        page = browser.new_page()
+        page.set_viewport_size({"width": 1280, "height": 800})
+        problems: list[str] = []
+        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda exc: problems.append(f"uncaught: {exc}"))
+        page.goto(f"{endpoint}/")
+        page.wait_for_selector("body[data-ready='1']")
+        # The pool's warm session shows its process (the page re-reads the overview by itself).
+        expect(page.locator("#sessions tbody")).to_contain_text("· running ·")
+        (row,) = _rpc(endpoint, "ListSessions", profile="cx")["sessions"]
+        sid = row["session_id"]
+        assert str(row["process"]["pid"]) in _row(page, sid)
+        assert "RepairSession" not in page.inner_text("#rpc-select")  # issue 12: not yet
+
+        # Borrow by profile: the page opens the session it got; the ledger holds the lease.
+        _act(page, "Borrow", holder="alice", profile="cx")
+        assert "Borrow: granted" in _result(page)
+        _row_shows(page, sid, "alice")
+        assert page.inner_text("#detail-id") == sid
+        (lease,) = _rpc(endpoint, "ListLeases", session_id=sid)["leases"]
+        assert (lease["holder"], lease["state"]) == ("alice", "active")
+
+        # StartTurn: the form is prefilled from the held lease; the reply streams in.
+        page.select_option("#rpc-select", "StartTurn")
+        assert [page.input_value(f"#f-{f}") for f in ("session_id", "lease_id", "fencing_token")] == [
+            sid, lease["lease_id"], str(lease["fencing_token"])]
+        _act(page, "StartTurn", input="@slow say hi")
+        assert "StartTurn: ok" in _result(page)
+        expect(page.locator("#turn-state")).to_have_text("completed")
+        (first,) = _turns(endpoint, sid)
+        assert (first["state"], first["lease_id"]) == ("completed", lease["lease_id"])
+        assert first["output_text"].startswith("Hello from stand-in")
+        assert page.inner_text("#turn-output") == first["output_text"]
+        assert int(page.get_attribute("#turn-output", "data-deltas")) > 0  # streamed, not only at the end
+        assert first["turn_id"] in page.inner_text("#turn-info")
+        expect(page.locator("#live")).to_contain_text("item.completed")
+        expect(page.locator("#live")).to_contain_text("turn.completed")
+        page.wait_for_selector("#timeline rect.turn.completed", state="attached")
+        _shoot(page, "turn")
+
+        # An approval: the turn view shows it; ResolveApproval is prefilled with its id.
+        _act(page, "StartTurn", input="@approve touch it")
+        assert "StartTurn: ok" in _result(page)
+        page.wait_for_selector("#turn-approval:not([hidden])")
+        events = _rpc(endpoint, "ListEvents", session_id=sid, limit=10000)["records"]
+        (asked,) = [e["data"] for e in events if e["kind"] == "approval.requested"]
+        assert asked["approval_id"] in page.inner_text("#turn-approval")
+        page.select_option("#rpc-select", "ResolveApproval")
+        assert page.input_value("#f-approval_id") == asked["approval_id"]
+        assert page.input_value("#f-fencing_token") == str(lease["fencing_token"])
+        assert page.input_value("#f-decision") == "accept"
+        _shoot(page, "approval")
+        _act(page, "ResolveApproval")
+        assert "ResolveApproval: accepted" in _result(page)
+        expect(page.locator("#turn-state")).to_have_text("completed")
+        assert not page.is_visible("#turn-approval")
+        second = _turns(endpoint, sid)[-1]
+        assert (second["turn_id"], second["state"]) == (asked["turn_id"], "completed")
+        resolved = [e["data"] for e in _rpc(endpoint, "ListEvents", session_id=sid, limit=10000)["records"]
+                    if e["kind"] == "approval.resolved"]
+        assert [x["decision"] for x in resolved if "by" in x] == ["accept"]  # the relay's record
+
+        # Interrupt a stalled turn: the running turn's id is prefilled; destructive, so confirmed.
+        _act(page, "StartTurn", input="@stall think forever")
+        assert "StartTurn: ok" in _result(page)
+        stalled = _turns(endpoint, sid)[-1]
+        assert stalled["state"] == "running"
+        expect(page.locator("#turn-state")).to_have_text("running")
+        page.select_option("#rpc-select", "InterruptTurn")
+        assert page.input_value("#f-turn_id") == stalled["turn_id"]
+        _act(page, "InterruptTurn", confirm=False)
+        assert "not sent" in _result(page)
+        assert _turns(endpoint, sid)[-1]["state"] == "running"
+        _act(page, "InterruptTurn", confirm=True)
+        assert "InterruptTurn: ok" in _result(page)
+        expect(page.locator("#turn-state")).to_have_text("interrupted")
+        assert _turns(endpoint, sid)[-1]["state"] == "interrupted"
+
+        # A crash: the turn fails, the runtime quarantines the session and revokes the lease.
+        _act(page, "StartTurn", input="@crash now")
+        assert "StartTurn: ok" in _result(page)
+        expect(page.locator("#turn-state")).to_have_text("failed")
+        expect(page.locator("#turn-info")).to_contain_text("provider_exited")
+        _row_shows(page, sid, "provider_exited")
+        _row_shows(page, sid, "alice", present=False)
+        page.wait_for_selector("#timeline line.quarantine", state="attached")
+        page.wait_for_selector("#timeline rect.turn.failed", state="attached")
+        expect(page.locator("#detail-facts")).to_contain_text("provider_exited")
+        session = next(s for s in _rpc(endpoint, "ListSessions", profile="cx")["sessions"]
+                       if s["session_id"] == sid)
+        assert session["state"] == "failed"
+        assert _rpc(endpoint, "ListLeases", session_id=sid)["leases"][0]["state"] == "revoked"
+        assert [t["state"] for t in _turns(endpoint, sid)] == [
+            "completed", "completed", "interrupted", "failed"]
+        assert page.locator("#timeline rect.turn").count() == 4
+        assert _kinds(endpoint, sid)[-1] == "turn.failed"
+        page.select_option("#window", "60")
+        page.wait_for_selector("#timeline rect.turn.failed", state="attached")
+        _shoot(page, "crashed")
+
+        # The pool replaces the session: borrow the replacement and release it (confirmed).
+        expect(page.locator("#sessions tbody")).to_contain_text("· running ·")
+        (spare,) = [s for s in _rpc(endpoint, "ListSessions", profile="cx")["sessions"]
+                    if s["session_id"] != sid]
+        _act(page, "Borrow", holder="bob", profile="cx", session_id="")
+        assert "Borrow: granted" in _result(page)
+        _row_shows(page, spare["session_id"], "bob")
+        _act(page, "Release", confirm=True)
+        assert "Release: released" in _result(page)
+        assert [x["state"] for x in _rpc(endpoint, "ListLeases", session_id=spare["session_id"])["leases"]] \
+            == ["released"]
+        page.close()
+    assert [p for p in problems if not p.startswith("Failed to load resource")] == [], problems
