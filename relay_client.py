@@ -2541,7 +2541,7 @@ def _field_options(field: Any) -> tuple[str, list[str]]:
 def add_request_arguments(parser: Any, request_type: type) -> None:
     """Add a request message's fields to a CLI (sub)parser, as both CLIs do:
     one option per field, spelled and typed by the field's metadata
-    (``flag``/``positional``, ``choices``, ``json``, ``argv``, ``help``)."""
+    (``flag``/``positional``, ``choices``, ``json``, ``argv``, ``repeat``, ``help``)."""
     import argparse
 
     for field in attrs.fields(request_type):
@@ -2553,6 +2553,8 @@ def add_request_arguments(parser: Any, request_type: type) -> None:
             kwargs["type"] = _json_arg
         elif meta.get("argv"):
             kwargs["type"] = _argv_arg
+        elif meta.get("repeat"):  # --env A=1 --env B=2: one entry per use
+            kwargs["action"] = "append"
         elif field.type in (int, "int"):
             kwargs["type"] = _int_arg
         spelling, aliases = _field_options(field)
@@ -2582,8 +2584,8 @@ def request_from_arguments(parser: Any, rpc: Rpc, args: Any) -> Any:
     missing = missing_arguments(rpc.request, args)
     if missing:
         parser.error(f"the following arguments are required: {', '.join(missing)}")
-    return rpc.request(**{f.name: getattr(args, f.name) for f in attrs.fields(rpc.request)
-                          if hasattr(args, f.name)})
+    values = {f.name: getattr(args, f.name) for f in attrs.fields(rpc.request) if hasattr(args, f.name)}
+    return rpc.request(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def _build_cli() -> Any:

@@ -291,3 +291,17 @@ async def test_relay_client_has_a_command_per_stream_row(workspace):
                     proc.kill()
                     await proc.wait()
                     await proc.stdout.aclose()
+
+
+def test_repeatable_options_take_one_entry_per_use_on_both_clis():
+    """`--env K=V --env K2=V2` and `--option k=v ...` are lists of whole entries on both
+    CLIs (not one string, and never split into characters)."""
+    rpc = rc.RPC_BY_NAME["RegisterProfile"]
+    words = ["--provider", "codex", "--mode", "pooled", "--option", "approval_policy=untrusted",
+             "--option", "sandbox=read-only", "--env", "A=1", "--env", "B=2"]
+    for parser, leaf in ((relay.build_parser(), ["profile", "register", "cx"]),
+                         (rc._build_cli(), ["register_profile", "cx"])):
+        args = parser.parse_args([*leaf, *words])
+        request = rc.request_from_arguments(_leaf(parser, tuple(leaf[:-1])), rpc, args)
+        assert request.options == ("approval_policy=untrusted", "sandbox=read-only")
+        assert request.env == ("A=1", "B=2")
