@@ -9,6 +9,7 @@ notices and the mock's request log, each bounded by ``trio.fail_after``.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,8 @@ import relay
 from provider_helpers import MOCK_KEY, MOCK_KEY_ENV, claude_binary, codex_binary, mock_model
 from serve_helpers import serving
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow
+STAND_IN = [sys.executable, str(Path(__file__).resolve().parent.parent / "scripts" / "stand_in_provider.py")]
 
 CONFIG = relay.Config(stop_stdin_seconds=2.0, stop_term_seconds=2.0, stop_kill_seconds=2.0,
                       startup_timeout_seconds=20.0, handover_timeout_seconds=10.0,
@@ -93,6 +95,7 @@ def _register_command(mock, cwd: Path, argv: list[str]) -> list[str]:
     return [*mock.prefix(cwd), *argv]
 
 
+@slow
 async def test_real_codex_pooled_reuse_approval_and_interrupt_through_the_relay(tmp_path, monkeypatch):
     """One pooled real Codex serves two borrowers in the same process (same pid)
     with none of the first one's prompt in the second one's model request; an
@@ -161,6 +164,7 @@ async def test_real_codex_pooled_reuse_approval_and_interrupt_through_the_relay(
         assert mock.requests(None) == [] and mock.requests("dns") == []
 
 
+@slow
 async def test_real_claude_one_borrow_session_through_the_relay(tmp_path, monkeypatch):
     """A one-borrow real Claude is pre-spawned warm, runs its holder's turn
     against the mock, and at release is stopped and its session closed; a
@@ -194,3 +198,32 @@ async def test_real_claude_one_borrow_session_through_the_relay(tmp_path, monkey
         messages = mock.requests("messages")
         assert [m["prompt"] for m in messages if m["prompt"] == "hello claude"], messages
         assert mock.requests("dns") == []
+
+
+async def test_a_turns_records_share_group_commits(tmp_path):
+    """The durable records of a turn (its events as the provider sends them,
+    then its result and end event) reach the ledger owner back to back, so a
+    turn costs a few group commits, not one per record (the relay overhead
+    per turn that scripts/bench.py --only runtime measures)."""
+    stand_in = [*STAND_IN, "--provider", "codex"]
+    with trio.fail_after(30):
+        async with serving(tmp_path, CONFIG) as r:
+            await r.ok("RegisterProfile", name="cx", provider="codex", mode="pooled", command=stand_in)
+            row = await _warm(r, "cx")
+            lease = await _borrow(r, "cx", "a")
+            owner = r.server.service.runtime.owner
+            before = owner.statistics().commits
+            turn = await _turn(r, lease, "say hi")
+
+            async def ended():  # the end event is the turn's last record
+                events = [e for e in await _events(r, row["session_id"])
+                          if e["data"].get("turn_id") == turn["turn_id"]]
+                return events if events and events[-1]["kind"] == "turn.completed" else None
+            events = await _until(r, ended)
+            commits = owner.statistics().commits - before
+            results = (await r.ok("ListResults", session_id=row["session_id"]))["records"]
+            records = len(events) + len(results)
+            kinds = [e["kind"] for e in events]
+            assert kinds[0] == "turn.started" and kinds[-1] == "turn.completed" and len(results) == 1
+            # StartTurn, the turn's events with end_turn (one or two), the result with the end event
+            assert records >= 5 and commits <= 5, (commits, records, kinds)  # 9 one by one
