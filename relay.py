@@ -5106,6 +5106,9 @@ class LiveSession:
     lock: Any = attrs.Factory(lambda: trio.Lock())  # StartTurn, interrupt, hand-over: one at a time
     lease_id: str = ""  # the lease whose thread is open (Codex) / the one borrower (one-borrow)
     thread_id: str = ""
+    #: Codex: a fresh thread opened while the session is idle, taken by the next
+    #: lease's first turn (so a warm borrow does not wait for thread/start).
+    spare_thread: str = ""
     used: bool = False  # a one-borrow session served its lease
     turn: _TurnRun | None = None
     approvals: dict[str, Any] = attrs.Factory(dict)  # approval_id -> cancel scope of its timer
@@ -5311,6 +5314,8 @@ class Runtime:
                 await self._start_failed(profile, session_id, why, live)
                 return False
             proc.provider_version = waiter.result.provider_version or ""
+            if profile.mode == "pooled":
+                await self._open_spare(live)
         proc.transition("running", "handshake completed" if profile.provider == "codex"
                         else "spawned (this CLI prints nothing before its first input)")
         self._failures.pop(profile.name, None)
@@ -5591,7 +5596,8 @@ class Runtime:
                 return
             if live.thread_id == "" or live.lease_id != req.lease_id:
                 live.lease_id = req.lease_id
-                live.thread_id = await self._start_thread(live)
+                live.thread_id = live.spare_thread or await self._start_thread(live)
+                live.spare_thread = ""
             waiter = live.expect("accepted")
             await proc.write(proto.send_turn_start(live.thread_id, req.input))
             await self._wait(waiter, "turn/start")
@@ -5701,9 +5707,22 @@ class Runtime:
                     await live.proc.stop("its one lease ended")
                     return
                 if not await self._clean(live):
-                    await self._recycle(live)
+                    await self._recycle(live)  # the new process opens its own spare
+                else:
+                    live.lease_id, live.thread_id = "", ""
+                    await self._open_spare(live)
             finally:
                 live.lease_id, live.thread_id, live.handing_over = "", "", False
+
+    async def _open_spare(self, live: LiveSession) -> None:
+        """Open the next lease's thread now (Codex, pooled), unless one is
+        waiting unused; without one (it failed) that lease opens its own."""
+        if live.spare_thread or not isinstance(live.proc.protocol, CodexProtocol):
+            return
+        try:
+            live.spare_thread = await self._start_thread(live)
+        except (RelayError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            _rlog.info("session %s: no spare thread (%s)", live.session_id, exc)
 
     async def _clean(self, live: LiveSession) -> bool:
         """True when the process is clean for the next borrower."""

@@ -227,3 +227,30 @@ async def test_a_turns_records_share_group_commits(tmp_path):
             assert kinds[0] == "turn.started" and kinds[-1] == "turn.completed" and len(results) == 1
             # StartTurn, the turn's events with end_turn (one or two), the result with the end event
             assert records >= 5 and commits <= 5, (commits, records, kinds)  # 9 one by one
+
+
+async def test_a_warm_pooled_session_holds_a_spare_thread_for_the_next_lease(tmp_path):
+    """A warm pooled Codex session has a fresh thread open before anyone
+    borrows it; the lease's first turn runs on it, and the hand-over opens a
+    new one (not the archived one) for the next lease, whose turn sees no
+    history."""
+    with trio.fail_after(30):
+        async with serving(tmp_path, CONFIG) as r:
+            await r.ok("RegisterProfile", name="cx", provider="codex", mode="pooled",
+                       command=[*STAND_IN, "--provider", "codex"])
+            row = await _warm(r, "cx")
+            live = r.server.service.runtime.sessions[row["session_id"]]
+            spare = live.spare_thread
+            assert spare
+            a = await _borrow(r, "cx", "a")
+            first = await _ended(r, (await _turn(r, a, "one"))["turn_id"])
+            assert live.thread_id == spare and live.spare_thread == ""
+            assert "(history 0)" in first["output_text"]
+            await r.ok("ReleaseLease", lease_id=a["lease_id"])
+
+            async def reopened():
+                return live.spare_thread if live.spare_thread not in ("", spare) else None
+            nxt = await _until(r, reopened)
+            b = await _borrow(r, "cx", "b", session=row["session_id"])
+            second = await _ended(r, (await _turn(r, b, "two"))["turn_id"])
+            assert live.thread_id == nxt and "(history 0)" in second["output_text"]
