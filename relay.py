@@ -5106,11 +5106,16 @@ class LiveSession:
     lock: Any = attrs.Factory(lambda: trio.Lock())  # StartTurn, interrupt, hand-over: one at a time
     lease_id: str = ""  # the lease whose thread is open (Codex) / the one borrower (one-borrow)
     thread_id: str = ""
+    #: Codex: a fresh thread opened while the session is idle, taken by the next
+    #: lease's first turn (so a warm borrow does not wait for thread/start).
+    spare_thread: str = ""
     used: bool = False  # a one-borrow session served its lease
     turn: _TurnRun | None = None
     approvals: dict[str, Any] = attrs.Factory(dict)  # approval_id -> cancel scope of its timer
     waiters: dict[str, _Waiter] = attrs.Factory(dict)
     handing_over: bool = False
+    #: Records queued for commit and not yet seen committed: (kind, _Pending).
+    unconfirmed: list[tuple[str, Any]] = attrs.Factory(list)
 
     def expect(self, name: str) -> _Waiter:
         waiter = self.waiters[name] = _Waiter()
@@ -5309,6 +5314,8 @@ class Runtime:
                 await self._start_failed(profile, session_id, why, live)
                 return False
             proc.provider_version = waiter.result.provider_version or ""
+            if profile.mode == "pooled":
+                await self._open_spare(live)
         proc.transition("running", "handshake completed" if profile.provider == "codex"
                         else "spawned (this CLI prints nothing before its first input)")
         self._failures.pop(profile.name, None)
@@ -5390,9 +5397,14 @@ class Runtime:
                         if live.turn is not None and event.stream == "text":
                             live.turn.text.append(event.delta)
                 self._publish_deltas(live, deltas)
+                # The durable records go to the ledger owner without waiting
+                # for their commit (its channel keeps their order): stdout is
+                # read on meanwhile, and a turn's records share group commits.
+                queued: list[tuple[str, Mutation]] = []
                 for event in batch:
                     if not isinstance(event, ItemDelta):
-                        await self._on_event(live, event)
+                        await self._on_event(live, event, queued)
+                await self._send_records(live, queued)
         finally:
             # Bounded even when shielded: a child that survives SIGKILL, or a
             # ledger owner already gone (a cancelled serve), must not hang us.
@@ -5411,7 +5423,10 @@ class Runtime:
             self.hub.publish(f"events:{live.session_id}", frame)
             self.hub.publish("events:*", frame)
 
-    async def _on_event(self, live: LiveSession, event: WireEvent) -> None:
+    async def _on_event(self, live: LiveSession, event: WireEvent,
+                        queued: list[tuple[str, Mutation]]) -> None:
+        """Act on one provider event; its durable record (if any) joins ``queued``
+        (a turn's end first commits what is queued, then ends the turn)."""
         kind = event.kind
         if kind in ("handshake.completed", "handshake.failed"):
             live.resolve("handshake", event)
@@ -5451,22 +5466,51 @@ class Runtime:
             run.started.set()
         turn_id = run.turn.turn_id if run is not None else None
         if kind in _END_STATES and run is not None:
+            await self._send_records(live, queued)  # _end_turn's commits come after these
             text = event.output_text or "".join(run.text)
             await self._end_turn(live, _END_STATES[kind], event.error or "", text, event.usage,
                                  event_data(event, turn_id))
             return
-        await self._append(live.session_id, "AppendEvent", kind, event_data(event, turn_id))
+        queued.append((kind, self._record(live.session_id, "AppendEvent", kind, event_data(event, turn_id))))
 
-    async def _append(self, session_id: str, rpc: str, kind: str, data: Any) -> None:
+    def _record(self, session_id: str, rpc: str, kind: str, data: Any) -> Mutation:
+        """The mutation that appends one runtime record (an oversized one trimmed)."""
         if len(_canonical(data)) > self.config.max_record_bytes and isinstance(data, dict):
             data = dict(data, native={"omitted": True})
             for key in ("text", "output", "output_text"):
                 if isinstance(data.get(key), str):
                     data[key] = data[key][: self.config.max_record_bytes // 2]
-        try:
-            await self.owner.submit(rpc_mutation(rpc, rc.AppendRecordRequest(session_id, kind, data)))
-        except RelayError as exc:
-            _rlog.error("session %s: cannot record %s: %s", session_id, kind, exc.message)
+        return rpc_mutation(rpc, rc.AppendRecordRequest(session_id, kind, data))
+
+    async def _send_records(self, live: LiveSession, queued: list[tuple[str, Mutation]]) -> None:
+        """Queue the ``(kind, mutation)`` records for commit, in order, without
+        waiting; log the ones seen failed since the last call."""
+        records, queued[:] = list(queued), []
+        if records:
+            pendings = await self.owner.enqueue([mutation for _, mutation in records])
+            live.unconfirmed += [(kind, p) for (kind, _), p in zip(records, pendings, strict=True)]
+        still = []
+        for kind, pending in live.unconfirmed:
+            if not pending.done.is_set():
+                still.append((kind, pending))
+            elif isinstance(pending.result, RelayError):
+                _rlog.error("session %s: cannot record %s: %s", live.session_id, kind,
+                            pending.result.message)
+        live.unconfirmed = still
+
+    async def _flush(self, session_id: str, queued: list[tuple[str, Mutation]]) -> None:
+        """Commit the ``(kind, mutation)`` records queued, in order, in as few
+        group commits as the owner allows (one, when nothing else is queued)."""
+        records, queued[:] = list(queued), []
+        if not records:
+            return
+        results = await self.owner.submit_many([mutation for _, mutation in records])
+        for (kind, _), result in zip(records, results, strict=True):
+            if isinstance(result, RelayError):
+                _rlog.error("session %s: cannot record %s: %s", session_id, kind, result.message)
+
+    async def _append(self, session_id: str, rpc: str, kind: str, data: Any) -> None:
+        await self._flush(session_id, [(kind, self._record(session_id, rpc, kind, data))])
 
     async def _end_turn(self, live: LiveSession, state: str, error: str, text: str = "",
                         usage: Any = None, data: dict[str, Any] | None = None) -> None:
@@ -5485,10 +5529,11 @@ class Runtime:
                 led, turn.turn_id, state, text, error, usage, ctx), "end_turn"))
             if reply is not None:
                 turn = attrs.evolve(reply.turn, output_text=text)  # the whole text in the result
-        await self._append(live.session_id, "AppendResult", f"turn.{state}", to_json(turn))
         if data is None:  # ended by the relay, not by the provider: say so in the stream too
             data = {"turn_id": turn.turn_id, "error": error, "by": "relay"}
-        await self._append(live.session_id, "AppendEvent", f"turn.{state}", data)
+        sid, kind = live.session_id, f"turn.{state}"
+        await self._flush(sid, [(kind, self._record(sid, "AppendResult", kind, to_json(turn))),
+                                (kind, self._record(sid, "AppendEvent", kind, data))])  # in this order
         run.state = state
         run.ended.set()
 
@@ -5551,7 +5596,8 @@ class Runtime:
                 return
             if live.thread_id == "" or live.lease_id != req.lease_id:
                 live.lease_id = req.lease_id
-                live.thread_id = await self._start_thread(live)
+                live.thread_id = live.spare_thread or await self._start_thread(live)
+                live.spare_thread = ""
             waiter = live.expect("accepted")
             await proc.write(proto.send_turn_start(live.thread_id, req.input))
             await self._wait(waiter, "turn/start")
@@ -5661,9 +5707,22 @@ class Runtime:
                     await live.proc.stop("its one lease ended")
                     return
                 if not await self._clean(live):
-                    await self._recycle(live)
+                    await self._recycle(live)  # the new process opens its own spare
+                else:
+                    live.lease_id, live.thread_id = "", ""
+                    await self._open_spare(live)
             finally:
                 live.lease_id, live.thread_id, live.handing_over = "", "", False
+
+    async def _open_spare(self, live: LiveSession) -> None:
+        """Open the next lease's thread now (Codex, pooled), unless one is
+        waiting unused; without one (it failed) that lease opens its own."""
+        if live.spare_thread or not isinstance(live.proc.protocol, CodexProtocol):
+            return
+        try:
+            live.spare_thread = await self._start_thread(live)
+        except (RelayError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            _rlog.info("session %s: no spare thread (%s)", live.session_id, exc)
 
     async def _clean(self, live: LiveSession) -> bool:
         """True when the process is clean for the next borrower."""
@@ -5773,6 +5832,27 @@ class LedgerOwner:
         if isinstance(pending.result, BaseException):
             raise pending.result
         return pending.result
+
+    async def enqueue(self, mutations: list[Mutation]) -> list[_Pending]:
+        """Queue ``mutations`` back to back (one group commit takes them all,
+        in order, room permitting) without waiting for their commit: each
+        ``_Pending`` is ``done`` once committed, its ``result`` the mutation's
+        reply or its RelayError.  The channel keeps the order of everything
+        queued, so a later ``submit`` commits after these."""
+        pendings = [_Pending(mutation, trio.Event()) for mutation in mutations]
+        for pending in pendings:
+            try:
+                self._send.send_nowait(pending)  # no checkpoint: the owner cannot take a part
+            except trio.WouldBlock:
+                await self._send.send(pending)  # full: wait for room (back-pressure)
+        return pendings
+
+    async def submit_many(self, mutations: list[Mutation]) -> list[Any]:
+        """``enqueue`` and wait for every reply (each a result or a RelayError, not raised)."""
+        pendings = await self.enqueue(mutations)
+        for pending in pendings:
+            await pending.done.wait()
+        return [pending.result for pending in pendings]
 
     async def run(self, *, task_status: TaskStatus[None] = _TASK_STATUS_IGNORED) -> None:
         self.ledger = await trio.to_thread.run_sync(self._read_current)

@@ -10,6 +10,7 @@ machine moves both sides alike.
     .venv/bin/python scripts/bench.py --quick         # smoke run, few repetitions
     .venv/bin/python scripts/bench.py --only history  # one section (repeatable)
     .venv/bin/python scripts/bench.py --list          # the sections
+    .venv/bin/python scripts/bench.py --only runtime  # the live runtime (stand-in and real Codex vs the mock)
     .venv/bin/python scripts/bench.py --scale         # N = 10 .. 10,000 scaling table (~4 min)
     .venv/bin/python scripts/bench.py --only http_status --only http_mutations \
         --only ws_leases --only sse_fanout --only sse_memory   # the serving sections
@@ -1439,6 +1440,479 @@ def sse_memory(bench: Bench) -> list[Figure]:
                samples={"rss_kib": rss}),
         Figure("sse_memory.rss_1000", f"server RSS with {n} idle subscribers", rss["full"], "KiB",
                rss["idle"], "server idle RSS", note="information"),
+    ]
+
+
+################################################################
+# The live runtime (issue 11): warm pools, turns, deltas, overhead, RSS
+################################################################
+
+# One relay server child (``[providers.*]`` in its flow/relay.toml pointing at
+# scripts/mock_model.py, a child too) owns every provider process here: the
+# pinned real Codex (``openai-codex-cli-bin``) where a figure is about the real
+# CLI, scripts/stand_in_provider.py where it is about the relay's own
+# throughput and latency.  The baselines drive the same binaries directly with
+# relay.py's protocol classes, with the same home files and environment
+# (``provider_home_files`` / ``provider_env``), in the same run, interleaved.
+
+RUNTIME_KEY_ENV = "FLOW_RELAY_BENCH_MOCK_KEY"
+STAND_IN = [sys.executable, str(REPO / "scripts" / "stand_in_provider.py")]
+#: Any single wait in the runtime section (seconds).
+RUNTIME_PATIENCE = 60.0
+
+
+def codex_path() -> str | None:
+    try:
+        import codex_cli_bin
+    except ImportError:
+        return None
+    return str(codex_cli_bin.bundled_codex_path())
+
+
+@contextlib.contextmanager
+def mock_model_child(parent: Path) -> Iterator[int]:
+    """scripts/mock_model.py on 127.0.0.1; yields its port."""
+    log = parent / "mock.log"
+    argv = [sys.executable, str(REPO / "scripts" / "mock_model.py"), "--hold-seconds", "30"]
+    with child_process(argv, parent, dict(os.environ), log) as proc:
+        line = first_line(proc, "mock_model", log)
+        word, port = line.split()
+        if word != "PORT":
+            raise BenchError(f"mock_model printed {line!r}")
+        yield int(port)
+
+
+def pgroup_rss_kib(pgid: int) -> int:
+    """VmRSS summed over the processes of group ``pgid`` (a CLI and its helpers)."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_bytes().rsplit(b")", 1)[1].split()
+            if int(stat[2]) == pgid:
+                total += rss_kib(int(entry.name))
+        except (OSError, BenchError, IndexError, ValueError):
+            continue
+    return total
+
+
+class DirectCli:
+    """A provider CLI driven directly with a relay.py protocol object (the baselines)."""
+
+    def __init__(self, proc: Any, proto: Any) -> None:
+        self.proc, self.proto, self.events = proc, proto, []
+
+    @classmethod
+    async def start(cls, argv: list[str], env: dict[str, str], cwd: Path, proto: Any) -> DirectCli:
+        import trio
+
+        proc = await trio.lowlevel.open_process(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                                stderr=subprocess.DEVNULL, env=env, cwd=str(cwd),
+                                                start_new_session=True)
+        return cls(proc, proto)
+
+    async def send(self, data: bytes) -> None:
+        await self.proc.stdin.send_all(data)
+
+    async def until(self, test: Callable[[Any], bool], on_data: Callable[[Any], None] | None = None) -> Any:
+        """Read stdout until an event passes ``test``; ``on_data(event)`` sees each event as it arrives."""
+        import trio
+
+        with trio.fail_after(RUNTIME_PATIENCE):
+            while True:
+                while self.events:
+                    event = self.events.pop(0)
+                    if on_data is not None:
+                        on_data(event)
+                    if test(event):
+                        return event
+                data = await self.proc.stdout.receive_some(1 << 16)
+                if not data:
+                    raise BenchError("the provider's stdout ended")
+                self.events += self.proto.receive_data(data)
+                if out := self.proto.data_to_send():
+                    await self.send(out)
+
+    async def codex_open(self, cwd: Path) -> str:
+        await self.send(self.proto.send_initialize())
+        await self.until(lambda e: e.kind == "handshake.completed")
+        await self.send(self.proto.send_thread_start(cwd=str(cwd)))
+        return (await self.until(lambda e: e.kind == "thread.started")).thread_id
+
+    async def aclose(self) -> None:
+        import trio
+
+        with trio.CancelScope(shield=True):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            await self.proc.wait()
+            await self.proc.stdin.aclose()
+            await self.proc.stdout.aclose()
+
+
+def _ended(event: Any) -> bool:
+    return event.kind in ("turn.completed", "turn.failed", "turn.interrupted")
+
+
+class SessionSse:
+    """``GET /events?session=SID`` over one connection (h11): frames with their arrival time."""
+
+    def __init__(self, stream: Any) -> None:
+        import h11
+
+        self.stream, self.conn, self.buf = stream, h11.Connection(h11.CLIENT), b""
+
+    @classmethod
+    async def open(cls, port: int, sid: str) -> SessionSse:
+        import h11
+        import trio
+
+        self = cls(await trio.open_tcp_stream(LOOPBACK, port))
+        request = h11.Request(method="GET", target=f"/events?session={sid}",
+                              headers=[("Host", f"{LOOPBACK}:{port}"), ("Accept", "text/event-stream")])
+        await self.stream.send_all(self.conn.send(request) + self.conn.send(h11.EndOfMessage()))
+        while b": connected" not in self.buf:
+            await self._more()
+        return self
+
+    async def _more(self) -> None:
+        import h11
+
+        while True:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                self.conn.receive_data(await self.stream.receive_some(65536))
+            elif isinstance(event, h11.Response):
+                if event.status_code != 200:
+                    raise BenchError(f"SSE refused: HTTP {event.status_code}")
+            elif isinstance(event, h11.Data):
+                self.buf += bytes(event.data)
+                return
+            else:
+                raise BenchError("the SSE stream ended")
+
+    async def next(self) -> tuple[str, dict[str, Any], float]:
+        """The next frame: (event name, data, wall-clock time at arrival: the stand-in stamps with it)."""
+        while True:
+            while b"\n\n" not in self.buf:
+                await self._more()
+            arrived = time.time()
+            frame, _, self.buf = self.buf.partition(b"\n\n")
+            name, data = "message", None
+            for line in frame.decode().splitlines():
+                field, _, value = line.partition(":")
+                if field == "event":
+                    name = value.strip()
+                elif field == "data":
+                    data = json.loads(value)
+            if data is not None:
+                return name, data, arrived
+
+    async def until_end(self, turn_id: str, on_delta: Callable[[dict[str, Any], float], None] | None = None
+                        ) -> dict[str, Any]:
+        import trio
+
+        with trio.fail_after(RUNTIME_PATIENCE):
+            while True:
+                name, data, arrived = await self.next()
+                if name == "delta" and on_delta is not None:
+                    on_delta(data, arrived)
+                elif data.get("kind") in rc.TURN_END_KINDS and data["data"].get("turn_id") == turn_id:
+                    return data
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+class RuntimeRun:
+    """The relay server's HTTP face for the runtime section."""
+
+    def __init__(self, client: Any, port: int) -> None:
+        self.client, self.port = client, port
+
+    async def call(self, method: str, **fields: Any) -> dict[str, Any]:
+        return reply_json(await self.client.post(f"/{rc.SERVICE}/{method}", json=fields), method)
+
+    async def warm(self, profile: str, n: int) -> list[dict[str, Any]]:
+        import trio
+
+        with trio.fail_after(RUNTIME_PATIENCE):
+            while True:
+                rows = [s for s in (await self.call("ListSessions", profile=profile))["sessions"]
+                        if s["state"] == "ready" and s["process"]["state"] == "running"]
+                if len(rows) >= n:
+                    return rows
+                await trio.sleep(0.05)
+
+    async def lendable(self, sid: str) -> None:
+        """Until ``sid`` is warm and unleased again (the hand-over at release is done)."""
+        import trio
+
+        with trio.fail_after(RUNTIME_PATIENCE):
+            while True:
+                (row,) = [s for s in (await self.call("ListSessions"))["sessions"] if s["session_id"] == sid]
+                if row["state"] == "ready" and row["process"]["state"] == "running":
+                    await trio.sleep(0.3)  # the archive of the last thread (no projection shows it)
+                    return
+                await trio.sleep(0.05)
+
+    async def turn(self, lease: dict[str, Any], text: str) -> dict[str, Any]:
+        return (await self.call("StartTurn", session_id=lease["session_id"], lease_id=lease["lease_id"],
+                                fencing_token=lease["fencing_token"], input=text))["turn"]
+
+
+def codex_home(parent: Path, name: str, endpoint: Any) -> tuple[dict[str, str], Path]:
+    """A direct Codex run's home and environment, as the runtime writes them."""
+    home, tmp, work = parent / name / "home", parent / name / "tmp", parent / name / "work"
+    for d in (home, tmp, work):
+        d.mkdir(parents=True, exist_ok=True)
+    for rel, data in relay.provider_home_files(endpoint).items():
+        (home / rel).write_bytes(data)
+    env = {**os.environ, **relay.provider_env(endpoint, home=str(home), tmpdir=str(tmp),
+                                              api_key="mock-key-not-a-secret")}
+    return env, work
+
+
+async def runtime_run(bench: Bench, root: Path, server: Served, mock_port: int, codex: str | None
+                      ) -> dict[str, Any]:
+    import httpx2
+    import trio
+
+    out: dict[str, Any] = {}
+    n = bench.reps(12, 3)
+    async with httpx2.AsyncClient(base_url=server.url, timeout=RUNTIME_PATIENCE) as client:
+        r = RuntimeRun(client, server.port)
+        standin = [*STAND_IN, "--provider", "codex"]
+        await r.call("RegisterProfile", name="s1", provider="codex", mode="pooled", command=standin)
+        await r.call("RegisterProfile", name="s4", provider="codex", mode="pooled", command=standin,
+                     pool_size=4)
+        await r.call("RegisterProfile", name="st", provider="codex", mode="pooled",
+                     command=[*standin, "--slow-ms", "10"])
+        if codex:
+            await r.call("RegisterProfile", name="cx", provider="codex", mode="pooled",
+                         command=[codex, "app-server"], pool_size=2)
+
+        # -- turn throughput: 4 pooled stand-in sessions vs 1
+        async def throughput(profile: str, sessions: int, turns: int) -> float:
+            rows = await r.warm(profile, sessions)
+            leases = [(await r.call("Borrow", holder=f"tp-{s['session_id']}",
+                                    session_id=s["session_id"]))["lease"] for s in rows[:sessions]]
+            streams = [await SessionSse.open(r.port, lease["session_id"]) for lease in leases]
+
+            async def worker(lease: dict[str, Any], sse: SessionSse) -> None:
+                for i in range(turns):
+                    await sse.until_end((await r.turn(lease, f"turn {i}"))["turn_id"])
+
+            started = time.perf_counter()
+            async with trio.open_nursery() as nursery:
+                for lease, sse in zip(leases, streams, strict=True):
+                    nursery.start_soon(worker, lease, sse)
+            took = time.perf_counter() - started
+            for lease, sse in zip(leases, streams, strict=True):
+                await sse.aclose()
+                await r.call("ReleaseLease", lease_id=lease["lease_id"])
+            return sessions * turns / took
+
+        k = bench.reps(40, 8)
+        progress(f"runtime: throughput, {k} turns per session on 1 and on 4 pooled stand-in sessions")
+        out["tp1"], out["tp4"] = [], []
+        for _ in range(bench.reps(3, 1)):
+            out["tp1"].append(await throughput("s1", 1, k))
+            out["tp4"].append(await throughput("s4", 4, k))
+
+        # -- delta latency: stand-in stdout -> SSE subscriber, vs -> a direct reader
+        progress("runtime: delta latency, @stamp turns through the relay and read directly")
+        text = "@stamp @slow " + "w " * bench.reps(100, 30)
+        (row,) = await r.warm("st", 1)
+        lease = (await r.call("Borrow", holder="lat", session_id=row["session_id"]))["lease"]
+        sse = await SessionSse.open(r.port, row["session_id"])
+        relayed: list[float] = []
+        direct: list[float] = []
+
+        def lag_of(into: list[float], delta: str, arrived: float) -> None:
+            into += [arrived - float(x) for x in delta.split()]
+
+        env, work = codex_home(root, "standin-direct", relay.provider_endpoint(
+            "codex", {"base_url": f"http://{LOOPBACK}:{mock_port}/v1", "api_key_env": RUNTIME_KEY_ENV},
+            environ={}))
+        cli = await DirectCli.start([*standin, "--slow-ms", "10"], env, work, relay.CodexProtocol())
+        try:
+            thread_id = await cli.codex_open(work)
+            for _ in range(bench.reps(3, 1)):
+                turn = await r.turn(lease, text)
+                await sse.until_end(turn["turn_id"], lambda d, t: lag_of(relayed, d["delta"], t))
+                await cli.send(cli.proto.send_turn_start(thread_id, text))
+                await cli.until(_ended, lambda e: lag_of(direct, e.delta, time.time())
+                                if isinstance(e, relay.ItemDelta) else None)
+        finally:
+            await cli.aclose()
+            await sse.aclose()
+        await r.call("ReleaseLease", lease_id=lease["lease_id"])
+        out["lag_relay"], out["lag_direct"] = relayed, direct
+
+        if not codex:
+            return out
+        endpoint = relay.provider_endpoint("codex", {"base_url": f"http://{LOOPBACK}:{mock_port}/v1",
+                                                     "api_key_env": RUNTIME_KEY_ENV}, environ={})
+        rows = await r.warm("cx", 2)
+        sid = rows[0]["session_id"]
+        out["rss_warm"] = [pgroup_rss_kib(s["process"]["pid"]) for s in rows]
+        env, work = codex_home(root, "rss", endpoint)
+        cli = await DirectCli.start([codex, "app-server"], env, work, relay.CodexProtocol())
+        try:  # the same point as a warm session: handshaken, with its spare thread open
+            await cli.codex_open(work)
+            out["rss_direct"] = pgroup_rss_kib(cli.proc.pid)
+        finally:
+            await cli.aclose()
+        sse = await SessionSse.open(r.port, sid)
+
+        # -- borrow-to-first-token: warm pooled session vs the CLI spawned cold
+        async def warm_once() -> float:
+            await r.lendable(sid)
+            first: list[float] = []
+            started = time.time()
+            lease = (await r.call("Borrow", holder="warm", session_id=sid))["lease"]
+            borrowed = time.time()
+            turn = await r.turn(lease, "first token please")
+            accepted = time.time()
+            await sse.until_end(turn["turn_id"], lambda d, t: first.append(t) if not first else None)
+            await r.call("ReleaseLease", lease_id=lease["lease_id"])
+            if not first:
+                raise BenchError("the warm turn streamed no delta")
+            split["borrow"].append(borrowed - started)
+            split["start"].append(accepted - borrowed)
+            split["token"].append(first[0] - accepted)
+            return first[0] - started
+
+        split: dict[str, list[float]] = {"borrow": [], "start": [], "token": []}
+
+        counter = itertools.count()
+
+        async def cold_once() -> float:
+            env, work = codex_home(root, f"cold-{next(counter)}", endpoint)
+            started = time.time()
+            cli = await DirectCli.start([codex, "app-server"], env, work, relay.CodexProtocol())
+            try:
+                thread_id = await cli.codex_open(work)
+                await cli.send(cli.proto.send_turn_start(thread_id, "first token please"))
+                await cli.until(lambda e: isinstance(e, relay.ItemDelta))
+                return time.time() - started
+            finally:
+                await cli.aclose()
+
+        progress(f"runtime: {n} rounds of warm borrow-to-first-token vs a cold real Codex spawn")
+        out["warm"], out["cold"] = await ainterleave({"warm": warm_once, "cold": cold_once}, n, 1)
+        out["warm_split"] = {k: statistics.median(v) * 1e3 for k, v in split.items()}
+
+        # -- relay overhead per turn: one lease on the warm session vs one direct Codex thread
+        await r.lendable(sid)
+        lease = (await r.call("Borrow", holder="overhead", session_id=sid))["lease"]
+        env, work = codex_home(root, "direct", endpoint)
+        cli = await DirectCli.start([codex, "app-server"], env, work, relay.CodexProtocol())
+        try:
+            thread_id = await cli.codex_open(work)
+            count = itertools.count()
+
+            commits = {"n": 0.0, "seconds": 0.0, "turns": 0}
+
+            async def via_relay() -> float:
+                before = await trio.to_thread.run_sync(scrape, server)
+                started = time.perf_counter()
+                await sse.until_end((await r.turn(lease, f"say hi {next(count)}"))["turn_id"])
+                took = time.perf_counter() - started
+                after = await trio.to_thread.run_sync(scrape, server)
+                commits["n"] += after["relay_commit_seconds_count"] - before["relay_commit_seconds_count"]
+                commits["seconds"] += after["relay_commit_seconds_sum"] - before["relay_commit_seconds_sum"]
+                commits["turns"] += 1
+                return took
+
+            async def direct_turn() -> float:
+                started = time.perf_counter()
+                await cli.send(cli.proto.send_turn_start(thread_id, f"say hi {next(count)}"))
+                await cli.until(_ended)
+                return time.perf_counter() - started
+
+            progress(f"runtime: {n} rounds of a real Codex turn through the relay vs driven directly")
+            out["relay_turn"], out["direct_turn"] = await ainterleave(
+                {"relay": via_relay, "direct": direct_turn}, n, 1)
+            out["commits"] = commits
+        finally:
+            await cli.aclose()
+            await sse.aclose()
+        await r.call("ReleaseLease", lease_id=lease["lease_id"])
+    return out
+
+
+async def ainterleave(subjects: dict[str, Callable[[], Any]], n: int, warmup: int) -> tuple[list[float], ...]:
+    """``interleave`` for coroutine functions; the kept durations per subject, in order."""
+    names = list(subjects)
+    kept: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(warmup + n):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            took = await subjects[name]()
+            if i >= warmup:
+                kept[name].append(took)
+    return tuple(kept[name] for name in names)
+
+
+@section("runtime", "the live runtime: warm vs cold first token, pooled throughput, delta lag, "
+                    "overhead vs direct, RSS")
+def runtime(bench: Bench) -> list[Figure]:
+    codex = codex_path()
+    with workspace(bench) as root, contextlib.ExitStack() as stack:
+        port = stack.enter_context(mock_model_child(root))
+        (root / "flow").mkdir()
+        (root / "flow" / "relay.toml").write_text(
+            f'[providers.codex]\nbase_url = "http://{LOOPBACK}:{port}/v1"\n'
+            f'api_key_env = "{RUNTIME_KEY_ENV}"\n', encoding="utf-8")
+        env = {**bench.env, RUNTIME_KEY_ENV: "mock-key-not-a-secret"}
+        server = stack.enter_context(relay_server(
+            Bench(bench.quick, bench.python, env, bench.tmp_parent, bench.notes, bench.profile_dir),
+            root, "runtime"))
+        out = run_trio(runtime_run, bench, root, server, port, codex)
+    lag_r, lag_d = sorted(out["lag_relay"]), sorted(out["lag_direct"])
+    p = {name: {q: percentile(xs, q) * 1e3 for q in (50, 99)} for name, xs in
+         (("relay", lag_r), ("direct", lag_d))}
+    tp1, tp4 = statistics.median(out["tp1"]), statistics.median(out["tp4"])
+    figures = [
+        Figure("runtime.throughput_4", "turns/s on 4 pooled stand-in sessions", tp4, "ops/s", tp1,
+               "turns/s on 1 pooled stand-in session", note="each session runs its turns back to back; "
+               "information (2 cores run the relay, the stand-ins and this client)",
+               samples={"tp4": out["tp4"], "tp1": out["tp1"]}),
+        Figure("runtime.delta_p50", "delta lag, stand-in stdout -> SSE subscriber, p50", p["relay"][50],
+               "ms", p["direct"][50], "the same stdout read directly, p50", note=f"{len(lag_r)} tokens; "
+               "information"),
+        Figure("runtime.delta_p99", "delta lag, stand-in stdout -> SSE subscriber, p99", p["relay"][99],
+               "ms", p["direct"][99], "the same stdout read directly, p99", "<= 50", on="value",
+               note=f"{len(lag_r)} tokens, 10 ms apart; target on the value (ms)"),
+    ]
+    if codex is None:
+        why = "openai-codex-cli-bin is not installed (pip install -e '.[test]')"
+        return figures + [skipped_figure(f"runtime.{k}", k, "ms", why)
+                          for k in ("warm_first_token", "overhead_per_turn", "rss_per_session")]
+    rss = statistics.mean(out["rss_warm"])
+    commits = out["commits"]
+    commits_per_turn = commits["n"] / max(commits["turns"], 1)
+    commit_ms = 1e3 * commits["seconds"] / max(commits["n"], 1)
+    return figures + [
+        time_figure("runtime.warm_first_token", "borrow -> first token, warm pooled real Codex",
+                    out["warm"], out["cold"], "spawn real Codex cold -> first token (same turn)",
+                    "<= 0.333", note="Borrow + StartTurn (a fresh thread) + first delta on SSE vs "
+                    "spawn + initialize + thread/start + turn/start + first delta; target: >= 3x faster; "
+                    "warm medians: Borrow {borrow:.1f} ms, StartTurn (turn/start on the spare thread) "
+                    "{start:.1f} ms, then first delta {token:.1f} ms".format(**out["warm_split"])),
+        time_figure("runtime.overhead_per_turn", "real Codex turn through the relay (StartTurn -> "
+                    "turn.completed on SSE)", out["relay_turn"], out["direct_turn"],
+                    "the same turn driven directly with relay.CodexProtocol", "<= 1.2",
+                    note="both against scripts/mock_model.py, one thread each, interleaved; the relay "
+                    f"made {commits_per_turn:.1f} durable group commits per turn ({commit_ms:.1f} ms each; "
+                    "StartTurn, the terminal state and the result+end event wait on theirs)"),
+        Figure("runtime.rss_per_session", "RSS per warm pooled real Codex session", rss, "KiB",
+               out["rss_direct"], "a directly driven real Codex, handshaken, one thread open",
+               note=f"VmRSS summed over the session's process group; sessions {out['rss_warm']}; "
+                    "information"),
     ]
 
 
