@@ -337,3 +337,16 @@ def no_leaks() -> Any:
             targets[fd] = os.readlink(f"/proc/self/fd/{fd}")
     assert not targets, f"file descriptors left open: {targets}"
     assert child_pids() - children == set(), "child processes left behind (running or zombie)"
+
+
+#: The stand-in provider (scripts/stand_in_provider.py) as a --command prefix.
+STAND_IN = [sys.executable, str(ROOT / "scripts" / "stand_in_provider.py")]
+
+
+def process_alive(pid: int) -> bool:
+    """True while ``pid`` is a process that has not exited (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False

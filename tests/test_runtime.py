@@ -16,18 +16,9 @@ import relay
 import relay_client as rc
 
 ROOT = Path(__file__).resolve().parent.parent
-STAND_IN = [sys.executable, str(ROOT / "scripts" / "stand_in_provider.py")]
 FAST = relay.Config(stop_stdin_seconds=1.0, stop_term_seconds=1.0, stop_kill_seconds=1.0,
                     startup_timeout_seconds=5.0, handover_timeout_seconds=2.0,
                     approval_timeout_seconds=30.0)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
 
 
 def _proc(tmp_path: Path, *args: str, provider: str = "codex") -> relay.ProviderProcess:
@@ -64,7 +55,7 @@ async def test_provider_runs_in_its_own_group_and_stops_on_stdin_close(tmp_path)
             assert done.provider_version == "0.163.0-standin"
             await proc.stop("test")
     assert proc.state == "exited" and proc.returncode == 0
-    assert not _alive(proc.pid)
+    assert not process_alive(proc.pid)
     assert any("pid" in line for line in proc.stderr)
 
 
@@ -87,7 +78,7 @@ async def test_stop_escalates_to_sigkill_of_the_group(tmp_path):
             took = trio.current_time() - started
     assert proc.returncode == -signal.SIGKILL
     assert 2.0 <= took < 4.0  # stdin wait + SIGTERM wait, then SIGKILL at once
-    assert not _alive(proc.pid)
+    assert not process_alive(proc.pid)
 
 
 def test_orphans_of_a_dead_server_are_killed(tmp_path):
@@ -121,7 +112,7 @@ def test_orphans_of_a_dead_server_are_killed(tmp_path):
 
 # -- the runtime in a real server ----------------------------------------------------
 
-from serve_helpers import serving  # noqa: E402
+from serve_helpers import process_alive, STAND_IN, serving  # noqa: E402
 
 CODEX = ["--command", " ".join([*STAND_IN, "--provider", "codex"])]
 
@@ -185,12 +176,12 @@ async def test_pool_keeps_warm_handshaken_sessions(tmp_path):
             rows = await _warm(r, "cx", 2)
             assert {s["process"]["provider_version"] for s in rows} == {"0.163.0-standin"}
             pids = {s["process"]["pid"] for s in rows}
-            assert len(pids) == 2 and all(_alive(p) for p in pids)
+            assert len(pids) == 2 and all(process_alive(p) for p in pids)
             for s in rows:  # each in its own group, with its own scratch
                 assert os.getpgid(s["process"]["pid"]) == s["process"]["pid"]
                 assert (tmp_path / "flow/tmp/relay/sessions" / s["session_id"] / "home").is_dir()
         # serve stopped: no provider outlives it, and none is left recorded
-        assert not any(_alive(p) for p in pids)
+        assert not any(process_alive(p) for p in pids)
         assert '"processes": []' in (tmp_path / "flow/tmp/relay/providers.json").read_text()
 
 
@@ -340,13 +331,13 @@ async def test_pooled_hand_over_leaks_no_history_or_processes(tmp_path):
             t2 = await _ended(r, (await _turn(r, a, "two @background @pwd"))["turn_id"])
             assert "(history 1)" in t2["output_text"] and "(history 0)" in t1["output_text"]
             bg = int(t2["output_text"].split("[background pid ")[1].split("]")[0])
-            assert _alive(bg)
+            assert process_alive(bg)
             await r.ok("ReleaseLease", lease_id=a["lease_id"])
             b = await _borrow(r, "cx", "b", session=sid)
             t3 = await _ended(r, (await _turn(r, b, "three @pwd"))["turn_id"])
             assert "(history 0)" in t3["output_text"]  # a fresh thread: none of a's history
             assert t3["output_text"].split("[cwd ")[1] == t2["output_text"].split("[cwd ")[1]
-            assert not _alive(bg)
+            assert not process_alive(bg)
             (now,) = [s for s in await _sessions(r, "cx") if s["session_id"] == sid]
             assert now["process"]["pid"] == first_pid  # archive sufficed: no recycle
             # a command that survives its thread's archive: the process is recycled
@@ -356,7 +347,7 @@ async def test_pooled_hand_over_leaks_no_history_or_processes(tmp_path):
             c = await _borrow(r, "cx", "c", session=sid)
             t5 = await _ended(r, (await _turn(r, c, "five"))["turn_id"])
             assert t5["state"] == "completed" and "(history 0)" in t5["output_text"]
-            assert not _alive(detached) and not _alive(first_pid)
+            assert not process_alive(detached) and not process_alive(first_pid)
             (now,) = [s for s in await _sessions(r, "cx") if s["session_id"] == sid]
             assert now["process"]["state"] == "running" and now["process"]["pid"] != first_pid
 
@@ -384,7 +375,7 @@ async def test_one_borrow_session_serves_one_lease_and_is_replaced(tmp_path):
                 return (rows, fresh) if rows[row["session_id"]]["state"] == "closed" and fresh else None
             rows, fresh = await _until(r, replaced)
             assert rows[row["session_id"]]["process"]["state"] == ""
-            assert not _alive(row["process"]["pid"])
+            assert not process_alive(row["process"]["pid"])
             assert len(fresh) == 1
 
 
@@ -519,7 +510,7 @@ async def test_no_provider_outlives_a_sigkilled_relay(tmp_path):
         await trio.lowlevel.wait_readable(pidfd)
         os.close(pidfd)
         assert time.monotonic() - killed < 2.0
-        assert not _alive(pid)
+        assert not process_alive(pid)
         assert relay.reap_orphans(tmp_path / "flow" / "tmp" / "relay") == 0
 
 
