@@ -404,6 +404,10 @@ SCHEMA_ID: Final = "flow-relay/relay-state/v1"
 
 LEDGER_NAME: Final = "relay-state.json"
 LOCK_NAME: Final = "relay-state.lock"
+#: Under flow/tmp/relay: the record of provider process groups, and the
+#: per-session scratch (``sessions/<session_id>/``) of the live runtime.
+PROVIDERS_RECORD: Final = "providers.json"
+SESSIONS_DIR: Final = "sessions"
 MEMO_NAME: Final = "ledger.validated"
 #: The ledger's last bytes: `"sha256:<64 hex>"}` and a newline.
 CHECKSUM_TAIL_BYTES: Final = 72
@@ -2909,14 +2913,36 @@ def _classify_stream(ledger: Ledger | None, sid: str, stream: str, size: int):
 
 def cleanup_plan(store: Store) -> list[Path]:
     """What ``state cleanup --owner relay`` may remove: relay scratch and orphan
-    temp files.  Never the lock, the ledger, streams or archives."""
+    temp files.  Never the lock, the ledger, streams or archives; never the
+    record of provider processes (the next ``serve`` reaps what it names), nor
+    the scratch of a session that is not closed (a live or quarantined agent's
+    home: its process and its post-mortem need it)."""
+    kept = _kept_scratch(store)
     doomed = []
-    for dirpath, _, files in os.walk(store.tmp_dir):
-        doomed += [Path(dirpath) / f for f in files if Path(dirpath) / f != store.lock_path]
+    for dirpath, dirs, files in os.walk(store.tmp_dir):
+        dirs[:] = [d for d in dirs if Path(dirpath) / d not in kept]
+        doomed += [Path(dirpath) / f for f in files
+                   if Path(dirpath) / f != store.lock_path and Path(dirpath) / f not in kept]
     with contextlib.suppress(FileNotFoundError):
         doomed += [Path(e.path) for e in os.scandir(store.state_dir)
                    if e.name.startswith(TEMP_PREFIX)]
     return sorted(doomed)
+
+
+def _kept_scratch(store: Store) -> set[Path]:
+    """Scratch that cleanup keeps: the provider-process record and the scratch
+    of every session the ledger does not say is closed (all of it when the
+    ledger cannot be read: nothing tells which are ended)."""
+    sessions = store.tmp_dir / SESSIONS_DIR
+    kept = {store.tmp_dir / PROVIDERS_RECORD}
+    try:
+        ledger = store.read()
+    except LedgerInvalid:
+        return kept | {sessions}
+    live = {sid for sid, s in (ledger.sessions if ledger else {}).items() if s.state != "closed"}
+    with contextlib.suppress(FileNotFoundError):
+        kept |= {Path(e.path) for e in os.scandir(sessions) if e.name in live}
+    return kept
 
 
 ################################################################
@@ -4648,8 +4674,6 @@ _TASK_STATUS_IGNORED: Final = cast("TaskStatus[Any]", _TaskStatusIgnored())
 # stdout is read all the time by one task and handed on in bounded batches
 # (a full pipe stalls the agent); stderr is kept as a ring of its newest lines.
 
-PROVIDERS_RECORD: Final = "providers.json"
-SESSIONS_DIR: Final = "sessions"
 #: The chunk a provider's stdout is read in (bytes).
 READ_CHUNK_BYTES: Final = 64 * KIB
 #: Event batches (one per stdout read) queued for the runtime before the reader waits.

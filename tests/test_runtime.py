@@ -9,6 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 
@@ -619,3 +620,32 @@ async def test_deltas_reach_a_subscriber_promptly(tmp_path):
     p50, p99 = lags[len(lags) // 2], lags[int(len(lags) * 0.99) - 1]
     print(f"delta lag over {len(lags)} tokens: p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms")
     assert p99 < 0.25, (p50, p99)
+
+
+def test_state_cleanup_keeps_live_session_scratch_and_the_process_record(tmp_path):
+    """`state cleanup --apply` removes the scratch of closed sessions only: a ready or
+    quarantined session's home (its running agent, its post-mortem) and the record of
+    provider process groups (what the next serve reaps) stay; other scratch goes."""
+    from conftest import T0, commit_ok, run_json
+
+    store = relay.Store(tmp_path)
+    commit_ok(store, "RegisterProfile", name="cl", provider="claude", mode="one-borrow")
+    for sid in ("live", "sick", "gone"):
+        commit_ok(store, "CreateSession", profile="cl", session_id=sid)
+    commit_ok(store, "QuarantineSession", session_id="sick", reason="provider_exited")
+    ledger = store.read()
+    closed, _ = relay.close_session(ledger, "gone", "lease ended", relay.Ctx(T0, ledger.revision + 1))
+    store.write(attrs.evolve(closed, revision=ledger.revision + 1))
+    for sid in ("live", "sick", "gone"):
+        (relay.make_scratch(store.tmp_dir, sid)["home"] / "config.toml").write_text("x")
+    record = store.tmp_dir / relay.PROVIDERS_RECORD
+    record.write_text("[]")
+    stray = store.tmp_dir / "leftover.txt"
+    stray.write_text("x")
+    plan = run_json(tmp_path, "state", "cleanup", "--owner", "relay", "--apply")
+    assert plan["applied"]
+    sessions = store.tmp_dir / relay.SESSIONS_DIR
+    assert (sessions / "live" / "home" / "config.toml").exists()
+    assert (sessions / "sick" / "home" / "config.toml").exists()
+    assert not (sessions / "gone" / "home" / "config.toml").exists()
+    assert record.exists() and not stray.exists() and store.lock_path.exists()
