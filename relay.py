@@ -9422,7 +9422,7 @@ def _follow(store: Store, config: Config, rpc: rc.Rpc, request: Any) -> int:
     if not request.session_id:
         raise InvalidArgument(f"{' '.join(rpc.cli)} without a server follows one session",
                               hint=f"pass --session S, or run python -m relay_client {rpc.method}")
-    lister = rc._LISTS[rpc.stream]  # the read row listing that stream
+    lister = rc.RPC_LISTING[rpc.stream]  # the read row listing that stream
     page = functools.partial(read_rpc, store, lister)
     if request.last_event_id:
         cursor = parse_stream_cursor(request.last_event_id)

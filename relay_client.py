@@ -56,9 +56,12 @@ __all__ = [
     "READ",
     "RPCS",
     "RPC_BY_GET",
-    "RPC_BY_NAME", "RPC_BY_WATCH",
+    "RPC_BY_NAME",
+    "RPC_BY_WATCH",
+    "RPC_LISTING",
     "RUNTIME_STATUSES",
-    "SERVER_STREAM", "SERVICE",
+    "SERVER_STREAM",
+    "SERVICE",
     "SERVING_MODES",
     "SESSION_STATES",
     "TURN_END_KINDS",
@@ -82,7 +85,8 @@ __all__ = [
     "Cursor",
     "DataLoss",
     "DeadlineExceeded",
-    "FailedPrecondition", "FeedNotice",
+    "FailedPrecondition",
+    "FeedNotice",
     "GetStatusRequest",
     "GetTurnRequest",
     "GrantLeaseRequest",
@@ -142,7 +146,9 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
-    "Unknown", "WatchFeedRequest", "WatchRecordsRequest",
+    "Unknown",
+    "WatchFeedRequest",
+    "WatchRecordsRequest",
     "add_request_arguments",
     "check_id",
     "check_json_value",
@@ -157,7 +163,8 @@ __all__ = [
     "proto_to_json",
     "request_from_arguments",
     "strict_loads",
-    "to_json", "watch_rpc",
+    "to_json",
+    "watch_rpc",
 ]
 
 ################################################################
@@ -1369,8 +1376,8 @@ RPCS: Final[tuple[Rpc, ...]] = (
 
 RPC_BY_NAME: Final = {rpc.name: rpc for rpc in RPCS}
 #: A session stream -> the read row that lists it (where a watch pins "from now").
-_LISTS: Final = {rpc.stream: rpc for rpc in RPCS
-                  if rpc.stream and not rpc.mutates and not rpc.streams}
+RPC_LISTING: Final = {rpc.stream: rpc for rpc in RPCS
+                       if rpc.stream and not rpc.mutates and not rpc.streams}
 #: A server stream's selector (``stream=events``) -> its row.
 RPC_BY_WATCH: Final = {rpc.watch: rpc for rpc in RPCS if rpc.watch}
 
@@ -1861,7 +1868,7 @@ class _AsyncWatch:
     async def _connect(self) -> None:
         watch, stub = self._watch, self._stub
         if watch.needs_pin:
-            lister = getattr(stub, _LISTS[watch.rpc.stream].method)
+            lister = getattr(stub, RPC_LISTING[watch.rpc.stream].method)
             watch.last[watch.session] = (await lister(session_id=watch.session, limit=1)).last_seq
         url, params = stub._core.stream_url(watch.rpc, watch.session)
         headers = dict(stub._core.headers(), **watch.headers())
@@ -1957,7 +1964,7 @@ class RelayStub:
         if watch.needs_pin:
             # "From now" is pinned to a sequence number, so a drop before the
             # first record still resumes exactly there.
-            lister = getattr(self, _LISTS[watch.rpc.stream].method)
+            lister = getattr(self, RPC_LISTING[watch.rpc.stream].method)
             watch.last[watch.session] = lister(session_id=watch.session, limit=1).last_seq
         url, params = self._core.stream_url(watch.rpc, watch.session)
         failures = 0

@@ -350,3 +350,53 @@ def process_alive(pid: int) -> bool:
             return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except OSError:
         return False
+
+
+# -- the live runtime in a served relay (tests/test_runtime.py, test_real_relay.py) --------
+
+
+async def until_runtime(r: Any, predicate: Any) -> Any:
+    """Wait (bounded by the caller's fail_after) until ``await predicate()`` is truthy;
+    its value.  A runtime change (a reconcile, a process) wakes the wait early."""
+    runtime = r.server.service.runtime
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        with trio.move_on_after(0.2):
+            await runtime.wait_changed()
+
+
+async def profile_sessions(r: Any, profile: str) -> list[dict]:
+    return (await r.ok("ListSessions", profile=profile))["sessions"]
+
+
+async def warm_sessions(r: Any, profile: str, n: int = 1) -> list[dict]:
+    """At least ``n`` ready sessions of ``profile`` with a running process."""
+    async def ready():
+        rows = [s for s in await profile_sessions(r, profile)
+                if s["state"] == "ready" and s["process"]["state"] == "running"]
+        return rows if len(rows) >= n else None
+    return await until_runtime(r, ready)
+
+
+async def borrow_lease(r: Any, profile: str, holder: str, session: str = "") -> dict:
+    body = {"holder": holder, **({"session_id": session} if session else {"profile": profile})}
+    return (await r.ok("Borrow", **body))["lease"]
+
+
+async def start_turn(r: Any, lease: dict, text: str, **extra: Any) -> dict:
+    """StartTurn for the holder of ``lease`` (its fencing token carried)."""
+    return (await r.ok("StartTurn", session_id=lease["session_id"], lease_id=lease["lease_id"],
+                       fencing_token=lease["fencing_token"], input=text, **extra))["turn"]
+
+
+async def turn_ended(r: Any, turn_id: str) -> dict:
+    async def done():
+        turn = (await r.ok("GetTurn", turn_id=turn_id))["turn"]
+        return turn if turn["state"] != "running" else None
+    return await until_runtime(r, done)
+
+
+async def session_events(r: Any, sid: str) -> list[dict]:
+    return (await r.ok("ListEvents", session_id=sid, limit=10000))["records"]

@@ -16,7 +16,18 @@ import trio
 
 import relay
 from provider_helpers import MOCK_KEY, MOCK_KEY_ENV, claude_binary, codex_binary, mock_model
-from serve_helpers import process_alive, serving, STAND_IN
+from serve_helpers import (
+    STAND_IN,
+    borrow_lease,
+    process_alive,
+    profile_sessions,
+    serving,
+    session_events,
+    start_turn,
+    turn_ended,
+    until_runtime,
+    warm_sessions,
+)
 
 slow = pytest.mark.slow
 
@@ -34,50 +45,9 @@ def point_at_the_mock(root: Path, mock, monkeypatch) -> None:
         f'[providers.claude]\nbase_url = "http://127.0.0.1:{mock.port}"\napi_key_env = "{MOCK_KEY_ENV}"\n')
 
 
-async def _until(r, predicate):
-    runtime = r.server.service.runtime
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        with trio.move_on_after(0.2):
-            await runtime.wait_changed()
-
-
-async def _sessions(r, profile: str) -> list[dict]:
-    return (await r.ok("ListSessions", profile=profile))["sessions"]
-
-
-async def _warm(r, profile: str) -> dict:
-    async def ready():
-        return next((s for s in await _sessions(r, profile)
-                     if s["state"] == "ready" and s["process"]["state"] == "running"), None)
-    return await _until(r, ready)
-
-
-async def _borrow(r, profile: str, holder: str, session: str = "") -> dict:
-    body = {"holder": holder, **({"session_id": session} if session else {"profile": profile})}
-    return (await r.ok("Borrow", **body))["lease"]
-
-
 def _fence(lease: dict) -> dict:
     return dict(session_id=lease["session_id"], lease_id=lease["lease_id"],
                 fencing_token=lease["fencing_token"])
-
-
-async def _turn(r, lease: dict, text: str) -> dict:
-    return (await r.ok("StartTurn", **_fence(lease), input=text))["turn"]
-
-
-async def _ended(r, turn_id: str) -> dict:
-    async def done():
-        turn = (await r.ok("GetTurn", turn_id=turn_id))["turn"]
-        return turn if turn["state"] != "running" else None
-    return await _until(r, done)
-
-
-async def _events(r, sid: str) -> list[dict]:
-    return (await r.ok("ListEvents", session_id=sid, limit=10000))["records"]
 
 
 def _register_command(mock, cwd: Path, argv: list[str]) -> list[str]:
@@ -100,50 +70,50 @@ async def test_real_codex_pooled_reuse_approval_and_interrupt_through_the_relay(
                 await r.ok("RegisterProfile", name="cx", provider="codex", mode="pooled",
                            command=_register_command(mock, work, [codex_binary(), "app-server"]),
                            cwd=str(work), options=["approval_policy=on-request"])
-                row = await _warm(r, "cx")
+                row = (await warm_sessions(r, "cx"))[0]
                 sid, pid = row["session_id"], row["process"]["pid"]
                 assert row["process"]["provider_version"] == "0.163.0"
-                a = await _borrow(r, "cx", "a")
-                first = await _ended(r, (await _turn(r, a, "remember-alpha say hi"))["turn_id"])
+                a = await borrow_lease(r, "cx", "a")
+                first = await turn_ended(r, (await start_turn(r, a, "remember-alpha say hi"))["turn_id"])
                 assert first["state"] == "completed", first
                 assert first["output_text"] == "Hello from mock #1: remember-alpha say hi"
                 await r.ok("ReleaseLease", lease_id=a["lease_id"])
-                b = await _borrow(r, "cx", "b", session=sid)
-                second = await _ended(r, (await _turn(r, b, "what came before?"))["turn_id"])
+                b = await borrow_lease(r, "cx", "b", session=sid)
+                second = await turn_ended(r, (await start_turn(r, b, "what came before?"))["turn_id"])
                 assert second["state"] == "completed", second
                 asked = mock.requests("responses")[-1]
                 assert asked["prompt"] == "what came before?"
                 assert not any("remember-alpha" in t for t in asked["user_texts"])
-                (now,) = [s for s in await _sessions(r, "cx") if s["session_id"] == sid]
+                (now,) = [s for s in await profile_sessions(r, "cx") if s["session_id"] == sid]
                 assert now["process"]["pid"] == pid and process_alive(pid)
 
                 # an approval round trip: accept, and the command ran in the profile's cwd
-                turn = await _turn(r, b, "@command now")
+                turn = await start_turn(r, b, "@command now")
 
                 async def approval():
-                    return next((e for e in await _events(r, sid) if e["kind"] == "approval.requested"
+                    return next((e for e in await session_events(r, sid) if e["kind"] == "approval.requested"
                                  and e["data"]["turn_id"] == turn["turn_id"]), None)
-                ask = await _until(r, approval)
+                ask = await until_runtime(r, approval)
                 assert "echo hi" in ask["data"]["command"]
                 answer = await r.ok("ResolveApproval", **_fence(b), approval_id=ask["data"]["approval_id"],
                                     decision="accept")
                 assert answer["outcome"] == "accepted"
-                done = await _ended(r, turn["turn_id"])
+                done = await turn_ended(r, turn["turn_id"])
                 assert done["state"] == "completed" and "saw the command output" in done["output_text"]
                 assert (work / "mock-hi.txt").read_text() == "hi\n"
-                ran = [e for e in await _events(r, sid) if e["kind"] == "item.completed"
+                ran = [e for e in await session_events(r, sid) if e["kind"] == "item.completed"
                        and e["data"]["item_type"] == "command_execution"]
                 assert ran[-1]["data"]["status"] == "completed"
 
                 # an interrupt while the mock holds the @slow stream
-                slow = await _turn(r, b, "@slow story")
+                slow = await start_turn(r, b, "@slow story")
 
                 async def streaming():
                     return any(q["prompt"] == "@slow story" for q in mock.requests("responses"))
-                await _until(r, streaming)
+                await until_runtime(r, streaming)
                 ended = (await r.ok("InterruptTurn", **_fence(b), turn_id=slow["turn_id"]))["turn"]
                 assert ended["state"] == "interrupted", ended
-                kinds = [e["kind"] for e in await _events(r, sid)]
+                kinds = [e["kind"] for e in await session_events(r, sid)]
                 assert kinds[-1] == "turn.interrupted"
                 await r.ok("ReleaseLease", lease_id=b["lease_id"])
             assert not process_alive(pid)
@@ -168,20 +138,20 @@ async def test_real_claude_one_borrow_session_through_the_relay(tmp_path, monkey
             async with serving(tmp_path, CONFIG) as r:
                 await r.ok("RegisterProfile", name="cl", provider="claude", mode="one-borrow",
                            command=_register_command(mock, work, argv), cwd=str(work))
-                row = await _warm(r, "cl")
+                row = (await warm_sessions(r, "cl"))[0]
                 assert mock.requests("messages") == []  # warm: Claude says nothing before its input
-                lease = await _borrow(r, "cl", "ci")
-                turn = await _ended(r, (await _turn(r, lease, "hello claude"))["turn_id"])
+                lease = await borrow_lease(r, "cl", "ci")
+                turn = await turn_ended(r, (await start_turn(r, lease, "hello claude"))["turn_id"])
                 assert turn["state"] == "completed", turn
                 assert turn["output_text"] == "Hello from mock #1: hello claude"
                 await r.ok("ReleaseLease", lease_id=lease["lease_id"])
 
                 async def replaced():
-                    rows = {s["session_id"]: s for s in await _sessions(r, "cl")}
+                    rows = {s["session_id"]: s for s in await profile_sessions(r, "cl")}
                     fresh = [s for s in rows.values() if s["session_id"] != row["session_id"]
                              and s["state"] == "ready" and s["process"]["state"] == "running"]
                     return (rows, fresh) if rows[row["session_id"]]["state"] == "closed" and fresh else None
-                rows, fresh = await _until(r, replaced)
+                rows, fresh = await until_runtime(r, replaced)
                 assert rows[row["session_id"]]["process"]["state"] == ""
                 assert not process_alive(row["process"]["pid"])
                 assert len(fresh) == 1 and fresh[0]["process"]["pid"] != row["process"]["pid"]
@@ -199,15 +169,15 @@ async def test_a_turns_records_share_group_commits(tmp_path):
     with trio.fail_after(30):
         async with serving(tmp_path, CONFIG) as r:
             await r.ok("RegisterProfile", name="cx", provider="codex", mode="pooled", command=stand_in)
-            row = await _warm(r, "cx")
-            lease = await _borrow(r, "cx", "a")
-            turn = await _turn(r, lease, "say hi")
+            row = (await warm_sessions(r, "cx"))[0]
+            lease = await borrow_lease(r, "cx", "a")
+            turn = await start_turn(r, lease, "say hi")
 
             async def ended():  # the end event is the turn's last record
-                events = [e for e in await _events(r, row["session_id"])
+                events = [e for e in await session_events(r, row["session_id"])
                           if e["data"].get("turn_id") == turn["turn_id"]]
                 return events if events and events[-1]["kind"] == "turn.completed" else None
-            events = await _until(r, ended)
+            events = await until_runtime(r, ended)
             results = (await r.ok("ListResults", session_id=row["session_id"]))["records"]
             records = len(events) + len(results)
             kinds = [e["kind"] for e in events]
@@ -231,19 +201,19 @@ async def test_a_warm_pooled_session_holds_a_spare_thread_for_the_next_lease(tmp
         async with serving(tmp_path, CONFIG) as r:
             await r.ok("RegisterProfile", name="cx", provider="codex", mode="pooled",
                        command=[*STAND_IN, "--provider", "codex"])
-            row = await _warm(r, "cx")
+            row = (await warm_sessions(r, "cx"))[0]
             live = r.server.service.runtime.sessions[row["session_id"]]
             spare = live.spare_thread
             assert spare
-            a = await _borrow(r, "cx", "a")
-            first = await _ended(r, (await _turn(r, a, "one"))["turn_id"])
+            a = await borrow_lease(r, "cx", "a")
+            first = await turn_ended(r, (await start_turn(r, a, "one"))["turn_id"])
             assert live.thread_id == spare and live.spare_thread == ""
             assert "(history 0)" in first["output_text"]
             await r.ok("ReleaseLease", lease_id=a["lease_id"])
 
             async def reopened():
                 return live.spare_thread if live.spare_thread not in ("", spare) else None
-            nxt = await _until(r, reopened)
-            b = await _borrow(r, "cx", "b", session=row["session_id"])
-            second = await _ended(r, (await _turn(r, b, "two"))["turn_id"])
+            nxt = await until_runtime(r, reopened)
+            b = await borrow_lease(r, "cx", "b", session=row["session_id"])
+            second = await turn_ended(r, (await start_turn(r, b, "two"))["turn_id"])
             assert live.thread_id == nxt and "(history 0)" in second["output_text"]

@@ -113,32 +113,20 @@ def test_orphans_of_a_dead_server_are_killed(tmp_path):
 
 # -- the runtime in a real server ----------------------------------------------------
 
-from serve_helpers import process_alive, STAND_IN, serving  # noqa: E402
+from serve_helpers import (  # noqa: E402
+    STAND_IN,
+    borrow_lease,
+    process_alive,
+    profile_sessions,
+    serving,
+    session_events,
+    start_turn,
+    turn_ended,
+    until_runtime,
+    warm_sessions,
+)
 
 CODEX = ["--command", " ".join([*STAND_IN, "--provider", "codex"])]
-
-
-async def _until(r, predicate, what: str = "the condition"):
-    """Wait (bounded by the caller's fail_after) until ``predicate()`` holds."""
-    runtime = r.server.service.runtime
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        with trio.move_on_after(0.2):  # a reconcile or process change wakes us sooner
-            await runtime.wait_changed()
-
-
-async def _sessions(r, profile: str) -> list[dict]:
-    return (await r.ok("ListSessions", profile=profile))["sessions"]
-
-
-async def _warm(r, profile: str, n: int = 1) -> list[dict]:
-    async def ready():
-        rows = [s for s in await _sessions(r, profile)
-                if s["state"] == "ready" and s["process"]["state"] == "running"]
-        return rows if len(rows) >= n else None
-    return await _until(r, ready)
 
 
 async def _register(r, name: str, provider: str = "codex", mode: str = "pooled", *,
@@ -147,34 +135,13 @@ async def _register(r, name: str, provider: str = "codex", mode: str = "pooled",
     await r.ok("RegisterProfile", name=name, provider=provider, mode=mode, command=argv, **fields)
 
 
-async def _borrow(r, profile: str, holder: str, session: str = "") -> dict:
-    body = {"holder": holder, **({"session_id": session} if session else {"profile": profile})}
-    return (await r.ok("Borrow", **body))["lease"]
-
-
-async def _turn(r, lease: dict, text: str, **extra) -> dict:
-    return (await r.ok("StartTurn", session_id=lease["session_id"], lease_id=lease["lease_id"],
-                       fencing_token=lease["fencing_token"], input=text, **extra))["turn"]
-
-
-async def _ended(r, turn_id: str) -> dict:
-    async def done():
-        turn = (await r.ok("GetTurn", turn_id=turn_id))["turn"]
-        return turn if turn["state"] != "running" else None
-    return await _until(r, done)
-
-
-async def _events(r, sid: str) -> list[dict]:
-    return (await r.ok("ListEvents", session_id=sid, limit=10000))["records"]
-
-
 async def test_pool_keeps_warm_handshaken_sessions(tmp_path):
     """A pooled profile gets pool_size ready sessions, each with a live,
     handshaken process shown in the session projection."""
     with trio.fail_after(30):
         async with serving(tmp_path, FAST) as r:
             await _register(r, "cx", pool_size=2)
-            rows = await _warm(r, "cx", 2)
+            rows = await warm_sessions(r, "cx", 2)
             assert {s["process"]["provider_version"] for s in rows} == {"0.163.0-standin"}
             pids = {s["process"]["pid"] for s in rows}
             assert len(pids) == 2 and all(process_alive(p) for p in pids)
@@ -192,10 +159,10 @@ async def test_turn_streams_events_deltas_and_one_result(tmp_path):
     with trio.fail_after(30):
         async with serving(tmp_path, FAST) as r:
             await _register(r, "cx")
-            (row,) = await _warm(r, "cx")
-            lease = await _borrow(r, "cx", "ci-1")
+            (row,) = await warm_sessions(r, "cx")
+            lease = await borrow_lease(r, "cx", "ci-1")
             async with r.sse({"session": row["session_id"]}) as sse:
-                turn = await _turn(r, lease, "say hi", task_ref="task/42")
+                turn = await start_turn(r, lease, "say hi", task_ref="task/42")
                 assert turn["state"] == "running" and turn["task_ref"] == "task/42"
                 seen = []
                 while not seen or seen[-1]["event"] != "event" or \
@@ -204,13 +171,13 @@ async def test_turn_streams_events_deltas_and_one_result(tmp_path):
             deltas = [e for e in seen if e["event"] == "delta"]
             assert deltas and "id" not in deltas[0]
             assert "".join(d["data"]["delta"] for d in deltas).startswith("Hello from stand-in")
-            done = await _ended(r, turn["turn_id"])
+            done = await turn_ended(r, turn["turn_id"])
             assert done["state"] == "completed"
             assert done["output_text"] == "Hello from stand-in #1 (history 0): say hi"
-            kinds = [e["kind"] for e in await _events(r, row["session_id"])]
+            kinds = [e["kind"] for e in await session_events(r, row["session_id"])]
             assert kinds[0] == "turn.started" and kinds[-1] == "turn.completed"
             assert "item.completed" in kinds
-            item = next(e for e in await _events(r, row["session_id"])
+            item = next(e for e in await session_events(r, row["session_id"])
                         if e["kind"] == "item.completed" and e["data"]["item_type"] == "agent_message")
             assert item["data"]["turn_id"] == turn["turn_id"]
             assert item["data"]["native"]["method"] == "item/completed"
@@ -230,10 +197,10 @@ async def test_fencing_refuses_a_stale_holder_racing_the_new_one(tmp_path):
     with trio.fail_after(30):
         async with serving(tmp_path, FAST) as r:
             await _register(r, "cx")
-            (row,) = await _warm(r, "cx")
-            old = await _borrow(r, "cx", "old")
+            (row,) = await warm_sessions(r, "cx")
+            old = await borrow_lease(r, "cx", "old")
             await r.ok("ReleaseLease", lease_id=old["lease_id"])
-            new = await _borrow(r, "cx", "new", session=row["session_id"])
+            new = await borrow_lease(r, "cx", "new", session=row["session_id"])
             assert new["fencing_token"] == old["fencing_token"] + 1
             answers: dict[str, object] = {}
 
@@ -267,7 +234,7 @@ async def test_fencing_refuses_a_stale_holder_racing_the_new_one(tmp_path):
             done = (await r.ok("InterruptTurn", session_id=row["session_id"], lease_id=new["lease_id"],
                                fencing_token=new["fencing_token"], turn_id=running["turn_id"]))["turn"]
             assert done["state"] == "interrupted"
-            kinds = [e["kind"] for e in await _events(r, row["session_id"])]
+            kinds = [e["kind"] for e in await session_events(r, row["session_id"])]
             assert kinds[-1] == "turn.interrupted" and "stale write" not in str(kinds)
             await r.ok("ReleaseLease", lease_id=new["lease_id"])
             reader = (await r.ok("GrantLease", session_id=row["session_id"], holder="rd",
@@ -287,28 +254,28 @@ async def test_approval_round_trip_and_timeout_decline(tmp_path):
     with trio.fail_after(30):
         async with serving(tmp_path, config) as r:
             await _register(r, "cx", options=["approval_policy=untrusted"])
-            (row,) = await _warm(r, "cx")
+            (row,) = await warm_sessions(r, "cx")
             sid = row["session_id"]
-            lease = await _borrow(r, "cx", "ci")
-            turn = await _turn(r, lease, "@approve touch it")
+            lease = await borrow_lease(r, "cx", "ci")
+            turn = await start_turn(r, lease, "@approve touch it")
 
             async def asked():
-                return next((e for e in await _events(r, sid) if e["kind"] == "approval.requested"),
+                return next((e for e in await session_events(r, sid) if e["kind"] == "approval.requested"),
                             None)
-            ask = await _until(r, asked)
+            ask = await until_runtime(r, asked)
             assert ask["data"]["approval_kind"] == "command" and ask["data"]["turn_id"] == turn["turn_id"]
             answer = await r.ok("ResolveApproval", session_id=sid, lease_id=lease["lease_id"],
                                 fencing_token=lease["fencing_token"],
                                 approval_id=ask["data"]["approval_id"], decision="accept")
             assert answer["outcome"] == "accepted"
-            assert (await _ended(r, turn["turn_id"]))["state"] == "completed"
-            command = [e for e in await _events(r, sid) if e["kind"] == "item.completed"
+            assert (await turn_ended(r, turn["turn_id"]))["state"] == "completed"
+            command = [e for e in await session_events(r, sid) if e["kind"] == "item.completed"
                        and e["data"]["item_type"] == "command_execution"]
             assert command[-1]["data"]["status"] == "completed"
             # unanswered: declined by the timer, and the turn goes on
-            turn = await _turn(r, lease, "@approve again")
-            assert (await _ended(r, turn["turn_id"]))["state"] == "completed"
-            events = await _events(r, sid)
+            turn = await start_turn(r, lease, "@approve again")
+            assert (await turn_ended(r, turn["turn_id"]))["state"] == "completed"
+            events = await session_events(r, sid)
             resolved = [e for e in events if e["kind"] == "approval.resolved" and "by" in e["data"]]
             assert resolved[-1]["data"]["decision"] == "decline"
             assert resolved[-1]["data"]["by"].startswith("timeout")
@@ -325,31 +292,31 @@ async def test_pooled_hand_over_leaks_no_history_or_processes(tmp_path):
     with trio.fail_after(40):
         async with serving(tmp_path, FAST) as r:
             await _register(r, "cx")
-            (row,) = await _warm(r, "cx")
+            (row,) = await warm_sessions(r, "cx")
             sid, first_pid = row["session_id"], row["process"]["pid"]
-            a = await _borrow(r, "cx", "a")
-            t1 = await _ended(r, (await _turn(r, a, "one"))["turn_id"])
-            t2 = await _ended(r, (await _turn(r, a, "two @background @pwd"))["turn_id"])
+            a = await borrow_lease(r, "cx", "a")
+            t1 = await turn_ended(r, (await start_turn(r, a, "one"))["turn_id"])
+            t2 = await turn_ended(r, (await start_turn(r, a, "two @background @pwd"))["turn_id"])
             assert "(history 1)" in t2["output_text"] and "(history 0)" in t1["output_text"]
             bg = int(t2["output_text"].split("[background pid ")[1].split("]")[0])
             assert process_alive(bg)
             await r.ok("ReleaseLease", lease_id=a["lease_id"])
-            b = await _borrow(r, "cx", "b", session=sid)
-            t3 = await _ended(r, (await _turn(r, b, "three @pwd"))["turn_id"])
+            b = await borrow_lease(r, "cx", "b", session=sid)
+            t3 = await turn_ended(r, (await start_turn(r, b, "three @pwd"))["turn_id"])
             assert "(history 0)" in t3["output_text"]  # a fresh thread: none of a's history
             assert t3["output_text"].split("[cwd ")[1] == t2["output_text"].split("[cwd ")[1]
             assert not process_alive(bg)
-            (now,) = [s for s in await _sessions(r, "cx") if s["session_id"] == sid]
+            (now,) = [s for s in await profile_sessions(r, "cx") if s["session_id"] == sid]
             assert now["process"]["pid"] == first_pid  # archive sufficed: no recycle
             # a command that survives its thread's archive: the process is recycled
-            t4 = await _ended(r, (await _turn(r, b, "four @detach"))["turn_id"])
+            t4 = await turn_ended(r, (await start_turn(r, b, "four @detach"))["turn_id"])
             detached = int(t4["output_text"].split("[detach pid ")[1].split("]")[0])
             await r.ok("ReleaseLease", lease_id=b["lease_id"])
-            c = await _borrow(r, "cx", "c", session=sid)
-            t5 = await _ended(r, (await _turn(r, c, "five"))["turn_id"])
+            c = await borrow_lease(r, "cx", "c", session=sid)
+            t5 = await turn_ended(r, (await start_turn(r, c, "five"))["turn_id"])
             assert t5["state"] == "completed" and "(history 0)" in t5["output_text"]
             assert not process_alive(detached) and not process_alive(first_pid)
-            (now,) = [s for s in await _sessions(r, "cx") if s["session_id"] == sid]
+            (now,) = [s for s in await profile_sessions(r, "cx") if s["session_id"] == sid]
             assert now["process"]["state"] == "running" and now["process"]["pid"] != first_pid
 
 
@@ -360,21 +327,22 @@ async def test_one_borrow_session_serves_one_lease_and_is_replaced(tmp_path):
         async with serving(tmp_path, FAST) as r:
             await _register(r, "cl", "claude", "one-borrow",
                             command=[*STAND_IN, "--provider", "claude"])
-            (row,) = await _warm(r, "cl")
-            lease = await _borrow(r, "cl", "ci")
-            turn = await _ended(r, (await _turn(r, lease, "hello claude"))["turn_id"])
+            (row,) = await warm_sessions(r, "cl")
+            lease = await borrow_lease(r, "cl", "ci")
+            turn = await turn_ended(r, (await start_turn(r, lease, "hello claude"))["turn_id"])
             assert turn["state"] == "completed"
             assert turn["output_text"] == "Hello from stand-in #1 (history 0): hello claude"
-            deltas_live = [e for e in await _events(r, row["session_id"]) if e["kind"] == "item.completed"]
+            deltas_live = [e for e in await session_events(r, row["session_id"])
+                           if e["kind"] == "item.completed"]
             assert deltas_live
             await r.ok("ReleaseLease", lease_id=lease["lease_id"])
 
             async def replaced():
-                rows = {s["session_id"]: s for s in await _sessions(r, "cl")}
+                rows = {s["session_id"]: s for s in await profile_sessions(r, "cl")}
                 fresh = [s for s in rows.values() if s["session_id"] != row["session_id"]
                          and s["process"]["state"] == "running"]
                 return (rows, fresh) if rows[row["session_id"]]["state"] == "closed" and fresh else None
-            rows, fresh = await _until(r, replaced)
+            rows, fresh = await until_runtime(r, replaced)
             assert rows[row["session_id"]]["process"]["state"] == ""
             assert not process_alive(row["process"]["pid"])
             assert len(fresh) == 1
@@ -387,19 +355,19 @@ async def test_provider_crash_fails_the_turn_and_quarantines(tmp_path):
     with trio.fail_after(30):
         async with serving(tmp_path, FAST) as r:
             await _register(r, "cx")
-            (row,) = await _warm(r, "cx")
-            lease = await _borrow(r, "cx", "ci")
-            turn = await _ended(r, (await _turn(r, lease, "@crash now"))["turn_id"])
+            (row,) = await warm_sessions(r, "cx")
+            lease = await borrow_lease(r, "cx", "ci")
+            turn = await turn_ended(r, (await start_turn(r, lease, "@crash now"))["turn_id"])
             assert turn["state"] == "failed" and turn["error"].startswith("provider_exited")
             leases = (await r.ok("ListLeases", session_id=row["session_id"]))["leases"]
             assert leases[0]["state"] == "revoked" and "provider_exited" in leases[0]["revoke_reason"]
 
             async def replaced():
-                rows = await _sessions(r, "cx")
+                rows = await profile_sessions(r, "cx")
                 return [s for s in rows if s["session_id"] != row["session_id"]
                         and s["process"]["state"] == "running"]
-            assert await _until(r, replaced)
-            (failed,) = [s for s in await _sessions(r, "cx") if s["session_id"] == row["session_id"]]
+            assert await until_runtime(r, replaced)
+            (failed,) = [s for s in await profile_sessions(r, "cx") if s["session_id"] == row["session_id"]]
             assert failed["state"] == "failed"
 
 
@@ -412,7 +380,7 @@ async def test_stubs_run_and_stream_turns_with_the_fencing_token_carried(tmp_pat
     with trio.fail_after(40):
         async with serving(tmp_path, FAST) as r:
             await _register(r, "cx", pool_size=2)
-            await _warm(r, "cx", 2)
+            await warm_sessions(r, "cx", 2)
 
             def sync_job():
                 with rc.RelayStub(r.server.endpoint) as stub, \
@@ -454,8 +422,8 @@ async def test_turn_cli_goes_through_the_running_server(tmp_path):
     with trio.fail_after(40):
         async with serving(tmp_path, FAST) as r:
             await _register(r, "cx")
-            (row,) = await _warm(r, "cx")
-            lease = await _borrow(r, "cx", "cli")
+            (row,) = await warm_sessions(r, "cx")
+            lease = await borrow_lease(r, "cx", "cli")
             fence = ["--session", row["session_id"], "--lease", lease["lease_id"],
                      "--fencing-token", str(lease["fencing_token"])]
             done = await _cli(tmp_path, "turn", "start", *fence, "--input", "from the cli", "--wait")
@@ -565,30 +533,30 @@ async def test_claude_approval_and_interrupt_over_stream_json(tmp_path):
         async with serving(tmp_path, FAST) as r:
             await _register(r, "cl", "claude", "one-borrow",
                             command=[*STAND_IN, "--provider", "claude"])
-            (row,) = await _warm(r, "cl")
+            (row,) = await warm_sessions(r, "cl")
             sid = row["session_id"]
-            lease = await _borrow(r, "cl", "ci")
+            lease = await borrow_lease(r, "cl", "ci")
             fence = dict(session_id=sid, lease_id=lease["lease_id"], fencing_token=lease["fencing_token"])
-            turn = await _turn(r, lease, "@approve please")
+            turn = await start_turn(r, lease, "@approve please")
 
             async def asked():
-                return next((e for e in await _events(r, sid) if e["kind"] == "approval.requested"),
+                return next((e for e in await session_events(r, sid) if e["kind"] == "approval.requested"),
                             None)
-            ask = await _until(r, asked)
+            ask = await until_runtime(r, asked)
             assert (ask["data"]["tool_name"], ask["data"]["command"]) == ("Bash", "touch standin.txt")
             await r.ok("ResolveApproval", **fence, approval_id=ask["data"]["approval_id"],
                        decision="accept")
-            done = await _ended(r, turn["turn_id"])
+            done = await turn_ended(r, turn["turn_id"])
             assert done["state"] == "completed"
-            tool = [e for e in await _events(r, sid) if e["kind"] == "item.completed"
+            tool = [e for e in await session_events(r, sid) if e["kind"] == "item.completed"
                     and e["data"]["item_type"] == "command_execution"]
             assert tool[-1]["data"]["output"] == "ran: touch standin.txt"
-            stalled = await _turn(r, lease, "@stall forever")
+            stalled = await start_turn(r, lease, "@stall forever")
             ended = (await r.ok("InterruptTurn", **fence, turn_id=stalled["turn_id"]))["turn"]
             assert ended["state"] == "interrupted"
-            again = await _ended(r, (await _turn(r, lease, "still there?"))["turn_id"])
+            again = await turn_ended(r, (await start_turn(r, lease, "still there?"))["turn_id"])
             assert again["state"] == "completed" and "(history 1)" in again["output_text"]
-            (now,) = [s for s in await _sessions(r, "cl") if s["session_id"] == sid]
+            (now,) = [s for s in await profile_sessions(r, "cl") if s["session_id"] == sid]
             assert now["process"]["pid"] == row["process"]["pid"]
 
 
@@ -603,11 +571,11 @@ async def test_deltas_reach_a_subscriber_promptly(tmp_path):
     with trio.fail_after(40):
         async with serving(tmp_path, FAST) as r:
             await _register(r, "cx", command=[*STAND_IN, "--provider", "codex", "--slow-ms", "10"])
-            (row,) = await _warm(r, "cx")
-            lease = await _borrow(r, "cx", "bench")
+            (row,) = await warm_sessions(r, "cx")
+            lease = await borrow_lease(r, "cx", "bench")
             lags = []
             async with r.sse({"session": row["session_id"]}) as sse:
-                await _turn(r, lease, "@stamp @slow " + "w " * 20)  # about 30 tokens, 10 ms apart
+                await start_turn(r, lease, "@stamp @slow " + "w " * 20)  # about 30 tokens, 10 ms apart
                 while True:
                     frame = await sse.next()
                     if frame["event"] == "delta":
