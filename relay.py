@@ -5751,16 +5751,22 @@ class Runtime:
     async def _clean(self, live: LiveSession) -> bool:
         """True when the process is clean for the next borrower."""
         run = live.turn
-        with trio.move_on_after(self.config.handover_timeout_seconds) as scope:
-            if run is not None:
-                await self._interrupt(live, run)
-                await run.ended.wait()
-            if live.thread_id:
-                waiter = live.expect("archive")
-                await live.proc.write(live.proc.protocol.send_thread_archive(live.thread_id))
-                await waiter.event.wait()
-                if not isinstance(waiter.result, ThreadArchived):
-                    return False
+        try:
+            with trio.move_on_after(self.config.handover_timeout_seconds) as scope:
+                if run is not None:
+                    await self._interrupt(live, run)
+                    await run.ended.wait()
+                if live.thread_id:
+                    waiter = live.expect("archive")
+                    await live.proc.write(live.proc.protocol.send_thread_archive(live.thread_id))
+                    await waiter.event.wait()
+                    if not isinstance(waiter.result, ThreadArchived):
+                        return False
+        except (RelayError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            # The process is stopping or gone (its stdin closed): not clean; a
+            # recycle (or the exit's own handling) takes it from here.
+            _rlog.info("session %s: hand-over cut short: %r", live.session_id, exc)
+            return False
         if scope.cancelled_caught:
             return False
         leftovers = await trio.to_thread.run_sync(live.proc.leftovers)
@@ -5777,7 +5783,8 @@ class Runtime:
                 await self._end_turn(live, "interrupted", "the lease ended")
             await live.proc.stop("recycled at hand-over")
             await live.proc.exited.wait()
-            await self._spawn(live.profile, live.session_id)
+            if not self._closing:  # a relay that is stopping starts nothing new
+                await self._spawn(live.profile, live.session_id)
         finally:
             self._busy.discard(live.session_id)
 
