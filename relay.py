@@ -1661,14 +1661,62 @@ def _scan_request(store: Store, ledger: Ledger, key: str, now: float,
     return None
 
 
+#: Keys a ``_KeyTable`` takes into its dict before merging them into its arrays.
+_KEY_TABLE_BATCH: Final = 1024
+
+
+def _key_hash(key: str) -> int:
+    """What the server's index keeps of a request-log key: 64 bits of its SHA-256."""
+    return int.from_bytes(_sha256(key.encode()).digest()[:8], "big")
+
+
+@attrs.define(eq=False)
+class _KeyTable:
+    """Key hashes -> record offsets of one shard of one bucket: two sorted
+    arrays (16 bytes a key, against ~250 for a dict of key strings and
+    tuples: a day of request ids at a steady rate must not grow the server
+    by gigabytes), and a small dict of the newest keys, merged in batches."""
+
+    hashes: Any = attrs.Factory(lambda: __import__("array").array("Q"))
+    offsets: Any = attrs.Factory(lambda: __import__("array").array("Q"))
+    newest: dict[int, int] = attrs.Factory(dict)
+
+    def add(self, hashed: int, offset: int) -> None:
+        self.newest[hashed] = offset
+        if len(self.newest) >= _KEY_TABLE_BATCH:
+            self._merge()
+
+    def _merge(self) -> None:
+        import array
+
+        merged = dict(zip(self.hashes, self.offsets, strict=True))
+        merged.update(self.newest)
+        order = sorted(merged)
+        self.hashes = array.array("Q", order)
+        self.offsets = array.array("Q", (merged[h] for h in order))
+        self.newest = {}
+
+    def find(self, hashed: int) -> int | None:
+        offset = self.newest.get(hashed)
+        if offset is not None:
+            return offset
+        i = bisect.bisect_left(self.hashes, hashed)
+        return self.offsets[i] if i < len(self.hashes) and self.hashes[i] == hashed else None
+
+
 @attrs.define(eq=False)
 class RequestIndex:
     """The server's map of request-log keys to where their records are, kept
-    in step with the ledger's cursor (its own commits and other processes')."""
+    in step with the ledger's cursor (its own commits and other processes').
+    It keeps 64-bit hashes of the keys, not the keys (``_KeyTable``): a hit
+    is confirmed by the record it points at, and a record of another key
+    there (a hash collision, about one in 10^9 at a million keys) falls back
+    to reading that shard."""
 
     bucket: str = ""
     offsets: list[int] = attrs.Factory(list)
-    where: dict[str, tuple[str, int, int]] = attrs.Factory(dict)  # key -> (bucket, shard, offset)
+    #: (bucket, shard) -> its keys' hashes and offsets.
+    tables: dict[tuple[str, int], _KeyTable] = attrs.Factory(dict)
     #: (bucket, shard) -> why it could not be read whole: its keys are refused, not forgotten.
     damaged: dict[tuple[str, int], rc.DataLoss] = attrs.Factory(dict)
 
@@ -1693,10 +1741,10 @@ class RequestIndex:
         if previous:
             for shard, seen in enumerate(self.offsets):
                 self._read(store, previous, shard, seen, None)
-            self.where = {k: v for k, v in self.where.items() if v[0] in live}
+            self.tables = {k: v for k, v in self.tables.items() if k[0] in live}
             self.damaged = {k: v for k, v in self.damaged.items() if k[0] in live}
         else:
-            self.where, self.damaged = {}, {}
+            self.tables, self.damaged = {}, {}
         for bucket in live:
             if bucket == previous or (previous and _bucket_start(bucket) < _bucket_start(previous)):
                 continue
@@ -1704,36 +1752,61 @@ class RequestIndex:
                 self._read(store, bucket, shard, 0, _committed_end(cursor, bucket, shard))
         self.bucket, self.offsets = cursor.bucket, list(cursor.shard_bytes)
 
+    def _table(self, bucket: str, shard: int) -> _KeyTable:
+        table = self.tables.get((bucket, shard))
+        if table is None:
+            table = self.tables[(bucket, shard)] = _KeyTable()
+        return table
+
     def _read(self, store: Store, bucket: str, shard: int, start: int, end: int | None) -> None:
         path = store.state_dir / REQUESTS_DIR / bucket / f"{shard:x}.log"
+        table = self._table(bucket, shard)
         try:
             for offset, line in _request_lines(path, start, end):
-                self.where[_decode_request(line, path)[0]] = (bucket, shard, offset)
+                table.add(_key_hash(_decode_request(line, path)[0]), offset)
         except rc.DataLoss as exc:
             self.damaged[(bucket, shard)] = exc
 
     def lookup(self, store: Store, key: str, now: float, config: Config) -> RequestRecord | None:
-        hit = self.where.get(key)
-        if hit is None:
-            shard = _request_shard(key)
-            for (bucket, damaged_shard), exc in self.damaged.items():
-                if damaged_shard == shard and not _bucket_expired(bucket, now, config):
-                    raise exc
-            return None
-        if _bucket_expired(hit[0], now, config):
-            return None
-        path = store.state_dir / REQUESTS_DIR / hit[0] / f"{hit[1]:x}.log"
-        for _, line in _request_lines(path, hit[2], None):
-            found, record = _decode_request(line, path)
-            if found != key:
-                raise _request_log_damaged(path, f"no longer holds {key!r} where it was indexed")
-            return record
-        raise _request_log_damaged(path, f"was cut before the record of {key!r}")
+        shard, hashed = _request_shard(key), _key_hash(key)
+        hits = sorted(((bucket, offset) for (bucket, in_shard), table in self.tables.items()
+                       if in_shard == shard and (offset := table.find(hashed)) is not None),
+                      key=lambda hit: _bucket_start(hit[0]), reverse=True)
+        for bucket, offset in hits:
+            if _bucket_expired(bucket, now, config):
+                return None
+            path = store.state_dir / REQUESTS_DIR / bucket / f"{shard:x}.log"
+            for _, line in _request_lines(path, offset, None):
+                found, record = _decode_request(line, path)
+                if found == key:
+                    return record
+                if _key_hash(found) != hashed:
+                    raise _request_log_damaged(path, f"no longer holds {key!r} where it was indexed")
+                break  # another key with the same 64-bit hash: look at every record
+            else:
+                raise _request_log_damaged(path, f"was cut before the record of {key!r}")
+            record = self._scan(path, key)
+            if record is not None:
+                return record
+        for (bucket, damaged_shard), exc in self.damaged.items():
+            if damaged_shard == shard and not _bucket_expired(bucket, now, config):
+                raise exc
+        return None
+
+    @staticmethod
+    def _scan(path: Path, key: str) -> RequestRecord | None:
+        for _, line in _request_lines(path, 0, None):
+            if key.encode() in line:
+                found, record = _decode_request(line, path)
+                if found == key:
+                    return record
+        return None
 
     def note(self, cursor: RequestLogCursor, placed: dict[str, tuple[str, int, int]]) -> None:
         """Our own commit landed: take its records without reading them back."""
         if cursor.bucket == self.bucket and len(self.offsets) == REQUEST_SHARDS:
-            self.where.update(placed)
+            for key, (bucket, shard, offset) in placed.items():
+                self._table(bucket, shard).add(_key_hash(key), offset)
             self.offsets = list(cursor.shard_bytes)
 
 

@@ -429,3 +429,46 @@ def test_a_bucket_opened_by_a_failed_commit_never_counts(tmp_path, monkeypatch):
     commit_ok(store, "AppendEvent", now=T0 + 31, config=config, session_id="s1", kind="lost",
               request_id="R")
     assert [r.kind for r in events(store)].count("lost") == 1
+
+
+# -- the server's index stays small -------------------------------------------------
+
+
+def test_the_servers_index_keeps_about_16_bytes_a_request_id():
+    """A day of request ids at a steady rate is held by the server's index: 64-bit
+    hashes and offsets in sorted arrays, not key strings (~200 B a key), so a
+    long soak's RSS does not grow by the request ids it has seen."""
+    import tracemalloc
+
+    n = 50_000
+    tracemalloc.start()
+    try:
+        index = relay.RequestIndex()
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(n):
+            key = f"AppendEvent/worker-{i}"
+            index._table("1764590400-3600", relay._request_shard(key)).add(relay._key_hash(key), i)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held / n < 40, f"{held / n:.0f} B a key"
+    key = "AppendEvent/worker-31337"
+    assert index.tables[("1764590400-3600", relay._request_shard(key))].find(
+        relay._key_hash(key)) == 31337
+
+
+def test_request_ids_whose_hashes_collide_are_told_apart(tmp_path, monkeypatch):
+    """Every key hashing alike (a collision, forced): each retry still finds its own
+    record (the shard is read), and a new id is still new."""
+    monkeypatch.setattr(relay, "_key_hash", lambda key: 7)
+    store = relay.Store(tmp_path, request_index=relay.RequestIndex())
+    seeded(store)
+    firsts = {rid: commit_ok(store, "AppendEvent", session_id="s1", kind="k", data=rid,
+                             request_id=rid) for rid in ("a", "b", "c")}
+    for rid, first in firsts.items():
+        assert commit_ok(store, "AppendEvent", now=T0 + 1, session_id="s1", kind="k", data=rid,
+                         request_id=rid) == first
+    fresh = commit_ok(store, "AppendEvent", now=T0 + 1, session_id="s1", kind="k", data="d",
+                      request_id="d")
+    assert fresh.record.seq == 4
+    assert [r.data for r in events(store)] == ["a", "b", "c", "d"]
