@@ -1090,6 +1090,7 @@ def _encode_sealed(ledger: Ledger) -> tuple[bytes, bytes]:
 #: stores (or threads) encoding at once would otherwise evict while the other
 #: inserts ("dictionary changed size during iteration").
 _FRAGMENTS: dict[int, tuple[Any, bytes]] = {}
+FRAGMENTS_KEPT: Final = 65_536
 _FRAGMENTS_LOCK: Final = threading.RLock()
 
 
@@ -1153,7 +1154,9 @@ def _encode_parts_locked(ledger: Ledger) -> list[bytes]:
         else:
             parts.append(_canonical(name) + b":" + _canonical(to_json(value) if attrs.has(type(value))
                                                               else value))
-    if len(_FRAGMENTS) > 2 * live + 64:  # forget records no ledger holds any more
+    # Forget records no ledger holds any more; not below FRAGMENTS_KEPT, so
+    # that two stores of one process (a bench, a test) do not evict each other's.
+    if len(_FRAGMENTS) > max(2 * live + 64, FRAGMENTS_KEPT):
         keep = {id(r) for f in attrs.fields(Ledger) if isinstance(getattr(ledger, f.name), dict)
                 for r in getattr(ledger, f.name).values()}
         for key in [k for k in _FRAGMENTS if k not in keep]:
@@ -1369,6 +1372,18 @@ def _apply_changes(ledger: Ledger, changes: list[_Change]) -> Ledger:
         mapping.since = None
         maps[name] = mapping
     return attrs.evolve(ledger, **changes[-1][0], **maps)
+
+
+def _put_private(mapping: dict[str, Any], start: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """``_put`` for a commit's own map: one this commit made from ``start``
+    with ``_put`` (nobody else holds it yet: operations hand back ledgers, not
+    maps) and that has no derived data gets ``key`` set in place, which saves
+    a copy of the whole map per stream append.  Any other map is copied."""
+    since = mapping.since if type(mapping) is _Map else None
+    if since is None or since[0] is not start or mapping is start or mapping.derived or key not in since[1]:
+        return _put(mapping, key, value)
+    mapping[key] = value
+    return mapping
 
 
 def _seal(ledger: Ledger) -> None:
@@ -3556,7 +3571,8 @@ def commit(store: Store, mutations: list[Mutation], config: Config,
             size = store.append_records(session_id, stream,
                                         getattr(cursor, f"{stream}_bytes"), records)
             cursor = attrs.evolve(cursor, **{f"{stream}_bytes": size})
-            ledger = attrs.evolve(ledger, cursors=_put(ledger.cursors, session_id, cursor))
+            ledger = attrs.evolve(ledger, cursors=_put_private(ledger.cursors, start.cursors,
+                                                               session_id, cursor))
         if not ledger.ledger_id:  # the ledger's first write gives it its identity
             ledger = attrs.evolve(ledger, ledger_id=secrets.token_hex(16))
         ledger, placed = append_request_records(store, ledger, now, config)
