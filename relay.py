@@ -242,7 +242,8 @@ def apply_journal_doc(doc: dict, records: list[dict]) -> dict:
         for name, entries in record["set"].items():
             doc[name] = {**doc[name], **entries}
         for name, keys in record["del"].items():
-            doc[name] = {k: v for k, v in doc[name].items() if k not in set(keys)}
+            gone = set(keys)
+            doc[name] = {k: v for k, v in doc[name].items() if k not in gone}
     return doc
 
 
@@ -2255,7 +2256,8 @@ def append_request_records(store: Store, ledger: Ledger, now: float, config: Con
                 chunks.append(_encode_request(key, record))
                 placed[key] = (bucket, shard, offset)
                 offset += len(chunks[-1])
-            _append_at(directory / f"{shard:x}.log", lengths[shard], b"".join(chunks))
+            _append_at(directory / f"{shard:x}.log", lengths[shard], b"".join(chunks),
+                       os.fdatasync if store.journal else os.fsync)  # as the stream logs
             lengths[shard] = offset
     except OSError as exc:
         raise _io_failure("append to the request log", exc, store.state_dir / REQUESTS_DIR) from exc
@@ -2263,9 +2265,9 @@ def append_request_records(store: Store, ledger: Ledger, now: float, config: Con
     return attrs.evolve(ledger, requests={}, request_log=cursor), placed
 
 
-def _append_at(path: Path, committed: int, data: bytes) -> None:
-    """Cut ``path`` back to ``committed`` bytes, append ``data``, fsync (and
-    the directory when the file is new)."""
+def _append_at(path: Path, committed: int, data: bytes, sync: Callable[[int], None] | None = None) -> None:
+    """Cut ``path`` back to ``committed`` bytes, append ``data``, ``sync``
+    (``os.fsync`` by default; and fsync the directory when the file is new)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         size = os.fstat(fd).st_size
@@ -2273,7 +2275,7 @@ def _append_at(path: Path, committed: int, data: bytes) -> None:
             os.ftruncate(fd, committed)
         os.lseek(fd, committed, os.SEEK_SET)
         _write_all(fd, data)
-        os.fsync(fd)
+        (sync or os.fsync)(fd)
     finally:
         os.close(fd)
     if committed == 0:

@@ -453,3 +453,25 @@ def test_the_gate_finds_a_raw_token_in_the_journal(workspace):
     gate = run_json(workspace, "gate", check=None)
     (tokens,) = [c for c in gate["checks"] if c["id"] == "tokens_are_digests"]
     assert tokens["result"] == "fail"
+
+
+def test_a_compaction_that_drops_records_journals_their_deletion(workspace):
+    """Retention on a small ledger is journaled as deletions; every reader (the typed one,
+    the fast status path) applies them."""
+    store = seeded(workspace)
+    config = relay.attrs.evolve(relay.Config(), max_terminal_leases=2)
+    for i in range(6):
+        (reply,), _ = relay.commit(store, [mutation("GrantLease", session_id="s1", holder=f"h{i}",
+                                                    mode=WRITE)], config, T0 + i)
+        relay.commit(store, [mutation("ReleaseLease", lease_id=reply.lease.lease_id)], config, T0 + i)
+    mine = store.read()
+    assert any(json.loads(line[9:])["del"] for line in journal_lines(store))
+    assert len(mine.leases) < 6  # some were archived and deleted
+    assert fresh(workspace) == mine
+    assert relay._fast_status_doc(str(workspace), T0) == relay.to_json(
+        relay.status(relay.Store(workspace), T0))
+    body, digest = relay.split_checksum(store.ledger_path.read_bytes())
+    doc = json.loads(body)
+    records, _ = relay.journal_records(store.journal_path.read_bytes(), digest.decode(), doc["revision"])
+    plain = relay.apply_journal_doc(doc, [record for record, _ in records])
+    assert plain == json.loads(relay.split_checksum(relay.encode_ledger(mine))[0])
