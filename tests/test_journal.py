@@ -475,3 +475,17 @@ def test_a_compaction_that_drops_records_journals_their_deletion(workspace):
     records, _ = relay.journal_records(store.journal_path.read_bytes(), digest.decode(), doc["revision"])
     plain = relay.apply_journal_doc(doc, [record for record, _ in records])
     assert plain == json.loads(relay.split_checksum(relay.encode_ledger(mine))[0])
+
+
+def test_status_answers_from_the_fast_path_with_a_journal(workspace):
+    """`python -m relay status` stays on its stdlib-only path over a non-empty journal."""
+    store = seeded(workspace)
+    for i in range(3):
+        commit(store, mutation("AppendEvent", session_id="s1", kind="k", data=i))
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "relay", "--root", str(workspace),
+                           "status", "--json"], capture_output=True, text=True, env=env())
+    assert proc.returncode == 0, proc.stderr
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
+    assert "attrs" not in imported and "relay_client" not in imported
+    out = json.loads(proc.stdout)
+    assert out["revision"] == store.read().revision and out["events"] == 3
