@@ -489,3 +489,11 @@ def test_status_answers_from_the_fast_path_with_a_journal(workspace):
     assert "attrs" not in imported and "relay_client" not in imported
     out = json.loads(proc.stdout)
     assert out["revision"] == store.read().revision and out["events"] == 3
+
+
+def test_the_journal_knows_every_map_of_the_ledger():
+    """The fast path's list of maps and the typed reader's table cover the model's maps."""
+    empty = relay.Ledger()
+    maps = {f.name for f in relay.attrs.fields(relay.Ledger) if isinstance(getattr(empty, f.name), dict)}
+    assert set(relay._LEDGER_MAPS) == set(relay._MAP_RECORDS) == maps
+    assert set(relay._LEDGER_SCALARS) == {f.name for f in relay.attrs.fields(relay.Ledger)} - maps
