@@ -191,6 +191,62 @@ def status_text(doc: dict) -> str:
     return "\n".join(lines)
 
 
+JOURNAL_REL = os.path.join("flow", "state", "relay", "relay-state.journal")
+#: The ledger's maps (each keyed by its records' ids); every other member is a scalar.
+_LEDGER_MAPS = ("control_requests", "cursors", "leases", "profiles", "quarantines", "requests",
+                "sessions", "tokens", "turns")
+
+
+def journal_records(data: bytes, base: str, revision: int, loads=json.loads
+                    ) -> tuple[list[tuple[dict, int]], int]:
+    """The records of journal bytes that count on top of the checkpoint whose
+    checksum is ``base`` (hex) at ``revision`` (each with the offset where it
+    ends), and where the last one ends.
+
+    A record is a line ``<crc32 8 hex> <JSON>\\n``; it counts when its CRC is
+    good, its ``base`` is the checkpoint's checksum and its ``from`` is the
+    revision the records before it reached.  The first that fails ends the
+    journal: it and everything after it are a torn or stale tail, never read."""
+    import zlib
+
+    records: list[tuple[dict, int]] = []
+    end = 0
+    while True:
+        nl = data.find(b"\n", end)
+        if nl < 0:
+            break
+        line = data[end : nl + 1]
+        body = line[9:-1]
+        if len(line) < 11 or line[8:9] != b" " or line[:8] != b"%08x" % zlib.crc32(body):
+            break
+        try:
+            doc = loads(body)
+            top = doc["top"]
+            ok = (doc["base"] == base and type(doc["from"]) is int and doc["from"] == revision
+                  and type(top) is dict
+                  and type(top.get("revision")) is int and top["revision"] > revision
+                  and type(doc["set"]) is dict and type(doc["del"]) is dict)
+        except (ValueError, TypeError, KeyError, UnicodeDecodeError):
+            ok = False
+        if not ok:
+            break
+        revision, end = top["revision"], nl + 1
+        records.append((doc, end))
+    return records, end
+
+
+def apply_journal_doc(doc: dict, records: list[dict]) -> dict:
+    """A ledger document (plain JSON) with journal records applied in order."""
+    for record in records:
+        doc.update(record["top"])
+        for name, entries in record["set"].items():
+            doc[name] = {**doc[name], **entries}
+        for name, keys in record["del"].items():
+            gone = set(keys)
+            doc[name] = {k: v for k, v in doc[name].items() if k not in gone}
+    return doc
+
+
 def _fast_status(argv: list[str]) -> int | None:
     """Answer ``status [--json] [--root DIR]`` without heavy imports, or return
     None to let the full CLI answer (any other command, or a ledger this path
@@ -232,9 +288,23 @@ def _fast_status_doc(root: str, now: float) -> dict | None:
                 memo = f.read()
         except OSError:
             return None
-        if split is None or split[1] != memo:
+        # The memo is the checksum, and once journal records follow it, a
+        # space and the (16-digit) length of the journal the writer vouches for.
+        if split is None or split[1] != memo[:64]:
             return None
         doc = json.loads(split[0])
+        try:
+            with open(os.path.join(root, JOURNAL_REL), "rb") as f:
+                journal = f.read()
+        except FileNotFoundError:
+            journal = b""
+        except OSError:
+            return None
+        records, end = journal_records(journal, split[1].decode(), doc["revision"])
+        vouched = memo[65:] if len(memo) == 81 and memo[64:65] == b" " else b"0"
+        if not vouched.isdigit() or end != int(vouched):
+            return None
+        doc = apply_journal_doc(doc, [record for record, _ in records])
     return status_doc(root, doc, [], now)
 
 
@@ -298,6 +368,8 @@ __all__ = [
     "FAILPOINTS",
     "GATE_CHECKS",
     "GRACEFUL_SECONDS",
+    "JOURNAL_FAILPOINTS",
+    "JOURNAL_NAME",
     "KIB",
     "LEDGER_REL",
     "LOG_LEVELS",
@@ -409,6 +481,15 @@ LOCK_NAME: Final = "relay-state.lock"
 PROVIDERS_RECORD: Final = "providers.json"
 SESSIONS_DIR: Final = "sessions"
 MEMO_NAME: Final = "ledger.validated"
+#: The commit journal: records of commits since the checkpoint (``relay-state.json``).
+JOURNAL_NAME: Final = "relay-state.journal"
+#: A journaling store writes a checkpoint instead of a record once the journal
+#: would pass this many bytes (half the checkpoint's size, within these bounds).
+JOURNAL_MIN_BYTES: Final = 16 * KIB
+JOURNAL_MAX_BYTES: Final = 256 * KIB
+#: A map with at most this many entries in both ledgers is diffed key by key
+#: when it was not made by ``_put`` (compaction, expiry): bigger ones checkpoint.
+JOURNAL_DIFF_ENTRIES: Final = 256
 #: The ledger's last bytes: `"sha256:<64 hex>"}` and a newline.
 CHECKSUM_TAIL_BYTES: Final = 72
 TEMP_PREFIX: Final = ".relay-state.json.tmp."
@@ -465,6 +546,13 @@ FAILPOINTS: Final = (
     "after_rename",
     "after_dir_fsync",
     "before_ack",
+)
+#: The steps of a journal commit (a journaling store: the server's) and of a
+#: checkpoint's cut of the journal; the same ``RELAY_FAILPOINT`` kills there.
+JOURNAL_FAILPOINTS: Final = (
+    "after_journal_write",
+    "after_journal_fsync",
+    "after_journal_cut",
 )
 
 
@@ -822,7 +910,13 @@ def _put(mapping: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
     new = _Map(mapping)
     new[key] = value
     old = mapping.get(key)
-    new.derived = {kind: got.put(key, old, value) for kind, got in _derived_of(mapping).items()}
+    # The encoded entries are not carried: a journal commit encodes only the
+    # records it changed, and a checkpoint rebuilds them from cached fragments.
+    new.derived = {kind: got.put(key, old, value) for kind, got in _derived_of(mapping).items()
+                   if kind is not _Encoded}
+    since = mapping.since if type(mapping) is _Map else None
+    root, keys = since if since is not None else (mapping, frozenset())
+    new.since = (root, keys | {key})
     return new
 
 
@@ -841,13 +935,16 @@ def _put(mapping: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
 
 
 class _Map(dict):
-    """A ledger map with the data derived from it (kind -> value)."""
+    """A ledger map with the data derived from it (kind -> value), and what
+    it was made from by ``_put``: (that map, the keys set since), which lets a
+    journal commit write only the records that changed (``_map_changes``)."""
 
-    __slots__ = ("derived",)
+    __slots__ = ("derived", "since")
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.derived: dict[type, Any] = {}
+        self.since: tuple[dict[str, Any], frozenset[str]] | None = None
 
 
 _PLAIN_DERIVED: dict[int, tuple[dict[str, Any], dict[type, Any]]] = {}
@@ -994,6 +1091,7 @@ def _encode_sealed(ledger: Ledger) -> tuple[bytes, bytes]:
 #: stores (or threads) encoding at once would otherwise evict while the other
 #: inserts ("dictionary changed size during iteration").
 _FRAGMENTS: dict[int, tuple[Any, bytes]] = {}
+FRAGMENTS_KEPT: Final = 65_536
 _FRAGMENTS_LOCK: Final = threading.RLock()
 
 
@@ -1057,7 +1155,9 @@ def _encode_parts_locked(ledger: Ledger) -> list[bytes]:
         else:
             parts.append(_canonical(name) + b":" + _canonical(to_json(value) if attrs.has(type(value))
                                                               else value))
-    if len(_FRAGMENTS) > 2 * live + 64:  # forget records no ledger holds any more
+    # Forget records no ledger holds any more; not below FRAGMENTS_KEPT, so
+    # that two stores of one process (a bench, a test) do not evict each other's.
+    if len(_FRAGMENTS) > max(2 * live + 64, FRAGMENTS_KEPT):
         keep = {id(r) for f in attrs.fields(Ledger) if isinstance(getattr(ledger, f.name), dict)
                 for r in getattr(ledger, f.name).values()}
         for key in [k for k in _FRAGMENTS if k not in keep]:
@@ -1149,6 +1249,154 @@ def _check_request_log_cursor(cursor: RequestLogCursor, hint: str) -> None:
         raise LedgerInvalid(f"ledger request_log {to_json(cursor)} is inconsistent", hint=hint)
 
 
+# -- the journal's records (see "Commit journal" in specs/flow-relay-contract.md) ----------
+
+#: Each map: its record class and the field its key must equal (None: any id).
+_MAP_RECORDS: Final = {
+    "profiles": (rc.Profile, "name"), "sessions": (rc.Session, "session_id"),
+    "leases": (rc.Lease, "lease_id"), "control_requests": (rc.ControlRequest, "request_id"),
+    "cursors": (rc.Cursor, "session_id"), "tokens": (TokenRecord, "token_id"),
+    "quarantines": (rc.Quarantine, "session_id"), "requests": (RequestRecord, None),
+    "turns": (rc.Turn, "turn_id"),
+}
+_LEDGER_SCALARS: Final = tuple(f.name for f in attrs.fields(Ledger) if f.name not in _LEDGER_MAPS)
+_GONE: Final = object()
+
+
+def _map_changes(old: dict[str, Any], new: dict[str, Any]) -> frozenset[str] | set[str] | None:
+    """The keys that may differ between two versions of a map: those ``_put``
+    set since their common origin, or every key of two small maps; None when
+    that cannot be told without comparing a big map whole."""
+    since = new.since if type(new) is _Map else None
+    if since is not None and since[0] is old:
+        return since[1]
+    before = old.since if type(old) is _Map else None
+    if since is not None and before is not None and since[0] is before[0]:
+        return since[1] | before[1]
+    if len(old) + len(new) <= JOURNAL_DIFF_ENTRIES:
+        return set(old) | set(new)
+    return None
+
+
+def _ledger_changes(old: Ledger, new: Ledger
+                    ) -> tuple[dict[str, dict[str, Any]], dict[str, list[str]]] | None:
+    """(records set, keys deleted) per map that turn ``old`` into ``new``, or None."""
+    sets, dels = {}, {}
+    for name in _LEDGER_MAPS:
+        a, b = getattr(old, name), getattr(new, name)
+        if a is b:
+            continue
+        keys = _map_changes(a, b)
+        if keys is None:
+            return None
+        put = {k: b[k] for k in sorted(keys) if k in b and a.get(k, _GONE) is not b[k]}
+        gone = sorted(k for k in keys if k in a and k not in b)
+        if put:
+            sets[name] = put
+        if gone:
+            dels[name] = gone
+    return sets, dels
+
+
+def _journal_record(digest: str, old: Ledger, new: Ledger, sets: dict[str, dict[str, Any]],
+                    dels: dict[str, list[str]]) -> bytes:
+    """One journal line: the commit from ``old`` to ``new`` on the checkpoint ``digest``."""
+    top = {name: to_json(v) if attrs.has(type(v := getattr(new, name))) else v
+           for name in _LEDGER_SCALARS}
+    body = _canonical({"base": digest, "del": dels, "from": old.revision,
+                       "set": {n: {k: to_json(v) for k, v in m.items()} for n, m in sets.items()},
+                       "top": top})
+    return b"%08x " % zlib.crc32(body) + body + b"\n"
+
+
+#: A journal record, typed: (scalar members, records set per map, keys deleted per map).
+_Change = tuple[dict[str, Any], dict[str, Any], dict[str, list[str]]]
+
+
+def _journal_change(doc: dict[str, Any]) -> _Change | None:
+    """A journal record's (scalars, records set, keys deleted), checked as
+    strictly as ``decode_ledger`` checks a whole ledger; None if it fails."""
+    try:
+        shell = from_json(Ledger, {**doc["top"], **{m: {} for m in _LEDGER_MAPS}}, complete=True)
+        if shell.schema != SCHEMA_ID:
+            return None
+        _check_request_log_cursor(shell.request_log, "")
+        sets: dict[str, Any] = {}
+        for name, entries in doc["set"].items():
+            kind, key_field = _MAP_RECORDS[name]
+            if type(entries) is not dict:
+                return None
+            typed = {}
+            for key, value in entries.items():
+                if name in _LATER_FIELDS and isinstance(value, dict):
+                    value = {**_LATER_FIELDS[name], **value}
+                record = from_json(kind, value, path=f"{name}.{key}", complete=True)
+                if not rc.ID_PATTERN.fullmatch(key) or (key_field and getattr(record, key_field) != key):
+                    return None
+                typed[key] = record
+            if name == "requests":
+                _check_replies(Ledger(requests=typed))
+            sets[name] = typed
+        dels = {}
+        for name, keys in doc["del"].items():
+            if name not in _MAP_RECORDS or type(keys) is not list or any(type(k) is not str for k in keys):
+                return None
+            dels[name] = keys
+    except (RelayError, KeyError, TypeError, AttributeError):
+        return None
+    return {n: getattr(shell, n) for n in _LEDGER_SCALARS}, sets, dels
+
+
+def _apply_changes(ledger: Ledger, changes: list[_Change]) -> Ledger:
+    """``ledger`` with journal changes applied in order.  A few keys of a map
+    go through ``_put`` (its indexes follow); more, or a deletion, make one
+    copy whose derived data is rebuilt on first use."""
+    ops: dict[str, list[tuple[str, Any]]] = {}
+    for _, sets, dels in changes:
+        for name, entries in sets.items():
+            ops.setdefault(name, []).extend(entries.items())
+        for name, keys in dels.items():
+            ops.setdefault(name, []).extend((k, _GONE) for k in keys)
+    maps = {}
+    for name, steps in ops.items():
+        mapping = getattr(ledger, name)
+        if len(steps) <= 8 and all(v is not _GONE for _, v in steps):
+            for key, value in steps:
+                mapping = _put(mapping, key, value)
+        else:
+            mapping = _Map(mapping)
+            for key, value in steps:
+                if value is _GONE:
+                    mapping.pop(key, None)
+                else:
+                    mapping[key] = value
+        mapping.since = None
+        maps[name] = mapping
+    return attrs.evolve(ledger, **changes[-1][0], **maps)
+
+
+def _put_private(mapping: dict[str, Any], start: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """``_put`` for a commit's own map: one this commit made from ``start``
+    with ``_put`` (nobody else holds it yet: operations hand back ledgers, not
+    maps) and that has no derived data gets ``key`` set in place, which saves
+    a copy of the whole map per stream append.  Any other map is copied."""
+    since = mapping.since if type(mapping) is _Map else None
+    if since is None or since[0] is not start or mapping is start or mapping.derived or key not in since[1]:
+        return _put(mapping, key, value)
+    mapping[key] = value
+    return mapping
+
+
+def _seal(ledger: Ledger) -> None:
+    """Forget what a committed ledger's maps were made from: the next commit
+    diffs against them, and nothing older needs to stay alive.  Bookkeeping,
+    not contents: no reader of the maps sees it."""
+    for name in _LEDGER_MAPS:
+        mapping = getattr(ledger, name)
+        if type(mapping) is _Map:
+            mapping.since = None
+
+
 ################################################################
 # Ledger store (lock, atomic write, failpoints, stream logs, archive)
 ################################################################
@@ -1233,18 +1481,50 @@ def _flock_named(path: Path, flags: int, make_parent: Callable[[], None]) -> int
                             f"{LOCK_ATTEMPTS} attempts to create and lock it", path)
 
 
+@attrs.frozen
+class _Snapshot:
+    """One consistent read of the durable truth: the checkpoint (its file's
+    identity and last bytes, its checksum, its ledger), the journal records
+    that count on it (how far they reach, their last bytes, how many), and
+    the ledger they make."""
+
+    checkpoint_key: tuple[int, int, int]
+    checkpoint_tail: bytes
+    digest: str
+    base: Ledger
+    journal_key: tuple[int, int, int] | None
+    journal_end: int
+    journal_tail: bytes
+    records: int
+    ledger: Ledger
+
+
+#: A snapshot read while a checkpoint was renamed in: read again.
+_RACED: Final = object()
+#: The last bytes of the journal's last record a cached snapshot compares
+#: (they end with its ``updated_at`` stamp).
+JOURNAL_TAIL_BYTES: Final = 48
+
+
+def _journal_budget(checkpoint_bytes: int) -> int:
+    return min(max(checkpoint_bytes // 2, JOURNAL_MIN_BYTES), JOURNAL_MAX_BYTES)
+
+
 @attrs.define(eq=False)
 class Store:
     """Files of one workspace.  Sync by design: the CLI uses it directly and the
     server calls it through one ``trio.to_thread.run_sync`` hop per commit."""
 
     root: Path
-    #: ((inode, size, mtime), checksum tail, ledger) of the last ledger read or
-    #: written.  Replaced whole, never edited: a reader takes the tuple once
-    #: into a local, so a writer in another thread can never show it half.
-    _cache: tuple[tuple[int, int, int], bytes, Ledger] | None = None
+    #: The last snapshot read or written.  Replaced whole, never edited: a
+    #: reader takes it once into a local, so a writer in another thread can
+    #: never show it half.
+    _cache: _Snapshot | None = None
     #: The server's in-memory index of the request log (None: look keys up on disk).
     request_index: RequestIndex | None = None
+    #: Commit by appending to the journal where the change allows (the
+    #: server); otherwise every commit writes a checkpoint (the CLI).
+    journal: bool = False
 
     # Cached: a commit asks for these paths ~40 times, and building a Path
     # costs microseconds each (a quarter of a small commit's CPU).
@@ -1268,6 +1548,10 @@ class Store:
     @functools.cached_property
     def lock_path(self) -> Path:
         return self.tmp_dir / LOCK_NAME
+
+    @functools.cached_property
+    def journal_path(self) -> Path:
+        return self.state_dir / JOURNAL_NAME
 
     def stream_path(self, session_id: str, stream: str) -> Path:
         check_id("session", session_id)
@@ -1311,30 +1595,110 @@ class Store:
     # -- reading ----------------------------------------------------------------
 
     def read(self) -> Ledger | None:
-        """The current ledger (None when absent); no lock, the rename makes every
-        read whole.  Raises ``LedgerInvalid`` for a damaged file."""
+        """The current ledger (None when absent): the checkpoint with the
+        journal records that count on it.  No lock: the rename makes every
+        checkpoint read whole, and a record counts only once its CRC checks.
+        Raises ``LedgerInvalid`` for a damaged checkpoint."""
+        snap = self.snapshot()
+        return snap.ledger if snap is not None else None
+
+    def snapshot(self) -> _Snapshot | None:
+        """One consistent read of the checkpoint and its journal (None when
+        there is no checkpoint).  A checkpoint renamed in while the journal
+        was being read makes it read both again (the journal may by then hold
+        the new checkpoint's records)."""
+        for _ in range(LOCK_ATTEMPTS):
+            got = self._read_once()
+            if got is not _RACED:
+                return got
+        return got  # consistent still (each record names its checkpoint), only not the newest
+
+    def _read_once(self) -> _Snapshot | None | object:
         cache = self._cache  # once: a commit thread may replace it meanwhile
         try:
             fd = os.open(self.ledger_path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
+        data = None
         try:
             st = os.fstat(fd)
             key = (st.st_ino, st.st_size, st.st_mtime_ns)
             # Same inode, size and mtime can still be another file (an inode
             # reused within one timestamp tick); the checksum at the tail
             # cannot, and costs one small read to compare.
-            if (cache is not None and cache[0] == key
-                    and os.pread(fd, CHECKSUM_TAIL_BYTES, max(st.st_size - CHECKSUM_TAIL_BYTES, 0))
-                    == cache[1]):
-                return cache[2]
+            if (cache is None or cache.checkpoint_key != key
+                    or os.pread(fd, CHECKSUM_TAIL_BYTES, max(st.st_size - CHECKSUM_TAIL_BYTES, 0))
+                    != cache.checkpoint_tail):
+                cache = None
+                with os.fdopen(os.dup(fd), "rb") as f:
+                    data = f.read()
+        finally:
+            os.close(fd)
+        if data is not None:
+            base = decode_ledger(data)
+            snap = _Snapshot(key, data[-CHECKSUM_TAIL_BYTES:], data[-67:-3].decode(), base,
+                             None, 0, b"", 0, base)
+        else:
+            snap = cache
+        snap = self._read_journal(snap, cache)
+        try:
+            st = os.stat(self.ledger_path)
+        except FileNotFoundError:
+            return _RACED
+        if (st.st_ino, st.st_size, st.st_mtime_ns) != key:
+            return _RACED
+        self._cache = snap
+        return snap
+
+    def last_read(self) -> _Snapshot | None:
+        """The snapshot the last read or write of this store left."""
+        return self._cache
+
+    def with_journal(self, raw: bytes, checkpoint: Ledger) -> _Snapshot:
+        """The journal as it is now applied on checkpoint bytes already
+        decoded (the gate's), without touching this store's cache."""
+        snap = _Snapshot((0, 0, 0), raw[-CHECKSUM_TAIL_BYTES:], raw[-67:-3].decode(), checkpoint,
+                         None, 0, b"", 0, checkpoint)
+        return self._read_journal(snap, None)
+
+    def _read_journal(self, snap: _Snapshot, cache: _Snapshot | None) -> _Snapshot:
+        """``snap`` (its checkpoint) with the journal as it is now: only the
+        bytes past what ``cache`` (same checkpoint) already applied are read."""
+        try:
+            fd = os.open(self.journal_path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return attrs.evolve(snap, journal_key=None, journal_end=0, journal_tail=b"", records=0,
+                                ledger=snap.base)
+        try:
+            st = os.fstat(fd)
+            key = (st.st_ino, st.st_size, st.st_mtime_ns)
+            start, ledger, records = 0, snap.base, 0
+            if (cache is not None and cache.journal_key is not None
+                    and cache.journal_key[0] == st.st_ino and st.st_size >= cache.journal_end
+                    and os.pread(fd, len(cache.journal_tail), cache.journal_end - len(cache.journal_tail))
+                    == cache.journal_tail):
+                if cache.journal_key == key:
+                    return cache
+                start, ledger, records = cache.journal_end, cache.ledger, cache.records
             with os.fdopen(os.dup(fd), "rb") as f:
+                f.seek(start)
                 data = f.read()
         finally:
             os.close(fd)
-        ledger = decode_ledger(data)
-        self._cache = (key, data[-CHECKSUM_TAIL_BYTES:], ledger)
-        return ledger
+        found, _ = journal_records(data, snap.digest, ledger.revision, rc.strict_loads)
+        changes, end = [], 0
+        for doc, at in found:
+            change = _journal_change(doc)
+            if change is None:  # checks out byte-wise but not as records: the journal ends here
+                break
+            changes.append(change)
+            end = at
+        if changes:
+            ledger = _apply_changes(ledger, changes)
+        before = cache.journal_tail if start and cache is not None else b""
+        return attrs.evolve(snap, journal_key=key, journal_end=start + end,
+                            journal_tail=(before + data[:end])[-JOURNAL_TAIL_BYTES:],
+                            records=records + len(changes), ledger=ledger)
 
     # -- writing ----------------------------------------------------------------
 
@@ -1372,9 +1736,94 @@ class Store:
                               "the change is in place but not known to be durable, so it was not "
                               "acknowledged; `python -m relay status` shows it") from exc
         _failpoint("after_dir_fsync")
+        journal_key = self._cut_journal()
+        _failpoint("after_journal_cut")
         last = head[len(tail) - CHECKSUM_TAIL_BYTES :] + tail  # the file's last bytes
-        self._cache = ((st.st_ino, st.st_size, st.st_mtime_ns), last, ledger)
+        self._cache = _Snapshot((st.st_ino, st.st_size, st.st_mtime_ns), last, tail[:-3].decode(),
+                                ledger, journal_key, 0, b"", 0, ledger)
         self._record_validated(tail[:-3])
+
+    def _cut_journal(self) -> tuple[int, int, int] | None:
+        """Empty the journal after a checkpoint; returns its identity.  Not
+        fsync'd and allowed to fail: its records name the old checkpoint's
+        checksum, so none of them counts any more either way."""
+        try:
+            fd = os.open(self.journal_path, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            if os.fstat(fd).st_size:
+                os.ftruncate(fd, 0)
+            st = os.fstat(fd)
+            return (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+
+    def commit_write(self, snap: _Snapshot | None, ledger: Ledger, checkpoint: bool = False) -> None:
+        """Make ``ledger``, a commit on ``snap.ledger`` (read under the lock),
+        durable: one journal record when this store journals, the change can
+        be told record by record and the journal has room; else a checkpoint."""
+        if self.journal and not checkpoint and snap is not None:
+            changes = _ledger_changes(snap.ledger, ledger)
+            if changes is not None:
+                line = _journal_record(snap.digest, snap.ledger, ledger, *changes)
+                if (snap.journal_end + len(line) <= _journal_budget(snap.checkpoint_key[1])
+                        and self._append_journal(snap, line, ledger)):
+                    return
+        self.write(ledger)
+
+    def _append_journal(self, snap: _Snapshot, line: bytes, ledger: Ledger) -> bool:
+        """Cut the journal back to the end of its last record that counts,
+        append ``line``, fdatasync.  False (write a checkpoint instead) when
+        the journal is shorter than what was read under this lock: someone
+        removed it, and the ledger in hand still holds its records."""
+        path, end = self.journal_path, snap.journal_end
+        try:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                created = True
+            except FileExistsError:
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                created = False
+            try:
+                if os.fstat(fd).st_size < end:
+                    return False
+                if os.fstat(fd).st_size != end:
+                    os.ftruncate(fd, end)  # a torn or stale tail: never counted, cut before the append
+                try:
+                    view, at = memoryview(line), end
+                    while view:
+                        written = os.pwrite(fd, view, at)
+                        view, at = view[written:], at + written
+                    _failpoint("after_journal_write")
+                    os.fdatasync(fd)
+                except OSError:
+                    # Not known durable, so no reader may count it (and the
+                    # pages may be gone: never fsync'd again on this descriptor).
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, end)
+                    raise
+                _failpoint("after_journal_fsync")
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise _io_failure("append to the ledger journal", exc, path) from exc
+        if created:
+            try:
+                _fsync_dir(self.state_dir)
+            except OSError as exc:
+                raise _io_failure("fsync the ledger directory", exc, self.state_dir,
+                                  "the change is in place but not known to be durable, so it was "
+                                  "not acknowledged; `python -m relay status` shows it") from exc
+        new_end = end + len(line)
+        self._cache = attrs.evolve(snap, journal_key=(st.st_ino, st.st_size, st.st_mtime_ns),
+                                   journal_end=new_end, journal_tail=line[-JOURNAL_TAIL_BYTES:],
+                                   records=snap.records + 1, ledger=ledger)
+        self._record_validated(snap.digest.encode() + b" %016d" % new_end)
+        return True
 
     def _record_validated(self, digest: bytes) -> None:
         """Tell the fast status path that the ledger with this checksum came
@@ -1434,7 +1883,9 @@ class Store:
                 os.ftruncate(fd, committed)
             os.lseek(fd, committed, os.SEEK_SET)
             _write_all(fd, data)
-            os.fsync(fd)
+            # fdatasync is enough for an append (it flushes the new size, not
+            # the mtime): the journaling store's, whose commits are about this.
+            (os.fdatasync if self.journal else os.fsync)(fd)
         except OSError as exc:
             raise _io_failure(f"append to the {stream} log", exc, path) from exc
         finally:
@@ -1878,7 +2329,8 @@ def append_request_records(store: Store, ledger: Ledger, now: float, config: Con
                 chunks.append(_encode_request(key, record))
                 placed[key] = (bucket, shard, offset)
                 offset += len(chunks[-1])
-            _append_at(directory / f"{shard:x}.log", lengths[shard], b"".join(chunks))
+            _append_at(directory / f"{shard:x}.log", lengths[shard], b"".join(chunks),
+                       os.fdatasync if store.journal else os.fsync)  # as the stream logs
             lengths[shard] = offset
     except OSError as exc:
         raise _io_failure("append to the request log", exc, store.state_dir / REQUESTS_DIR) from exc
@@ -1886,9 +2338,9 @@ def append_request_records(store: Store, ledger: Ledger, now: float, config: Con
     return attrs.evolve(ledger, requests={}, request_log=cursor), placed
 
 
-def _append_at(path: Path, committed: int, data: bytes) -> None:
-    """Cut ``path`` back to ``committed`` bytes, append ``data``, fsync (and
-    the directory when the file is new)."""
+def _append_at(path: Path, committed: int, data: bytes, sync: Callable[[int], None] | None = None) -> None:
+    """Cut ``path`` back to ``committed`` bytes, append ``data``, ``sync``
+    (``os.fsync`` by default; and fsync the directory when the file is new)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         size = os.fstat(fd).st_size
@@ -1896,7 +2348,7 @@ def _append_at(path: Path, committed: int, data: bytes) -> None:
             os.ftruncate(fd, committed)
         os.lseek(fd, committed, os.SEEK_SET)
         _write_all(fd, data)
-        os.fsync(fd)
+        (sync or os.fsync)(fd)
     finally:
         os.close(fd)
     if committed == 0:
@@ -2766,9 +3218,19 @@ def inspect_relay(store: Store, config: Config, now: float) -> dict[str, Any]:
                          "live_leases": [x.lease_id for x in live_leases(view, k, iso(now))]}
                      for k, s in sorted(view.sessions.items())},
         "request_records": len(view.requests),
+        "checkpoint": _checkpoint_detail(store, ledger),
         "config": attrs.asdict(config),
     }
     return doc
+
+
+def _checkpoint_detail(store: Store, ledger: Ledger | None) -> dict[str, Any]:
+    """How far ``relay-state.json`` (the checkpoint) lags the ledger."""
+    snap = store.last_read()
+    if ledger is None or snap is None or snap.ledger is not ledger:
+        return {"revision": ledger.revision if ledger else 0, "journal_records": 0, "journal_bytes": 0}
+    return {"revision": snap.base.revision, "journal_records": snap.records,
+            "journal_bytes": snap.journal_end}
 
 
 def list_profiles(ledger: Ledger, req: rc.ListProfilesRequest, now: float):
@@ -2951,6 +3413,8 @@ def _classify_artifact(store: Store, ledger: Ledger | None, warnings: list[rc.St
                        path: Path) -> tuple[str, bool, str]:
     if path == store.ledger_path:
         return "ledger", not warnings, warnings[0].message if warnings else ""
+    if path == store.journal_path:
+        return _classify_journal(store, ledger, path)
     if path == store.lock_path:
         return "lock", True, "never removed by cleanup"
     if path.parent == store.state_dir and path.name.startswith(TEMP_PREFIX):
@@ -2967,8 +3431,22 @@ def _classify_artifact(store: Store, ledger: Ledger | None, warnings: list[rc.St
     if rel.parts[0] == SET_ASIDE_DIR:
         if path.name == LEDGER_NAME:
             return "set_aside_ledger", True, "a damaged ledger moved aside by `state reset`"
+        if path.name == JOURNAL_NAME:
+            return "set_aside", True, "the journal of a ledger moved aside by `state reset`"
         return "set_aside", True, "stream log or archive moved aside with its ledger"
     return "unknown", False, "not a relay artifact"
+
+
+def _classify_journal(store: Store, ledger: Ledger | None, path: Path) -> tuple[str, bool, str]:
+    snap = store.last_read() if ledger is not None else None  # what the read just now found
+    if snap is None or snap.ledger is not ledger:
+        return "journal", False, "cannot check without a valid checkpoint (relay-state.json)"
+    size = path.stat().st_size
+    note = (f"{snap.records} commits past the checkpoint (revision {snap.base.revision} -> "
+            f"{snap.ledger.revision})" if snap.records else "no commits past the checkpoint")
+    if size > snap.journal_end:
+        note += f"; {size - snap.journal_end} tail bytes that do not count, cut by the next write"
+    return "journal", True, note + "; never removed by cleanup"
 
 
 def _classify_stream(ledger: Ledger | None, sid: str, stream: str, size: int):
@@ -3036,6 +3514,8 @@ class Mutation:
     stream: str = ""
     #: ``request_id`` is a control record's key (RecordControl's row says so).
     control: bool = False
+    #: Commit with a checkpoint, never a journal record (the server's start and stop).
+    checkpoint: bool = False
 
 
 def rpc_mutation(rpc: rc.Rpc | str, request: Any) -> Mutation:
@@ -3140,7 +3620,8 @@ def commit(store: Store, mutations: list[Mutation], config: Config,
         # Every time, not once per Store: a long-lived store (the server's)
         # must also sweep what a CLI writer killed mid-write left meanwhile.
         store.remove_orphan_temps()
-        start = store.read() or Ledger()
+        snap = store.snapshot()
+        start = snap.ledger if snap is not None else Ledger()
         if on_start is not None:
             on_start(start)
         now = time.time() if now is None else now
@@ -3165,11 +3646,13 @@ def commit(store: Store, mutations: list[Mutation], config: Config,
             size = store.append_records(session_id, stream,
                                         getattr(cursor, f"{stream}_bytes"), records)
             cursor = attrs.evolve(cursor, **{f"{stream}_bytes": size})
-            ledger = attrs.evolve(ledger, cursors=_put(ledger.cursors, session_id, cursor))
+            ledger = attrs.evolve(ledger, cursors=_put_private(ledger.cursors, start.cursors,
+                                                               session_id, cursor))
         if not ledger.ledger_id:  # the ledger's first write gives it its identity
             ledger = attrs.evolve(ledger, ledger_id=secrets.token_hex(16))
         ledger, placed = append_request_records(store, ledger, now, config)
-        store.write(ledger)
+        store.commit_write(snap, ledger, checkpoint=any(m.checkpoint for m in mutations))
+        _seal(ledger)
         if store.request_index is not None:
             store.request_index.note(ledger.request_log, placed)
         return results, ledger
@@ -6130,15 +6613,17 @@ async def watch_ledger(owner: LedgerOwner, interval: float, *,
                        task_status: TaskStatus[None] = _TASK_STATUS_IGNORED) -> None:
     """Heartbeat resident: notice commits by other processes (a cheap stat)."""
     task_status.started()
-    path = trio.Path(owner.store.ledger_path)
+    paths = (trio.Path(owner.store.ledger_path), trio.Path(owner.store.journal_path))
     last, checked = None, trio.current_time()
     while True:
         await trio.sleep(interval)
-        try:
-            st = await path.stat()
-            key: tuple[int, int, int] | None = (st.st_ino, st.st_size, st.st_mtime_ns)
-        except FileNotFoundError:
-            key = None  # moved aside (state reset): absorbed as an empty, new ledger
+        key: list[tuple[int, int, int] | None] = []
+        for path in paths:  # the checkpoint and its journal
+            try:
+                st = await path.stat()
+                key.append((st.st_ino, st.st_size, st.st_mtime_ns))
+            except FileNotFoundError:
+                key.append(None)  # moved aside (state reset): absorbed as an empty, new ledger
         # Also re-read now and then: two commits in one timestamp tick can
         # leave inode, size and mtime as they were (the read compares the
         # checksum, so an unchanged ledger costs one small read).
@@ -8686,7 +9171,7 @@ def _served(endpoint: str, serving_mode: str, pid: int) -> Mutation:
                                pid=pid, served_at=ctx.stamp, shutdown_at="")
         return attrs.evolve(ledger, runtime=runtime), runtime
 
-    return Mutation(apply, "served")
+    return Mutation(apply, "served", checkpoint=True)
 
 
 def _stopped() -> Mutation:
@@ -8694,7 +9179,7 @@ def _stopped() -> Mutation:
         runtime = attrs.evolve(ledger.runtime, status="stopped", shutdown_at=ctx.stamp, pid=0)
         return attrs.evolve(ledger, runtime=runtime), runtime
 
-    return Mutation(apply, "stopped")
+    return Mutation(apply, "stopped", checkpoint=True)
 
 
 def _quiet_gc() -> None:
@@ -8811,6 +9296,7 @@ async def serve(store: Store, config: Config, *, host: str | None = None, port: 
     sys.setswitchinterval(SWITCH_INTERVAL)
     if store.request_index is None:  # a long-lived store indexes the request log in memory
         store.request_index = RequestIndex()
+    store.journal = True  # commits append to the journal; start and stop checkpoint
     ledger = await trio.to_thread.run_sync(store.read)
     serving = require_serving_allowed(ledger, host)
     hub = EventHub(buffer=config.subscriber_buffer)
@@ -8889,6 +9375,10 @@ class _GateView:
     error: str = ""
     raw: bytes = b""
     streams: dict[tuple[str, str], tuple[int, str]] = attrs.Factory(dict)
+    #: The checkpoint (``raw``) and the journal records applied on it.
+    checkpoint: Ledger | None = None
+    journal: bytes = b""
+    journal_records: int = 0
 
     @classmethod
     def read(cls, store: Store, config: Config, now: float) -> _GateView:
@@ -8898,9 +9388,14 @@ class _GateView:
             view.raw = store.ledger_path.read_bytes()
             present = True
         try:
-            view.ledger = decode_ledger(view.raw) if present else None
+            view.checkpoint = decode_ledger(view.raw) if present else None
         except LedgerInvalid as exc:
             view.error = exc.message
+        if view.checkpoint is not None:
+            with contextlib.suppress(FileNotFoundError):
+                view.journal = store.journal_path.read_bytes()
+            snap = store.with_journal(view.raw, view.checkpoint)
+            view.ledger, view.journal_records = snap.ledger, snap.records
         if view.ledger is not None:
             for sid, cursor in view.ledger.cursors.items():
                 for stream in STREAM_KINDS:
@@ -8985,11 +9480,24 @@ def _check_ledger(view: _GateView) -> tuple[str, str, str]:
     if not schema_path.exists():
         return "pass", "typed model accepts it; specs/ not shipped with this install", ""
     schema = json.loads(schema_path.read_text(encoding="utf-8"))
-    errors = list(jsonschema.Draft202012Validator(schema).iter_errors(json.loads(view.raw)))
-    if errors:
-        where = "/".join(str(p) for p in errors[0].absolute_path) or "(root)"
-        return "fail", f"schema: {where}: {errors[0].message}", repair
-    return "pass", f"revision {view.ledger.revision} validates against {schema_path.name}", ""
+    docs = [json.loads(view.raw)]  # the checkpoint operators read, and the ledger its journal makes
+    if view.journal_records:
+        docs.append(json.loads(encode_ledger(view.ledger)))
+    for doc in docs:
+        errors = list(jsonschema.Draft202012Validator(schema).iter_errors(doc))
+        if errors:
+            where = "/".join(str(p) for p in errors[0].absolute_path) or "(root)"
+            return "fail", f"schema: {where}: {errors[0].message}", repair
+    lag = _lag(view.checkpoint, view.ledger, view.journal_records)
+    return "pass", f"revision {view.ledger.revision} {lag} validates against {schema_path.name}", ""
+
+
+def _lag(checkpoint: Ledger, ledger: Ledger, records: int) -> str:
+    """How far relay-state.json lags the ledger: what an operator reading it misses."""
+    if not records:
+        return "(relay-state.json is current)"
+    return (f"(relay-state.json holds revision {checkpoint.revision}; {records} journal records "
+            f"in {JOURNAL_NAME} bring it to {ledger.revision})")
 
 
 @_needs_ledger
@@ -9098,7 +9606,7 @@ def _check_tokens(view: _GateView) -> tuple[str, str, str]:
         if not _HEX64.fullmatch(token.digest):
             return ("fail", f"token {token.token_id} digest is not a SHA-256 hex digest",
                     f"python -m relay token revoke {token.token_id}, then python -m relay token create")
-    if _RAW_TOKEN.search(view.raw):
+    if _RAW_TOKEN.search(view.raw) or _RAW_TOKEN.search(view.journal):
         return ("fail", "the ledger contains something shaped like a raw bearer token",
                 "revoke every token (python -m relay token revoke ID) and create new ones")
     return "pass", f"{len(view.ledger.tokens)} token records hold digests only", ""
@@ -9652,6 +10160,8 @@ def _reset(store: Store, apply: bool, as_json: bool) -> int:
                 if (store.state_dir / name).exists():
                     os.replace(store.state_dir / name, aside / name)
             os.replace(store.ledger_path, target)
+            if store.journal_path.exists():  # its records name the checkpoint moved aside
+                os.replace(store.journal_path, aside / JOURNAL_NAME)
             _fsync_dir(aside)
             _fsync_dir(store.state_dir)
     verb = "moved" if apply else "would move"

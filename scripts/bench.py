@@ -48,6 +48,7 @@ import json
 import math
 import os
 import platform
+import random
 import re
 import resource
 import select
@@ -198,15 +199,18 @@ def summarize(samples: list[float], scale: float = 1.0) -> dict[str, Any]:
             "min": xs[0], "max": xs[-1]}
 
 
-def interleave(subjects: dict[str, Callable[[], float]], n: int, warmup: int = 0) -> dict[str, list[float]]:
+def interleave(subjects: dict[str, Callable[[], float]], n: int, warmup: int = 0,
+               rng: random.Random | None = None) -> dict[str, list[float]]:
     """Run each callable ``warmup + n`` times, round-robin with the starting
-    subject rotating every round; each callable returns its own duration in
-    seconds.  Returns the ``n`` kept durations per subject."""
+    subject rotating every round (or, with ``rng``, in a fresh random order
+    each round, so that no subject always follows the same one); each
+    callable returns its own duration in seconds.  Returns the ``n`` kept
+    durations per subject."""
     names = list(subjects)
     out: dict[str, list[float]] = {name: [] for name in names}
     for i in range(warmup + n):
         k = i % len(names)
-        for name in names[k:] + names[:k]:
+        for name in rng.sample(names, len(names)) if rng else names[k:] + names[:k]:
             took = subjects[name]()
             if i >= warmup:
                 out[name].append(took)
@@ -305,6 +309,22 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+#: About one journal record of an AppendEvent commit (its cursor, revision and stamps).
+RAW_RECORD_BYTES = 580
+
+
+def raw_durable_append(path: Path, data: bytes) -> float:
+    """The machine's floor for one durable append: write at the end, fdatasync."""
+    start = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    return time.perf_counter() - start
 
 
 def raw_durable_write(directory: Path, data: bytes, dir_fsync: bool) -> float:
@@ -1930,7 +1950,7 @@ def runtime(bench: Bench) -> list[Figure]:
 # Every row has its baseline measured in the same run, interleaved with it.
 
 SCALE_NS = (10, 100, 1_000, 10_000)
-#: (commit rounds, spawn rounds, borrow rounds) per N: fewer where each costs more.
+#: (unused: see SCALE_COMMIT_ROUNDS, spawn rounds, borrow rounds) per N: fewer where each costs more.
 SCALE_REPS = {10: (80, 20, 200), 100: (80, 20, 100), 1_000: (40, 12, 30), 10_000: (12, 6, 7)}
 
 
@@ -1996,49 +2016,105 @@ def timed_lookup(store: relay.Store) -> Callable[[], float]:
     return run
 
 
-def scale_row(bench: Bench, n: int) -> dict[str, Any]:
-    """Every scale figure at one N, each with its same-run baseline (ms lists)."""
-    commits, spawns, borrows = (max(x // (4 if bench.quick else 1), 2) for x in SCALE_REPS[n])
-    with workspace(bench) as root:
-        t0 = time.perf_counter()
-        store, config = scale_workspace(root, n)
-        built = time.perf_counter() - t0
-        size = store.ledger_path.stat().st_size
-        progress(f"scale N={n}: ledger {size:,} B built in {built:.1f} s; {commits} commit rounds")
-        raw_dir = root / "raw"
-        raw_dir.mkdir()
-        pool = os.urandom(max(size, 1 << 20))
+def timed_checkpoint(store: relay.Store, config: relay.Config) -> Callable[[], float]:
+    """An AppendEvent committed with a checkpoint (what a journaling store
+    does once per journal budget, and a CLI on every commit)."""
+    counter = iter(range(1 << 62))
 
-        def raw() -> float:
-            return raw_durable_write(raw_dir, pool[:store.ledger_path.stat().st_size], dir_fsync=False)
+    def run() -> float:
+        mutation = attrs.evolve(append_mutation("bench", next(counter)), checkpoint=True)
+        start = time.perf_counter()
+        commit_ok(store, config, [mutation])
+        return time.perf_counter() - start
+    return run
 
-        first_start = time.perf_counter()
-        commit_ok(relay.Store(root), config, [append_mutation("bench", -1)])  # a fresh Store: cold cache
-        first = time.perf_counter() - first_start
-        durable = interleave({"raw": raw, "lease": timed_lease(store, config),
-                              "append": timed_append(store, config)}, commits, warmup=2)
-        progress(f"scale N={n}: {borrows} Borrow rounds, {spawns} spawn rounds")
-        borrow_runs = interleave({"borrow": timed_borrow(store, config),
-                                  "lookup": timed_lookup(store)}, borrows, warmup=1)
-        procs = interleave({
-            "pass": lambda: spawn(bench, ["-c", "pass"], root),
-            "status": lambda: spawn(bench, ["-m", "relay", "status", "--json"], root),
-            "mutation": lambda: spawn(bench, ["-m", "relay", "event", "append", "--session", "bench",
-                                              "--kind", "k"], root),
-        }, spawns, warmup=1)
-        status = cli(bench, root, "status")
-        if status.get("sessions") != n + 2 or status.get("active_leases") < n:
-            raise BenchError(f"N={n}: status says {status.get('sessions')} sessions, "
-                             f"{status.get('active_leases')} active leases")
-        final_size = store.ledger_path.stat().st_size
+
+def scale_setup(bench: Bench, n: int, root: Path) -> dict[str, Any]:
+    """One N's workspace, its first-commit figure and its timed durable commits."""
+    t0 = time.perf_counter()
+    store, config = scale_workspace(root, n)
+    built = time.perf_counter() - t0
+    size = store.ledger_path.stat().st_size
+    progress(f"scale N={n}: ledger {size:,} B built in {built:.1f} s")
+    raw_dir = root / "raw"
+    raw_dir.mkdir()
+    pool = os.urandom(max(size, 1 << 20))
+
+    def raw() -> float:
+        return raw_durable_write(raw_dir, pool[:store.ledger_path.stat().st_size], dir_fsync=False)
+
+    raw_log = raw_dir / "raw.journal"
+
+    def raw_append() -> float:  # the journal's floor: one record-sized append + fdatasync
+        return raw_durable_append(raw_log, pool[:RAW_RECORD_BYTES])
+
+    first_start = time.perf_counter()
+    commit_ok(relay.Store(root), config, [append_mutation("bench", -1)])  # a fresh Store: cold cache
+    first = time.perf_counter() - first_start
+    # The commits measured are the server's: its store journals (a CLI's
+    # store checkpoints every commit: "CLI event append" below).
+    journaled = relay.Store(root, journal=True)
+    durable = {"raw": raw, "raw_append": raw_append, "lease": timed_lease(journaled, config),
+               "append": timed_append(journaled, config), "checkpoint": timed_checkpoint(journaled, config)}
+    return {"root": root, "store": store, "config": config, "size": size, "first": first,
+            "durable": durable}
+
+
+def scale_finish(bench: Bench, n: int, setup: dict[str, Any], durable: dict[str, list[float]]
+                 ) -> dict[str, Any]:
+    """The rest of one N's figures (Borrow, spawns), measured after every N's commits."""
+    _, spawns, borrows = (max(x // (4 if bench.quick else 1), 2) for x in SCALE_REPS[n])
+    root, store, config = setup["root"], setup["store"], setup["config"]
+    progress(f"scale N={n}: {borrows} Borrow rounds, {spawns} spawn rounds")
+    borrow_runs = interleave({"borrow": timed_borrow(store, config),
+                              "lookup": timed_lookup(store)}, borrows, warmup=1)
+    procs = interleave({
+        "pass": lambda: spawn(bench, ["-c", "pass"], root),
+        "status": lambda: spawn(bench, ["-m", "relay", "status", "--json"], root),
+        "mutation": lambda: spawn(bench, ["-m", "relay", "event", "append", "--session", "bench",
+                                          "--kind", "k"], root),
+    }, spawns, warmup=1)
+    status = cli(bench, root, "status")
+    if status.get("sessions") != n + 2 or status.get("active_leases") < n:
+        raise BenchError(f"N={n}: status says {status.get('sessions')} sessions, "
+                         f"{status.get('active_leases')} active leases")
+    final_size = store.ledger_path.stat().st_size
     med = {k: statistics.median(v) * 1e3 for runs in (durable, borrow_runs, procs) for k, v in runs.items()}
-    return {"n": n, "ledger_bytes": size, "final_bytes": final_size, "first_commit_ms": first * 1e3,
-            "bytes_per_session": size / n, **med}
+    return {"n": n, "ledger_bytes": setup["size"], "final_bytes": final_size,
+            "first_commit_ms": setup["first"] * 1e3, "bytes_per_session": setup["size"] / n, **med}
+
+
+#: Rounds of the durable commits, each round one of every subject at every N.
+SCALE_COMMIT_ROUNDS = 40
+
+
+def scale_rows(bench: Bench) -> list[dict[str, Any]]:
+    """Every N's workspace at once, so that the durable commits of all N (and
+    their raw baselines) run interleaved: the ratios between N then compare
+    figures of the same moments of a machine shared with other work.  The
+    process collects garbage as a server does (``serve`` freezes its start-up
+    heap, so a 10,000-session ledger is not traversed by every collection)."""
+    with contextlib.ExitStack() as stack:
+        setups = {n: scale_setup(bench, n, stack.enter_context(workspace(bench))) for n in SCALE_NS}
+        relay._quiet_gc()
+        rounds = max(SCALE_COMMIT_ROUNDS // (4 if bench.quick else 1), 2)
+        progress(f"scale: {rounds} rounds of durable commits at every N, interleaved")
+        # In random order: a subject right after a big write (the raw baseline
+        # at 10,000 replaces a 6 MB file) pays for the blocks it freed.
+        runs = interleave({f"{n}/{k}": fn for n, setup in setups.items()
+                           for k, fn in setup["durable"].items()}, rounds, warmup=2,
+                          rng=random.Random(14))
+        return [scale_finish(bench, n, setups[n], {k: runs[f"{n}/{k}"] for k in setups[n]["durable"]})
+                for n in SCALE_NS]
 
 
 SCALE_COLUMNS = (
     ("lease", "raw", "in-process lease commit (grant|release)", "raw temp+fsync+rename, ledger-sized"),
     ("append", "raw", "in-process AppendEvent commit", "raw temp+fsync+rename, ledger-sized"),
+    ("append", "raw_append", "  the same vs a raw journal append",
+     f"raw append of {RAW_RECORD_BYTES} B + fdatasync"),
+    ("checkpoint", "raw", "  AppendEvent with a checkpoint (1 per journal budget)",
+     "raw temp+fsync+rename, ledger-sized"),
     ("first_commit_ms", "raw", "first AppendEvent commit of a fresh Store", "raw temp+fsync+rename"),
     ("borrow", None, "Borrow by profile (pure operation)", ""),
     ("lookup", None, "  of which the choice of session", ""),
@@ -2106,7 +2182,7 @@ def scale_figures(rows: list[dict[str, Any]]) -> list[Figure]:
 
 def run_scale(bench: Bench, json_path: Path) -> int:
     started = time.time()
-    rows = [scale_row(bench, n) for n in SCALE_NS]
+    rows = scale_rows(bench)
     figures = scale_figures(rows)
     print(scale_table(rows) + "\n")
     print(table([(Section("scale", "issue 14 targets over the scale rows", lambda b: []), figures, "")]))

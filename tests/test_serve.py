@@ -786,7 +786,7 @@ async def test_read_routes_and_replays_leave_flow_state_untouched(workspace):
                 frames = [await ws_recv(ws) for _ in range(3)]
                 assert {f["type"] for f in frames} == {"event", "reply"}
             after = state_digest(workspace)
-    assert len(before) == 4  # the ledger, two stream logs and a request-log shard
+    assert len(before) == 5  # the ledger, its journal, two stream logs and a request-log shard
     assert after == before
 
 
