@@ -52,6 +52,7 @@ __all__ = [
     "PROCESS_STATES",
     "PROTO_PACKAGE",
     "PROVIDERS",
+    "QUARANTINE_CODES",
     "QUARANTINE_STATES",
     "READ",
     "RPCS",
@@ -714,6 +715,10 @@ OPTION_ENTRY_PATTERN: Final = re.compile(r"[a-z_]{1,64}=[^\x00\n]{0,1024}")
 MAX_TURN_INPUT: Final = 32 * 1024
 SERVING_MODES: Final = ("", "loopback", "trusted-lan")
 QUARANTINE_STATES: Final = ("active", "cleared")
+#: Why a session was quarantined: an operator's QuarantineSession, or what the
+#: live runtime detected (specs/flow-runtime-contract.md, "Failure detection").
+QUARANTINE_CODES: Final = ("operator", "provider_exited", "heartbeat_lost", "unresponsive",
+                           "start_failed", "tmp_corrupted", "relay_restarted")
 
 
 @attrs.frozen
@@ -793,6 +798,10 @@ class Quarantine:
     state: str = _f("active", choices=QUARANTINE_STATES)
     quarantined_at: str = _f("", **IS_STAMP)
     cleared_at: str = _f("", **IS_STAMP)
+    #: What set it (``QUARANTINE_CODES``); ``reason`` starts with it when the runtime set it.
+    code: str = _f("operator", choices=QUARANTINE_CODES)
+    #: The runtime's evidence (an object: turn_id, exit_status, signal, pid, stderr, detail), or null.
+    evidence: JSONValue = None
 
 
 @attrs.frozen
@@ -1622,66 +1631,68 @@ _RELAY_PROTO_DESCRIPTOR: Final = (
     b'(\tR\nrequest_id\x12\x1e\n\nsession_id\x18\x02 \x01(\tR\nsession_id\x12\x12\n\x04kind\x18\x03 '
     b'\x01(\tR\x04kind\x120\n\x07payload\x18\x04 \x01(\x0b2\x16.google.protobuf.ValueR\x07payload\x12&'
     b'\n\x0epayload_digest\x18\x05 \x01(\tR\x0epayload_digest\x12 \n\x0brecorded_at\x18\x06 \x01(\tR'
-    b'\x0brecorded_at"\xa2\x01\n\nQuarantine\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x16'
+    b'\x0brecorded_at"\xea\x01\n\nQuarantine\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x16'
     b'\n\x06reason\x18\x02 \x01(\tR\x06reason\x12\x14\n\x05state\x18\x03 \x01(\tR\x05state\x12&\n\x0equ'
     b'arantined_at\x18\x04 \x01(\tR\x0equarantined_at\x12\x1e\n\ncleared_at\x18\x05 \x01(\tR\ncleared_a'
-    b't"\\\n\nFeedNotice\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n\x04kind\x18\x02 \x01(\tR\x04k'
-    b'ind\x12*\n\x04data\x18\x03 \x01(\x0b2\x16.google.protobuf.ValueR\x04data"\xa2\x01\n\x0cStreamReco'
-    b'rd\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x10\n\x03seq\x18\x02 \x01(\rR\x03seq'
-    b'\x12\x12\n\x04kind\x18\x03 \x01(\tR\x04kind\x12*\n\x04data\x18\x04 \x01(\x0b2\x16.google.protobuf'
-    b'.ValueR\x04data\x12 \n\x0bappended_at\x18\x05 \x01(\tR\x0bappended_at"\x9a\x01\n\x0cStateWarning'
-    b'\x12\x14\n\x05owner\x18\x01 \x01(\tR\x05owner\x12\x12\n\x04code\x18\x02 \x01(\tR\x04code\x12\x12'
-    b'\n\x04path\x18\x03 \x01(\tR\x04path\x12\x18\n\x07message\x18\x04 \x01(\tR\x07message\x12\x16\n'
-    b'\x06repair\x18\x05 \x01(\tR\x06repair\x12\x1a\n\x08severity\x18\x06 \x01(\tR\x08severity"\xac\x01'
-    b'\n\x08Recovery\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12&\n\x0eclassification\x18'
-    b'\x02 \x01(\tR\x0eclassification\x12\x16\n\x06reason\x18\x03 \x01(\tR\x06reason\x12"\n\x0cnext_com'
-    b'mand\x18\x04 \x01(\tR\x0cnext_command\x12\x1c\n\tlease_ids\x18\x05 \x03(\tR\tlease_ids"\xe6\x02\n'
-    b'\x04Turn\x12\x18\n\x07turn_id\x18\x01 \x01(\tR\x07turn_id\x12\x1e\n\nsession_id\x18\x02 \x01(\tR'
-    b'\nsession_id\x12\x1a\n\x08lease_id\x18\x03 \x01(\tR\x08lease_id\x12\x14\n\x05state\x18\x04 \x01('
-    b'\tR\x05state\x12\x14\n\x05input\x18\x05 \x01(\tR\x05input\x12 \n\x0boutput_text\x18\x06 \x01(\tR'
-    b'\x0boutput_text\x12\x14\n\x05error\x18\x07 \x01(\tR\x05error\x12\x1a\n\x08task_ref\x18\x08 \x01('
-    b'\tR\x08task_ref\x12\x1e\n\nstarted_at\x18\t \x01(\tR\nstarted_at\x12\x1a\n\x08ended_at\x18\n \x01'
-    b'(\tR\x08ended_at\x12,\n\x05usage\x18\x0b \x01(\x0b2\x16.google.protobuf.ValueR\x05usage\x12\x1e\n'
-    b'\nrequest_id\x18\x0c \x01(\tR\nrequest_id"\x81\x01\n\x0bProcessInfo\x12\x10\n\x03pid\x18\x01 \x01'
-    b'(\rR\x03pid\x12\x14\n\x05state\x18\x02 \x01(\tR\x05state\x12\x1e\n\nstarted_at\x18\x03 \x01(\tR\n'
-    b'started_at\x12*\n\x10provider_version\x18\x04 \x01(\tR\x10provider_version"\x90\x02\n\x0bSessionV'
-    b'iew\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x18\n\x07profile\x18\x02 \x01(\tR\x07p'
-    b'rofile\x12\x1a\n\x08provider\x18\x03 \x01(\tR\x08provider\x12\x14\n\x05state\x18\x04 \x01(\tR\x05'
-    b'state\x12\x1e\n\ncreated_at\x18\x05 \x01(\tR\ncreated_at\x12\x1e\n\nupdated_at\x18\x06 \x01(\tR\n'
-    b'updated_at\x12$\n\rfencing_token\x18\x07 \x01(\rR\rfencing_token\x12/\n\x07process\x18\x08 \x01('
-    b'\x0b2\x15.relay.v1.ProcessInfoR\x07process"\xbe\x01\n\x08TaskView\x12\x1a\n\x08task_ref\x18\x01 '
-    b'\x01(\tR\x08task_ref\x12$\n\x05turns\x18\x02 \x03(\x0b2\x0e.relay.v1.TurnR\x05turns\x12\x18\n\x07'
-    b'running\x18\x03 \x01(\rR\x07running\x12\x1c\n\tcompleted\x18\x04 \x01(\rR\tcompleted\x12\x16\n'
-    b'\x06failed\x18\x05 \x01(\rR\x06failed\x12 \n\x0binterrupted\x18\x06 \x01(\rR\x0binterrupted2\xa9'
-    b'\x10\n\x05Relay\x12K\n\x0fRegisterProfile\x12 .relay.v1.RegisterProfileRequest\x1a\x16.relay.v1.P'
-    b'rofileReply\x12G\n\rCreateSession\x12\x1e.relay.v1.CreateSessionRequest\x1a\x16.relay.v1.SessionR'
-    b'eply\x127\n\x06Borrow\x12\x17.relay.v1.BorrowRequest\x1a\x14.relay.v1.LeaseReply\x12>\n\x07Releas'
-    b'e\x12\x1d.relay.v1.ReleaseLeaseRequest\x1a\x14.relay.v1.LeaseReply\x12?\n\nGrantLease\x12\x1b.rel'
-    b'ay.v1.GrantLeaseRequest\x1a\x14.relay.v1.LeaseReply\x12?\n\nRenewLease\x12\x1b.relay.v1.RenewLeas'
-    b'eRequest\x1a\x14.relay.v1.LeaseReply\x12C\n\x0cReleaseLease\x12\x1d.relay.v1.ReleaseLeaseRequest'
-    b'\x1a\x14.relay.v1.LeaseReply\x12A\n\x0bRevokeLease\x12\x1c.relay.v1.RevokeLeaseRequest\x1a\x14.re'
-    b'lay.v1.LeaseReply\x12G\n\rRecordControl\x12\x1e.relay.v1.RecordControlRequest\x1a\x16.relay.v1.Co'
-    b'ntrolReply\x12C\n\x0bAppendEvent\x12\x1d.relay.v1.AppendRecordRequest\x1a\x15.relay.v1.AppendRepl'
-    b'y\x12D\n\x0cAppendResult\x12\x1d.relay.v1.AppendRecordRequest\x1a\x15.relay.v1.AppendReply\x12R\n'
-    b'\x11QuarantineSession\x12".relay.v1.QuarantineSessionRequest\x1a\x19.relay.v1.QuarantineReply\x12'
-    b'N\n\x0fClearQuarantine\x12 .relay.v1.ClearQuarantineRequest\x1a\x19.relay.v1.QuarantineReply\x12@'
-    b'\n\x07Recover\x12\x18.relay.v1.RecoverRequest\x1a\x16.relay.v1.RecoverReply"\x03\x90\x02\x01\x12C'
-    b'\n\tGetStatus\x12\x1a.relay.v1.GetStatusRequest\x1a\x15.relay.v1.StatusReply"\x03\x90\x02\x01\x12'
-    b'O\n\x0cListProfiles\x12\x1d.relay.v1.ListProfilesRequest\x1a\x1b.relay.v1.ListProfilesReply"\x03'
-    b'\x90\x02\x01\x12O\n\x0cListSessions\x12\x1d.relay.v1.ListSessionsRequest\x1a\x1b.relay.v1.ListSes'
-    b'sionsReply"\x03\x90\x02\x01\x12I\n\nListLeases\x12\x1b.relay.v1.ListLeasesRequest\x1a\x19.relay.v'
-    b'1.ListLeasesReply"\x03\x90\x02\x01\x12K\n\nListEvents\x12\x1c.relay.v1.ListRecordsRequest\x1a\x1a'
-    b'.relay.v1.ListRecordsReply"\x03\x90\x02\x01\x12L\n\x0bListResults\x12\x1c.relay.v1.ListRecordsReq'
-    b'uest\x1a\x1a.relay.v1.ListRecordsReply"\x03\x90\x02\x01\x12<\n\tStartTurn\x12\x1a.relay.v1.StartT'
-    b'urnRequest\x1a\x13.relay.v1.TurnReply\x12D\n\rInterruptTurn\x12\x1e.relay.v1.InterruptTurnRequest'
-    b'\x1a\x13.relay.v1.TurnReply\x12L\n\x0fResolveApproval\x12 .relay.v1.ResolveApprovalRequest\x1a'
-    b'\x17.relay.v1.ApprovalReply\x12=\n\x07GetTurn\x12\x18.relay.v1.GetTurnRequest\x1a\x13.relay.v1.Tu'
-    b'rnReply"\x03\x90\x02\x01\x12F\n\tListTurns\x12\x1a.relay.v1.ListTurnsRequest\x1a\x18.relay.v1.Lis'
-    b'tTurnsReply"\x03\x90\x02\x01\x12F\n\tListTasks\x12\x1a.relay.v1.ListTasksRequest\x1a\x18.relay.v1'
-    b'.ListTasksReply"\x03\x90\x02\x01\x12K\n\x0bWatchEvents\x12\x1d.relay.v1.WatchRecordsRequest\x1a'
-    b'\x16.relay.v1.StreamRecord"\x03\x90\x02\x010\x01\x12L\n\x0cWatchResults\x12\x1d.relay.v1.WatchRec'
-    b'ordsRequest\x1a\x16.relay.v1.StreamRecord"\x03\x90\x02\x010\x01\x12D\n\tWatchFeed\x12\x1a.relay.v'
-    b'1.WatchFeedRequest\x1a\x14.relay.v1.FeedNotice"\x03\x90\x02\x010\x01b\x06proto3'
+    b't\x12\x12\n\x04code\x18\x06 \x01(\tR\x04code\x122\n\x08evidence\x18\x07 \x01(\x0b2\x16.google.pro'
+    b'tobuf.ValueR\x08evidence"\\\n\nFeedNotice\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n\x04kin'
+    b'd\x18\x02 \x01(\tR\x04kind\x12*\n\x04data\x18\x03 \x01(\x0b2\x16.google.protobuf.ValueR\x04data"'
+    b'\xa2\x01\n\x0cStreamRecord\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x10\n\x03seq'
+    b'\x18\x02 \x01(\rR\x03seq\x12\x12\n\x04kind\x18\x03 \x01(\tR\x04kind\x12*\n\x04data\x18\x04 \x01('
+    b'\x0b2\x16.google.protobuf.ValueR\x04data\x12 \n\x0bappended_at\x18\x05 \x01(\tR\x0bappended_at"'
+    b'\x9a\x01\n\x0cStateWarning\x12\x14\n\x05owner\x18\x01 \x01(\tR\x05owner\x12\x12\n\x04code\x18\x02'
+    b' \x01(\tR\x04code\x12\x12\n\x04path\x18\x03 \x01(\tR\x04path\x12\x18\n\x07message\x18\x04 \x01(\t'
+    b'R\x07message\x12\x16\n\x06repair\x18\x05 \x01(\tR\x06repair\x12\x1a\n\x08severity\x18\x06 \x01(\t'
+    b'R\x08severity"\xac\x01\n\x08Recovery\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12&\n'
+    b'\x0eclassification\x18\x02 \x01(\tR\x0eclassification\x12\x16\n\x06reason\x18\x03 \x01(\tR\x06rea'
+    b'son\x12"\n\x0cnext_command\x18\x04 \x01(\tR\x0cnext_command\x12\x1c\n\tlease_ids\x18\x05 \x03(\tR'
+    b'\tlease_ids"\xe6\x02\n\x04Turn\x12\x18\n\x07turn_id\x18\x01 \x01(\tR\x07turn_id\x12\x1e\n\nsessio'
+    b'n_id\x18\x02 \x01(\tR\nsession_id\x12\x1a\n\x08lease_id\x18\x03 \x01(\tR\x08lease_id\x12\x14\n'
+    b'\x05state\x18\x04 \x01(\tR\x05state\x12\x14\n\x05input\x18\x05 \x01(\tR\x05input\x12 \n\x0boutput'
+    b'_text\x18\x06 \x01(\tR\x0boutput_text\x12\x14\n\x05error\x18\x07 \x01(\tR\x05error\x12\x1a\n\x08t'
+    b'ask_ref\x18\x08 \x01(\tR\x08task_ref\x12\x1e\n\nstarted_at\x18\t \x01(\tR\nstarted_at\x12\x1a\n'
+    b'\x08ended_at\x18\n \x01(\tR\x08ended_at\x12,\n\x05usage\x18\x0b \x01(\x0b2\x16.google.protobuf.Va'
+    b'lueR\x05usage\x12\x1e\n\nrequest_id\x18\x0c \x01(\tR\nrequest_id"\x81\x01\n\x0bProcessInfo\x12'
+    b'\x10\n\x03pid\x18\x01 \x01(\rR\x03pid\x12\x14\n\x05state\x18\x02 \x01(\tR\x05state\x12\x1e\n\nsta'
+    b'rted_at\x18\x03 \x01(\tR\nstarted_at\x12*\n\x10provider_version\x18\x04 \x01(\tR\x10provider_vers'
+    b'ion"\x90\x02\n\x0bSessionView\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x18\n\x07pro'
+    b'file\x18\x02 \x01(\tR\x07profile\x12\x1a\n\x08provider\x18\x03 \x01(\tR\x08provider\x12\x14\n\x05'
+    b'state\x18\x04 \x01(\tR\x05state\x12\x1e\n\ncreated_at\x18\x05 \x01(\tR\ncreated_at\x12\x1e\n\nupd'
+    b'ated_at\x18\x06 \x01(\tR\nupdated_at\x12$\n\rfencing_token\x18\x07 \x01(\rR\rfencing_token\x12/\n'
+    b'\x07process\x18\x08 \x01(\x0b2\x15.relay.v1.ProcessInfoR\x07process"\xbe\x01\n\x08TaskView\x12'
+    b'\x1a\n\x08task_ref\x18\x01 \x01(\tR\x08task_ref\x12$\n\x05turns\x18\x02 \x03(\x0b2\x0e.relay.v1.T'
+    b'urnR\x05turns\x12\x18\n\x07running\x18\x03 \x01(\rR\x07running\x12\x1c\n\tcompleted\x18\x04 \x01('
+    b'\rR\tcompleted\x12\x16\n\x06failed\x18\x05 \x01(\rR\x06failed\x12 \n\x0binterrupted\x18\x06 \x01('
+    b'\rR\x0binterrupted2\xa9\x10\n\x05Relay\x12K\n\x0fRegisterProfile\x12 .relay.v1.RegisterProfileReq'
+    b'uest\x1a\x16.relay.v1.ProfileReply\x12G\n\rCreateSession\x12\x1e.relay.v1.CreateSessionRequest'
+    b'\x1a\x16.relay.v1.SessionReply\x127\n\x06Borrow\x12\x17.relay.v1.BorrowRequest\x1a\x14.relay.v1.L'
+    b'easeReply\x12>\n\x07Release\x12\x1d.relay.v1.ReleaseLeaseRequest\x1a\x14.relay.v1.LeaseReply\x12?'
+    b'\n\nGrantLease\x12\x1b.relay.v1.GrantLeaseRequest\x1a\x14.relay.v1.LeaseReply\x12?\n\nRenewLease'
+    b'\x12\x1b.relay.v1.RenewLeaseRequest\x1a\x14.relay.v1.LeaseReply\x12C\n\x0cReleaseLease\x12\x1d.re'
+    b'lay.v1.ReleaseLeaseRequest\x1a\x14.relay.v1.LeaseReply\x12A\n\x0bRevokeLease\x12\x1c.relay.v1.Rev'
+    b'okeLeaseRequest\x1a\x14.relay.v1.LeaseReply\x12G\n\rRecordControl\x12\x1e.relay.v1.RecordControlR'
+    b'equest\x1a\x16.relay.v1.ControlReply\x12C\n\x0bAppendEvent\x12\x1d.relay.v1.AppendRecordRequest'
+    b'\x1a\x15.relay.v1.AppendReply\x12D\n\x0cAppendResult\x12\x1d.relay.v1.AppendRecordRequest\x1a\x15'
+    b'.relay.v1.AppendReply\x12R\n\x11QuarantineSession\x12".relay.v1.QuarantineSessionRequest\x1a\x19.'
+    b'relay.v1.QuarantineReply\x12N\n\x0fClearQuarantine\x12 .relay.v1.ClearQuarantineRequest\x1a\x19.r'
+    b'elay.v1.QuarantineReply\x12@\n\x07Recover\x12\x18.relay.v1.RecoverRequest\x1a\x16.relay.v1.Recove'
+    b'rReply"\x03\x90\x02\x01\x12C\n\tGetStatus\x12\x1a.relay.v1.GetStatusRequest\x1a\x15.relay.v1.Stat'
+    b'usReply"\x03\x90\x02\x01\x12O\n\x0cListProfiles\x12\x1d.relay.v1.ListProfilesRequest\x1a\x1b.rela'
+    b'y.v1.ListProfilesReply"\x03\x90\x02\x01\x12O\n\x0cListSessions\x12\x1d.relay.v1.ListSessionsReque'
+    b'st\x1a\x1b.relay.v1.ListSessionsReply"\x03\x90\x02\x01\x12I\n\nListLeases\x12\x1b.relay.v1.ListLe'
+    b'asesRequest\x1a\x19.relay.v1.ListLeasesReply"\x03\x90\x02\x01\x12K\n\nListEvents\x12\x1c.relay.v1'
+    b'.ListRecordsRequest\x1a\x1a.relay.v1.ListRecordsReply"\x03\x90\x02\x01\x12L\n\x0bListResults\x12'
+    b'\x1c.relay.v1.ListRecordsRequest\x1a\x1a.relay.v1.ListRecordsReply"\x03\x90\x02\x01\x12<\n\tStart'
+    b'Turn\x12\x1a.relay.v1.StartTurnRequest\x1a\x13.relay.v1.TurnReply\x12D\n\rInterruptTurn\x12\x1e.r'
+    b'elay.v1.InterruptTurnRequest\x1a\x13.relay.v1.TurnReply\x12L\n\x0fResolveApproval\x12 .relay.v1.R'
+    b'esolveApprovalRequest\x1a\x17.relay.v1.ApprovalReply\x12=\n\x07GetTurn\x12\x18.relay.v1.GetTurnRe'
+    b'quest\x1a\x13.relay.v1.TurnReply"\x03\x90\x02\x01\x12F\n\tListTurns\x12\x1a.relay.v1.ListTurnsReq'
+    b'uest\x1a\x18.relay.v1.ListTurnsReply"\x03\x90\x02\x01\x12F\n\tListTasks\x12\x1a.relay.v1.ListTask'
+    b'sRequest\x1a\x18.relay.v1.ListTasksReply"\x03\x90\x02\x01\x12K\n\x0bWatchEvents\x12\x1d.relay.v1.'
+    b'WatchRecordsRequest\x1a\x16.relay.v1.StreamRecord"\x03\x90\x02\x010\x01\x12L\n\x0cWatchResults'
+    b'\x12\x1d.relay.v1.WatchRecordsRequest\x1a\x16.relay.v1.StreamRecord"\x03\x90\x02\x010\x01\x12D\n'
+    b'\tWatchFeed\x12\x1a.relay.v1.WatchFeedRequest\x1a\x14.relay.v1.FeedNotice"\x03\x90\x02\x010\x01b'
+    b'\x06proto3'
 )
 # --- END GENERATED ---
 
