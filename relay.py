@@ -178,6 +178,7 @@ def status_doc(root: str, doc: dict | None, warnings: list[dict], now: float) ->
         "results": sum(c["results"] for c in view["cursors"].values()),
         "runtime": dict(view["runtime"]),
         "warnings": warnings,
+        "providers": [],  # the running server's observations; a ledger has none
     }
 
 
@@ -2725,8 +2726,22 @@ def inspect_relay(store: Store, config: Config, now: float) -> dict[str, Any]:
                      for k, s in sorted(view.sessions.items())},
         "request_records": len(view.requests),
         "config": attrs.asdict(config),
+        "quarantine_codes": _quarantine_codes(view),
     }
     return doc
+
+
+def _quarantine_codes(ledger: Ledger) -> dict[str, dict[str, int]]:
+    """Per profile, its sessions' active quarantines by code: the part of
+    provider health the ledger knows (the rest is the running server's memory,
+    ``GET /api/relay/runtime``)."""
+    out: dict[str, dict[str, int]] = {}
+    for sid, q in sorted(ledger.quarantines.items()):
+        session = ledger.sessions.get(sid)
+        if q.state == "active" and session is not None:
+            codes = out.setdefault(session.profile, {})
+            codes[q.code] = codes.get(q.code, 0) + 1
+    return out
 
 
 def list_profiles(ledger: Ledger, req: rc.ListProfilesRequest, now: float):
@@ -5379,6 +5394,10 @@ class Runtime:
     def processes(self) -> dict[str, rc.ProcessInfo]:
         return {sid: live.proc.info for sid, live in self.sessions.items()}
 
+    def provider_health(self) -> tuple[rc.ProviderHealth, ...]:
+        """The health of every profile the runtime has run a process for, by name."""
+        return tuple(rc.ProviderHealth(**attrs.asdict(self.health[n])) for n in sorted(self.health))
+
     def health_of(self, profile: str) -> ProviderHealth:
         health = self.health.get(profile)
         if health is None:
@@ -5388,7 +5407,6 @@ class Runtime:
     def runtime_doc(self) -> dict[str, Any]:
         """``GET /api/relay/runtime``: each profile's health and each live process."""
         ledger = self.owner.ledger
-        names = sorted(set(ledger.profiles) | set(self.health))
         processes = []
         for sid, live in sorted(self.sessions.items()):
             proc = live.proc
@@ -5400,8 +5418,10 @@ class Runtime:
                 "lease_id": live.lease_id, "open_items": len(live.open_items),
                 "approvals": len(live.approvals)})
         return {"revision": ledger.revision,
-                "providers": [attrs.asdict(self.health_of(n)) for n in names],
-                "processes": processes}
+                "providers": [to_json(h) for h in self.provider_health()],
+                "processes": processes, "config": {k: getattr(self.config, k) for k in (
+                    "turn_stall_seconds", "interrupt_grace_seconds", "probe_interval_seconds",
+                    "probe_timeout_seconds", "degraded_after_failures", "startup_timeout_seconds")}}
 
     async def _fail_turns_of_a_dead_relay(self) -> None:
         """A previous server died with turns running: they end ``failed``
@@ -6568,6 +6588,11 @@ class Metrics:
         read when /metrics is scraped."""
         self._snapshots.append((prefix, statistics))
 
+    def track_providers(self, health: Callable[[], Any]) -> None:
+        """Expose the runtime's provider health (``Runtime.provider_health``),
+        labelled by profile and cause, read when /metrics is scraped."""
+        self.registry.register(_HealthCollector(health))
+
     def observe_commit(self, seconds: float, batch: int) -> None:
         self.commit_seconds.observe(seconds)
         self.batch_size.observe(batch)
@@ -6605,6 +6630,35 @@ class _SnapshotCollector:
                 family = CounterMetricFamily if field.metadata["kind"] == "counter" else GaugeMetricFamily
                 yield family(f"relay_{prefix}_{field.name}", field.metadata["help"],
                              value=getattr(snapshot, field.name))
+
+
+class _HealthCollector:
+    """Prometheus families over the runtime's provider health: process events
+    (``HEALTH_COUNTERS``) and automatic quarantines by cause, counters; the
+    degraded state and consecutive start failures, gauges; all per profile."""
+
+    def __init__(self, health: Callable[[], Any]):
+        self.health = health
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        events = CounterMetricFamily("relay_provider_events", "provider process events the "
+                                     "runtime observed, per profile", labels=["profile", "event"])
+        causes = CounterMetricFamily("relay_provider_quarantines", "sessions the runtime "
+                                     "quarantined, per profile and cause", labels=["profile", "cause"])
+        degraded = GaugeMetricFamily("relay_provider_degraded", "1 while the profile is degraded "
+                                     "(start failures in a row)", labels=["profile"])
+        streak = GaugeMetricFamily("relay_provider_consecutive_failures",
+                                   "start failures in a row", labels=["profile"])
+        for h in self.health():
+            for name in HEALTH_COUNTERS:
+                events.add_metric([h.profile, name], getattr(h, name))
+            for code in rc.QUARANTINE_CODES[1:]:
+                causes.add_metric([h.profile, code], (h.quarantines or {}).get(code, 0))
+            degraded.add_metric([h.profile], 1 if h.state == "degraded" else 0)
+            streak.add_metric([h.profile], h.consecutive_failures)
+        yield from (events, causes, degraded, streak)
 
 
 @attrs.define(eq=False)
@@ -6648,8 +6702,12 @@ class Service:
         return await getattr(self, rpc.method)(request)
 
     async def get_status(self, request: rc.GetStatusRequest) -> rc.StatusReply:
-        """The status projection (also of a damaged ledger), from its cache."""
-        return from_json(rc.StatusReply, json.loads(await self.status_json()))
+        """The status projection (also of a damaged ledger), from its cache,
+        with the live runtime's provider health."""
+        reply = from_json(rc.StatusReply, json.loads(await self.status_json()))
+        if self.runtime is None:
+            return reply
+        return attrs.evolve(reply, providers=self.runtime.provider_health())
 
     async def list_sessions(self, request: rc.ListSessionsRequest) -> rc.ListSessionsReply:
         """Sessions with their live processes (when this server runs the runtime)."""
@@ -8753,6 +8811,15 @@ def _install_operations(app: Any, service: Service) -> None:
     async def health() -> Any:
         return _json_response({"status": "ok"})
 
+    @app.get("/api/relay/runtime")
+    async def runtime_view() -> Any:
+        """The live runtime: each profile's provider health and each process."""
+        if service.runtime is None:
+            raise Unavailable("this server does not run the live runtime",
+                              hint="start the relay with `python -m relay serve`")
+        service.owner.check_intact()
+        return _json_response(service.runtime.runtime_doc())
+
     @app.get("/metrics")
     async def metrics() -> Any:
         stamp = iso(service.now())
@@ -9187,6 +9254,7 @@ async def serve(store: Store, config: Config, *, host: str | None = None, port: 
     if probe_token is None:
         runtime = Runtime(owner, hub, store, config, now, providers=load_provider_settings(store.flow))
         service.runtime = runtime
+        service.metrics.track_providers(runtime.provider_health)
     service.metrics.track("owner", owner.statistics)
     service.metrics.track("hub", hub.statistics)
     stopping = trio.Event()
