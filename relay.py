@@ -5299,6 +5299,9 @@ class LiveSession:
     #: provider work (a turn, an approval answer); the stall timer counts
     #: silence from it or the last stdout, whichever is later.
     activity_at: float = 0.0
+    #: Trio time of the last provider event other than a probe answer (a
+    #: probe's reply is no sign that the turn makes progress).
+    output_at: float = 0.0
     #: Command / tool items started and not completed (a silent command is no stall).
     open_items: set[str] = attrs.Factory(set)
     probe_answered_at: str = ""  # wall stamp of the last probe answer
@@ -5718,7 +5721,7 @@ class Runtime:
         if (run is None or run.stalled or live.approvals or live.open_items or live.handing_over
                 or live.failure or live.proc.state != "running"):
             return 0.0
-        return trio.current_time() - max(live.proc.last_output_at, live.activity_at)
+        return trio.current_time() - max(live.output_at, live.activity_at)
 
     async def _stall_timer(self, live: LiveSession) -> None:
         cfg = self.config
@@ -5840,6 +5843,8 @@ class Runtime:
     async def _consume(self, live: LiveSession) -> None:
         try:
             async for batch in live.proc.events:
+                if any(not isinstance(event, ProbeAnswered) for event in batch):
+                    live.output_at = trio.current_time()
                 # Deltas first, at once: a subscriber must not wait for the
                 # commits of the durable events that came in the same read.
                 deltas: dict[tuple[str, str], list[str]] = {}
