@@ -5033,10 +5033,16 @@ class ProviderProcess:
 # coalesced into one live ``delta`` frame (no SSE id, so no Last-Event-ID
 # position), published at once; the completed item carries the whole text.
 #
-# Failure handling (issue 12) hooks in at ``_on_exit`` (a process that ended
-# on its own) and ``_start_failed``: for now both quarantine the session with a
-# reason code (``provider_exited``, ``start_failed``), fail its running turn
-# and let the pool start a replacement, with exponential backoff per profile.
+# Failure detection (specs/flow-runtime-contract.md, "Failure detection"):
+# ``_on_exit`` (a process that ended on its own: ``provider_exited``, or
+# ``start_failed`` before it got going), ``_start_failed`` (backoff, degraded
+# profiles), the per-process watchdog ``_watch`` (stall timer:
+# ``heartbeat_lost``; liveness probe: ``unresponsive``), ``_check_scratch``
+# and the check before a turn (``tmp_corrupted``) and, at start,
+# ``_fail_turns_of_a_dead_relay`` (``relay_restarted``).  Each quarantines the
+# session through ``auto_quarantine`` (code and evidence; leases revoked),
+# fails its running turn and lets the pool start a replacement.  What was
+# observed is counted per profile in ``health`` (memory only, exported).
 
 _rlog = __import__("logging").getLogger("relay.runtime")
 
@@ -5604,13 +5610,14 @@ class Runtime:
         self.sessions[session_id] = live
         if self._none_left.is_set():
             self._none_left = trio.Event()
+        waiter = live.expect("handshake")  # before the reader runs: an early exit resolves it
         await self._nursery.start(proc.run)
         self._nursery.start_soon(self._consume, live)
         await self._write_record()
         if profile.provider == "codex":
-            waiter = live.expect("handshake")
-            await proc.write(proto.send_initialize())
             with trio.move_on_after(self.config.startup_timeout_seconds):
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await proc.write(proto.send_initialize())  # gone already: its exit says so
                 await waiter.event.wait()
             if not isinstance(waiter.result, HandshakeCompleted):
                 why = getattr(waiter.result, "error", None) or "no handshake within " \
