@@ -2326,7 +2326,7 @@ def quarantine(ledger: Ledger, session_id: str, code: str, reason: str, evidence
     goes on writing to a session that is known to be unsafe.  ``code`` is one
     of ``rc.QUARANTINE_CODES``; ``evidence`` a JSON object or None.  The one
     function behind an operator's QuarantineSession and the runtime's
-    automatic quarantines (``Runtime.quarantine``)."""
+    automatic quarantines (``Runtime.auto_quarantine``)."""
     session = _session(ledger, session_id)
     if code not in rc.QUARANTINE_CODES:
         raise InvalidArgument(f"quarantine code {code!r} is not one of {', '.join(rc.QUARANTINE_CODES)}")

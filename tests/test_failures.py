@@ -538,3 +538,34 @@ async def test_sigkill_of_the_relay_kills_its_providers_and_the_next_serve_recon
                 assert done["state"] == "failed" and done["error"].startswith("relay_restarted")
             fresh = await warm_sessions(r, "cx", 2)
             assert not {s["session_id"] for s in fresh} & {t.session_id for t in turns}
+
+
+def test_a_quarantine_recorded_before_codes_reads_as_an_operators(tmp_path):
+    """A ledger (and a stored QuarantineSession reply) written before
+    ``code`` and ``evidence`` existed reads as ``operator`` / null; the
+    operator's RPC records ``operator``, the domain function any code."""
+    import hashlib
+
+    store = relay.Store(tmp_path)
+    commit_ok(store, "RegisterProfile", name="cx", provider="codex", mode="pooled")
+    commit_ok(store, "CreateSession", profile="cx", session_id="s1")
+    commit_ok(store, "CreateSession", profile="cx", session_id="s2")
+    reply = commit_ok(store, "QuarantineSession", session_id="s1", reason="disk full")
+    assert (reply.quarantine.code, reply.quarantine.evidence) == ("operator", None)
+    ledger = store.read()
+    ledger, made = relay.quarantine(ledger, "s2", "heartbeat_lost", "heartbeat_lost: quiet",
+                                    {"turn_id": "t1"}, relay.Ctx(time.time(), 99))
+    assert (made.quarantine.code, made.quarantine.evidence) == ("heartbeat_lost", {"turn_id": "t1"})
+    with pytest.raises(relay.InvalidArgument, match="is not one of"):
+        relay.quarantine(ledger, "s2", "bogus", "x", None, relay.Ctx(time.time(), 99))
+    doc = json.loads(store.ledger_path.read_bytes())
+    for q in doc["quarantines"].values():
+        del q["code"], q["evidence"]
+    for record in doc["requests"].values():
+        if isinstance(record.get("reply"), dict) and "quarantine" in record["reply"]:
+            del record["reply"]["quarantine"]["code"], record["reply"]["quarantine"]["evidence"]
+    body = {k: v for k, v in doc.items() if k != "checksum"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    sealed = text[:-1] + b',"checksum":"sha256:' + hashlib.sha256(text).hexdigest().encode() + b'"}\n'
+    old = relay.decode_ledger(sealed)
+    assert (old.quarantines["s1"].code, old.quarantines["s1"].evidence) == ("operator", None)
