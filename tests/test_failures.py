@@ -570,3 +570,103 @@ def test_a_quarantine_recorded_before_codes_reads_as_an_operators(tmp_path):
     sealed = text[:-1] + b',"checksum":"sha256:' + hashlib.sha256(text).hexdigest().encode() + b'"}\n'
     old = relay.decode_ledger(sealed)
     assert (old.quarantines["s1"].code, old.quarantines["s1"].evidence) == ("operator", None)
+
+
+# -- the watchdog's timers on trio's virtual clock (default settings) -------------------------
+
+
+@attrs.define(eq=False)
+class _FakeProcess:
+    """What the watchdog uses of a ProviderProcess: writes recorded, stop noted."""
+
+    protocol: object
+    state: str = "running"
+    returncode: int | None = None
+    pid: int = 4242
+    stderr: list = attrs.Factory(lambda: ["stand-in: last words"])
+    written: list = attrs.Factory(list)
+    wrote: object = attrs.Factory(trio.Event)
+    stopped: str = ""
+    stopped_at: float = 0.0
+    exited: object = attrs.Factory(trio.Event)
+
+    async def write(self, data: bytes) -> None:
+        self.written.append(data)
+        self.wrote.set()
+        self.wrote = trio.Event()
+
+    async def stop(self, reason: str) -> None:
+        self.stopped, self.stopped_at, self.state = reason, trio.current_time(), "stopping"
+        self.returncode = -15
+        self.exited.set()
+
+
+class _Owner:
+    """A ledger owner in memory: each mutation applied at once, at T0 + trio time."""
+
+    def __init__(self, ledger: relay.Ledger) -> None:
+        self.ledger = ledger
+
+    async def submit(self, mutation: relay.Mutation):
+        from conftest import T0
+
+        ctx = relay.Ctx(T0 + trio.current_time(), self.ledger.revision + 1)
+        ledger, reply = mutation.apply(self.ledger, ctx)
+        self.ledger = attrs.evolve(ledger, revision=ctx.revision)
+        return reply
+
+
+def _watched(tmp_path: Path, config: relay.Config, with_turn: bool):
+    store = relay.Store(tmp_path)
+    commit_ok(store, "RegisterProfile", name="cl", provider="claude", mode="one-borrow")
+    commit_ok(store, "CreateSession", profile="cl", session_id="s1")
+    lease = commit_ok(store, "GrantLease", session_id="s1", holder="h", mode="exclusive-write",
+                      ttl_seconds=3600).lease
+    owner = _Owner(store.read())
+    runtime = relay.Runtime(owner, None, store, config)
+    proc = _FakeProcess(relay.ClaudeProtocol())
+    live = relay.LiveSession("s1", owner.ledger.profiles["cl"], proc, started=True)
+    if with_turn:
+        turn = commit_ok(store, "StartTurn", session_id="s1", lease_id=lease.lease_id,
+                         fencing_token=lease.fencing_token, input="hi").turn
+        owner.ledger = store.read()
+        live.turn = relay._TurnRun(turn)
+        live.turn.started.set()
+    return runtime, owner, proc, live, lease
+
+
+async def test_probe_timer_with_default_settings(autojump_clock, tmp_path):
+    """Defaults on virtual time: a probe every 30 s, idle; answered ones keep
+    the process; the first left unanswered stops it 10 s later, unresponsive."""
+    runtime, owner, proc, live, lease = _watched(tmp_path, relay.Config(), with_turn=False)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(runtime._watch, live)
+        for k in (1, 2):
+            await proc.wrote.wait()
+            assert trio.current_time() == pytest.approx(30 * k) and b"mcp_status" in proc.written[-1]
+            live.resolve("probe", "answered")
+        await proc.exited.wait()
+    assert proc.stopped_at == pytest.approx(100)  # the third probe at 90 s, unanswered for 10 s
+    assert proc.stopped == "unresponsive: no answer to the liveness probe within 10.0 s"
+    q = owner.ledger.quarantines["s1"]
+    assert (q.code, q.evidence["pid"], q.evidence["stderr"]) == ("unresponsive", 4242,
+                                                                 ["stand-in: last words"])
+    assert owner.ledger.leases[lease.lease_id].state == "revoked"
+    assert runtime.health["cl"].probe_failures == 1 and live.probe_answered_at
+
+
+async def test_stall_timer_with_default_settings(autojump_clock, tmp_path):
+    """Defaults on virtual time: 120 s of silence in a turn sends the
+    interrupt; no end within 10 s more stops the process, heartbeat_lost."""
+    config = attrs.evolve(relay.Config(), probe_interval_seconds=10_000.0)
+    runtime, owner, proc, live, lease = _watched(tmp_path, config, with_turn=True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(runtime._watch, live)
+        await proc.wrote.wait()
+        assert trio.current_time() == pytest.approx(120) and b'"interrupt"' in proc.written[-1]
+        await proc.exited.wait()
+    assert proc.stopped_at == pytest.approx(130)
+    assert proc.stopped.startswith("heartbeat_lost: no output for 120.0 s during turn ")
+    q = owner.ledger.quarantines["s1"]
+    assert q.code == "heartbeat_lost" and q.evidence["turn_id"] == live.turn.turn.turn_id
+    assert runtime.health["cl"].stalls == 1
