@@ -32,7 +32,8 @@ nursery tree is::
     |-- ledger owner              group-commits mutations under the file lock
     |-- heartbeat nursery         lease-expiry reaper; ledger watcher
     |-- supervision nursery       the live runtime: pools, turns, hand-over
-    |   `-- one task per provider process (stdout reader, stderr ring, reaper)
+    |   `-- per provider process: stdout reader, stderr ring, reaper, and its
+    |       watchdog (stall timer, liveness probe)
     `-- http nursery              hypercorn serving the quart-trio app:
                                   HTTP, SSE, WebSocket, Connect RPCs
 
