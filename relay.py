@@ -7901,15 +7901,27 @@ def _matches(session: rc.Session, lease: rc.Lease | None, text: str) -> bool:
 def dashboard_overview(ledger: Ledger, now: float, *, offset: int = 0,
                        limit: int = OVERVIEW_PAGE_ROWS, query: str = "",
                        profile: str = "",
-                       processes: dict[str, rc.ProcessInfo] | None = None) -> dict[str, Any]:
+                       processes: dict[str, rc.ProcessInfo] | None = None,
+                       health: tuple[rc.ProviderHealth, ...] = ()) -> dict[str, Any]:
     """``GET /api/relay/overview``: the header counts, every profile with its
     pool health, and one page of sessions (filtered, ordered by id) with
     their current lease, active quarantine, running turn and (from the
     running server's runtime, ``processes``) provider process.  One pass over the ledger in
-    memory, whatever the page: 1,000 sessions cost a few milliseconds."""
+    memory, whatever the page: 1,000 sessions cost a few milliseconds.  A profile
+    the runtime has run carries its provider health (``health``) as the pool's
+    ``runtime``, and the pool's state and last error are the runtime's: a
+    quarantined session kept for inspection does not make a healed pool degraded."""
     stamp = iso(now)
     current, live = _current_leases(ledger, stamp)
     pools = _pool_health(ledger, current)
+    for observed in health:
+        pool = pools.get(observed.profile)
+        if pool is not None:
+            pool["runtime"] = to_json(observed)
+            pool["health"] = observed.state
+            if observed.last_error:
+                pool["last_error"] = {"session_id": "", "reason": observed.last_error,
+                                      "at": observed.last_error_at}
     text = query.strip().lower()
     chosen = [s for _, s in sorted(ledger.sessions.items())
               if (not profile or s.profile == profile)
@@ -8102,9 +8114,12 @@ def _add_dashboard(app: Any, service: Service) -> None:
     @app.get("/api/relay/overview")
     async def api_overview() -> Any:
         service.owner.check_intact()
-        processes = service.runtime.processes() if service.runtime is not None else None
+        runtime = service.runtime
+        processes = runtime.processes() if runtime is not None else None
+        health = runtime.provider_health() if runtime is not None else ()
         return _json_response(dashboard_overview(service.owner.ledger, service.now(),
-                                                 **_page_args(request.args), processes=processes))
+                                                 **_page_args(request.args), processes=processes,
+                                                 health=health))
 
     @app.get("/api/relay/timeline")
     async def api_timeline() -> Any:
@@ -8530,13 +8545,18 @@ function profileRow(p) {
   const pool = p.pool;
   const extra = Object.entries(p).filter(([k, v]) => !PROFILE_FIELDS.has(k) && describe(v) !== "")
     .map(([k, v]) => `${k}: ${describe(v)}`).join("; ");
-  const last = pool.last_error ? `${pool.last_error.session_id}: ${pool.last_error.reason}` : "";
+  const last = pool.last_error
+    ? [pool.last_error.session_id, pool.last_error.reason].filter(Boolean).join(": ") : "";
+  const rt = pool.runtime;  // what the running server observed (absent: ledger only)
+  const observed = rt ? `starts ${rt.starts}, crashes ${rt.crashes}, stalls ${rt.stalls}, ` +
+    `probe failures ${rt.probe_failures}, start failures ${rt.start_failures}, ` +
+    `failed turns ${rt.failed_turns}` : "";
   return el("tr", {"data-profile": p.name},
     el("td", {text: p.name}), el("td", {text: p.provider}), el("td", {text: p.mode}),
     el("td", {}, el("span", {class: `badge ${pool.health}`, text: pool.health})),
     el("td", {text: pool.warm}), el("td", {text: pool.leased}), el("td", {text: pool.failed}),
     el("td", {class: "wrap error", title: last || null}, last ? el("div", {class: "clamp", text: last}) : ""),
-    el("td", {class: "wrap", text: extra}));
+    el("td", {class: "wrap", text: [observed, extra].filter(Boolean).join("; ")}));
 }
 
 function sessionRow(s) {
@@ -8593,7 +8613,15 @@ function renderDetail() {
     ["renewed", l && l.last_renewed_at ? l.last_renewed_at : "—"],
     ["events / results", `${s.events} / ${s.results}`]];
   if (s.turn) facts.push(["turn", describe(s.turn)]);
-  if (q) facts.push(["quarantine", `${q.reason} (since ${q.quarantined_at})`]);
+  if (q) {
+    facts.push(["quarantine", `${q.reason} (since ${q.quarantined_at})`]);
+    const ev = q.evidence || {};  // the runtime's: exit status, signal, turn, stderr
+    const seen = [ev.exit_status !== undefined && ev.exit_status !== null ? `exit ${ev.exit_status}` : "",
+      ev.signal ? `signal ${ev.signal}` : "", ev.turn_id ? `turn ${ev.turn_id}` : "",
+      ev.pid ? `pid ${ev.pid}` : "", ev.detail || ""].filter(Boolean).join(" · ");
+    if (q.code) facts.push(["cause", q.code + (seen ? ` · ${seen}` : "")]);
+    if (Array.isArray(ev.stderr) && ev.stderr.length) facts.push(["stderr", ev.stderr.join("\n")]);
+  }
   const nodes = [];
   for (const [k, v] of facts) nodes.push(el("dt", {text: k}), el("dd", {text: String(v)}));
   if (l) {

@@ -193,6 +193,15 @@ def test_the_overview_shows_pool_health_leases_quarantines_and_pages(workspace):
     assert ids(offset=2) == ["s3"] and ids(query="ALICE") == ["s1"] and ids(profile="claude-one") == []
     expired = relay.dashboard_overview(ledger, T0 + 61)
     assert expired["sessions"]["items"][0]["lease"] is None  # an expired lease occupies nothing
+    # A running server's observed health wins over the ledger's count of failed sessions:
+    # a pool that healed is healthy even with its quarantined session kept for inspection.
+    observed = relay.rc.ProviderHealth("codex-main", "healthy", starts=4, crashes=1,
+                                       last_error="provider_exited: exit status -9",
+                                       last_error_at=relay.iso(T0 + 1))
+    healed = {p["name"]: p["pool"] for p in relay.dashboard_overview(
+        ledger, T0 + 2, health=(observed,))["profiles"]}["codex-main"]
+    assert (healed["health"], healed["runtime"]["crashes"], healed["last_error"]["reason"]) == (
+        "healthy", 1, "provider_exited: exit status -9")
 
 
 async def test_the_overview_route_refuses_bad_paging(workspace):
@@ -653,6 +662,9 @@ def test_an_operator_runs_approves_interrupts_and_sees_a_crash_quarantine_on_a_l
         page.wait_for_selector("#timeline line.quarantine", state="attached")
         page.wait_for_selector("#timeline rect.turn.failed", state="attached")
         expect(page.locator("#detail-facts")).to_contain_text("provider_exited")
+        # The structured evidence and the profile's observed health are on the page too.
+        expect(page.locator("#detail-facts")).to_contain_text("signal SIGKILL")
+        expect(page.locator("#profiles tr[data-profile='cx']")).to_contain_text("crashes 1")
         session = next(s for s in _rpc(endpoint, "ListSessions", profile="cx")["sessions"]
                        if s["session_id"] == sid)
         assert session["state"] == "failed"
