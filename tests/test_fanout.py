@@ -1,0 +1,183 @@
+"""SSE fan-out by direct writes (issue 14): live frames written by the hub straight to each
+subscriber's socket as HTTP/1.1 chunks, the held backlog of a socket that is full, the ASGI
+fallback for connections that do not qualify, and the ids a replay resumes from."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import trio
+import trio.testing
+
+import relay
+from serve_helpers import PATIENCE, serving
+
+def _hub(r) -> relay.EventHub:
+    return r.server.service.hub
+
+
+async def _settled(r) -> relay.HubStatistics:
+    """The hub's statistics once every task of this process (server and client) is blocked."""
+    await trio.testing.wait_all_tasks_blocked()
+    return _hub(r).statistics()
+
+
+async def test_live_frames_go_straight_to_the_socket_as_chunks_a_strict_client_reads(workspace):
+    """Once the replay is out, a plain HTTP/1.1 subscriber is written to by the hub itself
+    (``direct`` counts it); h11 on the client side parses every frame, in order, with the ids a
+    resume needs; closing the stream ends the direct subscription."""
+    with trio.fail_after(PATIENCE):
+        async with serving(workspace) as r:
+            await r.seed(sessions=1)
+            await r.ok("AppendEvent", session_id="s1", kind="before")
+            base = (await _settled(r)).subscribers  # the runtime's own feed subscription
+            async with r.sse({"session": "s1"}, Last_Event_ID="s1:0") as stream:
+                (replayed,) = await stream.take(1)
+                assert (await _settled(r)).direct == 1
+                for n in range(3):
+                    await r.ok("AppendEvent", session_id="s1", kind="live", data={"n": n, "t": "é"})
+                live = await stream.take(3)
+            stats = await _settled(r)
+    assert (stats.subscribers, stats.direct) == (base, 0)
+    assert replayed["id"] == "s1:1" and [e["id"] for e in live] == ["s1:2", "s1:3", "s1:4"]
+    assert [e["data"]["data"] for e in live] == [{"n": n, "t": "é"} for n in range(3)]
+
+
+async def test_a_full_socket_holds_frames_in_order_then_drops_and_resume_has_no_gap(workspace):
+    """A subscriber that stops reading: the kernel takes what it can, the relay holds the rest in
+    order (at most ``subscriber_buffer`` frames), then drops it with a resource_exhausted event
+    (no id). Everything written before the error is whole and in order, and resuming from the last
+    id delivers the rest exactly once."""
+    config = relay.Config(subscriber_buffer=4)
+    blob = "x" * 60_000
+    with trio.fail_after(PATIENCE):
+        async with serving(workspace, config) as r:
+            await r.seed(sessions=1)
+            host, port = r.server.endpoint.removeprefix("http://").split(":")
+            sock = trio.socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            await sock.connect((host, int(port)))
+            stream = trio.SocketStream(sock)
+            async with stream:
+                await stream.send_all(f"GET /events?session=s1 HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                                      "Accept: text/event-stream\r\n\r\n".encode())
+                head = b""
+                while b": connected\n\n\r\n" not in head:  # the head and the first chunk
+                    head += await stream.receive_some(4096)
+                assert (await _settled(r)).direct == 1
+                sent = 0
+                while _hub(r).statistics().dropped == 0:
+                    sent += 1
+                    assert sent < 2_000, "never fell behind"
+                    await r.ok("AppendEvent", session_id="s1", kind="big", data=blob)
+                raw = head.partition(b": connected\n\n\r\n")[2]
+                while not raw.endswith(b"\r\n0\r\n\r\n"):  # the body's last chunk
+                    raw += await stream.receive_some(1 << 20)
+            events = _parse_sse(_dechunk(raw))
+            got = events[:-1]
+            assert events[-1]["event"] == "error" and "id" not in events[-1]
+            assert events[-1]["data"]["code"] == "resource_exhausted"
+            assert [e["id"] for e in got] == [f"s1:{n}" for n in range(1, len(got) + 1)]
+            assert 0 < len(got) < sent
+            async with r.sse({"session": "s1"}, Last_Event_ID=got[-1]["id"]) as resumed:
+                rest = await resumed.take(sent - len(got))
+    assert [e["id"] for e in rest] == [f"s1:{n}" for n in range(len(got) + 1, sent + 1)]
+
+
+async def test_an_http_1_0_subscriber_keeps_the_asgi_path_and_gets_bursts_whole(workspace):
+    """HTTP/1.0 has no chunked body, so its stream stays on ASGI (``direct`` is 0); a burst
+    queued while it waits arrives in one piece, every frame once, in order."""
+    with trio.fail_after(PATIENCE):
+        async with serving(workspace) as r:
+            await r.seed(sessions=1)
+            host, port = r.server.endpoint.removeprefix("http://").split(":")
+            stream = await trio.open_tcp_stream(host, int(port))
+            async with stream:
+                await stream.send_all(f"GET /events?session=s1 HTTP/1.0\r\nHost: {host}:{port}\r\n"
+                                      "\r\n".encode())
+                raw = b""
+                while b": connected" not in raw:
+                    raw += await stream.receive_some(65536)
+                for n in range(5):
+                    await r.ok("AppendEvent", session_id="s1", kind="k", data=n)
+                while raw.count(b"\nid: ") < 5:
+                    raw += await stream.receive_some(65536)
+                direct = _hub(r).statistics().direct
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"chunked" not in head.lower()
+    assert direct == 0
+    assert [e["id"] for e in _parse_sse(body)] == [f"s1:{n}" for n in range(1, 6)]
+
+
+async def test_a_subscriber_that_disconnects_is_dropped_and_the_others_keep_receiving(workspace):
+    """A direct subscriber whose connection goes away is removed (its write fails or its task
+    ends); the next frame still reaches every other subscriber."""
+    with trio.fail_after(PATIENCE):
+        async with serving(workspace) as r:
+            await r.seed(sessions=1)
+            base = (await _settled(r)).subscribers
+            async with r.sse({"session": "s1"}) as keep:
+                await keep.until_comment("connected")
+                async with r.sse({"session": "s1"}) as gone:
+                    await gone.until_comment("connected")
+                    assert (await _settled(r)).direct == 2
+                await r.ok("AppendEvent", session_id="s1", kind="k")
+                (first,) = await keep.take(1)
+                assert (await _settled(r)).subscribers == base + 1
+                await r.ok("AppendEvent", session_id="s1", kind="k")
+                (second,) = await keep.take(1)
+    assert (first["id"], second["id"]) == ("s1:1", "s1:2")
+
+
+def test_only_hypercorn_h11_chunked_get_responses_qualify_for_direct_writes():
+    """``_h11_socket`` answers None for anything it cannot vouch for: no server send, a send
+    that is not hypercorn's, HEAD, HTTP/1.0 or HTTP/2."""
+
+    async def send(message):  # an ASGI server's send with no hypercorn behind it
+        return None
+
+    get = {"type": "http", "method": "GET", "http_version": "1.1"}
+    assert relay._h11_socket(None, get) is None
+    assert relay._h11_socket(send, get) is None
+    for scope in ({**get, "method": "HEAD"}, {**get, "http_version": "1.0"}, {**get, "http_version": "2"}):
+        assert relay._h11_socket(send, scope) is None
+
+
+def test_a_frame_is_framed_once_as_the_chunk_h11_would_write():
+    """``Frame.chunk`` is byte for byte what h11's chunked writer sends for ``Frame.sse``."""
+    import h11
+
+    frame = relay.Frame.make("s1:1", "event", {"k": "é", "n": 1}, 1)
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn.next_event()
+    conn.send(h11.Response(status_code=200, headers=[]))
+    assert conn.send(h11.Data(data=frame.sse)) == frame.chunk
+
+
+def _dechunk(body: bytes) -> bytes:
+    """An HTTP/1.1 chunked body -> its bytes; asserts every chunk is whole."""
+    out = b""
+    while body:
+        size, _, rest = body.partition(b"\r\n")
+        n = int(size, 16)
+        if n == 0:
+            break
+        assert rest[n:n + 2] == b"\r\n", "a chunk was cut or interleaved"
+        out, body = out + rest[:n], rest[n + 2:]
+    return out
+
+
+def _parse_sse(body: bytes) -> list[dict]:
+    events = []
+    for block in body.decode().split("\n\n"):
+        event = {}
+        for line in block.split("\n"):
+            if not line or line.startswith(":") or line.startswith("retry:"):
+                continue
+            field, _, value = line.partition(": ")
+            event[field] = json.loads(value) if field == "data" else value
+        if event:
+            events.append(event)
+    return events
