@@ -440,11 +440,21 @@ def strict_loads(text: str | bytes, *, parse_int: Any = None) -> Any:
     """``json.loads`` refusing NaN, Infinity and out-of-range numbers (and
     nesting too deep for the parser) with ValueError; what the ledger reader
     uses, whose bytes our own encoder wrote (so every string encodes)."""
+    decoder = _STRICT_DECODERS.get(parse_int)
+    if decoder is None:  # json.loads would build one per call: ~15% of a small record's parse
+        decoder = _STRICT_DECODERS[parse_int] = json.JSONDecoder(
+            parse_constant=_reject_constant, parse_float=_finite_float, parse_int=parse_int)
+    if isinstance(text, (bytes, bytearray)):  # as json.loads reads bytes
+        text = text.decode(json.detect_encoding(text), "surrogatepass")
+    if text.startswith("\ufeff"):
+        raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
     try:
-        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
-                          parse_int=parse_int)
+        return decoder.decode(text)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
+
+
+_STRICT_DECODERS: dict[Any, json.JSONDecoder] = {}
 
 
 def _door_int(text: str) -> int:

@@ -7,10 +7,14 @@ from __future__ import annotations
 import json
 import socket
 
+import pytest
+
 import trio
 import trio.testing
 
 import relay
+import relay_client as rc
+from conftest import T0, mutation
 from serve_helpers import PATIENCE, serving
 
 def _hub(r) -> relay.EventHub:
@@ -154,6 +158,90 @@ def test_a_frame_is_framed_once_as_the_chunk_h11_would_write():
     conn.next_event()
     conn.send(h11.Response(status_code=200, headers=[]))
     assert conn.send(h11.Data(data=frame.sse)) == frame.chunk
+
+
+def _log_with(root, records: list) -> relay.Store:
+    """A store whose session s1 has these events, in one commit."""
+    store = relay.Store(root)
+    muts = [mutation("RegisterProfile", name="p", provider="codex", mode="pooled"),
+            mutation("CreateSession", profile="p", session_id="s1")]
+    muts += [mutation("AppendEvent", session_id="s1", kind="k", data=d) for d in records]
+    config = relay.Config(max_record_bytes=2 * relay.REPLAY_BLOCK)  # a record longer than a block
+    results, _ = relay.commit(store, muts, config, T0)
+    assert not any(isinstance(x, relay.RelayError) for x in results), results
+    return store
+
+
+def _made(store: relay.Store, after: int, limit: int, committed: int = 0) -> list[relay.Frame]:
+    committed = committed or store.read().cursors["s1"].events_bytes
+    return [relay.Frame.make(f"s1:{r.seq}", "event", relay.to_json(r), r.seq)
+            for r in store.read_records("s1", "events", committed, after, limit)]
+
+
+def test_replay_frames_are_the_frames_make_builds_from_each_record(workspace):
+    """Replay builds frames from the log lines themselves: every frame (SSE bytes, WebSocket text,
+    data, id) equals what ``Frame.make`` makes from the decoded record, for ASCII and non-ASCII
+    data, a record longer than a read block, and from any starting point; the offset it returns
+    continues the range with no search."""
+    data = [{"n": 1}, "é ✓", None, "x" * (relay.REPLAY_BLOCK + 100), [1.5, True], {"deep": [[]]}]
+    data += list(range(40))
+    store = _log_with(workspace, data)
+    cursor = store.read().cursors["s1"]
+    for after in (0, 1, 3, 4, 30, len(data) - 1):
+        frames, _ = relay.replay_frames(store, "s1", "events", cursor.events_bytes, after, 1000)
+        assert frames == _made(store, after, 1000)
+    first, offset = relay.replay_frames(store, "s1", "events", cursor.events_bytes, 0, 7)
+    rest, end = relay.replay_frames(store, "s1", "events", cursor.events_bytes, 7, 1000, offset)
+    assert first + rest == _made(store, 0, 1000) and end == cursor.events_bytes
+    assert relay.replay_frames(store, "s1", "events", 0, 0, 10) == ([], 0)
+
+
+def test_a_record_written_before_a_field_existed_is_encoded_again(workspace):
+    """A log line without a field the record has today (older writers) is not a frame's payload as
+    it stands: the frame is encoded from the record, defaults included, as Frame.make does."""
+    store = _log_with(workspace, ["a", "b"])
+    path = store.stream_path("s1", "events")
+    old = json.loads(path.read_bytes().split(b"\n")[0][9:])
+    del old["appended_at"]
+    body = json.dumps(old, sort_keys=True, separators=(",", ":")).encode()
+    line = b"%08x " % relay.zlib.crc32(body) + body + b"\n"
+    second = path.read_bytes().split(b"\n", 1)[1]
+    path.write_bytes(line + second)
+    frames, _ = relay.replay_frames(store, "s1", "events", len(line + second), 0, 10)
+    assert frames == _made(store, 0, 10, len(line + second))
+    assert frames[0].data["appended_at"] == "" and b'"appended_at":""' in frames[0].sse
+
+
+@pytest.mark.parametrize("damage", ["checksum", "torn", "not json", "bad type"])
+def test_a_damaged_line_fails_the_replay_as_decode_record_does(workspace, damage):
+    """Any line ``decode_record`` refuses makes ``replay_frames`` raise ValueError (the replay then
+    ends with a data_loss event)."""
+    store = _log_with(workspace, ["a", "b"])
+    path = store.stream_path("s1", "events")
+    first, second = path.read_bytes().split(b"\n", 1)
+
+    def framed(body: bytes) -> bytes:
+        return b"%08x " % relay.zlib.crc32(body) + body
+
+    bad = {"checksum": b"0" * 8 + first[8:], "torn": first[:20],
+           "not json": framed(b"{nope"), "bad type": framed(first[9:].replace(b'"seq":1', b'"seq":"1"'))}
+    data = bad[damage] + b"\n" + second
+    path.write_bytes(data)
+    with pytest.raises(ValueError):
+        relay.decode_record(bad[damage] + b"\n")
+    with pytest.raises(ValueError):
+        relay.replay_frames(store, "s1", "events", len(data), 0, 10)
+
+
+def test_strict_loads_with_one_decoder_refuses_what_json_loads_refused():
+    """``rc.strict_loads`` reuses its decoder: bytes and str alike, NaN/Infinity, out-of-range
+    numbers and a BOM in text are refused with ValueError, and values (bytes with a BOM too) come
+    back as json.loads gives them."""
+    for text in ('{"a":[1,2.5,"é"]}', b'{"a":[1,2.5,"\xc3\xa9"]}', "[]", b"7", b"\xef\xbb\xbf{}"):
+        assert rc.strict_loads(text) == json.loads(text)
+    for bad in ("NaN", "[Infinity]", "1e400", "\ufeff{}", "{", b""):
+        with pytest.raises(ValueError):
+            rc.strict_loads(bad)
 
 
 def _dechunk(body: bytes) -> bytes:
