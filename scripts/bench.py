@@ -13,7 +13,7 @@ machine moves both sides alike.
     .venv/bin/python scripts/bench.py --only runtime  # the live runtime (stand-in and real Codex vs the mock)
     .venv/bin/python scripts/bench.py --scale         # N = 10 .. 10,000 scaling table (~4 min)
     .venv/bin/python scripts/bench.py --only http_status --only http_mutations \
-        --only ws_leases --only sse_fanout --only sse_memory   # the serving sections
+        --only ws_leases --only sse_fanout --only sse_replay --only sse_memory   # serving
 
 Results: a human table on stdout (progress on stderr) and one JSON document,
 ``bench-results/bench.json`` by default (``--json PATH``).  Workspaces live in
@@ -390,7 +390,7 @@ def cold_start(bench: Bench) -> list[Figure]:
     base = "python -c pass"
     return [
         time_figure("cold_start.status", "status --json, spawn to exit", runs["status"], runs["pass"],
-                    base, "<= 4", note=f"prepared ledger {ledger_bytes} B, built via the CLI"),
+                    base, "<= 2", note=f"prepared ledger {ledger_bytes} B, built via the CLI"),
         time_figure("cold_start.inspect", "inspect relay --json (full path)", runs["inspect"],
                     runs["pass"], base, note="typed model; information only"),
         imports_figure("cold_start.status_server_imports", "server-stack modules imported by status",
@@ -416,7 +416,7 @@ def cli_mutation(bench: Bench) -> list[Figure]:
         if last["last_seq"] != expected:
             raise BenchError(f"expected {expected} events on s1, the log says {last['last_seq']}")
     return [time_figure("cli_mutation.event_append", "event append, spawn to exit", runs["append"],
-                        runs["pass"], "python -c pass", "<= 5",
+                        runs["pass"], "python -c pass", "<= 4",
                         note="full CLI: parse, lock, stream append+fsync, ledger write+fsync+rename")]
 
 
@@ -967,7 +967,7 @@ def http_status(bench: Bench) -> list[Figure]:
             f"{cpu.describe('hello', False)}; the relay tunes its collector while serving "
             f"(gc.freeze, a higher gen0 threshold), the bare app keeps Python's defaults")
     return [rate_figure("http_status.rps", label, runs["status"], runs["hello"],
-                        "bare quart-trio hello-world GET /, served the same way", ">= 0.8",
+                        "bare quart-trio hello-world GET /, served the same way", ">= 0.9",
                         note="; ".join([note, *problems]))]
 
 
@@ -1040,7 +1040,7 @@ def http_mutations(bench: Bench) -> list[Figure]:
                     f"CPU: {cpu.describe('relay', False)}, {cpu.describe('hello', False)}")
             figures += [
                 rate_figure("http_mutations.append_rps", label, runs["append"], runs["hello"],
-                            "bare quart-trio hello-world GET /, wrk -c64", ">= 0.7",
+                            "bare quart-trio hello-world GET /, wrk -c64", ">= 0.8",
                             note="; ".join([note, *problems])),
                 *commit_figures("http_mutations", "AppendEvent rounds", before, after),
             ]
@@ -1058,6 +1058,10 @@ def http_mutations(bench: Bench) -> list[Figure]:
 
 
 # -- WebSocket leases vs etcd -----------------------------------------------------
+
+#: etcd 3.4's lease grant+revoke pair at concurrency 1 as issue 14 states it (ms): the baseline
+#: of ``ws_leases.pair_c1`` when etcd is not installed (labelled as not measured in the run).
+ETCD_C1_PUBLISHED_MS = 3.3
 
 
 async def ws_lease_pairs(url: str, sessions: list[str], seconds: float) -> float:
@@ -1163,7 +1167,8 @@ def ws_leases(bench: Bench) -> list[Figure]:
 
         def relay_pairs(span: float) -> Callable[[], float]:
             return lambda: run_trio(ws_lease_pairs, server.url, sessions, span)
-        subjects = {"relay": cpu.wrap("relay", server.pid, relay_pairs(seconds))}
+        subjects = {"relay": cpu.wrap("relay", server.pid, relay_pairs(seconds)),
+                    "relay_c1": lambda: run_trio(ws_lease_pairs, server.url, sessions[:1], seconds)}
         warm = [relay_pairs(1.0)]
         if etcd is not None:
             etcd_dir = root / "etcd"
@@ -1173,6 +1178,7 @@ def ws_leases(bench: Bench) -> list[Figure]:
             def etcd_pairs(span: float) -> Callable[[], float]:
                 return lambda: run_trio(etcd_lease_pairs, etcd_srv.url, workers, span)
             subjects["etcd"] = cpu.wrap("etcd", etcd_srv.pid, etcd_pairs(seconds))
+            subjects["etcd_c1"] = lambda: run_trio(etcd_lease_pairs, etcd_srv.url, 1, seconds)
             warm.append(etcd_pairs(1.0))
         progress(f"ws_leases: warm-up, then {rounds} interleaved rounds of {seconds}s "
                  f"({', '.join(subjects)})")
@@ -1186,12 +1192,21 @@ def ws_leases(bench: Bench) -> list[Figure]:
             f"workers each pairing GrantLease(exclusive-write) and ReleaseLease on its own session, "
             f"replies matched by id (trio-websocket); ledger {ledger_bytes:,} B at the end (released "
             f"leases are kept until compaction); CPU during the rounds: "
-            + "; ".join(cpu.describe(name) for name in subjects))
+            + "; ".join(cpu.describe(name) for name in ("relay", "etcd") if name in subjects))
+    c1_ms = statistics.median(runs["relay_c1"]) * 1e3
+    c1_label = "GrantLease+ReleaseLease pair over /ws, 1 in flight"
+    c1_note = (f"{rounds} rounds of {seconds}s, median round; one worker on one session, each pair "
+               "GrantLease then ReleaseLease, each awaited; issue 14 target: within 2x of etcd's "
+               "grant+revoke at concurrency 1")
     if etcd is None:
         rate = 1 / statistics.median(runs["relay"])
         return [skipped_figure("ws_leases.pairs", label, "ops/s",
                                "install etcd (Debian: apt-get install etcd-server) for the baseline",
                                value=rate, note=note),
+                Figure("ws_leases.pair_c1", c1_label + " (vs etcd: NOT same-run)", c1_ms, "ms",
+                       ETCD_C1_PUBLISHED_MS, "etcd 3.4 lease grant+revoke at concurrency 1 as issue 14 "
+                       "reports it (measured in an earlier session, not in this run: etcd is not "
+                       "installed here)", "<= 2", note=c1_note),
                 *commit_figures("ws_leases", "lease rounds", before, after)]
     version = subprocess.run([etcd, "--version"], capture_output=True, text=True, check=False)
     etcd_version = (version.stdout.split("\n", 1)[0].strip() or "etcd").replace("Version: ", "")
@@ -1202,7 +1217,9 @@ def ws_leases(bench: Bench) -> list[Figure]:
              f"WebSocket frame per call for the relay); the CPU shares above show which side limits "
              f"each rate")
     return [rate_figure("ws_leases.pairs", label, runs["relay"], runs["etcd"],
-                        "etcd lease grant+revoke pairs/s, same concurrency", ">= 1.0", note=note),
+                        "etcd lease grant+revoke pairs/s, same concurrency", ">= 2", note=note),
+            time_figure("ws_leases.pair_c1", c1_label, runs["relay_c1"], runs["etcd_c1"],
+                        "etcd lease grant+revoke pair at concurrency 1, same run", "<= 2", note=c1_note),
             *commit_figures("ws_leases", "lease rounds", before, after)]
 
 
@@ -2169,7 +2186,7 @@ def scale_figures(rows: list[dict[str, Any]]) -> list[Figure]:
                        ("http", "HTTP durable RPCs c64, GET status, /ws pairs vs etcd"),
                        ("soak", "30-minute soak")):
         figs.append(skipped_figure(f"scale.{key}", label, "", "not a --scale figure: run "
-                                   + {"sse": "--only sse_fanout --only sse_memory",
+                                   + {"sse": "--only sse_fanout --only sse_replay --only sse_memory",
                                       "http": "--only http_status --only http_mutations --only ws_leases",
                                       "soak": "scripts/soak.py"}[key]))
     return figs

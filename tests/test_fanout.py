@@ -1,11 +1,16 @@
-"""SSE fan-out by direct writes (issue 14): live frames written by the hub straight to each
-subscriber's socket as HTTP/1.1 chunks, the held backlog of a socket that is full, the ASGI
-fallback for connections that do not qualify, and the ids a replay resumes from."""
+"""Issue 14's serving and start-up work: SSE fan-out by direct writes (live frames written by
+the hub straight to each subscriber's socket as HTTP/1.1 chunks, the held backlog of a full
+socket, the ASGI fallback), replay frames built from the log lines, and attrs classes built on
+first use (relay_client's deferred ``attrs``)."""
 
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
+import threading
 
 import pytest
 
@@ -14,7 +19,7 @@ import trio.testing
 
 import relay
 import relay_client as rc
-from conftest import T0, mutation
+from conftest import ROOT, T0, mutation
 from serve_helpers import PATIENCE, serving
 
 def _hub(r) -> relay.EventHub:
@@ -269,3 +274,118 @@ def _parse_sse(body: bytes) -> list[dict]:
         if event:
             events.append(event)
     return events
+
+
+# -- attrs classes built on first use -------------------------------------------------------------
+
+
+def _deferred_classes():
+    attrs = rc.attrs
+
+    @attrs.frozen
+    class Point:
+        x: int
+        y: int = 0
+        tags: tuple = attrs.field(factory=tuple)
+
+    @attrs.frozen(kw_only=True)
+    class Named(Point):
+        name: str = ""
+
+        def __attrs_post_init__(self):
+            if self.name == "bad":
+                raise ValueError("bad name")
+
+    @attrs.define(eq=False)
+    class Box:
+        items: list = attrs.Factory(list)
+
+    return Point, Named, Box
+
+
+def test_a_deferred_class_is_built_on_first_use_and_behaves_as_attrs_builds_it():
+    """``rc.attrs.frozen`` / ``define`` leave the class waiting; its first instance, or the first
+    look at its fields, builds it in place (the same class object), with attrs' __init__, repr,
+    eq, hash, frozenness, evolve, inheritance, kw_only and post-init hooks."""
+    import attrs as real
+
+    Point, Named, Box = _deferred_classes()
+    assert {Point, Named, Box} <= set(rc._UNBUILT)
+    assert real.has(Point) and [f.name for f in real.fields(Point)] == ["x", "y", "tags"]
+    assert Point not in rc._UNBUILT and Named in rc._UNBUILT
+    p = Point(1)
+    assert (p, repr(p), hash(p) == hash(Point(1))) == (Point(1, 0, ()), "Point(x=1, y=0, tags=())", True)
+    with pytest.raises(real.exceptions.FrozenInstanceError):
+        p.x = 2
+    assert real.evolve(p, y=5) == Point(1, 5)
+    n = Named(x=1, name="n")  # builds Named (its base is built already)
+    assert isinstance(n, Point) and [f.name for f in real.fields(Named)] == ["x", "y", "tags", "name"]
+    with pytest.raises(TypeError):
+        Named(1, 0, (), "n")  # name is keyword-only
+    with pytest.raises(ValueError):
+        Named(x=1, name="bad")
+    box = Box()
+    box.items.append(1)
+    assert box.items == [1] and Box() != Box() and type(Box()) is Box
+
+
+def test_deferred_classes_build_once_when_threads_race():
+    """Threads that use a waiting class at once all get working instances of one built class."""
+    Point, _, _ = _deferred_classes()
+    out, errors = [], []
+    start = threading.Barrier(16)
+
+    def use():
+        start.wait()
+        try:
+            out.append(Point(1, 2))
+        except Exception as exc:  # pragma: no cover - the failure being tested for
+            errors.append(exc)
+
+    threads = [threading.Thread(target=use) for _ in range(16)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: mid-build too
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors and out == [Point(1, 2)] * 16 and Point not in rc._UNBUILT
+
+
+def test_every_message_and_model_class_builds():
+    """``build_deferred`` (the server runs it before serving) builds every waiting class of
+    relay and relay_client without error; afterwards none waits."""
+    import attrs as real
+
+    rc.build_deferred()
+    classes = [c for m in (rc, relay) for c in vars(m).values() if isinstance(c, type) and real.has(c)]
+    assert not rc._UNBUILT and len(classes) > 50
+    assert all(real.fields(c) is not None for c in classes)
+
+
+def test_a_cli_mutation_builds_few_classes_and_imports_no_server_stack(tmp_path):
+    """One CLI mutation builds only the classes it touches (most stay waiting), imports neither
+    logging nor the server stack, and still runs atexit hooks on its way out."""
+    probe = (
+        "import atexit, json, sys\n"
+        "import relay, relay_client as rc\n"
+        "atexit.register(lambda: sys.stderr.write('PROBE ' + json.dumps([len(rc._UNBUILT),"
+        " sorted(m for m in ('logging', 'trio', 'quart', 'hypercorn') if m in sys.modules"
+        " and type(sys.modules[m]).__name__ == 'module')]) + '\\n'))\n"
+        "relay._exit_now(relay.main(sys.argv[1:]))\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-c", probe, "--root", str(tmp_path), *args],
+                              capture_output=True, text=True, env=env, check=False)
+
+    assert run("profile", "register", "p", "--provider", "codex", "--mode", "pooled").returncode == 0
+    assert run("session", "create", "--profile", "p", "--session-id", "s1").returncode == 0
+    proc = run("event", "append", "--session", "s1", "--kind", "k", "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["record"]["seq"] == 1
+    waiting, loaded = json.loads(next(x for x in proc.stderr.splitlines()
+                                      if x.startswith("PROBE "))[len("PROBE "):])
+    assert waiting > 50 and loaded == []
