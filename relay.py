@@ -3388,7 +3388,7 @@ def replayed(frame: Frame, last: dict[str, int]) -> bool:
     return bool(frame.seq) and frame.seq <= last.get(frame.data.get("session_id", ""), 0)
 
 
-@attrs.define(eq=False)
+@attrs.define(eq=False, slots=True)  # one per open stream: slotted (built at import), less memory
 class Subscriber:
     topic: str
     send: Any
@@ -3398,9 +3398,11 @@ class Subscriber:
     farewell: Frame | None = None
     #: How ``publish`` hands this subscriber a frame: ``send.send_nowait`` (its
     #: task takes it from the channel), or a sink's ``offer`` that writes the
-    #: frame out itself (``_DirectSse``).  Either raises trio.WouldBlock when
-    #: the subscriber has fallen behind, trio.BrokenResourceError when it is gone.
+    #: frame out itself (``_DirectSse``, then also ``send``, with no channel).
+    #: Either raises trio.WouldBlock when the subscriber has fallen behind,
+    #: trio.BrokenResourceError when it is gone.
     push: Any = None
+    direct: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.push is None:
@@ -3591,7 +3593,7 @@ class EventHub:
     def statistics(self) -> HubStatistics:
         """A frozen snapshot of the fan-out (as trio's ``statistics()`` methods)."""
         live = [len(subs) for subs in self._subs.values() if subs]
-        direct = sum(sub.push != sub.send.send_nowait for subs in self._subs.values() for sub in subs)
+        direct = sum(sub.direct for subs in self._subs.values() for sub in subs)
         return HubStatistics(subscribers=sum(live), topics=len(live), frames=self._frames,
                              dropped=self._dropped, feed_notices=len(self._feed), direct=direct)
 
@@ -8555,6 +8557,7 @@ async def _sse_body(service: Service, sub: Subscriber, frames: Any, last: dict[s
             yield b"".join(frame.sse for frame in chunk)
         if replay.failed:
             return
+        frames = replay = chunk = None  # not kept for the life of the stream
         # The head and every chunk above are on the wire (ASGI's send returned),
         # so from here this task and the hub are the connection's only writers.
         sock = _h11_socket(send, scope or {})
@@ -8579,20 +8582,9 @@ async def _sse_body(service: Service, sub: Subscriber, frames: Any, last: dict[s
 
 # -- SSE by direct writes -------------------------------------------------------------
 
-#: The scope extension under which ``expose_server_send`` puts the ASGI server's own send.
+#: The scope extension under which the outermost ASGI wrapper (``_close_after_response``)
+#: puts the server's own send: the SSE route's way to its connection.
 _SERVER_SEND: Final = "relay.server_send"
-
-
-def expose_server_send(app: Any) -> Any:
-    """The outermost ASGI wrapper: every HTTP scope carries the server's own
-    ``send`` (the SSE route's way to its connection), under ``_SERVER_SEND``."""
-
-    async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            scope.setdefault("extensions", {})[_SERVER_SEND] = send
-        return await app(scope, receive, send)
-
-    return asgi
 
 #
 # Through ASGI each live frame costs every subscriber a task switch, a cancel
@@ -8638,11 +8630,13 @@ def _h11_socket(send: Any, scope: dict[str, Any]) -> Any:
     return stream.socket
 
 
-@attrs.define(eq=False)
+@attrs.define(eq=False, slots=True)  # one per open stream: slotted (built at import), less memory
 class _DirectSse:
     """A live SSE subscription whose frames the hub writes to its socket
     (``Subscriber.push`` is ``offer``); its task only flushes what the socket
-    did not take, sends keep-alives and ends the stream."""
+    did not take, sends keep-alives and ends the stream.  Once attached it is
+    also the subscriber's ``send`` (the hub ``close``s it to end the stream),
+    and its task parks on itself: the subscriber's channel is let go."""
 
     sub: Subscriber
     sock: Any
@@ -8656,6 +8650,8 @@ class _DirectSse:
     epoch: int = -1
     sent_at: float = 0.0
     broken: bool = False
+    ended: bool = False  # the hub ended the subscription
+    _parked: Any = None  # the task waiting in ``_wait``
 
     @classmethod
     def attach(cls, sub: Subscriber, sock: Any, hub: EventHub, last: dict[str, int],
@@ -8663,25 +8659,32 @@ class _DirectSse:
         """Take over ``sub``: first what queued in its channel during the
         replay, then (with no checkpoint in between) every live frame."""
         sink = cls(sub, sock, hub, last, limit, sent_at=trio.current_time())
-        backlog, ended = [], False
+        backlog = []
         while True:
             try:
                 frame = sub.receive.receive_nowait()
             except trio.WouldBlock:
                 break
             except (trio.EndOfChannel, trio.ClosedResourceError):
-                ended = True
+                sink.ended = True
                 break
             if not replayed(frame, last):
                 backlog.append(frame.chunk)
-        try:
+        if not sink.ended:  # still subscribed: from now on the hub writes
+            sub.send.close()
+            sub.push, sub.send, sub.receive, sub.direct = sink.offer, sink, None, True
+        with contextlib.suppress(trio.BrokenResourceError):
             if backlog:
                 sink.write(b"".join(backlog))
-        except trio.BrokenResourceError:
-            return sink
-        if not ended:  # still subscribed: from now on the hub writes
-            sub.push = sink.offer
         return sink
+
+    def close(self) -> None:
+        """``EventHub.unsubscribe``: the subscription is over."""
+        self.ended = True
+        self._wake()
+
+    def send_nowait(self, value: Any) -> None:  # pragma: no cover - the hub pushes via offer
+        self._wake()
 
     def offer(self, frame: Frame) -> None:
         """``Subscriber.push``: write ``frame`` now, or queue it behind what
@@ -8720,12 +8723,26 @@ class _DirectSse:
             sent = 0
         except OSError:  # reset, broken pipe, or closed (fileno -1: EBADF)
             self.broken = True
+            self._wake()
             raise trio.BrokenResourceError("the SSE connection is gone") from None
         if sent < len(chunk):
             self.pending.append(chunk[sent:])
-            with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError,
-                                     trio.ClosedResourceError):
-                self.sub.send.send_nowait(None)  # wake the task to flush
+            self._wake()  # the task flushes it
+
+    def _wake(self) -> None:
+        if self._parked is not None:
+            task, self._parked = self._parked, None
+            trio.lowlevel.reschedule(task)
+
+    async def _wait(self) -> None:
+        """Park until ``_wake`` (cancellable: a deadline, a disconnect)."""
+        self._parked = trio.lowlevel.current_task()
+
+        def abort(_: Any) -> Any:
+            self._parked = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
     async def flush(self) -> None:
         """Send what is held, waiting for the socket to drain."""
@@ -8746,15 +8763,14 @@ class _DirectSse:
     async def run(self, keepalive: float) -> None:
         """Until the subscription ends: flush when woken, keep-alive when idle;
         then flush, write the last frame (farewell or fallen behind) and return."""
-        while not self.broken:
-            with trio.move_on_at(self.sent_at + keepalive) as idle:
-                try:
-                    await self.sub.receive.receive()
-                except (trio.EndOfChannel, trio.ClosedResourceError):
-                    break
-            if idle.cancelled_caught and trio.current_time() >= self.sent_at + keepalive:
-                with contextlib.suppress(trio.BrokenResourceError):
-                    self.write(http_chunk(_SSE_KEEPALIVE))
+        while not (self.broken or self.ended):
+            if not self.pending:  # no checkpoint between this test and parking
+                with trio.move_on_at(self.sent_at + keepalive) as idle:
+                    await self._wait()
+                if (idle.cancelled_caught and not self.ended
+                        and trio.current_time() >= self.sent_at + keepalive):
+                    with contextlib.suppress(trio.BrokenResourceError):
+                        self.write(http_chunk(_SSE_KEEPALIVE))
             await self.flush()
         await self.flush()
         frame = _sse_last_frame(self.sub)
@@ -9014,26 +9030,41 @@ def _close_after_response(app: Any) -> Any:
     async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await app(scope, receive, send)
-        state = {"unread": _has_body(scope), "responded": False}
-
-        async def tracking_receive() -> dict[str, Any]:
-            message = await receive()
-            if message["type"] == "http.disconnect" and state["responded"]:
-                await trio.sleep_forever()
-            if message["type"] == "http.request" and not message.get("more_body", False):
-                state["unread"] = False
-            return message
-
-        async def tracking_send(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start" and state["unread"]:
-                message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                state["responded"] = True
-            await send(message)
-
-        return await app(scope, tracking_receive, tracking_send)
+        # The server's own send, for the SSE route (``_SERVER_SEND``, ``_h11_socket``).
+        extensions = scope.setdefault("extensions", {})
+        extensions[_SERVER_SEND] = send
+        tracker = _ResponseTracker(receive, send, _has_body(scope))
+        try:
+            return await app(scope, tracker.receive, tracker.send)
+        finally:
+            del extensions[_SERVER_SEND]  # no cycle through the scope once it is done
 
     return asgi
+
+
+class _ResponseTracker:
+    """``_close_after_response``'s state for one request (slotted: an SSE
+    stream keeps it for as long as it is open)."""
+
+    __slots__ = ("_receive", "_send", "unread", "responded")
+
+    def __init__(self, receive: Any, send: Any, unread: bool) -> None:
+        self._receive, self._send, self.unread, self.responded = receive, send, unread, False
+
+    async def receive(self) -> dict[str, Any]:
+        message = await self._receive()
+        if message["type"] == "http.disconnect" and self.responded:
+            await trio.sleep_forever()
+        if message["type"] == "http.request" and not message.get("more_body", False):
+            self.unread = False
+        return message
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start" and self.unread:
+            message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
+        elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.responded = True
+        await self._send(message)
 
 
 def _send_reason_phrases() -> None:
@@ -9119,8 +9150,7 @@ async def serve(store: Store, config: Config, *, host: str | None = None, port: 
         await root.start(run_heartbeat, owner, config, probe_token is None)
         await root.start(run_supervision, runtime)
         async with trio.open_nursery() as http:
-            app = expose_server_send(_close_after_response(_guard_browsers(create_app(service),
-                                                                           service)))
+            app = _close_after_response(_guard_browsers(create_app(service), service))
             urls = await http.start(functools.partial(
                 hypercorn.trio.serve, app, hconfig, shutdown_trigger=stopping.wait))
             endpoint = urls[0]
