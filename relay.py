@@ -9086,11 +9086,11 @@ def _send_reason_phrases() -> None:
     if getattr(protocol.h11, "RELAY_REASON_PHRASES", False):
         return
 
+    phrases = {status.value: status.phrase.encode("ascii") for status in http.HTTPStatus}
+
     def response(*, status_code: int, reason: bytes = b"", **fields: Any) -> Any:
-        if not reason:
-            with contextlib.suppress(ValueError):
-                reason = http.HTTPStatus(status_code).phrase.encode("ascii")
-        return h11.Response(status_code=status_code, reason=reason, **fields)
+        return h11.Response(status_code=status_code, reason=reason or phrases.get(status_code, b""),
+                            **fields)
 
     protocol.h11 = types.SimpleNamespace(**{**vars(h11), "Response": response,
                                             "RELAY_REASON_PHRASES": True})
