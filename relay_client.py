@@ -31,7 +31,7 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, ClassVar, Final
 
-import attrs
+import attrs as _attrs
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -152,6 +152,8 @@ __all__ = [
     "WatchFeedRequest",
     "WatchRecordsRequest",
     "add_request_arguments",
+    "build_class",
+    "build_deferred",
     "check_id",
     "check_json_value",
     "discover",
@@ -168,6 +170,107 @@ __all__ = [
     "to_json",
     "watch_rpc",
 ]
+
+################################################################
+# Deferred class building (attrs, built on first use)
+################################################################
+
+# attrs writes and compiles each class's __init__, __repr__, __eq__ and
+# __hash__ when the class is defined: about 0.4 ms a class, some 100 of them
+# between this module and relay.py, most never used by one CLI command.  So
+# ``attrs`` here (and in relay.py, which takes it from here) is attrs with its
+# class decorators deferred: ``@attrs.frozen`` / ``@attrs.define`` leave the
+# class as written and run the real decorator, in place, on its first use --
+# the first instance, or the first look at its fields (``attrs.fields``,
+# ``attrs.has``, anything that reads ``__attrs_attrs__``).  In place means
+# ``slots=False`` (a slotted class is a new class object; this one is already
+# named by the RPC table and by type hints); a class that asks for
+# ``slots=True`` is built at once.  ``build_deferred`` builds every class still
+# waiting (the server does, before it serves).  New message classes need
+# nothing of their own: the decorator is the usual one.
+
+_UNBUILT: dict[type, tuple[Any, Any]] = {}  # class -> (the real decorator, its own __init__)
+_BUILDING: set[type] = set()
+_BUILD_LOCK: Final = __import__("_thread").RLock()  # _thread is built in: no import cost
+
+
+class _Unbuilt:
+    """``__attrs_attrs__`` of a class not built yet: reading it builds it."""
+
+    def __init__(self, cls: type) -> None:
+        self.cls = cls
+
+    def __get__(self, instance: Any, owner: type) -> Any:
+        build_class(self.cls)
+        value = self.cls.__dict__.get("__attrs_attrs__")
+        if value is self:  # asked while this very thread builds the class
+            raise AttributeError("__attrs_attrs__")
+        return value if owner is self.cls else owner.__attrs_attrs__
+
+
+def build_class(cls: type) -> None:
+    """Run ``cls``'s deferred attrs decorator, once.  Other threads that need
+    the class meanwhile wait on the lock; a class is out of ``_UNBUILT`` only
+    once it is built, and its stand-ins (``__init__``, ``__attrs_attrs__``)
+    stay until attrs replaces them, so no thread ever sees it half built."""
+    if cls not in _UNBUILT:
+        return
+    with _BUILD_LOCK:
+        entry = _UNBUILT.get(cls)
+        if entry is None or cls in _BUILDING:
+            return
+        decorate, own_init = entry
+        _BUILDING.add(cls)
+        try:
+            built = decorate(cls)
+            if own_init is not None:
+                cls.__init__ = own_init
+        finally:
+            _BUILDING.discard(cls)
+        assert built is cls, f"{cls.__name__} was rebuilt as another class"
+        del _UNBUILT[cls]
+
+
+def build_deferred() -> int:
+    """Build every class still waiting; how many there were."""
+    waiting = list(_UNBUILT)
+    for cls in waiting:
+        build_class(cls)
+    return len(waiting)
+
+
+def _defer_class(cls: type, decorator: Any, kwargs: dict[str, Any]) -> type:
+    own_init = cls.__dict__.get("__init__")
+    if own_init is None:  # attrs would take the stand-in below for the class's own
+        kwargs.setdefault("init", True)
+
+    def __init__(self: Any, *args: Any, **kw: Any) -> None:
+        build_class(cls)
+        cls.__init__(self, *args, **kw)
+
+    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+    _UNBUILT[cls] = (lambda c: decorator(c, **kwargs), own_init)
+    cls.__attrs_attrs__ = _Unbuilt(cls)
+    cls.__init__ = __init__
+    return cls
+
+
+def _deferring(decorator: Any) -> Any:
+    def deferred(maybe_cls: type | None = None, /, **kwargs: Any) -> Any:
+        if kwargs.setdefault("slots", False):
+            return decorator(maybe_cls, **kwargs) if maybe_cls is not None else decorator(**kwargs)
+
+        def wrap(cls: type) -> type:
+            return _defer_class(cls, decorator, dict(kwargs))
+        return wrap if maybe_cls is None else wrap(maybe_cls)
+    return deferred
+
+
+#: The attrs API, with ``frozen``, ``define`` and ``mutable`` deferred.
+attrs: Any = type(sys)("attrs")
+vars(attrs).update({k: v for k, v in vars(_attrs).items() if not k.startswith("__")})
+attrs.frozen = _deferring(_attrs.frozen)
+attrs.define = attrs.mutable = _deferring(_attrs.define)
 
 ################################################################
 # Status codes and errors
@@ -442,11 +545,21 @@ def strict_loads(text: str | bytes, *, parse_int: Any = None) -> Any:
     """``json.loads`` refusing NaN, Infinity and out-of-range numbers (and
     nesting too deep for the parser) with ValueError; what the ledger reader
     uses, whose bytes our own encoder wrote (so every string encodes)."""
+    decoder = _STRICT_DECODERS.get(parse_int)
+    if decoder is None:  # json.loads would build one per call: ~15% of a small record's parse
+        decoder = _STRICT_DECODERS[parse_int] = json.JSONDecoder(
+            parse_constant=_reject_constant, parse_float=_finite_float, parse_int=parse_int)
+    if isinstance(text, (bytes, bytearray)):  # as json.loads reads bytes
+        text = text.decode(json.detect_encoding(text), "surrogatepass")
+    if text.startswith("\ufeff"):
+        raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
     try:
-        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
-                          parse_int=parse_int)
+        return decoder.decode(text)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
+
+
+_STRICT_DECODERS: dict[Any, json.JSONDecoder] = {}
 
 
 def _door_int(text: str) -> int:

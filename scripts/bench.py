@@ -13,7 +13,7 @@ machine moves both sides alike.
     .venv/bin/python scripts/bench.py --only runtime  # the live runtime (stand-in and real Codex vs the mock)
     .venv/bin/python scripts/bench.py --scale         # N = 10 .. 10,000 scaling table (~4 min)
     .venv/bin/python scripts/bench.py --only http_status --only http_mutations \
-        --only ws_leases --only sse_fanout --only sse_memory   # the serving sections
+        --only ws_leases --only sse_fanout --only sse_replay --only sse_memory   # serving
 
 Results: a human table on stdout (progress on stderr) and one JSON document,
 ``bench-results/bench.json`` by default (``--json PATH``).  Workspaces live in
@@ -410,7 +410,7 @@ def cold_start(bench: Bench) -> list[Figure]:
     base = "python -c pass"
     return [
         time_figure("cold_start.status", "status --json, spawn to exit", runs["status"], runs["pass"],
-                    base, "<= 4", note=f"prepared ledger {ledger_bytes} B, built via the CLI"),
+                    base, "<= 2", note=f"prepared ledger {ledger_bytes} B, built via the CLI"),
         time_figure("cold_start.inspect", "inspect relay --json (full path)", runs["inspect"],
                     runs["pass"], base, note="typed model; information only"),
         imports_figure("cold_start.status_server_imports", "server-stack modules imported by status",
@@ -436,7 +436,7 @@ def cli_mutation(bench: Bench) -> list[Figure]:
         if last["last_seq"] != expected:
             raise BenchError(f"expected {expected} events on s1, the log says {last['last_seq']}")
     return [time_figure("cli_mutation.event_append", "event append, spawn to exit", runs["append"],
-                        runs["pass"], "python -c pass", "<= 5",
+                        runs["pass"], "python -c pass", "<= 4",
                         note="full CLI: parse, lock, stream append+fsync, ledger write+fsync+rename")]
 
 
@@ -987,7 +987,7 @@ def http_status(bench: Bench) -> list[Figure]:
             f"{cpu.describe('hello', False)}; the relay tunes its collector while serving "
             f"(gc.freeze, a higher gen0 threshold), the bare app keeps Python's defaults")
     return [rate_figure("http_status.rps", label, runs["status"], runs["hello"],
-                        "bare quart-trio hello-world GET /, served the same way", ">= 0.8",
+                        "bare quart-trio hello-world GET /, served the same way", ">= 0.9",
                         note="; ".join([note, *problems]))]
 
 
@@ -1060,7 +1060,7 @@ def http_mutations(bench: Bench) -> list[Figure]:
                     f"CPU: {cpu.describe('relay', False)}, {cpu.describe('hello', False)}")
             figures += [
                 rate_figure("http_mutations.append_rps", label, runs["append"], runs["hello"],
-                            "bare quart-trio hello-world GET /, wrk -c64", ">= 0.7",
+                            "bare quart-trio hello-world GET /, wrk -c64", ">= 0.8",
                             note="; ".join([note, *problems])),
                 *commit_figures("http_mutations", "AppendEvent rounds", before, after),
             ]
@@ -1078,6 +1078,10 @@ def http_mutations(bench: Bench) -> list[Figure]:
 
 
 # -- WebSocket leases vs etcd -----------------------------------------------------
+
+#: etcd 3.4's lease grant+revoke pair at concurrency 1 as issue 14 states it (ms): the baseline
+#: of ``ws_leases.pair_c1`` when etcd is not installed (labelled as not measured in the run).
+ETCD_C1_PUBLISHED_MS = 3.3
 
 
 async def ws_lease_pairs(url: str, sessions: list[str], seconds: float) -> float:
@@ -1183,7 +1187,8 @@ def ws_leases(bench: Bench) -> list[Figure]:
 
         def relay_pairs(span: float) -> Callable[[], float]:
             return lambda: run_trio(ws_lease_pairs, server.url, sessions, span)
-        subjects = {"relay": cpu.wrap("relay", server.pid, relay_pairs(seconds))}
+        subjects = {"relay": cpu.wrap("relay", server.pid, relay_pairs(seconds)),
+                    "relay_c1": lambda: run_trio(ws_lease_pairs, server.url, sessions[:1], seconds)}
         warm = [relay_pairs(1.0)]
         if etcd is not None:
             etcd_dir = root / "etcd"
@@ -1193,6 +1198,7 @@ def ws_leases(bench: Bench) -> list[Figure]:
             def etcd_pairs(span: float) -> Callable[[], float]:
                 return lambda: run_trio(etcd_lease_pairs, etcd_srv.url, workers, span)
             subjects["etcd"] = cpu.wrap("etcd", etcd_srv.pid, etcd_pairs(seconds))
+            subjects["etcd_c1"] = lambda: run_trio(etcd_lease_pairs, etcd_srv.url, 1, seconds)
             warm.append(etcd_pairs(1.0))
         progress(f"ws_leases: warm-up, then {rounds} interleaved rounds of {seconds}s "
                  f"({', '.join(subjects)})")
@@ -1206,12 +1212,21 @@ def ws_leases(bench: Bench) -> list[Figure]:
             f"workers each pairing GrantLease(exclusive-write) and ReleaseLease on its own session, "
             f"replies matched by id (trio-websocket); ledger {ledger_bytes:,} B at the end (released "
             f"leases are kept until compaction); CPU during the rounds: "
-            + "; ".join(cpu.describe(name) for name in subjects))
+            + "; ".join(cpu.describe(name) for name in ("relay", "etcd") if name in subjects))
+    c1_ms = statistics.median(runs["relay_c1"]) * 1e3
+    c1_label = "GrantLease+ReleaseLease pair over /ws, 1 in flight"
+    c1_note = (f"{rounds} rounds of {seconds}s, median round; one worker on one session, each pair "
+               "GrantLease then ReleaseLease, each awaited; issue 14 target: within 2x of etcd's "
+               "grant+revoke at concurrency 1")
     if etcd is None:
         rate = 1 / statistics.median(runs["relay"])
         return [skipped_figure("ws_leases.pairs", label, "ops/s",
                                "install etcd (Debian: apt-get install etcd-server) for the baseline",
                                value=rate, note=note),
+                Figure("ws_leases.pair_c1", c1_label + " (vs etcd: NOT same-run)", c1_ms, "ms",
+                       ETCD_C1_PUBLISHED_MS, "etcd 3.4 lease grant+revoke at concurrency 1 as issue 14 "
+                       "reports it (measured in an earlier session, not in this run: etcd is not "
+                       "installed here)", "<= 2", note=c1_note),
                 *commit_figures("ws_leases", "lease rounds", before, after)]
     version = subprocess.run([etcd, "--version"], capture_output=True, text=True, check=False)
     etcd_version = (version.stdout.split("\n", 1)[0].strip() or "etcd").replace("Version: ", "")
@@ -1222,7 +1237,9 @@ def ws_leases(bench: Bench) -> list[Figure]:
              f"WebSocket frame per call for the relay); the CPU shares above show which side limits "
              f"each rate")
     return [rate_figure("ws_leases.pairs", label, runs["relay"], runs["etcd"],
-                        "etcd lease grant+revoke pairs/s, same concurrency", ">= 1.0", note=note),
+                        "etcd lease grant+revoke pairs/s, same concurrency", ">= 2", note=note),
+            time_figure("ws_leases.pair_c1", c1_label, runs["relay_c1"], runs["etcd_c1"],
+                        "etcd lease grant+revoke pair at concurrency 1, same run", "<= 2", note=c1_note),
             *commit_figures("ws_leases", "lease rounds", before, after)]
 
 
@@ -1401,12 +1418,18 @@ def sse_fanout(bench: Bench) -> list[Figure]:
            "subscriber; subscribers are raw trio sockets in the bench process (collector paused), "
            f"the server a separate process; with {publishes} samples p99 is close to the max; "
            f"{cpu('fan-1000')}, {cpu('fan-100')}")
+    cpu_big = statistics.fmean(ms("fan-1000", "server_cpu"))
     return [
         Figure("sse_fanout.p99_1000", "publish -> all 1000 subscribers, p99", p99_big, "ms", p99_small,
-               "same, 100 subscribers (p99)", "<= 60", on="value",
-               note="target from issue 3 applies to the value (60 ms budget); the ratio shows how "
+               "same, 100 subscribers (p99)", "<= 50", on="value",
+               note="target from issue 14 applies to the value (50 ms budget); the ratio shows how "
                     "delivery scales from 100 to 1000 subscribers; " + how,
                samples={"fan-1000": stats("fan-1000"), "fan-100": stats("fan-100")}),
+        Figure("sse_fanout.cpu_1000", "server CPU per publish to 1000 subscribers (mean)", cpu_big, "ms",
+               statistics.fmean(ms("fan-100", "server_cpu")), "same, publish to 100", "<= 15", on="value",
+               note="issue 14 target on the value; /proc/PID/stat utime+stime of the server from the "
+                    "POST to the last subscriber's receipt: the durable AppendEvent itself and the "
+                    "fan-out (one socket write per subscriber; the kernel's loopback TCP is most of it)"),
         Figure("sse_fanout.p50_1000", "publish -> all 1000 subscribers, p50", p50("fan-1000", "all"), "ms",
                p50("fan-100", "all"), "same, 100 subscribers (p50)", note="information"),
         Figure("sse_fanout.first_1000", "publish -> first of 1000 subscribers, p50", p50("fan-1000", "first"),
@@ -1454,13 +1477,78 @@ def sse_memory(bench: Bench) -> list[Figure]:
     first, second = (rss["half"] - rss["idle"]) / (n // 2), (rss["full"] - rss["half"]) / (n - n // 2)
     return [
         Figure("sse_memory.per_subscriber", f"server RSS per idle SSE subscriber ({n})", per, "KiB",
-               rss["idle"], "server idle RSS (KiB, after a 20-subscriber warm-up)",
+               rss["idle"], "server idle RSS (KiB, after a 20-subscriber warm-up)", "<= 35", on="value",
                note=f"(VmRSS with {n} - idle) / {n}; first {n // 2}: {first:.1f} KiB each, next "
-                    f"{n - n // 2}: {second:.1f} KiB each; information",
+                    f"{n - n // 2}: {second:.1f} KiB each; issue 14 target on the value",
                samples={"rss_kib": rss}),
         Figure("sse_memory.rss_1000", f"server RSS with {n} idle subscribers", rss["full"], "KiB",
                rss["idle"], "server idle RSS", note="information"),
     ]
+
+
+REPLAY_EVENTS = 100_000
+
+
+async def replay_run(port: int, session: str, last_seq: int) -> tuple[float, int]:
+    """``GET /events?session=`` with ``Last-Event-ID: SESSION:0`` on a raw socket: seconds from
+    sending the request until the id ``SESSION:last_seq`` has arrived, and the bytes read."""
+    import trio
+
+    stream = await trio.open_tcp_stream(LOOPBACK, port)
+    want, tail, total = f"id: {session}:{last_seq}\n".encode(), b"", 0
+    async with stream:
+        start = time.perf_counter()
+        await stream.send_all(f"GET /events?session={session} HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\n"
+                              f"Accept: text/event-stream\r\nLast-Event-ID: {session}:0\r\n\r\n".encode())
+        while True:
+            data = await stream.receive_some(1 << 20)
+            if not data:
+                raise BenchError(f"the replay ended after {total:,} bytes without {want!r}")
+            total += len(data)
+            if want in tail + data:
+                return time.perf_counter() - start, total
+            tail = data[-len(want):]
+
+
+@section("sse_replay", "SSE replay from seq 0 of a 100k-event log: events/s")
+def sse_replay(bench: Bench) -> list[Figure]:
+    n, rounds = REPLAY_EVENTS, bench.reps(3, 1)
+    sid, batch = "replay", 1000
+    with workspace(bench) as root, contextlib.ExitStack() as stack:
+        seed_sessions(root, [sid])
+        store, config = store_for(root)
+        progress(f"sse_replay: building {n:,} events in commits of {batch}")
+        for first in range(0, n, batch):
+            commit_ok(store, config, [append_mutation(sid, i) for i in range(first, first + batch)])
+        log = store.stream_path(sid, "events")
+        log_bytes = log.stat().st_size
+        server = stack.enter_context(relay_server(bench, root, "sse_replay"))
+
+        def raw_read() -> float:
+            start = time.perf_counter()
+            with open(log, "rb") as f:
+                lines = sum(1 for _ in f)
+            if lines != n:
+                raise BenchError(f"the log has {lines} lines, not {n}")
+            return time.perf_counter() - start
+
+        progress(f"sse_replay: {rounds} interleaved rounds of replay-from-0 / raw log read")
+        sizes: list[int] = []
+
+        def replay() -> float:
+            took, size = run_trio(replay_run, server.port, sid, n)
+            sizes.append(size)
+            return took
+        runs = interleave({"replay": replay, "raw": raw_read}, rounds, warmup=1)
+    rate, raw_rate = n / statistics.median(runs["replay"]), n / statistics.median(runs["raw"])
+    return [Figure("sse_replay.rate", f"SSE replay from seq 0 of {n:,} events", rate, "ops/s", raw_rate,
+                   "reading the same log's lines (Python file iteration, no parsing)", ">= 60000",
+                   on="value",
+                   note=f"issue 14 target on the value; {rounds} rounds, median; request sent -> the "
+                        f"last id read by a raw trio socket in the bench process; log {log_bytes:,} B, "
+                        f"SSE body {sizes[-1]:,} B; the server reads the log in chunks of "
+                        f"{relay.REPLAY_CHUNK} records (checksummed, parsed, validated)",
+                   samples={"replay_s": summarize(runs["replay"]), "raw_s": summarize(runs["raw"])})]
 
 
 ################################################################
@@ -2174,7 +2262,7 @@ def scale_figures(rows: list[dict[str, Any]]) -> list[Figure]:
                        ("http", "HTTP durable RPCs c64, GET status, /ws pairs vs etcd"),
                        ("soak", "30-minute soak")):
         figs.append(skipped_figure(f"scale.{key}", label, "", "not a --scale figure: run "
-                                   + {"sse": "--only sse_fanout --only sse_memory",
+                                   + {"sse": "--only sse_fanout --only sse_replay --only sse_memory",
                                       "http": "--only http_status --only http_mutations --only ws_leases",
                                       "soak": "scripts/soak.py"}[key]))
     return figs
