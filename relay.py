@@ -6198,13 +6198,13 @@ class Runtime:
         scratch, start a fresh process resuming the last conversation, check
         its handshake, clear the quarantine; if it cannot be repaired, start
         a replacement session and close this one."""
+        if req.apply and req.request_id:  # a retry gets the first answer, whatever changed since
+            with contextlib.suppress(_NotYet):
+                return await self.owner.submit(self._repair_mutation(req, None, None))
         plan = repair_plan(self.owner.ledger, req.session_id, iso(self.now()),
                            self.processes().get(req.session_id))
         if not req.apply or plan.outcome != "planned":
             return attrs.evolve(plan, applied=req.apply and plan.outcome != "planned")
-        if req.request_id:
-            with contextlib.suppress(_NotYet):
-                return await self.owner.submit(self._repair_mutation(req, None, None))
         if req.session_id in self._repairing:
             raise FailedPrecondition(f"session {req.session_id!r} is being repaired already",
                                      hint="see `python -m relay session list` in a moment")
