@@ -2999,13 +2999,13 @@ def repair_plan(ledger: Ledger, session_id: str, stamp: str,
         step("start_process", f"spawn {profile.name}'s command in a fresh process"),
     ]
     how = RESUMABLE.get(profile.provider)
-    if thread and how:
-        whose = f"; {holder}'s next exclusive lease continues it" if holder else ""
-        steps.append(step("resume_thread", f"{how} {thread} (the conversation of turn {turn_id})"
-                          + whose))
+    if thread and how and holder:
+        steps.append(step("resume_thread", f"{how} {thread} (the conversation of turn {turn_id}); "
+                          f"{holder}'s next exclusive lease continues it"))
     else:
         why = (f"{profile.provider} has no conversation a new process can take up" if not how
-               else "no turn recorded a conversation")
+               else "no turn recorded a conversation" if not thread else
+               f"the lease of turn {turn_id} is archived: nobody is known to continue {thread}")
         steps.append(step("no_thread", f"{why}: the next lease starts a fresh one"))
     steps.append(step("check_handshake", "the process must answer its handshake (Codex "
                       "initialize; Claude a control request) within startup_timeout_seconds"))
@@ -5632,14 +5632,17 @@ class Runtime:
         await self._write_record()
         if profile.provider == "codex":
             waiter = live.expect("handshake")
-            await proc.write(proto.send_initialize())
-            with trio.move_on_after(self.config.startup_timeout_seconds):
-                await waiter.event.wait()
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await proc.write(proto.send_initialize())  # else it is gone or being stopped
+            await self._answer_or_exit(live, waiter)
             if not isinstance(waiter.result, HandshakeCompleted):
-                why = getattr(waiter.result, "error", None) or "no handshake within " \
-                      f"{self.config.startup_timeout_seconds} s"
+                why = getattr(waiter.result, "error", None) or (
+                    f"exited with {proc.returncode} before its handshake" if proc.returncode is not None
+                    else f"no handshake within {self.config.startup_timeout_seconds} s")
+                asked = proc.stop_requested or self._closing  # stopped by the relay, not failed
                 await proc.stop(f"start failed: {why}")
-                await self._start_failed(profile, session_id, why, live)
+                if not asked:
+                    await self._start_failed(profile, session_id, why, live)
                 return False
             proc.provider_version = waiter.result.provider_version or ""
             if resume and not await self._resume_thread(live, resume):
@@ -5652,6 +5655,17 @@ class Runtime:
                         else "spawned (this CLI prints nothing before its first input)")
         self._failures.pop(profile.name, None)
         return True
+
+    async def _answer_or_exit(self, live: LiveSession, waiter: _Waiter) -> None:
+        """Until ``waiter`` has its answer, the process exits, or
+        ``startup_timeout_seconds`` pass, whichever is first."""
+        with trio.move_on_after(self.config.startup_timeout_seconds):
+            async with trio.open_nursery() as nursery:
+                async def either(wait: Callable[[], Any]) -> None:
+                    await wait()
+                    nursery.cancel_scope.cancel()
+                nursery.start_soon(either, waiter.event.wait)
+                nursery.start_soon(either, live.proc.exited.wait)
 
     async def _resume_thread(self, live: LiveSession, thread_id: str) -> bool:
         """Codex ``thread/resume`` in a fresh process; False (stopped, and why
@@ -5677,13 +5691,7 @@ class Runtime:
         waiter = live.expect("probe")
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await live.proc.write(proto.send_probe())
-        with trio.move_on_after(self.config.startup_timeout_seconds):
-            async with trio.open_nursery() as nursery:
-                async def either(wait: Callable[[], Any]) -> None:
-                    await wait()
-                    nursery.cancel_scope.cancel()
-                nursery.start_soon(either, waiter.event.wait)
-                nursery.start_soon(either, live.proc.exited.wait)
+        await self._answer_or_exit(live, waiter)
         if waiter.result is not None:
             return True
         tail = " | ".join(list(live.proc.stderr)[-3:])
@@ -6205,6 +6213,11 @@ class Runtime:
                            self.processes().get(req.session_id))
         if not req.apply or plan.outcome != "planned":
             return attrs.evolve(plan, applied=req.apply and plan.outcome != "planned")
+        profile = self.owner.ledger.profiles[self.owner.ledger.sessions[req.session_id].profile]
+        if not self._managed(profile):
+            return attrs.evolve(plan, applied=True, outcome="refused", steps=(rc.RepairStep(
+                "none", f"profile {profile.name}'s program is not installed here: the runtime "
+                "starts no process for it"),))
         if req.session_id in self._repairing:
             raise FailedPrecondition(f"session {req.session_id!r} is being repaired already",
                                      hint="see `python -m relay session list` in a moment")
@@ -6241,7 +6254,7 @@ class Runtime:
         where = _rel(self.store, evidence) if evidence is not None else "no old scratch"
         steps.append(rc.RepairStep("rebuild_scratch", f"old scratch kept in {where}", True))
         thread, holder, _ = last_thread(ledger, sid)
-        thread = thread if profile.provider in RESUMABLE else ""
+        thread = thread if profile.provider in RESUMABLE and holder else ""  # as repair_plan says
         if not await self._start(profile, sid, resume=thread, check=True):
             why = self._start_errors.get(sid, "the process did not start")
             steps.append(rc.RepairStep("start_process", why, False))

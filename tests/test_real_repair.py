@@ -13,7 +13,15 @@ import pytest
 import trio
 
 from provider_helpers import codex_binary, mock_model
-from serve_helpers import borrow_lease, process_alive, serving, start_turn, turn_ended, until_runtime, warm_sessions
+from serve_helpers import (
+    borrow_lease,
+    process_alive,
+    serving,
+    start_turn,
+    turn_ended,
+    until_runtime,
+    warm_sessions,
+)
 from test_real_relay import CONFIG, _register_command, point_at_the_mock
 
 

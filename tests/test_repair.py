@@ -63,8 +63,16 @@ async def _crash(r, profile: str, holder: str, first: str = "first hello") -> tu
 
 
 async def _settled(r, profile: str, n: int) -> None:
-    """The pool has healed: ``n`` ready sessions with a running process."""
+    """The pool has healed: ``n`` ready sessions with a running process, and
+    the ledger's revision stays put over two reconcile passes."""
     await warm_sessions(r, profile, n)
+    runtime = r.server.service.runtime
+    while True:
+        revision = runtime.owner.ledger.revision
+        for _ in range(2):
+            await runtime.wait_changed()
+        if runtime.owner.ledger.revision == revision:
+            return
 
 
 async def _turn_text(r, lease: dict, text: str) -> str:
@@ -310,6 +318,7 @@ async def test_recover_apply_performs_each_classification_and_plain_recover_writ
             row, _ = await _crash(r, "cx", "alice")
             await _settled(r, "cx", 2)
             held = await borrow_lease(r, "cx", "carol")
+            await _settled(r, "cx", 3)  # carol's, and the pool's two idle ones
             before = state_digest(tmp_path)
             plain = await cli_process(tmp_path, "recover")
             assert state_digest(tmp_path) == before
