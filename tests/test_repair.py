@@ -446,3 +446,21 @@ def test_an_older_ledger_without_the_new_fields_still_reads(tmp_path):
     data = body[:-1] + b',"checksum":"sha256:' + hashlib.sha256(body).hexdigest().encode() + b'"}\n'
     back = relay.decode_ledger(data)
     assert back.sessions["s1"].replaces == "" and back.turns["t1"].thread_id == ""
+
+
+async def test_relay_client_recover_apply_goes_through_the_server(tmp_path):
+    """`python -m relay_client recover --apply` runs the same steps through the
+    stubs (RepairSession, CreateSession with replaces)."""
+    with trio.fail_after(30):
+        async with serving(tmp_path, FAST) as r:
+            await r.ok("RegisterProfile", name="ledger-only", provider="kimi", mode="one-borrow",
+                       command=["/nonexistent/kimi"])
+            await r.ok("CreateSession", profile="ledger-only", session_id="k1")
+            await r.ok("CloseSession", session_id="k1")
+            proc = await trio.run_process(
+                [_relay(tmp_path)[0], "-m", "relay_client", "--root", str(tmp_path), "recover", "--apply"],
+                capture_stdout=True, check=False, env=_env())
+            assert proc.returncode == 0, proc.stdout
+            (step,) = json.loads(proc.stdout)["steps"]
+            assert (step["action"], step["outcome"]) == ("start_replacement", "done")
+            assert (await _session(r, "k1"))["replaced_by"]
