@@ -2,7 +2,8 @@
 app-server against scripts/mock_model.py (as in tests/test_real_relay.py); a
 SIGKILL mid-turn quarantines the session and revokes the holder's lease, and
 RepairSession resumes the thread in a new process, so the next turn's model
-request carries the earlier turn's history."""
+request carries the earlier turn's history; the same for the real Claude Code
+(--session-id chosen by the relay, then --resume)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import signal
 import pytest
 import trio
 
-from provider_helpers import codex_binary, mock_model
+import relay
+from provider_helpers import claude_binary, codex_binary, mock_model
 from serve_helpers import (
     borrow_lease,
     process_alive,
@@ -71,3 +73,40 @@ async def test_real_codex_killed_mid_turn_is_repaired_with_its_history(tmp_path,
         assert last["prompt"] == "after-crash"
         assert "remember-gamma" in last["user_texts"] and "@slow doomed" in last["user_texts"]
         assert mock.requests(None) == [] and mock.requests("dns") == []
+
+
+@pytest.mark.slow
+async def test_real_claude_killed_mid_turn_is_resumed_with_its_session_id(tmp_path, monkeypatch):
+    """The real Claude runs under the --session-id the relay chose; after a
+    SIGKILL mid-turn the repair starts it with --resume <that id>, and the
+    same holder's next turn sends the model the earlier turns."""
+    work = tmp_path / "work"
+    work.mkdir()
+    argv = [claude_binary(), *relay.DEFAULT_COMMANDS["claude"][1:]]
+    with trio.fail_after(90):
+        async with mock_model(tmp_path, "--hold-seconds", "30") as mock:
+            point_at_the_mock(tmp_path, mock, monkeypatch)
+            async with serving(tmp_path, CONFIG) as r:
+                await r.ok("RegisterProfile", name="cl", provider="claude", mode="one-borrow",
+                           command=_register_command(mock, work, argv), cwd=str(work))
+                row = (await warm_sessions(r, "cl"))[0]
+                sid, pid = row["session_id"], row["process"]["pid"]
+                lease = await borrow_lease(r, "cl", "alice", session=sid)
+                first = await turn_ended(r, (await start_turn(r, lease, "remember-delta"))["turn_id"])
+                assert first["state"] == "completed" and first["thread_id"], first
+                doomed = await start_turn(r, lease, "@slow doomed")
+
+                async def streaming():
+                    return any(q["prompt"] == "@slow doomed" for q in mock.requests("messages"))
+                await until_runtime(r, streaming)
+                os.killpg(pid, signal.SIGKILL)
+                assert (await turn_ended(r, doomed["turn_id"]))["state"] == "failed"
+                repaired = await r.ok("RepairSession", session_id=sid, apply=True)
+                assert repaired["outcome"] == "repaired", repaired
+                again = await borrow_lease(r, "cl", "alice", session=sid)
+                after = await turn_ended(r, (await start_turn(r, again, "after-crash"))["turn_id"])
+                assert after["state"] == "completed", after
+                assert after["thread_id"] == first["thread_id"]
+        last = [m for m in mock.requests("messages") if m["prompt"] == "after-crash"][-1]
+        assert "remember-delta" in last["user_texts"], last["user_texts"]
+        assert mock.requests("dns") == []
