@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 import trio
@@ -58,7 +59,9 @@ async def test_real_codex_killed_mid_turn_is_repaired_with_its_history(tmp_path,
                 (gone,) = (await r.ok("ListLeases", session_id=sid))["leases"]
                 assert gone["state"] == "revoked" and "provider_exited" in gone["revoke_reason"]
 
+                began = time.monotonic()
                 repaired = await r.ok("RepairSession", session_id=sid, apply=True)
+                print(f"real Codex: RepairSession --apply took {time.monotonic() - began:.3f} s")
                 assert repaired["outcome"] == "repaired", repaired
                 assert any(s["action"] == "resume_thread" and first["thread_id"] in s["reason"]
                            for s in repaired["steps"])
@@ -101,7 +104,9 @@ async def test_real_claude_killed_mid_turn_is_resumed_with_its_session_id(tmp_pa
                 await until_runtime(r, streaming)
                 os.killpg(pid, signal.SIGKILL)
                 assert (await turn_ended(r, doomed["turn_id"]))["state"] == "failed"
+                began = time.monotonic()
                 repaired = await r.ok("RepairSession", session_id=sid, apply=True)
+                print(f"real Claude: RepairSession --apply took {time.monotonic() - began:.3f} s")
                 assert repaired["outcome"] == "repaired", repaired
                 again = await borrow_lease(r, "cl", "alice", session=sid)
                 after = await turn_ended(r, (await start_turn(r, again, "after-crash"))["turn_id"])
