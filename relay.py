@@ -5200,6 +5200,13 @@ class ProviderProcess:
 # on its own) and ``_start_failed``: for now both quarantine the session with a
 # reason code (``provider_exited``, ``start_failed``), fail its running turn
 # and let the pool start a replacement, with exponential backoff per profile.
+#
+# Repair (``repair_session``) brings a failed session back: a fresh scratch and
+# process that takes up the conversation its last turn recorded
+# (``Turn.thread_id``: Codex ``thread/resume``, Claude ``--resume``), kept for
+# the holder of the revoked lease only; or, when that fails, a replacement
+# session.  While it runs, the session is in ``_repairing`` and the reconcile
+# loop leaves it alone.
 
 _rlog = __import__("logging").getLogger("relay.runtime")
 
