@@ -52,6 +52,7 @@ __all__ = [
     "PROCESS_STATES",
     "PROTO_PACKAGE",
     "PROVIDERS",
+    "QUARANTINE_CODES",
     "QUARANTINE_STATES",
     "READ",
     "REPAIR_OUTCOMES",
@@ -119,6 +120,7 @@ __all__ = [
     "ProcessInfo",
     "Profile",
     "ProfileReply",
+    "ProviderHealth",
     "Quarantine",
     "QuarantineReply",
     "QuarantineSessionRequest",
@@ -721,6 +723,10 @@ OPTION_ENTRY_PATTERN: Final = re.compile(r"[a-z_]{1,64}=[^\x00\n]{0,1024}")
 MAX_TURN_INPUT: Final = 32 * 1024
 SERVING_MODES: Final = ("", "loopback", "trusted-lan")
 QUARANTINE_STATES: Final = ("active", "cleared")
+#: Why a session was quarantined: an operator's QuarantineSession, or what the
+#: live runtime detected (specs/flow-runtime-contract.md, "Failure detection").
+QUARANTINE_CODES: Final = ("operator", "provider_exited", "heartbeat_lost", "unresponsive",
+                           "start_failed", "tmp_corrupted", "relay_restarted")
 
 
 @attrs.frozen
@@ -804,6 +810,10 @@ class Quarantine:
     state: str = _f("active", choices=QUARANTINE_STATES)
     quarantined_at: str = _f("", **IS_STAMP)
     cleared_at: str = _f("", **IS_STAMP)
+    #: What set it (``QUARANTINE_CODES``); ``reason`` starts with it when the runtime set it.
+    code: str = _f("operator", choices=QUARANTINE_CODES)
+    #: The runtime's evidence (an object: turn_id, exit_status, signal, pid, stderr, detail), or null.
+    evidence: JSONValue = None
 
 
 @attrs.frozen
@@ -844,6 +854,28 @@ class ProcessInfo:
     state: str = ""  # starting | running | stopping | exited
     started_at: str = ""
     provider_version: str = ""
+
+
+@attrs.frozen
+class ProviderHealth:
+    """One profile's provider health as the running server observed it since
+    it started (in memory, not durable; never written to the provider's owner)."""
+
+    profile: str
+    state: str = "healthy"  # healthy | degraded
+    starts: int = 0
+    exits: int = 0
+    crashes: int = 0
+    stalls: int = 0
+    probe_failures: int = 0
+    failed_turns: int = 0
+    tmp_corrupted: int = 0
+    start_failures: int = 0
+    consecutive_failures: int = 0
+    last_error: str = ""
+    last_error_at: str = ""
+    #: Automatic quarantines by code: an object code -> count.
+    quarantines: JSONValue = None
 
 
 @attrs.frozen
@@ -1221,6 +1253,9 @@ class StatusReply:
     results: int
     runtime: Runtime
     warnings: tuple[StateWarning, ...] = ()
+    #: Per profile, the running server's provider health (empty from the CLI,
+    #: which has no server's memory).
+    providers: tuple[ProviderHealth, ...] = ()
 
 
 @attrs.frozen
@@ -1659,7 +1694,7 @@ _RELAY_PROTO_DESCRIPTOR: Final = (
     b'\n\x08revision\x18\x02 \x01(\rR\x08revision\x12+\n\x07session\x18\x03 \x01(\x0b2\x11.relay.v1.Ses'
     b'sionR\x07session\x12,\n\x11revoked_lease_ids\x18\x04 \x03(\tR\x11revoked_lease_ids"Z\n\x0cRecover'
     b'Reply\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revision\x12.\n\x08sessions\x18\x02 \x03(\x0b2'
-    b'\x12.relay.v1.RecoveryR\x08sessions"\xdc\x05\n\x0bStatusReply\x12\x16\n\x06status\x18\x01 \x01(\t'
+    b'\x12.relay.v1.RecoveryR\x08sessions"\x94\x06\n\x0bStatusReply\x12\x16\n\x06status\x18\x01 \x01(\t'
     b'R\x06status\x12\x1e\n\nprojection\x18\x02 \x01(\tR\nprojection\x12\x1e\n\nrelay_mode\x18\x03 \x01'
     b'(\tR\nrelay_mode\x12 \n\x0bledger_path\x18\x04 \x01(\tR\x0bledger_path\x12$\n\rstate_present\x18'
     b'\x05 \x01(\x08R\rstate_present\x12 \n\x0btmp_present\x18\x06 \x01(\x08R\x0btmp_present\x12&\n\x0e'
@@ -1671,53 +1706,55 @@ _RELAY_PROTO_DESCRIPTOR: Final = (
     b'active_quarantines\x12*\n\x10control_requests\x18\x10 \x01(\rR\x10control_requests\x12\x16\n\x06e'
     b'vents\x18\x11 \x01(\rR\x06events\x12\x18\n\x07results\x18\x12 \x01(\rR\x07results\x12+\n\x07runti'
     b'me\x18\x13 \x01(\x0b2\x11.relay.v1.RuntimeR\x07runtime\x122\n\x08warnings\x18\x14 \x03(\x0b2\x16.'
-    b'relay.v1.StateWarningR\x08warnings"^\n\x11ListProfilesReply\x12\x1a\n\x08revision\x18\x01 \x01(\r'
-    b'R\x08revision\x12-\n\x08profiles\x18\x02 \x03(\x0b2\x11.relay.v1.ProfileR\x08profiles"b\n\x11List'
-    b'SessionsReply\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revision\x121\n\x08sessions\x18\x02 \x03('
-    b'\x0b2\x15.relay.v1.SessionViewR\x08sessions"V\n\x0fListLeasesReply\x12\x1a\n\x08revision\x18\x01 '
-    b'\x01(\rR\x08revision\x12\'\n\x06leases\x18\x02 \x03(\x0b2\x0f.relay.v1.LeaseR\x06leases"\x80\x01'
-    b'\n\x10ListRecordsReply\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x1a\n\x08last_seq'
-    b'\x18\x02 \x01(\rR\x08last_seq\x120\n\x07records\x18\x03 \x03(\x0b2\x16.relay.v1.StreamRecordR\x07'
-    b'records"/\n\tTurnReply\x12"\n\x04turn\x18\x01 \x01(\x0b2\x0e.relay.v1.TurnR\x04turn"R\n\x0eListTu'
-    b'rnsReply\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revision\x12$\n\x05turns\x18\x02 \x03(\x0b2'
-    b'\x0e.relay.v1.TurnR\x05turns"V\n\x0eListTasksReply\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revi'
-    b'sion\x12(\n\x05tasks\x18\x02 \x03(\x0b2\x12.relay.v1.TaskViewR\x05tasks"k\n\rApprovalReply\x12'
-    b'\x18\n\x07outcome\x18\x01 \x01(\tR\x07outcome\x12\x1e\n\nsession_id\x18\x02 \x01(\tR\nsession_id'
-    b'\x12 \n\x0bapproval_id\x18\x03 \x01(\tR\x0bapproval_id"\xe9\x01\n\x07Runtime\x12\x16\n\x06status'
-    b'\x18\x01 \x01(\tR\x06status\x12\x1a\n\x08endpoint\x18\x02 \x01(\tR\x08endpoint\x12\x12\n\x04mode'
-    b'\x18\x03 \x01(\tR\x04mode\x12\x1a\n\x08token_id\x18\x04 \x01(\tR\x08token_id\x12\x10\n\x03pid\x18'
-    b'\x05 \x01(\rR\x03pid\x12(\n\x0fbootstrapped_at\x18\x06 \x01(\tR\x0fbootstrapped_at\x12\x1c\n\tser'
-    b'ved_at\x18\x07 \x01(\tR\tserved_at\x12 \n\x0bshutdown_at\x18\x08 \x01(\tR\x0bshutdown_at"\xe3\x01'
-    b'\n\x07Profile\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n\x08provider\x18\x02 \x01(\tR'
-    b'\x08provider\x12\x12\n\x04mode\x18\x03 \x01(\tR\x04mode\x12\x18\n\x07command\x18\x04 \x03(\tR\x07'
-    b'command\x12\x1e\n\ncreated_at\x18\x05 \x01(\tR\ncreated_at\x12\x1c\n\tpool_size\x18\x06 \x01(\rR'
-    b'\tpool_size\x12\x10\n\x03cwd\x18\x07 \x01(\tR\x03cwd\x12\x10\n\x03env\x18\x08 \x03(\tR\x03env\x12'
-    b'\x18\n\x07options\x18\t \x03(\tR\x07options"\x99\x02\n\x07Session\x12\x1e\n\nsession_id\x18\x01 '
-    b'\x01(\tR\nsession_id\x12\x18\n\x07profile\x18\x02 \x01(\tR\x07profile\x12\x1a\n\x08provider\x18'
-    b'\x03 \x01(\tR\x08provider\x12\x14\n\x05state\x18\x04 \x01(\tR\x05state\x12\x1e\n\ncreated_at\x18'
-    b'\x05 \x01(\tR\ncreated_at\x12\x1e\n\nupdated_at\x18\x06 \x01(\tR\nupdated_at\x12$\n\rfencing_toke'
-    b'n\x18\x07 \x01(\rR\rfencing_token\x12\x1a\n\x08replaces\x18\x08 \x01(\tR\x08replaces\x12 \n\x0bre'
-    b'placed_by\x18\t \x01(\tR\x0breplaced_by"\x9d\x03\n\x05Lease\x12\x1a\n\x08lease_id\x18\x01 \x01(\t'
-    b'R\x08lease_id\x12\x1e\n\nsession_id\x18\x02 \x01(\tR\nsession_id\x12\x16\n\x06holder\x18\x03 \x01'
-    b'(\tR\x06holder\x12\x12\n\x04mode\x18\x04 \x01(\tR\x04mode\x12\x14\n\x05state\x18\x05 \x01(\tR\x05'
-    b'state\x12$\n\rfencing_token\x18\x06 \x01(\rR\rfencing_token\x12 \n\x0bttl_seconds\x18\x07 \x01(\r'
-    b'R\x0bttl_seconds\x12"\n\x0crequested_at\x18\x08 \x01(\tR\x0crequested_at\x12\x1e\n\ngranted_at'
-    b'\x18\t \x01(\tR\ngranted_at\x12\x1e\n\nexpires_at\x18\n \x01(\tR\nexpires_at\x12(\n\x0flast_renew'
-    b'ed_at\x18\x0b \x01(\tR\x0flast_renewed_at\x12\x1a\n\x08ended_at\x18\x0c \x01(\tR\x08ended_at\x12$'
-    b'\n\rrevoke_reason\x18\r \x01(\tR\rrevoke_reason"\xe0\x01\n\x0eControlRequest\x12\x1e\n\nrequest_i'
-    b'd\x18\x01 \x01(\tR\nrequest_id\x12\x1e\n\nsession_id\x18\x02 \x01(\tR\nsession_id\x12\x12\n\x04ki'
-    b'nd\x18\x03 \x01(\tR\x04kind\x120\n\x07payload\x18\x04 \x01(\x0b2\x16.google.protobuf.ValueR\x07pa'
-    b'yload\x12&\n\x0epayload_digest\x18\x05 \x01(\tR\x0epayload_digest\x12 \n\x0brecorded_at\x18\x06 '
-    b'\x01(\tR\x0brecorded_at"\xa2\x01\n\nQuarantine\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id'
-    b'\x12\x16\n\x06reason\x18\x02 \x01(\tR\x06reason\x12\x14\n\x05state\x18\x03 \x01(\tR\x05state\x12&'
-    b'\n\x0equarantined_at\x18\x04 \x01(\tR\x0equarantined_at\x12\x1e\n\ncleared_at\x18\x05 \x01(\tR\nc'
-    b'leared_at"\\\n\nFeedNotice\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n\x04kind\x18\x02 \x01('
-    b'\tR\x04kind\x12*\n\x04data\x18\x03 \x01(\x0b2\x16.google.protobuf.ValueR\x04data"\xa2\x01\n\x0cSt'
-    b'reamRecord\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x10\n\x03seq\x18\x02 \x01(\rR'
-    b'\x03seq\x12\x12\n\x04kind\x18\x03 \x01(\tR\x04kind\x12*\n\x04data\x18\x04 \x01(\x0b2\x16.google.p'
-    b'rotobuf.ValueR\x04data\x12 \n\x0bappended_at\x18\x05 \x01(\tR\x0bappended_at"\x9a\x01\n\x0cStateW'
-    b'arning\x12\x14\n\x05owner\x18\x01 \x01(\tR\x05owner\x12\x12\n\x04code\x18\x02 \x01(\tR\x04code'
-    b'\x12\x12\n\x04path\x18\x03 \x01(\tR\x04path\x12\x18\n\x07message\x18\x04 \x01(\tR\x07message\x12'
+    b'relay.v1.StateWarningR\x08warnings\x126\n\tproviders\x18\x15 \x03(\x0b2\x18.relay.v1.ProviderHeal'
+    b'thR\tproviders"^\n\x11ListProfilesReply\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revision\x12-\n'
+    b'\x08profiles\x18\x02 \x03(\x0b2\x11.relay.v1.ProfileR\x08profiles"b\n\x11ListSessionsReply\x12'
+    b'\x1a\n\x08revision\x18\x01 \x01(\rR\x08revision\x121\n\x08sessions\x18\x02 \x03(\x0b2\x15.relay.v'
+    b'1.SessionViewR\x08sessions"V\n\x0fListLeasesReply\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revis'
+    b'ion\x12\'\n\x06leases\x18\x02 \x03(\x0b2\x0f.relay.v1.LeaseR\x06leases"\x80\x01\n\x10ListRecordsR'
+    b'eply\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x1a\n\x08last_seq\x18\x02 \x01(\rR'
+    b'\x08last_seq\x120\n\x07records\x18\x03 \x03(\x0b2\x16.relay.v1.StreamRecordR\x07records"/\n\tTurn'
+    b'Reply\x12"\n\x04turn\x18\x01 \x01(\x0b2\x0e.relay.v1.TurnR\x04turn"R\n\x0eListTurnsReply\x12\x1a'
+    b'\n\x08revision\x18\x01 \x01(\rR\x08revision\x12$\n\x05turns\x18\x02 \x03(\x0b2\x0e.relay.v1.TurnR'
+    b'\x05turns"V\n\x0eListTasksReply\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revision\x12(\n\x05task'
+    b's\x18\x02 \x03(\x0b2\x12.relay.v1.TaskViewR\x05tasks"k\n\rApprovalReply\x12\x18\n\x07outcome\x18'
+    b'\x01 \x01(\tR\x07outcome\x12\x1e\n\nsession_id\x18\x02 \x01(\tR\nsession_id\x12 \n\x0bapproval_id'
+    b'\x18\x03 \x01(\tR\x0bapproval_id"\xe9\x01\n\x07Runtime\x12\x16\n\x06status\x18\x01 \x01(\tR\x06st'
+    b'atus\x12\x1a\n\x08endpoint\x18\x02 \x01(\tR\x08endpoint\x12\x12\n\x04mode\x18\x03 \x01(\tR\x04mod'
+    b'e\x12\x1a\n\x08token_id\x18\x04 \x01(\tR\x08token_id\x12\x10\n\x03pid\x18\x05 \x01(\rR\x03pid\x12'
+    b'(\n\x0fbootstrapped_at\x18\x06 \x01(\tR\x0fbootstrapped_at\x12\x1c\n\tserved_at\x18\x07 \x01(\tR'
+    b'\tserved_at\x12 \n\x0bshutdown_at\x18\x08 \x01(\tR\x0bshutdown_at"\xe3\x01\n\x07Profile\x12\x12\n'
+    b'\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n\x08provider\x18\x02 \x01(\tR\x08provider\x12\x12\n'
+    b'\x04mode\x18\x03 \x01(\tR\x04mode\x12\x18\n\x07command\x18\x04 \x03(\tR\x07command\x12\x1e\n\ncre'
+    b'ated_at\x18\x05 \x01(\tR\ncreated_at\x12\x1c\n\tpool_size\x18\x06 \x01(\rR\tpool_size\x12\x10\n'
+    b'\x03cwd\x18\x07 \x01(\tR\x03cwd\x12\x10\n\x03env\x18\x08 \x03(\tR\x03env\x12\x18\n\x07options\x18'
+    b'\t \x03(\tR\x07options"\x99\x02\n\x07Session\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id'
+    b'\x12\x18\n\x07profile\x18\x02 \x01(\tR\x07profile\x12\x1a\n\x08provider\x18\x03 \x01(\tR\x08provi'
+    b'der\x12\x14\n\x05state\x18\x04 \x01(\tR\x05state\x12\x1e\n\ncreated_at\x18\x05 \x01(\tR\ncreated_'
+    b'at\x12\x1e\n\nupdated_at\x18\x06 \x01(\tR\nupdated_at\x12$\n\rfencing_token\x18\x07 \x01(\rR\rfen'
+    b'cing_token\x12\x1a\n\x08replaces\x18\x08 \x01(\tR\x08replaces\x12 \n\x0breplaced_by\x18\t \x01(\t'
+    b'R\x0breplaced_by"\x9d\x03\n\x05Lease\x12\x1a\n\x08lease_id\x18\x01 \x01(\tR\x08lease_id\x12\x1e\n'
+    b'\nsession_id\x18\x02 \x01(\tR\nsession_id\x12\x16\n\x06holder\x18\x03 \x01(\tR\x06holder\x12\x12'
+    b'\n\x04mode\x18\x04 \x01(\tR\x04mode\x12\x14\n\x05state\x18\x05 \x01(\tR\x05state\x12$\n\rfencing_'
+    b'token\x18\x06 \x01(\rR\rfencing_token\x12 \n\x0bttl_seconds\x18\x07 \x01(\rR\x0bttl_seconds\x12"'
+    b'\n\x0crequested_at\x18\x08 \x01(\tR\x0crequested_at\x12\x1e\n\ngranted_at\x18\t \x01(\tR\ngranted'
+    b'_at\x12\x1e\n\nexpires_at\x18\n \x01(\tR\nexpires_at\x12(\n\x0flast_renewed_at\x18\x0b \x01(\tR'
+    b'\x0flast_renewed_at\x12\x1a\n\x08ended_at\x18\x0c \x01(\tR\x08ended_at\x12$\n\rrevoke_reason\x18'
+    b'\r \x01(\tR\rrevoke_reason"\xe0\x01\n\x0eControlRequest\x12\x1e\n\nrequest_id\x18\x01 \x01(\tR\nr'
+    b'equest_id\x12\x1e\n\nsession_id\x18\x02 \x01(\tR\nsession_id\x12\x12\n\x04kind\x18\x03 \x01(\tR'
+    b'\x04kind\x120\n\x07payload\x18\x04 \x01(\x0b2\x16.google.protobuf.ValueR\x07payload\x12&\n\x0epay'
+    b'load_digest\x18\x05 \x01(\tR\x0epayload_digest\x12 \n\x0brecorded_at\x18\x06 \x01(\tR\x0brecorded'
+    b'_at"\xea\x01\n\nQuarantine\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x16\n\x06reason'
+    b'\x18\x02 \x01(\tR\x06reason\x12\x14\n\x05state\x18\x03 \x01(\tR\x05state\x12&\n\x0equarantined_at'
+    b'\x18\x04 \x01(\tR\x0equarantined_at\x12\x1e\n\ncleared_at\x18\x05 \x01(\tR\ncleared_at\x12\x12\n'
+    b'\x04code\x18\x06 \x01(\tR\x04code\x122\n\x08evidence\x18\x07 \x01(\x0b2\x16.google.protobuf.Value'
+    b'R\x08evidence"\\\n\nFeedNotice\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n\x04kind\x18\x02 '
+    b'\x01(\tR\x04kind\x12*\n\x04data\x18\x03 \x01(\x0b2\x16.google.protobuf.ValueR\x04data"\xa2\x01\n'
+    b'\x0cStreamRecord\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x10\n\x03seq\x18\x02 \x01'
+    b'(\rR\x03seq\x12\x12\n\x04kind\x18\x03 \x01(\tR\x04kind\x12*\n\x04data\x18\x04 \x01(\x0b2\x16.goog'
+    b'le.protobuf.ValueR\x04data\x12 \n\x0bappended_at\x18\x05 \x01(\tR\x0bappended_at"\x9a\x01\n\x0cSt'
+    b'ateWarning\x12\x14\n\x05owner\x18\x01 \x01(\tR\x05owner\x12\x12\n\x04code\x18\x02 \x01(\tR\x04cod'
+    b'e\x12\x12\n\x04path\x18\x03 \x01(\tR\x04path\x12\x18\n\x07message\x18\x04 \x01(\tR\x07message\x12'
     b'\x16\n\x06repair\x18\x05 \x01(\tR\x06repair\x12\x1a\n\x08severity\x18\x06 \x01(\tR\x08severity"'
     b'\xac\x01\n\x08Recovery\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12&\n\x0eclassificatio'
     b'n\x18\x02 \x01(\tR\x0eclassification\x12\x16\n\x06reason\x18\x03 \x01(\tR\x06reason\x12"\n\x0cnex'
@@ -1731,47 +1768,55 @@ _RELAY_PROTO_DESCRIPTOR: Final = (
     b'e\x12\x1e\n\nrequest_id\x18\x0c \x01(\tR\nrequest_id\x12\x1c\n\tthread_id\x18\r \x01(\tR\tthread_'
     b'id"\x81\x01\n\x0bProcessInfo\x12\x10\n\x03pid\x18\x01 \x01(\rR\x03pid\x12\x14\n\x05state\x18\x02 '
     b'\x01(\tR\x05state\x12\x1e\n\nstarted_at\x18\x03 \x01(\tR\nstarted_at\x12*\n\x10provider_version'
-    b'\x18\x04 \x01(\tR\x10provider_version"\xce\x02\n\x0bSessionView\x12\x1e\n\nsession_id\x18\x01 '
-    b'\x01(\tR\nsession_id\x12\x18\n\x07profile\x18\x02 \x01(\tR\x07profile\x12\x1a\n\x08provider\x18'
-    b'\x03 \x01(\tR\x08provider\x12\x14\n\x05state\x18\x04 \x01(\tR\x05state\x12\x1e\n\ncreated_at\x18'
-    b'\x05 \x01(\tR\ncreated_at\x12\x1e\n\nupdated_at\x18\x06 \x01(\tR\nupdated_at\x12$\n\rfencing_toke'
-    b'n\x18\x07 \x01(\rR\rfencing_token\x12/\n\x07process\x18\x08 \x01(\x0b2\x15.relay.v1.ProcessInfoR'
-    b'\x07process\x12\x1a\n\x08replaces\x18\t \x01(\tR\x08replaces\x12 \n\x0breplaced_by\x18\n \x01(\tR'
-    b'\x0breplaced_by"\xbe\x01\n\x08TaskView\x12\x1a\n\x08task_ref\x18\x01 \x01(\tR\x08task_ref\x12$\n'
-    b'\x05turns\x18\x02 \x03(\x0b2\x0e.relay.v1.TurnR\x05turns\x12\x18\n\x07running\x18\x03 \x01(\rR'
-    b'\x07running\x12\x1c\n\tcompleted\x18\x04 \x01(\rR\tcompleted\x12\x16\n\x06failed\x18\x05 \x01(\rR'
-    b'\x06failed\x12 \n\x0binterrupted\x18\x06 \x01(\rR\x0binterrupted2\xbd\x11\n\x05Relay\x12K\n\x0fRe'
-    b'gisterProfile\x12 .relay.v1.RegisterProfileRequest\x1a\x16.relay.v1.ProfileReply\x12G\n\rCreateSe'
-    b'ssion\x12\x1e.relay.v1.CreateSessionRequest\x1a\x16.relay.v1.SessionReply\x12J\n\x0cCloseSession'
-    b'\x12\x1d.relay.v1.CloseSessionRequest\x1a\x1b.relay.v1.CloseSessionReply\x127\n\x06Borrow\x12\x17'
-    b'.relay.v1.BorrowRequest\x1a\x14.relay.v1.LeaseReply\x12>\n\x07Release\x12\x1d.relay.v1.ReleaseLea'
-    b'seRequest\x1a\x14.relay.v1.LeaseReply\x12?\n\nGrantLease\x12\x1b.relay.v1.GrantLeaseRequest\x1a'
-    b'\x14.relay.v1.LeaseReply\x12?\n\nRenewLease\x12\x1b.relay.v1.RenewLeaseRequest\x1a\x14.relay.v1.L'
-    b'easeReply\x12C\n\x0cReleaseLease\x12\x1d.relay.v1.ReleaseLeaseRequest\x1a\x14.relay.v1.LeaseReply'
-    b'\x12A\n\x0bRevokeLease\x12\x1c.relay.v1.RevokeLeaseRequest\x1a\x14.relay.v1.LeaseReply\x12G\n\rRe'
-    b'cordControl\x12\x1e.relay.v1.RecordControlRequest\x1a\x16.relay.v1.ControlReply\x12C\n\x0bAppendE'
-    b'vent\x12\x1d.relay.v1.AppendRecordRequest\x1a\x15.relay.v1.AppendReply\x12D\n\x0cAppendResult\x12'
-    b'\x1d.relay.v1.AppendRecordRequest\x1a\x15.relay.v1.AppendReply\x12R\n\x11QuarantineSession\x12".r'
-    b'elay.v1.QuarantineSessionRequest\x1a\x19.relay.v1.QuarantineReply\x12N\n\x0fClearQuarantine\x12 .'
-    b'relay.v1.ClearQuarantineRequest\x1a\x19.relay.v1.QuarantineReply\x12@\n\x07Recover\x12\x18.relay.'
-    b'v1.RecoverRequest\x1a\x16.relay.v1.RecoverReply"\x03\x90\x02\x01\x12F\n\rRepairSession\x12\x1e.re'
-    b'lay.v1.RepairSessionRequest\x1a\x15.relay.v1.RepairReply\x12C\n\tGetStatus\x12\x1a.relay.v1.GetSt'
-    b'atusRequest\x1a\x15.relay.v1.StatusReply"\x03\x90\x02\x01\x12O\n\x0cListProfiles\x12\x1d.relay.v1'
-    b'.ListProfilesRequest\x1a\x1b.relay.v1.ListProfilesReply"\x03\x90\x02\x01\x12O\n\x0cListSessions'
-    b'\x12\x1d.relay.v1.ListSessionsRequest\x1a\x1b.relay.v1.ListSessionsReply"\x03\x90\x02\x01\x12I\n'
-    b'\nListLeases\x12\x1b.relay.v1.ListLeasesRequest\x1a\x19.relay.v1.ListLeasesReply"\x03\x90\x02\x01'
-    b'\x12K\n\nListEvents\x12\x1c.relay.v1.ListRecordsRequest\x1a\x1a.relay.v1.ListRecordsReply"\x03'
-    b'\x90\x02\x01\x12L\n\x0bListResults\x12\x1c.relay.v1.ListRecordsRequest\x1a\x1a.relay.v1.ListRecor'
-    b'dsReply"\x03\x90\x02\x01\x12<\n\tStartTurn\x12\x1a.relay.v1.StartTurnRequest\x1a\x13.relay.v1.Tur'
-    b'nReply\x12D\n\rInterruptTurn\x12\x1e.relay.v1.InterruptTurnRequest\x1a\x13.relay.v1.TurnReply\x12'
-    b'L\n\x0fResolveApproval\x12 .relay.v1.ResolveApprovalRequest\x1a\x17.relay.v1.ApprovalReply\x12=\n'
-    b'\x07GetTurn\x12\x18.relay.v1.GetTurnRequest\x1a\x13.relay.v1.TurnReply"\x03\x90\x02\x01\x12F\n\tL'
-    b'istTurns\x12\x1a.relay.v1.ListTurnsRequest\x1a\x18.relay.v1.ListTurnsReply"\x03\x90\x02\x01\x12F'
-    b'\n\tListTasks\x12\x1a.relay.v1.ListTasksRequest\x1a\x18.relay.v1.ListTasksReply"\x03\x90\x02\x01'
-    b'\x12K\n\x0bWatchEvents\x12\x1d.relay.v1.WatchRecordsRequest\x1a\x16.relay.v1.StreamRecord"\x03'
-    b'\x90\x02\x010\x01\x12L\n\x0cWatchResults\x12\x1d.relay.v1.WatchRecordsRequest\x1a\x16.relay.v1.St'
-    b'reamRecord"\x03\x90\x02\x010\x01\x12D\n\tWatchFeed\x12\x1a.relay.v1.WatchFeedRequest\x1a\x14.rela'
-    b'y.v1.FeedNotice"\x03\x90\x02\x010\x01b\x06proto3'
+    b'\x18\x04 \x01(\tR\x10provider_version"\xee\x03\n\x0eProviderHealth\x12\x18\n\x07profile\x18\x01 '
+    b'\x01(\tR\x07profile\x12\x14\n\x05state\x18\x02 \x01(\tR\x05state\x12\x16\n\x06starts\x18\x03 \x01'
+    b'(\rR\x06starts\x12\x14\n\x05exits\x18\x04 \x01(\rR\x05exits\x12\x18\n\x07crashes\x18\x05 \x01(\rR'
+    b'\x07crashes\x12\x16\n\x06stalls\x18\x06 \x01(\rR\x06stalls\x12&\n\x0eprobe_failures\x18\x07 \x01('
+    b'\rR\x0eprobe_failures\x12"\n\x0cfailed_turns\x18\x08 \x01(\rR\x0cfailed_turns\x12$\n\rtmp_corrupt'
+    b'ed\x18\t \x01(\rR\rtmp_corrupted\x12&\n\x0estart_failures\x18\n \x01(\rR\x0estart_failures\x122\n'
+    b'\x14consecutive_failures\x18\x0b \x01(\rR\x14consecutive_failures\x12\x1e\n\nlast_error\x18\x0c '
+    b'\x01(\tR\nlast_error\x12$\n\rlast_error_at\x18\r \x01(\tR\rlast_error_at\x128\n\x0bquarantines'
+    b'\x18\x0e \x01(\x0b2\x16.google.protobuf.ValueR\x0bquarantines"\xce\x02\n\x0bSessionView\x12\x1e\n'
+    b'\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x18\n\x07profile\x18\x02 \x01(\tR\x07profile\x12'
+    b'\x1a\n\x08provider\x18\x03 \x01(\tR\x08provider\x12\x14\n\x05state\x18\x04 \x01(\tR\x05state\x12'
+    b'\x1e\n\ncreated_at\x18\x05 \x01(\tR\ncreated_at\x12\x1e\n\nupdated_at\x18\x06 \x01(\tR\nupdated_a'
+    b't\x12$\n\rfencing_token\x18\x07 \x01(\rR\rfencing_token\x12/\n\x07process\x18\x08 \x01(\x0b2\x15.'
+    b'relay.v1.ProcessInfoR\x07process\x12\x1a\n\x08replaces\x18\t \x01(\tR\x08replaces\x12 \n\x0brepla'
+    b'ced_by\x18\n \x01(\tR\x0breplaced_by"\xbe\x01\n\x08TaskView\x12\x1a\n\x08task_ref\x18\x01 \x01(\t'
+    b'R\x08task_ref\x12$\n\x05turns\x18\x02 \x03(\x0b2\x0e.relay.v1.TurnR\x05turns\x12\x18\n\x07running'
+    b'\x18\x03 \x01(\rR\x07running\x12\x1c\n\tcompleted\x18\x04 \x01(\rR\tcompleted\x12\x16\n\x06failed'
+    b'\x18\x05 \x01(\rR\x06failed\x12 \n\x0binterrupted\x18\x06 \x01(\rR\x0binterrupted2\xbd\x11\n\x05R'
+    b'elay\x12K\n\x0fRegisterProfile\x12 .relay.v1.RegisterProfileRequest\x1a\x16.relay.v1.ProfileReply'
+    b'\x12G\n\rCreateSession\x12\x1e.relay.v1.CreateSessionRequest\x1a\x16.relay.v1.SessionReply\x12J\n'
+    b'\x0cCloseSession\x12\x1d.relay.v1.CloseSessionRequest\x1a\x1b.relay.v1.CloseSessionReply\x127\n'
+    b'\x06Borrow\x12\x17.relay.v1.BorrowRequest\x1a\x14.relay.v1.LeaseReply\x12>\n\x07Release\x12\x1d.r'
+    b'elay.v1.ReleaseLeaseRequest\x1a\x14.relay.v1.LeaseReply\x12?\n\nGrantLease\x12\x1b.relay.v1.Grant'
+    b'LeaseRequest\x1a\x14.relay.v1.LeaseReply\x12?\n\nRenewLease\x12\x1b.relay.v1.RenewLeaseRequest'
+    b'\x1a\x14.relay.v1.LeaseReply\x12C\n\x0cReleaseLease\x12\x1d.relay.v1.ReleaseLeaseRequest\x1a\x14.'
+    b'relay.v1.LeaseReply\x12A\n\x0bRevokeLease\x12\x1c.relay.v1.RevokeLeaseRequest\x1a\x14.relay.v1.Le'
+    b'aseReply\x12G\n\rRecordControl\x12\x1e.relay.v1.RecordControlRequest\x1a\x16.relay.v1.ControlRepl'
+    b'y\x12C\n\x0bAppendEvent\x12\x1d.relay.v1.AppendRecordRequest\x1a\x15.relay.v1.AppendReply\x12D\n'
+    b'\x0cAppendResult\x12\x1d.relay.v1.AppendRecordRequest\x1a\x15.relay.v1.AppendReply\x12R\n\x11Quar'
+    b'antineSession\x12".relay.v1.QuarantineSessionRequest\x1a\x19.relay.v1.QuarantineReply\x12N\n\x0fC'
+    b'learQuarantine\x12 .relay.v1.ClearQuarantineRequest\x1a\x19.relay.v1.QuarantineReply\x12@\n\x07Re'
+    b'cover\x12\x18.relay.v1.RecoverRequest\x1a\x16.relay.v1.RecoverReply"\x03\x90\x02\x01\x12F\n\rRepa'
+    b'irSession\x12\x1e.relay.v1.RepairSessionRequest\x1a\x15.relay.v1.RepairReply\x12C\n\tGetStatus'
+    b'\x12\x1a.relay.v1.GetStatusRequest\x1a\x15.relay.v1.StatusReply"\x03\x90\x02\x01\x12O\n\x0cListPr'
+    b'ofiles\x12\x1d.relay.v1.ListProfilesRequest\x1a\x1b.relay.v1.ListProfilesReply"\x03\x90\x02\x01'
+    b'\x12O\n\x0cListSessions\x12\x1d.relay.v1.ListSessionsRequest\x1a\x1b.relay.v1.ListSessionsReply"'
+    b'\x03\x90\x02\x01\x12I\n\nListLeases\x12\x1b.relay.v1.ListLeasesRequest\x1a\x19.relay.v1.ListLease'
+    b'sReply"\x03\x90\x02\x01\x12K\n\nListEvents\x12\x1c.relay.v1.ListRecordsRequest\x1a\x1a.relay.v1.L'
+    b'istRecordsReply"\x03\x90\x02\x01\x12L\n\x0bListResults\x12\x1c.relay.v1.ListRecordsRequest\x1a'
+    b'\x1a.relay.v1.ListRecordsReply"\x03\x90\x02\x01\x12<\n\tStartTurn\x12\x1a.relay.v1.StartTurnReque'
+    b'st\x1a\x13.relay.v1.TurnReply\x12D\n\rInterruptTurn\x12\x1e.relay.v1.InterruptTurnRequest\x1a\x13'
+    b'.relay.v1.TurnReply\x12L\n\x0fResolveApproval\x12 .relay.v1.ResolveApprovalRequest\x1a\x17.relay.'
+    b'v1.ApprovalReply\x12=\n\x07GetTurn\x12\x18.relay.v1.GetTurnRequest\x1a\x13.relay.v1.TurnReply"'
+    b'\x03\x90\x02\x01\x12F\n\tListTurns\x12\x1a.relay.v1.ListTurnsRequest\x1a\x18.relay.v1.ListTurnsRe'
+    b'ply"\x03\x90\x02\x01\x12F\n\tListTasks\x12\x1a.relay.v1.ListTasksRequest\x1a\x18.relay.v1.ListTas'
+    b'ksReply"\x03\x90\x02\x01\x12K\n\x0bWatchEvents\x12\x1d.relay.v1.WatchRecordsRequest\x1a\x16.relay'
+    b'.v1.StreamRecord"\x03\x90\x02\x010\x01\x12L\n\x0cWatchResults\x12\x1d.relay.v1.WatchRecordsReques'
+    b't\x1a\x16.relay.v1.StreamRecord"\x03\x90\x02\x010\x01\x12D\n\tWatchFeed\x12\x1a.relay.v1.WatchFee'
+    b'dRequest\x1a\x14.relay.v1.FeedNotice"\x03\x90\x02\x010\x01b\x06proto3'
 )
 # --- END GENERATED ---
 

@@ -364,23 +364,28 @@ def _env() -> dict[str, str]:
 
 
 async def test_next_serve_repairs_sessions_quarantined_relay_restarted(tmp_path):
-    """A session quarantined `relay_restarted` (a server died under it) is
-    repaired when the next serve starts: resumed in a fresh process, its
-    quarantine cleared, the holder continuing its history."""
+    """A turn a dead server left running ends failed and its session is
+    quarantined `relay_restarted` when the next serve starts, which then
+    repairs it: resumed in a fresh process, its quarantine cleared, the
+    holder continuing its history."""
     with trio.fail_after(60):
         async with serving(tmp_path, FAST) as r:
             await _register(r, "cx")
             (row,) = await warm_sessions(r, "cx")
             sid = row["session_id"]
             lease = await borrow_lease(r, "cx", "alice", sid)
-            await _turn_text(r, lease, "before the restart")
-        # what the detection half records for a server that died mid-turn
-        relay.commit_one(relay.Store(tmp_path), relay.rpc_mutation(
-            "QuarantineSession", rc.QuarantineSessionRequest(
-                sid, "relay_restarted: the server that ran it died")), relay.Config())
+            done = await turn_ended(r, (await start_turn(r, lease, "before the restart"))["turn_id"])
+        store = relay.Store(tmp_path)
+
+        def died_mid_turn(ledger, ctx):  # what a SIGKILLed server leaves: the turn running
+            turn = attrs.evolve(ledger.turns[done["turn_id"]], state="running", ended_at="")
+            return attrs.evolve(ledger, turns=relay._put(ledger.turns, turn.turn_id, turn)), None
+        relay.commit_one(store, relay.Mutation(died_mid_turn, "test"), relay.Config())
         async with serving(tmp_path, FAST) as r:
             now = await _session(r, sid)
-            assert now["state"] == "ready" and now["process"]["state"] == "running"
+            assert now["state"] == "ready" and now["process"]["state"] == "running", now
+            assert store.read().quarantines[sid].code == "relay_restarted"
+            assert store.read().quarantines[sid].state == "cleared"
             alice = await borrow_lease(r, "cx", "alice", sid)
             assert "(history 1)" in await _turn_text(r, alice, "after the restart")
 
@@ -409,17 +414,17 @@ async def test_pool_heals_around_a_quarantined_session_and_keeps_it_for_inspecti
 def test_quarantine_code_reads_the_field_or_the_reason_prefix():
     """quarantine_code: ``code`` when the record has it, else the reason's
     ``code:`` prefix, else ``operator``."""
-    q = rc.Quarantine("s1", "relay_restarted: died")
+    q = rc.Quarantine("s1", "relay_restarted: died", code="relay_restarted")
     assert relay.quarantine_code(q) == "relay_restarted"
-    assert relay.quarantine_code(attrs.evolve(q, reason="disk full: the operator says")) == "operator"
-    assert relay.quarantine_code(attrs.evolve(q, reason="flaky")) == "operator"
+    assert relay.quarantine_code(attrs.evolve(q, code="operator")) == "operator"
 
     @attrs.frozen
-    class Coded:
+    class Uncoded:  # a record of before the code field: the reason's prefix says it
         reason: str
-        code: str
 
-    assert relay.quarantine_code(Coded("anything", "heartbeat_lost")) == "heartbeat_lost"
+    assert relay.quarantine_code(Uncoded("relay_restarted: died")) == "relay_restarted"
+    assert relay.quarantine_code(Uncoded("disk full: the operator says")) == "operator"
+    assert relay.quarantine_code(Uncoded("flaky")) == "operator"
 
 
 def test_an_older_ledger_without_the_new_fields_still_reads(tmp_path):
