@@ -424,12 +424,14 @@ __all__ = [
     "decode_record",
     "encode_ledger",
     "encode_record",
+    "end_session",
     "expire_leases",
     "gate",
     "grant_lease",
     "inspect_relay",
     "inventory",
     "iso",
+    "last_thread",
     "list_leases",
     "list_profiles",
     "list_records",
@@ -443,14 +445,17 @@ __all__ = [
     "provider_env",
     "provider_home_files",
     "quarantine",
+    "quarantine_code",
     "quarantine_session",
     "read_rpc",
     "reader",
+    "rebuild_scratch",
     "record_control",
     "recover",
     "register_profile",
     "release_lease",
     "renew_lease",
+    "repair_plan",
     "require_serving_allowed",
     "revoke_lease",
     "revoke_token",
@@ -1227,21 +1232,22 @@ _LATER_MEMBERS: Final = (("ledger_id", ""), ("request_log", {"bucket": "", "shar
                          ("turns", {}))
 #: Record fields added after the first release: member -> field -> what absence means.
 _LATER_FIELDS: Final = {"profiles": {"pool_size": 1, "cwd": "", "env": [], "options": []},
-                        "quarantines": {"code": "operator", "evidence": None}}
+                         "sessions": {"replaces": "", "replaced_by": ""},
+                         "turns": {"thread_id": ""},
+                         "quarantines": {"code": "operator", "evidence": None}}
+#: A stored reply's member -> the ledger member whose record it carries (for ``_LATER_FIELDS``).
+_REPLY_RECORDS: Final = {"profile": "profiles", "session": "sessions", "turn": "turns",
+                         "quarantine": "quarantines"}
 
 
 def _check_replies(ledger: Ledger) -> None:
     """Each stored reply is a complete reply message of its method."""
     for key, record in ledger.requests.items():
-        profile = record.reply.get("profile") if record.method == "RegisterProfile" else None
-        if isinstance(profile, dict):  # a reply stored before the later profile fields
-            for name, default in _LATER_FIELDS["profiles"].items():
-                profile.setdefault(name, default)
-        quarantine = record.reply.get("quarantine") if record.method in (
-            "QuarantineSession", "ClearQuarantine") else None
-        if isinstance(quarantine, dict):  # a reply stored before the later quarantine fields
-            for name, default in _LATER_FIELDS["quarantines"].items():
-                quarantine.setdefault(name, default)
+        for member, records in _REPLY_RECORDS.items():  # a reply stored before later fields
+            inner = record.reply.get(member)
+            if isinstance(inner, dict):
+                for name, default in _LATER_FIELDS[records].items():
+                    inner.setdefault(name, default)
         from_json(rc.RPC_BY_NAME[record.method].response, record.reply,
                   path=f"requests.{key}.reply", complete=True)
 
@@ -1961,6 +1967,22 @@ class Store:
 
     # -- archive ------------------------------------------------------------------
 
+    def archive_streams(self, session_id: str, revision: int) -> None:
+        """Move an archived session's stream logs to ``archive/streams/<id>.<revision>/``
+        (readable there as they were; a later session given the same id starts
+        fresh logs instead of cutting these).  Nothing to move is no error."""
+        source = self.state_dir / STREAMS_DIR / session_id
+        target_dir = self.state_dir / ARCHIVE_DIR / STREAMS_DIR
+        try:
+            if not source.exists():
+                return
+            _make_dirs(target_dir)
+            os.replace(source, target_dir / f"{session_id}.{revision}")
+            _fsync_dir(target_dir)
+            _fsync_dir(source.parent)
+        except OSError as exc:
+            raise _io_failure("move an archived session's stream logs", exc, source) from exc
+
     def archive(self, name: str, rows: list[dict[str, Any]]) -> None:
         """Append rows to ``archive/<name>.jsonl`` durably, before the ledger
         drops them (a crash in between only repeats a row in the archive)."""
@@ -2577,13 +2599,38 @@ def create_session(ledger: Ledger, req: rc.CreateSessionRequest, ctx: Ctx):
     if session_id in ledger.sessions:
         raise AlreadyExists(f"session {session_id!r} already exists",
                             hint="pick another --session-id, or omit it to get a fresh one")
-    session = rc.Session(session_id, profile.name, profile.provider, "ready", ctx.stamp, ctx.stamp)
+    if req.replaces:
+        ledger = _replaced(ledger, req.replaces, profile.name, session_id, ctx)
+    session = rc.Session(session_id, profile.name, profile.provider, "ready", ctx.stamp, ctx.stamp,
+                         replaces=req.replaces)
     ledger = attrs.evolve(
         ledger,
         sessions=_put(ledger.sessions, session_id, session),
         cursors=_put(ledger.cursors, session_id, rc.Cursor(session_id)),
     )
     return ledger, rc.SessionReply("created", ctx.revision, session)
+
+
+def _replaced(ledger: Ledger, old_id: str, profile: str, new_id: str, ctx: Ctx) -> Ledger:
+    """The ledger with ``old_id`` replaced by ``new_id``: ``replaced_by`` recorded
+    and the old session closed (its quarantine ends with it).  Refused while
+    it has a live lease (a holder may still be using it), or if it was
+    already replaced, or belongs to another profile."""
+    old = _session(ledger, old_id)
+    if old.replaced_by:
+        raise AlreadyExists(f"session {old_id!r} was already replaced by {old.replaced_by!r}",
+                            hint=f"borrow {old.replaced_by} instead")
+    if old.profile != profile:
+        raise InvalidArgument(f"session {old_id!r} is of profile {old.profile!r}, not {profile!r}",
+                              hint=f"pass --profile {old.profile}")
+    live = live_leases(ledger, old_id, ctx.stamp)
+    if live:
+        raise FailedPrecondition(
+            f"session {old_id!r} still has live lease {live[0].lease_id!r}",
+            hint=f"close it first with `python -m relay session close {old_id} --force`")
+    ledger = _closed(ledger, old, ctx)
+    old = attrs.evolve(ledger.sessions[old_id], replaced_by=new_id)
+    return attrs.evolve(ledger, sessions=_put(ledger.sessions, old_id, old))
 
 
 def _free_id(taken: dict[str, Any], base: str) -> str:
@@ -2899,6 +2946,60 @@ def clear_quarantine(ledger: Ledger, req: rc.ClearQuarantineRequest, ctx: Ctx):
     return ledger, rc.QuarantineReply("cleared", ctx.revision, quarantine)
 
 
+def quarantine_code(q: rc.Quarantine) -> str:
+    """A quarantine's reason code (``provider_exited``, ``start_failed``,
+    ``relay_restarted``, ``operator`` ...): its ``code`` field where the record
+    has one, else the word its reason starts with (``code: detail``), else
+    ``operator`` (a reason typed by a person)."""
+    code = getattr(q, "code", "")
+    if code:
+        return code
+    head, sep, _ = q.reason.partition(":")
+    return head if sep and re.fullmatch(r"[a-z_]{1,40}", head) else "operator"
+
+
+def _closed(ledger: Ledger, session: rc.Session, ctx: Ctx) -> Ledger:
+    """``session`` closed; an active quarantine on it ends (cleared) with it,
+    and a turn the ledger still says is running ends ``failed``."""
+    session = attrs.evolve(session, state="closed", updated_at=ctx.stamp)
+    ledger = attrs.evolve(ledger, sessions=_put(ledger.sessions, session.session_id, session))
+    if _quarantined(ledger, session.session_id):
+        quarantine = attrs.evolve(ledger.quarantines[session.session_id], state="cleared",
+                                  cleared_at=ctx.stamp)
+        ledger = attrs.evolve(ledger, quarantines=_put(ledger.quarantines, session.session_id,
+                                                       quarantine))
+    turn = running_turn(ledger, session.session_id)
+    if turn is not None:
+        ledger, _ = end_turn(ledger, turn.turn_id, "failed", turn.output_text,
+                             "the session was closed", turn.usage, ctx)
+    return ledger
+
+
+def end_session(ledger: Ledger, req: rc.CloseSessionRequest, ctx: Ctx):
+    """CloseSession: the session ends for good.  Refused while a lease is live
+    unless ``force``, which revokes it with the reason.  A running server
+    stops the process when it sees the session closed; the ledger change
+    alone is the whole of it without one."""
+    session = _session(ledger, req.session_id)
+    if req.reason:
+        _text("reason", req.reason)
+    if session.state == "closed":
+        return ledger, rc.CloseSessionReply("closed", ledger.revision, session)
+    live = live_leases(ledger, req.session_id, ctx.stamp)
+    if live and not req.force:
+        raise FailedPrecondition(
+            f"session {req.session_id!r} has live lease {live[0].lease_id!r} "
+            f"({live[0].holder!r}); closing it would cut that holder off",
+            hint=f"wait for its release, or `python -m relay session close {req.session_id} "
+            "--force --reason R` to revoke it")
+    why = f"session closed: {req.reason or 'by the operator'}"
+    for lease in live:
+        ledger = _end(ledger, lease, "revoked", ctx, why)
+    ledger = _closed(ledger, session, ctx)
+    return ledger, rc.CloseSessionReply("closed", ctx.revision, ledger.sessions[req.session_id],
+                                        tuple(x.lease_id for x in live))
+
+
 # -- turns (the live runtime submits these; see the Runtime section) ---------------
 
 
@@ -2960,15 +3061,16 @@ TURN_TEXT_KEPT: Final = 16 * KIB
 
 
 def end_turn(ledger: Ledger, turn_id: str, state: str, output_text: str, error: str, usage: Any,
-             ctx: Ctx):
-    """A running turn's terminal state (a turn that already ended is left as it is)."""
+             ctx: Ctx, thread_id: str = ""):
+    """A running turn's terminal state (a turn that already ended is left as it is);
+    ``thread_id`` is recorded if the turn's start did not know it yet."""
     turn = ledger.turns.get(turn_id)
     if turn is None or turn.state != "running":
         return ledger, rc.TurnReply(turn) if turn is not None else None
     if len(output_text) > TURN_TEXT_KEPT:
         output_text = output_text[:TURN_TEXT_KEPT] + " [truncated: the result stream has it whole]"
     turn = attrs.evolve(turn, state=state, output_text=output_text, error=error[:2048],
-                        usage=usage, ended_at=ctx.stamp)
+                        usage=usage, ended_at=ctx.stamp, thread_id=turn.thread_id or thread_id)
     return attrs.evolve(ledger, turns=_put(ledger.turns, turn_id, turn)), rc.TurnReply(turn)
 
 
@@ -3154,11 +3256,13 @@ def compact(ledger: Ledger, ctx: Ctx) -> tuple[Ledger, dict[str, list[dict[str, 
     old_leases = [x for i, x in enumerate(ended) if i < overflow or x.ended_at < lease_cut]
     old_controls = _old_controls(ledger, control_cut, cfg.max_control_requests)
     old_turns = _old_turns(ledger, lease_cut, cfg.max_terminal_leases)
-    if not old_leases and not old_controls and not old_turns:
+    old_sessions = _old_sessions(ledger, lease_cut, old_leases, old_turns)
+    if not old_leases and not old_controls and not old_turns and not old_sessions:
         return attrs.evolve(ledger, compacted_at=ctx.stamp), {}
     gone_leases = {x.lease_id for x in old_leases}
     gone_controls = {x.request_id for x in old_controls}
     gone_turns = {x.turn_id for x in old_turns}
+    gone_sessions = {x.session_id for x in old_sessions}
     ledger = attrs.evolve(
         ledger,
         leases={k: v for k, v in ledger.leases.items() if k not in gone_leases},
@@ -3167,10 +3271,36 @@ def compact(ledger: Ledger, ctx: Ctx) -> tuple[Ledger, dict[str, list[dict[str, 
         turns={k: v for k, v in ledger.turns.items() if k not in gone_turns},
         compacted_at=ctx.stamp,
     )
+    sessions_rows = [dict(to_json(x), cursor=to_json(ledger.cursors.get(x.session_id)
+                                                      or rc.Cursor(x.session_id)),
+                          quarantine=to_json(ledger.quarantines[x.session_id])
+                          if x.session_id in ledger.quarantines else None)
+                     for x in old_sessions]
+    if gone_sessions:
+        ledger = attrs.evolve(
+            ledger,
+            sessions={k: v for k, v in ledger.sessions.items() if k not in gone_sessions},
+            cursors={k: v for k, v in ledger.cursors.items() if k not in gone_sessions},
+            quarantines={k: v for k, v in ledger.quarantines.items() if k not in gone_sessions})
     rows = {"leases": [to_json(x) for x in old_leases],
             "control-requests": [to_json(x) for x in old_controls],
-            "turns": [to_json(x) for x in old_turns]}
+            "turns": [to_json(x) for x in old_turns],
+            "sessions": sessions_rows}
     return ledger, {k: v for k, v in rows.items() if v}
+
+
+def _old_sessions(ledger: Ledger, cut: str, old_leases: list[rc.Lease],
+                  old_turns: list[rc.Turn]) -> list[rc.Session]:
+    """Closed sessions past the lease retention window whose leases and turns
+    all leave the ledger too (none left behind pointing at a missing session)."""
+    closed = [s for s in ledger.sessions.values() if s.state == "closed" and s.updated_at < cut]
+    if not closed:
+        return []
+    gone = {x.lease_id for x in old_leases} | {x.turn_id for x in old_turns}
+    index = _lease_index(ledger)
+    kept_turns = {t.session_id for t in ledger.turns.values() if t.turn_id not in gone}
+    return [s for s in closed if s.session_id not in kept_turns
+            and all(x in gone for x in index.by_session.get(s.session_id, ()))]
 
 
 class Operations:
@@ -3190,6 +3320,7 @@ class Operations:
     append_event = append_result = staticmethod(append_record)  # the row names the stream
     quarantine_session = staticmethod(quarantine_session)
     clear_quarantine = staticmethod(clear_quarantine)
+    close_session = staticmethod(end_session)
     start_turn = staticmethod(start_turn)  # the runtime submits it once the provider took the input
 
 
@@ -3294,7 +3425,7 @@ def list_sessions(ledger: Ledger, req: rc.ListSessionsRequest, now: float,
 
 
 def session_view(session: rc.Session, process: rc.ProcessInfo | None) -> rc.SessionView:
-    return rc.SessionView(*(getattr(session, f.name) for f in attrs.fields(rc.Session)),
+    return rc.SessionView(**{f.name: getattr(session, f.name) for f in attrs.fields(rc.Session)},
                           process=process or rc.ProcessInfo())
 
 
@@ -3393,6 +3524,84 @@ def recover(ledger: Ledger, req: rc.RecoverRequest, now: float):
         sessions = [s for _, s in sorted(ledger.sessions.items())]
     stamp = iso(now)
     return rc.RecoverReply(ledger.revision, tuple(classify(ledger, s, stamp) for s in sessions))
+
+
+# -- repair plans ---------------------------------------------------------------
+#
+# RepairSession's dry run, and the plan its ``--apply`` follows: pure, from the
+# ledger alone (the runtime adds what only it knows, the live process).
+
+#: Providers whose conversation a fresh process can take up again, and how.
+RESUMABLE: Final = {"codex": "thread/resume", "claude": "--resume"}
+
+
+def last_thread(ledger: Ledger, session_id: str) -> tuple[str, str, str]:
+    """(thread id, holder of its lease, turn id) of the session's latest turn
+    that recorded a provider conversation; ("", "", "") when none did (or
+    its turns were archived).  The holder is "" once the lease is archived."""
+    turns = [t for t in ledger.turns.values() if t.session_id == session_id and t.thread_id]
+    if not turns:
+        return "", "", ""
+    turn = max(turns, key=lambda t: (t.started_at, t.turn_id))
+    lease = ledger.leases.get(turn.lease_id)
+    return turn.thread_id, lease.holder if lease is not None else "", turn.turn_id
+
+
+def repair_plan(ledger: Ledger, session_id: str, stamp: str,
+                process: rc.ProcessInfo | None = None) -> rc.RepairReply:
+    """What RepairSession would do to the session, and why (``outcome``
+    planned), or why nothing (healthy) or nothing can be done (refused)."""
+    session = _session(ledger, session_id)
+    profile = ledger.profiles.get(session.profile)
+    quarantined = _quarantined(ledger, session_id)
+    step = rc.RepairStep
+    if session.state == "ready" and not quarantined:
+        return rc.RepairReply(session_id, False, "healthy", (step(
+            "none", "ready and not quarantined: nothing to repair"),), revision=ledger.revision)
+    if session.replaced_by:
+        return rc.RepairReply(session_id, False, "refused", (step(
+            "none", f"already replaced by {session.replaced_by}"),),
+            replacement_session_id=session.replaced_by, revision=ledger.revision)
+    if profile is None:
+        return rc.RepairReply(session_id, False, "refused", (step(
+            "none", f"profile {session.profile!r} is gone: no process and no replacement can "
+            "be started"),), revision=ledger.revision)
+    if session.state == "closed":
+        return rc.RepairReply(session_id, False, "planned", (step(
+            "start_replacement", f"the session is closed (never reopened): a new session of "
+            f"{profile.name} replaces it, recorded as replaces/replaced_by"),),
+            revision=ledger.revision)
+    live = live_leases(ledger, session_id, stamp)
+    thread, holder, turn_id = last_thread(ledger, session_id)
+    pid = process.pid if process is not None and process.state not in ("", "exited") else 0
+    steps = [
+        step("stop_process", f"pid {pid} is left: stopped first (SIGTERM, then SIGKILL)" if pid
+             else "no process is left"),
+        step("rebuild_scratch", f"sessions/{session_id}/home, tmp and work move to "
+             f"sessions/{session_id}/evidence-N/ as evidence; fresh ones get the provider's "
+             "home files again, with its conversation store and work dir copied over"),
+        step("start_process", f"spawn {profile.name}'s command in a fresh process"),
+    ]
+    how = RESUMABLE.get(profile.provider)
+    if thread and how and holder:
+        steps.append(step("resume_thread", f"{how} {thread} (the conversation of turn {turn_id}); "
+                          f"{holder}'s next exclusive lease continues it"))
+    else:
+        why = (f"{profile.provider} has no conversation a new process can take up" if not how
+               else "no turn recorded a conversation" if not thread else
+               f"the lease of turn {turn_id} is archived: nobody is known to continue {thread}")
+        steps.append(step("no_thread", f"{why}: the next lease starts a fresh one"))
+    steps.append(step("check_handshake", "the process must answer its handshake (Codex "
+                      "initialize; Claude a control request) within startup_timeout_seconds"))
+    if live:
+        steps.append(step("keep_quarantine", f"lease {live[0].lease_id} is live: the quarantine "
+                          "stays until it ends"))
+    else:
+        steps.append(step("clear_quarantine", "healthy and no lease is live" if quarantined
+                          else "the session is failed without a quarantine: made ready"))
+    steps.append(step("start_replacement", "only if the resume is refused or the handshake "
+                      f"fails: a new session of {profile.name} replaces this one, which is closed"))
+    return rc.RepairReply(session_id, False, "planned", tuple(steps), revision=ledger.revision)
 
 
 @attrs.define(eq=False)
@@ -3734,6 +3943,8 @@ def _compact_if_due(store: Store, ledger: Ledger, now: float, config: Config) ->
     compacted, rows = compact(ledger, ctx)
     for name, batch in rows.items():
         store.archive(name, batch)
+    for row in rows.get("sessions", ()):  # their logs go with them, never to be cut by a reused id
+        store.archive_streams(row["session_id"], compacted.revision)
     return compacted
 
 
@@ -5729,6 +5940,14 @@ class ProviderProcess:
 # session through ``auto_quarantine`` (code and evidence; leases revoked),
 # fails its running turn and lets the pool start a replacement.  What was
 # observed is counted per profile in ``health`` (memory only, exported).
+#
+# Repair (``repair_session``) brings a failed session back: a fresh scratch and
+# process that takes up the conversation its last turn recorded
+# (``Turn.thread_id``: Codex ``thread/resume``, Claude ``--resume``), kept for
+# the holder of the revoked lease only; or, when that fails, a replacement
+# session.  While it runs, the session is in ``_repairing`` and the reconcile
+# loop leaves it alone; at start, ``_repair_restarted`` repairs what
+# ``_fail_turns_of_a_dead_relay`` quarantined.
 
 _rlog = _LazyLogger("runtime")
 
@@ -5947,6 +6166,75 @@ def event_data(event: WireEvent, turn_id: str | None) -> dict[str, Any]:
     return data
 
 
+class _NotYet(FailedPrecondition):
+    """A request id with no earlier answer (RepairSession looks before it acts)."""
+
+
+def _naming_thread(apply: Callable[[Ledger, Ctx], tuple[Ledger, Any]], thread_id: str):
+    """StartTurn's operation, its new turn recording the conversation it runs in."""
+    def run(ledger: Ledger, ctx: Ctx) -> tuple[Ledger, Any]:
+        new, reply = apply(ledger, ctx)
+        if new is ledger:
+            return new, reply
+        turn = attrs.evolve(reply.turn, thread_id=thread_id)
+        return attrs.evolve(new, turns=_put(new.turns, turn.turn_id, turn)), rc.TurnReply(turn)
+    return run
+
+
+def rebuild_scratch(tmp_dir: Path, session_id: str) -> Path | None:
+    """A repair's fresh scratch: ``home``, ``tmp`` and ``work`` move to
+    ``sessions/<id>/evidence-<n>/`` (kept for the post-mortem until the session
+    is closed and cleaned up), then fresh ones are made and the old home (the
+    provider's conversation store: Codex rollouts, Claude sessions) and work
+    dir are copied back, so the conversation can be resumed; ``tmp`` (stale
+    sockets and locks) starts empty, and the spawn rewrites the provider's home
+    files.  Returns the evidence directory (None: there was no scratch)."""
+    dirs = scratch_dirs(tmp_dir, session_id)
+    evidence = None
+    if any(dirs[name].exists() for name in ("home", "tmp", "work")):
+        n = 1
+        while (dirs["root"] / f"evidence-{n}").exists():
+            n += 1
+        evidence = dirs["root"] / f"evidence-{n}"
+        evidence.mkdir(parents=True)
+        for name in ("home", "tmp", "work"):
+            if dirs[name].exists():
+                os.replace(dirs[name], evidence / name)
+    fresh = make_scratch(tmp_dir, session_id)
+    for name in ("home", "work") if evidence is not None else ():
+        if (evidence / name).is_dir():
+            shutil.copytree(evidence / name, fresh[name], symlinks=True, dirs_exist_ok=True,
+                            ignore=_special_files)
+    _fsync_dir(dirs["root"])
+    return evidence
+
+
+def _special_files(directory: str, names: list[str]) -> list[str]:
+    """What a scratch copy leaves out: sockets, pipes, devices (only files,
+    directories and symlinks are copied)."""
+    import stat
+
+    skipped = []
+    for name in names:
+        try:
+            mode = os.lstat(os.path.join(directory, name)).st_mode
+        except OSError:
+            skipped.append(name)
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
+            skipped.append(name)
+    return skipped
+
+
+def repaired_session(ledger: Ledger, session_id: str, ctx: Ctx) -> Ledger:
+    """The session ready again: its quarantine cleared (refused while a lease is
+    live, or if it is closed), or, failed without one, made ready."""
+    if _quarantined(ledger, session_id):
+        return clear_quarantine(ledger, rc.ClearQuarantineRequest(session_id), ctx)[0]
+    session = attrs.evolve(_session(ledger, session_id), state="ready", updated_at=ctx.stamp)
+    return attrs.evolve(ledger, sessions=_put(ledger.sessions, session_id, session))
+
+
 @attrs.define(eq=False)
 class _TurnRun:
     """The running turn of a session, in memory."""
@@ -5985,6 +6273,15 @@ class LiveSession:
     approvals: dict[str, Any] = attrs.Factory(dict)  # approval_id -> cancel scope of its timer
     waiters: dict[str, _Waiter] = attrs.Factory(dict)
     handing_over: bool = False
+    #: Claude: the session id the relay gave the process (``--session-id`` / ``--resume``).
+    conversation_id: str = ""
+    #: After a repair resumed a conversation: its thread (Codex) and the holder of
+    #: the revoked lease, whose next exclusive lease continues it (any other
+    #: holder gets a fresh thread, Claude a fresh process).
+    resumed_thread: str = ""
+    resume_holder: str = ""
+    #: Started by a repair: a one-borrow session's earlier lease does not close it.
+    repaired: bool = False
     #: Records queued for commit and not yet seen committed: (kind, _Pending).
     unconfirmed: list[tuple[str, Any]] = attrs.Factory(list)
     #: Failure detection.  ``activity_at``: trio time the relay last gave the
@@ -6038,6 +6335,8 @@ class Runtime:
     _changed: Any = None  # trio.Event, replaced each time it fires
     _record_lock: Any = attrs.Factory(lambda: trio.Lock())  # one providers.json writer
     _programs: dict[tuple[str, tuple[str, ...]], bool] = attrs.Factory(dict)  # profile -> installed
+    _repairing: set[str] = attrs.Factory(set)  # sessions a RepairSession is working on
+    _start_errors: dict[str, str] = attrs.Factory(dict)  # session -> why its last start failed
     #: Per profile, what this server observed (``ProviderHealth``).
     health: dict[str, ProviderHealth] = attrs.Factory(dict)
     _start_failed_ids: set[str] = attrs.Factory(set)  # sessions whose start failed
@@ -6066,6 +6365,7 @@ class Runtime:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._watch_feed, feed)
+                await self._repair_restarted()
                 await self.reconcile()
                 task_status.started(self)
                 while True:
@@ -6189,6 +6489,8 @@ class Runtime:
                 self._nursery.start_soon(self._fail, live, "tmp_corrupted", why)
 
     async def _check_lease(self, ledger: Ledger, live: LiveSession, stamp: str) -> None:
+        if live.session_id in self._repairing:  # its quarantine is cleared once it is healthy
+            return
         session = ledger.sessions.get(live.session_id)
         if session is None or session.state != "ready" or _quarantined(ledger, live.session_id):
             if live.proc.state not in ("stopping", "exited"):
@@ -6203,7 +6505,7 @@ class Runtime:
             return
         elif (live.lease_id and not any(x.lease_id == live.lease_id for x in leases)) or (
                 not held and not live.lease_id and live.profile.mode == "one-borrow"
-                and self._was_borrowed(ledger, live.session_id)):
+                and not live.repaired and self._was_borrowed(ledger, live.session_id)):
             live.handing_over = live.used = True
             self._nursery.start_soon(self._hand_over, live)
 
@@ -6233,7 +6535,8 @@ class Runtime:
         ready = [s for s in ledger.sessions.values() if s.profile == profile.name
                  and s.state == "ready" and not _quarantined(ledger, s.session_id)]
         for session in sorted(ready, key=lambda s: s.session_id):
-            if session.session_id in self.sessions or session.session_id in self._busy:
+            if (session.session_id in self.sessions or session.session_id in self._busy
+                    or session.session_id in self._repairing):
                 continue
             if backing_off and session.session_id in self._start_failed_ids:
                 continue
@@ -6265,18 +6568,28 @@ class Runtime:
 
     # -- processes ----------------------------------------------------------
 
-    async def _start(self, profile: rc.Profile, session_id: str) -> bool:
+    async def _start(self, profile: rc.Profile, session_id: str, resume: str = "",
+                     check: bool = False) -> bool:
         """Spawn and (Codex) handshake a session's process; False if that failed."""
         self._busy.add(session_id)
         try:
-            return await self._spawn(profile, session_id)
+            return await self._spawn(profile, session_id, resume, check)
         finally:
             self._busy.discard(session_id)
 
-    async def _spawn(self, profile: rc.Profile, session_id: str) -> bool:
+    async def _spawn(self, profile: rc.Profile, session_id: str, resume: str = "",
+                     check: bool = False) -> bool:
+        """``resume``: the conversation to take up (Codex ``thread/resume`` after
+        the handshake; Claude ``--resume``).  ``check``: a CLI that prints
+        nothing first must answer a probe (a repair checks the handshake)."""
+        self._start_errors.pop(session_id, None)
+        conversation = ""
         try:
             dirs = await trio.to_thread.run_sync(make_scratch, self.store.tmp_dir, session_id)
             argv = provider_argv(profile)
+            if profile.provider == "claude":  # the relay names the conversation, so it is known up front
+                conversation = resume or str(__import__("uuid").uuid4())
+                argv += ["--resume", resume] if resume else ["--session-id", conversation]
             cwd = profile.cwd or str(dirs["work"])
             proto = _PROTOCOLS[profile.provider]()
             written: dict[str, str] = {}
@@ -6292,7 +6605,8 @@ class Runtime:
             return False
         self.health_of(profile.name).starts += 1
         live = LiveSession(session_id, profile, proc, fingerprint=fingerprint,
-                           secrets=_secret_values(proc.env), spawned_at=trio.current_time())
+                           secrets=_secret_values(proc.env), spawned_at=trio.current_time(),
+                           conversation_id=conversation)
         self.sessions[session_id] = live
         if self._none_left.is_set():
             self._none_left = trio.Event()
@@ -6310,12 +6624,18 @@ class Runtime:
                       f"{self.config.startup_timeout_seconds} s"
                 if waiter.result == "exited":
                     why = f"exited with status {proc.returncode} before the handshake"
+                asked = proc.stop_requested or self._closing  # stopped by the relay, not failed
                 await proc.stop(f"start failed: {why}")
-                await self._start_failed(profile, session_id, why, live)
+                if not asked:
+                    await self._start_failed(profile, session_id, why, live)
                 return False
             proc.provider_version = waiter.result.provider_version or ""
+            if resume and not await self._resume_thread(live, resume):
+                return False
             if profile.mode == "pooled":
                 await self._open_spare(live)
+        elif (check or resume) and not await self._answers_probe(live):
+            return False
         proc.transition("running", "handshake completed" if profile.provider == "codex"
                         else "spawned (this CLI prints nothing before its first input)")
         live.started = True
@@ -6324,6 +6644,53 @@ class Runtime:
         if profile.provider == "codex":  # Claude / Kimi: an early exit still counts (_on_exit)
             self._started_well(profile)
         return True
+
+    async def _answer_or_exit(self, live: LiveSession, waiter: _Waiter) -> None:
+        """Until ``waiter`` has its answer, the process exits, or
+        ``startup_timeout_seconds`` pass, whichever is first."""
+        with trio.move_on_after(self.config.startup_timeout_seconds):
+            async with trio.open_nursery() as nursery:
+                async def either(wait: Callable[[], Any]) -> None:
+                    await wait()
+                    nursery.cancel_scope.cancel()
+                nursery.start_soon(either, waiter.event.wait)
+                nursery.start_soon(either, live.proc.exited.wait)
+
+    async def _resume_thread(self, live: LiveSession, thread_id: str) -> bool:
+        """Codex ``thread/resume`` in a fresh process; False (stopped, and why
+        in ``_start_errors``) when it is refused or unanswered."""
+        waiter = live.expect("resume")
+        try:
+            await live.proc.write(live.proc.protocol.send_thread_resume(thread_id))
+            await self._wait(waiter, "thread/resume")
+        except (RelayError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            why = getattr(exc, "message", None) or f"the provider closed its input ({exc!r})"
+            self._start_errors[live.session_id] = f"resume refused: {why}"
+            await live.proc.stop(f"repair: resume refused: {why}")
+            return False
+        live.resumed_thread = thread_id
+        return True
+
+    async def _answers_probe(self, live: LiveSession) -> bool:
+        """A CLI that prints nothing before its first input (Claude) answers a
+        control request, or exits (a refused ``--resume``): False then."""
+        proto = live.proc.protocol
+        if not hasattr(proto, "send_probe"):  # Kimi: nothing to ask
+            return True
+        waiter = live.expect("probe")
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await live.proc.write(proto.send_probe())
+        await self._answer_or_exit(live, waiter)
+        if waiter.result is not None:
+            return True
+        tail = " | ".join(list(live.proc.stderr)[-3:])
+        self._start_errors[live.session_id] = (
+            f"no answer to a probe within {self.config.startup_timeout_seconds} s"
+            if live.proc.returncode is None else
+            f"exited with {live.proc.returncode} before its handshake") + (
+            f"; stderr: {tail}" if tail else "")
+        await live.proc.stop("repair: no handshake")
+        return False
 
     def _started_well(self, profile: rc.Profile) -> None:
         self._failures.pop(profile.name, None)
@@ -6338,6 +6705,7 @@ class Runtime:
         """Back off the profile's next spawn (1, 2, 4, ... s; after
         ``degraded_after_failures`` in a row the profile is ``degraded`` and
         tries once per SPAWN_BACKOFF_MAX_SECONDS) and quarantine the session."""
+        self._start_errors[session_id] = why
         n = self._failures[profile.name] = self._failures.get(profile.name, 0) + 1
         health = self.health_of(profile.name)
         health.start_failures += 1
@@ -6526,7 +6894,8 @@ class Runtime:
             await self._end_turn(live, "failed", why)
         if self._closing:
             return
-        if not crashed and not live.failure and live.profile.mode == "one-borrow" and live.used:
+        if (not crashed and not live.failure and live.profile.mode == "one-borrow" and live.used
+                and live.session_id not in self._repairing):
             await self._close(live.session_id, "its one lease ended")
         self._wake.set()
         self.changed()
@@ -6597,13 +6966,16 @@ class Runtime:
         if kind == "thread.archived":
             live.resolve("archive", event)
             return
+        if kind == "thread.resumed":
+            live.resolve("resume", event)
+            return
         if kind == "turn.accepted":
             if live.turn is not None:
                 live.turn.native_id = event.turn_id
             live.resolve("accepted", event)
             return
         if kind == "request.failed":
-            live.resolve({"thread/start": "thread", "turn/start": "accepted",
+            live.resolve({"thread/start": "thread", "thread/resume": "resume", "turn/start": "accepted",
                           "thread/archive": "archive", "turn/interrupt": "interrupt"}.get(
                               event.method or "", "other"), event)
             return
@@ -6692,8 +7064,9 @@ class Runtime:
         turn = attrs.evolve(run.turn, state=state, output_text=text, error=error, usage=usage,
                             ended_at=iso(self.now()))
         with contextlib.suppress(RelayError):
+            thread = self._conversation(live)
             reply = await self.owner.submit(Mutation(lambda led, ctx: end_turn(
-                led, turn.turn_id, state, text, error, usage, ctx), "end_turn"))
+                led, turn.turn_id, state, text, error, usage, ctx, thread), "end_turn"))
             if reply is not None:
                 turn = attrs.evolve(reply.turn, output_text=text)  # the whole text in the result
         if data is None:  # ended by the relay, not by the provider: say so in the stream too
@@ -6735,7 +7108,52 @@ class Runtime:
             live = await self._lendable(req.session_id)
             async with live.lock:  # a hand-over holds it: the next borrower waits for the clean-up
                 if self.sessions.get(req.session_id) is live and not live.handing_over:
+                    if self._resumed_for_another(live, req):
+                        live.used = False  # not its lease's end: the session stays
+                        await self._recycle(live)
+                        continue
                     return await self._start_locked(live, req)
+
+    def _holder(self, lease_id: str) -> str:
+        lease = self.owner.ledger.leases.get(lease_id)
+        return lease.holder if lease is not None else ""
+
+    def _resumed_for_another(self, live: LiveSession, req: rc.StartTurnRequest) -> bool:
+        """A process that took up a conversation after a repair (Claude, Kimi:
+        one conversation per process) is kept for the holder of the revoked
+        lease; another holder's first turn gets a fresh process instead.  The
+        claim lasts for the next exclusive lease only."""
+        if not live.resume_holder or isinstance(live.proc.protocol, CodexProtocol):
+            return False
+        foreign = self._holder(req.lease_id) != live.resume_holder
+        live.resume_holder = live.resumed_thread = ""
+        return foreign
+
+    def _conversation(self, live: LiveSession) -> str:
+        """The provider conversation a turn of ``live`` runs in (Turn.thread_id)."""
+        return live.thread_id if isinstance(live.proc.protocol, CodexProtocol) else live.conversation_id
+
+    async def _thread_for(self, live: LiveSession, req: rc.StartTurnRequest) -> str:
+        """Codex: the thread of the lease, opened now if it has none yet: the
+        resumed one for the holder it was kept for, else the spare, else a new
+        one; so the turn's record names it from the start."""
+        if not isinstance(live.proc.protocol, CodexProtocol):
+            return live.conversation_id
+        if live.thread_id and live.lease_id == req.lease_id:
+            return live.thread_id
+        claimed = live.resumed_thread if self._holder(req.lease_id) == live.resume_holder else ""
+        live.resumed_thread = live.resume_holder = ""  # the next exclusive lease only
+        live.lease_id = req.lease_id
+        try:
+            if claimed:
+                live.thread_id = claimed
+            else:
+                live.thread_id = live.spare_thread or await self._start_thread(live)
+                live.spare_thread = ""
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise Unavailable(f"the provider of {req.session_id!r} closed its input",
+                              hint="see `python -m relay recover`") from None
+        return live.thread_id
 
     async def _start_locked(self, live: LiveSession, req: rc.StartTurnRequest) -> rc.TurnReply:
         known = {t.turn_id for t in self.owner.ledger.turns.values()
@@ -6751,7 +7169,11 @@ class Runtime:
             if live.failure:
                 raise Unavailable(f"session {req.session_id!r} is quarantined ({live.failure})",
                                   hint="borrow another session; see `python -m relay recover`")
-        reply = await self.owner.submit(rpc_mutation("StartTurn", req))
+        thread = await self._thread_for(live, req)
+        mutation = rpc_mutation("StartTurn", req)
+        if thread:
+            mutation = attrs.evolve(mutation, apply=_naming_thread(mutation.apply, thread))
+        reply = await self.owner.submit(mutation)
         if reply.turn.turn_id in known:  # an idempotent retry: it was started already
             return rc.TurnReply(self.owner.ledger.turns.get(reply.turn.turn_id, reply.turn))
         run = live.turn = _TurnRun(reply.turn)
@@ -6773,10 +7195,6 @@ class Runtime:
                 live.lease_id, live.used = req.lease_id, True
                 await proc.write(proto.send_user_message(req.input, turn_id=live.turn.turn.turn_id))
                 return
-            if live.thread_id == "" or live.lease_id != req.lease_id:
-                live.lease_id = req.lease_id
-                live.thread_id = live.spare_thread or await self._start_thread(live)
-                live.spare_thread = ""
             waiter = live.expect("accepted")
             await proc.write(proto.send_turn_start(live.thread_id, req.input))
             await self._wait(waiter, "turn/start")
@@ -6943,6 +7361,143 @@ class Runtime:
                 await self._spawn(live.profile, live.session_id)
         finally:
             self._busy.discard(live.session_id)
+
+    # -- repair (RepairSession) ---------------------------------------------------
+
+    async def repair_session(self, req: rc.RepairSessionRequest) -> rc.RepairReply:
+        """Dry run: the plan.  ``apply``: stop what is left, rebuild the
+        scratch, start a fresh process resuming the last conversation, check
+        its handshake, clear the quarantine; if it cannot be repaired, start
+        a replacement session and close this one."""
+        if req.apply and req.request_id:  # a retry gets the first answer, whatever changed since
+            with contextlib.suppress(_NotYet):
+                return await self.owner.submit(self._repair_mutation(req, None, None))
+        plan = repair_plan(self.owner.ledger, req.session_id, iso(self.now()),
+                           self.processes().get(req.session_id))
+        if not req.apply or plan.outcome != "planned":
+            return attrs.evolve(plan, applied=req.apply and plan.outcome != "planned")
+        profile = self.owner.ledger.profiles[self.owner.ledger.sessions[req.session_id].profile]
+        if not self._managed(profile):
+            return attrs.evolve(plan, applied=True, outcome="refused", steps=(rc.RepairStep(
+                "none", f"profile {profile.name}'s program is not installed here: the runtime "
+                "starts no process for it"),))
+        if req.session_id in self._repairing:
+            raise FailedPrecondition(f"session {req.session_id!r} is being repaired already",
+                                     hint="see `python -m relay session list` in a moment")
+        self._repairing.add(req.session_id)
+        try:
+            return await self._repair(req)
+        finally:
+            self._repairing.discard(req.session_id)
+            self._wake.set()
+
+    def _repair_mutation(self, req: rc.RepairSessionRequest,
+                         change: Callable[[Ledger, Ctx], Ledger] | None,
+                         reply: rc.RepairReply | None) -> Mutation:
+        """The repair's last commit, carrying its request id; without a
+        ``change`` it only looks the id up (an earlier answer, else refused
+        unchanged with ``_NotYet``)."""
+        def apply(ledger: Ledger, ctx: Ctx) -> tuple[Ledger, Any]:
+            if change is None:
+                raise _NotYet("no earlier repair with this request id", hint="")
+            return change(ledger, ctx), attrs.evolve(reply, revision=ctx.revision)
+        body = to_json(req)
+        body.pop("request_id", None)
+        return Mutation(apply, "RepairSession", rc.RepairReply, req.request_id,
+                        _digest(["RepairSession", body]) if req.request_id else "")
+
+    async def _repair(self, req: rc.RepairSessionRequest) -> rc.RepairReply:
+        sid, ledger = req.session_id, self.owner.ledger
+        session = ledger.sessions[sid]
+        profile = ledger.profiles[session.profile]
+        if session.state == "closed":
+            return await self._replace(req, profile, [], "the session is closed")
+        steps = [await self._stop_left(sid)]
+        evidence = await trio.to_thread.run_sync(rebuild_scratch, self.store.tmp_dir, sid)
+        where = _rel(self.store, evidence) if evidence is not None else "no old scratch"
+        steps.append(rc.RepairStep("rebuild_scratch", f"old scratch kept in {where}", True))
+        thread, holder, _ = last_thread(ledger, sid)
+        thread = thread if profile.provider in RESUMABLE and holder else ""  # as repair_plan says
+        if not await self._start(profile, sid, resume=thread, check=True):
+            why = self._start_errors.get(sid, "the process did not start")
+            steps.append(rc.RepairStep("start_process", why, False))
+            return await self._replace(req, profile, steps, why)
+        live = self.sessions[sid]
+        live.repaired, live.resume_holder = True, holder if thread else ""
+        steps.append(rc.RepairStep("start_process", f"pid {live.proc.pid}", True))
+        steps.append(rc.RepairStep("resume_thread", f"{RESUMABLE[profile.provider]} {thread}"
+                                   + (f", kept for {holder}'s next exclusive lease" if holder else ""),
+                                   True) if thread else
+                     rc.RepairStep("no_thread", "no conversation to resume: the next lease "
+                                   "starts a fresh one", True))
+        steps.append(rc.RepairStep("check_handshake", "answered", True))
+        steps.append(rc.RepairStep("clear_quarantine", "healthy and no lease is live", True))
+        reply = rc.RepairReply(sid, True, "repaired", tuple(steps))
+        try:
+            return await self.owner.submit(self._repair_mutation(
+                req, lambda led, ctx: repaired_session(led, sid, ctx), reply))
+        except RelayError as exc:  # a lease went live meanwhile, or the session was closed
+            await live.proc.stop(f"repair: {exc.message}")
+            steps[-1] = rc.RepairStep("clear_quarantine", exc.message, False)
+            return rc.RepairReply(sid, True, "refused", tuple(steps), revision=self.owner.ledger.revision)
+
+    async def _stop_left(self, sid: str) -> rc.RepairStep:
+        """Stop the session's process, if any is left, and wait until it is forgotten."""
+        live = self.sessions.get(sid)
+        if live is None:
+            return rc.RepairStep("stop_process", "no process was left", True)
+        await live.proc.stop("repair: a fresh process replaces it")
+        with trio.move_on_after(self.config.startup_timeout_seconds):
+            while self.sessions.get(sid) is live:
+                await self.wait_changed()
+        return rc.RepairStep("stop_process", f"pid {live.proc.pid} stopped ({live.proc.returncode})",
+                             True)
+
+    async def _replace(self, req: rc.RepairSessionRequest, profile: rc.Profile,
+                       steps: list[rc.RepairStep], why: str) -> rc.RepairReply:
+        """The session cannot be repaired: a new session of its profile
+        replaces it (``replaces`` / ``replaced_by``) and it is closed."""
+        sid = req.session_id
+        await self._stop_left(sid)
+        created: list[str] = []
+
+        def change(ledger: Ledger, ctx: Ctx) -> Ledger:
+            new_id = _free_id(ledger.sessions, f"ses-{ctx.revision}")
+            created.append(new_id)
+            return create_session(ledger, rc.CreateSessionRequest(profile.name, new_id,
+                                                                  replaces=sid), ctx)[0]
+
+        steps = [*steps, rc.RepairStep("close_session", f"cannot be repaired: {why}", True)]
+        try:
+            reply = await self.owner.submit(self._repair_mutation(
+                req, change, rc.RepairReply(sid, True, "replaced", tuple(steps))))
+        except RelayError as exc:
+            steps[-1] = rc.RepairStep("close_session", exc.message, False)
+            return rc.RepairReply(sid, True, "refused", tuple(steps),
+                                  revision=self.owner.ledger.revision)
+        new_id = created[-1] if created else self.owner.ledger.sessions[sid].replaced_by
+        started = self._managed(profile) and await self._start(profile, new_id)
+        step = rc.RepairStep("start_replacement", f"session {new_id}" + (
+            "" if started else f" (not started: {self._start_errors.get(new_id, 'unmanaged')})"),
+            True)
+        return attrs.evolve(reply, steps=(*reply.steps, step), replacement_session_id=new_id)
+
+    async def _repair_restarted(self) -> None:
+        """At start: repair the sessions a previous server's death left
+        quarantined (``relay_restarted``): resumed where the provider can,
+        else replaced."""
+        ledger = self.owner.ledger
+        for sid, q in sorted(ledger.quarantines.items()):
+            session = ledger.sessions.get(sid)
+            if (q.state != "active" or quarantine_code(q) != "relay_restarted" or session is None
+                    or session.profile not in ledger.profiles
+                    or not self._managed(ledger.profiles[session.profile])):
+                continue
+            try:
+                reply = await self.repair_session(rc.RepairSessionRequest(sid, apply=True))
+                _rlog.info("session %s (relay restarted): %s", sid, reply.outcome)
+            except RelayError as exc:
+                _rlog.warning("session %s (relay restarted): not repaired: %s", sid, exc.message)
 
     async def aclose(self) -> None:
         """Stop every provider (graceful shutdown, while the ledger owner still
@@ -7425,6 +7980,13 @@ class Service:
     async def resolve_approval(self, request: rc.ResolveApprovalRequest) -> rc.ApprovalReply:
         return await self._live_runtime().resolve_approval(request)
 
+    async def repair_session(self, request: rc.RepairSessionRequest) -> rc.RepairReply:
+        """The runtime repairs; a dry run needs only the ledger."""
+        if self.runtime is None and not request.apply:
+            self.owner.check_intact()
+            return repair_plan(self.owner.ledger, request.session_id, iso(self.now()))
+        return await self._live_runtime().repair_session(request)
+
     def _live_runtime(self) -> Runtime:
         """The runtime, for the rows it answers (``Rpc.runtime``)."""
         if self.runtime is None:
@@ -7532,7 +8094,7 @@ class Service:
             return ""
         return token_id if token_usable(token, iso(now)) else ""
 
-    def close_session(self, value: str) -> None:
+    def log_out(self, value: str) -> None:
         """Log a session value out for good (its cookie may have been copied)."""
         if not self.session_token_id(value):
             return
@@ -9456,7 +10018,7 @@ def _install_login(app: Any, service: Service) -> None:
     async def logout() -> Any:
         name = _session_cookie(request.scope)
         if value := request.cookies.get(name):
-            service.close_session(value)
+            service.log_out(value)
         response = _json_response({"logged_out": True})
         response.delete_cookie(name, path="/", secure=request.scheme == "https", httponly=True,
                                samesite="Strict")
@@ -10836,6 +11398,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             if spec.name == "StartTurn":
                 leaf.add_argument("--wait", action="store_true",
                                   help="stream the turn here; exit 0 if it completed, else 1")
+            if spec.name == "Recover":  # Recover stays a read; --apply calls other RPCs
+                leaf.add_argument("--apply", action="store_true",
+                                  help="perform what each classification calls for, step by step")
         else:
             for flags, kwargs in spec:
                 leaf.add_argument(*flags, **kwargs)
@@ -10864,6 +11429,15 @@ def _describe(name: str, reply: Any) -> str:
     if isinstance(reply, rc.ListRecordsReply):
         rows = [f"{r.seq}\t{r.appended_at}\t{r.kind}\t{json.dumps(r.data)}" for r in reply.records]
         return "\n".join(rows) or f"no records after that cursor (last seq {reply.last_seq})"
+    if isinstance(reply, rc.RepairReply):
+        head = f"{reply.session_id}: {reply.outcome}" + (
+            f" (replacement {reply.replacement_session_id})" if reply.replacement_session_id else "")
+        mark = "done" if reply.applied else "plan"
+        rows = [f"  [{mark if x.done or not reply.applied else 'not done'}] {x.action}: {x.reason}"
+                for x in reply.steps]
+        tail = [] if reply.applied or reply.outcome != "planned" else [
+            f"run `python -m relay repair {reply.session_id} --apply` to do it"]
+        return "\n".join([head, *rows, *tail])
     if isinstance(reply, rc.RecoverReply):
         rows = [f"{r.session_id}\t{r.classification}\t{r.reason}\t{r.next_command}"
                 for r in reply.sessions]
@@ -10919,9 +11493,25 @@ def _run_rpc(store: Store, config: Config, rpc: rc.Rpc, request: Any, args: argp
              as_json: bool) -> int:
     if rpc.streams:
         return _follow(store, config, rpc, request)
+    if rpc.name == "Recover" and getattr(args, "apply", False):
+        validate_request(request)
+        return _recover_apply(store, config, request, as_json)
     if rpc.runtime:  # it needs running providers: the running server answers it
         validate_request(request)
-        return _run_remote(store, rpc, request, args, as_json)
+        dry_run = _LEDGER_DRY_RUNS.get(rpc.name)
+        if dry_run is not None and not request.apply and not _serving(store):
+            reply = dry_run(store.read() or Ledger(), request, time.time())
+            _emit(as_json, to_json(reply), _describe(rpc.name, reply))
+            return EXIT_OK
+        try:
+            return _run_remote(store, rpc, request, args, as_json)
+        except Unavailable as exc:
+            if getattr(request, "apply", False):
+                raise Unavailable(f"{exc.message}: repairing needs the running server (it owns "
+                                  "the provider processes)",
+                                  hint=f"start `python -m relay serve`, then run `python -m relay "
+                                  f"{' '.join(rpc.cli)} {request.session_id} --apply`") from None
+            raise
     if rpc.mutates:
         reply = commit_one(store, rpc_mutation(rpc, request), config)
         _failpoint("before_ack")
@@ -10930,6 +11520,56 @@ def _run_rpc(store: Store, config: Config, rpc: rc.Rpc, request: Any, args: argp
         reply = read_rpc(store, rpc, request, time.time())
     _emit(as_json, to_json(reply), _describe(rpc.name, reply))
     return EXIT_OK
+
+
+#: Runtime rows whose dry run (``apply`` false) the ledger alone answers when no server runs.
+_LEDGER_DRY_RUNS: Final = {
+    "RepairSession": lambda ledger, req, now: repair_plan(ledger, req.session_id, iso(now)),
+}
+
+
+def _serving(store: Store) -> bool:
+    """Whether the ledger names a serving relay whose process is alive."""
+    try:
+        ledger = store.read()
+    except LedgerInvalid:
+        return False
+    runtime = ledger.runtime if ledger is not None else rc.Runtime()
+    return runtime.status == "serving" and runtime.pid > 0 and _pid_alive(runtime.pid)
+
+
+def _recover_apply(store: Store, config: Config, request: rc.RecoverRequest, as_json: bool) -> int:
+    """``recover --apply``: ``rc.apply_recovery`` over the ledger, each step
+    printed.  Repairs go to the running server (without one they fail, saying
+    so); replacements are CreateSession commits."""
+    ledger = store.read() or Ledger()
+    recoveries = recover(ledger, request, time.time()).sessions
+    stub = None
+
+    def repair(sid: str) -> rc.RepairReply:
+        nonlocal stub
+        if not _serving(store):
+            raise Unavailable("repairing needs the running server (it owns the provider processes)",
+                              hint="start `python -m relay serve`, then run `python -m relay "
+                              "recover --apply` again")
+        stub = stub or rc.RelayStub(root=store.root, timeout=rc.DEFAULT_TIMEOUT)
+        return stub.repair_session(session_id=sid, apply=True)
+
+    def create(profile: str, sid: str) -> rc.SessionReply:
+        return commit_one(store, rpc_mutation("CreateSession", rc.CreateSessionRequest(
+            profile, replaces=sid)), config)
+
+    try:
+        steps = rc.apply_recovery(recoveries, dict(ledger.sessions), dict(ledger.profiles),
+                                  repair, create)
+    finally:
+        if stub is not None:
+            stub.close()
+    after = recover(store.read() or Ledger(), request, time.time()).sessions
+    _emit(as_json, {"applied": True, "steps": steps, "sessions": [to_json(r) for r in after]},
+          "\n".join(f"{x['session_id']}\t{x['classification']}\t{x['action']}\t{x['outcome']}"
+                    f"\t{x['reason']}" for x in steps) or "no sessions")
+    return EXIT_REFUSED if any(x["outcome"] == "failed" for x in steps) else EXIT_OK
 
 
 def _follow(store: Store, config: Config, rpc: rc.Rpc, request: Any) -> int:

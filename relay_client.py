@@ -55,6 +55,7 @@ __all__ = [
     "QUARANTINE_CODES",
     "QUARANTINE_STATES",
     "READ",
+    "REPAIR_OUTCOMES",
     "RPCS",
     "RPC_BY_GET",
     "RPC_BY_NAME",
@@ -79,6 +80,8 @@ __all__ = [
     "BorrowedLease",
     "Canceled",
     "ClearQuarantineRequest",
+    "CloseSessionReply",
+    "CloseSessionRequest",
     "Code",
     "ControlReply",
     "ControlRequest",
@@ -130,6 +133,9 @@ __all__ = [
     "RelayStub",
     "ReleaseLeaseRequest",
     "RenewLeaseRequest",
+    "RepairReply",
+    "RepairSessionRequest",
+    "RepairStep",
     "ResolveApprovalRequest",
     "ResourceExhausted",
     "RevokeLeaseRequest",
@@ -152,6 +158,7 @@ __all__ = [
     "WatchFeedRequest",
     "WatchRecordsRequest",
     "add_request_arguments",
+    "apply_recovery",
     "build_class",
     "build_deferred",
     "check_id",
@@ -875,6 +882,10 @@ class Session:
     updated_at: str = _f("", **IS_STAMP)
     #: The last fencing token issued on this session; grants only ever raise it.
     fencing_token: int = _f(0, **IS_COUNT)
+    #: The session this one was started to replace (RepairSession, recover --apply), or "".
+    replaces: str = _f("", **IS_OPTIONAL_ID)
+    #: The session started in this one's place, or "" (set when it is replaced).
+    replaced_by: str = _f("", **IS_OPTIONAL_ID)
 
 
 @attrs.frozen
@@ -943,6 +954,9 @@ class Turn:
     ended_at: str = _f("", **IS_STAMP)
     usage: JSONValue = None
     request_id: str = _f("", **IS_OPTIONAL_ID)
+    #: The provider's conversation the turn ran in (Codex thread id, Claude session id;
+    #: "" for Kimi or when unknown): what RepairSession resumes after a crash.
+    thread_id: str = _f("", length=(0, 128))
 
 
 @attrs.frozen
@@ -990,6 +1004,8 @@ class SessionView:
     fencing_token: int
     #: Empty (pid 0, state "") when no process runs or no server answers.
     process: ProcessInfo = ProcessInfo()
+    replaces: str = ""
+    replaced_by: str = ""
 
 
 @attrs.frozen
@@ -1061,6 +1077,8 @@ class CreateSessionRequest:
     profile: str = _f(flag="--profile", id="profile")
     session_id: str = _f("", flag="--session-id", id="session", help="default: generated")
     request_id: str = _f("", **_REQ_ID)
+    replaces: str = _f("", flag="--replaces", id="session", help="the session this one replaces "
+                       "(recorded on both; the old one is closed)")
 
 
 @attrs.frozen
@@ -1131,6 +1149,22 @@ class QuarantineSessionRequest:
 @attrs.frozen
 class ClearQuarantineRequest:
     session_id: str = _f(positional="SESSION_ID", id="session")
+    request_id: str = _f("", **_REQ_ID)
+
+
+@attrs.frozen
+class RepairSessionRequest:
+    session_id: str = _f(positional="SESSION_ID", id="session")
+    apply: bool = _f(False, flag="--apply", help="perform the repair (default: a dry run that "
+                     "says what it would do, and why)")
+    request_id: str = _f("", **_REQ_ID)
+
+
+@attrs.frozen
+class CloseSessionRequest:
+    session_id: str = _f(positional="SESSION_ID", id="session")
+    force: bool = _f(False, flag="--force", help="close even while a lease is live (revoking it)")
+    reason: str = _f("", flag="--reason", help="why (recorded on a revoked lease)")
     request_id: str = _f("", **_REQ_ID)
 
 
@@ -1268,6 +1302,38 @@ class QuarantineReply:
     outcome: str = _f(choices=("quarantined", "cleared"))
     revision: int = _f(**IS_COUNT)
     quarantine: Quarantine
+    revoked_lease_ids: tuple[str, ...] = _f((), **IS_ID)
+
+
+#: RepairSession's outcomes: what a dry run would do (planned) or what was done.
+REPAIR_OUTCOMES: Final = ("planned", "repaired", "replaced", "healthy", "refused")
+
+
+@attrs.frozen
+class RepairStep:
+    """One step of a repair: what (``action``), why, and whether it was done."""
+
+    action: str
+    reason: str = ""
+    done: bool = False
+
+
+@attrs.frozen
+class RepairReply:
+    session_id: str
+    applied: bool
+    outcome: str = _f(choices=REPAIR_OUTCOMES)
+    steps: tuple[RepairStep, ...] = ()
+    #: The session started in this one's place (outcome replaced), or "".
+    replacement_session_id: str = ""
+    revision: int = _f(0, **IS_COUNT)
+
+
+@attrs.frozen
+class CloseSessionReply:
+    outcome: str = _f(choices=("closed",))
+    revision: int = _f(**IS_COUNT)
+    session: Session
     revoked_lease_ids: tuple[str, ...] = _f((), **IS_ID)
 
 
@@ -1463,6 +1529,9 @@ RPCS: Final[tuple[Rpc, ...]] = (
         help="register a provider profile (pooled profiles are Codex-only)"),
     Rpc("CreateSession", CreateSessionRequest, SessionReply, kind=MUTATION,
         cli=("session", "create"), help="record a managed session of a profile"),
+    Rpc("CloseSession", CloseSessionRequest, CloseSessionReply, kind=MUTATION,
+        cli=("session", "close"),
+        help="end a session for good (refused while a lease is live unless --force)"),
     Rpc("Borrow", BorrowRequest, LeaseReply, kind=MUTATION, cli=("borrow",),
         help="lease a ready, unoccupied session (of a profile, or a named one)"),
     Rpc("Release", ReleaseLeaseRequest, LeaseReply, kind=MUTATION, cli=("release",),
@@ -1487,6 +1556,9 @@ RPCS: Final[tuple[Rpc, ...]] = (
         cli=("quarantine", "clear"), help="clear a quarantine once it is safe"),
     Rpc("Recover", RecoverRequest, RecoverReply, kind=READ, cli=("recover",),
         help="classify each session and name the command to run next"),
+    Rpc("RepairSession", RepairSessionRequest, RepairReply, kind=MUTATION, cli=("repair",),
+        help="repair a failed session: fresh scratch and process, its thread resumed, else a "
+        "replacement (dry run unless --apply)", runtime=True),
     Rpc("GetStatus", GetStatusRequest, StatusReply, kind=READ, cli=("status",),
         help="the relay projection: health, counts, runtime, warnings", get="status"),
     Rpc("ListProfiles", ListProfilesRequest, ListProfilesReply, kind=READ,
@@ -1664,183 +1736,200 @@ _RELAY_PROTO_DESCRIPTOR: Final = (
     b'ovider\x12\x12\n\x04mode\x18\x03 \x01(\tR\x04mode\x12\x18\n\x07command\x18\x04 \x03(\tR\x07comman'
     b'd\x12\x1e\n\nrequest_id\x18\x05 \x01(\tR\nrequest_id\x12\x1c\n\tpool_size\x18\x06 \x01(\rR\tpool_'
     b'size\x12\x10\n\x03cwd\x18\x07 \x01(\tR\x03cwd\x12\x10\n\x03env\x18\x08 \x03(\tR\x03env\x12\x18\n'
-    b'\x07options\x18\t \x03(\tR\x07options"p\n\x14CreateSessionRequest\x12\x18\n\x07profile\x18\x01 '
-    b'\x01(\tR\x07profile\x12\x1e\n\nsession_id\x18\x02 \x01(\tR\nsession_id\x12\x1e\n\nrequest_id\x18'
-    b'\x03 \x01(\tR\nrequest_id"\xb7\x01\n\rBorrowRequest\x12\x16\n\x06holder\x18\x01 \x01(\tR\x06holde'
-    b'r\x12\x18\n\x07profile\x18\x02 \x01(\tR\x07profile\x12\x1e\n\nsession_id\x18\x03 \x01(\tR\nsessio'
-    b'n_id\x12\x12\n\x04mode\x18\x04 \x01(\tR\x04mode\x12 \n\x0bttl_seconds\x18\x05 \x01(\rR\x0bttl_sec'
-    b'onds\x12\x1e\n\nrequest_id\x18\x06 \x01(\tR\nrequest_id"\xa1\x01\n\x11GrantLeaseRequest\x12\x1e\n'
-    b'\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x16\n\x06holder\x18\x02 \x01(\tR\x06holder\x12\x12'
-    b'\n\x04mode\x18\x03 \x01(\tR\x04mode\x12 \n\x0bttl_seconds\x18\x04 \x01(\rR\x0bttl_seconds\x12\x1e'
-    b'\n\nrequest_id\x18\x05 \x01(\tR\nrequest_id"w\n\x13ReleaseLeaseRequest\x12\x1a\n\x08lease_id\x18'
-    b'\x01 \x01(\tR\x08lease_id\x12\x1e\n\nrequest_id\x18\x02 \x01(\tR\nrequest_id\x12$\n\rfencing_toke'
-    b'n\x18\x03 \x01(\rR\rfencing_token"\x97\x01\n\x11RenewLeaseRequest\x12\x1a\n\x08lease_id\x18\x01 '
-    b'\x01(\tR\x08lease_id\x12 \n\x0bttl_seconds\x18\x02 \x01(\rR\x0bttl_seconds\x12\x1e\n\nrequest_id'
-    b'\x18\x03 \x01(\tR\nrequest_id\x12$\n\rfencing_token\x18\x04 \x01(\rR\rfencing_token"h\n\x12Revoke'
-    b'LeaseRequest\x12\x1a\n\x08lease_id\x18\x01 \x01(\tR\x08lease_id\x12\x16\n\x06reason\x18\x02 \x01('
-    b'\tR\x06reason\x12\x1e\n\nrequest_id\x18\x03 \x01(\tR\nrequest_id"\x9c\x01\n\x14RecordControlReque'
-    b'st\x12\x1e\n\nrequest_id\x18\x01 \x01(\tR\nrequest_id\x12\x1e\n\nsession_id\x18\x02 \x01(\tR\nses'
-    b'sion_id\x12\x12\n\x04kind\x18\x03 \x01(\tR\x04kind\x120\n\x07payload\x18\x04 \x01(\x0b2\x16.googl'
-    b'e.protobuf.ValueR\x07payload"\xbb\x01\n\x13AppendRecordRequest\x12\x1e\n\nsession_id\x18\x01 \x01'
-    b'(\tR\nsession_id\x12\x12\n\x04kind\x18\x02 \x01(\tR\x04kind\x12*\n\x04data\x18\x03 \x01(\x0b2\x16'
-    b'.google.protobuf.ValueR\x04data\x12\x1e\n\nrequest_id\x18\x04 \x01(\tR\nrequest_id\x12$\n\rfencin'
-    b'g_token\x18\x05 \x01(\rR\rfencing_token"r\n\x18QuarantineSessionRequest\x12\x1e\n\nsession_id\x18'
-    b'\x01 \x01(\tR\nsession_id\x12\x16\n\x06reason\x18\x02 \x01(\tR\x06reason\x12\x1e\n\nrequest_id'
-    b'\x18\x03 \x01(\tR\nrequest_id"X\n\x16ClearQuarantineRequest\x12\x1e\n\nsession_id\x18\x01 \x01(\t'
-    b'R\nsession_id\x12\x1e\n\nrequest_id\x18\x02 \x01(\tR\nrequest_id"0\n\x0eRecoverRequest\x12\x1e\n'
-    b'\nsession_id\x18\x01 \x01(\tR\nsession_id"\x12\n\x10GetStatusRequest"\x15\n\x13ListProfilesReques'
-    b't"E\n\x13ListSessionsRequest\x12\x18\n\x07profile\x18\x01 \x01(\tR\x07profile\x12\x14\n\x05state'
-    b'\x18\x02 \x01(\tR\x05state"I\n\x11ListLeasesRequest\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsessi'
-    b'on_id\x12\x14\n\x05state\x18\x02 \x01(\tR\x05state"`\n\x12ListRecordsRequest\x12\x1e\n\nsession_i'
-    b'd\x18\x01 \x01(\tR\nsession_id\x12\x14\n\x05after\x18\x02 \x01(\rR\x05after\x12\x14\n\x05limit'
-    b'\x18\x03 \x01(\rR\x05limit"\xc6\x01\n\x10StartTurnRequest\x12\x1e\n\nsession_id\x18\x01 \x01(\tR'
-    b'\nsession_id\x12\x1a\n\x08lease_id\x18\x02 \x01(\tR\x08lease_id\x12$\n\rfencing_token\x18\x03 '
-    b'\x01(\rR\rfencing_token\x12\x14\n\x05input\x18\x04 \x01(\tR\x05input\x12\x1a\n\x08task_ref\x18'
-    b'\x05 \x01(\tR\x08task_ref\x12\x1e\n\nrequest_id\x18\x06 \x01(\tR\nrequest_id"\x92\x01\n\x14Interr'
-    b'uptTurnRequest\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x1a\n\x08lease_id\x18\x02 '
-    b'\x01(\tR\x08lease_id\x12$\n\rfencing_token\x18\x03 \x01(\rR\rfencing_token\x12\x18\n\x07turn_id'
-    b'\x18\x04 \x01(\tR\x07turn_id"*\n\x0eGetTurnRequest\x12\x18\n\x07turn_id\x18\x01 \x01(\tR\x07turn_'
-    b'id"d\n\x10ListTurnsRequest\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x1a\n\x08task_r'
-    b'ef\x18\x02 \x01(\tR\x08task_ref\x12\x14\n\x05state\x18\x03 \x01(\tR\x05state".\n\x10ListTasksRequ'
-    b'est\x12\x1a\n\x08task_ref\x18\x01 \x01(\tR\x08task_ref"\xb8\x01\n\x16ResolveApprovalRequest\x12'
-    b'\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x1a\n\x08lease_id\x18\x02 \x01(\tR\x08lease_i'
-    b'd\x12$\n\rfencing_token\x18\x03 \x01(\rR\rfencing_token\x12 \n\x0bapproval_id\x18\x04 \x01(\tR'
-    b'\x0bapproval_id\x12\x1a\n\x08decision\x18\x05 \x01(\tR\x08decision"[\n\x13WatchRecordsRequest\x12'
-    b'\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12$\n\rlast_event_id\x18\x02 \x01(\tR\rlast_even'
-    b't_id"8\n\x10WatchFeedRequest\x12$\n\rlast_event_id\x18\x01 \x01(\tR\rlast_event_id"q\n\x0cProfile'
-    b'Reply\x12\x18\n\x07outcome\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08'
-    b'revision\x12+\n\x07profile\x18\x03 \x01(\x0b2\x11.relay.v1.ProfileR\x07profile"q\n\x0cSessionRepl'
-    b'y\x12\x18\n\x07outcome\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revi'
-    b'sion\x12+\n\x07session\x18\x03 \x01(\x0b2\x11.relay.v1.SessionR\x07session"i\n\nLeaseReply\x12'
-    b'\x18\n\x07outcome\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revision'
-    b'\x12%\n\x05lease\x18\x03 \x01(\x0b2\x0f.relay.v1.LeaseR\x05lease"\x88\x01\n\x0cControlReply\x12'
-    b'\x18\n\x07outcome\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revision'
-    b'\x12B\n\x0fcontrol_request\x18\x03 \x01(\x0b2\x18.relay.v1.ControlRequestR\x0fcontrol_request"s\n'
-    b'\x0bAppendReply\x12\x18\n\x07outcome\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 '
-    b'\x01(\rR\x08revision\x12.\n\x06record\x18\x03 \x01(\x0b2\x16.relay.v1.StreamRecordR\x06record"'
-    b'\xab\x01\n\x0fQuarantineReply\x12\x18\n\x07outcome\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revis'
-    b'ion\x18\x02 \x01(\rR\x08revision\x124\n\nquarantine\x18\x03 \x01(\x0b2\x14.relay.v1.QuarantineR\n'
-    b'quarantine\x12,\n\x11revoked_lease_ids\x18\x04 \x03(\tR\x11revoked_lease_ids"Z\n\x0cRecoverReply'
-    b'\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revision\x12.\n\x08sessions\x18\x02 \x03(\x0b2\x12.rel'
-    b'ay.v1.RecoveryR\x08sessions"\x94\x06\n\x0bStatusReply\x12\x16\n\x06status\x18\x01 \x01(\tR\x06sta'
-    b'tus\x12\x1e\n\nprojection\x18\x02 \x01(\tR\nprojection\x12\x1e\n\nrelay_mode\x18\x03 \x01(\tR\nre'
-    b'lay_mode\x12 \n\x0bledger_path\x18\x04 \x01(\tR\x0bledger_path\x12$\n\rstate_present\x18\x05 \x01'
-    b'(\x08R\rstate_present\x12 \n\x0btmp_present\x18\x06 \x01(\x08R\x0btmp_present\x12&\n\x0eledger_pr'
-    b'esent\x18\x07 \x01(\x08R\x0eledger_present\x12,\n\x11durable_artifacts\x18\x08 \x01(\rR\x11durabl'
-    b'e_artifacts\x12$\n\rtmp_artifacts\x18\t \x01(\rR\rtmp_artifacts\x12\x1a\n\x08revision\x18\n \x01('
-    b'\rR\x08revision\x12\x1a\n\x08profiles\x18\x0b \x01(\rR\x08profiles\x12\x1a\n\x08sessions\x18\x0c '
-    b'\x01(\rR\x08sessions\x12$\n\ractive_leases\x18\r \x01(\rR\ractive_leases\x12&\n\x0ewaiting_leases'
-    b'\x18\x0e \x01(\rR\x0ewaiting_leases\x12.\n\x12active_quarantines\x18\x0f \x01(\rR\x12active_quara'
-    b'ntines\x12*\n\x10control_requests\x18\x10 \x01(\rR\x10control_requests\x12\x16\n\x06events\x18'
-    b'\x11 \x01(\rR\x06events\x12\x18\n\x07results\x18\x12 \x01(\rR\x07results\x12+\n\x07runtime\x18'
-    b'\x13 \x01(\x0b2\x11.relay.v1.RuntimeR\x07runtime\x122\n\x08warnings\x18\x14 \x03(\x0b2\x16.relay.'
-    b'v1.StateWarningR\x08warnings\x126\n\tproviders\x18\x15 \x03(\x0b2\x18.relay.v1.ProviderHealthR\tp'
-    b'roviders"^\n\x11ListProfilesReply\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revision\x12-\n\x08pr'
-    b'ofiles\x18\x02 \x03(\x0b2\x11.relay.v1.ProfileR\x08profiles"b\n\x11ListSessionsReply\x12\x1a\n'
-    b'\x08revision\x18\x01 \x01(\rR\x08revision\x121\n\x08sessions\x18\x02 \x03(\x0b2\x15.relay.v1.Sess'
-    b'ionViewR\x08sessions"V\n\x0fListLeasesReply\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revision'
-    b'\x12\'\n\x06leases\x18\x02 \x03(\x0b2\x0f.relay.v1.LeaseR\x06leases"\x80\x01\n\x10ListRecordsRepl'
-    b'y\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x1a\n\x08last_seq\x18\x02 \x01(\rR\x08la'
-    b'st_seq\x120\n\x07records\x18\x03 \x03(\x0b2\x16.relay.v1.StreamRecordR\x07records"/\n\tTurnReply'
-    b'\x12"\n\x04turn\x18\x01 \x01(\x0b2\x0e.relay.v1.TurnR\x04turn"R\n\x0eListTurnsReply\x12\x1a\n\x08'
-    b'revision\x18\x01 \x01(\rR\x08revision\x12$\n\x05turns\x18\x02 \x03(\x0b2\x0e.relay.v1.TurnR\x05tu'
-    b'rns"V\n\x0eListTasksReply\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revision\x12(\n\x05tasks\x18'
-    b'\x02 \x03(\x0b2\x12.relay.v1.TaskViewR\x05tasks"k\n\rApprovalReply\x12\x18\n\x07outcome\x18\x01 '
-    b'\x01(\tR\x07outcome\x12\x1e\n\nsession_id\x18\x02 \x01(\tR\nsession_id\x12 \n\x0bapproval_id\x18'
-    b'\x03 \x01(\tR\x0bapproval_id"\xe9\x01\n\x07Runtime\x12\x16\n\x06status\x18\x01 \x01(\tR\x06status'
-    b'\x12\x1a\n\x08endpoint\x18\x02 \x01(\tR\x08endpoint\x12\x12\n\x04mode\x18\x03 \x01(\tR\x04mode'
-    b'\x12\x1a\n\x08token_id\x18\x04 \x01(\tR\x08token_id\x12\x10\n\x03pid\x18\x05 \x01(\rR\x03pid\x12('
-    b'\n\x0fbootstrapped_at\x18\x06 \x01(\tR\x0fbootstrapped_at\x12\x1c\n\tserved_at\x18\x07 \x01(\tR\t'
-    b'served_at\x12 \n\x0bshutdown_at\x18\x08 \x01(\tR\x0bshutdown_at"\xe3\x01\n\x07Profile\x12\x12\n'
+    b'\x07options\x18\t \x03(\tR\x07options"\x8c\x01\n\x14CreateSessionRequest\x12\x18\n\x07profile\x18'
+    b'\x01 \x01(\tR\x07profile\x12\x1e\n\nsession_id\x18\x02 \x01(\tR\nsession_id\x12\x1e\n\nrequest_id'
+    b'\x18\x03 \x01(\tR\nrequest_id\x12\x1a\n\x08replaces\x18\x04 \x01(\tR\x08replaces"\x83\x01\n\x13Cl'
+    b'oseSessionRequest\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x14\n\x05force\x18\x02 '
+    b'\x01(\x08R\x05force\x12\x16\n\x06reason\x18\x03 \x01(\tR\x06reason\x12\x1e\n\nrequest_id\x18\x04 '
+    b'\x01(\tR\nrequest_id"l\n\x14RepairSessionRequest\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_'
+    b'id\x12\x14\n\x05apply\x18\x02 \x01(\x08R\x05apply\x12\x1e\n\nrequest_id\x18\x03 \x01(\tR\nrequest'
+    b'_id"\xb7\x01\n\rBorrowRequest\x12\x16\n\x06holder\x18\x01 \x01(\tR\x06holder\x12\x18\n\x07profile'
+    b'\x18\x02 \x01(\tR\x07profile\x12\x1e\n\nsession_id\x18\x03 \x01(\tR\nsession_id\x12\x12\n\x04mode'
+    b'\x18\x04 \x01(\tR\x04mode\x12 \n\x0bttl_seconds\x18\x05 \x01(\rR\x0bttl_seconds\x12\x1e\n\nreques'
+    b't_id\x18\x06 \x01(\tR\nrequest_id"\xa1\x01\n\x11GrantLeaseRequest\x12\x1e\n\nsession_id\x18\x01 '
+    b'\x01(\tR\nsession_id\x12\x16\n\x06holder\x18\x02 \x01(\tR\x06holder\x12\x12\n\x04mode\x18\x03 '
+    b'\x01(\tR\x04mode\x12 \n\x0bttl_seconds\x18\x04 \x01(\rR\x0bttl_seconds\x12\x1e\n\nrequest_id\x18'
+    b'\x05 \x01(\tR\nrequest_id"w\n\x13ReleaseLeaseRequest\x12\x1a\n\x08lease_id\x18\x01 \x01(\tR\x08le'
+    b'ase_id\x12\x1e\n\nrequest_id\x18\x02 \x01(\tR\nrequest_id\x12$\n\rfencing_token\x18\x03 \x01(\rR'
+    b'\rfencing_token"\x97\x01\n\x11RenewLeaseRequest\x12\x1a\n\x08lease_id\x18\x01 \x01(\tR\x08lease_i'
+    b'd\x12 \n\x0bttl_seconds\x18\x02 \x01(\rR\x0bttl_seconds\x12\x1e\n\nrequest_id\x18\x03 \x01(\tR\nr'
+    b'equest_id\x12$\n\rfencing_token\x18\x04 \x01(\rR\rfencing_token"h\n\x12RevokeLeaseRequest\x12\x1a'
+    b'\n\x08lease_id\x18\x01 \x01(\tR\x08lease_id\x12\x16\n\x06reason\x18\x02 \x01(\tR\x06reason\x12'
+    b'\x1e\n\nrequest_id\x18\x03 \x01(\tR\nrequest_id"\x9c\x01\n\x14RecordControlRequest\x12\x1e\n\nreq'
+    b'uest_id\x18\x01 \x01(\tR\nrequest_id\x12\x1e\n\nsession_id\x18\x02 \x01(\tR\nsession_id\x12\x12\n'
+    b'\x04kind\x18\x03 \x01(\tR\x04kind\x120\n\x07payload\x18\x04 \x01(\x0b2\x16.google.protobuf.ValueR'
+    b'\x07payload"\xbb\x01\n\x13AppendRecordRequest\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id'
+    b'\x12\x12\n\x04kind\x18\x02 \x01(\tR\x04kind\x12*\n\x04data\x18\x03 \x01(\x0b2\x16.google.protobuf'
+    b'.ValueR\x04data\x12\x1e\n\nrequest_id\x18\x04 \x01(\tR\nrequest_id\x12$\n\rfencing_token\x18\x05 '
+    b'\x01(\rR\rfencing_token"r\n\x18QuarantineSessionRequest\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\ns'
+    b'ession_id\x12\x16\n\x06reason\x18\x02 \x01(\tR\x06reason\x12\x1e\n\nrequest_id\x18\x03 \x01(\tR\n'
+    b'request_id"X\n\x16ClearQuarantineRequest\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12'
+    b'\x1e\n\nrequest_id\x18\x02 \x01(\tR\nrequest_id"0\n\x0eRecoverRequest\x12\x1e\n\nsession_id\x18'
+    b'\x01 \x01(\tR\nsession_id"\x12\n\x10GetStatusRequest"\x15\n\x13ListProfilesRequest"E\n\x13ListSes'
+    b'sionsRequest\x12\x18\n\x07profile\x18\x01 \x01(\tR\x07profile\x12\x14\n\x05state\x18\x02 \x01(\tR'
+    b'\x05state"I\n\x11ListLeasesRequest\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x14\n'
+    b'\x05state\x18\x02 \x01(\tR\x05state"`\n\x12ListRecordsRequest\x12\x1e\n\nsession_id\x18\x01 \x01('
+    b'\tR\nsession_id\x12\x14\n\x05after\x18\x02 \x01(\rR\x05after\x12\x14\n\x05limit\x18\x03 \x01(\rR'
+    b'\x05limit"\xc6\x01\n\x10StartTurnRequest\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12'
+    b'\x1a\n\x08lease_id\x18\x02 \x01(\tR\x08lease_id\x12$\n\rfencing_token\x18\x03 \x01(\rR\rfencing_t'
+    b'oken\x12\x14\n\x05input\x18\x04 \x01(\tR\x05input\x12\x1a\n\x08task_ref\x18\x05 \x01(\tR\x08task_'
+    b'ref\x12\x1e\n\nrequest_id\x18\x06 \x01(\tR\nrequest_id"\x92\x01\n\x14InterruptTurnRequest\x12\x1e'
+    b'\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x1a\n\x08lease_id\x18\x02 \x01(\tR\x08lease_id'
+    b'\x12$\n\rfencing_token\x18\x03 \x01(\rR\rfencing_token\x12\x18\n\x07turn_id\x18\x04 \x01(\tR\x07t'
+    b'urn_id"*\n\x0eGetTurnRequest\x12\x18\n\x07turn_id\x18\x01 \x01(\tR\x07turn_id"d\n\x10ListTurnsReq'
+    b'uest\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x1a\n\x08task_ref\x18\x02 \x01(\tR'
+    b'\x08task_ref\x12\x14\n\x05state\x18\x03 \x01(\tR\x05state".\n\x10ListTasksRequest\x12\x1a\n\x08ta'
+    b'sk_ref\x18\x01 \x01(\tR\x08task_ref"\xb8\x01\n\x16ResolveApprovalRequest\x12\x1e\n\nsession_id'
+    b'\x18\x01 \x01(\tR\nsession_id\x12\x1a\n\x08lease_id\x18\x02 \x01(\tR\x08lease_id\x12$\n\rfencing_'
+    b'token\x18\x03 \x01(\rR\rfencing_token\x12 \n\x0bapproval_id\x18\x04 \x01(\tR\x0bapproval_id\x12'
+    b'\x1a\n\x08decision\x18\x05 \x01(\tR\x08decision"[\n\x13WatchRecordsRequest\x12\x1e\n\nsession_id'
+    b'\x18\x01 \x01(\tR\nsession_id\x12$\n\rlast_event_id\x18\x02 \x01(\tR\rlast_event_id"8\n\x10WatchF'
+    b'eedRequest\x12$\n\rlast_event_id\x18\x01 \x01(\tR\rlast_event_id"q\n\x0cProfileReply\x12\x18\n'
+    b'\x07outcome\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revision\x12+\n'
+    b'\x07profile\x18\x03 \x01(\x0b2\x11.relay.v1.ProfileR\x07profile"q\n\x0cSessionReply\x12\x18\n\x07'
+    b'outcome\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revision\x12+\n\x07'
+    b'session\x18\x03 \x01(\x0b2\x11.relay.v1.SessionR\x07session"i\n\nLeaseReply\x12\x18\n\x07outcome'
+    b'\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revision\x12%\n\x05lease'
+    b'\x18\x03 \x01(\x0b2\x0f.relay.v1.LeaseR\x05lease"\x88\x01\n\x0cControlReply\x12\x18\n\x07outcome'
+    b'\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revision\x12B\n\x0fcontrol'
+    b'_request\x18\x03 \x01(\x0b2\x18.relay.v1.ControlRequestR\x0fcontrol_request"s\n\x0bAppendReply'
+    b'\x12\x18\n\x07outcome\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR\x08revis'
+    b'ion\x12.\n\x06record\x18\x03 \x01(\x0b2\x16.relay.v1.StreamRecordR\x06record"\xab\x01\n\x0fQuaran'
+    b'tineReply\x12\x18\n\x07outcome\x18\x01 \x01(\tR\x07outcome\x12\x1a\n\x08revision\x18\x02 \x01(\rR'
+    b'\x08revision\x124\n\nquarantine\x18\x03 \x01(\x0b2\x14.relay.v1.QuarantineR\nquarantine\x12,\n'
+    b'\x11revoked_lease_ids\x18\x04 \x03(\tR\x11revoked_lease_ids"P\n\nRepairStep\x12\x16\n\x06action'
+    b'\x18\x01 \x01(\tR\x06action\x12\x16\n\x06reason\x18\x02 \x01(\tR\x06reason\x12\x12\n\x04done\x18'
+    b'\x03 \x01(\x08R\x04done"\xe1\x01\n\x0bRepairReply\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession'
+    b'_id\x12\x18\n\x07applied\x18\x02 \x01(\x08R\x07applied\x12\x18\n\x07outcome\x18\x03 \x01(\tR\x07o'
+    b'utcome\x12*\n\x05steps\x18\x04 \x03(\x0b2\x14.relay.v1.RepairStepR\x05steps\x126\n\x16replacement'
+    b'_session_id\x18\x05 \x01(\tR\x16replacement_session_id\x12\x1a\n\x08revision\x18\x06 \x01(\rR\x08'
+    b'revision"\xa4\x01\n\x11CloseSessionReply\x12\x18\n\x07outcome\x18\x01 \x01(\tR\x07outcome\x12\x1a'
+    b'\n\x08revision\x18\x02 \x01(\rR\x08revision\x12+\n\x07session\x18\x03 \x01(\x0b2\x11.relay.v1.Ses'
+    b'sionR\x07session\x12,\n\x11revoked_lease_ids\x18\x04 \x03(\tR\x11revoked_lease_ids"Z\n\x0cRecover'
+    b'Reply\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revision\x12.\n\x08sessions\x18\x02 \x03(\x0b2'
+    b'\x12.relay.v1.RecoveryR\x08sessions"\x94\x06\n\x0bStatusReply\x12\x16\n\x06status\x18\x01 \x01(\t'
+    b'R\x06status\x12\x1e\n\nprojection\x18\x02 \x01(\tR\nprojection\x12\x1e\n\nrelay_mode\x18\x03 \x01'
+    b'(\tR\nrelay_mode\x12 \n\x0bledger_path\x18\x04 \x01(\tR\x0bledger_path\x12$\n\rstate_present\x18'
+    b'\x05 \x01(\x08R\rstate_present\x12 \n\x0btmp_present\x18\x06 \x01(\x08R\x0btmp_present\x12&\n\x0e'
+    b'ledger_present\x18\x07 \x01(\x08R\x0eledger_present\x12,\n\x11durable_artifacts\x18\x08 \x01(\rR'
+    b'\x11durable_artifacts\x12$\n\rtmp_artifacts\x18\t \x01(\rR\rtmp_artifacts\x12\x1a\n\x08revision'
+    b'\x18\n \x01(\rR\x08revision\x12\x1a\n\x08profiles\x18\x0b \x01(\rR\x08profiles\x12\x1a\n\x08sessi'
+    b'ons\x18\x0c \x01(\rR\x08sessions\x12$\n\ractive_leases\x18\r \x01(\rR\ractive_leases\x12&\n\x0ewa'
+    b'iting_leases\x18\x0e \x01(\rR\x0ewaiting_leases\x12.\n\x12active_quarantines\x18\x0f \x01(\rR\x12'
+    b'active_quarantines\x12*\n\x10control_requests\x18\x10 \x01(\rR\x10control_requests\x12\x16\n\x06e'
+    b'vents\x18\x11 \x01(\rR\x06events\x12\x18\n\x07results\x18\x12 \x01(\rR\x07results\x12+\n\x07runti'
+    b'me\x18\x13 \x01(\x0b2\x11.relay.v1.RuntimeR\x07runtime\x122\n\x08warnings\x18\x14 \x03(\x0b2\x16.'
+    b'relay.v1.StateWarningR\x08warnings\x126\n\tproviders\x18\x15 \x03(\x0b2\x18.relay.v1.ProviderHeal'
+    b'thR\tproviders"^\n\x11ListProfilesReply\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revision\x12-\n'
+    b'\x08profiles\x18\x02 \x03(\x0b2\x11.relay.v1.ProfileR\x08profiles"b\n\x11ListSessionsReply\x12'
+    b'\x1a\n\x08revision\x18\x01 \x01(\rR\x08revision\x121\n\x08sessions\x18\x02 \x03(\x0b2\x15.relay.v'
+    b'1.SessionViewR\x08sessions"V\n\x0fListLeasesReply\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revis'
+    b'ion\x12\'\n\x06leases\x18\x02 \x03(\x0b2\x0f.relay.v1.LeaseR\x06leases"\x80\x01\n\x10ListRecordsR'
+    b'eply\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x1a\n\x08last_seq\x18\x02 \x01(\rR'
+    b'\x08last_seq\x120\n\x07records\x18\x03 \x03(\x0b2\x16.relay.v1.StreamRecordR\x07records"/\n\tTurn'
+    b'Reply\x12"\n\x04turn\x18\x01 \x01(\x0b2\x0e.relay.v1.TurnR\x04turn"R\n\x0eListTurnsReply\x12\x1a'
+    b'\n\x08revision\x18\x01 \x01(\rR\x08revision\x12$\n\x05turns\x18\x02 \x03(\x0b2\x0e.relay.v1.TurnR'
+    b'\x05turns"V\n\x0eListTasksReply\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revision\x12(\n\x05task'
+    b's\x18\x02 \x03(\x0b2\x12.relay.v1.TaskViewR\x05tasks"k\n\rApprovalReply\x12\x18\n\x07outcome\x18'
+    b'\x01 \x01(\tR\x07outcome\x12\x1e\n\nsession_id\x18\x02 \x01(\tR\nsession_id\x12 \n\x0bapproval_id'
+    b'\x18\x03 \x01(\tR\x0bapproval_id"\xe9\x01\n\x07Runtime\x12\x16\n\x06status\x18\x01 \x01(\tR\x06st'
+    b'atus\x12\x1a\n\x08endpoint\x18\x02 \x01(\tR\x08endpoint\x12\x12\n\x04mode\x18\x03 \x01(\tR\x04mod'
+    b'e\x12\x1a\n\x08token_id\x18\x04 \x01(\tR\x08token_id\x12\x10\n\x03pid\x18\x05 \x01(\rR\x03pid\x12'
+    b'(\n\x0fbootstrapped_at\x18\x06 \x01(\tR\x0fbootstrapped_at\x12\x1c\n\tserved_at\x18\x07 \x01(\tR'
+    b'\tserved_at\x12 \n\x0bshutdown_at\x18\x08 \x01(\tR\x0bshutdown_at"\xe3\x01\n\x07Profile\x12\x12\n'
     b'\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n\x08provider\x18\x02 \x01(\tR\x08provider\x12\x12\n'
     b'\x04mode\x18\x03 \x01(\tR\x04mode\x12\x18\n\x07command\x18\x04 \x03(\tR\x07command\x12\x1e\n\ncre'
     b'ated_at\x18\x05 \x01(\tR\ncreated_at\x12\x1c\n\tpool_size\x18\x06 \x01(\rR\tpool_size\x12\x10\n'
     b'\x03cwd\x18\x07 \x01(\tR\x03cwd\x12\x10\n\x03env\x18\x08 \x03(\tR\x03env\x12\x18\n\x07options\x18'
-    b'\t \x03(\tR\x07options"\xdb\x01\n\x07Session\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id'
+    b'\t \x03(\tR\x07options"\x99\x02\n\x07Session\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id'
     b'\x12\x18\n\x07profile\x18\x02 \x01(\tR\x07profile\x12\x1a\n\x08provider\x18\x03 \x01(\tR\x08provi'
     b'der\x12\x14\n\x05state\x18\x04 \x01(\tR\x05state\x12\x1e\n\ncreated_at\x18\x05 \x01(\tR\ncreated_'
     b'at\x12\x1e\n\nupdated_at\x18\x06 \x01(\tR\nupdated_at\x12$\n\rfencing_token\x18\x07 \x01(\rR\rfen'
-    b'cing_token"\x9d\x03\n\x05Lease\x12\x1a\n\x08lease_id\x18\x01 \x01(\tR\x08lease_id\x12\x1e\n\nsess'
-    b'ion_id\x18\x02 \x01(\tR\nsession_id\x12\x16\n\x06holder\x18\x03 \x01(\tR\x06holder\x12\x12\n\x04m'
-    b'ode\x18\x04 \x01(\tR\x04mode\x12\x14\n\x05state\x18\x05 \x01(\tR\x05state\x12$\n\rfencing_token'
-    b'\x18\x06 \x01(\rR\rfencing_token\x12 \n\x0bttl_seconds\x18\x07 \x01(\rR\x0bttl_seconds\x12"\n\x0c'
-    b'requested_at\x18\x08 \x01(\tR\x0crequested_at\x12\x1e\n\ngranted_at\x18\t \x01(\tR\ngranted_at'
-    b'\x12\x1e\n\nexpires_at\x18\n \x01(\tR\nexpires_at\x12(\n\x0flast_renewed_at\x18\x0b \x01(\tR\x0fl'
-    b'ast_renewed_at\x12\x1a\n\x08ended_at\x18\x0c \x01(\tR\x08ended_at\x12$\n\rrevoke_reason\x18\r '
-    b'\x01(\tR\rrevoke_reason"\xe0\x01\n\x0eControlRequest\x12\x1e\n\nrequest_id\x18\x01 \x01(\tR\nrequ'
-    b'est_id\x12\x1e\n\nsession_id\x18\x02 \x01(\tR\nsession_id\x12\x12\n\x04kind\x18\x03 \x01(\tR\x04k'
-    b'ind\x120\n\x07payload\x18\x04 \x01(\x0b2\x16.google.protobuf.ValueR\x07payload\x12&\n\x0epayload_'
-    b'digest\x18\x05 \x01(\tR\x0epayload_digest\x12 \n\x0brecorded_at\x18\x06 \x01(\tR\x0brecorded_at"'
-    b'\xea\x01\n\nQuarantine\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x16\n\x06reason\x18'
-    b'\x02 \x01(\tR\x06reason\x12\x14\n\x05state\x18\x03 \x01(\tR\x05state\x12&\n\x0equarantined_at\x18'
-    b'\x04 \x01(\tR\x0equarantined_at\x12\x1e\n\ncleared_at\x18\x05 \x01(\tR\ncleared_at\x12\x12\n\x04c'
-    b'ode\x18\x06 \x01(\tR\x04code\x122\n\x08evidence\x18\x07 \x01(\x0b2\x16.google.protobuf.ValueR\x08'
-    b'evidence"\\\n\nFeedNotice\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n\x04kind\x18\x02 \x01('
-    b'\tR\x04kind\x12*\n\x04data\x18\x03 \x01(\x0b2\x16.google.protobuf.ValueR\x04data"\xa2\x01\n\x0cSt'
-    b'reamRecord\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x10\n\x03seq\x18\x02 \x01(\rR'
-    b'\x03seq\x12\x12\n\x04kind\x18\x03 \x01(\tR\x04kind\x12*\n\x04data\x18\x04 \x01(\x0b2\x16.google.p'
-    b'rotobuf.ValueR\x04data\x12 \n\x0bappended_at\x18\x05 \x01(\tR\x0bappended_at"\x9a\x01\n\x0cStateW'
-    b'arning\x12\x14\n\x05owner\x18\x01 \x01(\tR\x05owner\x12\x12\n\x04code\x18\x02 \x01(\tR\x04code'
-    b'\x12\x12\n\x04path\x18\x03 \x01(\tR\x04path\x12\x18\n\x07message\x18\x04 \x01(\tR\x07message\x12'
+    b'cing_token\x12\x1a\n\x08replaces\x18\x08 \x01(\tR\x08replaces\x12 \n\x0breplaced_by\x18\t \x01(\t'
+    b'R\x0breplaced_by"\x9d\x03\n\x05Lease\x12\x1a\n\x08lease_id\x18\x01 \x01(\tR\x08lease_id\x12\x1e\n'
+    b'\nsession_id\x18\x02 \x01(\tR\nsession_id\x12\x16\n\x06holder\x18\x03 \x01(\tR\x06holder\x12\x12'
+    b'\n\x04mode\x18\x04 \x01(\tR\x04mode\x12\x14\n\x05state\x18\x05 \x01(\tR\x05state\x12$\n\rfencing_'
+    b'token\x18\x06 \x01(\rR\rfencing_token\x12 \n\x0bttl_seconds\x18\x07 \x01(\rR\x0bttl_seconds\x12"'
+    b'\n\x0crequested_at\x18\x08 \x01(\tR\x0crequested_at\x12\x1e\n\ngranted_at\x18\t \x01(\tR\ngranted'
+    b'_at\x12\x1e\n\nexpires_at\x18\n \x01(\tR\nexpires_at\x12(\n\x0flast_renewed_at\x18\x0b \x01(\tR'
+    b'\x0flast_renewed_at\x12\x1a\n\x08ended_at\x18\x0c \x01(\tR\x08ended_at\x12$\n\rrevoke_reason\x18'
+    b'\r \x01(\tR\rrevoke_reason"\xe0\x01\n\x0eControlRequest\x12\x1e\n\nrequest_id\x18\x01 \x01(\tR\nr'
+    b'equest_id\x12\x1e\n\nsession_id\x18\x02 \x01(\tR\nsession_id\x12\x12\n\x04kind\x18\x03 \x01(\tR'
+    b'\x04kind\x120\n\x07payload\x18\x04 \x01(\x0b2\x16.google.protobuf.ValueR\x07payload\x12&\n\x0epay'
+    b'load_digest\x18\x05 \x01(\tR\x0epayload_digest\x12 \n\x0brecorded_at\x18\x06 \x01(\tR\x0brecorded'
+    b'_at"\xea\x01\n\nQuarantine\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x16\n\x06reason'
+    b'\x18\x02 \x01(\tR\x06reason\x12\x14\n\x05state\x18\x03 \x01(\tR\x05state\x12&\n\x0equarantined_at'
+    b'\x18\x04 \x01(\tR\x0equarantined_at\x12\x1e\n\ncleared_at\x18\x05 \x01(\tR\ncleared_at\x12\x12\n'
+    b'\x04code\x18\x06 \x01(\tR\x04code\x122\n\x08evidence\x18\x07 \x01(\x0b2\x16.google.protobuf.Value'
+    b'R\x08evidence"\\\n\nFeedNotice\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n\x04kind\x18\x02 '
+    b'\x01(\tR\x04kind\x12*\n\x04data\x18\x03 \x01(\x0b2\x16.google.protobuf.ValueR\x04data"\xa2\x01\n'
+    b'\x0cStreamRecord\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x10\n\x03seq\x18\x02 \x01'
+    b'(\rR\x03seq\x12\x12\n\x04kind\x18\x03 \x01(\tR\x04kind\x12*\n\x04data\x18\x04 \x01(\x0b2\x16.goog'
+    b'le.protobuf.ValueR\x04data\x12 \n\x0bappended_at\x18\x05 \x01(\tR\x0bappended_at"\x9a\x01\n\x0cSt'
+    b'ateWarning\x12\x14\n\x05owner\x18\x01 \x01(\tR\x05owner\x12\x12\n\x04code\x18\x02 \x01(\tR\x04cod'
+    b'e\x12\x12\n\x04path\x18\x03 \x01(\tR\x04path\x12\x18\n\x07message\x18\x04 \x01(\tR\x07message\x12'
     b'\x16\n\x06repair\x18\x05 \x01(\tR\x06repair\x12\x1a\n\x08severity\x18\x06 \x01(\tR\x08severity"'
     b'\xac\x01\n\x08Recovery\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12&\n\x0eclassificatio'
     b'n\x18\x02 \x01(\tR\x0eclassification\x12\x16\n\x06reason\x18\x03 \x01(\tR\x06reason\x12"\n\x0cnex'
-    b't_command\x18\x04 \x01(\tR\x0cnext_command\x12\x1c\n\tlease_ids\x18\x05 \x03(\tR\tlease_ids"\xe6'
-    b'\x02\n\x04Turn\x12\x18\n\x07turn_id\x18\x01 \x01(\tR\x07turn_id\x12\x1e\n\nsession_id\x18\x02 '
+    b't_command\x18\x04 \x01(\tR\x0cnext_command\x12\x1c\n\tlease_ids\x18\x05 \x03(\tR\tlease_ids"\x84'
+    b'\x03\n\x04Turn\x12\x18\n\x07turn_id\x18\x01 \x01(\tR\x07turn_id\x12\x1e\n\nsession_id\x18\x02 '
     b'\x01(\tR\nsession_id\x12\x1a\n\x08lease_id\x18\x03 \x01(\tR\x08lease_id\x12\x14\n\x05state\x18'
     b'\x04 \x01(\tR\x05state\x12\x14\n\x05input\x18\x05 \x01(\tR\x05input\x12 \n\x0boutput_text\x18\x06'
     b' \x01(\tR\x0boutput_text\x12\x14\n\x05error\x18\x07 \x01(\tR\x05error\x12\x1a\n\x08task_ref\x18'
     b'\x08 \x01(\tR\x08task_ref\x12\x1e\n\nstarted_at\x18\t \x01(\tR\nstarted_at\x12\x1a\n\x08ended_at'
     b'\x18\n \x01(\tR\x08ended_at\x12,\n\x05usage\x18\x0b \x01(\x0b2\x16.google.protobuf.ValueR\x05usag'
-    b'e\x12\x1e\n\nrequest_id\x18\x0c \x01(\tR\nrequest_id"\x81\x01\n\x0bProcessInfo\x12\x10\n\x03pid'
-    b'\x18\x01 \x01(\rR\x03pid\x12\x14\n\x05state\x18\x02 \x01(\tR\x05state\x12\x1e\n\nstarted_at\x18'
-    b'\x03 \x01(\tR\nstarted_at\x12*\n\x10provider_version\x18\x04 \x01(\tR\x10provider_version"\xee'
-    b'\x03\n\x0eProviderHealth\x12\x18\n\x07profile\x18\x01 \x01(\tR\x07profile\x12\x14\n\x05state\x18'
-    b'\x02 \x01(\tR\x05state\x12\x16\n\x06starts\x18\x03 \x01(\rR\x06starts\x12\x14\n\x05exits\x18\x04 '
-    b'\x01(\rR\x05exits\x12\x18\n\x07crashes\x18\x05 \x01(\rR\x07crashes\x12\x16\n\x06stalls\x18\x06 '
-    b'\x01(\rR\x06stalls\x12&\n\x0eprobe_failures\x18\x07 \x01(\rR\x0eprobe_failures\x12"\n\x0cfailed_t'
-    b'urns\x18\x08 \x01(\rR\x0cfailed_turns\x12$\n\rtmp_corrupted\x18\t \x01(\rR\rtmp_corrupted\x12&\n'
-    b'\x0estart_failures\x18\n \x01(\rR\x0estart_failures\x122\n\x14consecutive_failures\x18\x0b \x01('
-    b'\rR\x14consecutive_failures\x12\x1e\n\nlast_error\x18\x0c \x01(\tR\nlast_error\x12$\n\rlast_error'
-    b'_at\x18\r \x01(\tR\rlast_error_at\x128\n\x0bquarantines\x18\x0e \x01(\x0b2\x16.google.protobuf.Va'
-    b'lueR\x0bquarantines"\x90\x02\n\x0bSessionView\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id'
-    b'\x12\x18\n\x07profile\x18\x02 \x01(\tR\x07profile\x12\x1a\n\x08provider\x18\x03 \x01(\tR\x08provi'
-    b'der\x12\x14\n\x05state\x18\x04 \x01(\tR\x05state\x12\x1e\n\ncreated_at\x18\x05 \x01(\tR\ncreated_'
-    b'at\x12\x1e\n\nupdated_at\x18\x06 \x01(\tR\nupdated_at\x12$\n\rfencing_token\x18\x07 \x01(\rR\rfen'
-    b'cing_token\x12/\n\x07process\x18\x08 \x01(\x0b2\x15.relay.v1.ProcessInfoR\x07process"\xbe\x01\n'
-    b'\x08TaskView\x12\x1a\n\x08task_ref\x18\x01 \x01(\tR\x08task_ref\x12$\n\x05turns\x18\x02 \x03(\x0b'
-    b'2\x0e.relay.v1.TurnR\x05turns\x12\x18\n\x07running\x18\x03 \x01(\rR\x07running\x12\x1c\n\tcomplet'
-    b'ed\x18\x04 \x01(\rR\tcompleted\x12\x16\n\x06failed\x18\x05 \x01(\rR\x06failed\x12 \n\x0binterrupt'
-    b'ed\x18\x06 \x01(\rR\x0binterrupted2\xa9\x10\n\x05Relay\x12K\n\x0fRegisterProfile\x12 .relay.v1.Re'
-    b'gisterProfileRequest\x1a\x16.relay.v1.ProfileReply\x12G\n\rCreateSession\x12\x1e.relay.v1.CreateS'
-    b'essionRequest\x1a\x16.relay.v1.SessionReply\x127\n\x06Borrow\x12\x17.relay.v1.BorrowRequest\x1a'
-    b'\x14.relay.v1.LeaseReply\x12>\n\x07Release\x12\x1d.relay.v1.ReleaseLeaseRequest\x1a\x14.relay.v1.'
-    b'LeaseReply\x12?\n\nGrantLease\x12\x1b.relay.v1.GrantLeaseRequest\x1a\x14.relay.v1.LeaseReply\x12?'
-    b'\n\nRenewLease\x12\x1b.relay.v1.RenewLeaseRequest\x1a\x14.relay.v1.LeaseReply\x12C\n\x0cReleaseLe'
-    b'ase\x12\x1d.relay.v1.ReleaseLeaseRequest\x1a\x14.relay.v1.LeaseReply\x12A\n\x0bRevokeLease\x12'
-    b'\x1c.relay.v1.RevokeLeaseRequest\x1a\x14.relay.v1.LeaseReply\x12G\n\rRecordControl\x12\x1e.relay.'
-    b'v1.RecordControlRequest\x1a\x16.relay.v1.ControlReply\x12C\n\x0bAppendEvent\x12\x1d.relay.v1.Appe'
-    b'ndRecordRequest\x1a\x15.relay.v1.AppendReply\x12D\n\x0cAppendResult\x12\x1d.relay.v1.AppendRecord'
-    b'Request\x1a\x15.relay.v1.AppendReply\x12R\n\x11QuarantineSession\x12".relay.v1.QuarantineSessionR'
-    b'equest\x1a\x19.relay.v1.QuarantineReply\x12N\n\x0fClearQuarantine\x12 .relay.v1.ClearQuarantineRe'
-    b'quest\x1a\x19.relay.v1.QuarantineReply\x12@\n\x07Recover\x12\x18.relay.v1.RecoverRequest\x1a\x16.'
-    b'relay.v1.RecoverReply"\x03\x90\x02\x01\x12C\n\tGetStatus\x12\x1a.relay.v1.GetStatusRequest\x1a'
-    b'\x15.relay.v1.StatusReply"\x03\x90\x02\x01\x12O\n\x0cListProfiles\x12\x1d.relay.v1.ListProfilesRe'
-    b'quest\x1a\x1b.relay.v1.ListProfilesReply"\x03\x90\x02\x01\x12O\n\x0cListSessions\x12\x1d.relay.v1'
-    b'.ListSessionsRequest\x1a\x1b.relay.v1.ListSessionsReply"\x03\x90\x02\x01\x12I\n\nListLeases\x12'
-    b'\x1b.relay.v1.ListLeasesRequest\x1a\x19.relay.v1.ListLeasesReply"\x03\x90\x02\x01\x12K\n\nListEve'
-    b'nts\x12\x1c.relay.v1.ListRecordsRequest\x1a\x1a.relay.v1.ListRecordsReply"\x03\x90\x02\x01\x12L\n'
-    b'\x0bListResults\x12\x1c.relay.v1.ListRecordsRequest\x1a\x1a.relay.v1.ListRecordsReply"\x03\x90'
-    b'\x02\x01\x12<\n\tStartTurn\x12\x1a.relay.v1.StartTurnRequest\x1a\x13.relay.v1.TurnReply\x12D\n\rI'
-    b'nterruptTurn\x12\x1e.relay.v1.InterruptTurnRequest\x1a\x13.relay.v1.TurnReply\x12L\n\x0fResolveAp'
-    b'proval\x12 .relay.v1.ResolveApprovalRequest\x1a\x17.relay.v1.ApprovalReply\x12=\n\x07GetTurn\x12'
-    b'\x18.relay.v1.GetTurnRequest\x1a\x13.relay.v1.TurnReply"\x03\x90\x02\x01\x12F\n\tListTurns\x12'
-    b'\x1a.relay.v1.ListTurnsRequest\x1a\x18.relay.v1.ListTurnsReply"\x03\x90\x02\x01\x12F\n\tListTasks'
-    b'\x12\x1a.relay.v1.ListTasksRequest\x1a\x18.relay.v1.ListTasksReply"\x03\x90\x02\x01\x12K\n\x0bWat'
-    b'chEvents\x12\x1d.relay.v1.WatchRecordsRequest\x1a\x16.relay.v1.StreamRecord"\x03\x90\x02\x010\x01'
-    b'\x12L\n\x0cWatchResults\x12\x1d.relay.v1.WatchRecordsRequest\x1a\x16.relay.v1.StreamRecord"\x03'
-    b'\x90\x02\x010\x01\x12D\n\tWatchFeed\x12\x1a.relay.v1.WatchFeedRequest\x1a\x14.relay.v1.FeedNotice'
-    b'"\x03\x90\x02\x010\x01b\x06proto3'
+    b'e\x12\x1e\n\nrequest_id\x18\x0c \x01(\tR\nrequest_id\x12\x1c\n\tthread_id\x18\r \x01(\tR\tthread_'
+    b'id"\x81\x01\n\x0bProcessInfo\x12\x10\n\x03pid\x18\x01 \x01(\rR\x03pid\x12\x14\n\x05state\x18\x02 '
+    b'\x01(\tR\x05state\x12\x1e\n\nstarted_at\x18\x03 \x01(\tR\nstarted_at\x12*\n\x10provider_version'
+    b'\x18\x04 \x01(\tR\x10provider_version"\xee\x03\n\x0eProviderHealth\x12\x18\n\x07profile\x18\x01 '
+    b'\x01(\tR\x07profile\x12\x14\n\x05state\x18\x02 \x01(\tR\x05state\x12\x16\n\x06starts\x18\x03 \x01'
+    b'(\rR\x06starts\x12\x14\n\x05exits\x18\x04 \x01(\rR\x05exits\x12\x18\n\x07crashes\x18\x05 \x01(\rR'
+    b'\x07crashes\x12\x16\n\x06stalls\x18\x06 \x01(\rR\x06stalls\x12&\n\x0eprobe_failures\x18\x07 \x01('
+    b'\rR\x0eprobe_failures\x12"\n\x0cfailed_turns\x18\x08 \x01(\rR\x0cfailed_turns\x12$\n\rtmp_corrupt'
+    b'ed\x18\t \x01(\rR\rtmp_corrupted\x12&\n\x0estart_failures\x18\n \x01(\rR\x0estart_failures\x122\n'
+    b'\x14consecutive_failures\x18\x0b \x01(\rR\x14consecutive_failures\x12\x1e\n\nlast_error\x18\x0c '
+    b'\x01(\tR\nlast_error\x12$\n\rlast_error_at\x18\r \x01(\tR\rlast_error_at\x128\n\x0bquarantines'
+    b'\x18\x0e \x01(\x0b2\x16.google.protobuf.ValueR\x0bquarantines"\xce\x02\n\x0bSessionView\x12\x1e\n'
+    b'\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x18\n\x07profile\x18\x02 \x01(\tR\x07profile\x12'
+    b'\x1a\n\x08provider\x18\x03 \x01(\tR\x08provider\x12\x14\n\x05state\x18\x04 \x01(\tR\x05state\x12'
+    b'\x1e\n\ncreated_at\x18\x05 \x01(\tR\ncreated_at\x12\x1e\n\nupdated_at\x18\x06 \x01(\tR\nupdated_a'
+    b't\x12$\n\rfencing_token\x18\x07 \x01(\rR\rfencing_token\x12/\n\x07process\x18\x08 \x01(\x0b2\x15.'
+    b'relay.v1.ProcessInfoR\x07process\x12\x1a\n\x08replaces\x18\t \x01(\tR\x08replaces\x12 \n\x0brepla'
+    b'ced_by\x18\n \x01(\tR\x0breplaced_by"\xbe\x01\n\x08TaskView\x12\x1a\n\x08task_ref\x18\x01 \x01(\t'
+    b'R\x08task_ref\x12$\n\x05turns\x18\x02 \x03(\x0b2\x0e.relay.v1.TurnR\x05turns\x12\x18\n\x07running'
+    b'\x18\x03 \x01(\rR\x07running\x12\x1c\n\tcompleted\x18\x04 \x01(\rR\tcompleted\x12\x16\n\x06failed'
+    b'\x18\x05 \x01(\rR\x06failed\x12 \n\x0binterrupted\x18\x06 \x01(\rR\x0binterrupted2\xbd\x11\n\x05R'
+    b'elay\x12K\n\x0fRegisterProfile\x12 .relay.v1.RegisterProfileRequest\x1a\x16.relay.v1.ProfileReply'
+    b'\x12G\n\rCreateSession\x12\x1e.relay.v1.CreateSessionRequest\x1a\x16.relay.v1.SessionReply\x12J\n'
+    b'\x0cCloseSession\x12\x1d.relay.v1.CloseSessionRequest\x1a\x1b.relay.v1.CloseSessionReply\x127\n'
+    b'\x06Borrow\x12\x17.relay.v1.BorrowRequest\x1a\x14.relay.v1.LeaseReply\x12>\n\x07Release\x12\x1d.r'
+    b'elay.v1.ReleaseLeaseRequest\x1a\x14.relay.v1.LeaseReply\x12?\n\nGrantLease\x12\x1b.relay.v1.Grant'
+    b'LeaseRequest\x1a\x14.relay.v1.LeaseReply\x12?\n\nRenewLease\x12\x1b.relay.v1.RenewLeaseRequest'
+    b'\x1a\x14.relay.v1.LeaseReply\x12C\n\x0cReleaseLease\x12\x1d.relay.v1.ReleaseLeaseRequest\x1a\x14.'
+    b'relay.v1.LeaseReply\x12A\n\x0bRevokeLease\x12\x1c.relay.v1.RevokeLeaseRequest\x1a\x14.relay.v1.Le'
+    b'aseReply\x12G\n\rRecordControl\x12\x1e.relay.v1.RecordControlRequest\x1a\x16.relay.v1.ControlRepl'
+    b'y\x12C\n\x0bAppendEvent\x12\x1d.relay.v1.AppendRecordRequest\x1a\x15.relay.v1.AppendReply\x12D\n'
+    b'\x0cAppendResult\x12\x1d.relay.v1.AppendRecordRequest\x1a\x15.relay.v1.AppendReply\x12R\n\x11Quar'
+    b'antineSession\x12".relay.v1.QuarantineSessionRequest\x1a\x19.relay.v1.QuarantineReply\x12N\n\x0fC'
+    b'learQuarantine\x12 .relay.v1.ClearQuarantineRequest\x1a\x19.relay.v1.QuarantineReply\x12@\n\x07Re'
+    b'cover\x12\x18.relay.v1.RecoverRequest\x1a\x16.relay.v1.RecoverReply"\x03\x90\x02\x01\x12F\n\rRepa'
+    b'irSession\x12\x1e.relay.v1.RepairSessionRequest\x1a\x15.relay.v1.RepairReply\x12C\n\tGetStatus'
+    b'\x12\x1a.relay.v1.GetStatusRequest\x1a\x15.relay.v1.StatusReply"\x03\x90\x02\x01\x12O\n\x0cListPr'
+    b'ofiles\x12\x1d.relay.v1.ListProfilesRequest\x1a\x1b.relay.v1.ListProfilesReply"\x03\x90\x02\x01'
+    b'\x12O\n\x0cListSessions\x12\x1d.relay.v1.ListSessionsRequest\x1a\x1b.relay.v1.ListSessionsReply"'
+    b'\x03\x90\x02\x01\x12I\n\nListLeases\x12\x1b.relay.v1.ListLeasesRequest\x1a\x19.relay.v1.ListLease'
+    b'sReply"\x03\x90\x02\x01\x12K\n\nListEvents\x12\x1c.relay.v1.ListRecordsRequest\x1a\x1a.relay.v1.L'
+    b'istRecordsReply"\x03\x90\x02\x01\x12L\n\x0bListResults\x12\x1c.relay.v1.ListRecordsRequest\x1a'
+    b'\x1a.relay.v1.ListRecordsReply"\x03\x90\x02\x01\x12<\n\tStartTurn\x12\x1a.relay.v1.StartTurnReque'
+    b'st\x1a\x13.relay.v1.TurnReply\x12D\n\rInterruptTurn\x12\x1e.relay.v1.InterruptTurnRequest\x1a\x13'
+    b'.relay.v1.TurnReply\x12L\n\x0fResolveApproval\x12 .relay.v1.ResolveApprovalRequest\x1a\x17.relay.'
+    b'v1.ApprovalReply\x12=\n\x07GetTurn\x12\x18.relay.v1.GetTurnRequest\x1a\x13.relay.v1.TurnReply"'
+    b'\x03\x90\x02\x01\x12F\n\tListTurns\x12\x1a.relay.v1.ListTurnsRequest\x1a\x18.relay.v1.ListTurnsRe'
+    b'ply"\x03\x90\x02\x01\x12F\n\tListTasks\x12\x1a.relay.v1.ListTasksRequest\x1a\x18.relay.v1.ListTas'
+    b'ksReply"\x03\x90\x02\x01\x12K\n\x0bWatchEvents\x12\x1d.relay.v1.WatchRecordsRequest\x1a\x16.relay'
+    b'.v1.StreamRecord"\x03\x90\x02\x010\x01\x12L\n\x0cWatchResults\x12\x1d.relay.v1.WatchRecordsReques'
+    b't\x1a\x16.relay.v1.StreamRecord"\x03\x90\x02\x010\x01\x12D\n\tWatchFeed\x12\x1a.relay.v1.WatchFee'
+    b'dRequest\x1a\x14.relay.v1.FeedNotice"\x03\x90\x02\x010\x01b\x06proto3'
 )
 # --- END GENERATED ---
 
@@ -2723,6 +2812,8 @@ def add_request_arguments(parser: Any, request_type: type) -> None:
             kwargs["action"] = "append"
         elif field.type in (int, "int"):
             kwargs["type"] = _int_arg
+        elif field.type in (bool, "bool"):  # a switch: present is true
+            kwargs["action"] = "store_true"
         spelling, aliases = _field_options(field)
         if "positional" in meta:
             # Optional in argparse's eyes so that the alias may stand in for
@@ -2772,12 +2863,95 @@ def _build_cli() -> Any:
         leaf = sub.add_parser(rpc.method, help=rpc.help, aliases=[rpc.name])
         add_request_arguments(leaf, rpc.request)
         leaf.set_defaults(rpc=rpc, leaf=leaf)
+        if rpc.name == "Recover":  # Recover stays a read; --apply calls other RPCs
+            leaf.add_argument("--apply", action="store_true",
+                              help="perform what each classification calls for, step by step")
     watch = sub.add_parser("watch", help="stream a session's records as JSON lines")
     watch.add_argument("--session", help="session id (needed to resume after a drop)")
     watch.add_argument("--after", type=_int_arg, help="start after this sequence number")
     watch.add_argument("--results", action="store_true", help="the result stream, not events")
     watch.set_defaults(rpc=None)
     return parser
+
+
+def apply_recovery(recoveries: tuple[Recovery, ...], sessions: dict[str, Any],
+                   profiles: dict[str, Any], repair: Any, create: Any) -> list[dict[str, Any]]:
+    """``recover --apply`` (both CLIs): what each session's classification
+    calls for, as calls of ordinary RPCs, one step per session:
+    ``quarantine_repair`` -> ``repair(session_id)`` (RepairSession, applied);
+    ``replacement_start`` -> ``create(profile, session_id)`` (CreateSession
+    replacing it) unless it was replaced already or its profile's pool holds
+    ``pool_size`` ready sessions; ``resumable`` and ``healthy`` need nothing;
+    ``lease_block`` is left alone: recover never revokes a live holder.
+    ``sessions`` and ``profiles`` map ids to records (``state``, ``profile``,
+    ``replaced_by``; ``pool_size``).  Each step: ``session_id``,
+    ``classification``, ``action``, ``outcome`` (done | skipped | failed),
+    ``reason``."""
+    ready: dict[str, int] = {}
+    for session in sessions.values():
+        if session.state == "ready":
+            ready[session.profile] = ready.get(session.profile, 0) + 1
+    steps = []
+    for rec in recoveries:
+        session = sessions.get(rec.session_id)
+        step = {"session_id": rec.session_id, "classification": rec.classification}
+        try:
+            step.update(_recovery_step(rec, session, profiles, ready, repair, create))
+        except RelayError as exc:
+            step.update(action=_RECOVERY_ACTIONS.get(rec.classification, "none"),
+                        outcome="failed", reason=exc.message + (f"; next: {exc.hint}" if exc.hint else ""))
+        steps.append(step)
+    return steps
+
+
+_RECOVERY_ACTIONS: Final = {"quarantine_repair": "repair", "replacement_start": "start_replacement",
+                            "lease_block": "keep_lease", "resumable": "none", "healthy": "none"}
+
+
+def _recovery_step(rec: Recovery, session: Any, profiles: dict[str, Any], ready: dict[str, int],
+                   repair: Any, create: Any) -> dict[str, Any]:
+    kind = rec.classification
+    if kind == "quarantine_repair":
+        reply = repair(rec.session_id)
+        if reply.replacement_session_id:
+            ready[session.profile] = ready.get(session.profile, 0) + 1
+        why = "; ".join(f"{x.action}: {x.reason}" for x in reply.steps if x.done)
+        return {"action": "repair", "outcome": "done" if reply.outcome in ("repaired", "replaced")
+                else "failed", "reason": f"{reply.outcome}: {why}"}
+    if kind == "replacement_start":
+        if session.replaced_by:
+            return {"action": "none", "outcome": "skipped",
+                    "reason": f"already replaced by {session.replaced_by}"}
+        profile = profiles.get(session.profile)
+        if profile is not None and ready.get(profile.name, 0) >= profile.pool_size:
+            return {"action": "none", "outcome": "skipped", "reason": f"the pool of {profile.name} "
+                    f"already holds {ready[profile.name]} ready sessions (pool_size {profile.pool_size})"}
+        reply = create(session.profile, rec.session_id)
+        ready[session.profile] = ready.get(session.profile, 0) + 1
+        return {"action": "start_replacement", "outcome": "done",
+                "reason": f"session {reply.session.session_id} replaces it ({rec.reason})"}
+    if kind == "lease_block":
+        return {"action": "keep_lease", "outcome": "skipped", "reason": f"{rec.reason}: recover "
+                f"never revokes a live holder; if it is gone: {rec.next_command}"}
+    if kind == "resumable":
+        return {"action": "none", "outcome": "skipped",
+                "reason": f"{rec.reason}: nothing to do; {rec.next_command} continues it"}
+    return {"action": "none", "outcome": "skipped", "reason": rec.reason}
+
+
+def _recover_apply(stub: Any, request: Any) -> int:
+    """``python -m relay_client recover --apply``: ``apply_recovery`` through the server."""
+    recoveries = stub.recover(request).sessions
+    sessions = {s.session_id: s for s in stub.list_sessions().sessions}
+    profiles = {p.name: p for p in stub.list_profiles().profiles}
+    steps = apply_recovery(
+        recoveries, sessions, profiles,
+        lambda sid: stub.repair_session(session_id=sid, apply=True),
+        lambda profile, sid: stub.create_session(profile=profile, replaces=sid))
+    after = stub.recover(request).sessions
+    print(json.dumps({"applied": True, "steps": steps, "sessions": [to_json(r) for r in after]},
+                     sort_keys=True))
+    return 1 if any(step["outcome"] == "failed" for step in steps) else 0
 
 
 def _print_stream(watching: Any) -> int:
@@ -2802,6 +2976,8 @@ def main(argv: list[str] | None = None) -> int:
                 return _print_stream(getattr(stub, rpc.method)(args.session, args.after))
             if args.rpc.streams:
                 return _print_stream(getattr(stub, args.rpc.method)(request))
+            if getattr(args, "apply", False) and args.rpc.name == "Recover":
+                return _recover_apply(stub, request)
             reply = getattr(stub, args.rpc.method)(request)
             print(json.dumps(to_json(reply), sort_keys=True))
             return 0

@@ -203,6 +203,8 @@ async def exercise_every_rpc(call: Any) -> None:
     assert (reply.last_seq, [x.data for x in reply.records]) == (1, [[1, 2]])
     assert (await call("ListTurns", session_id="s1")).turns == ()
     assert (await call("ListTasks")).tasks == ()
+    reply = await call("CloseSession", session_id="s1", force=True, reason="the end")
+    assert (reply.outcome, reply.session.state) == ("closed", "closed")
 
 
 @pytest.mark.parametrize("style", ["message", "fields"])

@@ -371,7 +371,8 @@ async def test_damaged_scratch_is_tmp_corrupted(tmp_path):
 async def test_turns_a_dead_relay_left_running_fail_relay_restarted(tmp_path):
     """A ledger with a turn ``running`` (its server died): the next serve
     fails it ``relay_restarted`` (turn, result, end event), quarantines its
-    session (lease revoked) and the pool starts a fresh session."""
+    session (lease revoked), and then repairs it before its first reconcile
+    (tests/test_repair.py): the quarantine is cleared and s1 runs again."""
     store = relay.Store(tmp_path)
     command = (*STAND_IN, "--provider", "codex")
     commit_ok(store, "RegisterProfile", name="cx", provider="codex", mode="pooled", command=command)
@@ -382,16 +383,17 @@ async def test_turns_a_dead_relay_left_running_fail_relay_restarted(tmp_path):
                      fencing_token=lease.fencing_token, input="hi").turn
     with trio.fail_after(30):
         async with serving(tmp_path, QUIET) as r:
-            q = await quarantined(r, "s1")
+            q = r.server.service.owner.ledger.quarantines["s1"]  # recorded, then cleared by the repair
             assert q.code == "relay_restarted" and q.evidence["turn_id"] == turn.turn_id
+            assert q.state == "cleared"
             await assert_failed(r, q, None, None)
             done = (await r.ok("GetTurn", turn_id=turn.turn_id))["turn"]
             assert done["state"] == "failed" and done["error"].startswith("relay_restarted: ")
             results = (await r.ok("ListResults", session_id="s1"))["records"]
             assert [(x["kind"], x["data"]["turn_id"]) for x in results] == [("turn.failed", turn.turn_id)]
             assert (await session_events(r, "s1"))[-1]["kind"] == "turn.failed"
-            (fresh,) = await warm_sessions(r, "cx")
-            assert fresh["session_id"] != "s1"
+            warm = await warm_sessions(r, "cx")
+            assert "s1" in {s["session_id"] for s in warm}
             assert (await health(r, "cx"))["failed_turns"] == 1
 
 
@@ -503,8 +505,8 @@ async def test_sigkill_of_the_provider_mid_handshake_is_start_failed(tmp_path):
 async def test_sigkill_of_the_relay_kills_its_providers_and_the_next_serve_reconciles(tmp_path):
     """SIGKILL of ``serve`` with two turns running: every provider is gone
     within moments (PDEATHSIG; the time is printed), and the next serve fails
-    both turns ``relay_restarted``, quarantines their sessions and refills
-    the pool."""
+    both turns ``relay_restarted``, quarantines their sessions and repairs
+    them (their threads resumed in fresh processes)."""
     await _cli_register(tmp_path, "cx", "--provider", "codex", "--mode", "pooled", "--pool-size",
                         "2", "--command", " ".join([*STAND_IN, "--provider", "codex"]))
     turns = []
@@ -533,12 +535,14 @@ async def test_sigkill_of_the_relay_kills_its_providers_and_the_next_serve_recon
         assert took < 2.0 and not any(process_alive(p) for p in pids)
         async with serving(tmp_path, QUIET) as r:
             for t in turns:
-                q = await quarantined(r, t.session_id)
+                q = r.server.service.owner.ledger.quarantines[t.session_id]
                 assert q.code == "relay_restarted" and q.evidence["turn_id"] == t.turn_id
+                assert q.state == "cleared"  # repaired at start
                 done = (await r.ok("GetTurn", turn_id=t.turn_id))["turn"]
                 assert done["state"] == "failed" and done["error"].startswith("relay_restarted")
-            fresh = await warm_sessions(r, "cx", 2)
-            assert not {s["session_id"] for s in fresh} & {t.session_id for t in turns}
+            warm = await warm_sessions(r, "cx", 2)
+            assert {t.session_id for t in turns} <= {s["session_id"] for s in warm}
+            assert not {s["process"]["pid"] for s in warm} & set(pids)
 
 
 def test_a_quarantine_recorded_before_codes_reads_as_an_operators(tmp_path):

@@ -164,6 +164,7 @@ async def test_every_rpc_answers_over_connect(workspace):
             assert (await ok("ListResults", session_id=sid, after=1))["records"] == []
             assert (await ok("ListTurns", session_id=sid))["turns"] == []
             assert (await ok("ListTasks"))["tasks"] == []
+            assert (await ok("CloseSession", session_id=sid))["session"]["state"] == "closed"
     # Starting, interrupting, approving or reading a turn needs a running provider:
     # tests/test_runtime.py calls each of them; the server streams: test_table.
     assert called == {rpc.name for rpc in rc.RPCS if not rpc.streams} - relay.SERVER_RPCS - {"GetTurn"}

@@ -326,7 +326,8 @@ def test_schema_records_match_the_model(schema):
         assert props == fields, name
         later = [m for m, _ in relay._LATER_MEMBERS] if name == "Ledger" else []
         # record fields added later: a ledger written before them lacks them
-        later += list(relay._LATER_FIELDS.get({"Profile": "profiles", "Quarantine": "quarantines"}
+        later += list(relay._LATER_FIELDS.get({"Profile": "profiles", "Session": "sessions",
+                                               "Turn": "turns", "Quarantine": "quarantines"}
                                               .get(name, ""), {}))
         assert part["required"] == [p for p in part["properties"] if p not in later], name
         assert part["additionalProperties"] is False, name
@@ -433,6 +434,10 @@ def _build_everything(cli: Cli) -> None:
     cli("quarantine", "session", "q_1", "--reason", "provider crashed", "--request-id", "req-q")
     cli("quarantine", "clear", "q_1", "--request-id", "req-clear")
     cli("quarantine", "session", "claude.1", "--reason", "heartbeat lost")
+    # a session closed (with --force) and one replacing it
+    cli("session", "create", "--profile", "km", "--session-id", "kimi-2")
+    cli("session", "close", "kimi-2", "--force", "--reason", "retired", "--request-id", "req-close")
+    cli("session", "create", "--profile", "km", "--session-id", "kimi-3", "--replaces", "kimi-2")
     # tokens: active, rotated (in grace), revoked; trusted-LAN bootstrap; shutdown
     tok = cli("token", "create", "--label", "ci")["token"]["token_id"]
     cli("bootstrap", "--endpoint", "http://10.1.2.3:9876", "--token-id", tok)
@@ -470,7 +475,7 @@ def test_real_ledgers_validate(tmp_path, schema):
     assert {x["state"] for x in doc["leases"].values()} == {"active", "released", "revoked"}
     assert {x["state"] for x in doc["tokens"].values()} == {"active", "rotated", "revoked"}
     assert {x["state"] for x in doc["quarantines"].values()} == {"active", "cleared"}
-    assert {x["state"] for x in doc["sessions"].values()} == {"ready", "failed"}
+    assert {x["state"] for x in doc["sessions"].values()} == {"ready", "failed", "closed"}
     assert not doc["requests"]  # idempotency records live in the request log
     assert {x["method"] for x in _request_log(cli.store, schema)} >= {
         "RegisterProfile", "CreateSession", "GrantLease", "RenewLease", "ReleaseLease", "Release",
@@ -498,6 +503,7 @@ def test_real_ledgers_validate(tmp_path, schema):
         attrs.evolve(led, runtime=attrs.evolve(led.runtime, endpoint="http://127.0.0.1:1")), None))
     after = cli.ledger()
     assert after["compacted_at"] and not after["leases"] and not after["control_requests"]
+    assert "kimi-2" not in after["sessions"] and after["sessions"]["kimi-3"]["replaces"] == "kimi-2"
     assert not after["requests"]
     archive = cli.store.state_dir / "archive"
     for name, part in (("leases", "Lease"), ("control-requests", "ControlRequest")):

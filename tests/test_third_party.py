@@ -105,6 +105,8 @@ async def drive_every_rpc(call: Call) -> set[str]:
     assert int((await ok("ListResults", session_id="s1"))["last_seq"]) == 1
     assert (await ok("ListTurns", session_id="s1")).get("turns", []) == []
     assert (await ok("ListTasks")).get("tasks", []) == []
+    closed = await ok("CloseSession", session_id="s2", force=True, reason="the end")
+    assert (closed["outcome"], closed["session"]["state"]) == ("closed", "closed")
     return set(called)
 
 
