@@ -282,11 +282,15 @@ def _shoot(page: Any, name: str) -> None:
     page.set_viewport_size({"width": 1280, "height": 800})
 
 
-def _act(page: Any, rpc: str, confirm: bool | None = None, **fields: str) -> None:
-    """Pick ``rpc`` in the actions panel, fill ``fields``, submit; answer its confirmation."""
+def _act(page: Any, rpc: str, confirm: bool | None = None, ticked: tuple[str, ...] = (),
+         **fields: str) -> None:
+    """Pick ``rpc`` in the actions panel, fill ``fields``, tick the ``ticked`` boxes, submit;
+    answer its confirmation."""
     page.select_option("#rpc-select", rpc)
     for name, value in fields.items():
         page.fill(f"#f-{name}", value)
+    for name in ticked:
+        page.check(f"#f-{name}")
     if confirm is not None:
         page.once("dialog", lambda d: d.accept() if confirm else d.dismiss())
     page.click("#rpc-form button[type=submit]")
@@ -567,8 +571,10 @@ def test_an_operator_runs_approves_interrupts_and_sees_a_crash_quarantine_on_a_l
     prefilled from the approval.requested event), a @stall turn interrupted (cancelled, then
     confirmed), a @crash turn that ends in a provider_exited quarantine (turn bar failed, a
     quarantine mark on the timeline, the reason in the row and the facts, the lease revoked), and a
-    Borrow of the pool's replacement released.  Each step checks the page and the ledger.
-    RepairSession does not exist yet (issue 12): the page offers no repair."""
+    Borrow of the pool's replacement released, then a repair of the crashed session from the page
+    (a dry run that changes nothing, then apply: a new process, the quarantine cleared on the
+    timeline) and the revoked holder's next turn in its resumed thread.  Each step checks the
+    page and the ledger."""
     from playwright.sync_api import expect
 
     with relay_process(tmp_path) as endpoint:
@@ -586,6 +592,7 @@ def test_an_operator_runs_approves_interrupts_and_sees_a_crash_quarantine_on_a_l
         (row,) = _rpc(endpoint, "ListSessions", profile="cx")["sessions"]
         sid = row["session_id"]
         assert str(row["process"]["pid"]) in _row(page, sid)
+        first_pid = row["process"]["pid"]
         assert "RepairSession" in page.inner_text("#rpc-select")  # every row of the table
 
         # Borrow by profile: the page opens the session it got; the ledger holds the lease.
@@ -688,5 +695,32 @@ def test_an_operator_runs_approves_interrupts_and_sees_a_crash_quarantine_on_a_l
         assert "Release: released" in _result(page)
         assert [x["state"] for x in _rpc(endpoint, "ListLeases", session_id=spare["session_id"])["leases"]] \
             == ["released"]
+
+        # Repair the crashed session from the page: a dry run first (destructive by the
+        # table's rule, so confirmed; nothing changes), then with apply ticked.
+        crashed_pid = first_pid
+        page.click(f'#sessions tr[data-session="{sid}"]')
+        _act(page, "RepairSession", confirm=True, session_id=sid)
+        assert "RepairSession: planned" in _result(page)
+        assert next(s for s in _rpc(endpoint, "ListSessions", profile="cx")["sessions"]
+                    if s["session_id"] == sid)["state"] == "failed"
+        _act(page, "RepairSession", confirm=True, ticked=("apply",), session_id=sid)
+        assert "RepairSession: repaired" in _result(page)
+        _row_shows(page, sid, "provider_exited", present=False)
+        _row_shows(page, sid, "· running ·")
+        page.wait_for_selector("#timeline line.cleared", state="attached")
+        repaired = next(s for s in _rpc(endpoint, "ListSessions", profile="cx")["sessions"]
+                        if s["session_id"] == sid)
+        assert repaired["state"] == "ready" and repaired["process"]["pid"] not in (0, crashed_pid)
+        _shoot(page, "repaired")
+        # The holder whose lease the crash revoked borrows it again and goes on in its thread.
+        _act(page, "Borrow", holder="alice", profile="", session_id=sid)
+        assert "Borrow: granted" in _result(page)
+        _act(page, "StartTurn", input="where were we")
+        assert "StartTurn: ok" in _result(page)
+        expect(page.locator("#turn-state")).to_have_text("completed")
+        assert "(history 2)" in _turns(endpoint, sid)[-1]["output_text"]  # the two completed turns
+        _act(page, "Release", confirm=True)
+        assert "Release: released" in _result(page)
         page.close()
     assert [p for p in problems if not p.startswith("Failed to load resource")] == [], problems
