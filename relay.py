@@ -3496,7 +3496,7 @@ def classify(ledger: Ledger, session: rc.Session, stamp: str) -> rc.Recovery:
     quarantine = ledger.quarantines.get(sid)
     if quarantine is not None and quarantine.state == "active":
         return rc.Recovery(sid, "quarantine_repair", f"quarantined: {quarantine.reason}",
-                           f"python -m relay quarantine clear {sid}")
+                           f"python -m relay repair {sid} --apply")
     if session.state != "ready":
         return rc.Recovery(sid, "replacement_start", f"session is {session.state}",
                            f"python -m relay session create --profile {session.profile}")

@@ -593,8 +593,8 @@ def test_recover_classifies_each_session_with_its_next_command(base):
     assert got["blocked"].lease_ids == (held.lease.lease_id,)
     args = _parse(got["blocked"].next_command)
     assert (args._cmd, args.lease_id) == ("RevokeLease", held.lease.lease_id)
-    args = _parse(got["quarantined"].next_command)
-    assert (args._cmd, args.session_id) == ("ClearQuarantine", "quarantined")
+    args = _parse(got["quarantined"].next_command)  # a repair, not a bare clear
+    assert (args._cmd, args.session_id, args.apply) == ("RepairSession", "quarantined", True)
     for sid in ("revoked", "expired"):
         args = _parse(got[sid].next_command)
         assert (args._cmd, args.session_id) == ("Borrow", sid)
