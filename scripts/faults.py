@@ -294,16 +294,18 @@ class Run:
             def running() -> list[tuple[str, TurnSeen]]:
                 return [(tid, t) for tid, t in self.seen.turns.items() if t.first_delta and not t.ended]
 
-            async def candidates() -> Any:
-                return running() or None
+            async def target() -> Any:
+                picks = running()
+                if not picks:
+                    return None
+                tid, turn = self.rng.choice(sorted(picks, key=lambda x: x[0]))
+                rows = {s["session_id"]: s for s in await self.sessions()}
+                process = rows.get(turn.session_id, {}).get("process", {})
+                # its session may have just lost its process (a turn's end not yet seen)
+                return (tid, turn, process["pid"]) if process.get("state") == "running" else None
 
-            picks = await self.until(candidates, "a running turn with a delta")
-            fault.turn_id, turn = self.rng.choice(sorted(picks, key=lambda x: x[0]))
+            fault.turn_id, turn, fault.pid = await self.until(target, "a running turn with a delta")
             fault.session_id = turn.session_id
-            rows = {s["session_id"]: s for s in await self.sessions()}
-            fault.pid = rows.get(fault.session_id, {}).get("process", {}).get("pid", 0)
-            if not fault.pid:
-                raise FaultRunError(f"session {fault.session_id} shows no process")
             fault.mid_turn = not turn.ended
             fault.injected_at = time.time()
             with contextlib.suppress(ProcessLookupError):
@@ -619,8 +621,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         doc = fault_run(args)
-    except FaultRunError as exc:
-        print(f"faults: {exc}", file=sys.stderr)
+    except (FaultRunError, BaseExceptionGroup) as exc:
+        found = exc.subgroup(FaultRunError) if isinstance(exc, BaseExceptionGroup) else exc
+        while isinstance(found, BaseExceptionGroup):
+            found = found.exceptions[0]
+        if found is None:
+            raise
+        print(f"faults: {found}", file=sys.stderr)
         return 2
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
