@@ -28,9 +28,10 @@ def test_eight_random_faults_leave_the_pool_healthy_and_nothing_behind(tmp_path)
     faults = doc["faults"]
     assert len(faults) == 8
     for fault in faults:
-        # every fault was seen and acted on: a quarantine with its reason code, or a stall the
-        # relay ended by interrupting the turn
-        assert fault["outcome"].startswith(("quarantined: ", "turn interrupted")), fault
+        # every fault was seen and acted on: a quarantine with its reason code, or (a stall
+        # the interrupt ended) the turn ended by the relay
+        assert fault["outcome"].startswith("quarantined: ") or (
+            fault["cause"] == "stall" and fault["outcome"] in ("turn interrupted", "turn failed")), fault
         assert fault["detected_s"] is not None and fault["leases_left"] == 0, fault
         if fault["cause"] == "kill":
             assert fault["outcome"] == "quarantined: provider_exited" and fault["pid"] > 0, fault
