@@ -1941,6 +1941,7 @@ def fault_injection(bench: Bench) -> list[Figure]:
     figures = []
     for cause, stats in doc["summary"].items():
         for key, what in (("detected_s", "fault -> quarantine record (or the stall's turn ended)"),
+                          ("told_s", "fault -> the holder's borrowed block ends (LeaseLost)"),
                           ("repaired_s", "fault -> the pool as healthy as before")):
             for q in ("p50", "p99"):
                 value = stats[key][q]

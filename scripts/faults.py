@@ -21,7 +21,8 @@ start the clock at that turn's first delta, after which the stand-in is silent
 
 Per fault it records: detection (fault -> the quarantine record's
 ``quarantined_at``, or for a stall the relay ending the turn), the feed notice
-(fault -> ``quarantine.set`` arriving on ``GET /events?feed=relay``) and repair
+(fault -> ``quarantine.set`` arriving on ``GET /events?feed=relay``), the holder
+told (fault -> the worker's ``borrowed`` block ending on ``LeaseLost``) and repair
 (fault -> the profile has as many healthy sessions as before: ready,
 unquarantined, a running process).  Afterwards it checks, and reports: every
 turn ended in a terminal state, no live lease on a failed session, the pool has
@@ -113,6 +114,7 @@ class Fault:
     outcome: str = ""  # quarantined: CODE | turn interrupted | ... | undetected
     detected_s: float | None = None
     notice_s: float | None = None
+    told_s: float | None = None  # fault -> the holder's borrowed block ended (LeaseLost)
     repaired_s: float | None = None
     #: Live leases on the session once it was quarantined (the quarantine revokes them all).
     leases_left: int = 0
@@ -234,6 +236,7 @@ class Run:
         self.cues: dict[int, str] = {}  # worker -> cue of its next prompt
         self.turns: dict[str, int] = {}  # terminal state -> count, as the workers saw them
         self.lost = 0
+        self.told: dict[str, float] = {}  # session -> when its holder's block ended on an error
         self.borrow_refused = 0
         self.faults: list[Fault] = []
 
@@ -272,18 +275,24 @@ class Run:
         async with rc.AsyncRelayStub(self.url) as stub:
             k = 0
             while not self.stopping:
+                held = ""
                 try:
                     async with stub.borrowed(profile=PROFILE, holder=f"worker-{i}") as lease:
+                        held = lease.session_id
                         while not self.stopping:
                             k += 1
                             cue = self.cues.pop(i, "")
                             turn = await lease.run(f"@slow {cue} w{i}-t{k} {WORDS}")
                             self.turns[turn.state] = self.turns.get(turn.state, 0) + 1
-                except rc.LeaseLost:
-                    self.lost += 1
-                except rc.RelayError:  # no free session for a moment, a process not running yet
-                    self.borrow_refused += 1
-                    await trio.sleep(0.05)
+                except rc.RelayError as exc:
+                    if held:  # the holder learnt: LeaseLost, or a refusal that came first
+                        self.told.setdefault(held, time.time())
+                        self.seen.poke()
+                    if isinstance(exc, rc.LeaseLost):
+                        self.lost += 1
+                    else:  # no free session for a moment, a process not running yet
+                        self.borrow_refused += 1
+                        await trio.sleep(0.05)
 
     # -- faults
 
@@ -364,6 +373,12 @@ class Run:
         fault.detected_s = stamp_seconds(quarantine["quarantined_at"]) - fault.injected_at
         fault.notice_s = arrived - fault.injected_at
         fault.leases_left = len([x for x in await live_leases(self) if x["session_id"] == fault.session_id])
+
+        async def told() -> Any:
+            return self.told.get(fault.session_id)
+
+        with contextlib.suppress(FaultRunError):  # a session nobody held has nobody to tell
+            fault.told_s = await self.until(told, "the holder to learn", 5.0) - fault.injected_at
 
     async def injector(self) -> None:
         import trio
@@ -539,7 +554,7 @@ def report(result: dict[str, Any], args: argparse.Namespace, causes: list[str],
         stats: dict[str, Any] = {"n": len(mine), "outcomes": {}}
         for f in mine:
             stats["outcomes"][f.outcome] = stats["outcomes"].get(f.outcome, 0) + 1
-        for key in ("detected_s", "notice_s", "repaired_s"):
+        for key in ("detected_s", "notice_s", "told_s", "repaired_s"):
             xs = [getattr(f, key) for f in mine if getattr(f, key) is not None]
             stats[key] = {"n": len(xs), "p50": _pct(xs, 50), "p99": _pct(xs, 99),
                           "max": max(xs) if xs else None,
@@ -576,15 +591,15 @@ def table(doc: dict[str, Any]) -> str:
     run = doc["run"]
     rows = [f"fault-injection run: {run['faults']} faults, {run['workers']} workers, pool of "
             f"{run['pool_size']}, seed {run['seed']}, {run['seconds']:.1f} s",
-            f"{'cause':6s} {'n':>4s}  {'detect p50':>10s} {'p99':>8s}  {'notice p50':>10s} {'p99':>8s}  "
-            f"{'repair p50':>10s} {'p99':>8s}  outcomes"]
+            f"{'cause':6s} {'n':>4s}" + "".join(f"  {name + ' p50':>10s} {'p99':>8s}" for name in (
+                "detect", "notice", "holder", "repair")) + "  outcomes"]
 
     def ms(x: float | None) -> str:
         return "-" if x is None else f"{x * 1e3:.0f} ms"
 
     for cause, s in doc["summary"].items():
         cells = "".join(f"  {ms(s[key]['p50']):>10s} {ms(s[key]['p99']):>8s}"
-                        for key in ("detected_s", "notice_s", "repaired_s"))
+                        for key in ("detected_s", "notice_s", "told_s", "repaired_s"))
         rows.append(f"{cause:6s} {s['n']:4d}{cells}  "
                     + ", ".join(f"{k} x{v}" for k, v in sorted(s["outcomes"].items())))
     c = doc["checks"]
