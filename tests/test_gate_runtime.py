@@ -178,6 +178,20 @@ def test_provider_process_of_no_live_session_fails(tmp_path, whose):
         assert checks["provider_processes_owned"].repair.startswith(f"kill -TERM -- -{proc.pid}")
 
 
+@pytest.mark.parametrize("spelling", ["relative", "through a link"])
+def test_the_workspace_is_found_however_its_root_is_spelled(tmp_path, monkeypatch, spelling):
+    workspace_with_turn(tmp_path / "ws")
+    with provider_like(tmp_path / "ws", "s-gone"):
+        if spelling == "relative":
+            monkeypatch.chdir(tmp_path)
+            root = Path("ws")
+        else:
+            root = tmp_path / "link"
+            root.symlink_to(tmp_path / "ws")
+        checks = run_gate(root)
+        assert_checks(checks, fail=("provider_processes_owned", "no_orphan_provider_processes"))
+
+
 def test_other_workspaces_providers_are_not_this_gates(tmp_path):
     """A process marked with another workspace's scratch (a prefix of ours, even)
     is none of this gate's business."""
