@@ -64,14 +64,16 @@ PROFILE = "faults"
 STAND_IN = [sys.executable, str(REPO / "scripts" / "stand_in_provider.py"), "--provider", "codex",
             "--slow-ms", "15"]
 #: ``[runtime]`` settings of the run: every wait of a stop, start and hand-over short.
-RUNTIME = {"stop_stdin_seconds": 0.5, "stop_term_seconds": 0.5, "stop_kill_seconds": 1.0,
+RUNTIME = {"stop_stdin_seconds": 0.25, "stop_term_seconds": 0.5, "stop_kill_seconds": 1.0,
            "startup_timeout_seconds": 5.0, "handover_timeout_seconds": 2.0}
 #: Detection settings written only when this relay has them (issue 12's detection).
-DETECTION = {"turn_stall_seconds": 1.0, "interrupt_grace_seconds": 0.5,
+DETECTION = {"turn_stall_seconds": 0.75, "interrupt_grace_seconds": 0.25,
              "probe_interval_seconds": 0.5, "probe_timeout_seconds": 2.0}
 #: The longest any single wait of the run may take (seconds).
 PATIENCE = 30.0
-WORDS = " ".join(f"w{i}" for i in range(20))
+#: A kill picks a turn whose first delta came at most this long ago (a turn lasts ~270 ms).
+FRESH_SECONDS = 0.1
+WORDS = " ".join(f"w{i}" for i in range(12))
 
 
 class FaultRunError(Exception):
@@ -301,7 +303,10 @@ class Run:
         before = len(await self.healthy())
         if cause == "kill":
             def running() -> list[tuple[str, TurnSeen]]:
-                return [(tid, t) for tid, t in self.seen.turns.items() if t.first_delta and not t.ended]
+                # turns that began streaming a moment ago: most of each is still to come
+                fresh = time.time() - FRESH_SECONDS
+                return [(tid, t) for tid, t in self.seen.turns.items()
+                        if t.first_delta > fresh and not t.ended]
 
             async def target() -> Any:
                 picks = running()
@@ -315,7 +320,6 @@ class Run:
 
             fault.turn_id, turn, fault.pid = await self.until(target, "a running turn with a delta")
             fault.session_id = turn.session_id
-            fault.mid_turn = not turn.ended
             fault.injected_at = time.time()
             with contextlib.suppress(ProcessLookupError):
                 os.kill(fault.pid, signal.SIGKILL)
@@ -336,6 +340,9 @@ class Run:
             fault.turn_id, fault.session_id = turn["turn_id"], turn["session_id"]
             fault.injected_at, fault.mid_turn = seen.first_delta, True  # silent from then on
         await self.detect(fault)
+        if cause == "kill":  # the kill landed mid-turn if the turn did not complete
+            turn = (await self.call("GetTurn", turn_id=fault.turn_id))["turn"]
+            fault.mid_turn = turn["state"] != "completed"
         if fault.outcome.startswith("quarantined"):
             async def repaired() -> Any:
                 return len(await self.healthy()) >= before
@@ -551,7 +558,8 @@ def report(result: dict[str, Any], args: argparse.Namespace, causes: list[str],
     summary = {}
     for cause in causes:
         mine = [f for f in faults if f.cause == cause]
-        stats: dict[str, Any] = {"n": len(mine), "outcomes": {}}
+        stats: dict[str, Any] = {"n": len(mine), "mid_turn": sum(f.mid_turn for f in mine),
+                                 "outcomes": {}}
         for f in mine:
             stats["outcomes"][f.outcome] = stats["outcomes"].get(f.outcome, 0) + 1
         for key in ("detected_s", "notice_s", "told_s", "repaired_s"):
@@ -600,7 +608,7 @@ def table(doc: dict[str, Any]) -> str:
     for cause, s in doc["summary"].items():
         cells = "".join(f"  {ms(s[key]['p50']):>10s} {ms(s[key]['p99']):>8s}"
                         for key in ("detected_s", "notice_s", "told_s", "repaired_s"))
-        rows.append(f"{cause:6s} {s['n']:4d}{cells}  "
+        rows.append(f"{cause:6s} {s['n']:4d}{cells}  {s['mid_turn']} mid-turn; "
                     + ", ".join(f"{k} x{v}" for k, v in sorted(s["outcomes"].items())))
     c = doc["checks"]
     left = sum(f["leases_left"] for f in doc["faults"])

@@ -33,8 +33,9 @@ def test_eight_random_faults_leave_the_pool_healthy_and_nothing_behind(tmp_path)
         assert fault["outcome"].startswith("quarantined: ") or (
             fault["cause"] == "stall" and fault["outcome"] in ("turn interrupted", "turn failed")), fault
         assert fault["detected_s"] is not None and fault["leases_left"] == 0, fault
-        if fault["cause"] == "kill":
-            assert fault["outcome"] == "quarantined: provider_exited" and fault["pid"] > 0, fault
+        if fault["cause"] == "kill":  # (a kill that raced its turn's end may find it completed)
+            assert fault["outcome"].startswith("quarantined: ") and fault["pid"] > 0, fault
+            assert fault["outcome"] == "quarantined: provider_exited" or not fault["mid_turn"], fault
             assert fault["repaired_s"] is not None, fault
     checks = doc["checks"]
     assert checks["turns_not_terminal"] == 0 and checks["turns"] > 0
