@@ -32,7 +32,8 @@ nursery tree is::
     |-- ledger owner              group-commits mutations under the file lock
     |-- heartbeat nursery         lease-expiry reaper; ledger watcher
     |-- supervision nursery       the live runtime: pools, turns, hand-over
-    |   `-- one task per provider process (stdout reader, stderr ring, reaper)
+    |   `-- per provider process: stdout reader, stderr ring, reaper, and its
+    |       watchdog (stall timer, liveness probe)
     `-- http nursery              hypercorn serving the quart-trio app:
                                   HTTP, SSE, WebSocket, Connect RPCs
 
@@ -178,6 +179,7 @@ def status_doc(root: str, doc: dict | None, warnings: list[dict], now: float) ->
         "results": sum(c["results"] for c in view["cursors"].values()),
         "runtime": dict(view["runtime"]),
         "warnings": warnings,
+        "providers": [],  # the running server's observations; a ledger has none
     }
 
 
@@ -367,6 +369,7 @@ __all__ = [
     "provider_endpoint",
     "provider_env",
     "provider_home_files",
+    "quarantine",
     "quarantine_session",
     "read_rpc",
     "reader",
@@ -605,6 +608,16 @@ class Config:
     approval_timeout_seconds: float = 60.0
     #: stderr lines kept per provider process (the newest).
     stderr_lines: int = 200
+    #: Failure detection (specs/flow-runtime-contract.md, "Failure detection"):
+    #: silence during a turn before the relay interrupts it, and how long the
+    #: interrupt may take before the process is stopped (heartbeat_lost); the
+    #: liveness probe's period and its answer's deadline (unresponsive); the
+    #: consecutive start failures after which a profile is degraded.
+    turn_stall_seconds: float = 120.0
+    interrupt_grace_seconds: float = 10.0
+    probe_interval_seconds: float = 30.0
+    probe_timeout_seconds: float = 10.0
+    degraded_after_failures: int = 5
     log_level: str = "info"
 
 
@@ -636,6 +649,11 @@ _CONFIG_KEYS: Final = {
     "handover_timeout_seconds": ("runtime", "handover_timeout_seconds"),
     "approval_timeout_seconds": ("runtime", "approval_timeout_seconds"),
     "stderr_lines": ("runtime", "stderr_lines"),
+    "turn_stall_seconds": ("runtime", "turn_stall_seconds"),
+    "interrupt_grace_seconds": ("runtime", "interrupt_grace_seconds"),
+    "probe_interval_seconds": ("runtime", "probe_interval_seconds"),
+    "probe_timeout_seconds": ("runtime", "probe_timeout_seconds"),
+    "degraded_after_failures": ("runtime", "degraded_after_failures"),
     "log_level": ("serve", "log_level"),
 }
 
@@ -1107,7 +1125,8 @@ def decode_ledger(data: bytes) -> Ledger:
 _LATER_MEMBERS: Final = (("ledger_id", ""), ("request_log", {"bucket": "", "shard_bytes": []}),
                          ("turns", {}))
 #: Record fields added after the first release: member -> field -> what absence means.
-_LATER_FIELDS: Final = {"profiles": {"pool_size": 1, "cwd": "", "env": [], "options": []}}
+_LATER_FIELDS: Final = {"profiles": {"pool_size": 1, "cwd": "", "env": [], "options": []},
+                        "quarantines": {"code": "operator", "evidence": None}}
 
 
 def _check_replies(ledger: Ledger) -> None:
@@ -1117,6 +1136,11 @@ def _check_replies(ledger: Ledger) -> None:
         if isinstance(profile, dict):  # a reply stored before the later profile fields
             for name, default in _LATER_FIELDS["profiles"].items():
                 profile.setdefault(name, default)
+        quarantine = record.reply.get("quarantine") if record.method in (
+            "QuarantineSession", "ClearQuarantine") else None
+        if isinstance(quarantine, dict):  # a reply stored before the later quarantine fields
+            for name, default in _LATER_FIELDS["quarantines"].items():
+                quarantine.setdefault(name, default)
         from_json(rc.RPC_BY_NAME[record.method].response, record.reply,
                   path=f"requests.{key}.reply", complete=True)
 
@@ -2294,25 +2318,34 @@ def append_record(ledger: Ledger, req: rc.AppendRecordRequest, ctx: Ctx, stream:
 
 
 def quarantine_session(ledger: Ledger, req: rc.QuarantineSessionRequest, ctx: Ctx):
+    """An operator's quarantine (code ``operator``)."""
+    return quarantine(ledger, req.session_id, "operator", _text("reason", req.reason), None, ctx)
+
+
+def quarantine(ledger: Ledger, session_id: str, code: str, reason: str, evidence: Any, ctx: Ctx):
     """Fail the session until cleared, revoking its live leases so no holder
-    goes on writing to a session that is known to be unsafe."""
-    session = _session(ledger, req.session_id)
-    reason = _text("reason", req.reason)
-    if _quarantined(ledger, req.session_id):
-        raise AlreadyExists(f"session {req.session_id!r} is already quarantined",
-                            hint=f"clear it with `python -m relay quarantine clear {req.session_id}`")
+    goes on writing to a session that is known to be unsafe.  ``code`` is one
+    of ``rc.QUARANTINE_CODES``; ``evidence`` a JSON object or None.  The one
+    function behind an operator's QuarantineSession and the runtime's
+    automatic quarantines (``Runtime.auto_quarantine``)."""
+    session = _session(ledger, session_id)
+    if code not in rc.QUARANTINE_CODES:
+        raise InvalidArgument(f"quarantine code {code!r} is not one of {', '.join(rc.QUARANTINE_CODES)}")
+    if _quarantined(ledger, session_id):
+        raise AlreadyExists(f"session {session_id!r} is already quarantined",
+                            hint=f"clear it with `python -m relay quarantine clear {session_id}`")
     revoked = []
-    for lease in live_leases(ledger, req.session_id, ctx.stamp):
+    for lease in live_leases(ledger, session_id, ctx.stamp):
         ledger = _end(ledger, lease, "revoked", ctx, f"quarantined: {reason}")
         revoked.append(lease.lease_id)
-    quarantine = rc.Quarantine(req.session_id, reason, "active", ctx.stamp)
+    record = rc.Quarantine(session_id, reason, "active", ctx.stamp, code=code, evidence=evidence)
     session = attrs.evolve(session, state="failed", updated_at=ctx.stamp)
     ledger = attrs.evolve(
         ledger,
         sessions=_put(ledger.sessions, session.session_id, session),
-        quarantines=_put(ledger.quarantines, session.session_id, quarantine),
+        quarantines=_put(ledger.quarantines, session.session_id, record),
     )
-    return ledger, rc.QuarantineReply("quarantined", ctx.revision, quarantine, tuple(revoked))
+    return ledger, rc.QuarantineReply("quarantined", ctx.revision, record, tuple(revoked))
 
 
 def clear_quarantine(ledger: Ledger, req: rc.ClearQuarantineRequest, ctx: Ctx):
@@ -2694,8 +2727,22 @@ def inspect_relay(store: Store, config: Config, now: float) -> dict[str, Any]:
                      for k, s in sorted(view.sessions.items())},
         "request_records": len(view.requests),
         "config": attrs.asdict(config),
+        "quarantine_codes": _quarantine_codes(view),
     }
     return doc
+
+
+def _quarantine_codes(ledger: Ledger) -> dict[str, dict[str, int]]:
+    """Per profile, its sessions' active quarantines by code: the part of
+    provider health the ledger knows (the rest is the running server's memory,
+    ``GET /api/relay/runtime``)."""
+    out: dict[str, dict[str, int]] = {}
+    for sid, q in sorted(ledger.quarantines.items()):
+        session = ledger.sessions.get(sid)
+        if q.state == "active" and session is not None:
+            codes = out.setdefault(session.profile, {})
+            codes[q.code] = codes.get(q.code, 0) + 1
+    return out
 
 
 def list_profiles(ledger: Ledger, req: rc.ListProfilesRequest, now: float):
@@ -4784,6 +4831,9 @@ class ProviderProcess:
     provider_version: str = ""
     returncode: int | None = None
     stop_requested: bool = False
+    #: When stdout last gave bytes: trio time (the stall timer) and a wall stamp.
+    last_output_at: float = 0.0
+    last_output_stamp: str = ""
     stderr: Any = None  # deque of the newest lines
     events: Any = None  # receive side: one list of WireEvents per stdout read
     exited: Any = None  # trio.Event
@@ -4836,6 +4886,7 @@ class ProviderProcess:
         for fd in child:
             os.close(fd)
         self.pid, self.started_at = self._popen.pid, iso(now)
+        self.last_output_at = trio.current_time()
         self._stdin = trio.lowlevel.FdStream(fds[0][1])
         self._stdout = trio.lowlevel.FdStream(fds[1][0])
         self._stderr_stream = trio.lowlevel.FdStream(fds[2][0])
@@ -4866,6 +4917,8 @@ class ProviderProcess:
                 chunk = await self._stdout.receive_some(READ_CHUNK_BYTES)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 chunk = b""
+            if chunk:
+                self.last_output_at, self.last_output_stamp = trio.current_time(), iso(time.time())
             events = self.protocol.receive_data(chunk) if chunk else self.protocol.receive_eof()
             reply = self.protocol.data_to_send()
             if reply:
@@ -4981,10 +5034,16 @@ class ProviderProcess:
 # coalesced into one live ``delta`` frame (no SSE id, so no Last-Event-ID
 # position), published at once; the completed item carries the whole text.
 #
-# Failure handling (issue 12) hooks in at ``_on_exit`` (a process that ended
-# on its own) and ``_start_failed``: for now both quarantine the session with a
-# reason code (``provider_exited``, ``start_failed``), fail its running turn
-# and let the pool start a replacement, with exponential backoff per profile.
+# Failure detection (specs/flow-runtime-contract.md, "Failure detection"):
+# ``_on_exit`` (a process that ended on its own: ``provider_exited``, or
+# ``start_failed`` before it got going), ``_start_failed`` (backoff, degraded
+# profiles), the per-process watchdog ``_watch`` (stall timer:
+# ``heartbeat_lost``; liveness probe: ``unresponsive``), ``_check_scratch``
+# and the check before a turn (``tmp_corrupted``) and, at start,
+# ``_fail_turns_of_a_dead_relay`` (``relay_restarted``).  Each quarantines the
+# session through ``auto_quarantine`` (code and evidence; leases revoked),
+# fails its running turn and lets the pool start a replacement.  What was
+# observed is counted per profile in ``health`` (memory only, exported).
 
 _rlog = __import__("logging").getLogger("relay.runtime")
 
@@ -4997,8 +5056,11 @@ DEFAULT_COMMANDS: Final = {
 }
 #: How often the runtime re-reads the ledger when no notice woke it (seconds).
 RECONCILE_SECONDS: Final = 0.5
-#: The longest a profile waits before its next spawn after failures (seconds).
+#: The longest a profile waits before its next spawn after failures (seconds):
+#: also the period of a degraded profile's one start attempt.
 SPAWN_BACKOFF_MAX_SECONDS: Final = 60.0
+#: The wait after a first start failure; it doubles with each one in a row.
+SPAWN_BACKOFF_FIRST_SECONDS: Final = 1.0
 #: How much of a native frame an event record keeps (bytes of canonical JSON).
 NATIVE_KEPT_BYTES: Final = 16 * KIB
 #: The event kinds the runtime makes durable (everything else stays in memory).
@@ -5006,6 +5068,8 @@ DURABLE_KINDS: Final = ("turn.started", "item.started", "item.completed", "appro
                         "approval.resolved", "turn.completed", "turn.failed", "turn.interrupted")
 _END_STATES: Final = {"turn.completed": "completed", "turn.failed": "failed",
                       "turn.interrupted": "interrupted"}
+#: Item types that are no work in flight (the stall timer ignores their open items).
+_NOT_IN_FLIGHT: Final = ("agent_message", "user_message", "reasoning")
 
 
 _PROTOCOLS: Final = {"codex": CodexProtocol, "claude": ClaudeProtocol, "kimi": KimiProtocol}
@@ -5055,11 +5119,12 @@ def process_env(profile: rc.Profile, session_id: str, dirs: dict[str, Path],
     return env
 
 
-def write_provider_home(profile: rc.Profile, home: Path,
-                        providers: dict[str, dict[str, Any]]) -> ProviderEndpoint | None:
+def write_provider_home(profile: rc.Profile, home: Path, providers: dict[str, dict[str, Any]],
+                        written: dict[str, str] | None = None) -> ProviderEndpoint | None:
     """Write the provider's offline home files (Codex's ``config.toml``) into
     its scratch home; returns its endpoint (None for a provider without
-    settings, e.g. Kimi).  The profile's Codex options go into the config."""
+    settings, e.g. Kimi).  The profile's Codex options go into the config.
+    ``written``, if given, gets each file's name -> SHA-256 (the scratch check)."""
     if profile.provider not in PROVIDER_SETTINGS:
         return None
     endpoint = provider_endpoint(profile.provider, providers.get(profile.provider), dict(os.environ))
@@ -5071,7 +5136,102 @@ def write_provider_home(profile: rc.Profile, home: Path,
              if profile.provider == "codex" else {})
     for name, data in provider_home_files(endpoint, **codex).items():
         (home / name).write_bytes(data)
+        if written is not None:
+            written[name] = _sha256(data).hexdigest()
     return endpoint
+
+
+# -- failure detection: evidence, scratch checks, provider health (issue 12) ----------
+
+#: stderr lines a quarantine's evidence keeps (the newest), each trimmed to this many characters.
+EVIDENCE_STDERR_LINES: Final = 10
+EVIDENCE_LINE_CHARS: Final = 300
+#: Environment names whose values are never copied from stderr into evidence.
+_SECRET_NAME: Final = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+
+
+def _secret_values(env: dict[str, str]) -> tuple[str, ...]:
+    """Values of the child's environment that look like credentials (redacted from evidence)."""
+    return tuple(v for k, v in env.items() if len(v) >= 8 and any(w in k.upper() for w in _SECRET_NAME))
+
+
+def stderr_evidence(lines: Any, secrets: tuple[str, ...] = ()) -> list[str]:
+    """The newest stderr lines, trimmed, with any credential of the child's environment redacted."""
+    out = []
+    for line in list(lines)[-EVIDENCE_STDERR_LINES:]:
+        for secret in secrets:
+            line = line.replace(secret, "[redacted]")
+        out.append(line.strip()[:EVIDENCE_LINE_CHARS])
+    return out
+
+
+def exit_evidence(returncode: int | None) -> tuple[int | None, str]:
+    """(exit status, signal name or "") of a reaped child."""
+    if returncode is not None and returncode < 0:
+        try:
+            return returncode, signal.Signals(-returncode).name
+        except ValueError:
+            return returncode, f"signal {-returncode}"
+    return returncode, ""
+
+
+def scratch_fingerprint(root: Path, home: Path, written: dict[str, str]) -> dict[str, Any]:
+    """What ``scratch_damage`` compares against: the scratch root's (device,
+    inode) and the SHA-256 of each provider home file the relay wrote.  Blocking."""
+    st = os.stat(root)
+    return {"root": str(root), "home": str(home), "ino": (st.st_dev, st.st_ino), "files": dict(written)}
+
+
+def scratch_damage(fingerprint: dict[str, Any]) -> str:
+    """Why the scratch no longer is what the relay made ("" when intact):
+    missing, replaced (another inode), or a provider home file changed.
+    Blocking (a stat and a small file's hash): call from a worker thread."""
+    try:
+        st = os.stat(fingerprint["root"])
+    except OSError:
+        return f"scratch {fingerprint['root']} is missing"
+    if (st.st_dev, st.st_ino) != tuple(fingerprint["ino"]):
+        return f"scratch {fingerprint['root']} was replaced"
+    for name, digest in fingerprint["files"].items():
+        path = Path(fingerprint["home"]) / name
+        try:
+            got = _sha256(path.read_bytes()).hexdigest()
+        except OSError:
+            return f"provider config {path} is missing"
+        if got != digest:
+            return f"provider config {path} changed under the relay"
+    return ""
+
+
+#: Health counters of a profile (``ProviderHealth``), each a Prometheus counter.
+HEALTH_COUNTERS: Final = ("starts", "exits", "crashes", "stalls", "probe_failures", "failed_turns",
+                          "tmp_corrupted", "start_failures")
+
+
+@attrs.define
+class ProviderHealth:
+    """What the runtime observed of one profile's processes since this server
+    started: in memory only, exported (``status``, ``GET /api/relay/runtime``,
+    ``/metrics``), never written to the provider's owner."""
+
+    profile: str
+    state: str = "healthy"  # healthy | degraded
+    starts: int = 0
+    exits: int = 0
+    crashes: int = 0
+    stalls: int = 0
+    probe_failures: int = 0
+    failed_turns: int = 0
+    tmp_corrupted: int = 0
+    start_failures: int = 0
+    consecutive_failures: int = 0  # start failures since the last good start
+    last_error: str = ""
+    last_error_at: str = ""
+    #: Automatic quarantines by code (``rc.QUARANTINE_CODES``).
+    quarantines: dict[str, int] = attrs.Factory(dict)
+
+    def error(self, text: str, stamp: str) -> None:
+        self.last_error, self.last_error_at = text[:500], stamp
 
 
 def close_session(ledger: Ledger, session_id: str, reason: str, ctx: Ctx):
@@ -5112,6 +5272,8 @@ class _TurnRun:
     ended: Any = attrs.Factory(lambda: trio.Event())
     started: Any = attrs.Factory(lambda: trio.Event())  # the provider opened it (turn.started)
     state: str = ""
+    #: Set when the stall timer interrupted it: the error an interrupted end carries.
+    stalled: str = ""
 
 
 @attrs.define(eq=False)
@@ -5140,6 +5302,23 @@ class LiveSession:
     handing_over: bool = False
     #: Records queued for commit and not yet seen committed: (kind, _Pending).
     unconfirmed: list[tuple[str, Any]] = attrs.Factory(list)
+    #: Failure detection.  ``activity_at``: trio time the relay last gave the
+    #: provider work (a turn, an approval answer); the stall timer counts
+    #: silence from it or the last stdout, whichever is later.
+    activity_at: float = 0.0
+    #: Trio time of the last provider event other than a probe answer (a
+    #: probe's reply is no sign that the turn makes progress).
+    output_at: float = 0.0
+    #: Command / tool items started and not completed (a silent command is no stall).
+    open_items: set[str] = attrs.Factory(set)
+    probe_answered_at: str = ""  # wall stamp of the last probe answer
+    fingerprint: dict[str, Any] | None = None  # scratch_fingerprint at spawn
+    secrets: tuple[str, ...] = ()  # redacted from stderr evidence
+    started: bool = False  # handshake done (Codex) / spawned (Claude, Kimi)
+    spawned_at: float = 0.0  # trio time
+    handshake_failed: str = ""  # Claude: an error result before any turn
+    #: Why the relay stopped the process for a failure ("" = it did not).
+    failure: str = ""
 
     def expect(self, name: str) -> _Waiter:
         waiter = self.waiters[name] = _Waiter()
@@ -5174,6 +5353,10 @@ class Runtime:
     _changed: Any = None  # trio.Event, replaced each time it fires
     _record_lock: Any = attrs.Factory(lambda: trio.Lock())  # one providers.json writer
     _programs: dict[tuple[str, tuple[str, ...]], bool] = attrs.Factory(dict)  # profile -> installed
+    #: Per profile, what this server observed (``ProviderHealth``).
+    health: dict[str, ProviderHealth] = attrs.Factory(dict)
+    _start_failed_ids: set[str] = attrs.Factory(set)  # sessions whose start failed
+    _scratch_due: float = -math.inf  # trio time of the next scratch check
 
     def changed(self) -> None:
         """Something observable changed (a process state, a reconcile pass)."""
@@ -5191,6 +5374,7 @@ class Runtime:
 
     async def run(self, *, task_status: TaskStatus[Runtime] = _TASK_STATUS_IGNORED) -> None:
         await trio.to_thread.run_sync(reap_orphans, self.store.tmp_dir)
+        await self._fail_turns_of_a_dead_relay()
         self._wake = trio.Event()
         feed = self.hub.subscribe("relay")
         try:
@@ -5220,6 +5404,77 @@ class Runtime:
     def processes(self) -> dict[str, rc.ProcessInfo]:
         return {sid: live.proc.info for sid, live in self.sessions.items()}
 
+    def provider_health(self) -> tuple[rc.ProviderHealth, ...]:
+        """The health of every profile the runtime has run a process for, by name."""
+        return tuple(rc.ProviderHealth(**attrs.asdict(self.health[n])) for n in sorted(self.health))
+
+    def health_of(self, profile: str) -> ProviderHealth:
+        health = self.health.get(profile)
+        if health is None:
+            health = self.health[profile] = ProviderHealth(profile)
+        return health
+
+    def runtime_doc(self) -> dict[str, Any]:
+        """``GET /api/relay/runtime``: each profile's health and each live process."""
+        ledger = self.owner.ledger
+        processes = []
+        for sid, live in sorted(self.sessions.items()):
+            proc = live.proc
+            processes.append({
+                "session_id": sid, "profile": live.profile.name, "pid": proc.pid, "state": proc.state,
+                "started_at": proc.started_at, "last_output_at": proc.last_output_stamp,
+                "last_probe_answered_at": live.probe_answered_at,
+                "turn_id": live.turn.turn.turn_id if live.turn is not None else "",
+                "lease_id": live.lease_id, "open_items": len(live.open_items),
+                "approvals": len(live.approvals)})
+        return {"revision": ledger.revision,
+                "providers": [to_json(h) for h in self.provider_health()],
+                "processes": processes, "config": {k: getattr(self.config, k) for k in (
+                    "turn_stall_seconds", "interrupt_grace_seconds", "probe_interval_seconds",
+                    "probe_timeout_seconds", "degraded_after_failures", "startup_timeout_seconds")}}
+
+    async def _fail_turns_of_a_dead_relay(self) -> None:
+        """A previous server died with turns running: they end ``failed``
+        (``relay_restarted``, one commit, then each its result and end event),
+        and their sessions are quarantined ``relay_restarted`` (the pool
+        replaces them; the repair flow may resume them)."""
+        running = sorted((t for t in self.owner.ledger.turns.values() if t.state == "running"),
+                         key=lambda t: t.turn_id)
+        if not running:
+            return
+        error = "relay_restarted: the relay that ran this turn stopped without ending it"
+
+        def fail_all(ledger: Ledger, ctx: Ctx):
+            replies = []
+            for turn in running:
+                ledger, reply = end_turn(ledger, turn.turn_id, "failed", turn.output_text, error,
+                                         turn.usage, ctx)
+                replies.append(reply)
+            return ledger, replies
+
+        try:
+            replies = await self.owner.submit(Mutation(fail_all, "end_turns_of_a_dead_relay"))
+        except RelayError as exc:
+            _rlog.error("cannot fail the turns a dead relay left running: %s", exc.message)
+            return
+        _rlog.warning("failed %d turns a previous relay left running", len(running))
+        for reply in replies:
+            turn = reply.turn
+            sid = turn.session_id
+            profile = self.owner.ledger.sessions.get(sid)
+            if profile is not None:
+                self.health_of(profile.profile).failed_turns += 1
+            await self._flush(sid, [
+                (turn.state, self._record(sid, "AppendResult", "turn.failed", to_json(turn))),
+                (turn.state, self._record(sid, "AppendEvent", "turn.failed",
+                                          {"turn_id": turn.turn_id, "error": error, "by": "relay"}))])
+            session = self.owner.ledger.sessions.get(sid)
+            if session is not None and session.state != "closed" and not _quarantined(self.owner.ledger, sid):
+                await self.auto_quarantine(sid, "relay_restarted",
+                                           f"the relay stopped while turn {turn.turn_id} ran",
+                                           {"turn_id": turn.turn_id, "exit_status": None, "signal": "",
+                                            "pid": 0, "stderr": [], "detail": error})
+
     async def reconcile(self) -> None:
         """Bring processes in line with the ledger (each step is idempotent)."""
         ledger = self.owner.ledger
@@ -5228,6 +5483,25 @@ class Runtime:
             await self._check_lease(ledger, live, stamp)
         for profile in sorted(ledger.profiles.values(), key=lambda p: p.name):
             await self._fill_pool(ledger, profile, stamp)
+        await self._check_scratch()
+
+    async def _check_scratch(self) -> None:
+        """Every live session's scratch and provider home files still what the
+        relay made (at most once per RECONCILE_SECONDS; stat and hash in a
+        worker thread); a damaged one is ``tmp_corrupted``."""
+        if trio.current_time() < self._scratch_due:
+            return
+        self._scratch_due = trio.current_time() + RECONCILE_SECONDS
+        lives = [x for x in self.sessions.values()
+                 if x.fingerprint is not None and x.started and not x.failure
+                 and x.proc.state == "running"]
+        if not lives:
+            return
+        damage = await trio.to_thread.run_sync(lambda: [scratch_damage(x.fingerprint) for x in lives])
+        for live, why in zip(lives, damage, strict=True):
+            if why and not live.failure:
+                self.health_of(live.profile.name).tmp_corrupted += 1
+                self._nursery.start_soon(self._fail, live, "tmp_corrupted", why)
 
     async def _check_lease(self, ledger: Ledger, live: LiveSession, stamp: str) -> None:
         session = ledger.sessions.get(live.session_id)
@@ -5265,17 +5539,26 @@ class Runtime:
 
     async def _fill_pool(self, ledger: Ledger, profile: rc.Profile, stamp: str) -> None:
         """Start processes for the profile's ready sessions, and sessions for its pool."""
-        if trio.current_time() < self._not_before.get(profile.name, 0.0) or not self._managed(profile):
+        if not self._managed(profile):
             return
+        # While backing off (or degraded) only an operator's doing starts a
+        # process: a ready session without one that never failed to start here
+        # (``session create``, ``quarantine clear``).  The pool creates nothing.
+        backing_off = trio.current_time() < self._not_before.get(profile.name, 0.0)
         ready = [s for s in ledger.sessions.values() if s.profile == profile.name
                  and s.state == "ready" and not _quarantined(ledger, s.session_id)]
         for session in sorted(ready, key=lambda s: s.session_id):
             if session.session_id in self.sessions or session.session_id in self._busy:
                 continue
+            if backing_off and session.session_id in self._start_failed_ids:
+                continue
             if profile.mode == "one-borrow" and self._was_borrowed(ledger, session.session_id):
                 await self._close(session.session_id, "a one-borrow session serves one lease")
                 continue
-            await self._start(profile, session.session_id)
+            if not await self._start(profile, session.session_id):
+                return
+        if backing_off:
+            return
         idle = sum(1 for s in ready if s.session_id in self._busy or (
             s.session_id in self.sessions and not live_leases(ledger, s.session_id, stamp)
             and not self.sessions[s.session_id].lease_id))
@@ -5311,29 +5594,37 @@ class Runtime:
             argv = provider_argv(profile)
             cwd = profile.cwd or str(dirs["work"])
             proto = _PROTOCOLS[profile.provider]()
+            written: dict[str, str] = {}
             endpoint = await trio.to_thread.run_sync(
-                write_provider_home, profile, dirs["home"], self.providers)
+                write_provider_home, profile, dirs["home"], self.providers, written)
+            fingerprint = await trio.to_thread.run_sync(
+                scratch_fingerprint, dirs["root"], dirs["home"], written)
             proc = ProviderProcess(session_id, argv, process_env(profile, session_id, dirs, endpoint),
                                    cwd, proto, self.config, on_change=self.changed)
             proc.spawn(self.now())
         except (OSError, RelayError) as exc:
             await self._start_failed(profile, session_id, f"cannot spawn: {exc}")
             return False
-        live = LiveSession(session_id, profile, proc)
+        self.health_of(profile.name).starts += 1
+        live = LiveSession(session_id, profile, proc, fingerprint=fingerprint,
+                           secrets=_secret_values(proc.env), spawned_at=trio.current_time())
         self.sessions[session_id] = live
         if self._none_left.is_set():
             self._none_left = trio.Event()
+        waiter = live.expect("handshake")  # before the reader runs: an early exit resolves it
         await self._nursery.start(proc.run)
         self._nursery.start_soon(self._consume, live)
         await self._write_record()
         if profile.provider == "codex":
-            waiter = live.expect("handshake")
-            await proc.write(proto.send_initialize())
             with trio.move_on_after(self.config.startup_timeout_seconds):
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await proc.write(proto.send_initialize())  # gone already: its exit says so
                 await waiter.event.wait()
             if not isinstance(waiter.result, HandshakeCompleted):
                 why = getattr(waiter.result, "error", None) or "no handshake within " \
                       f"{self.config.startup_timeout_seconds} s"
+                if waiter.result == "exited":
+                    why = f"exited with status {proc.returncode} before the handshake"
                 await proc.stop(f"start failed: {why}")
                 await self._start_failed(profile, session_id, why, live)
                 return False
@@ -5342,23 +5633,154 @@ class Runtime:
                 await self._open_spare(live)
         proc.transition("running", "handshake completed" if profile.provider == "codex"
                         else "spawned (this CLI prints nothing before its first input)")
-        self._failures.pop(profile.name, None)
+        live.started = True
+        live.activity_at = trio.current_time()
+        self._nursery.start_soon(self._watch, live)
+        if profile.provider == "codex":  # Claude / Kimi: an early exit still counts (_on_exit)
+            self._started_well(profile)
         return True
+
+    def _started_well(self, profile: rc.Profile) -> None:
+        self._failures.pop(profile.name, None)
+        self._not_before.pop(profile.name, None)
+        health = self.health_of(profile.name)
+        if health.state == "degraded":
+            _rlog.warning("profile %s is healthy again: a process started", profile.name)
+        health.state, health.consecutive_failures = "healthy", 0
 
     async def _start_failed(self, profile: rc.Profile, session_id: str, why: str,
                             live: LiveSession | None = None) -> None:
+        """Back off the profile's next spawn (1, 2, 4, ... s; after
+        ``degraded_after_failures`` in a row the profile is ``degraded`` and
+        tries once per SPAWN_BACKOFF_MAX_SECONDS) and quarantine the session."""
         n = self._failures[profile.name] = self._failures.get(profile.name, 0) + 1
-        delay = min(2.0 ** (n - 1), SPAWN_BACKOFF_MAX_SECONDS)
+        health = self.health_of(profile.name)
+        health.start_failures += 1
+        health.consecutive_failures = n
+        if n >= self.config.degraded_after_failures:
+            if health.state != "degraded":
+                _rlog.error("profile %s is degraded: %d start failures in a row; one start is "
+                            "tried every %.0f s", profile.name, n, SPAWN_BACKOFF_MAX_SECONDS)
+            health.state = "degraded"
+            delay = SPAWN_BACKOFF_MAX_SECONDS
+        else:
+            delay = min(SPAWN_BACKOFF_FIRST_SECONDS * 2.0 ** (n - 1), SPAWN_BACKOFF_MAX_SECONDS)
         self._not_before[profile.name] = trio.current_time() + delay
-        stderr = " | ".join(list(live.proc.stderr)[-3:]) if live else ""
+        self._start_failed_ids.add(session_id)
         _rlog.warning("session %s of %s: start failed (%s); next spawn in %.0f s", session_id,
                       profile.name, why, delay)
-        await self._quarantine(session_id, f"start_failed: {why}" + (f"; stderr: {stderr}" if stderr else ""))
+        evidence = self._evidence(live, why) if live is not None else {
+            "turn_id": None, "exit_status": None, "signal": "", "pid": 0, "stderr": [], "detail": why}
+        await self.auto_quarantine(session_id, "start_failed", why, evidence)
 
-    async def _quarantine(self, session_id: str, reason: str) -> None:
-        with contextlib.suppress(RelayError):
-            await self.owner.submit(rpc_mutation("QuarantineSession", rc.QuarantineSessionRequest(
-                session_id, reason[:500])))
+    def _evidence(self, live: LiveSession, detail: str) -> dict[str, Any]:
+        """A quarantine's evidence: the turn, exit status / signal, pid, last stderr lines."""
+        status, sig = exit_evidence(live.proc.returncode)
+        return {"turn_id": live.turn.turn.turn_id if live.turn is not None else None,
+                "exit_status": status, "signal": sig, "pid": live.proc.pid,
+                "stderr": stderr_evidence(live.proc.stderr, live.secrets), "detail": detail}
+
+    async def auto_quarantine(self, session_id: str, code: str, detail: str,
+                              evidence: Any = None) -> rc.QuarantineReply | None:
+        """Quarantine a session for what the runtime detected (``quarantine``
+        with ``code``; reason ``"<code>: <detail>"`` on one line), revoking
+        its live leases; counted in the profile's health.  None when the
+        session is gone or already quarantined."""
+        reason = " ".join(f"{code}: {detail}".split())[:500]
+        try:
+            reply = await self.owner.submit(Mutation(
+                lambda led, ctx: quarantine(led, session_id, code, reason, evidence, ctx), "quarantine"))
+        except RelayError as exc:
+            _rlog.info("session %s: not quarantined (%s): %s", session_id, code, exc.message)
+            return None
+        session = self.owner.ledger.sessions.get(session_id)
+        if session is not None:
+            health = self.health_of(session.profile)
+            health.quarantines[code] = health.quarantines.get(code, 0) + 1
+            health.error(reason, reply.quarantine.quarantined_at)
+        _rlog.warning("session %s quarantined: %s", session_id, reason)
+        return reply
+
+    async def _fail(self, live: LiveSession, code: str, detail: str) -> None:
+        """The relay gives up on a live process: quarantine the session (its
+        holder's lease revoked at once), then stop the process; its exit fails
+        the running turn with the same reason (``_on_exit``)."""
+        if live.failure:
+            return
+        live.failure = " ".join(f"{code}: {detail}".split())[:500]
+        await self.auto_quarantine(live.session_id, code, detail, self._evidence(live, detail))
+        await live.proc.stop(live.failure)
+
+    # -- the watchdog (stall timer, liveness probe) -----------------------------
+
+    async def _watch(self, live: LiveSession) -> None:
+        """Per process, until it exits: the stall timer and (Codex, Claude) the probe."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._stall_timer, live)
+            if hasattr(live.proc.protocol, "send_probe"):  # Kimi has none
+                nursery.start_soon(self._probe_loop, live)
+            await live.proc.exited.wait()
+            nursery.cancel_scope.cancel()
+
+    def _stalled_for(self, live: LiveSession) -> float:
+        """Seconds of silence of a running turn that may stall (0 when none may:
+        no turn, an approval open, a command in flight, a hand-over, a stop)."""
+        run = live.turn
+        if (run is None or run.stalled or live.approvals or live.open_items or live.handing_over
+                or live.failure or live.proc.state != "running"):
+            return 0.0
+        return trio.current_time() - max(live.output_at, live.activity_at)
+
+    async def _stall_timer(self, live: LiveSession) -> None:
+        cfg = self.config
+        tick = min(cfg.turn_stall_seconds / 4, 1.0)
+        while True:
+            await trio.sleep(tick)
+            quiet = self._stalled_for(live)
+            if quiet >= cfg.turn_stall_seconds and live.turn is not None:
+                await self._on_stall(live, live.turn, quiet)
+
+    async def _on_stall(self, live: LiveSession, run: _TurnRun, quiet: float) -> None:
+        """Interrupt a stalled turn; if it does not end within
+        ``interrupt_grace_seconds``, stop the process (``heartbeat_lost``)."""
+        cfg = self.config
+        self.health_of(live.profile.name).stalls += 1
+        detail = f"no output for {quiet:.1f} s during turn {run.turn.turn_id}"
+        run.stalled = f"stalled: {detail}; interrupted by the relay"
+        _rlog.warning("session %s: %s", live.session_id, run.stalled)
+        if isinstance(live.proc.protocol, KimiProtocol):  # no interrupt: only a stop ends it
+            await self._fail(live, "heartbeat_lost", f"{detail} (Kimi has no interrupt)")
+            return
+        with trio.move_on_after(cfg.interrupt_grace_seconds):
+            await self._interrupt(live, run)
+            await run.ended.wait()
+        if not run.ended.is_set():
+            await self._fail(live, "heartbeat_lost", f"{detail}; the interrupt did not end it "
+                             f"within {cfg.interrupt_grace_seconds} s")
+
+    async def _probe_loop(self, live: LiveSession) -> None:
+        """A cheap request every ``probe_interval_seconds``, idle or busy; no
+        answer within ``probe_timeout_seconds`` stops the process (``unresponsive``)."""
+        cfg = self.config
+        proto = live.proc.protocol
+        while True:
+            await trio.sleep(cfg.probe_interval_seconds)
+            if live.proc.state != "running" or live.failure:
+                continue
+            waiter = live.expect("probe")
+            with trio.move_on_after(cfg.probe_timeout_seconds):
+                try:  # the write too: a process that reads nothing fills its pipe
+                    await live.proc.write(proto.send_probe())
+                except (trio.BrokenResourceError, trio.ClosedResourceError, WireStateError):
+                    return
+                await waiter.event.wait()
+            if waiter.result is not None:
+                live.probe_answered_at = iso(self.now())
+            elif live.proc.state == "running" and not live.failure:
+                self.health_of(live.profile.name).probe_failures += 1
+                await self._fail(live, "unresponsive", "no answer to the liveness probe within "
+                                 f"{cfg.probe_timeout_seconds} s")
+                return
 
     async def _close(self, session_id: str, reason: str) -> None:
         with contextlib.suppress(RelayError):
@@ -5383,25 +5805,43 @@ class Runtime:
 
     async def _on_exit(self, live: LiveSession) -> None:
         """The process is gone: forget it; if nobody asked, fail its turn and
-        quarantine the session (``provider_exited``); the pool replaces it."""
+        quarantine the session (``provider_exited``; ``start_failed`` when it
+        never got going); the pool replaces it."""
         if self.sessions.get(live.session_id) is live:
             del self.sessions[live.session_id]
             if not self.sessions:
                 self._none_left.set()
         await self._write_record()
         proc = live.proc
+        health = self.health_of(live.profile.name)
+        health.exits += 1
         crashed = not proc.stop_requested and not self._closing
-        if crashed:  # first, so the holder's lease is revoked when it learns the turn failed
-            tail = " | ".join(list(proc.stderr)[-3:])
-            await self._quarantine(live.session_id, f"provider_exited: exit status {proc.returncode}"
-                                   + (f"; stderr: {tail}" if tail else ""))
+        status, sig = exit_evidence(proc.returncode)
+        detail = f"exit status {status}" + (f" ({sig})" if sig else "")
         if live.turn is not None:
-            why = "the relay stopped" if self._closing else \
-                f"provider_exited: exit status {proc.returncode}"
+            detail += f" during turn {live.turn.turn.turn_id}"
+        if crashed and not live.started:  # _spawn is waiting for the handshake: it reports this
+            live.resolve("handshake", "exited")
+        elif crashed and live.turn is None and not live.used and (
+                live.handshake_failed
+                or trio.current_time() - live.spawned_at < self.config.startup_timeout_seconds):
+            # Claude / Kimi print nothing before their first input: an exit
+            # before it (or Claude's error result) is a failed start.
+            why = live.handshake_failed or f"exited with status {status} before its first input"
+            await self._start_failed(live.profile, live.session_id, why, live)
+        elif crashed:  # first, so the holder's lease is revoked when it learns the turn failed
+            health.crashes += 1
+            await self.auto_quarantine(live.session_id, "provider_exited", detail,
+                                       self._evidence(live, detail))
+        elif live.started and live.profile.provider != "codex" and not live.failure:
+            self._started_well(live.profile)
+        if live.turn is not None:
+            why = "the relay stopped" if self._closing else (
+                live.failure or f"provider_exited: {detail}")
             await self._end_turn(live, "failed", why)
         if self._closing:
             return
-        if not crashed and live.profile.mode == "one-borrow" and live.used:
+        if not crashed and not live.failure and live.profile.mode == "one-borrow" and live.used:
             await self._close(live.session_id, "its one lease ended")
         self._wake.set()
         self.changed()
@@ -5411,6 +5851,8 @@ class Runtime:
     async def _consume(self, live: LiveSession) -> None:
         try:
             async for batch in live.proc.events:
+                if any(not isinstance(event, ProbeAnswered) for event in batch):
+                    live.output_at = trio.current_time()
                 # Deltas first, at once: a subscriber must not wait for the
                 # commits of the durable events that came in the same read.
                 deltas: dict[tuple[str, str], list[str]] = {}
@@ -5452,6 +5894,13 @@ class Runtime:
         """Act on one provider event; its durable record (if any) joins ``queued``
         (a turn's end first commits what is queued, then ends the turn)."""
         kind = event.kind
+        if kind == "probe.answered":
+            live.resolve("probe", event)
+            if self._failures.get(live.profile.name) and live.started:
+                self._started_well(live.profile)  # Claude: alive after its start
+            return
+        if kind == "handshake.failed":
+            live.handshake_failed = event.error or "the provider refused to start"
         if kind in ("handshake.completed", "handshake.failed"):
             live.resolve("handshake", event)
             if kind == "handshake.completed" and event.provider_version:
@@ -5482,6 +5931,10 @@ class Runtime:
                 scope.cancel()
         if kind == "approval.requested":
             self._nursery.start_soon(self._approval_timer, live, event.approval_id)
+        if kind == "item.started" and event.item_type not in _NOT_IN_FLIGHT and event.item_id:
+            live.open_items.add(event.item_id)  # a silent command or tool run is no stall
+        if kind == "item.completed":
+            live.open_items.discard(event.item_id)
         if kind not in DURABLE_KINDS:
             return
         run = live.turn
@@ -5546,6 +5999,11 @@ class Runtime:
         for scope in live.approvals.values():
             scope.cancel()
         live.approvals.clear()
+        live.open_items.clear()
+        if run.stalled and state == "interrupted":  # the relay's stall interrupt ended it
+            error = run.stalled + (f" ({error})" if error else "")
+        if state == "failed":
+            self.health_of(live.profile.name).failed_turns += 1
         turn = attrs.evolve(run.turn, state=state, output_text=text, error=error, usage=usage,
                             ended_at=iso(self.now()))
         with contextlib.suppress(RelayError):
@@ -5597,10 +6055,22 @@ class Runtime:
     async def _start_locked(self, live: LiveSession, req: rc.StartTurnRequest) -> rc.TurnReply:
         known = {t.turn_id for t in self.owner.ledger.turns.values()
                  if t.session_id == req.session_id}
+        if live.fingerprint is not None:
+            damage = await trio.to_thread.run_sync(scratch_damage, live.fingerprint)
+            if damage and not live.failure:
+                self.health_of(live.profile.name).tmp_corrupted += 1
+                live.failure = f"tmp_corrupted: {damage}"
+                await self.auto_quarantine(live.session_id, "tmp_corrupted", damage,
+                                           self._evidence(live, damage))
+                self._nursery.start_soon(live.proc.stop, live.failure)
+            if live.failure:
+                raise Unavailable(f"session {req.session_id!r} is quarantined ({live.failure})",
+                                  hint="borrow another session; see `python -m relay recover`")
         reply = await self.owner.submit(rpc_mutation("StartTurn", req))
         if reply.turn.turn_id in known:  # an idempotent retry: it was started already
             return rc.TurnReply(self.owner.ledger.turns.get(reply.turn.turn_id, reply.turn))
         run = live.turn = _TurnRun(reply.turn)
+        live.activity_at = trio.current_time()
         try:
             await self._send_turn(live, req)
         except RelayError as exc:
@@ -5702,6 +6172,7 @@ class Runtime:
         scope = live.approvals.pop(approval_id, None)
         if scope is not None:
             scope.cancel()
+        live.activity_at = trio.current_time()  # the silence that may stall starts now
         await live.proc.write(data)
         turn_id = live.turn.turn.turn_id if live.turn is not None else None
         await self._append(live.session_id, "AppendEvent", "approval.resolved",
@@ -6130,6 +6601,11 @@ class Metrics:
         read when /metrics is scraped."""
         self._snapshots.append((prefix, statistics))
 
+    def track_providers(self, health: Callable[[], Any]) -> None:
+        """Expose the runtime's provider health (``Runtime.provider_health``),
+        labelled by profile and cause, read when /metrics is scraped."""
+        self.registry.register(_HealthCollector(health))
+
     def observe_commit(self, seconds: float, batch: int) -> None:
         self.commit_seconds.observe(seconds)
         self.batch_size.observe(batch)
@@ -6167,6 +6643,35 @@ class _SnapshotCollector:
                 family = CounterMetricFamily if field.metadata["kind"] == "counter" else GaugeMetricFamily
                 yield family(f"relay_{prefix}_{field.name}", field.metadata["help"],
                              value=getattr(snapshot, field.name))
+
+
+class _HealthCollector:
+    """Prometheus families over the runtime's provider health: process events
+    (``HEALTH_COUNTERS``) and automatic quarantines by cause, counters; the
+    degraded state and consecutive start failures, gauges; all per profile."""
+
+    def __init__(self, health: Callable[[], Any]):
+        self.health = health
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        events = CounterMetricFamily("relay_provider_events", "provider process events the "
+                                     "runtime observed, per profile", labels=["profile", "event"])
+        causes = CounterMetricFamily("relay_provider_quarantines", "sessions the runtime "
+                                     "quarantined, per profile and cause", labels=["profile", "cause"])
+        degraded = GaugeMetricFamily("relay_provider_degraded", "1 while the profile is degraded "
+                                     "(start failures in a row)", labels=["profile"])
+        streak = GaugeMetricFamily("relay_provider_consecutive_failures",
+                                   "start failures in a row", labels=["profile"])
+        for h in self.health():
+            for name in HEALTH_COUNTERS:
+                events.add_metric([h.profile, name], getattr(h, name))
+            for code in rc.QUARANTINE_CODES[1:]:
+                causes.add_metric([h.profile, code], (h.quarantines or {}).get(code, 0))
+            degraded.add_metric([h.profile], 1 if h.state == "degraded" else 0)
+            streak.add_metric([h.profile], h.consecutive_failures)
+        yield from (events, causes, degraded, streak)
 
 
 @attrs.define(eq=False)
@@ -6210,8 +6715,12 @@ class Service:
         return await getattr(self, rpc.method)(request)
 
     async def get_status(self, request: rc.GetStatusRequest) -> rc.StatusReply:
-        """The status projection (also of a damaged ledger), from its cache."""
-        return from_json(rc.StatusReply, json.loads(await self.status_json()))
+        """The status projection (also of a damaged ledger), from its cache,
+        with the live runtime's provider health."""
+        reply = from_json(rc.StatusReply, json.loads(await self.status_json()))
+        if self.runtime is None:
+            return reply
+        return attrs.evolve(reply, providers=self.runtime.provider_health())
 
     async def list_sessions(self, request: rc.ListSessionsRequest) -> rc.ListSessionsReply:
         """Sessions with their live processes (when this server runs the runtime)."""
@@ -8315,6 +8824,15 @@ def _install_operations(app: Any, service: Service) -> None:
     async def health() -> Any:
         return _json_response({"status": "ok"})
 
+    @app.get("/api/relay/runtime")
+    async def runtime_view() -> Any:
+        """The live runtime: each profile's provider health and each process."""
+        if service.runtime is None:
+            raise Unavailable("this server does not run the live runtime",
+                              hint="start the relay with `python -m relay serve`")
+        service.owner.check_intact()
+        return _json_response(service.runtime.runtime_doc())
+
     @app.get("/metrics")
     async def metrics() -> Any:
         stamp = iso(service.now())
@@ -8749,6 +9267,7 @@ async def serve(store: Store, config: Config, *, host: str | None = None, port: 
     if probe_token is None:
         runtime = Runtime(owner, hub, store, config, now, providers=load_provider_settings(store.flow))
         service.runtime = runtime
+        service.metrics.track_providers(runtime.provider_health)
     service.metrics.track("owner", owner.statistics)
     service.metrics.track("hub", hub.statistics)
     stopping = trio.Event()

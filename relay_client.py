@@ -52,6 +52,7 @@ __all__ = [
     "PROCESS_STATES",
     "PROTO_PACKAGE",
     "PROVIDERS",
+    "QUARANTINE_CODES",
     "QUARANTINE_STATES",
     "READ",
     "RPCS",
@@ -116,6 +117,7 @@ __all__ = [
     "ProcessInfo",
     "Profile",
     "ProfileReply",
+    "ProviderHealth",
     "Quarantine",
     "QuarantineReply",
     "QuarantineSessionRequest",
@@ -714,6 +716,10 @@ OPTION_ENTRY_PATTERN: Final = re.compile(r"[a-z_]{1,64}=[^\x00\n]{0,1024}")
 MAX_TURN_INPUT: Final = 32 * 1024
 SERVING_MODES: Final = ("", "loopback", "trusted-lan")
 QUARANTINE_STATES: Final = ("active", "cleared")
+#: Why a session was quarantined: an operator's QuarantineSession, or what the
+#: live runtime detected (specs/flow-runtime-contract.md, "Failure detection").
+QUARANTINE_CODES: Final = ("operator", "provider_exited", "heartbeat_lost", "unresponsive",
+                           "start_failed", "tmp_corrupted", "relay_restarted")
 
 
 @attrs.frozen
@@ -793,6 +799,10 @@ class Quarantine:
     state: str = _f("active", choices=QUARANTINE_STATES)
     quarantined_at: str = _f("", **IS_STAMP)
     cleared_at: str = _f("", **IS_STAMP)
+    #: What set it (``QUARANTINE_CODES``); ``reason`` starts with it when the runtime set it.
+    code: str = _f("operator", choices=QUARANTINE_CODES)
+    #: The runtime's evidence (an object: turn_id, exit_status, signal, pid, stderr, detail), or null.
+    evidence: JSONValue = None
 
 
 @attrs.frozen
@@ -830,6 +840,28 @@ class ProcessInfo:
     state: str = ""  # starting | running | stopping | exited
     started_at: str = ""
     provider_version: str = ""
+
+
+@attrs.frozen
+class ProviderHealth:
+    """One profile's provider health as the running server observed it since
+    it started (in memory, not durable; never written to the provider's owner)."""
+
+    profile: str
+    state: str = "healthy"  # healthy | degraded
+    starts: int = 0
+    exits: int = 0
+    crashes: int = 0
+    stalls: int = 0
+    probe_failures: int = 0
+    failed_turns: int = 0
+    tmp_corrupted: int = 0
+    start_failures: int = 0
+    consecutive_failures: int = 0
+    last_error: str = ""
+    last_error_at: str = ""
+    #: Automatic quarantines by code: an object code -> count.
+    quarantines: JSONValue = None
 
 
 @attrs.frozen
@@ -1155,6 +1187,9 @@ class StatusReply:
     results: int
     runtime: Runtime
     warnings: tuple[StateWarning, ...] = ()
+    #: Per profile, the running server's provider health (empty from the CLI,
+    #: which has no server's memory).
+    providers: tuple[ProviderHealth, ...] = ()
 
 
 @attrs.frozen
@@ -1574,7 +1609,7 @@ _RELAY_PROTO_DESCRIPTOR: Final = (
     b'ion\x18\x02 \x01(\rR\x08revision\x124\n\nquarantine\x18\x03 \x01(\x0b2\x14.relay.v1.QuarantineR\n'
     b'quarantine\x12,\n\x11revoked_lease_ids\x18\x04 \x03(\tR\x11revoked_lease_ids"Z\n\x0cRecoverReply'
     b'\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revision\x12.\n\x08sessions\x18\x02 \x03(\x0b2\x12.rel'
-    b'ay.v1.RecoveryR\x08sessions"\xdc\x05\n\x0bStatusReply\x12\x16\n\x06status\x18\x01 \x01(\tR\x06sta'
+    b'ay.v1.RecoveryR\x08sessions"\x94\x06\n\x0bStatusReply\x12\x16\n\x06status\x18\x01 \x01(\tR\x06sta'
     b'tus\x12\x1e\n\nprojection\x18\x02 \x01(\tR\nprojection\x12\x1e\n\nrelay_mode\x18\x03 \x01(\tR\nre'
     b'lay_mode\x12 \n\x0bledger_path\x18\x04 \x01(\tR\x0bledger_path\x12$\n\rstate_present\x18\x05 \x01'
     b'(\x08R\rstate_present\x12 \n\x0btmp_present\x18\x06 \x01(\x08R\x0btmp_present\x12&\n\x0eledger_pr'
@@ -1586,102 +1621,113 @@ _RELAY_PROTO_DESCRIPTOR: Final = (
     b'ntines\x12*\n\x10control_requests\x18\x10 \x01(\rR\x10control_requests\x12\x16\n\x06events\x18'
     b'\x11 \x01(\rR\x06events\x12\x18\n\x07results\x18\x12 \x01(\rR\x07results\x12+\n\x07runtime\x18'
     b'\x13 \x01(\x0b2\x11.relay.v1.RuntimeR\x07runtime\x122\n\x08warnings\x18\x14 \x03(\x0b2\x16.relay.'
-    b'v1.StateWarningR\x08warnings"^\n\x11ListProfilesReply\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08r'
-    b'evision\x12-\n\x08profiles\x18\x02 \x03(\x0b2\x11.relay.v1.ProfileR\x08profiles"b\n\x11ListSessio'
-    b'nsReply\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revision\x121\n\x08sessions\x18\x02 \x03(\x0b2'
-    b'\x15.relay.v1.SessionViewR\x08sessions"V\n\x0fListLeasesReply\x12\x1a\n\x08revision\x18\x01 \x01('
-    b'\rR\x08revision\x12\'\n\x06leases\x18\x02 \x03(\x0b2\x0f.relay.v1.LeaseR\x06leases"\x80\x01\n\x10'
-    b'ListRecordsReply\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x1a\n\x08last_seq\x18\x02'
-    b' \x01(\rR\x08last_seq\x120\n\x07records\x18\x03 \x03(\x0b2\x16.relay.v1.StreamRecordR\x07records"'
-    b'/\n\tTurnReply\x12"\n\x04turn\x18\x01 \x01(\x0b2\x0e.relay.v1.TurnR\x04turn"R\n\x0eListTurnsReply'
-    b'\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revision\x12$\n\x05turns\x18\x02 \x03(\x0b2\x0e.relay.'
-    b'v1.TurnR\x05turns"V\n\x0eListTasksReply\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revision\x12(\n'
-    b'\x05tasks\x18\x02 \x03(\x0b2\x12.relay.v1.TaskViewR\x05tasks"k\n\rApprovalReply\x12\x18\n\x07outc'
-    b'ome\x18\x01 \x01(\tR\x07outcome\x12\x1e\n\nsession_id\x18\x02 \x01(\tR\nsession_id\x12 \n\x0bappr'
-    b'oval_id\x18\x03 \x01(\tR\x0bapproval_id"\xe9\x01\n\x07Runtime\x12\x16\n\x06status\x18\x01 \x01(\t'
-    b'R\x06status\x12\x1a\n\x08endpoint\x18\x02 \x01(\tR\x08endpoint\x12\x12\n\x04mode\x18\x03 \x01(\tR'
-    b'\x04mode\x12\x1a\n\x08token_id\x18\x04 \x01(\tR\x08token_id\x12\x10\n\x03pid\x18\x05 \x01(\rR\x03'
-    b'pid\x12(\n\x0fbootstrapped_at\x18\x06 \x01(\tR\x0fbootstrapped_at\x12\x1c\n\tserved_at\x18\x07 '
-    b'\x01(\tR\tserved_at\x12 \n\x0bshutdown_at\x18\x08 \x01(\tR\x0bshutdown_at"\xe3\x01\n\x07Profile'
-    b'\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n\x08provider\x18\x02 \x01(\tR\x08provider'
-    b'\x12\x12\n\x04mode\x18\x03 \x01(\tR\x04mode\x12\x18\n\x07command\x18\x04 \x03(\tR\x07command\x12'
-    b'\x1e\n\ncreated_at\x18\x05 \x01(\tR\ncreated_at\x12\x1c\n\tpool_size\x18\x06 \x01(\rR\tpool_size'
-    b'\x12\x10\n\x03cwd\x18\x07 \x01(\tR\x03cwd\x12\x10\n\x03env\x18\x08 \x03(\tR\x03env\x12\x18\n\x07o'
-    b'ptions\x18\t \x03(\tR\x07options"\xdb\x01\n\x07Session\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nse'
-    b'ssion_id\x12\x18\n\x07profile\x18\x02 \x01(\tR\x07profile\x12\x1a\n\x08provider\x18\x03 \x01(\tR'
-    b'\x08provider\x12\x14\n\x05state\x18\x04 \x01(\tR\x05state\x12\x1e\n\ncreated_at\x18\x05 \x01(\tR'
-    b'\ncreated_at\x12\x1e\n\nupdated_at\x18\x06 \x01(\tR\nupdated_at\x12$\n\rfencing_token\x18\x07 '
-    b'\x01(\rR\rfencing_token"\x9d\x03\n\x05Lease\x12\x1a\n\x08lease_id\x18\x01 \x01(\tR\x08lease_id'
-    b'\x12\x1e\n\nsession_id\x18\x02 \x01(\tR\nsession_id\x12\x16\n\x06holder\x18\x03 \x01(\tR\x06holde'
-    b'r\x12\x12\n\x04mode\x18\x04 \x01(\tR\x04mode\x12\x14\n\x05state\x18\x05 \x01(\tR\x05state\x12$\n'
-    b'\rfencing_token\x18\x06 \x01(\rR\rfencing_token\x12 \n\x0bttl_seconds\x18\x07 \x01(\rR\x0bttl_sec'
-    b'onds\x12"\n\x0crequested_at\x18\x08 \x01(\tR\x0crequested_at\x12\x1e\n\ngranted_at\x18\t \x01(\tR'
-    b'\ngranted_at\x12\x1e\n\nexpires_at\x18\n \x01(\tR\nexpires_at\x12(\n\x0flast_renewed_at\x18\x0b '
-    b'\x01(\tR\x0flast_renewed_at\x12\x1a\n\x08ended_at\x18\x0c \x01(\tR\x08ended_at\x12$\n\rrevoke_rea'
-    b'son\x18\r \x01(\tR\rrevoke_reason"\xe0\x01\n\x0eControlRequest\x12\x1e\n\nrequest_id\x18\x01 \x01'
-    b'(\tR\nrequest_id\x12\x1e\n\nsession_id\x18\x02 \x01(\tR\nsession_id\x12\x12\n\x04kind\x18\x03 '
-    b'\x01(\tR\x04kind\x120\n\x07payload\x18\x04 \x01(\x0b2\x16.google.protobuf.ValueR\x07payload\x12&'
-    b'\n\x0epayload_digest\x18\x05 \x01(\tR\x0epayload_digest\x12 \n\x0brecorded_at\x18\x06 \x01(\tR'
-    b'\x0brecorded_at"\xa2\x01\n\nQuarantine\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x16'
-    b'\n\x06reason\x18\x02 \x01(\tR\x06reason\x12\x14\n\x05state\x18\x03 \x01(\tR\x05state\x12&\n\x0equ'
-    b'arantined_at\x18\x04 \x01(\tR\x0equarantined_at\x12\x1e\n\ncleared_at\x18\x05 \x01(\tR\ncleared_a'
-    b't"\\\n\nFeedNotice\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n\x04kind\x18\x02 \x01(\tR\x04k'
-    b'ind\x12*\n\x04data\x18\x03 \x01(\x0b2\x16.google.protobuf.ValueR\x04data"\xa2\x01\n\x0cStreamReco'
-    b'rd\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x10\n\x03seq\x18\x02 \x01(\rR\x03seq'
-    b'\x12\x12\n\x04kind\x18\x03 \x01(\tR\x04kind\x12*\n\x04data\x18\x04 \x01(\x0b2\x16.google.protobuf'
-    b'.ValueR\x04data\x12 \n\x0bappended_at\x18\x05 \x01(\tR\x0bappended_at"\x9a\x01\n\x0cStateWarning'
-    b'\x12\x14\n\x05owner\x18\x01 \x01(\tR\x05owner\x12\x12\n\x04code\x18\x02 \x01(\tR\x04code\x12\x12'
-    b'\n\x04path\x18\x03 \x01(\tR\x04path\x12\x18\n\x07message\x18\x04 \x01(\tR\x07message\x12\x16\n'
-    b'\x06repair\x18\x05 \x01(\tR\x06repair\x12\x1a\n\x08severity\x18\x06 \x01(\tR\x08severity"\xac\x01'
-    b'\n\x08Recovery\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12&\n\x0eclassification\x18'
-    b'\x02 \x01(\tR\x0eclassification\x12\x16\n\x06reason\x18\x03 \x01(\tR\x06reason\x12"\n\x0cnext_com'
-    b'mand\x18\x04 \x01(\tR\x0cnext_command\x12\x1c\n\tlease_ids\x18\x05 \x03(\tR\tlease_ids"\xe6\x02\n'
-    b'\x04Turn\x12\x18\n\x07turn_id\x18\x01 \x01(\tR\x07turn_id\x12\x1e\n\nsession_id\x18\x02 \x01(\tR'
-    b'\nsession_id\x12\x1a\n\x08lease_id\x18\x03 \x01(\tR\x08lease_id\x12\x14\n\x05state\x18\x04 \x01('
-    b'\tR\x05state\x12\x14\n\x05input\x18\x05 \x01(\tR\x05input\x12 \n\x0boutput_text\x18\x06 \x01(\tR'
-    b'\x0boutput_text\x12\x14\n\x05error\x18\x07 \x01(\tR\x05error\x12\x1a\n\x08task_ref\x18\x08 \x01('
-    b'\tR\x08task_ref\x12\x1e\n\nstarted_at\x18\t \x01(\tR\nstarted_at\x12\x1a\n\x08ended_at\x18\n \x01'
-    b'(\tR\x08ended_at\x12,\n\x05usage\x18\x0b \x01(\x0b2\x16.google.protobuf.ValueR\x05usage\x12\x1e\n'
-    b'\nrequest_id\x18\x0c \x01(\tR\nrequest_id"\x81\x01\n\x0bProcessInfo\x12\x10\n\x03pid\x18\x01 \x01'
-    b'(\rR\x03pid\x12\x14\n\x05state\x18\x02 \x01(\tR\x05state\x12\x1e\n\nstarted_at\x18\x03 \x01(\tR\n'
-    b'started_at\x12*\n\x10provider_version\x18\x04 \x01(\tR\x10provider_version"\x90\x02\n\x0bSessionV'
-    b'iew\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x18\n\x07profile\x18\x02 \x01(\tR\x07p'
-    b'rofile\x12\x1a\n\x08provider\x18\x03 \x01(\tR\x08provider\x12\x14\n\x05state\x18\x04 \x01(\tR\x05'
-    b'state\x12\x1e\n\ncreated_at\x18\x05 \x01(\tR\ncreated_at\x12\x1e\n\nupdated_at\x18\x06 \x01(\tR\n'
-    b'updated_at\x12$\n\rfencing_token\x18\x07 \x01(\rR\rfencing_token\x12/\n\x07process\x18\x08 \x01('
-    b'\x0b2\x15.relay.v1.ProcessInfoR\x07process"\xbe\x01\n\x08TaskView\x12\x1a\n\x08task_ref\x18\x01 '
-    b'\x01(\tR\x08task_ref\x12$\n\x05turns\x18\x02 \x03(\x0b2\x0e.relay.v1.TurnR\x05turns\x12\x18\n\x07'
-    b'running\x18\x03 \x01(\rR\x07running\x12\x1c\n\tcompleted\x18\x04 \x01(\rR\tcompleted\x12\x16\n'
-    b'\x06failed\x18\x05 \x01(\rR\x06failed\x12 \n\x0binterrupted\x18\x06 \x01(\rR\x0binterrupted2\xa9'
-    b'\x10\n\x05Relay\x12K\n\x0fRegisterProfile\x12 .relay.v1.RegisterProfileRequest\x1a\x16.relay.v1.P'
-    b'rofileReply\x12G\n\rCreateSession\x12\x1e.relay.v1.CreateSessionRequest\x1a\x16.relay.v1.SessionR'
-    b'eply\x127\n\x06Borrow\x12\x17.relay.v1.BorrowRequest\x1a\x14.relay.v1.LeaseReply\x12>\n\x07Releas'
-    b'e\x12\x1d.relay.v1.ReleaseLeaseRequest\x1a\x14.relay.v1.LeaseReply\x12?\n\nGrantLease\x12\x1b.rel'
-    b'ay.v1.GrantLeaseRequest\x1a\x14.relay.v1.LeaseReply\x12?\n\nRenewLease\x12\x1b.relay.v1.RenewLeas'
-    b'eRequest\x1a\x14.relay.v1.LeaseReply\x12C\n\x0cReleaseLease\x12\x1d.relay.v1.ReleaseLeaseRequest'
-    b'\x1a\x14.relay.v1.LeaseReply\x12A\n\x0bRevokeLease\x12\x1c.relay.v1.RevokeLeaseRequest\x1a\x14.re'
-    b'lay.v1.LeaseReply\x12G\n\rRecordControl\x12\x1e.relay.v1.RecordControlRequest\x1a\x16.relay.v1.Co'
-    b'ntrolReply\x12C\n\x0bAppendEvent\x12\x1d.relay.v1.AppendRecordRequest\x1a\x15.relay.v1.AppendRepl'
-    b'y\x12D\n\x0cAppendResult\x12\x1d.relay.v1.AppendRecordRequest\x1a\x15.relay.v1.AppendReply\x12R\n'
-    b'\x11QuarantineSession\x12".relay.v1.QuarantineSessionRequest\x1a\x19.relay.v1.QuarantineReply\x12'
-    b'N\n\x0fClearQuarantine\x12 .relay.v1.ClearQuarantineRequest\x1a\x19.relay.v1.QuarantineReply\x12@'
-    b'\n\x07Recover\x12\x18.relay.v1.RecoverRequest\x1a\x16.relay.v1.RecoverReply"\x03\x90\x02\x01\x12C'
-    b'\n\tGetStatus\x12\x1a.relay.v1.GetStatusRequest\x1a\x15.relay.v1.StatusReply"\x03\x90\x02\x01\x12'
-    b'O\n\x0cListProfiles\x12\x1d.relay.v1.ListProfilesRequest\x1a\x1b.relay.v1.ListProfilesReply"\x03'
-    b'\x90\x02\x01\x12O\n\x0cListSessions\x12\x1d.relay.v1.ListSessionsRequest\x1a\x1b.relay.v1.ListSes'
-    b'sionsReply"\x03\x90\x02\x01\x12I\n\nListLeases\x12\x1b.relay.v1.ListLeasesRequest\x1a\x19.relay.v'
-    b'1.ListLeasesReply"\x03\x90\x02\x01\x12K\n\nListEvents\x12\x1c.relay.v1.ListRecordsRequest\x1a\x1a'
-    b'.relay.v1.ListRecordsReply"\x03\x90\x02\x01\x12L\n\x0bListResults\x12\x1c.relay.v1.ListRecordsReq'
-    b'uest\x1a\x1a.relay.v1.ListRecordsReply"\x03\x90\x02\x01\x12<\n\tStartTurn\x12\x1a.relay.v1.StartT'
-    b'urnRequest\x1a\x13.relay.v1.TurnReply\x12D\n\rInterruptTurn\x12\x1e.relay.v1.InterruptTurnRequest'
-    b'\x1a\x13.relay.v1.TurnReply\x12L\n\x0fResolveApproval\x12 .relay.v1.ResolveApprovalRequest\x1a'
-    b'\x17.relay.v1.ApprovalReply\x12=\n\x07GetTurn\x12\x18.relay.v1.GetTurnRequest\x1a\x13.relay.v1.Tu'
-    b'rnReply"\x03\x90\x02\x01\x12F\n\tListTurns\x12\x1a.relay.v1.ListTurnsRequest\x1a\x18.relay.v1.Lis'
-    b'tTurnsReply"\x03\x90\x02\x01\x12F\n\tListTasks\x12\x1a.relay.v1.ListTasksRequest\x1a\x18.relay.v1'
-    b'.ListTasksReply"\x03\x90\x02\x01\x12K\n\x0bWatchEvents\x12\x1d.relay.v1.WatchRecordsRequest\x1a'
-    b'\x16.relay.v1.StreamRecord"\x03\x90\x02\x010\x01\x12L\n\x0cWatchResults\x12\x1d.relay.v1.WatchRec'
-    b'ordsRequest\x1a\x16.relay.v1.StreamRecord"\x03\x90\x02\x010\x01\x12D\n\tWatchFeed\x12\x1a.relay.v'
-    b'1.WatchFeedRequest\x1a\x14.relay.v1.FeedNotice"\x03\x90\x02\x010\x01b\x06proto3'
+    b'v1.StateWarningR\x08warnings\x126\n\tproviders\x18\x15 \x03(\x0b2\x18.relay.v1.ProviderHealthR\tp'
+    b'roviders"^\n\x11ListProfilesReply\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revision\x12-\n\x08pr'
+    b'ofiles\x18\x02 \x03(\x0b2\x11.relay.v1.ProfileR\x08profiles"b\n\x11ListSessionsReply\x12\x1a\n'
+    b'\x08revision\x18\x01 \x01(\rR\x08revision\x121\n\x08sessions\x18\x02 \x03(\x0b2\x15.relay.v1.Sess'
+    b'ionViewR\x08sessions"V\n\x0fListLeasesReply\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revision'
+    b'\x12\'\n\x06leases\x18\x02 \x03(\x0b2\x0f.relay.v1.LeaseR\x06leases"\x80\x01\n\x10ListRecordsRepl'
+    b'y\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x1a\n\x08last_seq\x18\x02 \x01(\rR\x08la'
+    b'st_seq\x120\n\x07records\x18\x03 \x03(\x0b2\x16.relay.v1.StreamRecordR\x07records"/\n\tTurnReply'
+    b'\x12"\n\x04turn\x18\x01 \x01(\x0b2\x0e.relay.v1.TurnR\x04turn"R\n\x0eListTurnsReply\x12\x1a\n\x08'
+    b'revision\x18\x01 \x01(\rR\x08revision\x12$\n\x05turns\x18\x02 \x03(\x0b2\x0e.relay.v1.TurnR\x05tu'
+    b'rns"V\n\x0eListTasksReply\x12\x1a\n\x08revision\x18\x01 \x01(\rR\x08revision\x12(\n\x05tasks\x18'
+    b'\x02 \x03(\x0b2\x12.relay.v1.TaskViewR\x05tasks"k\n\rApprovalReply\x12\x18\n\x07outcome\x18\x01 '
+    b'\x01(\tR\x07outcome\x12\x1e\n\nsession_id\x18\x02 \x01(\tR\nsession_id\x12 \n\x0bapproval_id\x18'
+    b'\x03 \x01(\tR\x0bapproval_id"\xe9\x01\n\x07Runtime\x12\x16\n\x06status\x18\x01 \x01(\tR\x06status'
+    b'\x12\x1a\n\x08endpoint\x18\x02 \x01(\tR\x08endpoint\x12\x12\n\x04mode\x18\x03 \x01(\tR\x04mode'
+    b'\x12\x1a\n\x08token_id\x18\x04 \x01(\tR\x08token_id\x12\x10\n\x03pid\x18\x05 \x01(\rR\x03pid\x12('
+    b'\n\x0fbootstrapped_at\x18\x06 \x01(\tR\x0fbootstrapped_at\x12\x1c\n\tserved_at\x18\x07 \x01(\tR\t'
+    b'served_at\x12 \n\x0bshutdown_at\x18\x08 \x01(\tR\x0bshutdown_at"\xe3\x01\n\x07Profile\x12\x12\n'
+    b'\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n\x08provider\x18\x02 \x01(\tR\x08provider\x12\x12\n'
+    b'\x04mode\x18\x03 \x01(\tR\x04mode\x12\x18\n\x07command\x18\x04 \x03(\tR\x07command\x12\x1e\n\ncre'
+    b'ated_at\x18\x05 \x01(\tR\ncreated_at\x12\x1c\n\tpool_size\x18\x06 \x01(\rR\tpool_size\x12\x10\n'
+    b'\x03cwd\x18\x07 \x01(\tR\x03cwd\x12\x10\n\x03env\x18\x08 \x03(\tR\x03env\x12\x18\n\x07options\x18'
+    b'\t \x03(\tR\x07options"\xdb\x01\n\x07Session\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id'
+    b'\x12\x18\n\x07profile\x18\x02 \x01(\tR\x07profile\x12\x1a\n\x08provider\x18\x03 \x01(\tR\x08provi'
+    b'der\x12\x14\n\x05state\x18\x04 \x01(\tR\x05state\x12\x1e\n\ncreated_at\x18\x05 \x01(\tR\ncreated_'
+    b'at\x12\x1e\n\nupdated_at\x18\x06 \x01(\tR\nupdated_at\x12$\n\rfencing_token\x18\x07 \x01(\rR\rfen'
+    b'cing_token"\x9d\x03\n\x05Lease\x12\x1a\n\x08lease_id\x18\x01 \x01(\tR\x08lease_id\x12\x1e\n\nsess'
+    b'ion_id\x18\x02 \x01(\tR\nsession_id\x12\x16\n\x06holder\x18\x03 \x01(\tR\x06holder\x12\x12\n\x04m'
+    b'ode\x18\x04 \x01(\tR\x04mode\x12\x14\n\x05state\x18\x05 \x01(\tR\x05state\x12$\n\rfencing_token'
+    b'\x18\x06 \x01(\rR\rfencing_token\x12 \n\x0bttl_seconds\x18\x07 \x01(\rR\x0bttl_seconds\x12"\n\x0c'
+    b'requested_at\x18\x08 \x01(\tR\x0crequested_at\x12\x1e\n\ngranted_at\x18\t \x01(\tR\ngranted_at'
+    b'\x12\x1e\n\nexpires_at\x18\n \x01(\tR\nexpires_at\x12(\n\x0flast_renewed_at\x18\x0b \x01(\tR\x0fl'
+    b'ast_renewed_at\x12\x1a\n\x08ended_at\x18\x0c \x01(\tR\x08ended_at\x12$\n\rrevoke_reason\x18\r '
+    b'\x01(\tR\rrevoke_reason"\xe0\x01\n\x0eControlRequest\x12\x1e\n\nrequest_id\x18\x01 \x01(\tR\nrequ'
+    b'est_id\x12\x1e\n\nsession_id\x18\x02 \x01(\tR\nsession_id\x12\x12\n\x04kind\x18\x03 \x01(\tR\x04k'
+    b'ind\x120\n\x07payload\x18\x04 \x01(\x0b2\x16.google.protobuf.ValueR\x07payload\x12&\n\x0epayload_'
+    b'digest\x18\x05 \x01(\tR\x0epayload_digest\x12 \n\x0brecorded_at\x18\x06 \x01(\tR\x0brecorded_at"'
+    b'\xea\x01\n\nQuarantine\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x16\n\x06reason\x18'
+    b'\x02 \x01(\tR\x06reason\x12\x14\n\x05state\x18\x03 \x01(\tR\x05state\x12&\n\x0equarantined_at\x18'
+    b'\x04 \x01(\tR\x0equarantined_at\x12\x1e\n\ncleared_at\x18\x05 \x01(\tR\ncleared_at\x12\x12\n\x04c'
+    b'ode\x18\x06 \x01(\tR\x04code\x122\n\x08evidence\x18\x07 \x01(\x0b2\x16.google.protobuf.ValueR\x08'
+    b'evidence"\\\n\nFeedNotice\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n\x04kind\x18\x02 \x01('
+    b'\tR\x04kind\x12*\n\x04data\x18\x03 \x01(\x0b2\x16.google.protobuf.ValueR\x04data"\xa2\x01\n\x0cSt'
+    b'reamRecord\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12\x10\n\x03seq\x18\x02 \x01(\rR'
+    b'\x03seq\x12\x12\n\x04kind\x18\x03 \x01(\tR\x04kind\x12*\n\x04data\x18\x04 \x01(\x0b2\x16.google.p'
+    b'rotobuf.ValueR\x04data\x12 \n\x0bappended_at\x18\x05 \x01(\tR\x0bappended_at"\x9a\x01\n\x0cStateW'
+    b'arning\x12\x14\n\x05owner\x18\x01 \x01(\tR\x05owner\x12\x12\n\x04code\x18\x02 \x01(\tR\x04code'
+    b'\x12\x12\n\x04path\x18\x03 \x01(\tR\x04path\x12\x18\n\x07message\x18\x04 \x01(\tR\x07message\x12'
+    b'\x16\n\x06repair\x18\x05 \x01(\tR\x06repair\x12\x1a\n\x08severity\x18\x06 \x01(\tR\x08severity"'
+    b'\xac\x01\n\x08Recovery\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id\x12&\n\x0eclassificatio'
+    b'n\x18\x02 \x01(\tR\x0eclassification\x12\x16\n\x06reason\x18\x03 \x01(\tR\x06reason\x12"\n\x0cnex'
+    b't_command\x18\x04 \x01(\tR\x0cnext_command\x12\x1c\n\tlease_ids\x18\x05 \x03(\tR\tlease_ids"\xe6'
+    b'\x02\n\x04Turn\x12\x18\n\x07turn_id\x18\x01 \x01(\tR\x07turn_id\x12\x1e\n\nsession_id\x18\x02 '
+    b'\x01(\tR\nsession_id\x12\x1a\n\x08lease_id\x18\x03 \x01(\tR\x08lease_id\x12\x14\n\x05state\x18'
+    b'\x04 \x01(\tR\x05state\x12\x14\n\x05input\x18\x05 \x01(\tR\x05input\x12 \n\x0boutput_text\x18\x06'
+    b' \x01(\tR\x0boutput_text\x12\x14\n\x05error\x18\x07 \x01(\tR\x05error\x12\x1a\n\x08task_ref\x18'
+    b'\x08 \x01(\tR\x08task_ref\x12\x1e\n\nstarted_at\x18\t \x01(\tR\nstarted_at\x12\x1a\n\x08ended_at'
+    b'\x18\n \x01(\tR\x08ended_at\x12,\n\x05usage\x18\x0b \x01(\x0b2\x16.google.protobuf.ValueR\x05usag'
+    b'e\x12\x1e\n\nrequest_id\x18\x0c \x01(\tR\nrequest_id"\x81\x01\n\x0bProcessInfo\x12\x10\n\x03pid'
+    b'\x18\x01 \x01(\rR\x03pid\x12\x14\n\x05state\x18\x02 \x01(\tR\x05state\x12\x1e\n\nstarted_at\x18'
+    b'\x03 \x01(\tR\nstarted_at\x12*\n\x10provider_version\x18\x04 \x01(\tR\x10provider_version"\xee'
+    b'\x03\n\x0eProviderHealth\x12\x18\n\x07profile\x18\x01 \x01(\tR\x07profile\x12\x14\n\x05state\x18'
+    b'\x02 \x01(\tR\x05state\x12\x16\n\x06starts\x18\x03 \x01(\rR\x06starts\x12\x14\n\x05exits\x18\x04 '
+    b'\x01(\rR\x05exits\x12\x18\n\x07crashes\x18\x05 \x01(\rR\x07crashes\x12\x16\n\x06stalls\x18\x06 '
+    b'\x01(\rR\x06stalls\x12&\n\x0eprobe_failures\x18\x07 \x01(\rR\x0eprobe_failures\x12"\n\x0cfailed_t'
+    b'urns\x18\x08 \x01(\rR\x0cfailed_turns\x12$\n\rtmp_corrupted\x18\t \x01(\rR\rtmp_corrupted\x12&\n'
+    b'\x0estart_failures\x18\n \x01(\rR\x0estart_failures\x122\n\x14consecutive_failures\x18\x0b \x01('
+    b'\rR\x14consecutive_failures\x12\x1e\n\nlast_error\x18\x0c \x01(\tR\nlast_error\x12$\n\rlast_error'
+    b'_at\x18\r \x01(\tR\rlast_error_at\x128\n\x0bquarantines\x18\x0e \x01(\x0b2\x16.google.protobuf.Va'
+    b'lueR\x0bquarantines"\x90\x02\n\x0bSessionView\x12\x1e\n\nsession_id\x18\x01 \x01(\tR\nsession_id'
+    b'\x12\x18\n\x07profile\x18\x02 \x01(\tR\x07profile\x12\x1a\n\x08provider\x18\x03 \x01(\tR\x08provi'
+    b'der\x12\x14\n\x05state\x18\x04 \x01(\tR\x05state\x12\x1e\n\ncreated_at\x18\x05 \x01(\tR\ncreated_'
+    b'at\x12\x1e\n\nupdated_at\x18\x06 \x01(\tR\nupdated_at\x12$\n\rfencing_token\x18\x07 \x01(\rR\rfen'
+    b'cing_token\x12/\n\x07process\x18\x08 \x01(\x0b2\x15.relay.v1.ProcessInfoR\x07process"\xbe\x01\n'
+    b'\x08TaskView\x12\x1a\n\x08task_ref\x18\x01 \x01(\tR\x08task_ref\x12$\n\x05turns\x18\x02 \x03(\x0b'
+    b'2\x0e.relay.v1.TurnR\x05turns\x12\x18\n\x07running\x18\x03 \x01(\rR\x07running\x12\x1c\n\tcomplet'
+    b'ed\x18\x04 \x01(\rR\tcompleted\x12\x16\n\x06failed\x18\x05 \x01(\rR\x06failed\x12 \n\x0binterrupt'
+    b'ed\x18\x06 \x01(\rR\x0binterrupted2\xa9\x10\n\x05Relay\x12K\n\x0fRegisterProfile\x12 .relay.v1.Re'
+    b'gisterProfileRequest\x1a\x16.relay.v1.ProfileReply\x12G\n\rCreateSession\x12\x1e.relay.v1.CreateS'
+    b'essionRequest\x1a\x16.relay.v1.SessionReply\x127\n\x06Borrow\x12\x17.relay.v1.BorrowRequest\x1a'
+    b'\x14.relay.v1.LeaseReply\x12>\n\x07Release\x12\x1d.relay.v1.ReleaseLeaseRequest\x1a\x14.relay.v1.'
+    b'LeaseReply\x12?\n\nGrantLease\x12\x1b.relay.v1.GrantLeaseRequest\x1a\x14.relay.v1.LeaseReply\x12?'
+    b'\n\nRenewLease\x12\x1b.relay.v1.RenewLeaseRequest\x1a\x14.relay.v1.LeaseReply\x12C\n\x0cReleaseLe'
+    b'ase\x12\x1d.relay.v1.ReleaseLeaseRequest\x1a\x14.relay.v1.LeaseReply\x12A\n\x0bRevokeLease\x12'
+    b'\x1c.relay.v1.RevokeLeaseRequest\x1a\x14.relay.v1.LeaseReply\x12G\n\rRecordControl\x12\x1e.relay.'
+    b'v1.RecordControlRequest\x1a\x16.relay.v1.ControlReply\x12C\n\x0bAppendEvent\x12\x1d.relay.v1.Appe'
+    b'ndRecordRequest\x1a\x15.relay.v1.AppendReply\x12D\n\x0cAppendResult\x12\x1d.relay.v1.AppendRecord'
+    b'Request\x1a\x15.relay.v1.AppendReply\x12R\n\x11QuarantineSession\x12".relay.v1.QuarantineSessionR'
+    b'equest\x1a\x19.relay.v1.QuarantineReply\x12N\n\x0fClearQuarantine\x12 .relay.v1.ClearQuarantineRe'
+    b'quest\x1a\x19.relay.v1.QuarantineReply\x12@\n\x07Recover\x12\x18.relay.v1.RecoverRequest\x1a\x16.'
+    b'relay.v1.RecoverReply"\x03\x90\x02\x01\x12C\n\tGetStatus\x12\x1a.relay.v1.GetStatusRequest\x1a'
+    b'\x15.relay.v1.StatusReply"\x03\x90\x02\x01\x12O\n\x0cListProfiles\x12\x1d.relay.v1.ListProfilesRe'
+    b'quest\x1a\x1b.relay.v1.ListProfilesReply"\x03\x90\x02\x01\x12O\n\x0cListSessions\x12\x1d.relay.v1'
+    b'.ListSessionsRequest\x1a\x1b.relay.v1.ListSessionsReply"\x03\x90\x02\x01\x12I\n\nListLeases\x12'
+    b'\x1b.relay.v1.ListLeasesRequest\x1a\x19.relay.v1.ListLeasesReply"\x03\x90\x02\x01\x12K\n\nListEve'
+    b'nts\x12\x1c.relay.v1.ListRecordsRequest\x1a\x1a.relay.v1.ListRecordsReply"\x03\x90\x02\x01\x12L\n'
+    b'\x0bListResults\x12\x1c.relay.v1.ListRecordsRequest\x1a\x1a.relay.v1.ListRecordsReply"\x03\x90'
+    b'\x02\x01\x12<\n\tStartTurn\x12\x1a.relay.v1.StartTurnRequest\x1a\x13.relay.v1.TurnReply\x12D\n\rI'
+    b'nterruptTurn\x12\x1e.relay.v1.InterruptTurnRequest\x1a\x13.relay.v1.TurnReply\x12L\n\x0fResolveAp'
+    b'proval\x12 .relay.v1.ResolveApprovalRequest\x1a\x17.relay.v1.ApprovalReply\x12=\n\x07GetTurn\x12'
+    b'\x18.relay.v1.GetTurnRequest\x1a\x13.relay.v1.TurnReply"\x03\x90\x02\x01\x12F\n\tListTurns\x12'
+    b'\x1a.relay.v1.ListTurnsRequest\x1a\x18.relay.v1.ListTurnsReply"\x03\x90\x02\x01\x12F\n\tListTasks'
+    b'\x12\x1a.relay.v1.ListTasksRequest\x1a\x18.relay.v1.ListTasksReply"\x03\x90\x02\x01\x12K\n\x0bWat'
+    b'chEvents\x12\x1d.relay.v1.WatchRecordsRequest\x1a\x16.relay.v1.StreamRecord"\x03\x90\x02\x010\x01'
+    b'\x12L\n\x0cWatchResults\x12\x1d.relay.v1.WatchRecordsRequest\x1a\x16.relay.v1.StreamRecord"\x03'
+    b'\x90\x02\x010\x01\x12D\n\tWatchFeed\x12\x1a.relay.v1.WatchFeedRequest\x1a\x14.relay.v1.FeedNotice'
+    b'"\x03\x90\x02\x010\x01b\x06proto3'
 )
 # --- END GENERATED ---
 

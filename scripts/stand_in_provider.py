@@ -16,8 +16,11 @@ a network or a real CLI, and it misbehaves on cue:
   and ignore the interrupt too; probes still answered), ``wedge`` (answer
   nothing at all any more, not even stdin EOF), ``flood`` (``--flood-count``
   deltas), ``bad-json`` (two unparseable lines, then carry on);
-- at start: ``exit-before-handshake`` (exit 1 before the handshake),
-  ``ignore-term`` (SIGTERM is ignored, so only SIGKILL stops it);
+- at start: ``exit-before-handshake`` (exit 1 before the handshake; with
+  ``--fail-while PATH``, only while PATH exists), ``ignore-term`` (SIGTERM is
+  ignored, so only SIGKILL stops it), ``no-probe`` (liveness probes, Codex
+  ``thread/loaded/list`` and Claude ``mcp_status``, go unanswered while
+  everything else works: a process wedged for the relay's probe only);
 - per turn, cues in the prompt text: ``@crash``, ``@stall``, ``@hang``,
   ``@wedge``, ``@flood``, ``@bad-json``, ``@huge`` (one ``--huge-bytes`` line),
   ``@error`` (the turn fails as on an HTTP 500), ``@approve`` (a command that
@@ -53,7 +56,7 @@ FAULT_CUES = {
     "crash-mid-turn": "crash", "stall": "stall", "hang": "hang", "wedge": "wedge",
     "flood": "flood", "bad-json": "bad-json",
 }
-START_FAULTS = ("exit-before-handshake", "ignore-term")
+START_FAULTS = ("exit-before-handshake", "ignore-term", "no-probe")
 FOREVER = threading.Event()  # never set: waiting on it blocks a thread for good
 
 
@@ -273,6 +276,8 @@ class Codex(Provider):
         self.reply(rid, {})
 
     def on_thread_loaded_list(self, rid, params: dict) -> None:
+        if "no-probe" in self.args.fault:
+            return log(f"no-probe: not answering thread/loaded/list {rid}")
         self.reply(rid, {"data": list(self.threads)})
 
     def on_turn_start(self, rid, params: dict) -> None:
@@ -488,6 +493,8 @@ class Claude(Provider):
             if run is not None:
                 run.interrupted = True
                 run.wake.set()
+        elif subtype == "mcp_status" and "no-probe" in self.args.fault:
+            log(f"no-probe: not answering mcp_status {rid}")
         elif subtype == "mcp_status":
             self.wire.send({"type": "control_response", "response": ok | {"response": {"mcpServers": []}}})
         else:
@@ -666,6 +673,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--flood-count", type=int, default=20_000, help="deltas a flooding turn sends")
     p.add_argument("--huge-bytes", type=int, default=1 << 20, help="size of the @huge line (bytes)")
     p.add_argument("--slow-ms", type=float, default=5.0, help="pause per token under @slow (ms)")
+    p.add_argument("--fail-while", metavar="PATH",
+                   help="exit-before-handshake only while PATH exists (a start that heals)")
     # The real CLIs' flags that change what the stand-in does; the rest are accepted and ignored.
     p.add_argument("--session-id")
     p.add_argument("--resume")
@@ -687,7 +696,8 @@ def main(argv: list[str] | None = None) -> int:
         code = 143 if args.provider == "claude" else 0
         signal.signal(signal.SIGTERM, lambda *_: os._exit(code))
     log(f"{args.provider} {VERSION[args.provider]} pid {os.getpid()}")
-    if "exit-before-handshake" in args.fault:
+    if "exit-before-handshake" in args.fault and (args.fail_while is None
+                                                  or os.path.exists(args.fail_while)):
         if args.provider == "claude":
             Claude(args, wire).result_line(None, is_error=True, subtype="error_during_execution",
                                            errors=["stand-in: failing before the handshake"])
