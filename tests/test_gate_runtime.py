@@ -350,3 +350,22 @@ async def test_a_sigkilled_server_leaves_a_command_behind_until_the_next_serve(t
     finally:
         if detached and process_alive(detached):
             os.kill(detached, 9)
+
+
+async def test_the_next_serve_repairs_a_turn_left_running(tmp_path):
+    """A running turn whose lease is gone (a server died under it) fails
+    running_turns_leased naming serve; a starting serve fails the turn
+    (relay_restarted) and the gate passes."""
+    from serve_helpers import serving
+
+    store, lease_id, turn_id = workspace_with_turn(tmp_path)
+    commit_ok(store, "ReleaseLease", lease_id=lease_id)
+    checks = run_gate(tmp_path)
+    assert checks["running_turns_leased"].result == "fail"
+    assert checks["running_turns_leased"].repair.startswith("python -m relay serve")
+    with trio.fail_after(30):
+        async with serving(tmp_path):
+            pass
+    turn = relay.Store(tmp_path).read().turns[turn_id]
+    assert turn.state == "failed" and turn.error.startswith("relay_restarted"), turn
+    assert_checks(run_gate(tmp_path, relay.time.time()))
