@@ -10873,6 +10873,8 @@ class _GateView:
     checkpoint: Ledger | None = None
     journal: bytes = b""
     journal_records: int = 0
+    _processes: list[MarkedProcess] | None = None
+    _record: tuple[dict[str, Any] | None] | None = None
 
     @classmethod
     def read(cls, store: Store, config: Config, now: float) -> _GateView:
@@ -10895,6 +10897,21 @@ class _GateView:
                 for stream in STREAM_KINDS:
                     view.streams[(sid, stream)] = _scan_stream(store, sid, stream, cursor)
         return view
+
+    # Read on first use, inside a check: a failing read fails that check, not the gate.
+    @property
+    def processes(self) -> list[MarkedProcess]:
+        """This workspace's live provider processes (by their scratch marker)."""
+        if self._processes is None:
+            self._processes = marked_processes(self.store.tmp_dir)
+        return self._processes
+
+    @property
+    def record(self) -> dict[str, Any] | None:
+        """flow/tmp/relay/providers.json as the last server wrote it (None: absent or unreadable)."""
+        if self._record is None:
+            self._record = (_read_providers_record(self.store.tmp_dir),)
+        return self._record[0]
 
 
 def _scan_stream(store: Store, sid: str, stream: str, cursor: rc.Cursor) -> tuple[int, str]:
@@ -11151,6 +11168,228 @@ def _check_writer_reader(view: _GateView) -> tuple[str, str, str]:
     return "pass", "no session has an active writer beside another active lease", ""
 
 
+# -- the live runtime, seen from outside: turns, provider processes, scratch --------
+#
+# A provider process is this workspace's when its environment carries
+# ``FLOW_RELAY_SCRATCH=<flow/tmp/relay/sessions/ID>`` (the runtime sets it; its
+# commands inherit it), the same marker ``reap_orphans`` trusts.  The gate
+# reads /proc and flow/tmp/relay/providers.json; it signals nothing.
+
+
+@attrs.frozen
+class MarkedProcess:
+    """A live process whose environment marks it as a provider of this workspace."""
+
+    pid: int
+    pgid: int
+    ppid: int
+    session_id: str
+    scratch: str
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, ppid, pgid) of a live process, or None (gone, or a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        if fields[0] == b"Z":
+            return None
+        return fields[0].decode(), int(fields[1]), int(fields[2])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def marked_processes(tmp_dir: Path) -> list[MarkedProcess]:
+    """Live processes (not zombies) whose ``FLOW_RELAY_SCRATCH`` is a session
+    scratch under ``tmp_dir``: the providers of this workspace and whatever
+    their commands started.  Read from /proc; processes of other users whose
+    environment cannot be read are not this relay's."""
+    sessions = os.path.abspath(tmp_dir / SESSIONS_DIR)
+    try:  # the directory itself, however its path is spelled (links, a relative root)
+        st = os.stat(sessions)
+        ident: tuple[int, int] | None = (st.st_dev, st.st_ino)
+    except OSError:
+        ident = None
+    prefix = f"{SCRATCH_ENV}=".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = f.read()
+        except OSError:
+            continue
+        if prefix not in env:
+            continue
+        value = next((x[len(prefix):] for x in env.split(b"\0") if x.startswith(prefix)), None)
+        if value is None:
+            continue
+        scratch = value.decode("utf-8", "replace")
+        if not _same_dir(os.path.dirname(scratch), sessions, ident):
+            continue
+        stat = _proc_stat(int(entry))
+        if stat is not None:
+            found.append(MarkedProcess(int(entry), stat[2], stat[1], os.path.basename(scratch), scratch))
+    return sorted(found, key=lambda p: p.pid)
+
+
+def _same_dir(path: str, lexical: str, ident: tuple[int, int] | None) -> bool:
+    if path == lexical:
+        return True
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return ident is not None and (st.st_dev, st.st_ino) == ident
+
+
+def _read_providers_record(tmp_dir: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads((tmp_dir / PROVIDERS_RECORD).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _record_rows(record: dict[str, Any] | None) -> list[dict[str, Any]]:
+    rows = record.get("processes") if record else None
+    return [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
+
+
+def _restart_repair(turn_id: str) -> str:
+    return (f"python -m relay serve (a starting server fails turn {turn_id}, left running: "
+            "relay_restarted); stop the running server first (SIGTERM) if there is one")
+
+
+@_needs_ledger
+def _check_turn_leases(view: _GateView) -> tuple[str, str, str]:
+    stamp = iso(view.now)
+    running = sorted((t for t in view.ledger.turns.values() if t.state == "running"),
+                     key=lambda t: t.turn_id)
+    for turn in running:
+        lease = view.ledger.leases.get(turn.lease_id)
+        if lease is None:
+            problem = f"its lease {turn.lease_id} is not in the ledger"
+        elif lease.session_id != turn.session_id:
+            problem = f"its lease {lease.lease_id} is on {lease.session_id}"
+        elif lease.mode != "exclusive-write":
+            problem = f"its lease {lease.lease_id} is {lease.mode}"
+        elif lease.state != "active" or not is_live(lease, stamp):
+            problem = f"its lease {lease.lease_id} is {_state_at(lease, stamp)}"
+        else:
+            continue
+        return ("fail", f"running turn {turn.turn_id} on {turn.session_id}: {problem}",
+                _restart_repair(turn.turn_id))
+    return "pass", f"{len(running)} running turns, each under a live exclusive-write lease", ""
+
+
+@_needs_ledger
+def _check_quarantined_turns(view: _GateView) -> tuple[str, str, str]:
+    running = sorted((t for t in view.ledger.turns.values() if t.state == "running"),
+                     key=lambda t: t.turn_id)
+    for turn in running:
+        if _quarantined(view.ledger, turn.session_id):
+            reason = view.ledger.quarantines[turn.session_id].reason
+            return ("fail", f"session {turn.session_id} is quarantined ({reason[:120]}) but runs "
+                    f"turn {turn.turn_id}", _restart_repair(turn.turn_id))
+    return "pass", f"no quarantined session runs a turn ({len(running)} running turns)", ""
+
+
+@_needs_ledger
+def _check_process_owners(view: _GateView) -> tuple[str, str, str]:
+    for proc in view.processes:
+        session = view.ledger.sessions.get(proc.session_id)
+        if session is None or session.state == "closed":
+            what = "closed" if session is not None else "not in the ledger"
+            return ("fail", f"pid {proc.pid} (group {proc.pgid}) runs for session "
+                    f"{proc.session_id}, which is {what}",
+                    f"kill -TERM -- -{proc.pgid} (its process group: no session owns it)")
+    sessions = len({p.session_id for p in view.processes})
+    return "pass", f"{len(view.processes)} provider processes, all of {sessions} non-closed sessions", ""
+
+
+def _live_servers(view: _GateView) -> tuple[set[int], set[int]]:
+    """(pids of live servers of this workspace, process groups they own).  A
+    server is ``providers.json``'s ``server_pid`` while that process lives and
+    is the parent of every recorded provider still alive (a reused pid is not),
+    or the ledger's serving runtime pid while it lives."""
+    servers: set[int] = set()
+    groups: set[int] = set()
+    rows = _record_rows(view.record)
+    leaders = {p.pid: p for p in view.processes if p.pid == p.pgid}
+    with contextlib.suppress(TypeError, ValueError):
+        pid = int((view.record or {}).get("server_pid") or 0)
+        if pid and _proc_stat(pid) is not None and all(
+                leaders[int(r.get("pid", 0))].ppid == pid for r in rows
+                if int(r.get("pid", 0)) in leaders):
+            servers.add(pid)
+            groups.update(int(r.get("pgid", 0)) for r in rows)
+    rt = view.ledger.runtime if view.ledger is not None else None
+    if rt is not None and rt.status == "serving" and rt.pid and _proc_stat(rt.pid) is not None:
+        servers.add(rt.pid)
+    groups.update(p.pgid for p in leaders.values() if p.ppid in servers)
+    return servers, groups
+
+
+def _check_orphan_processes(view: _GateView) -> tuple[str, str, str]:
+    servers, groups = _live_servers(view)
+    recorded = set()
+    with contextlib.suppress(TypeError, ValueError):
+        recorded = {int(r.get("pgid", 0)) for r in _record_rows(view.record)}
+    for proc in view.processes:
+        if proc.pgid in groups or proc.ppid in servers:
+            continue
+        server = (view.record or {}).get("server_pid")
+        whose = (f"providers.json names server pid {server}, which is gone"
+                 if proc.pgid in recorded else "no live server records its group")
+        repair = (f"python -m relay serve (at start it kills the groups a dead server recorded), "
+                  f"or kill -KILL -- -{proc.pgid}" if proc.pgid in recorded else
+                  f"kill -KILL -- -{proc.pgid} (no record names it, so serve will not)")
+        return ("fail", f"pid {proc.pid} (session {proc.session_id}, group {proc.pgid}) outlived "
+                f"its server: {whose}", repair)
+    return "pass", (f"{len(view.processes)} provider processes, each owned by a live server "
+                    f"(pid {', '.join(map(str, sorted(servers)))})" if view.processes else
+                    "no provider process of this workspace is running"), ""
+
+
+def _scratch_problem(proc: MarkedProcess, row: dict[str, Any] | None) -> str:
+    """What is wrong with a running provider's scratch ("" if nothing)."""
+    root = Path(proc.scratch)
+    if row is not None and str(row.get("scratch", "")) != proc.scratch:
+        return f"providers.json records scratch {row.get('scratch')!r}, the process has {proc.scratch!r}"
+    if root.is_symlink() or not root.is_dir():
+        return f"{proc.scratch} is {'a link' if root.is_symlink() else 'missing'}"
+    for name in ("home", "tmp", "work"):
+        sub = root / name
+        if sub.is_symlink() or not sub.is_dir():
+            return f"{sub} is {'a link' if sub.is_symlink() else 'missing'}"
+    with contextlib.suppress(OSError):
+        cwd = os.readlink(f"/proc/{proc.pid}/cwd")
+        if cwd.endswith(" (deleted)"):
+            return f"its working directory {cwd.removesuffix(' (deleted)')} was removed under it"
+    return ""
+
+
+@_needs_ledger
+def _check_scratch(view: _GateView) -> tuple[str, str, str]:
+    rows = {}
+    with contextlib.suppress(TypeError, ValueError):
+        rows = {int(r.get("pid", 0)): r for r in _record_rows(view.record)}
+    checked = 0
+    for proc in view.processes:
+        session = view.ledger.sessions.get(proc.session_id)
+        if proc.pid != proc.pgid or session is None or session.state == "closed":
+            continue  # only providers themselves, of live sessions (provider_processes_owned has the rest)
+        checked += 1
+        if problem := _scratch_problem(proc, rows.get(proc.pid)):
+            return ("fail", f"session {proc.session_id} (pid {proc.pid}): {problem}",
+                    f"python -m relay quarantine session {proc.session_id} --reason "
+                    "'tmp_corrupted: scratch damaged', then python -m relay recover --session "
+                    f"{proc.session_id}")
+    return "pass", f"the scratch of {checked} running providers is in place", ""
+
+
 def _state_digest(store: Store) -> str:
     digest = hashlib.sha256()
     for dirpath, dirnames, files in sorted(os.walk(store.flow / "state")):
@@ -11253,6 +11492,16 @@ GATE_CHECKS: Final = (
      _check_leases_on_failed),
     ("no_writer_with_reader", "no session has an active writer together with another active lease",
      _check_writer_reader),
+    ("running_turns_leased", "every running turn has a live exclusive-write lease",
+     _check_turn_leases),
+    ("no_turn_on_quarantined_session", "no quarantined session is serving a turn",
+     _check_quarantined_turns),
+    ("provider_processes_owned", "every live provider process belongs to a non-closed session of "
+     "this workspace", _check_process_owners),
+    ("no_orphan_provider_processes", "no provider process is left from a dead server",
+     _check_orphan_processes),
+    ("provider_scratch_intact", "the scratch of every running provider of a live session is intact",
+     _check_scratch),
     ("http_reads_readonly", "HTTP read routes and SSE replay do not change flow/state", _check_http),
 )
 

@@ -11,6 +11,7 @@ machine moves both sides alike.
     .venv/bin/python scripts/bench.py --only history  # one section (repeatable)
     .venv/bin/python scripts/bench.py --list          # the sections
     .venv/bin/python scripts/bench.py --only runtime  # the live runtime (stand-in and real Codex vs the mock)
+    .venv/bin/python scripts/bench.py --only faults   # the fault-injection run (scripts/faults.py)
     .venv/bin/python scripts/bench.py --scale         # N = 10 .. 10,000 scaling table (~4 min)
     .venv/bin/python scripts/bench.py --only http_status --only http_mutations \
         --only ws_leases --only sse_fanout --only sse_replay --only sse_memory   # serving
@@ -2022,6 +2023,45 @@ def runtime(bench: Bench) -> list[Figure]:
                note=f"VmRSS summed over the session's process group; sessions {out['rss_warm']}; "
                     "information"),
     ]
+
+
+################################################################
+# Faults (issue 12): the fault-injection run of scripts/faults.py
+################################################################
+
+
+@section("faults", "fault-injection run: random provider crashes / stalls under continuous turns "
+                   "on 4 pooled stand-in sessions (scripts/faults.py)")
+def fault_injection(bench: Bench) -> list[Figure]:
+    """``scripts/faults.py`` (100 faults; 20 with --quick): detection and repair
+    latency per cause (information: there is no baseline for a fault), and the
+    run's invariants as figures that must be 0."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import faults
+
+    n = bench.reps(100, 20)
+    progress(f"faults: {n} random faults on 4 pooled stand-in sessions under 4 borrowing clients")
+    args = faults.parser().parse_args(["--faults", str(n), *(("--dir", bench.tmp_parent)
+                                                              if bench.tmp_parent else ())])
+    doc = faults.fault_run(args)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    figures = []
+    for cause, stats in doc["summary"].items():
+        for key, what in (("detected_s", "fault -> quarantine record (or the stall's turn ended)"),
+                          ("told_s", "fault -> the holder's borrowed block ends (LeaseLost)"),
+                          ("repaired_s", "fault -> the pool as healthy as before")):
+            for q in ("p50", "p99"):
+                value = stats[key][q]
+                figures.append(Figure(f"faults.{cause}.{key.split('_')[0]}_{q}", f"{cause}: {what}, {q}",
+                                      math.nan if value is None else value * 1e3, "ms",
+                                      note=f"{stats[key]['n']} of {stats['n']} faults; outcomes "
+                                      f"{stats['outcomes']}; information"))
+    figures.append(Figure("faults.problems", "invariants broken after the run (turns not terminal, "
+                          "leases on failed sessions, pool short, orphan processes, gate)",
+                          len(doc["problems"]), "count", target="== 0", on="value",
+                          note="; ".join(doc["problems"]) or f"details: {args.json}"))
+    return figures
 
 
 ################################################################
