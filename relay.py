@@ -6875,7 +6875,7 @@ class Runtime:
             detail += f" during turn {live.turn.turn.turn_id}"
         if crashed and not live.started:  # _spawn is waiting for the handshake: it reports this
             live.resolve("handshake", "exited")
-        elif crashed and live.turn is None and not live.used and (
+        elif crashed and live.turn is None and not live.used and live.profile.provider != "codex" and (
                 live.handshake_failed
                 or trio.current_time() - live.spawned_at < self.config.startup_timeout_seconds):
             # Claude / Kimi print nothing before their first input: an exit
@@ -7177,6 +7177,7 @@ class Runtime:
         if reply.turn.turn_id in known:  # an idempotent retry: it was started already
             return rc.TurnReply(self.owner.ledger.turns.get(reply.turn.turn_id, reply.turn))
         run = live.turn = _TurnRun(reply.turn)
+        live.used = True  # it served a lease (whether or not a reconcile pass saw that lease)
         live.activity_at = trio.current_time()
         try:
             await self._send_turn(live, req)

@@ -129,6 +129,28 @@ async def test_crash_mid_turn_is_provider_exited_with_the_signal_and_stderr(tmp_
             assert inspect["detail"]["quarantine_codes"] == {"cx": {"provider_exited": 1}}
 
 
+async def test_a_codex_killed_idle_soon_after_its_start_is_provider_exited(tmp_path):
+    """A pooled Codex that handshook and served a turn, killed while idle within
+    startup_timeout_seconds of its spawn, crashed: ``provider_exited``, never a
+    failed start (the time window is for CLIs without a handshake), so no backoff."""
+    with trio.fail_after(30):
+        async with serving(tmp_path, cfg(startup_timeout_seconds=30.0)) as r:
+            await _register(r, "cx")
+            (row,) = await warm_sessions(r, "cx")
+            sid = row["session_id"]
+            lease = await borrow_lease(r, "cx", "ci")
+            turn = await turn_ended(r, (await start_turn(r, lease, "hello"))["turn_id"])
+            assert turn["state"] == "completed"
+            # As for a process recycled at a hand-over whose next borrower's StartTurn came
+            # before the reconcile pass saw the lease: the runtime never marked it used.
+            r.server.service.runtime.sessions[sid].used = False
+            os.kill(await _running_pid(r, sid), signal.SIGKILL)
+            q = await quarantined(r, sid)
+            assert (q.code, q.evidence["signal"]) == ("provider_exited", "SIGKILL")
+            h = await health(r, "cx")
+            assert (h["crashes"], h["start_failures"]) == (1, 0)
+
+
 # -- stall --------------------------------------------------------------------------------
 
 
