@@ -151,6 +151,28 @@ async def test_a_codex_killed_idle_soon_after_its_start_is_provider_exited(tmp_p
             assert (h["crashes"], h["start_failures"]) == (1, 0)
 
 
+async def test_a_flood_bad_lines_and_a_huge_line_are_no_failure(tmp_path):
+    """Misbehaviour that is not a failure: 5,000 deltas in one turn, unparseable
+    lines, a 1 MiB line.  Each turn completes with its whole text, the probe
+    keeps being answered, and nothing is quarantined or counted against the
+    profile (the stdout reader keeps up; the stall timer sees the output)."""
+    with trio.fail_after(60):
+        async with serving(tmp_path, cfg(turn_stall_seconds=5.0, probe_interval_seconds=0.5,
+                                         probe_timeout_seconds=5.0)) as r:
+            await _register(r, "cx", "codex", "pooled", "--flood-count", "5000")
+            (row,) = await warm_sessions(r, "cx")
+            sid = row["session_id"]
+            lease = await borrow_lease(r, "cx", "ci")
+            for prompt in ("@flood go", "@bad-json go", "@huge go"):
+                turn = await turn_ended(r, (await start_turn(r, lease, prompt))["turn_id"])
+                assert (turn["state"], turn["error"]) == ("completed", ""), turn
+                assert turn["output_text"], turn
+            assert _quarantine(r, sid) is None
+            assert await _running_pid(r, sid) == row["process"]["pid"]  # the same process throughout
+            h = await health(r, "cx")
+            assert (h["crashes"], h["stalls"], h["probe_failures"], h["failed_turns"]) == (0, 0, 0, 0)
+
+
 # -- stall --------------------------------------------------------------------------------
 
 
