@@ -243,7 +243,9 @@ async def test_without_the_offline_settings_the_clis_look_up_outside_hosts(tmp_p
             await child.proc.stdin.aclose()
             assert await child.wait() == 0
         codex_names = {r["path"] for r in mock.requests("dns")}
-        assert {"github.com", "chatgpt.com"} <= codex_names
+        # Which of them it gets to before the turn ends and stdin closes varies from run
+        # to run (the plugin fetch races the turn); at least one always shows.
+        assert codex_names & {"github.com", "api.github.com", "chatgpt.com"}, codex_names
         async with real_cli(mock, tmp_path / "claude", claude_argv(), relay.ClaudeProtocol(),
                             cwd=tmp_path / "work", tamper=online_claude) as child:
             await child.send(child.proto.send_user_message("say hi", turn_id="t1"))
