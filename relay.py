@@ -1108,23 +1108,42 @@ def _encode_sealed(ledger: Ledger) -> tuple[bytes, bytes]:
     return head, digest.hexdigest().encode() + b'"}\n'
 
 
-#: id(record) -> (record, its canonical JSON).  Records are immutable values
-#: shared between successive ledgers, so a commit re-encodes only the few it
-#: changed; holding the record keeps its id from being reused while cached.
-#: One process-wide cache, so every encode holds ``_FRAGMENTS_LOCK``: two
-#: stores (or threads) encoding at once would otherwise evict while the other
-#: inserts ("dictionary changed size during iteration").
-_FRAGMENTS: dict[int, tuple[Any, bytes]] = {}
-FRAGMENTS_KEPT: Final = 65_536
+class _Held(__import__("weakref").ref):
+    """A weak reference to a cached record that knows its cache key."""
+
+    __slots__ = ("key",)
+
+
+def _forget(held: _Held) -> None:
+    """The record died (no ledger of any store holds it): drop its bytes."""
+    entry = _FRAGMENTS.get(held.key)
+    if entry is not None and entry[0] is held:
+        _FRAGMENTS.pop(held.key, None)
+
+
+#: id(record) -> (weak reference to the record, its canonical JSON).  Records
+#: are immutable values shared between successive ledgers, so a checkpoint
+#: re-encodes only those it has not seen.  An entry lives exactly as long as its
+#: record: when no ledger (of any store in the process) holds it, its weak
+#: reference's callback drops the bytes -- a long-running server does not keep
+#: the bytes of every turn and lease it ever archived (the 30-minute soak grew
+#: by ~130 MB with a cache that kept 65,536 entries), and two stores of one
+#: process never evict each other's.  A hit checks the reference still names
+#: the record, so an id reused after a death is a miss, never a wrong answer.
+#: Inserts hold ``_FRAGMENTS_LOCK``; the callback only pops its own entry.
+_FRAGMENTS: dict[int, tuple[_Held, bytes]] = {}
 _FRAGMENTS_LOCK: Final = threading.RLock()
 
 
 def _fragment(record: Any) -> bytes:
-    hit = _FRAGMENTS.get(id(record))
-    if hit is not None and hit[0] is record:
+    key = id(record)
+    hit = _FRAGMENTS.get(key)
+    if hit is not None and hit[0]() is record:
         return hit[1]
     data = _canonical(to_json(record))
-    _FRAGMENTS[id(record)] = (record, data)
+    held = _Held(record, _forget)
+    held.key = key
+    _FRAGMENTS[key] = (held, data)
     return data
 
 
@@ -1163,13 +1182,12 @@ class _Encoded:
 
 def _encode_parts_locked(ledger: Ledger) -> list[bytes]:
     """The canonical body as pieces to join, all but its closing brace."""
-    parts, live = [b"{"], 0
+    parts = [b"{"]
     for name in sorted(f.name for f in attrs.fields(Ledger)):
         if len(parts) > 1:
             parts.append(b",")
         value = getattr(ledger, name)
         if isinstance(value, dict):
-            live += len(value)
             entries = _derived(value, _Encoded).entries
             parts.append(_canonical(name) + b":{")
             if entries:  # each entry but the first brings its leading comma
@@ -1179,13 +1197,6 @@ def _encode_parts_locked(ledger: Ledger) -> list[bytes]:
         else:
             parts.append(_canonical(name) + b":" + _canonical(to_json(value) if attrs.has(type(value))
                                                               else value))
-    # Forget records no ledger holds any more; not below FRAGMENTS_KEPT, so
-    # that two stores of one process (a bench, a test) do not evict each other's.
-    if len(_FRAGMENTS) > max(2 * live + 64, FRAGMENTS_KEPT):
-        keep = {id(r) for f in attrs.fields(Ledger) if isinstance(getattr(ledger, f.name), dict)
-                for r in getattr(ledger, f.name).values()}
-        for key in [k for k in _FRAGMENTS if k not in keep]:
-            del _FRAGMENTS[key]
     return parts
 
 

@@ -206,3 +206,30 @@ def test_canonical_encoder_is_json_dumps():
             value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
     with pytest.raises(ValueError):
         relay._canonical({"x": float("nan")})
+
+
+def test_the_fragment_cache_forgets_records_no_ledger_holds(tmp_path):
+    """The encoder's cache of records' canonical bytes lives as long as the records:
+    once commits have replaced a record (a released lease, a renewed one) and no
+    ledger holds it, its bytes are gone, so a long-running server does not keep the
+    bytes of everything it ever committed; what the current ledger holds stays cached."""
+    import gc
+
+    store = relay.Store(tmp_path)
+    commit_ok(store, "RegisterProfile", name="cx", provider="codex", mode="pooled")
+    commit_ok(store, "CreateSession", profile="cx", session_id="s1")
+    for i in range(60):
+        lease = commit_ok(store, "Borrow", now=T0 + i, profile="cx", holder=f"fragment-h{i}").lease
+        commit_ok(store, "ReleaseLease", now=T0 + i, lease_id=lease.lease_id)
+    ledger = store.read()
+    relay._encode_body(ledger)
+    gc.collect()
+    assert all(ref() is not None for ref, _ in relay._FRAGMENTS.values())  # none outlives its record
+    records = [r for m in (ledger.profiles, ledger.sessions, ledger.leases) for r in m.values()]
+    assert all(relay._FRAGMENTS[id(r)][0]() is r for r in records)  # the live ones stay cached
+    del ledger, records, lease
+    store = None
+    gc.collect()
+    ours = [ref() for ref, _ in list(relay._FRAGMENTS.values())
+            if isinstance(ref(), rc.Lease) and ref().holder.startswith("fragment-h")]
+    assert ours == []  # 120 versions of this test's leases were cached; none is kept
