@@ -1664,59 +1664,29 @@ def _ended(event: Any) -> bool:
     return event.kind in ("turn.completed", "turn.failed", "turn.interrupted")
 
 
-class SessionSse:
-    """``GET /events?session=SID`` over one connection (h11): frames with their arrival time."""
+def _session_sse_base() -> type:
+    if str(Path(__file__).resolve().parent) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from faults import Sse
 
-    def __init__(self, stream: Any) -> None:
-        import h11
+    return Sse
 
-        self.stream, self.conn, self.buf = stream, h11.Connection(h11.CLIENT), b""
+
+class SessionSse(_session_sse_base()):
+    """``GET /events?session=SID`` over one connection: frames with their arrival time
+    (the fault run's reader, ``scripts/faults.py``, raising BenchError)."""
+
+    error = BenchError
 
     @classmethod
-    async def open(cls, port: int, sid: str) -> SessionSse:
-        import h11
-        import trio
-
-        self = cls(await trio.open_tcp_stream(LOOPBACK, port))
-        request = h11.Request(method="GET", target=f"/events?session={sid}",
-                              headers=[("Host", f"{LOOPBACK}:{port}"), ("Accept", "text/event-stream")])
-        await self.stream.send_all(self.conn.send(request) + self.conn.send(h11.EndOfMessage()))
-        while b": connected" not in self.buf:
-            await self._more()
-        return self
-
-    async def _more(self) -> None:
-        import h11
-
-        while True:
-            event = self.conn.next_event()
-            if event is h11.NEED_DATA:
-                self.conn.receive_data(await self.stream.receive_some(65536))
-            elif isinstance(event, h11.Response):
-                if event.status_code != 200:
-                    raise BenchError(f"SSE refused: HTTP {event.status_code}")
-            elif isinstance(event, h11.Data):
-                self.buf += bytes(event.data)
-                return
-            else:
-                raise BenchError("the SSE stream ended")
+    async def open(cls, port: int, sid: str) -> SessionSse:  # type: ignore[override]
+        return await super().open(port, f"/events?session={sid}")
 
     async def next(self) -> tuple[str, dict[str, Any], float]:
         """The next frame: (event name, data, wall-clock time at arrival: the stand-in stamps with it)."""
-        while True:
-            while b"\n\n" not in self.buf:
-                await self._more()
-            arrived = time.time()
-            frame, _, self.buf = self.buf.partition(b"\n\n")
-            name, data = "message", None
-            for line in frame.decode().splitlines():
-                field, _, value = line.partition(":")
-                if field == "event":
-                    name = value.strip()
-                elif field == "data":
-                    data = json.loads(value)
-            if data is not None:
-                return name, data, arrived
+        if not hasattr(self, "_frames"):
+            self._frames = self.frames()
+        return await self._frames.__anext__()
 
     async def until_end(self, turn_id: str, on_delta: Callable[[dict[str, Any], float], None] | None = None
                         ) -> dict[str, Any]:

@@ -145,7 +145,11 @@ class Observed:
 
 
 class Sse:
-    """A minimal text/event-stream reader over one TCP connection (h11)."""
+    """A minimal text/event-stream reader over one TCP connection (h11);
+    ``scripts/bench.py`` reads its session streams with it too."""
+
+    #: What a refused or ended stream raises.
+    error: type[Exception] = FaultRunError
 
     def __init__(self, stream: Any) -> None:
         import h11
@@ -174,12 +178,12 @@ class Sse:
                 self.conn.receive_data(await self.stream.receive_some(65536))
             elif isinstance(event, h11.Response):
                 if event.status_code != 200:
-                    raise FaultRunError(f"SSE refused: HTTP {event.status_code}")
+                    raise self.error(f"SSE refused: HTTP {event.status_code}")
             elif isinstance(event, h11.Data):
                 self.buf += bytes(event.data)
                 return
             else:
-                raise FaultRunError("an SSE stream ended")
+                raise self.error("an SSE stream ended")
 
     async def frames(self) -> Any:
         while True:
