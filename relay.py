@@ -317,6 +317,7 @@ if __name__ == "__main__":
 
 # The full module: everything below may import attrs and relay_client.
 import argparse  # noqa: E402
+import array  # noqa: E402
 import base64  # noqa: E402
 import bisect  # noqa: E402
 import contextlib  # noqa: E402
@@ -336,6 +337,7 @@ import shlex  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import threading  # noqa: E402
+import weakref  # noqa: E402
 import zlib  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from datetime import UTC, datetime  # noqa: E402
@@ -1108,7 +1110,7 @@ def _encode_sealed(ledger: Ledger) -> tuple[bytes, bytes]:
     return head, digest.hexdigest().encode() + b'"}\n'
 
 
-class _Held(__import__("weakref").ref):
+class _Held(weakref.ref):
     """A weak reference to a cached record that knows its cache key."""
 
     __slots__ = ("key",)
@@ -2186,8 +2188,8 @@ class _KeyTable:
     tuples: a day of request ids at a steady rate must not grow the server
     by gigabytes), and a small dict of the newest keys, merged in batches."""
 
-    hashes: Any = attrs.Factory(lambda: __import__("array").array("Q"))
-    offsets: Any = attrs.Factory(lambda: __import__("array").array("Q"))
+    hashes: Any = attrs.Factory(lambda: array.array("Q"))
+    offsets: Any = attrs.Factory(lambda: array.array("Q"))
     newest: dict[int, int] = attrs.Factory(dict)
 
     def add(self, hashed: int, offset: int) -> None:
@@ -2196,8 +2198,6 @@ class _KeyTable:
             self._merge()
 
     def _merge(self) -> None:
-        import array
-
         merged = dict(zip(self.hashes, self.offsets, strict=True))
         merged.update(self.newest)
         order = sorted(merged)
