@@ -987,16 +987,23 @@ class _Map(Mapping):
     that changed (``_map_changes``).  Equal to a dict of the same entries, in
     the order a dict edited the same way would have."""
 
-    __slots__ = ("base", "changes", "size", "flat", "derived", "since", "rebased")
+    __slots__ = ("base", "changes", "size", "flat", "derived", "since", "rebased", "log", "pos")
 
     def __init__(self, base: dict[str, Any] | None = None, changes: dict[str, Any] | None = None,
-                 size: int | None = None, rebased: _View | None = None) -> None:
+                 size: int | None = None, rebased: _View | None = None,
+                 log: list[str] | None = None) -> None:
         self.base: dict[str, Any] = {} if base is None else base
         self.changes: dict[str, Any] = {} if changes is None else changes
         self.size = len(self.base) if size is None else size
         #: The version ``base`` was flattened from, (its base, its changes),
         #: kept by every version on this base: ``_changed_keys`` looks past it.
         self.rebased = rebased
+        #: The keys set since ``base``, in order, up to ``pos``: a list shared
+        #: by the versions of one line of puts (each extends it in place when
+        #: it is the newest; a branch copies it), so that two versions on one
+        #: list differ at most in the keys between their positions.
+        self.log: list[str] = [] if log is None else log
+        self.pos = len(self.log)
         #: The whole dict, once built (``base`` itself when nothing changed).
         self.flat: dict[str, Any] | None = None if self.changes else self.base
         self.derived: dict[type, Any] = {}
@@ -1007,7 +1014,7 @@ class _Map(Mapping):
         """``source`` (a dict or a ``_Map``) with ``changes`` applied in order
         (a value ``_ABSENT`` deletes its key); shares ``source``'s entries."""
         base, own = (source.base, source.changes) if type(source) is _Map else (source, {})
-        rebased = source.rebased if type(source) is _Map else None
+        rebased, log = (source.rebased, source) if type(source) is _Map else (None, None)
         size = len(source)
         for key, value in changes.items():
             present = key in source
@@ -1015,7 +1022,7 @@ class _Map(Mapping):
             if value is not _ABSENT and own.get(key) is _ABSENT:  # re-added: a dict puts it last
                 return cls(_edited(_as_dict(source), changes))
         if len(own) + len(changes) > _overlay_limit(len(base)):
-            rebased = (base, own)
+            rebased, log = (base, own, None, None, 0), None
             base, own = _as_dict(source), {}  # built once per source, and kept on it
             if len(changes) > _overlay_limit(len(base)):
                 return cls(_edited(base, changes))
@@ -1025,7 +1032,7 @@ class _Map(Mapping):
                 merged.pop(key, None)
             else:
                 merged[key] = value
-        return cls(base, merged, size, rebased)
+        return cls(base, merged, size, rebased, _logged(log, changes, _overlay_limit(len(base))))
 
     def _dict(self) -> dict[str, Any]:
         flat = self.flat
@@ -1083,6 +1090,24 @@ class _Map(Mapping):
         return repr(self._dict())
 
 
+_LOG_LOCK: Final = threading.Lock()
+
+
+def _logged(source: _Map | None, changes: dict[str, Any], limit: int) -> list[str]:
+    """The key log of a version made from ``source`` (None: a new base) by
+    ``changes``: ``source``'s list extended in place if ``source`` is its
+    newest version, else a copy; a new list past 4 x ``limit`` keys (the
+    versions before it are then told apart by their changes)."""
+    if source is None or source.pos + len(changes) > 4 * limit:
+        return list(changes)
+    with _LOG_LOCK:
+        log = source.log
+        if len(log) == source.pos:
+            log.extend(changes)
+            return log
+    return [*log[:source.pos], *changes]
+
+
 def _edited(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     """A new dict: ``base`` with ``changes`` applied in order, as a dict would."""
     flat = dict(base)
@@ -1100,12 +1125,14 @@ def _as_dict(mapping: Any) -> dict[str, Any]:
 
 
 #: A version of a map as ``_changed_keys`` compares it: (base dict, changes,
-#: and the (base, changes) its base was flattened from, or None).
-_View = tuple[dict[str, Any], dict[str, Any], Any]
+#: the view its base was flattened from or None, key log, position in it).
+_View = tuple[dict[str, Any], dict[str, Any], Any, Any, int]
 
 
 def _view(mapping: Any) -> _View:
-    return (mapping.base, mapping.changes, mapping.rebased) if type(mapping) is _Map else (mapping, {}, None)
+    if type(mapping) is _Map:
+        return mapping.base, mapping.changes, mapping.rebased, mapping.log, mapping.pos
+    return mapping, {}, None, None, 0
 
 
 def _view_get(view: _View, key: str) -> Any:
@@ -1119,11 +1146,14 @@ def _changed_keys(view: _View, mapping: Any) -> set[str] | None:
     """The keys whose record differs between the version ``view`` and
     ``mapping``, in time proportional to their changes; None when they are
     not on the same base (then only a whole comparison could tell)."""
-    base, changes, rebased = _view(mapping)
+    base, changes, rebased, log, pos = _view(mapping)
     if base is view[0]:
         if changes is view[1]:
             return set()
-        keys: Any = itertools.chain(changes, view[1])
+        if log is view[3] and log is not None:  # one line of puts: the keys between
+            keys: Any = log[min(pos, view[4]):max(pos, view[4])]
+        else:
+            keys = itertools.chain(changes, view[1])
     elif rebased is not None and rebased[0] is view[0]:  # flattened since ``view``
         keys = itertools.chain(changes, rebased[1], view[1])
     elif view[2] is not None and view[2][0] is base:  # flattened since ``mapping``
@@ -1169,11 +1199,12 @@ def _derived(mapping: dict[str, Any], kind: type) -> Any:
 @attrs.frozen
 class _LeaseIndex:
     """Of a ``leases`` map: each session's lease ids (in the map's order), the
-    sessions holding an active or waiting lease (with how many), the number
-    of such leases, and a lower bound of their ``expires_at``."""
+    sessions holding an active or waiting lease (with those leases' ids, in
+    the map's order), the number of such leases, and a lower bound of their
+    ``expires_at``."""
 
-    by_session: dict[str, tuple[str, ...]]
-    busy: dict[str, int]
+    by_session: Mapping[str, tuple[str, ...]]
+    busy: Mapping[str, tuple[str, ...]]
     live: int
     #: No active or waiting lease expires before this ("" when there may be one).
     soonest: str
@@ -1181,15 +1212,15 @@ class _LeaseIndex:
     @classmethod
     def build(cls, leases: dict[str, rc.Lease]) -> _LeaseIndex:
         by_session: dict[str, list[str]] = {}
-        busy: dict[str, int] = {}
+        busy: dict[str, list[str]] = {}
         expiries = []
         for lease_id, lease in leases.items():
             by_session.setdefault(lease.session_id, []).append(lease_id)
             if lease.state in rc.LIVE_LEASE_STATES:
-                busy[lease.session_id] = busy.get(lease.session_id, 0) + 1
+                busy.setdefault(lease.session_id, []).append(lease_id)
                 expiries.append(lease.expires_at)
-        return _LeaseIndex({k: tuple(v) for k, v in by_session.items()}, busy, len(expiries),
-                           min(expiries, default="~"))
+        return _LeaseIndex({k: tuple(v) for k, v in by_session.items()},
+                           {k: tuple(v) for k, v in busy.items()}, len(expiries), min(expiries, default="~"))
 
     def put(self, key: str, old: rc.Lease | None, new: rc.Lease) -> _LeaseIndex:
         by_session, busy, live, soonest = self.by_session, self.busy, self.live, self.soonest
@@ -1201,14 +1232,15 @@ class _LeaseIndex:
             by_session = _Map.of(by_session, lists)
         was = old is not None and old.state in rc.LIVE_LEASE_STATES
         now = new.state in rc.LIVE_LEASE_STATES
-        counts: dict[str, int] = {}
+        held: dict[str, Any] = {}  # a lease gets live once, when made: the map's order
         if was and (not now or moved):
-            counts[old.session_id], live = busy[old.session_id] - 1, live - 1
+            held[old.session_id] = tuple(x for x in busy[old.session_id] if x != key) or _ABSENT
+            live -= 1
         if now and (not was or moved):
-            counts[new.session_id] = counts.get(new.session_id, busy.get(new.session_id, 0)) + 1
+            held[new.session_id] = (*busy.get(new.session_id, ()), key)
             live += 1
-        if counts:
-            busy = _Map.of(busy, {sid: n or _ABSENT for sid, n in counts.items()})
+        if held:
+            busy = _Map.of(busy, held)
         if now:
             soonest = min(soonest, new.expires_at)
         return _LeaseIndex(by_session, busy, live, soonest)
@@ -1687,6 +1719,7 @@ def _put_private(mapping: dict[str, Any], start: dict[str, Any], key: str, value
         return _put(mapping, key, value)
     mapping.changes[key] = value  # a key set since ``start``: the count stays
     mapping.flat = None
+    mapping.log, mapping.pos = [], 0  # (nobody holds a view of it to compare)
     return mapping
 
 
@@ -2723,7 +2756,7 @@ def is_live(lease: rc.Lease, stamp: str) -> bool:
 def live_leases(ledger: Ledger, session_id: str, stamp: str) -> list[rc.Lease]:
     leases = ledger.leases
     return [
-        lease for lease in map(leases.__getitem__, _lease_index(ledger).by_session.get(session_id, ()))
+        lease for lease in map(leases.__getitem__, _lease_index(ledger).busy.get(session_id, ()))
         if is_live(lease, stamp)
     ]
 
@@ -3032,8 +3065,8 @@ def check_fence(ledger: Ledger, session_id: str, token: int, stamp: str) -> None
         raise FailedPrecondition(
             f"fencing token {token} was never issued on session {session_id!r}; current {current}",
             hint="pass the fencing_token your lease grant returned")
-    holder = next((x for x in ledger.leases.values()
-                   if x.session_id == session_id and x.fencing_token == token), None)
+    mine = map(ledger.leases.__getitem__, _lease_index(ledger).by_session.get(session_id, ()))
+    holder = next((x for x in mine if x.fencing_token == token), None)
     if holder is None or holder.state != "active" or not is_live(holder, stamp):
         what = ("its lease is no longer in the ledger" if holder is None else
                 f"lease {holder.lease_id!r} that carried it is "

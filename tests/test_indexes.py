@@ -50,6 +50,32 @@ def test_persistent_map_acts_as_the_dict_edited_the_same_way(seed):
         assert dict(mapping.items()) == expected and list(mapping) == list(expected)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_changed_keys_name_every_key_two_versions_differ_in(seed):
+    """For any two versions of a map (one line of puts, branches, versions
+    across a flatten), ``_changed_keys`` names every key whose record differs
+    (or says it cannot tell: across more than one flatten), which is
+    what the free-session index relies on to follow a ledger."""
+    rng = random.Random(seed)
+    versions = [relay._Map({f"k{i:03d}": object() for i in range(rng.choice((0, 50, 2000)))})]
+    for _ in range(600):
+        source = versions[-1] if rng.random() < 0.8 else rng.choice(versions[-40:])
+        key = f"k{rng.randrange(2500):03d}"
+        if rng.random() < 0.1:
+            versions.append(relay._Map.of(source, {key: relay._ABSENT}))
+        else:
+            versions.append(relay._put(source, key, object()))
+    told = 0
+    for _ in range(2000):
+        a, b = rng.choice(versions), rng.choice(versions)
+        keys = relay._changed_keys(relay._view(a), b)
+        differ = {k for k in set(a) | set(b) if a.get(k) is not b.get(k)}
+        if keys is not None:
+            told += 1
+            assert keys == differ
+    assert told > 500
+
+
 def test_put_shares_the_entries_of_a_big_map():
     """A put on a map of 10,000 entries copies none of them: the new version
     keeps the original's dict as its base and holds only its change."""
