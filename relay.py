@@ -339,7 +339,7 @@ import signal  # noqa: E402
 import threading  # noqa: E402
 import weakref  # noqa: E402
 import zlib  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
+from collections.abc import Callable, Iterator, Mapping  # noqa: E402
 from datetime import UTC, datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING, Any, ClassVar, Final, cast  # noqa: E402
@@ -931,10 +931,10 @@ class Ledger:
 
 
 def _put(mapping: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
-    """A copy of ``mapping`` with ``key`` set: ledgers are values, never edited.
-    What was derived from ``mapping`` (see below) is carried over to the copy."""
-    new = _Map(mapping)
-    new[key] = value
+    """``mapping`` with ``key`` set: ledgers are values, never edited.  The
+    result shares ``mapping``'s entries (a ``_Map``: O(sqrt N), not a copy).
+    What was derived from ``mapping`` (see below) is carried over to it."""
+    new = _Map.of(mapping, {key: value})
     old = mapping.get(key)
     # The encoded entries are not carried: a journal commit encodes only the
     # records it changed, and a checkpoint rebuilds them from cached fragments.
@@ -958,19 +958,209 @@ def _put(mapping: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
 # expiry, a test) gets it built on first use.  Plain dicts cannot carry
 # attributes, so theirs sit in a small registry that holds the dict (its id
 # cannot be reused while registered) and keeps only the most recent.
+#
+# -- persistent maps ------------------------------------------------------------------
+#
+# A commit that sets one lease must not copy a map of 10,000: a ``_Map`` is a
+# base dict shared by every version made from it (never edited) plus its own
+# changes over it, at most ``_overlay_limit`` keys (about sqrt N): a put copies
+# those, and once they outgrow the limit the next version takes a flattened
+# dict as its base (O(N), once per O(sqrt N) puts).  Reads are one or two dict
+# lookups; iterating builds the version's whole dict once and keeps it.  Two
+# versions on the same base differ at most in their changes' keys, which is
+# how an index follows a map from one version to another (``_changed_keys``).
+
+#: An overlay's value for a key deleted from its base.
+_ABSENT: Final = object()
+_MISSING: Final = object()
 
 
-class _Map(dict):
-    """A ledger map with the data derived from it (kind -> value), and what
-    it was made from by ``_put``: (that map, the keys set since), which lets a
-    journal commit write only the records that changed (``_map_changes``)."""
+def _overlay_limit(size: int) -> int:
+    """How many changed keys a ``_Map`` keeps over a base of ``size`` entries."""
+    return max(32, math.isqrt(size))
 
-    __slots__ = ("derived", "since")
 
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
+class _Map(Mapping):
+    """A ledger map as a persistent value (see above), with the data derived
+    from it (kind -> value), and what it was made from by ``_put``: (that map,
+    the keys set since), which lets a journal commit write only the records
+    that changed (``_map_changes``).  Equal to a dict of the same entries, in
+    the order a dict edited the same way would have."""
+
+    __slots__ = ("base", "changes", "size", "flat", "derived", "since", "rebased", "log", "pos")
+
+    def __init__(self, base: dict[str, Any] | None = None, changes: dict[str, Any] | None = None,
+                 size: int | None = None, rebased: _View | None = None,
+                 log: list[str] | None = None) -> None:
+        self.base: dict[str, Any] = {} if base is None else base
+        self.changes: dict[str, Any] = {} if changes is None else changes
+        self.size = len(self.base) if size is None else size
+        #: The version ``base`` was flattened from, (its base, its changes),
+        #: kept by every version on this base: ``_changed_keys`` looks past it.
+        self.rebased = rebased
+        #: The keys set since ``base``, in order, up to ``pos``: a list shared
+        #: by the versions of one line of puts (each extends it in place when
+        #: it is the newest; a branch copies it), so that two versions on one
+        #: list differ at most in the keys between their positions.
+        self.log: list[str] = [] if log is None else log
+        self.pos = len(self.log)
+        #: The whole dict, once built (``base`` itself when nothing changed).
+        self.flat: dict[str, Any] | None = None if self.changes else self.base
         self.derived: dict[type, Any] = {}
         self.since: tuple[dict[str, Any], frozenset[str]] | None = None
+
+    @classmethod
+    def of(cls, source: Any, changes: dict[str, Any]) -> _Map:
+        """``source`` (a dict or a ``_Map``) with ``changes`` applied in order
+        (a value ``_ABSENT`` deletes its key); shares ``source``'s entries."""
+        base, own = (source.base, source.changes) if type(source) is _Map else (source, {})
+        rebased, log = (source.rebased, source) if type(source) is _Map else (None, None)
+        size = len(source)
+        for key, value in changes.items():
+            present = key in source
+            size += (0 if present else 1) if value is not _ABSENT else -1 if present else 0
+            if value is not _ABSENT and own.get(key) is _ABSENT:  # re-added: a dict puts it last
+                return cls(_edited(_as_dict(source), changes))
+        if len(own) + len(changes) > _overlay_limit(len(base)):
+            rebased, log = (base, own, None, None, 0), None
+            base, own = _as_dict(source), {}  # built once per source, and kept on it
+            if len(changes) > _overlay_limit(len(base)):
+                return cls(_edited(base, changes))
+        merged = {**own}
+        for key, value in changes.items():
+            if value is _ABSENT and key not in base:
+                merged.pop(key, None)
+            else:
+                merged[key] = value
+        return cls(base, merged, size, rebased, _logged(log, changes, _overlay_limit(len(base))))
+
+    def _dict(self) -> dict[str, Any]:
+        flat = self.flat
+        if flat is None:
+            flat = self.flat = _edited(self.base, self.changes)
+        return flat
+
+    def __getitem__(self, key: str) -> Any:
+        flat = self.flat
+        if flat is not None:
+            return flat[key]
+        value = self.changes.get(key, _MISSING)
+        if value is _MISSING:
+            return self.base[key]
+        if value is _ABSENT:
+            raise KeyError(key)
+        return value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        flat = self.flat
+        if flat is not None:
+            return flat.get(key, default)
+        value = self.changes.get(key, _MISSING)
+        if value is _MISSING:
+            return self.base.get(key, default)
+        return default if value is _ABSENT else value
+
+    def __contains__(self, key: object) -> bool:
+        value = self.changes.get(key, _MISSING)  # type: ignore[call-overload]
+        return key in self.base if value is _MISSING else value is not _ABSENT
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._dict())
+
+    def keys(self) -> Any:
+        return self._dict().keys()
+
+    def items(self) -> Any:
+        return self._dict().items()
+
+    def values(self) -> Any:
+        return self._dict().values()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, _Map):
+            other = other._dict()
+        return self._dict() == other if isinstance(other, dict) else NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return repr(self._dict())
+
+
+_LOG_LOCK: Final = threading.Lock()
+
+
+def _logged(source: _Map | None, changes: dict[str, Any], limit: int) -> list[str]:
+    """The key log of a version made from ``source`` (None: a new base) by
+    ``changes``: ``source``'s list extended in place if ``source`` is its
+    newest version, else a copy; a new list past 4 x ``limit`` keys (the
+    versions before it are then told apart by their changes)."""
+    if source is None or source.pos + len(changes) > 4 * limit:
+        return list(changes)
+    with _LOG_LOCK:
+        log = source.log
+        if len(log) == source.pos:
+            log.extend(changes)
+            return log
+    return [*log[:source.pos], *changes]
+
+
+def _edited(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """A new dict: ``base`` with ``changes`` applied in order, as a dict would."""
+    flat = dict(base)
+    for key, value in changes.items():
+        if value is _ABSENT:
+            flat.pop(key, None)
+        else:
+            flat[key] = value
+    return flat
+
+
+def _as_dict(mapping: Any) -> dict[str, Any]:
+    """A ledger map as a dict to read (never to edit): a ``_Map``'s whole dict."""
+    return mapping._dict() if type(mapping) is _Map else mapping
+
+
+#: A version of a map as ``_changed_keys`` compares it: (base dict, changes,
+#: the view its base was flattened from or None, key log, position in it).
+_View = tuple[dict[str, Any], dict[str, Any], Any, Any, int]
+
+
+def _view(mapping: Any) -> _View:
+    if type(mapping) is _Map:
+        return mapping.base, mapping.changes, mapping.rebased, mapping.log, mapping.pos
+    return mapping, {}, None, None, 0
+
+
+def _view_get(view: _View, key: str) -> Any:
+    value = view[1].get(key, _MISSING)
+    if value is _MISSING:
+        return view[0].get(key)
+    return None if value is _ABSENT else value
+
+
+def _changed_keys(view: _View, mapping: Any) -> set[str] | None:
+    """The keys whose record differs between the version ``view`` and
+    ``mapping``, in time proportional to their changes; None when they are
+    not on the same base (then only a whole comparison could tell)."""
+    base, changes, rebased, log, pos = _view(mapping)
+    if base is view[0]:
+        if changes is view[1]:
+            return set()
+        if log is view[3] and log is not None:  # one line of puts: the keys between
+            keys: Any = log[min(pos, view[4]):max(pos, view[4])]
+        else:
+            keys = itertools.chain(changes, view[1])
+    elif rebased is not None and rebased[0] is view[0]:  # flattened since ``view``
+        keys = itertools.chain(changes, rebased[1], view[1])
+    elif view[2] is not None and view[2][0] is base:  # flattened since ``mapping``
+        keys = itertools.chain(changes, view[2][1], view[1])
+    else:
+        return None
+    return {k for k in keys if _view_get(view, k) is not mapping.get(k)}
 
 
 _PLAIN_DERIVED: dict[int, tuple[dict[str, Any], dict[type, Any]]] = {}
@@ -1009,11 +1199,12 @@ def _derived(mapping: dict[str, Any], kind: type) -> Any:
 @attrs.frozen
 class _LeaseIndex:
     """Of a ``leases`` map: each session's lease ids (in the map's order), the
-    sessions holding an active or waiting lease (with how many), the number
-    of such leases, and a lower bound of their ``expires_at``."""
+    sessions holding an active or waiting lease (with those leases' ids, in
+    the map's order), the number of such leases, and a lower bound of their
+    ``expires_at``."""
 
-    by_session: dict[str, tuple[str, ...]]
-    busy: dict[str, int]
+    by_session: Mapping[str, tuple[str, ...]]
+    busy: Mapping[str, tuple[str, ...]]
     live: int
     #: No active or waiting lease expires before this ("" when there may be one).
     soonest: str
@@ -1021,33 +1212,35 @@ class _LeaseIndex:
     @classmethod
     def build(cls, leases: dict[str, rc.Lease]) -> _LeaseIndex:
         by_session: dict[str, list[str]] = {}
-        busy: dict[str, int] = {}
+        busy: dict[str, list[str]] = {}
         expiries = []
         for lease_id, lease in leases.items():
             by_session.setdefault(lease.session_id, []).append(lease_id)
             if lease.state in rc.LIVE_LEASE_STATES:
-                busy[lease.session_id] = busy.get(lease.session_id, 0) + 1
+                busy.setdefault(lease.session_id, []).append(lease_id)
                 expiries.append(lease.expires_at)
-        return _LeaseIndex({k: tuple(v) for k, v in by_session.items()}, busy, len(expiries),
-                           min(expiries, default="~"))
+        return _LeaseIndex({k: tuple(v) for k, v in by_session.items()},
+                           {k: tuple(v) for k, v in busy.items()}, len(expiries), min(expiries, default="~"))
 
     def put(self, key: str, old: rc.Lease | None, new: rc.Lease) -> _LeaseIndex:
         by_session, busy, live, soonest = self.by_session, self.busy, self.live, self.soonest
-        if old is None or old.session_id != new.session_id:
-            by_session = dict(by_session)
-            if old is not None:
-                by_session[old.session_id] = tuple(x for x in by_session[old.session_id] if x != key)
-            by_session[new.session_id] = (*by_session.get(new.session_id, ()), key)
+        moved = old is not None and old.session_id != new.session_id
+        if old is None or moved:
+            lists = {new.session_id: (*by_session.get(new.session_id, ()), key)}
+            if moved:
+                lists[old.session_id] = tuple(x for x in by_session[old.session_id] if x != key)
+            by_session = _Map.of(by_session, lists)
         was = old is not None and old.state in rc.LIVE_LEASE_STATES
         now = new.state in rc.LIVE_LEASE_STATES
-        if was and (not now or old.session_id != new.session_id):
-            busy, live = dict(busy), live - 1
-            busy[old.session_id] -= 1
-            if not busy[old.session_id]:
-                del busy[old.session_id]
-        if now and (not was or old.session_id != new.session_id):
-            busy, live = dict(busy) if busy is self.busy else busy, live + 1
-            busy[new.session_id] = busy.get(new.session_id, 0) + 1
+        held: dict[str, Any] = {}  # a lease gets live once, when made: the map's order
+        if was and (not now or moved):
+            held[old.session_id] = tuple(x for x in busy[old.session_id] if x != key) or _ABSENT
+            live -= 1
+        if now and (not was or moved):
+            held[new.session_id] = (*busy.get(new.session_id, ()), key)
+            live += 1
+        if held:
+            busy = _Map.of(busy, held)
         if now:
             soonest = min(soonest, new.expires_at)
         return _LeaseIndex(by_session, busy, live, soonest)
@@ -1057,37 +1250,132 @@ def _lease_index(ledger: Ledger) -> _LeaseIndex:
     return _derived(ledger.leases, _LeaseIndex)
 
 
-def _session_index(ledger: Ledger) -> _SessionIndex:
-    return _derived(ledger.sessions, _SessionIndex)
+class _SortedIds:
+    """A sorted set of ids as a persistent value: a sorted base list shared by
+    the versions made from it (never edited), ids added since (sorted) and
+    ids of the base removed since, flattened into a new base past
+    ``_overlay_limit`` of them.  ``first`` is O(removed), adding or removing
+    an id O(log N + the changes)."""
+
+    __slots__ = ("base", "added", "removed")
+
+    def __init__(self, base: list[str], added: tuple[str, ...] = (),
+                 removed: frozenset[str] = frozenset()) -> None:
+        self.base, self.added, self.removed = base, added, removed
+
+    def first(self) -> str | None:
+        removed = self.removed
+        old = next((x for x in self.base if x not in removed), None) if removed else \
+            (self.base[0] if self.base else None)
+        new = self.added[0] if self.added else None
+        return new if old is None or (new is not None and new < old) else old
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted([*(x for x in self.base if x not in self.removed), *self.added]))
+
+    def with_id(self, sid: str, present: bool) -> _SortedIds:
+        base, added, removed = self.base, self.added, self.removed
+        at = bisect.bisect_left(base, sid)
+        if at < len(base) and base[at] == sid:
+            if present == (sid not in removed):
+                return self
+            removed = removed - {sid} if present else removed | {sid}
+        else:
+            at = bisect.bisect_left(added, sid)
+            if present == (at < len(added) and added[at] == sid):
+                return self
+            added = (*added[:at], sid, *added[at:]) if present else (*added[:at], *added[at + 1:])
+        if len(added) + len(removed) > _overlay_limit(len(base)):
+            return _SortedIds(sorted([*(x for x in base if x not in removed), *added]))
+        return _SortedIds(base, added, removed)
+
+
+class _FreeSlot:
+    """Of a ``sessions`` map and every version ``_put`` makes from it: the
+    latest ``_FreeIndex`` worked out for one of them (a cache any of them may
+    replace; ``_free_index`` checks which versions it describes)."""
+
+    __slots__ = ("index",)
+
+    def __init__(self) -> None:
+        self.index: _FreeIndex | None = None
+
+    @classmethod
+    def build(cls, sessions: dict[str, rc.Session]) -> _FreeSlot:
+        return cls()
+
+    def put(self, key: str, old: Any, new: Any) -> _FreeSlot:
+        return self
 
 
 @attrs.frozen
-class _SessionIndex:
-    """Of a ``sessions`` map: each profile's ready sessions, sorted by id."""
+class _FreeIndex:
+    """Of a ledger's sessions, leases and quarantines (the versions in
+    ``views``): each profile's free sessions, those ready, holding no active
+    or waiting lease and not quarantined, sorted by id.  It follows the
+    ledger from one commit to the next through the keys the three maps
+    changed (``_changed_keys``), and is rebuilt when they cannot tell."""
 
-    ready: dict[str, tuple[str, ...]]
+    views: tuple[_View, _View, _View]
+    free: dict[str, _SortedIds]
 
     @classmethod
-    def build(cls, sessions: dict[str, rc.Session]) -> _SessionIndex:
-        ready: dict[str, list[str]] = {}
+    def build(cls, ledger: Ledger) -> _FreeIndex:
+        busy, sessions = _lease_index(ledger).busy, _as_dict(ledger.sessions)
+        free: dict[str, list[str]] = {}
         for sid in sorted(sessions):
-            if sessions[sid].state == "ready":
-                ready.setdefault(sessions[sid].profile, []).append(sid)
-        return _SessionIndex({k: tuple(v) for k, v in ready.items()})
+            if _is_free(ledger, sid, busy):
+                free.setdefault(sessions[sid].profile, []).append(sid)
+        return cls(_free_views(ledger), {k: _SortedIds(v) for k, v in free.items()})
 
-    def put(self, key: str, old: rc.Session | None, new: rc.Session) -> _SessionIndex:
-        was = old is not None and old.state == "ready"
-        now = new.state == "ready"
-        if was == now and (not now or old.profile == new.profile):
+    def moved_to(self, ledger: Ledger) -> _FreeIndex | None:
+        """This index for ``ledger``, or None if the changes cannot be told."""
+        views = _free_views(ledger)
+        if all(a[0] is b[0] and a[1] is b[1] for a, b in zip(views, self.views, strict=True)):
             return self
-        ready = dict(self.ready)
-        if was:
-            ready[old.profile] = tuple(x for x in ready[old.profile] if x != key)
-        if now:
-            ids = ready.get(new.profile, ())
-            at = bisect.bisect_left(ids, key)
-            ready[new.profile] = (*ids[:at], key, *ids[at:])
-        return _SessionIndex(ready)
+        old_sessions, old_leases, _ = self.views
+        touched = set()
+        for view, mapping in zip(self.views, (ledger.sessions, ledger.leases, ledger.quarantines),
+                                 strict=True):
+            keys = _changed_keys(view, mapping)
+            if keys is None:
+                return None
+            if mapping is ledger.leases:
+                for key in keys:
+                    touched.update(x.session_id for x in (_view_get(old_leases, key), mapping.get(key)) if x)
+            else:
+                touched |= keys
+        busy, free = _lease_index(ledger).busy, dict(self.free)
+        for sid in touched:
+            session = ledger.sessions.get(sid) or _view_get(old_sessions, sid)
+            if session is None:
+                continue
+            ids = free.get(session.profile, _SortedIds([]))
+            free[session.profile] = ids.with_id(sid, _is_free(ledger, sid, busy))
+        return _FreeIndex(views, free)
+
+
+def _free_views(ledger: Ledger) -> tuple[_View, _View, _View]:
+    return _view(ledger.sessions), _view(ledger.leases), _view(ledger.quarantines)
+
+
+def _is_free(ledger: Ledger, session_id: str, busy: Mapping[str, int]) -> bool:
+    session, quarantine = ledger.sessions.get(session_id), ledger.quarantines.get(session_id)
+    return (session is not None and session.state == "ready" and session_id not in busy
+            and (quarantine is None or quarantine.state != "active"))
+
+
+def _free_index(ledger: Ledger) -> _FreeIndex:
+    """The ledger's free sessions by profile, brought forward from the last
+    index worked out for a version of its ``sessions`` map."""
+    slot = _derived(ledger.sessions, _FreeSlot)
+    index = slot.index
+    if index is not None:
+        index = index.moved_to(ledger)
+    if index is None:
+        index = _FreeIndex.build(ledger)
+    slot.index = index
+    return index
 
 
 def encode_ledger(ledger: Ledger) -> bytes:
@@ -1166,6 +1454,7 @@ class _Encoded:
 
     @classmethod
     def build(cls, mapping: dict[str, Any]) -> _Encoded:
+        mapping = _as_dict(mapping)
         keys = sorted(mapping)
         with _FRAGMENTS_LOCK:  # reentrant: the encoder builds with it held
             return cls(keys, [b"," + _canonical(k) + b":" + _fragment(mapping[k]) for k in keys])
@@ -1189,7 +1478,7 @@ def _encode_parts_locked(ledger: Ledger) -> list[bytes]:
         if len(parts) > 1:
             parts.append(b",")
         value = getattr(ledger, name)
-        if isinstance(value, dict):
+        if isinstance(value, (dict, _Map)):
             entries = _derived(value, _Encoded).entries
             parts.append(_canonical(name) + b":{")
             if entries:  # each entry but the first brings its leading comma
@@ -1408,12 +1697,13 @@ def _apply_changes(ledger: Ledger, changes: list[_Change]) -> Ledger:
             for key, value in steps:
                 mapping = _put(mapping, key, value)
         else:
-            mapping = _Map(mapping)
+            flat = dict(_as_dict(mapping))
             for key, value in steps:
                 if value is _GONE:
-                    mapping.pop(key, None)
+                    flat.pop(key, None)
                 else:
-                    mapping[key] = value
+                    flat[key] = value
+            mapping = _Map(flat)
         mapping.since = None
         maps[name] = mapping
     return attrs.evolve(ledger, **changes[-1][0], **maps)
@@ -1427,7 +1717,9 @@ def _put_private(mapping: dict[str, Any], start: dict[str, Any], key: str, value
     since = mapping.since if type(mapping) is _Map else None
     if since is None or since[0] is not start or mapping is start or mapping.derived or key not in since[1]:
         return _put(mapping, key, value)
-    mapping[key] = value
+    mapping.changes[key] = value  # a key set since ``start``: the count stays
+    mapping.flat = None
+    mapping.log, mapping.pos = [], 0  # (nobody holds a view of it to compare)
     return mapping
 
 
@@ -2464,30 +2756,33 @@ def is_live(lease: rc.Lease, stamp: str) -> bool:
 def live_leases(ledger: Ledger, session_id: str, stamp: str) -> list[rc.Lease]:
     leases = ledger.leases
     return [
-        lease for lease in map(leases.__getitem__, _lease_index(ledger).by_session.get(session_id, ()))
+        lease for lease in map(leases.__getitem__, _lease_index(ledger).busy.get(session_id, ()))
         if is_live(lease, stamp)
     ]
 
 
 def _first_free(ledger: Ledger, profile: str, stamp: str) -> str | None:
     """The smallest id of a ready, unoccupied, unquarantined session of
-    ``profile``: what Borrow takes.  Walks the profile's ready sessions in id
-    order past those holding an active or waiting lease; when such a lease may
-    already have run out (the reaper has not marked it yet), every session is
-    checked as it is, as before the index."""
+    ``profile``: what Borrow takes.  The free-session index answers in
+    O(log N) while no active or waiting lease may have run out; when one may
+    have (the reaper has not marked it yet), every ready session is checked
+    as it is, as before the index.  So is the index's answer, which never
+    stands unchecked."""
     index = _lease_index(ledger)
     if index.soonest <= stamp:  # a bound gone stale (its lease ended early): recompute it
         index = _LeaseIndex.build(ledger.leases)
         _derived_of(ledger.leases)[_LeaseIndex] = index
-    ready = _session_index(ledger).ready.get(profile, ())
-    if index.soonest <= stamp:
-        candidates: Iterator[str] = iter(ready)
-    else:  # no active or waiting lease has run out: a busy session is occupied
-        candidates = itertools.filterfalse(index.busy.__contains__, ready)
-    for sid in candidates:
-        if not live_leases(ledger, sid, stamp) and not _quarantined(ledger, sid):
+    if index.soonest > stamp:  # no active or waiting lease has run out: a busy session is occupied
+        ids = _free_index(ledger).free.get(profile)
+        sid = ids.first() if ids is not None else None
+        if sid is None or _occupiable(ledger, sid, stamp):
             return sid
-    return None
+    ready = sorted(sid for sid, s in ledger.sessions.items() if s.profile == profile and s.state == "ready")
+    return next((sid for sid in ready if _occupiable(ledger, sid, stamp)), None)
+
+
+def _occupiable(ledger: Ledger, session_id: str, stamp: str) -> bool:
+    return not live_leases(ledger, session_id, stamp) and not _quarantined(ledger, session_id)
 
 
 def _ttl(requested: int, ctx: Ctx) -> int:
@@ -2770,8 +3065,8 @@ def check_fence(ledger: Ledger, session_id: str, token: int, stamp: str) -> None
         raise FailedPrecondition(
             f"fencing token {token} was never issued on session {session_id!r}; current {current}",
             hint="pass the fencing_token your lease grant returned")
-    holder = next((x for x in ledger.leases.values()
-                   if x.session_id == session_id and x.fencing_token == token), None)
+    mine = map(ledger.leases.__getitem__, _lease_index(ledger).by_session.get(session_id, ()))
+    holder = next((x for x in mine if x.fencing_token == token), None)
     if holder is None or holder.state != "active" or not is_live(holder, stamp):
         what = ("its lease is no longer in the ledger" if holder is None else
                 f"lease {holder.lease_id!r} that carried it is "
@@ -2846,9 +3141,13 @@ def expire_leases(ledger: Ledger, ctx: Ctx) -> tuple[Ledger, list[rc.Lease]]:
     ]
     if not gone:
         return ledger, []
-    leases = dict(ledger.leases)
-    for lease in gone:
-        leases[lease.lease_id] = attrs.evolve(lease, state="expired", ended_at=lease.expires_at)
+    leases = ledger.leases
+    ended = [attrs.evolve(lease, state="expired", ended_at=lease.expires_at) for lease in gone]
+    if len(gone) > _overlay_limit(len(leases)):  # many at once: one copy (its indexes rebuilt)
+        leases = {**_as_dict(leases), **{x.lease_id: x for x in ended}}
+    else:  # a few: the indexes follow
+        for lease in ended:
+            leases = _put(leases, lease.lease_id, lease)
     return attrs.evolve(ledger, leases=leases), [leases[x.lease_id] for x in gone]
 
 

@@ -28,7 +28,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any, ClassVar, Final
 
 import attrs as _attrs
@@ -764,7 +764,7 @@ def _plain(value: Any) -> Any:
         return {k: _plain(v) for k, v in value.items()}
     names = _FIELD_NAMES.get(tp)
     if names is None:
-        if isinstance(value, dict):  # a dict subclass: relay's ledger maps carry derived data
+        if isinstance(value, Mapping):  # relay's ledger maps (persistent, with derived data)
             return {k: _plain(v) for k, v in value.items()}
         if not attrs.has(tp):
             return value

@@ -2049,7 +2049,7 @@ def fault_injection(bench: Bench) -> list[Figure]:
 
 SCALE_NS = (10, 100, 1_000, 10_000)
 #: (unused: see SCALE_COMMIT_ROUNDS, spawn rounds, borrow rounds) per N: fewer where each costs more.
-SCALE_REPS = {10: (80, 20, 200), 100: (80, 20, 100), 1_000: (40, 12, 30), 10_000: (12, 6, 7)}
+SCALE_REPS = {10: (80, 20, 200), 100: (80, 20, 100), 1_000: (40, 12, 100), 10_000: (12, 6, 100)}
 
 
 def scale_workspace(root: Path, n: int) -> tuple[relay.Store, relay.Config]:
@@ -2080,12 +2080,43 @@ def scale_workspace(root: Path, n: int) -> tuple[relay.Store, relay.Config]:
     return store, config
 
 
+#: Borrow rounds on one chain of ledgers before it starts again from the store's.
+BORROW_CHAIN = 8
+
+
+def borrow_chain(store: relay.Store, config: relay.Config) -> Callable[[], relay.Ledger]:
+    """Ledgers as a server meets them: each the one the previous Borrow left,
+    its lease released and its revision bumped (what a commit adds), so the
+    indexes must follow a change rather than answer a ledger they have seen.
+    Every ``BORROW_CHAIN`` rounds it starts again from the store's ledger, so
+    that the session's released leases pile up alike at every N."""
+    start = store.read()
+    assert start is not None
+    state = {"ledger": start, "round": 0}
+    request = rc.BorrowRequest(holder="chain", profile="pool-codex")
+
+    def next_ledger() -> relay.Ledger:
+        ledger = state["ledger"]
+        state["round"] += 1
+        if state["round"] % BORROW_CHAIN == 0:
+            state["ledger"] = start
+        else:
+            ctx = relay.Ctx(time.time(), ledger.revision + 1, config)
+            new, reply = relay.borrow(ledger, request, ctx)
+            new, _ = relay.release_lease(new, rc.ReleaseLeaseRequest(lease_id=reply.lease.lease_id), ctx)
+            state["ledger"] = attrs.evolve(new, revision=ctx.revision)
+        return ledger
+    return next_ledger
+
+
 def timed_borrow(store: relay.Store, config: relay.Config) -> Callable[[], float]:
-    """The pure Borrow by profile over the current ledger (no commit): the lookup cost."""
-    ledger = store.read()
+    """The pure Borrow by profile (no commit) on a ledger of ``borrow_chain``:
+    the lookup, with its indexes brought up to date, and the grant."""
+    chain = borrow_chain(store, config)
     request = rc.BorrowRequest(holder="borrower", profile="pool-codex")
 
     def run() -> float:
+        ledger = chain()
         ctx = relay.Ctx(time.time(), ledger.revision + 1, config)
         start = time.perf_counter()
         _, reply = relay.borrow(ledger, request, ctx)
@@ -2096,15 +2127,17 @@ def timed_borrow(store: relay.Store, config: relay.Config) -> Callable[[], float
     return run
 
 
-def timed_lookup(store: relay.Store) -> Callable[[], float]:
-    """Borrow's choice of session alone (no grant: no copy of the maps), where
-    this relay has it; NaN before the lookup had its own function."""
-    ledger = store.read()
+def timed_lookup(store: relay.Store, config: relay.Config) -> Callable[[], float]:
+    """Borrow's choice of session alone (no grant: no copy of the maps), on a
+    ledger of ``borrow_chain``, where this relay has it; NaN before the lookup
+    had its own function."""
+    chain = borrow_chain(store, config)
     first_free = getattr(relay, "_first_free", None)
 
     def run() -> float:
         if first_free is None:
             return math.nan
+        ledger = chain()
         start = time.perf_counter()
         sid = first_free(ledger, "pool-codex", relay.iso(time.time()))
         took = time.perf_counter() - start
@@ -2165,7 +2198,7 @@ def scale_finish(bench: Bench, n: int, setup: dict[str, Any], durable: dict[str,
     root, store, config = setup["root"], setup["store"], setup["config"]
     progress(f"scale N={n}: {borrows} Borrow rounds, {spawns} spawn rounds")
     borrow_runs = interleave({"borrow": timed_borrow(store, config),
-                              "lookup": timed_lookup(store)}, borrows, warmup=1)
+                              "lookup": timed_lookup(store, config)}, borrows, warmup=1)
     procs = interleave({
         "pass": lambda: spawn(bench, ["-c", "pass"], root),
         "status": lambda: spawn(bench, ["-m", "relay", "status", "--json"], root),

@@ -133,9 +133,9 @@ def test_index_follows_put_without_rebuilding(monkeypatch):
         name="p", provider="codex", mode="pooled"), relay.Ctx(T0, 1, CONFIG))
     ledger, _ = relay.create_session(ledger, rc.CreateSessionRequest(profile="p", session_id="s1"),
                                      relay.Ctx(T0, 2, CONFIG))
-    relay._lease_index(ledger), relay._session_index(ledger)  # built once
+    relay._lease_index(ledger), relay._free_index(ledger)  # built once
     builds = []
-    for kind in (relay._LeaseIndex, relay._SessionIndex):
+    for kind in (relay._LeaseIndex, relay._FreeIndex):
         monkeypatch.setattr(kind, "build", classmethod(lambda cls, m: builds.append(cls) or None))
     ledger, reply = relay.borrow(ledger, rc.BorrowRequest(holder="h", profile="p"),
                                  relay.Ctx(T0, 3, CONFIG))
