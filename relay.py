@@ -4230,7 +4230,7 @@ class Subscriber:
     direct: bool = False
     #: While in its topic's ``FanOut``: the (standard library) socket the hub
     #: writes every frame to, and what it calls when that socket did not take a
-    #: whole frame: ``fell_back(rest, burst)`` (``rest`` None: the connection is gone).
+    #: whole frame: ``fell_back(rest, handed)`` (``rest`` None: the connection is gone).
     wire: Any = None
     fell_back: Any = None
 

@@ -1258,34 +1258,11 @@ def ws_leases(bench: Bench) -> list[Figure]:
 # -- SSE fan-out and memory -------------------------------------------------------
 
 
-class Arrivals:
-    """When each subscriber saw each event id (perf_counter, this process)."""
-
-    def __init__(self) -> None:
-        self.times: dict[tuple[str, int], list[float]] = {}
-        self.wanted: dict[tuple[str, int], tuple[int, Any]] = {}
-
-    def expect(self, key: tuple[str, int], n: int) -> Any:
-        import trio
-
-        done = trio.Event()
-        self.wanted[key] = (n, done)
-        self.times.setdefault(key, [])
-        return done
-
-    def got(self, key: tuple[str, int], when: float) -> None:
-        times = self.times.setdefault(key, [])
-        times.append(when)
-        want = self.wanted.get(key)
-        if want is not None and len(times) >= want[0]:
-            want[1].set()
-
-
-async def sse_subscriber(port: int, session: str, limiter: Any, ready: Callable[[], None],
-                         arrivals: Arrivals | None) -> None:
-    """One SSE subscriber on a raw socket: ``GET /events?session=``; calls
-    ``ready`` once the ``: connected`` comment arrives, then notes the arrival
-    time of every ``id: SESSION:SEQ`` line."""
+async def sse_subscriber(port: int, session: str, limiter: Any, ready: Callable[[], None]) -> None:
+    """One idle SSE subscriber on a raw socket (``sse_memory``): ``GET
+    /events?session=``; calls ``ready`` once the ``: connected`` comment
+    arrives, then reads and drops whatever comes (the fan-out's subscribers
+    are ``sse_receiver_main``'s)."""
     import trio
 
     async with limiter:  # bound the connection burst (listen backlog)
@@ -1302,23 +1279,11 @@ async def sse_subscriber(port: int, session: str, limiter: Any, ready: Callable[
             raise BenchError(f"SSE subscription refused: {buf[:200]!r}")
     ready()
     async with stream:
-        prefix, tail = f"id: {session}:".encode(), b""
-        while True:
-            data = await stream.receive_some(65536)
-            if not data:
-                return
-            now = time.perf_counter()
-            if arrivals is None:
-                continue
-            lines = (tail + data).split(b"\n")
-            tail = lines.pop()
-            for line in lines:
-                if line.startswith(prefix):
-                    arrivals.got((session, int(line[len(prefix):])), now)
+        while await stream.receive_some(65536):
+            pass
 
 
-async def open_subscribers(nursery: Any, port: int, groups: dict[str, int],
-                           arrivals: Arrivals | None, patience: float = 60) -> None:
+async def open_subscribers(nursery: Any, port: int, groups: dict[str, int], patience: float = 60) -> None:
     """Start ``groups[session]`` subscribers per session; return once all are
     connected (BenchError after ``patience`` seconds)."""
     import trio
@@ -1334,7 +1299,7 @@ async def open_subscribers(nursery: Any, port: int, groups: dict[str, int],
     limiter = trio.CapacityLimiter(50)
     for session, n in groups.items():
         for _ in range(n):
-            nursery.start_soon(sse_subscriber, port, session, limiter, ready, arrivals)
+            nursery.start_soon(sse_subscriber, port, session, limiter, ready)
     with trio.move_on_after(patience):
         await all_ready.wait()
     if not all_ready.is_set():
@@ -1503,7 +1468,8 @@ class Receivers:
             await proc.wait()
 
 
-#: Fan-out receiver processes (``sse_receiver_main``): one epoll loop each.
+#: Fan-out receiver processes (``sse_receiver_main``): one epoll loop each
+#: (``BENCH_FANOUT_RECEIVERS=2`` splits every group between two).
 FANOUT_RECEIVERS = int(os.environ.get("BENCH_FANOUT_RECEIVERS", "1"))
 
 
@@ -1655,15 +1621,15 @@ async def memory_run(port: int, pid: int, session: str, n: int) -> dict[str, int
 
     rss: dict[str, int] = {}
     async with trio.open_nursery() as warm:  # first-use allocations are not per subscriber
-        await open_subscribers(warm, port, {session: 20}, None)
+        await open_subscribers(warm, port, {session: 20})
         warm.cancel_scope.cancel()
     await trio.sleep(1.0)
     rss["idle"] = rss_kib(pid)
     async with trio.open_nursery() as nursery:
-        await open_subscribers(nursery, port, {session: n // 2}, None)
+        await open_subscribers(nursery, port, {session: n // 2})
         await trio.sleep(1.0)
         rss["half"] = rss_kib(pid)
-        await open_subscribers(nursery, port, {session: n - n // 2}, None)
+        await open_subscribers(nursery, port, {session: n - n // 2})
         await trio.sleep(1.0)
         rss["full"] = rss_kib(pid)
         nursery.cancel_scope.cancel()
