@@ -4527,10 +4527,43 @@ class Subscriber:
     #: trio.BrokenResourceError when it is gone.
     push: Any = None
     direct: bool = False
+    #: While in its topic's ``FanOut``: the (standard library) socket the hub
+    #: writes every frame to, and what it calls when that socket did not take a
+    #: whole frame: ``fell_back(rest, handed)`` (``rest`` None: the connection is gone).
+    wire: Any = None
+    fell_back: Any = None
 
     def __attrs_post_init__(self) -> None:
         if self.push is None:
             self.push = self.send.send_nowait
+
+
+@attrs.define(eq=False, slots=True)
+class FanOut:
+    """A topic's direct subscribers whose sockets took every byte written so
+    far: ``EventHub.publish`` writes a frame to all of them in one loop over
+    their sockets (one ``send`` each, nothing else per subscriber).  A socket
+    that takes less than the whole frame leaves the group (its subscriber
+    holds the rest and is handed frames one by one until it has caught up).
+
+    Falling behind is counted for the group: ``burst`` frames went to it in
+    hub tick ``epoch``; a member that joined during that tick had
+    ``burst - joined[sock]`` of them (what it was handed before joining
+    counted in), so the one check per frame is ``burst > cap``, the lowest
+    member's threshold."""
+
+    members: dict[Any, Subscriber] = attrs.Factory(dict)  # socket -> subscriber
+    socks: list[Any] = attrs.Factory(list)  # the members' sockets, rebuilt when ``dirty``
+    dirty: bool = False
+    #: session -> the highest seq a member's replay already sent (``replayed``),
+    #: and the members with such a replay: a frame at or below it is checked per member.
+    guard: dict[str, int] = attrs.Factory(dict)
+    lasts: dict[Any, dict[str, int]] = attrs.Factory(dict)
+    epoch: int = -1
+    burst: int = 0
+    joined: dict[Any, int] = attrs.Factory(dict)
+    cap: int = 0
+    sent_at: float = 0.0
 
 
 def _counter(help_: str) -> Any:
@@ -4567,7 +4600,10 @@ class EventHub:
 
     buffer: int = 256
     feed_history: int = 4096
+    #: topic -> the subscribers ``publish`` hands frames one by one (queued, and
+    #: direct ones whose socket holds a backlog); the others are in ``_fast``.
     _subs: dict[str, set[Subscriber]] = attrs.Factory(dict)
+    _fast: dict[str, FanOut] = attrs.Factory(dict)
     _published: dict[tuple[str, str], int] = attrs.Factory(dict)
     #: stream -> session -> last published seq: the all-sessions stream's ids.
     _vectors: dict[str, dict[str, int]] = attrs.Factory(dict)
@@ -4622,13 +4658,110 @@ class EventHub:
         subs = self._subs.get(sub.topic)
         if subs is not None:
             subs.discard(sub)
+        if sub.wire is not None:
+            self._leave(self._fast[sub.topic], sub)
         sub.send.close()
+
+    def join_fast(self, sub: Subscriber, wire: Any, fell_back: Any, handed: int,
+                  last: dict[str, int]) -> FanOut:
+        """Move a direct subscriber whose socket holds nothing into its topic's
+        ``FanOut``: from now on ``publish`` writes to ``wire`` (a non-blocking
+        standard-library socket) itself.  ``handed``: the frames it was handed
+        in this tick already; ``last``: what its replay sent."""
+        fast = self._fast.get(sub.topic)
+        if fast is None:
+            fast = self._fast[sub.topic] = FanOut()
+        self._subs[sub.topic].discard(sub)
+        sub.wire, sub.fell_back = wire, fell_back
+        fast.members[wire] = sub
+        fast.dirty = True
+        if last:
+            fast.lasts[wire] = last
+            for sid, seq in last.items():
+                fast.guard[sid] = max(seq, fast.guard.get(sid, 0))
+        self.next_tick()  # the tick moves on once this turn ends, so ``epoch`` means this turn
+        if fast.epoch != self.tick:
+            fast.epoch, fast.burst, fast.joined, fast.cap = self.tick, 0, {}, self.buffer
+        if fast.burst != handed:
+            fast.joined[wire] = fast.burst - handed
+            fast.cap = min(fast.cap, self.buffer + fast.burst - handed)
+        return fast
+
+    def leave_fast(self, sub: Subscriber) -> int:
+        """Take ``sub`` out of its ``FanOut`` (back to frames one by one); the
+        frames it was handed in this tick."""
+        fast = self._fast[sub.topic]
+        handed = self._handed(fast, sub.wire)
+        self._leave(fast, sub)
+        self._subs.setdefault(sub.topic, set()).add(sub)
+        return handed
+
+    def _handed(self, fast: FanOut, wire: Any) -> int:
+        return fast.burst - fast.joined.get(wire, 0) if fast.epoch == self.tick else 0
+
+    def _leave(self, fast: FanOut, sub: Subscriber) -> None:
+        wire, sub.wire, sub.fell_back = sub.wire, None, None
+        del fast.members[wire]
+        fast.lasts.pop(wire, None)
+        fast.joined.pop(wire, None)
+        fast.dirty = True
+        if not fast.members:
+            del self._fast[sub.topic]
+
+    def _publish_fast(self, fast: FanOut, frame: Frame) -> None:
+        """Write ``frame`` to every socket of ``fast``: the fan-out's hot loop."""
+        if fast.epoch != self.tick:  # the group's first frame this tick
+            fast.epoch, fast.burst, fast.cap = self.tick, 0, self.buffer
+            if fast.joined:
+                fast.joined = {}
+            fast.sent_at = self.next_tick()
+        fast.burst += 1
+        if fast.burst > fast.cap:
+            self._fast_behind(fast)
+        if fast.dirty:
+            fast.socks, fast.dirty = list(fast.members), False
+        socks = fast.socks
+        if fast.guard and frame.seq and frame.seq <= fast.guard.get(frame.data.get("session_id", ""), 0):
+            socks = [w for w in socks if not (w in fast.lasts and replayed(frame, fast.lasts[w]))]
+        chunk = frame.chunk
+        size, short = len(chunk), []
+        for sock in socks:
+            try:
+                sent = sock.send(chunk)
+            except BlockingIOError:
+                sent = 0
+            except OSError:  # reset, broken pipe, or closed (EBADF)
+                sent = -1
+            if sent != size:
+                short.append((sock, sent))
+        self._frames += len(socks)
+        for sock, sent in short:
+            sub = fast.members.get(sock)
+            if sub is None:  # pragma: no cover - a member only leaves through this loop's caller
+                continue
+            if sent < 0:
+                sub.fell_back(None, 0)
+                self.unsubscribe(sub)
+            else:
+                sub.fell_back(chunk[sent:], self.leave_fast(sub))
+
+    def _fast_behind(self, fast: FanOut) -> None:
+        """Drop the members handed more than ``buffer`` frames in this tick."""
+        for wire, sub in list(fast.members.items()):
+            if self._handed(fast, wire) > self.buffer:
+                sub.dropped = True
+                self._dropped += 1
+                self.unsubscribe(sub)
+        fast.cap = self.buffer + min(fast.joined.values(), default=0) if fast.members else self.buffer
+        fast.cap = min(fast.cap, self.buffer)
 
     def publish(self, topic: str, frame: Frame) -> None:
         subs = self._subs.get(topic)
-        if not subs:
-            return
-        for sub in list(subs):
+        subs = list(subs) if subs else ()  # before the FanOut's stragglers join them
+        fast = self._fast.get(topic)
+        if fast is not None:
+            self._publish_fast(fast, frame)
+        for sub in subs:
             try:
                 sub.push(frame)
                 self._frames += 1
@@ -4638,6 +4771,10 @@ class EventHub:
                 self.unsubscribe(sub)
             except trio.BrokenResourceError:
                 self.unsubscribe(sub)
+
+    def listened(self, topic: str) -> bool:
+        """Whether ``topic`` has a subscriber."""
+        return bool(self._subs.get(topic)) or topic in self._fast
 
     def seen(self, session_id: str, stream: str) -> int:
         return self._published.get((session_id, stream), 0)
@@ -4652,7 +4789,7 @@ class EventHub:
             self._published[key] = record.seq
             vector = self._vectors.setdefault(stream, {})
             vector[record.session_id] = record.seq
-            one, every = self._subs.get(f"{stream}:{record.session_id}"), self._subs.get(f"{stream}:*")
+            one, every = self.listened(f"{stream}:{record.session_id}"), self.listened(f"{stream}:*")
             if not (one or every):  # nobody listens: encode nothing
                 continue
             data = to_json(record)
@@ -4695,6 +4832,14 @@ class EventHub:
             for sub in list(subs):
                 sub.farewell = farewell
                 self.unsubscribe(sub)
+        for topic in list(self._fast):
+            for sub in self._fast_members(topic):
+                sub.farewell = farewell
+                self.unsubscribe(sub)
+
+    def _fast_members(self, topic: str) -> list[Subscriber]:
+        fast = self._fast.get(topic)
+        return list(fast.members.values()) if fast is not None else []
 
     def rebase(self, ledger: Ledger) -> None:
         """Start over from ``ledger``: its records count as published, and the
@@ -4713,11 +4858,18 @@ class EventHub:
         for subs in list(self._subs.values()):
             for sub in list(subs):
                 self.unsubscribe(sub)
+        for topic in list(self._fast):
+            for sub in self._fast_members(topic):
+                self.unsubscribe(sub)
 
     def statistics(self) -> HubStatistics:
         """A frozen snapshot of the fan-out (as trio's ``statistics()`` methods)."""
-        live = [len(subs) for subs in self._subs.values() if subs]
+        counts = {topic: len(subs) for topic, subs in self._subs.items() if subs}
+        for topic, fast in self._fast.items():
+            counts[topic] = counts.get(topic, 0) + len(fast.members)
+        live = list(counts.values())
         direct = sum(sub.direct for subs in self._subs.values() for sub in subs)
+        direct += sum(len(fast.members) for fast in self._fast.values())
         return HubStatistics(subscribers=sum(live), topics=len(live), frames=self._frames,
                              dropped=self._dropped, feed_notices=len(self._feed), direct=direct)
 
@@ -10629,6 +10781,9 @@ class _DirectSse:
     broken: bool = False
     ended: bool = False  # the hub ended the subscription
     _parked: Any = None  # the task waiting in ``_wait``
+    #: The topic's ``FanOut`` while this subscriber is in it (its socket holds
+    #: nothing, so the hub writes every frame straight to it); None meanwhile.
+    fanout: FanOut | None = None
 
     @classmethod
     def attach(cls, sub: Subscriber, sock: Any, hub: EventHub, last: dict[str, int],
@@ -10653,11 +10808,50 @@ class _DirectSse:
         with contextlib.suppress(trio.BrokenResourceError):
             if backlog:
                 sink.write(b"".join(backlog))
+        sink._join()
         return sink
 
+    def _join(self) -> None:
+        """Into the topic's ``FanOut``, once the socket holds nothing of ours.
+        The hub writes to trio's own standard-library socket (``_sock``):
+        once closed, its ``send`` fails (EBADF) rather than reaching whatever
+        connection reuses the descriptor number."""
+        wire = getattr(self.sock, "_sock", None)
+        if self.fanout is not None or wire is None or self.pending or self.broken or self.ended:
+            return
+        handed = self.burst if self.epoch == self.hub.tick else 0
+        self.fanout = self.hub.join_fast(self.sub, wire, self.fell_back, handed, self.last)
+
+    def _leave(self) -> None:
+        """Out of the ``FanOut`` before this task writes to the socket itself."""
+        if self.fanout is not None:
+            self._resume(self.hub.leave_fast(self.sub))
+
+    def _resume(self, handed: int) -> None:
+        """Frames one by one again (``offer``), ``handed`` of them this tick."""
+        fast, self.fanout = self.fanout, None
+        self.sent_at = max(self.sent_at, fast.sent_at) if fast is not None else self.sent_at
+        self.hub.next_tick()  # ``epoch`` is this tick, which ends with this turn
+        self.epoch, self.burst = self.hub.tick, handed
+
+    def fell_back(self, rest: bytes | None, handed: int) -> None:
+        """The hub's ``FanOut`` write left ``rest`` of a frame unsent (None:
+        the connection is gone): hold it, take frames one by one, and wake the
+        task to flush it."""
+        self._resume(handed)
+        if rest is None:
+            self.broken = True
+        else:
+            self.pending.append(rest)
+        self._wake()
+
+    def _last_sent(self) -> float:
+        fast = self.fanout
+        return self.sent_at if fast is None else max(self.sent_at, fast.sent_at)
+
     def close(self) -> None:
-        """``EventHub.unsubscribe``: the subscription is over."""
-        self.ended = True
+        """``EventHub.unsubscribe``: the subscription is over (out of any ``FanOut`` too)."""
+        self.ended, self.fanout = True, None
         self._wake()
 
     def send_nowait(self, value: Any) -> None:  # pragma: no cover - the hub pushes via offer
@@ -10742,13 +10936,16 @@ class _DirectSse:
         then flush, write the last frame (farewell or fallen behind) and return."""
         while not (self.broken or self.ended):
             if not self.pending:  # no checkpoint between this test and parking
-                with trio.move_on_at(self.sent_at + keepalive) as idle:
+                with trio.move_on_at(self._last_sent() + keepalive) as idle:
                     await self._wait()
                 if (idle.cancelled_caught and not self.ended
-                        and trio.current_time() >= self.sent_at + keepalive):
+                        and trio.current_time() >= self._last_sent() + keepalive):
+                    self._leave()  # the hub must not write while this task does
                     with contextlib.suppress(trio.BrokenResourceError):
                         self.write(http_chunk(_SSE_KEEPALIVE))
             await self.flush()
+            self._join()  # caught up (no checkpoint since the last write): the hub writes again
+        self._leave()
         await self.flush()
         frame = _sse_last_frame(self.sub)
         if frame is not None and not self.broken:

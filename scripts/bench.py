@@ -69,6 +69,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = REPO / "scripts"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
@@ -869,6 +870,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def server_cpu_seconds(pid: int) -> float:
+    """``cpu_seconds`` at nanosecond resolution: the process's CPU clock
+    (``clock_getcpuclockid``: every thread's user + system time, exited ones
+    too), where /proc's utime+stime come in 10 ms ticks."""
+    try:
+        return time.clock_gettime(((~pid) << 3) | 2)  # CPUCLOCK_SCHED of the whole process
+    except OSError:  # pragma: no cover - not Linux, or not ours to read
+        return cpu_seconds(pid)
+
+
 class CpuShare:
     """Wraps timed callables to add up, per subject, the wall time and the CPU
     seconds a server process and this (client) process used meanwhile."""
@@ -1247,34 +1258,11 @@ def ws_leases(bench: Bench) -> list[Figure]:
 # -- SSE fan-out and memory -------------------------------------------------------
 
 
-class Arrivals:
-    """When each subscriber saw each event id (perf_counter, this process)."""
-
-    def __init__(self) -> None:
-        self.times: dict[tuple[str, int], list[float]] = {}
-        self.wanted: dict[tuple[str, int], tuple[int, Any]] = {}
-
-    def expect(self, key: tuple[str, int], n: int) -> Any:
-        import trio
-
-        done = trio.Event()
-        self.wanted[key] = (n, done)
-        self.times.setdefault(key, [])
-        return done
-
-    def got(self, key: tuple[str, int], when: float) -> None:
-        times = self.times.setdefault(key, [])
-        times.append(when)
-        want = self.wanted.get(key)
-        if want is not None and len(times) >= want[0]:
-            want[1].set()
-
-
-async def sse_subscriber(port: int, session: str, limiter: Any, ready: Callable[[], None],
-                         arrivals: Arrivals | None) -> None:
-    """One SSE subscriber on a raw socket: ``GET /events?session=``; calls
-    ``ready`` once the ``: connected`` comment arrives, then notes the arrival
-    time of every ``id: SESSION:SEQ`` line."""
+async def sse_subscriber(port: int, session: str, limiter: Any, ready: Callable[[], None]) -> None:
+    """One idle SSE subscriber on a raw socket (``sse_memory``): ``GET
+    /events?session=``; calls ``ready`` once the ``: connected`` comment
+    arrives, then reads and drops whatever comes (the fan-out's subscribers
+    are ``sse_receiver_main``'s)."""
     import trio
 
     async with limiter:  # bound the connection burst (listen backlog)
@@ -1291,23 +1279,11 @@ async def sse_subscriber(port: int, session: str, limiter: Any, ready: Callable[
             raise BenchError(f"SSE subscription refused: {buf[:200]!r}")
     ready()
     async with stream:
-        prefix, tail = f"id: {session}:".encode(), b""
-        while True:
-            data = await stream.receive_some(65536)
-            if not data:
-                return
-            now = time.perf_counter()
-            if arrivals is None:
-                continue
-            lines = (tail + data).split(b"\n")
-            tail = lines.pop()
-            for line in lines:
-                if line.startswith(prefix):
-                    arrivals.got((session, int(line[len(prefix):])), now)
+        while await stream.receive_some(65536):
+            pass
 
 
-async def open_subscribers(nursery: Any, port: int, groups: dict[str, int],
-                           arrivals: Arrivals | None, patience: float = 60) -> None:
+async def open_subscribers(nursery: Any, port: int, groups: dict[str, int], patience: float = 60) -> None:
     """Start ``groups[session]`` subscribers per session; return once all are
     connected (BenchError after ``patience`` seconds)."""
     import trio
@@ -1323,62 +1299,244 @@ async def open_subscribers(nursery: Any, port: int, groups: dict[str, int],
     limiter = trio.CapacityLimiter(50)
     for session, n in groups.items():
         for _ in range(n):
-            nursery.start_soon(sse_subscriber, port, session, limiter, ready, arrivals)
+            nursery.start_soon(sse_subscriber, port, session, limiter, ready)
     with trio.move_on_after(patience):
         await all_ready.wait()
     if not all_ready.is_set():
         raise BenchError(f"only {count} of {total} SSE subscribers connected within {patience:.0f} s")
 
 
-async def fanout_run(url: str, port: int, pid: int, groups: dict[str, int], publishes: int, warmup: int,
-                     gap: float) -> dict[str, list[dict[str, float]]]:
-    """Connect the subscribers, then publish (POST AppendEvent) to each group in
-    turn and time publish -> received by every subscriber of that group."""
+def sse_receiver_main(argv: list[str]) -> None:
+    """A fan-out receiver process: ``PORT SESSION=N [SESSION=N ...]``.
+
+    It opens N plain SSE subscriptions per session (``GET /events?session=``,
+    raw sockets, at most 50 connecting at once), prints ``ready`` once every one
+    has its ``: connected`` comment, then reads all of them from one epoll loop
+    (no per-socket task, collector off, so what it measures is the server's
+    delivery, not its own scheduling).  For each ``id: SESSION:SEQ`` line it
+    notes CLOCK_MONOTONIC right after the ``recv`` that brought it; once every
+    subscription of SESSION has had SEQ it prints ``SESSION SEQ FIRST LAST``
+    (seconds).  It exits when stdin closes."""
+    gc.disable()
+    port, groups = int(argv[0]), [(g.rpartition("=")[0], int(g.rpartition("=")[2])) for g in argv[1:]]
+    clock, mono = time.clock_gettime, time.CLOCK_MONOTONIC
+    ep = select.epoll()
+    owner: dict[int, tuple[socket.socket, bytes]] = {}
+    pending = [session for session, n in groups for _ in range(n)]
+    while pending:  # connect in batches (the listen backlog), each to its ": connected"
+        batch, pending = pending[:50], pending[50:]
+        heads: dict[int, tuple[socket.socket, str, bytes]] = {}
+        for session in batch:
+            sock = socket.create_connection((LOOPBACK, port))
+            sock.sendall(f"GET /events?session={session} HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\n"
+                         "Accept: text/event-stream\r\n\r\n".encode())
+            sock.setblocking(False)
+            heads[sock.fileno()] = (sock, session, b"")
+            ep.register(sock.fileno(), select.EPOLLIN)
+        deadline = time.monotonic() + 60
+        while heads:
+            if time.monotonic() > deadline:
+                raise BenchError(f"{len(heads)} SSE subscriptions did not connect within 60 s")
+            for fd, _ in ep.poll(1.0):
+                if fd not in heads:
+                    continue
+                sock, session, buf = heads[fd]
+                data = sock.recv(65536)
+                if not data:
+                    raise BenchError(f"SSE subscription closed before connecting: {buf[:200]!r}")
+                buf += data
+                if b": connected" not in buf:
+                    heads[fd] = (sock, session, buf)
+                    continue
+                if not buf.startswith(b"HTTP/1.1 200"):
+                    raise BenchError(f"SSE subscription refused: {buf[:200]!r}")
+                del heads[fd]
+                owner[fd] = (sock, f"id: {session}:".encode())
+    wanted = dict(groups)
+    tails = dict.fromkeys(owner, b"")
+    seen: dict[tuple[str, int], list[float]] = {}  # (session, seq) -> [count, first, last]
+    ep.register(sys.stdin.fileno(), select.EPOLLIN)
+    out = sys.stdout
+    out.write("ready\n")
+    out.flush()
+    while True:
+        for fd, _ in ep.poll():
+            if fd not in owner:  # stdin: closed by the bench when it is done
+                return
+            sock, prefix = owner[fd]
+            try:
+                data = sock.recv(65536)
+            except BlockingIOError:
+                continue
+            now = clock(mono)
+            if not data:
+                ep.unregister(fd)
+                del owner[fd]
+                continue
+            lines = (tails[fd] + data).split(b"\n")
+            tails[fd] = lines.pop()
+            for line in lines:
+                if line.startswith(prefix):
+                    session = prefix[4:-1].decode()
+                    key = (session, int(line[len(prefix):]))
+                    got = seen.get(key)
+                    if got is None:
+                        got = seen[key] = [0, now, now]
+                    got[0] += 1
+                    got[2] = now
+                    if got[0] == wanted[session]:
+                        del seen[key]
+                        out.write(f"{session} {key[1]} {got[1]!r} {got[2]!r}\n")
+                        out.flush()
+
+
+class Receivers:
+    """The fan-out's subscribers: ``procs`` receiver processes
+    (``sse_receiver_main``), each holding an equal share of every group."""
+
+    def __init__(self, python: str, port: int, groups: dict[str, int], procs: int) -> None:
+        self.python, self.port, self.groups, self.procs = python, port, groups, procs
+        self.children: list[Any] = []
+        self.arrived: dict[tuple[str, int], list[tuple[float, float]]] = {}
+        self.events: dict[tuple[str, int], Any] = {}
+
+    async def start(self, nursery: Any) -> None:
+        import trio
+
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); import bench; "
+                "bench.sse_receiver_main(sys.argv[2:])")
+        for i in range(self.procs):
+            share = [f"{sid}={n // self.procs + (i < n % self.procs)}" for sid, n in self.groups.items()]
+            proc = await trio.lowlevel.open_process(
+                [self.python, "-c", code, str(SCRIPTS), str(self.port), *share],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            self.children.append(proc)
+        ready = [trio.Event() for _ in self.children]
+        for proc, event in zip(self.children, ready, strict=True):
+            nursery.start_soon(self._read, proc, event)
+        with trio.move_on_after(120):
+            for event in ready:
+                await event.wait()
+        if not all(event.is_set() for event in ready):
+            raise BenchError("the SSE receiver processes did not connect within 120 s")
+
+    async def _read(self, proc: Any, ready: Any) -> None:
+        buf = b""
+        while True:
+            data = await proc.stdout.receive_some(65536)
+            if not data:
+                if not ready.is_set():
+                    raise BenchError(f"an SSE receiver process exited ({await proc.wait()})")
+                return
+            buf += data
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                if line == b"ready":
+                    ready.set()
+                    continue
+                session, seq, first, last = line.decode().split()
+                key = (session, int(seq))
+                self.arrived.setdefault(key, []).append((float(first), float(last)))
+                if len(self.arrived[key]) == self.procs and key in self.events:
+                    self.events[key].set()
+
+    def cpu_seconds(self) -> float:
+        """CPU time the receiver processes used so far."""
+        return sum(server_cpu_seconds(proc.pid) for proc in self.children)
+
+    def expect(self, key: tuple[str, int]) -> Any:
+        import trio
+
+        self.events[key] = done = trio.Event()
+        if len(self.arrived.get(key, ())) == self.procs:
+            done.set()
+        return done
+
+    def times(self, key: tuple[str, int]) -> tuple[float, float] | None:
+        """(first, last) arrival of ``key`` over every subscriber; None if not all had it."""
+        self.events.pop(key, None)
+        got = self.arrived.pop(key, [])
+        if len(got) < self.procs:
+            return None
+        return min(first for first, _ in got), max(last for _, last in got)
+
+    async def stop(self) -> None:
+        for proc in self.children:
+            with contextlib.suppress(OSError):
+                await proc.stdin.aclose()
+        for proc in self.children:
+            await proc.wait()
+
+
+#: Fan-out receiver processes (``sse_receiver_main``): one epoll loop each
+#: (``BENCH_FANOUT_RECEIVERS=2`` splits every group between two).
+FANOUT_RECEIVERS = int(os.environ.get("BENCH_FANOUT_RECEIVERS", "1"))
+
+
+async def fanout_run(python: str, url: str, port: int, pid: int, groups: dict[str, int], publishes: int,
+                     warmup: int, gap: float) -> dict[str, list[dict[str, float]]]:
+    """Connect the subscribers (receiver processes), then publish (POST
+    AppendEvent) to each group in turn and time publish -> received by every
+    subscriber of that group."""
     import httpx2
     import trio
 
-    arrivals = Arrivals()
     out: dict[str, list[dict[str, float]]] = {sid: [] for sid in groups}
-    seqs = dict.fromkeys(groups, 0)
     async with trio.open_nursery() as nursery:
-        await open_subscribers(nursery, port, groups, arrivals)
+        receivers = Receivers(python, port, groups, FANOUT_RECEIVERS)
+        await receivers.start(nursery)
         async with httpx2.AsyncClient(base_url=url, trust_env=False, timeout=10) as http:
-            # Our own collector must not pause the subscribers mid-measurement.
+            # Our own collector must not pause the publisher mid-measurement.
             gc.collect()
             gc.freeze()
             gc.disable()
             try:
-                for i in range(warmup + publishes):
-                    order = list(groups)
-                    order = order[i % len(order):] + order[:i % len(order)]
-                    for sid in order:
-                        seqs[sid] += 1
-                        key = (sid, seqs[sid])
-                        done = arrivals.expect(key, groups[sid])
-                        server_cpu, client_cpu = cpu_seconds(pid), time.process_time()
-                        start = time.perf_counter()
-                        reply = reply_json(await http.post("/relay.v1.Relay/AppendEvent", json={
-                            "session_id": sid, "kind": "fanout", "data": {"n": i}}), "AppendEvent")
-                        replied = time.perf_counter()
-                        if reply["record"]["seq"] != seqs[sid]:
-                            raise BenchError(f"expected seq {seqs[sid]} on {sid}, got {reply['record']}")
-                        with trio.move_on_after(10):
-                            await done.wait()
-                        times = arrivals.times.pop(key)
-                        if len(times) < groups[sid]:
-                            raise BenchError(f"event {sid}:{key[1]} reached {len(times)} of "
-                                             f"{groups[sid]} subscribers within 10 s")
-                        if i >= warmup:
-                            out[sid].append({"all": max(times) - start, "first": min(times) - start,
-                                             "reply": replied - start,
-                                             "server_cpu": cpu_seconds(pid) - server_cpu,
-                                             "client_cpu": time.process_time() - client_cpu})
-                        await trio.sleep(gap)
+                await fanout_publishes(http, receivers, pid, groups, publishes, warmup, gap, out)
             finally:
                 gc.enable()
                 gc.unfreeze()
+        await receivers.stop()
         nursery.cancel_scope.cancel()
     return out
+
+
+async def fanout_publishes(http: Any, receivers: Receivers, pid: int, groups: dict[str, int],
+                           publishes: int, warmup: int, gap: float,
+                           out: dict[str, list[dict[str, float]]]) -> None:
+    """``fanout_run``'s timed loop: each publish, its receipt by all, its CPU."""
+    import trio
+
+    seqs = dict.fromkeys(groups, 0)
+    clock, mono = time.clock_gettime, time.CLOCK_MONOTONIC  # the receivers' clock
+    for i in range(warmup + publishes):
+        order = list(groups)
+        order = order[i % len(order):] + order[:i % len(order)]
+        for sid in order:
+            seqs[sid] += 1
+            key = (sid, seqs[sid])
+            done = receivers.expect(key)
+            server_cpu, client_cpu, receivers_cpu = (server_cpu_seconds(pid), time.process_time(),
+                                                     receivers.cpu_seconds())
+            start = clock(mono)
+            reply = reply_json(await http.post("/relay.v1.Relay/AppendEvent", json={
+                "session_id": sid, "kind": "fanout", "data": {"n": i}}), "AppendEvent")
+            replied = clock(mono)
+            if reply["record"]["seq"] != seqs[sid]:
+                raise BenchError(f"expected seq {seqs[sid]} on {sid}, got {reply['record']}")
+            with trio.move_on_after(10):
+                await done.wait()
+            server_cpu = server_cpu_seconds(pid) - server_cpu
+            receivers_cpu = receivers.cpu_seconds() - receivers_cpu
+            times = receivers.times(key)
+            if times is None:
+                raise BenchError(f"event {sid}:{key[1]} did not reach all {groups[sid]} "
+                                 "subscribers within 10 s")
+            if i >= warmup:
+                out[sid].append({"all": times[1] - start, "first": times[0] - start,
+                                 "reply": replied - start, "server_cpu": server_cpu,
+                                 "client_cpu": time.process_time() - client_cpu,
+                                 "receivers_cpu": receivers_cpu})
+            await trio.sleep(gap)
 
 
 @section("sse_fanout", "SSE publish -> received by all subscribers, 100 and 1000 on one session stream")
@@ -1394,7 +1552,8 @@ def sse_fanout(bench: Bench) -> list[Figure]:
         server = stack.enter_context(relay_server(bench, root, "sse_fanout"))
         progress(f"sse_fanout: {sum(groups.values())} subscribers, then {publishes} publishes per group "
                  f"(interleaved)")
-        res = run_trio(fanout_run, server.url, server.port, server.pid, groups, publishes, warmup, gap)
+        res = run_trio(fanout_run, bench.python, server.url, server.port, server.pid, groups, publishes,
+                       warmup, gap)
 
     def ms(sid: str, what: str) -> list[float]:
         return [r[what] * 1e3 for r in res[sid]]
@@ -1408,17 +1567,24 @@ def sse_fanout(bench: Bench) -> list[Figure]:
     def p50(sid: str, what: str) -> float:
         return statistics.median(ms(sid, what))
 
+    def spread(sid: str) -> list[float]:
+        return [(r["all"] - r["first"]) * 1e3 for r in res[sid]]
+
     def cpu(sid: str) -> str:
-        return (f"{statistics.fmean(ms(sid, 'server_cpu')):.0f} ms server and "
-                f"{statistics.fmean(ms(sid, 'client_cpu')):.0f} ms client CPU per publish to "
+        return (f"{statistics.fmean(ms(sid, 'server_cpu')):.1f} ms server, "
+                f"{statistics.fmean(ms(sid, 'receivers_cpu')):.1f} ms receivers' and "
+                f"{statistics.fmean(ms(sid, 'client_cpu')):.1f} ms publisher's CPU per publish to "
                 f"{groups[sid]}")
 
     how = (f"{publishes} publishes per group, the two groups interleaved on one server (1100 "
            f"subscribers connected, 100 on one session and 1000 on another), {gap * 1e3:.0f} ms apart; "
            "publish = POST AppendEvent (durable) sent, received = the event id read by the last "
-           "subscriber; subscribers are raw trio sockets in the bench process (collector paused), "
-           f"the server a separate process; with {publishes} samples p99 is close to the max; "
-           f"{cpu('fan-1000')}, {cpu('fan-100')}")
+           f"subscriber (CLOCK_MONOTONIC, shared by the processes); subscribers are raw sockets in "
+           f"{FANOUT_RECEIVERS} receiver process(es) reading them from one epoll loop each (not one "
+           "trio task per socket in the publishing process, whose own scheduling delay was most of "
+           f"the figure), the server a separate process; with {publishes} samples p99 is close to "
+           f"the max; load average {os.getloadavg()[0]:.1f} at the end; {cpu('fan-1000')}, "
+           f"{cpu('fan-100')}")
     cpu_big = statistics.fmean(ms("fan-1000", "server_cpu"))
     return [
         Figure("sse_fanout.p99_1000", "publish -> all 1000 subscribers, p99", p99_big, "ms", p99_small,
@@ -1428,7 +1594,8 @@ def sse_fanout(bench: Bench) -> list[Figure]:
                samples={"fan-1000": stats("fan-1000"), "fan-100": stats("fan-100")}),
         Figure("sse_fanout.cpu_1000", "server CPU per publish to 1000 subscribers (mean)", cpu_big, "ms",
                statistics.fmean(ms("fan-100", "server_cpu")), "same, publish to 100", "<= 15", on="value",
-               note="issue 14 target on the value; /proc/PID/stat utime+stime of the server from the "
+               note="issue 14 target on the value; the server process's CPU clock (user + system, all "
+                    "threads, ns resolution; /proc's utime+stime tick at 10 ms) from the "
                     "POST to the last subscriber's receipt: the durable AppendEvent itself and the "
                     "fan-out (one socket write per subscriber; the kernel's loopback TCP is most of it)"),
         Figure("sse_fanout.p50_1000", "publish -> all 1000 subscribers, p50", p50("fan-1000", "all"), "ms",
@@ -1437,6 +1604,11 @@ def sse_fanout(bench: Bench) -> list[Figure]:
                "ms", p50("fan-100", "first"), "same, 100 subscribers",
                note="information: the durable commit plus the first delivery; all - first is the "
                     "fan-out itself"),
+        Figure("sse_fanout.spread_1000", "first -> last of 1000 subscribers (the fan-out itself), p99",
+               percentile(spread("fan-1000"), 99), "ms", percentile(spread("fan-100"), 99),
+               "same, 100 subscribers (p99)",
+               note="information: publish -> all less publish -> first of the same publish, so the "
+                    "durable commit's own tail (it comes before any subscriber is written) is left out"),
         Figure("sse_fanout.reply_1000", "AppendEvent reply latency while fanning out to 1000, p50",
                p50("fan-1000", "reply"), "ms", p50("fan-100", "reply"), "same, fanning out to 100",
                note="information: how long the publisher waits for its acknowledgement"),
@@ -1449,15 +1621,15 @@ async def memory_run(port: int, pid: int, session: str, n: int) -> dict[str, int
 
     rss: dict[str, int] = {}
     async with trio.open_nursery() as warm:  # first-use allocations are not per subscriber
-        await open_subscribers(warm, port, {session: 20}, None)
+        await open_subscribers(warm, port, {session: 20})
         warm.cancel_scope.cancel()
     await trio.sleep(1.0)
     rss["idle"] = rss_kib(pid)
     async with trio.open_nursery() as nursery:
-        await open_subscribers(nursery, port, {session: n // 2}, None)
+        await open_subscribers(nursery, port, {session: n // 2})
         await trio.sleep(1.0)
         rss["half"] = rss_kib(pid)
-        await open_subscribers(nursery, port, {session: n - n // 2}, None)
+        await open_subscribers(nursery, port, {session: n - n // 2})
         await trio.sleep(1.0)
         rss["full"] = rss_kib(pid)
         nursery.cancel_scope.cancel()
@@ -1665,8 +1837,8 @@ def _ended(event: Any) -> bool:
 
 
 def _session_sse_base() -> type:
-    if str(Path(__file__).resolve().parent) not in sys.path:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
     from faults import Sse
 
     return Sse
