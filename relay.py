@@ -537,7 +537,7 @@ GRACEFUL_SECONDS: Final = 3.0
 CLEANUP_SECONDS: Final = 5.0
 
 #: GIL switch interval while serving (seconds); see ``serve``.
-SWITCH_INTERVAL: Final = 0.0005
+SWITCH_INTERVAL: Final = float(os.environ.get("RELAY_SWITCH_EXP", "0.0005"))
 
 #: How long a browser login (the ``POST /auth/session`` cookie) lasts (seconds).
 SESSION_COOKIE_SECONDS: Final = 30 * MINUTES
@@ -1501,12 +1501,52 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def _pwrite_all(fd: int, data: bytes, at: int) -> None:
-    """Write all of ``data`` at offset ``at`` (no seek: in the server's commit
-    thread every system call is one more wait for the GIL)."""
+    """Write all of ``data`` at offset ``at``."""
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, at)
         view, at = view[written:], at + written
+
+
+#: At most this many stream logs of one commit are synced at once (``_sync_all``).
+SYNC_THREADS: Final = 4
+_sync_pool: Any = None
+_sync_pool_lock = threading.Lock()
+
+
+def _sync_all(fds: list[int], sync: Callable[[int], None], concurrent: bool) -> list[OSError | None]:
+    """``sync`` every descriptor; the OSError of each (None when it synced).
+    ``concurrent``: all but the last on a small thread pool while this thread
+    syncs the last (a sync waits on the disk with the GIL released, and the
+    disk flushes several files in about the time of one).  Every sync runs to
+    its end, failed or not: none is retried, and the caller fails the commit."""
+    def one(fd: int) -> OSError | None:
+        try:
+            sync(fd)
+        except OSError as exc:
+            return exc
+        return None
+
+    if not concurrent or len(fds) < 2:
+        out: list[OSError | None] = []
+        for fd in fds:
+            out.append(one(fd))
+            if out[-1] is not None:  # the rest are not synced: the commit fails anyway
+                return out + [None] * (len(fds) - len(out))
+        return out
+    futures = [_sync_executor().submit(one, fd) for fd in fds[:-1]]
+    last = one(fds[-1])
+    return [f.result() for f in futures] + [last]
+
+
+def _sync_executor() -> Any:
+    global _sync_pool
+    with _sync_pool_lock:
+        if _sync_pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _sync_pool = ThreadPoolExecutor(SYNC_THREADS - 1, thread_name_prefix="relay-sync")
+        return _sync_pool
 
 
 def _flock_named(path: Path, flags: int, make_parent: Callable[[], None]) -> int:
@@ -1917,6 +1957,42 @@ class Store:
         new length.  The caller commits that length in the ledger.  A log
         shorter than ``committed`` (or gone) is refused with ``data_loss``:
         growing it back would acknowledge records behind a hole no one can read."""
+        return self.append_logs([(session_id, stream, committed, records)])[0]
+
+    def append_logs(self, appends: list[tuple[str, str, int, list[rc.StreamRecord]]]) -> list[int]:
+        """``append_records`` for several logs (session id, stream, committed
+        length, records): every log is cut and written first, then all are
+        synced, concurrently on a journaling store (the server's: one commit's
+        logs then cost about one sync, not one each); returns the new lengths.
+        Nothing is committed unless every sync succeeded."""
+        opened: list[tuple[int, Path, str, int]] = []  # fd, path, stream, committed
+        sizes = []
+        try:
+            for session_id, stream, committed, records in appends:
+                sizes.append(self._write_log(session_id, stream, committed, records, opened))
+            # fdatasync is enough for an append (it flushes the new size, not
+            # the mtime): the journaling store's, whose commits are about this.
+            sync = os.fdatasync if self.journal else os.fsync
+            failures = _sync_all([fd for fd, *_ in opened], sync, concurrent=self.journal)
+            for (_, path, stream, _), exc in zip(opened, failures, strict=True):
+                if exc is not None:
+                    raise _io_failure(f"append to the {stream} log", exc, path) from exc
+        finally:
+            for fd, *_ in opened:
+                os.close(fd)
+        for _, path, _, committed in opened:
+            if committed == 0:
+                try:
+                    _fsync_dir(path.parent)
+                except OSError as exc:
+                    raise _io_failure("fsync the stream directory", exc, path.parent) from exc
+        return sizes
+
+    def _write_log(self, session_id: str, stream: str, committed: int,
+                   records: list[rc.StreamRecord], opened: list[tuple[int, Path, str, int]]) -> int:
+        """Open the log (adding its descriptor to ``opened``, for the caller to
+        sync and close), cut it to ``committed``, write ``records`` there;
+        returns the new length."""
         path = self.stream_path(session_id, stream)
         data = b"".join(encode_record(r) for r in records)
         try:
@@ -1929,25 +2005,17 @@ class Store:
             raise _short_log(session_id, stream, path, None, committed) from None
         except OSError as exc:
             raise _io_failure(f"open the {stream} log", exc, path) from exc
+        opened.append((fd, path, stream, committed))
         try:
             size = os.fstat(fd).st_size
             if size < committed:
                 raise _short_log(session_id, stream, path, size, committed)
             if size != committed:
                 os.ftruncate(fd, committed)
-            _pwrite_all(fd, data, committed)
-            # fdatasync is enough for an append (it flushes the new size, not
-            # the mtime): the journaling store's, whose commits are about this.
-            (os.fdatasync if self.journal else os.fsync)(fd)
+            os.lseek(fd, committed, os.SEEK_SET)
+            _write_all(fd, data)
         except OSError as exc:
             raise _io_failure(f"append to the {stream} log", exc, path) from exc
-        finally:
-            os.close(fd)
-        if committed == 0:
-            try:
-                _fsync_dir(path.parent)
-            except OSError as exc:
-                raise _io_failure("fsync the stream directory", exc, path.parent) from exc
         return committed + len(data)
 
     def short_log(self, session_id: str, stream: str, committed: int) -> rc.DataLoss | None:
@@ -3918,11 +3986,11 @@ def commit(store: Store, mutations: list[Mutation], config: Config,
                     raise _io_failure("fsync the ledger directory", exc, store.state_dir) from exc
             return results, None
         ledger = _compact_if_due(store, ledger, now, config)
-        for (session_id, stream), records in appends.items():
-            cursor = ledger.cursors[session_id]
-            size = store.append_records(session_id, stream,
-                                        getattr(cursor, f"{stream}_bytes"), records)
-            cursor = attrs.evolve(cursor, **{f"{stream}_bytes": size})
+        sizes = store.append_logs([
+            (session_id, stream, getattr(ledger.cursors[session_id], f"{stream}_bytes"), records)
+            for (session_id, stream), records in appends.items()])
+        for (session_id, stream), size in zip(appends, sizes, strict=True):
+            cursor = attrs.evolve(ledger.cursors[session_id], **{f"{stream}_bytes": size})
             ledger = attrs.evolve(ledger, cursors=_put_private(ledger.cursors, start.cursors,
                                                                session_id, cursor))
         if not ledger.ledger_id:  # the ledger's first write gives it its identity

@@ -4,9 +4,16 @@ headers and metrics as quart's route; and the commit's fewer system calls."""
 
 from __future__ import annotations
 
+import errno
+import os
+import threading
+
+import pytest
 import trio
 
 import relay
+from conftest import T0, commit_ok, mutation
+from relay_client import Code, RelayError
 from serve_helpers import PATIENCE, metric, serving
 
 STATUS = "/api/relay/status"
@@ -91,28 +98,112 @@ async def test_a_failing_status_projection_is_quarts_internal_error(workspace, m
     assert [x.name for x in caplog.records if x.levelname == "ERROR"] == ["relay.serve"]
 
 
-def test_a_journal_append_opens_the_journal_once_and_never_seeks(workspace, monkeypatch):
+def test_a_journal_append_opens_the_journal_once(workspace, monkeypatch):
     """The server's journal commit opens the journal for writing once (no failed O_EXCL
-    create first),
-    and a stream append writes at its offset without a seek; the records read back whole."""
-    from conftest import commit_ok
-
+    create first); the records read back whole."""
     store = relay.Store(workspace)
     commit_ok(store, "RegisterProfile", name="p", provider="codex", mode="pooled")
     commit_ok(store, "CreateSession", profile="p", session_id="s1")
     store.journal = True
     commit_ok(store, "AppendEvent", session_id="s1", kind="k", data={"n": 1})  # creates the journal
     opened: list[tuple[str, int]] = []
-    seeks: list[int] = []
-    real_open, real_lseek = relay.os.open, relay.os.lseek
+    real_open = relay.os.open
     monkeypatch.setattr(relay.os, "open", lambda path, flags, *a: (opened.append((str(path), flags)),
                                                                    real_open(path, flags, *a))[1])
-    monkeypatch.setattr(relay.os, "lseek", lambda fd, *a: (seeks.append(fd), real_lseek(fd, *a))[1])
     commit_ok(store, "AppendEvent", session_id="s1", kind="k", data={"n": 2})
     monkeypatch.undo()
     writes = [f for p, f in opened if p.endswith(relay.JOURNAL_NAME) and f & relay.os.O_RDWR]
     assert len(writes) == 1 and not writes[0] & relay.os.O_EXCL
-    assert seeks == []
     fresh = relay.Store(workspace)
     committed = fresh.read().cursors["s1"].events_bytes
     assert [r.data for r in fresh.read_records("s1", "events", committed, 0, 10)] == [{"n": 1}, {"n": 2}]
+
+
+# -- one commit's stream logs are synced concurrently (journaling store) -------------
+
+SIDS = ["s1", "s2", "s3", "s4"]
+
+
+def _four_logs(root) -> relay.Store:
+    """A journaling store with four sessions that each hold one event."""
+    store = relay.Store(root)
+    commit_ok(store, "RegisterProfile", name="p", provider="codex", mode="pooled")
+    for sid in SIDS:
+        commit_ok(store, "CreateSession", profile="p", session_id=sid)
+        commit_ok(store, "AppendEvent", session_id=sid, kind="k", data={"n": 0})
+    store.journal = True
+    return store
+
+
+def _append_to_all(store: relay.Store, n: int) -> tuple[list, relay.Ledger | None]:
+    return relay.commit(store, [mutation("AppendEvent", session_id=sid, kind="k", data={"n": n})
+                                for sid in SIDS], relay.Config(), T0)
+
+
+def _name(fd: int) -> str:
+    return os.path.basename(os.path.dirname(os.readlink(f"/proc/self/fd/{fd}"))) + "/" + \
+        os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+
+
+def test_one_commits_logs_sync_concurrently_and_all_before_the_journal(workspace, monkeypatch):
+    """A commit touching four logs syncs them on more than one thread, every one of them
+    finished before the journal record is written (the crash table is unchanged)."""
+    store = _four_logs(workspace)
+    steps: list[tuple[str, str, str]] = []  # (call, file, thread)
+    real_sync, real_pwrite = os.fdatasync, os.pwrite
+    lock = threading.Lock()
+
+    def fdatasync(fd):
+        name = _name(fd)
+        real_sync(fd)
+        with lock:
+            steps.append(("synced", name, threading.current_thread().name))
+
+    def pwrite(fd, data, at):
+        with lock:
+            steps.append(("pwrite", _name(fd), threading.current_thread().name))
+        return real_pwrite(fd, data, at)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    results, ledger = _append_to_all(store, 1)
+    monkeypatch.undo()
+    assert all(r.record.seq == 2 for r in results)
+    journal = ("pwrite", "relay/" + relay.JOURNAL_NAME)
+    journal_write = next(i for i, step in enumerate(steps) if step[:2] == journal)
+    synced_first = sorted(name for call, name, _ in steps[:journal_write] if call == "synced")
+    assert synced_first == [f"{sid}/events.log" for sid in SIDS]
+    assert len({thread for call, name, thread in steps if call == "synced" and name != journal[1]}) > 1
+    assert relay.Store(workspace).read().revision == ledger.revision
+
+
+def test_a_failed_sync_of_one_log_fails_the_commit_and_the_next_one_numbers_on(workspace, monkeypatch):
+    """EIO from one log's fdatasync among four: `unavailable` naming that log, nothing
+    acknowledged or counted (revision and cursors as before), every other sync still
+    ran to its end; the next commit cuts the unacknowledged tails and numbers on."""
+    store = _four_logs(workspace)
+    before = relay.Store(workspace).read()
+    real_sync = os.fdatasync
+    synced: list[str] = []
+
+    def fdatasync(fd):
+        name = _name(fd)
+        if name == "s3/events.log":
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_sync(fd)
+        synced.append(name)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    with pytest.raises(RelayError) as info:
+        _append_to_all(store, 1)
+    monkeypatch.undo()
+    assert info.value.code == Code.UNAVAILABLE and "s3" in info.value.message
+    assert sorted(synced) == ["s1/events.log", "s2/events.log", "s4/events.log"]
+    after = relay.Store(workspace).read()
+    assert after.revision == before.revision and after.cursors == before.cursors
+    results, _ = _append_to_all(relay.Store(workspace), 2)
+    assert [r.record.seq for r in results] == [2, 2, 2, 2]
+    fresh = relay.Store(workspace)
+    for sid in SIDS:
+        committed = fresh.read().cursors[sid].events_bytes
+        assert [r.data for r in fresh.read_records(sid, "events", committed, 0, 10)] == [{"n": 0}, {"n": 2}]
