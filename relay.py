@@ -537,7 +537,7 @@ GRACEFUL_SECONDS: Final = 3.0
 CLEANUP_SECONDS: Final = 5.0
 
 #: GIL switch interval while serving (seconds); see ``serve``.
-SWITCH_INTERVAL: Final = float(os.environ.get("RELAY_SWITCH_EXP", "0.0005"))
+SWITCH_INTERVAL: Final = 0.0005
 
 #: How long a browser login (the ``POST /auth/session`` cookie) lasts (seconds).
 SESSION_COOKIE_SECONDS: Final = 30 * MINUTES
