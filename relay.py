@@ -377,6 +377,7 @@ __all__ = [
     "JOURNAL_NAME",
     "KIB",
     "LEDGER_REL",
+    "LOG_FAILPOINTS",
     "LOG_LEVELS",
     "MEMO_REL",
     "PROJECTION",
@@ -564,6 +565,12 @@ JOURNAL_FAILPOINTS: Final = (
     "after_journal_write",
     "after_journal_fsync",
     "after_journal_cut",
+)
+#: The steps of a commit's stream-log appends: every touched log written, every
+#: one synced (both before the journal record or the checkpoint).
+LOG_FAILPOINTS: Final = (
+    "after_logs_written",
+    "after_logs_synced",
 )
 
 
@@ -1970,6 +1977,7 @@ class Store:
         try:
             for session_id, stream, committed, records in appends:
                 sizes.append(self._write_log(session_id, stream, committed, records, opened))
+            _failpoint("after_logs_written")
             # fdatasync is enough for an append (it flushes the new size, not
             # the mtime): the journaling store's, whose commits are about this.
             sync = os.fdatasync if self.journal else os.fsync
@@ -1977,6 +1985,7 @@ class Store:
             for (_, path, stream, _), exc in zip(opened, failures, strict=True):
                 if exc is not None:
                     raise _io_failure(f"append to the {stream} log", exc, path) from exc
+            _failpoint("after_logs_synced")
         finally:
             for fd, *_ in opened:
                 os.close(fd)

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
+import subprocess
+import sys
 import threading
 
 import pytest
 import trio
 
 import relay
-from conftest import T0, commit_ok, mutation
+from conftest import ROOT, T0, commit_ok, mutation
 from relay_client import Code, RelayError
 from serve_helpers import PATIENCE, metric, serving
 
@@ -201,6 +204,41 @@ def test_a_failed_sync_of_one_log_fails_the_commit_and_the_next_one_numbers_on(w
     assert sorted(synced) == ["s1/events.log", "s2/events.log", "s4/events.log"]
     after = relay.Store(workspace).read()
     assert after.revision == before.revision and after.cursors == before.cursors
+    results, _ = _append_to_all(relay.Store(workspace), 2)
+    assert [r.record.seq for r in results] == [2, 2, 2, 2]
+    fresh = relay.Store(workspace)
+    for sid in SIDS:
+        committed = fresh.read().cursors[sid].events_bytes
+        assert [r.data for r in fresh.read_records(sid, "events", committed, 0, 10)] == [{"n": 0}, {"n": 2}]
+
+
+KILLED_CHILD = r"""
+import sys
+from pathlib import Path
+import relay, relay_client as rc
+store = relay.Store(Path(sys.argv[1]), journal=True)
+relay.commit(store, [relay.rpc_mutation("AppendEvent", rc.AppendRecordRequest(
+    session_id=sid, kind="crash", data={"n": 1})) for sid in ("s1", "s2", "s3", "s4")], relay.Config())
+print("committed", flush=True)
+"""
+
+
+@pytest.mark.parametrize("failpoint", relay.LOG_FAILPOINTS)
+def test_a_kill_around_the_log_syncs_leaves_the_old_revision(workspace, tmp_path, failpoint):
+    """A writer killed once its four logs are written, or once all are synced, before the
+    journal record: every reader sees the old revision; the next commit numbers on."""
+    _four_logs(workspace)
+    before = relay.Store(workspace).read()
+    script = tmp_path / "child.py"
+    script.write_text(KILLED_CHILD)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RELAY_FAILPOINT=failpoint)
+    proc = subprocess.run([sys.executable, str(script), str(workspace)], capture_output=True,
+                          text=True, env=env, timeout=PATIENCE)
+    assert proc.returncode == -signal.SIGKILL and proc.stdout == "", proc.stderr
+    after = relay.Store(workspace).read()
+    assert after.revision == before.revision and after.cursors == before.cursors
+    assert all(relay.Store(workspace).stream_path(sid, "events").stat().st_size
+               > before.cursors[sid].events_bytes for sid in SIDS)  # the unacknowledged tails
     results, _ = _append_to_all(relay.Store(workspace), 2)
     assert [r.record.seq for r in results] == [2, 2, 2, 2]
     fresh = relay.Store(workspace)
