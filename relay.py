@@ -10735,6 +10735,138 @@ def _serve_status_directly(app: Any, service: Service) -> Any:
     return asgi
 
 
+#: The route Connect unary calls count under in ``relay_requests`` (quart's rule).
+_CONNECT_RULE = f"{_CONNECT_PREFIX}<method>"
+#: Request headers that send a Connect call on to quart's route (it alone handles them).
+_CONNECT_SLOW_HEADERS = frozenset({b"content-encoding", b"connect-timeout-ms", b"transfer-encoding",
+                                   b"expect"})
+
+
+def _serve_connect_json_directly(app: Any, service: Service) -> Any:
+    """The ASGI wrapper that answers a plain Connect unary call (``POST
+    /relay.v1.Relay/<Method>``, ``Content-Type: application/json``, a
+    ``Content-Length`` within the body limit, no ``Content-Encoding`` or
+    ``Connect-Timeout-Ms``) without quart's request context, routing and
+    response object.  Like ``_serve_status_directly`` it stands behind the
+    door and answers only what quart's token check would pass on the
+    ``Authorization`` header.  The body is read here; until the call runs,
+    anything quart answers differently (a bad body, an unknown method, a body
+    slower than ``BODY_TIMEOUT_SECONDS``) goes to quart with the bytes read so
+    far replayed, so the call is made once either way.  The reply, an error
+    reply and the ``relay_requests`` label are quart's."""
+    counters: dict[int, Any] = {}  # status -> its labelled counter
+
+    async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if (scope["type"] != "http" or scope["method"] != "POST"
+                or not scope["path"].startswith(_CONNECT_PREFIX) or scope.get("query_string")):
+            return await app(scope, receive, send)
+        rpc = rc.RPC_BY_NAME.get(scope["path"][len(_CONNECT_PREFIX):])
+        length = _plain_json_length(scope)
+        if rpc is None or length is None or length > service.config.max_body_bytes:
+            return await app(scope, receive, send)
+        if service.token_required() and not service.authorized(_header(scope, b"authorization")):
+            return await app(scope, receive, send)
+        chunks, done = await _read_body(receive, length)
+        raw = b"".join(chunks)
+        try:
+            body = None if not done or len(raw) != length else _decode_unary(rpc, "json", raw)
+        except RelayError:
+            body = None
+        if body is None:  # quart answers it, from the same bytes
+            return await app(scope, _replaying(raw, done, receive), send)
+        try:
+            reply = await service.call_json(rpc.name, body)
+            status = 200
+            data, headers = _unary_bytes(reply, _header(scope, b"accept-encoding") or "")
+        except RelayError as exc:
+            status, data, headers = exc.code.http_status, _error_bytes(exc), []
+            if exc.code is rc.Code.UNAUTHENTICATED:
+                headers.append((b"www-authenticate", b'Bearer realm="flow-relay"'))
+        except Exception as exc:  # as quart's ``unexpected`` handler: logged, never sent
+            _logger("serve").error("internal error on %s", scope["path"], exc_info=exc)
+            internal = Internal("the relay hit an internal error; see its log")
+            status, data, headers = internal.code.http_status, _error_bytes(internal), []
+        counter = counters.get(status)
+        if counter is None:
+            counter = counters[status] = service.metrics.requests.labels(_CONNECT_RULE, str(status))
+        counter.inc()
+        await send({"type": "http.response.start", "status": status, "headers": [  # quart's order
+            *headers, (b"content-type", b"application/json"), (b"content-length", b"%d" % len(data))]})
+        await send({"type": "http.response.body", "body": data})
+
+    return asgi
+
+
+#: How long the Connect fast path waits for a request body before handing it to quart.
+BODY_TIMEOUT_SECONDS: Final = 30
+
+
+def _plain_json_length(scope: dict[str, Any]) -> int | None:
+    """The Content-Length of a request with ``Content-Type: application/json``
+    and none of ``_CONNECT_SLOW_HEADERS``; None for anything else."""
+    length = content_type = None
+    for key, value in scope["headers"]:
+        name = key.lower()
+        if name in _CONNECT_SLOW_HEADERS:
+            return None
+        if name == b"content-type":
+            if content_type is not None:
+                return None
+            content_type = value
+        elif name == b"content-length":
+            if length is not None or not value.isdigit():
+                return None
+            length = int(value)
+    return length if content_type == b"application/json" else None
+
+
+async def _read_body(receive: Any, length: int) -> tuple[list[bytes], bool]:
+    """The request body's chunks and whether it ended (within the timeout,
+    at most ``length`` bytes, no disconnect)."""
+    chunks: list[bytes] = []
+    got = 0
+    with trio.move_on_after(BODY_TIMEOUT_SECONDS):
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return chunks, False  # a disconnect: quart sees it again, replayed
+            chunk = message.get("body", b"")
+            chunks.append(chunk)
+            got += len(chunk)
+            if got > length:
+                return chunks, False
+            if not message.get("more_body", False):
+                return chunks, True
+    return chunks, False
+
+
+def _replaying(raw: bytes, done: bool, receive: Any) -> Any:
+    """An ASGI ``receive`` that first gives back the body bytes already read."""
+    pending = [{"type": "http.request", "body": raw, "more_body": not done}]
+
+    async def replay() -> dict[str, Any]:
+        if pending:
+            return pending.pop()
+        return await receive()
+
+    return replay
+
+
+def _unary_bytes(reply: dict[str, Any], accept_encoding: str) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """``_unary_response`` for the JSON codec, as bytes and extra headers."""
+    data = json.dumps(reply).encode()
+    headers = [(b"vary", b"Accept-Encoding")]
+    if len(data) >= _COMPRESS_MIN_BYTES and _accepts_gzip(accept_encoding):
+        data = gzip.compress(data, compresslevel=_GZIP_LEVEL, mtime=0)
+        headers.append((b"content-encoding", b"gzip"))
+    return data, headers
+
+
+def _error_bytes(exc: RelayError) -> bytes:
+    """``_error_response``'s body."""
+    return json.dumps(_connect_error_json(exc)).encode()
+
+
 def _header(scope: dict[str, Any], name: bytes) -> str | None:
     """The first value of header ``name`` (lower case) in an ASGI scope."""
     for key, value in scope["headers"]:
@@ -10960,7 +11092,8 @@ async def serve(store: Store, config: Config, *, host: str | None = None, port: 
         await root.start(run_supervision, runtime)
         async with trio.open_nursery() as http:
             app = _close_after_response(_guard_browsers(
-                _serve_status_directly(create_app(service), service), service))
+                _serve_status_directly(_serve_connect_json_directly(create_app(service), service),
+                                       service), service))
             urls = await http.start(functools.partial(
                 hypercorn.trio.serve, app, hconfig, shutdown_trigger=stopping.wait))
             endpoint = urls[0]

@@ -245,3 +245,77 @@ def test_a_kill_around_the_log_syncs_leaves_the_old_revision(workspace, tmp_path
     for sid in SIDS:
         committed = fresh.read().cursors[sid].events_bytes
         assert [r.data for r in fresh.read_records(sid, "events", committed, 0, 10)] == [{"n": 0}, {"n": 2}]
+
+
+# -- plain Connect JSON calls in front of quart -------------------------------------
+
+APPEND = f"/{relay.rc.SERVICE}/AppendEvent"
+
+
+def _count_quart_unary(monkeypatch) -> list[int]:
+    """Count the replies quart's Connect route builds (``_unary_response``)."""
+    calls = [0]
+    real = relay._unary_response
+
+    def counting(*args):
+        calls[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(relay, "_unary_response", counting)
+    return calls
+
+
+async def test_a_plain_connect_json_call_is_answered_before_quart(workspace, monkeypatch):
+    """AppendEvent with Content-Type application/json and a Content-Length is answered
+    without quart's route, commits once, and counts under quart's route label; a refusal
+    is the same status and body quart gives (asked with a charset, which only quart takes)."""
+    quart_calls = _count_quart_unary(monkeypatch)
+    with trio.fail_after(PATIENCE):
+        async with serving(workspace) as r:
+            await r.seed(1)  # RegisterProfile, CreateSession: two more plain calls
+            seeded = quart_calls[0]
+            reply = await r.ok("AppendEvent", session_id="s1", kind="k", data={"n": 1})
+            assert quart_calls[0] == seeded
+            fast = await r.post("AppendEvent", session_id="nope", kind="k")
+            slow = await r.client.post(APPEND, content=b'{"session_id": "nope", "kind": "k"}',
+                                       headers={"Content-Type": "application/json; charset=utf-8"})
+            assert quart_calls[0] == seeded  # a refusal builds no reply either way
+            events = await r.ok("ListEvents", session_id="s1")
+            metrics = (await r.client.get("/metrics")).text
+    assert reply["record"]["seq"] == 1 and [e["seq"] for e in events["records"]] == [1]
+    assert (fast.status_code, fast.json()) == (slow.status_code, slow.json())
+    assert fast.json()["code"] == "not_found"
+    route = f"/{relay.rc.SERVICE}/<method>"
+    assert metric(metrics, "relay_requests_total", route=route, code="404") == 2
+    assert seeded == 0
+    assert metric(metrics, "relay_requests_total", route=route, code="200") == 4  # seed, append, list
+
+
+async def test_what_the_connect_fast_path_does_not_take_goes_to_quart_with_its_body(workspace, monkeypatch):
+    """A body that is not JSON is quart's 400 (its bytes replayed to quart, read once); a
+    gzip Content-Encoding or a Connect-Timeout-Ms is served by quart's route; a token
+    still guards the fast path."""
+    from test_serve import _bound_token
+
+    _, secret = _bound_token(workspace)
+    quart_calls = _count_quart_unary(monkeypatch)
+    auth = {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"}
+    body = b'{"session_id": "s1", "kind": "k"}'
+    with trio.fail_after(PATIENCE):
+        async with serving(workspace) as r:
+            bad = await r.client.post(APPEND, content=b"{bad", headers=auth)
+            unauthenticated = await r.client.post(APPEND, content=body,
+                                                  headers={"Content-Type": "application/json"})
+            assert quart_calls == [0]
+            fast = await r.client.post(APPEND, content=body, headers=auth)
+            assert quart_calls == [0]
+            gz = await r.client.post(APPEND, content=relay.gzip.compress(body),
+                                     headers=auth | {"Content-Encoding": "gzip"})
+            timed = await r.client.post(APPEND, content=body, headers=auth | {"Connect-Timeout-Ms": "5000"})
+            assert quart_calls == [2]
+            events = await r.client.post(f"/{relay.rc.SERVICE}/ListEvents", content=b'{"session_id": "s1"}',
+                                         headers=auth)
+    assert bad.status_code == 400 and "not valid JSON" in bad.json()["message"]
+    assert unauthenticated.status_code == 401 and unauthenticated.headers["WWW-Authenticate"]
+    assert [x.json()["record"]["seq"] for x in (fast, gz, timed)] == [1, 2, 3]
+    assert [e["seq"] for e in events.json()["records"]] == [1, 2, 3]
