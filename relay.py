@@ -10766,14 +10766,14 @@ def _serve_connect_json_directly(app: Any, service: Service) -> Any:
             return await app(scope, receive, send)
         if service.token_required() and not service.authorized(_header(scope, b"authorization")):
             return await app(scope, receive, send)
-        chunks, done = await _read_body(receive, length)
+        chunks, done, other = await _read_body(receive, length)
         raw = b"".join(chunks)
         try:
             body = None if not done or len(raw) != length else _decode_unary(rpc, "json", raw)
         except RelayError:
             body = None
-        if body is None:  # quart answers it, from the same bytes
-            return await app(scope, _replaying(raw, done, receive), send)
+        if body is None:  # quart answers it, from the same messages
+            return await app(scope, _replaying(raw, done, other, receive), send)
         try:
             reply = await service.call_json(rpc.name, body)
             status = 200
@@ -10820,29 +10820,32 @@ def _plain_json_length(scope: dict[str, Any]) -> int | None:
     return length if content_type == b"application/json" else None
 
 
-async def _read_body(receive: Any, length: int) -> tuple[list[bytes], bool]:
-    """The request body's chunks and whether it ended (within the timeout,
-    at most ``length`` bytes, no disconnect)."""
+async def _read_body(receive: Any, length: int) -> tuple[list[bytes], bool, dict[str, Any] | None]:
+    """The request body's chunks, whether it ended (within the timeout; more
+    than ``length`` bytes stops the reading), and the message that was not
+    body (a disconnect), if any."""
     chunks: list[bytes] = []
     got = 0
     with trio.move_on_after(BODY_TIMEOUT_SECONDS):
         while True:
             message = await receive()
             if message["type"] != "http.request":
-                return chunks, False  # a disconnect: quart sees it again, replayed
+                return chunks, False, message
             chunk = message.get("body", b"")
             chunks.append(chunk)
             got += len(chunk)
-            if got > length:
-                return chunks, False
             if not message.get("more_body", False):
-                return chunks, True
-    return chunks, False
+                return chunks, True, None
+            if got > length:
+                return chunks, False, None
+    return chunks, False, None
 
 
-def _replaying(raw: bytes, done: bool, receive: Any) -> Any:
-    """An ASGI ``receive`` that first gives back the body bytes already read."""
-    pending = [{"type": "http.request", "body": raw, "more_body": not done}]
+def _replaying(raw: bytes, done: bool, other: dict[str, Any] | None, receive: Any) -> Any:
+    """An ASGI ``receive`` that first gives back what was already read: the
+    body bytes (``more_body`` unless the body ended or ``other`` came), then ``other``."""
+    pending = ([other] if other is not None else []) + [
+        {"type": "http.request", "body": raw, "more_body": not done and other is None}]
 
     async def replay() -> dict[str, Any]:
         if pending:

@@ -319,3 +319,28 @@ async def test_what_the_connect_fast_path_does_not_take_goes_to_quart_with_its_b
     assert unauthenticated.status_code == 401 and unauthenticated.headers["WWW-Authenticate"]
     assert [x.json()["record"]["seq"] for x in (fast, gz, timed)] == [1, 2, 3]
     assert [e["seq"] for e in events.json()["records"]] == [1, 2, 3]
+
+
+async def test_the_body_read_before_handing_over_is_given_back_in_order():
+    """What the fast path read (a partial body, then a disconnect; or a whole body) is what
+    quart's receive returns first, then the connection's own messages."""
+    async def feed(messages):
+        queue = list(messages)
+
+        async def receive():
+            return queue.pop(0)
+        return receive
+
+    later = {"type": "http.request", "body": b"-rest", "more_body": False}
+    gone = {"type": "http.disconnect"}
+    receive = await feed([{"type": "http.request", "body": b"ab", "more_body": True}, gone, later])
+    chunks, ended, other = await relay._read_body(receive, 10)
+    assert (chunks, ended, other) == ([b"ab"], False, gone)
+    replay = relay._replaying(b"ab", ended, other, receive)
+    assert [await replay() for _ in range(3)] == [
+        {"type": "http.request", "body": b"ab", "more_body": False}, gone, later]
+    receive = await feed([{"type": "http.request", "body": b"abc", "more_body": True}, later])
+    chunks, ended, other = await relay._read_body(receive, 2)  # past the length: stop reading
+    replay = relay._replaying(b"".join(chunks), ended, other, receive)
+    assert [await replay() for _ in range(2)] == [
+        {"type": "http.request", "body": b"abc", "more_body": True}, later]
