@@ -377,6 +377,7 @@ __all__ = [
     "JOURNAL_NAME",
     "KIB",
     "LEDGER_REL",
+    "LOG_FAILPOINTS",
     "LOG_LEVELS",
     "MEMO_REL",
     "PROJECTION",
@@ -564,6 +565,12 @@ JOURNAL_FAILPOINTS: Final = (
     "after_journal_write",
     "after_journal_fsync",
     "after_journal_cut",
+)
+#: The steps of a commit's stream-log appends: every touched log written, every
+#: one synced (both before the journal record or the checkpoint).
+LOG_FAILPOINTS: Final = (
+    "after_logs_written",
+    "after_logs_synced",
 )
 
 
@@ -1792,6 +1799,55 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+def _pwrite_all(fd: int, data: bytes, at: int) -> None:
+    """Write all of ``data`` at offset ``at``."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, at)
+        view, at = view[written:], at + written
+
+
+#: At most this many stream logs of one commit are synced at once (``_sync_all``).
+SYNC_THREADS: Final = 4
+_sync_pool: Any = None
+_sync_pool_lock = threading.Lock()
+
+
+def _sync_all(fds: list[int], sync: Callable[[int], None], concurrent: bool) -> list[OSError | None]:
+    """``sync`` every descriptor; the OSError of each (None when it synced).
+    ``concurrent``: all but the last on a small thread pool while this thread
+    syncs the last (a sync waits on the disk with the GIL released, and the
+    disk flushes several files in about the time of one).  Every sync runs to
+    its end, failed or not: none is retried, and the caller fails the commit."""
+    def one(fd: int) -> OSError | None:
+        try:
+            sync(fd)
+        except OSError as exc:
+            return exc
+        return None
+
+    if not concurrent or len(fds) < 2:
+        out: list[OSError | None] = []
+        for fd in fds:
+            out.append(one(fd))
+            if out[-1] is not None:  # the rest are not synced: the commit fails anyway
+                return out + [None] * (len(fds) - len(out))
+        return out
+    futures = [_sync_executor().submit(one, fd) for fd in fds[:-1]]
+    last = one(fds[-1])
+    return [f.result() for f in futures] + [last]
+
+
+def _sync_executor() -> Any:
+    global _sync_pool
+    with _sync_pool_lock:
+        if _sync_pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _sync_pool = ThreadPoolExecutor(SYNC_THREADS - 1, thread_name_prefix="relay-sync")
+        return _sync_pool
+
+
 def _flock_named(path: Path, flags: int, make_parent: Callable[[], None]) -> int:
     """Open ``path``, flock it exclusively, and return the descriptor once
     ``path`` still names the locked inode; a lock on a file unlinked or
@@ -2117,22 +2173,23 @@ class Store:
         removed it, and the ledger in hand still holds its records."""
         path, end = self.journal_path, snap.journal_end
         try:
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                created = True
-            except FileExistsError:
+            try:  # the usual case first: one open, not a failed O_EXCL create and a second open
                 fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
                 created = False
+            except FileNotFoundError:
+                try:
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                    created = True
+                except FileExistsError:  # made meanwhile by something that ignores the lock
+                    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
             try:
-                if os.fstat(fd).st_size < end:
+                size = os.fstat(fd).st_size
+                if size < end:
                     return False
-                if os.fstat(fd).st_size != end:
+                if size != end:
                     os.ftruncate(fd, end)  # a torn or stale tail: never counted, cut before the append
                 try:
-                    view, at = memoryview(line), end
-                    while view:
-                        written = os.pwrite(fd, view, at)
-                        view, at = view[written:], at + written
+                    _pwrite_all(fd, line, end)
                     _failpoint("after_journal_write")
                     os.fdatasync(fd)
                 except OSError:
@@ -2199,6 +2256,44 @@ class Store:
         new length.  The caller commits that length in the ledger.  A log
         shorter than ``committed`` (or gone) is refused with ``data_loss``:
         growing it back would acknowledge records behind a hole no one can read."""
+        return self.append_logs([(session_id, stream, committed, records)])[0]
+
+    def append_logs(self, appends: list[tuple[str, str, int, list[rc.StreamRecord]]]) -> list[int]:
+        """``append_records`` for several logs (session id, stream, committed
+        length, records): every log is cut and written first, then all are
+        synced, concurrently on a journaling store (the server's: one commit's
+        logs then cost about one sync, not one each); returns the new lengths.
+        Nothing is committed unless every sync succeeded."""
+        opened: list[tuple[int, Path, str, int]] = []  # fd, path, stream, committed
+        sizes = []
+        try:
+            for session_id, stream, committed, records in appends:
+                sizes.append(self._write_log(session_id, stream, committed, records, opened))
+            _failpoint("after_logs_written")
+            # fdatasync is enough for an append (it flushes the new size, not
+            # the mtime): the journaling store's, whose commits are about this.
+            sync = os.fdatasync if self.journal else os.fsync
+            failures = _sync_all([fd for fd, *_ in opened], sync, concurrent=self.journal)
+            for (_, path, stream, _), exc in zip(opened, failures, strict=True):
+                if exc is not None:
+                    raise _io_failure(f"append to the {stream} log", exc, path) from exc
+            _failpoint("after_logs_synced")
+        finally:
+            for fd, *_ in opened:
+                os.close(fd)
+        for _, path, _, committed in opened:
+            if committed == 0:
+                try:
+                    _fsync_dir(path.parent)
+                except OSError as exc:
+                    raise _io_failure("fsync the stream directory", exc, path.parent) from exc
+        return sizes
+
+    def _write_log(self, session_id: str, stream: str, committed: int,
+                   records: list[rc.StreamRecord], opened: list[tuple[int, Path, str, int]]) -> int:
+        """Open the log (adding its descriptor to ``opened``, for the caller to
+        sync and close), cut it to ``committed``, write ``records`` there;
+        returns the new length."""
         path = self.stream_path(session_id, stream)
         data = b"".join(encode_record(r) for r in records)
         try:
@@ -2211,6 +2306,7 @@ class Store:
             raise _short_log(session_id, stream, path, None, committed) from None
         except OSError as exc:
             raise _io_failure(f"open the {stream} log", exc, path) from exc
+        opened.append((fd, path, stream, committed))
         try:
             size = os.fstat(fd).st_size
             if size < committed:
@@ -2219,18 +2315,8 @@ class Store:
                 os.ftruncate(fd, committed)
             os.lseek(fd, committed, os.SEEK_SET)
             _write_all(fd, data)
-            # fdatasync is enough for an append (it flushes the new size, not
-            # the mtime): the journaling store's, whose commits are about this.
-            (os.fdatasync if self.journal else os.fsync)(fd)
         except OSError as exc:
             raise _io_failure(f"append to the {stream} log", exc, path) from exc
-        finally:
-            os.close(fd)
-        if committed == 0:
-            try:
-                _fsync_dir(path.parent)
-            except OSError as exc:
-                raise _io_failure("fsync the stream directory", exc, path.parent) from exc
         return committed + len(data)
 
     def short_log(self, session_id: str, stream: str, committed: int) -> rc.DataLoss | None:
@@ -4208,11 +4294,11 @@ def commit(store: Store, mutations: list[Mutation], config: Config,
                     raise _io_failure("fsync the ledger directory", exc, store.state_dir) from exc
             return results, None
         ledger = _compact_if_due(store, ledger, now, config)
-        for (session_id, stream), records in appends.items():
-            cursor = ledger.cursors[session_id]
-            size = store.append_records(session_id, stream,
-                                        getattr(cursor, f"{stream}_bytes"), records)
-            cursor = attrs.evolve(cursor, **{f"{stream}_bytes": size})
+        sizes = store.append_logs([
+            (session_id, stream, getattr(ledger.cursors[session_id], f"{stream}_bytes"), records)
+            for (session_id, stream), records in appends.items()])
+        for (session_id, stream), size in zip(appends, sizes, strict=True):
+            cursor = attrs.evolve(ledger.cursors[session_id], **{f"{stream}_bytes": size})
             ledger = attrs.evolve(ledger, cursors=_put_private(ledger.cursors, start.cursors,
                                                                session_id, cursor))
         if not ledger.ledger_id:  # the ledger's first write gives it its identity
@@ -11110,6 +11196,184 @@ def _guard_browsers(app: Any, service: Service) -> Any:
     return asgi
 
 
+#: The route ``GET /api/relay/status`` counts under in ``relay_requests`` (quart's rule).
+_STATUS_RULE = "/api/relay/<name>"
+
+
+def _serve_status_directly(app: Any, service: Service) -> Any:
+    """The ASGI wrapper that answers the most polled request, a plain
+    ``GET /api/relay/status``, from the cached status bytes without quart's
+    request context, routing and response object (about a fifth of such a
+    request's CPU).  It stands behind ``_guard_browsers`` (Host, Origin, CORS),
+    answers only when quart's token check would let the request through on
+    its ``Authorization`` header alone (or no token is required), and counts
+    it under the same ``relay_requests`` labels; everything else (a query, a
+    body, a cookie-only login, a refusal, an error) goes to quart as before."""
+    counter: list[Any] = []  # the labelled counter, fetched once
+
+    async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if (scope["type"] != "http" or scope["path"] != "/api/relay/status"
+                or scope["method"] != "GET" or scope.get("query_string") or _has_body(scope)):
+            return await app(scope, receive, send)
+        if service.token_required() and not service.authorized(_header(scope, b"authorization")):
+            return await app(scope, receive, send)  # a cookie may still log it in; or quart refuses
+        try:
+            body = await service.status_json()
+        except Exception:  # noqa: BLE001 - quart computes it again and answers (and logs) the error
+            return await app(scope, receive, send)
+        if not counter:
+            counter.append(service.metrics.requests.labels(_STATUS_RULE, "200"))
+        counter[0].inc()
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]})
+        await send({"type": "http.response.body", "body": body})
+
+    return asgi
+
+
+#: The route Connect unary calls count under in ``relay_requests`` (quart's rule).
+_CONNECT_RULE = f"{_CONNECT_PREFIX}<method>"
+#: Request headers that send a Connect call on to quart's route (it alone handles them).
+_CONNECT_SLOW_HEADERS = frozenset({b"content-encoding", b"connect-timeout-ms", b"transfer-encoding",
+                                   b"expect"})
+
+
+def _serve_connect_json_directly(app: Any, service: Service) -> Any:
+    """The ASGI wrapper that answers a plain Connect unary call (``POST
+    /relay.v1.Relay/<Method>``, ``Content-Type: application/json``, a
+    ``Content-Length`` within the body limit, no ``Content-Encoding`` or
+    ``Connect-Timeout-Ms``) without quart's request context, routing and
+    response object.  Like ``_serve_status_directly`` it stands behind the
+    door and answers only what quart's token check would pass on the
+    ``Authorization`` header.  The body is read here; until the call runs,
+    anything quart answers differently (a bad body, an unknown method, a body
+    slower than ``BODY_TIMEOUT_SECONDS``) goes to quart with the bytes read so
+    far replayed, so the call is made once either way.  The reply, an error
+    reply and the ``relay_requests`` label are quart's."""
+    counters: dict[int, Any] = {}  # status -> its labelled counter
+
+    async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if (scope["type"] != "http" or scope["method"] != "POST"
+                or not scope["path"].startswith(_CONNECT_PREFIX) or scope.get("query_string")):
+            return await app(scope, receive, send)
+        rpc = rc.RPC_BY_NAME.get(scope["path"][len(_CONNECT_PREFIX):])
+        length = _plain_json_length(scope)
+        if rpc is None or length is None or length > service.config.max_body_bytes:
+            return await app(scope, receive, send)
+        if service.token_required() and not service.authorized(_header(scope, b"authorization")):
+            return await app(scope, receive, send)
+        chunks, done, other = await _read_body(receive, length)
+        raw = b"".join(chunks)
+        try:
+            body = None if not done or len(raw) != length else _decode_unary(rpc, "json", raw)
+        except RelayError:
+            body = None
+        if body is None:  # quart answers it, from the same messages
+            return await app(scope, _replaying(raw, done, other, receive), send)
+        try:
+            reply = await service.call_json(rpc.name, body)
+            status = 200
+            data, headers = _unary_bytes(reply, _header(scope, b"accept-encoding") or "")
+        except RelayError as exc:
+            status, data, headers = exc.code.http_status, _error_bytes(exc), []
+            if exc.code is rc.Code.UNAUTHENTICATED:
+                headers.append((b"www-authenticate", b'Bearer realm="flow-relay"'))
+        except Exception as exc:  # as quart's ``unexpected`` handler: logged, never sent
+            _logger("serve").error("internal error on %s", scope["path"], exc_info=exc)
+            internal = Internal("the relay hit an internal error; see its log")
+            status, data, headers = internal.code.http_status, _error_bytes(internal), []
+        counter = counters.get(status)
+        if counter is None:
+            counter = counters[status] = service.metrics.requests.labels(_CONNECT_RULE, str(status))
+        counter.inc()
+        await send({"type": "http.response.start", "status": status, "headers": [  # quart's order
+            *headers, (b"content-type", b"application/json"), (b"content-length", b"%d" % len(data))]})
+        await send({"type": "http.response.body", "body": data})
+
+    return asgi
+
+
+#: How long the Connect fast path waits for a request body before handing it to quart.
+BODY_TIMEOUT_SECONDS: Final = 30
+
+
+def _plain_json_length(scope: dict[str, Any]) -> int | None:
+    """The Content-Length of a request with ``Content-Type: application/json``
+    and none of ``_CONNECT_SLOW_HEADERS``; None for anything else."""
+    length = content_type = None
+    for key, value in scope["headers"]:
+        name = key.lower()
+        if name in _CONNECT_SLOW_HEADERS:
+            return None
+        if name == b"content-type":
+            if content_type is not None:
+                return None
+            content_type = value
+        elif name == b"content-length":
+            if length is not None or not value.isdigit():
+                return None
+            length = int(value)
+    return length if content_type == b"application/json" else None
+
+
+async def _read_body(receive: Any, length: int) -> tuple[list[bytes], bool, dict[str, Any] | None]:
+    """The request body's chunks, whether it ended (within the timeout; more
+    than ``length`` bytes stops the reading), and the message that was not
+    body (a disconnect), if any."""
+    chunks: list[bytes] = []
+    got = 0
+    with trio.move_on_after(BODY_TIMEOUT_SECONDS):
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return chunks, False, message
+            chunk = message.get("body", b"")
+            chunks.append(chunk)
+            got += len(chunk)
+            if not message.get("more_body", False):
+                return chunks, True, None
+            if got > length:
+                return chunks, False, None
+    return chunks, False, None
+
+
+def _replaying(raw: bytes, done: bool, other: dict[str, Any] | None, receive: Any) -> Any:
+    """An ASGI ``receive`` that first gives back what was already read: the
+    body bytes (``more_body`` unless the body ended or ``other`` came), then ``other``."""
+    pending = ([other] if other is not None else []) + [
+        {"type": "http.request", "body": raw, "more_body": not done and other is None}]
+
+    async def replay() -> dict[str, Any]:
+        if pending:
+            return pending.pop()
+        return await receive()
+
+    return replay
+
+
+def _unary_bytes(reply: dict[str, Any], accept_encoding: str) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """``_unary_response`` for the JSON codec, as bytes and extra headers."""
+    data = json.dumps(reply).encode()
+    headers = [(b"vary", b"Accept-Encoding")]
+    if len(data) >= _COMPRESS_MIN_BYTES and _accepts_gzip(accept_encoding):
+        data = gzip.compress(data, compresslevel=_GZIP_LEVEL, mtime=0)
+        headers.append((b"content-encoding", b"gzip"))
+    return data, headers
+
+
+def _error_bytes(exc: RelayError) -> bytes:
+    """``_error_response``'s body."""
+    return json.dumps(_connect_error_json(exc)).encode()
+
+
+def _header(scope: dict[str, Any], name: bytes) -> str | None:
+    """The first value of header ``name`` (lower case) in an ASGI scope."""
+    for key, value in scope["headers"]:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
 async def _refuse_at_door(scope: dict[str, Any], receive: Any, send: Any, exc: RelayError) -> None:
     """Answer a refused request (or WebSocket upgrade) with the Connect error."""
     body = json.dumps(exc.to_json()).encode()
@@ -11326,7 +11590,9 @@ async def serve(store: Store, config: Config, *, host: str | None = None, port: 
         await root.start(run_heartbeat, owner, config, probe_token is None)
         await root.start(run_supervision, runtime)
         async with trio.open_nursery() as http:
-            app = _close_after_response(_guard_browsers(create_app(service), service))
+            app = _close_after_response(_guard_browsers(
+                _serve_status_directly(_serve_connect_json_directly(create_app(service), service),
+                                       service), service))
             urls = await http.start(functools.partial(
                 hypercorn.trio.serve, app, hconfig, shutdown_trigger=stopping.wait))
             endpoint = urls[0]

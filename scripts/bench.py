@@ -668,6 +668,24 @@ request = function()
 end
 '''
 
+#: wrk script: etcd lease grant, then revoke of a granted id (ids from grant replies queue for
+#: revokes, so each connection alternates about evenly); pairs/s is half the requests/s.
+ETCD_PAIRS_LUA = '''\
+local ids = {}
+request = function()
+  local id = table.remove(ids)
+  if id then
+    return wrk.format("POST", "/v3/lease/revoke", {["Content-Type"] = "application/json"},
+                      '{"ID":"' .. id .. '"}')
+  end
+  return wrk.format("POST", "/v3/lease/grant", {["Content-Type"] = "application/json"}, '{"TTL":60}')
+end
+response = function(status, headers, body)
+  local id = body:match('"ID":"(%d+)"')
+  if id then table.insert(ids, id) end
+end
+'''
+
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
@@ -1220,6 +1238,13 @@ def ws_leases(bench: Bench) -> list[Figure]:
         runs = interleave(subjects, rounds)
         after = scrape(server)
         ledger_bytes = (root / relay.LEDGER_REL).stat().st_size
+        wrk = shutil.which("wrk")
+        etcd_wrk: dict[int, float] = {}
+        if etcd is not None and wrk is not None:  # etcd's own capacity, without a Python client
+            script = root / "etcd_pairs.lua"
+            script.write_text(ETCD_PAIRS_LUA, encoding="utf-8")
+            for conns in (workers, 1):
+                etcd_wrk[conns] = 2 * run_wrk(wrk, etcd_srv.url, conns, seconds, script)
     note = (f"{rounds} rounds of {seconds}s, median round; relay: one WebSocket, {workers} "
             f"workers each pairing GrantLease(exclusive-write) and ReleaseLease on its own session, "
             f"replies matched by id (trio-websocket); ledger {ledger_bytes:,} B at the end (released "
@@ -1252,7 +1277,28 @@ def ws_leases(bench: Bench) -> list[Figure]:
                         "etcd lease grant+revoke pairs/s, same concurrency", ">= 2", note=note),
             time_figure("ws_leases.pair_c1", c1_label, runs["relay_c1"], runs["etcd_c1"],
                         "etcd lease grant+revoke pair at concurrency 1, same run", "<= 2", note=c1_note),
+            *etcd_capacity_figures(runs, etcd_wrk, workers, seconds),
             *commit_figures("ws_leases", "lease rounds", before, after)]
+
+
+def etcd_capacity_figures(runs: dict[str, list[float]], etcd_wrk: dict[int, float], workers: int,
+                          seconds: float) -> list[Figure]:
+    """Information: the relay's pairs against etcd driven by wrk instead of the Python client
+    (the Python client, not etcd, bounds the etcd baseline of ``ws_leases.pairs``)."""
+    if not etcd_wrk:
+        return []
+    note = (f"wrk -t1 -c{{n}} -d{seconds}s, a Lua script pairing POST /v3/lease/grant with "
+            "/v3/lease/revoke of a granted id (pairs = requests / 2), one run after the rounds; "
+            "information: how far the Python client bounds the etcd baseline above")
+    return [
+        Figure("ws_leases.pairs_vs_etcd_wrk", f"GrantLease+ReleaseLease pairs/s over /ws, {workers} "
+               "in flight, vs etcd driven by wrk", 1 / statistics.median(runs["relay"]), "ops/s",
+               1 / etcd_wrk[workers], f"etcd grant+revoke pairs/s, wrk -c{workers}",
+               note=note.format(n=workers)),
+        Figure("ws_leases.pair_c1_vs_etcd_wrk", "GrantLease+ReleaseLease pair over /ws, 1 in flight, "
+               "vs etcd driven by wrk", statistics.median(runs["relay_c1"]) * 1e3, "ms",
+               etcd_wrk[1] * 1e3, "etcd grant+revoke pair, wrk -c1", note=note.format(n=1)),
+    ]
 
 
 # -- SSE fan-out and memory -------------------------------------------------------
