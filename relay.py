@@ -2197,6 +2197,12 @@ class _KeyTable:
         if len(self.newest) >= _KEY_TABLE_BATCH:
             self._merge()
 
+    def seal(self) -> None:
+        """No more keys come (a sealed bucket): its newest go into the arrays,
+        so what a day of buckets holds is 16 bytes a key, no dict left over."""
+        if self.newest:
+            self._merge()
+
     def _merge(self) -> None:
         merged = dict(zip(self.hashes, self.offsets, strict=True))
         merged.update(self.newest)
@@ -2259,6 +2265,9 @@ class RequestIndex:
                 continue
             for shard in range(REQUEST_SHARDS):
                 self._read(store, bucket, shard, 0, _committed_end(cursor, bucket, shard))
+        for (bucket, _), table in self.tables.items():
+            if bucket != cursor.bucket:
+                table.seal()
         self.bucket, self.offsets = cursor.bucket, list(cursor.shard_bytes)
 
     def _table(self, bucket: str, shard: int) -> _KeyTable:
@@ -4256,6 +4265,27 @@ class HubStatistics:
     direct: int = _gauge("SSE subscriptions whose frames are written straight to their sockets")
 
 
+@attrs.frozen
+class FeedNotice:
+    """A relay-feed notice as the feed's history keeps it: its JSON once,
+    not a ``Frame`` (which holds the data, the SSE bytes, the WebSocket text
+    and the HTTP chunk: four copies of it).  A replay rebuilds the frame."""
+
+    revision: int
+    index: int
+    kind: str
+    payload: bytes  # the notice's data as JSON
+
+    @classmethod
+    def of(cls, revision: int, index: int, kind: str, data: dict[str, Any]) -> FeedNotice:
+        return cls(revision, index, kind,
+                   json.dumps(data, separators=(",", ":"), sort_keys=True).encode())
+
+    def frame(self) -> Frame:
+        """The frame ``notice`` published (the same bytes: JSON data round-trips)."""
+        return Frame.make(f"{self.revision}.{self.index}", self.kind, json.loads(self.payload))
+
+
 @attrs.define(eq=False)
 class EventHub:
     """Fan-out of stream records and relay notices to SSE/WebSocket subscribers.
@@ -4267,12 +4297,18 @@ class EventHub:
     """
 
     buffer: int = 256
+    #: The relay feed's Last-Event-ID history: at most this many notices, and
+    #: at most ``feed_history_bytes`` of their JSON (``FeedNotice``).  The byte
+    #: bound is the one a busy server reaches: a few minutes of notices, so a
+    #: long-running server's memory levels off within its first minutes.
     feed_history: int = 4096
+    feed_history_bytes: int = 256 * KIB
     _subs: dict[str, set[Subscriber]] = attrs.Factory(dict)
     _published: dict[tuple[str, str], int] = attrs.Factory(dict)
     #: stream -> session -> last published seq: the all-sessions stream's ids.
     _vectors: dict[str, dict[str, int]] = attrs.Factory(dict)
-    _feed: Any = None  # deque of (revision, index, Frame)
+    _feed: Any = None  # deque of FeedNotice, oldest first
+    feed_bytes: int = 0  # of the JSON the notices in ``_feed`` hold
     feed_base: int = 0
     _evicted: tuple[int, int] = (-1, -1)  # the newest notice dropped from _feed
     closed: bool = False
@@ -4286,7 +4322,7 @@ class EventHub:
     def __attrs_post_init__(self) -> None:
         import collections
 
-        self._feed = collections.deque(maxlen=self.feed_history)
+        self._feed = collections.deque()
 
     def next_tick(self) -> float:
         """Count a turn of the event loop once a frame has gone out this turn;
@@ -4372,11 +4408,16 @@ class EventHub:
     def notice(self, revision: int, kind: str, data: dict[str, Any]) -> None:
         """A relay lifecycle notice (lease granted, revoked, ...) on the feed."""
         last = self._feed[-1] if self._feed else None
-        index = last[1] + 1 if last is not None and last[0] == revision else 0
+        index = last.index + 1 if last is not None and last.revision == revision else 0
         frame = Frame.make(f"{revision}.{index}", kind, data)
-        if len(self._feed) == self._feed.maxlen:
-            self._evicted = self._feed[0][:2]
-        self._feed.append((revision, index, frame))
+        kept = FeedNotice.of(revision, index, kind, data)
+        self._feed.append(kept)
+        self.feed_bytes += len(kept.payload)
+        while len(self._feed) > self.feed_history or (
+                self.feed_bytes > self.feed_history_bytes and len(self._feed) > 1):
+            dropped = self._feed.popleft()
+            self.feed_bytes -= len(dropped.payload)
+            self._evicted = (dropped.revision, dropped.index)
         self.publish("relay", frame)
 
     def feed_after(self, revision: int, index: int) -> list[Frame] | None:
@@ -4385,7 +4426,7 @@ class EventHub:
         A cursor need not name a notice (``REVISION.0`` from GetStatus works)."""
         if revision < self.feed_base or (revision, index) < self._evicted:
             return None
-        return [f for r, i, f in self._feed if (r, i) > (revision, index)]
+        return [n.frame() for n in self._feed if (n.revision, n.index) > (revision, index)]
 
     def end_all(self, farewell: Frame) -> None:
         """End every subscription with ``farewell`` as its last frame; the
@@ -4405,6 +4446,7 @@ class EventHub:
             self.mark_seen(sid, "events", cursor.events)
             self.mark_seen(sid, "results", cursor.results)
         self._feed.clear()
+        self.feed_bytes = 0
         self.feed_base = ledger.revision
         self._evicted = (-1, -1)
 
