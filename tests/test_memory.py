@@ -4,9 +4,17 @@ by a size it reaches in its first minutes, or by what it serves)."""
 
 from __future__ import annotations
 
+import ctypes
+import inspect
 import json
+import os
+import subprocess
+import sys
+
+import pytest
 
 import relay
+from conftest import ROOT
 
 
 def _lease(n: int) -> dict:
@@ -84,3 +92,41 @@ def test_the_request_index_seals_buckets_the_cursor_moved_past(tmp_path):
     assert all(not t.newest for t in sealed) and sum(len(t.hashes) for t in sealed) == 40
     assert any(t.newest for (bucket, _), t in index.tables.items() if bucket == current)
     assert index.lookup(store, "k0-3", now + span, config) is not None
+
+
+_MALLINFO = """
+import ctypes, sys
+import relay
+libc = ctypes.CDLL(None)
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                               "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = Info
+if sys.argv[1] == "tuned":
+    assert relay.tune_malloc()
+big = bytes(30_000_000)  # pages of its own, freed: glibc raises its threshold past it
+del big
+before = libc.mallinfo2().hblkhd
+smaller = bytes(28_000_000)  # more than the heap has free: a block of its own, or a bigger heap
+print(libc.mallinfo2().hblkhd - before)
+"""
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="glibc 2.33+ only")
+@pytest.mark.parametrize("tuned", [False, True])
+def test_a_served_relay_gives_each_large_transient_block_pages_of_its_own(tuned):
+    """After ``tune_malloc`` (``relay serve`` calls it) a large block that
+    fits no hole gets pages of its own (returned when freed) even after a
+    bigger one was freed; untuned glibc grows the heap for it instead (the
+    soak's server grew that way, a large transient copy at a time)."""
+    out = subprocess.run([sys.executable, "-c", _MALLINFO, "tuned" if tuned else "plain"],
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+                         text=True, check=True).stdout
+    mapped = int(out)
+    assert (mapped >= 28_000_000) if tuned else (mapped == 0)
+
+
+def test_serve_tunes_malloc_before_it_starts():
+    """``_run_serve`` calls ``tune_malloc`` before ``trio.run`` (threads get their heaps then)."""
+    source = inspect.getsource(relay._run_serve)
+    assert source.index("tune_malloc()") < source.index("trio.run(")
