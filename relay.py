@@ -2204,12 +2204,23 @@ class _KeyTable:
             self._merge()
 
     def _merge(self) -> None:
-        merged = dict(zip(self.hashes, self.offsets, strict=True))
-        merged.update(self.newest)
-        order = sorted(merged)
-        self.hashes = array.array("Q", order)
-        self.offsets = array.array("Q", (merged[h] for h in order))
-        self.newest = {}
+        """The newest keys into the arrays (a newest offset replaces an
+        older one), copying runs of the old arrays between them as slices:
+        no dict or int object per key held (a shard of a busy hour holds
+        tens of thousands, and a transient of that many small objects is
+        what fragments a long-running server's heap)."""
+        hashes, offsets = array.array("Q"), array.array("Q")
+        at = 0
+        for hashed, offset in sorted(self.newest.items()):
+            until = bisect.bisect_left(self.hashes, hashed, at)
+            hashes.extend(self.hashes[at:until])
+            offsets.extend(self.offsets[at:until])
+            hashes.append(hashed)
+            offsets.append(offset)
+            at = until + (until < len(self.hashes) and self.hashes[until] == hashed)
+        hashes.extend(self.hashes[at:])
+        offsets.extend(self.offsets[at:])
+        self.hashes, self.offsets, self.newest = hashes, offsets, {}
 
     def find(self, hashed: int) -> int | None:
         offset = self.newest.get(hashed)

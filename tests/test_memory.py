@@ -130,3 +130,21 @@ def test_serve_tunes_malloc_before_it_starts():
     """``_run_serve`` calls ``tune_malloc`` before ``trio.run`` (threads get their heaps then)."""
     source = inspect.getsource(relay._run_serve)
     assert source.index("tune_malloc()") < source.index("trio.run(")
+
+
+def test_a_key_table_merge_keeps_every_key_sorted_and_the_newest_offset_of_each():
+    """Merging batches into the arrays keeps them sorted, one entry a key, the
+    newest offset winning (a key added again after a merge, and within a batch)."""
+    import random
+
+    rng = random.Random(7)
+    table, expected = relay._KeyTable(), {}
+    for offset in range(5 * relay._KEY_TABLE_BATCH):
+        hashed = rng.choice(list(expected)) if expected and rng.random() < 0.2 else rng.getrandbits(64)
+        table.add(hashed, offset)
+        expected[hashed] = offset
+    table.seal()
+    assert list(table.hashes) == sorted(expected)
+    assert list(table.offsets) == [expected[h] for h in sorted(expected)]
+    assert all(table.find(h) == o for h, o in expected.items())
+    assert table.find(rng.getrandbits(64)) is None
