@@ -1917,6 +1917,8 @@ class Store:
     #: Commit by appending to the journal where the change allows (the
     #: server); otherwise every commit writes a checkpoint (the CLI).
     journal: bool = False
+    #: The state directory as it was at the last orphan sweep (``sweep_orphan_temps``).
+    _swept: tuple[int, ...] | None = None
 
     # Cached: a commit asks for these paths ~40 times, and building a Path
     # costs microseconds each (a quarter of a small commit's CPU).
@@ -2236,6 +2238,21 @@ class Store:
                     os.ftruncate(fd, len(digest))
             finally:
                 os.close(fd)
+
+    def sweep_orphan_temps(self) -> list[str]:
+        """``remove_orphan_temps`` unless the state directory is unchanged since
+        the last sweep (call only under the lock).  A temp file is created
+        only under the lock, so a writer that left one changed the directory
+        after that sweep; a long-lived store (the server's) then pays one
+        stat per commit instead of a listing."""
+        st = os.stat(self.state_dir)
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+        if key == self._swept:
+            return []
+        # Taken before the sweep: an unlink by it changes the directory, and
+        # the next commit lists it once more (and finds nothing).
+        removed, self._swept = self.remove_orphan_temps(), key
+        return removed
 
     def remove_orphan_temps(self) -> list[str]:
         """Delete temp files a crashed writer left (call only under the lock)."""
@@ -4292,7 +4309,7 @@ def commit(store: Store, mutations: list[Mutation], config: Config,
     with store.locked():
         # Every time, not once per Store: a long-lived store (the server's)
         # must also sweep what a CLI writer killed mid-write left meanwhile.
-        store.remove_orphan_temps()
+        store.sweep_orphan_temps()
         snap = store.snapshot()
         start = snap.ledger if snap is not None else Ledger()
         if on_start is not None:
@@ -5048,6 +5065,22 @@ def diff_notices(old: Ledger, new: Ledger) -> list[tuple[str, dict[str, Any]]]:
     if old.runtime.status != new.runtime.status:
         kind = {"serving": "served"}.get(new.runtime.status, new.runtime.status)
         out.append((f"runtime.{kind}", to_json(new.runtime)))
+    return out
+
+
+def _expired_since(old: Ledger, new: Ledger) -> list[rc.Lease]:
+    """The leases ``new`` has ``expired`` that ``old`` had not, in ledger order.
+    Only a live lease expires, so ``old``'s index of live leases says first
+    whether any did: released leases stay until compaction, and this runs in
+    the event loop after every commit, so no scan of them all for nothing."""
+    if not any(getattr(new.leases.get(lease_id), "state", "") == "expired"
+               for ids in _lease_index(old).busy.values() for lease_id in ids):
+        return []
+    out = []
+    for lease in new.leases.values():
+        before = old.leases.get(lease.lease_id)
+        if lease.state == "expired" and before is not None and before.state != "expired":
+            out.append(lease)
     return out
 
 
@@ -8263,10 +8296,8 @@ class LedgerOwner:
                 self.hub.notice(revision, kind, data)
         announced = {x.lease_id for p, r in zip(batch, results, strict=True)
                      if p.mutation.method == "reaper" and isinstance(r, list) for x in r}
-        for lease in ledger.leases.values():  # expired by compaction on the way
-            before = old.leases.get(lease.lease_id)
-            if (lease.state == "expired" and before is not None and before.state != "expired"
-                    and lease.lease_id not in announced):
+        for lease in _expired_since(old, ledger):  # expired by compaction on the way
+            if lease.lease_id not in announced:
                 self.hub.notice(ledger.revision, "lease.expired", to_json(lease))
 
     async def refresh(self) -> None:
