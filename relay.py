@@ -499,6 +499,10 @@ JOURNAL_NAME: Final = "relay-state.journal"
 #: would pass this many bytes (half the checkpoint's size, within these bounds).
 JOURNAL_MIN_BYTES: Final = 16 * KIB
 JOURNAL_MAX_BYTES: Final = 256 * KIB
+#: How long the state directory must have been unchanged before a sweep of it
+#: may be skipped: more than any file system's timestamp granularity, so a
+#: temp file made after that sweep gets a later mtime (``sweep_orphan_temps``).
+SWEEP_SETTLED_NS = 20_000_000
 #: A map with at most this many entries in both ledgers is diffed key by key
 #: when it was not made by ``_put`` (compaction, expiry): bigger ones checkpoint.
 JOURNAL_DIFF_ENTRIES: Final = 256
@@ -2250,8 +2254,11 @@ class Store:
         if key == self._swept:
             return []
         # Taken before the sweep: an unlink by it changes the directory, and
-        # the next commit lists it once more (and finds nothing).
-        removed, self._swept = self.remove_orphan_temps(), key
+        # the next commit lists it once more (and finds nothing).  Kept only
+        # once the directory has settled: a change within the same timestamp
+        # tick as the last one would leave mtime and ctime as they are.
+        settled = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > SWEEP_SETTLED_NS
+        removed, self._swept = self.remove_orphan_temps(), key if settled else None
         return removed
 
     def remove_orphan_temps(self) -> list[str]:

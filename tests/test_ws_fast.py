@@ -80,6 +80,7 @@ def test_long_lived_store_sweeps_an_orphan_left_between_its_commits(workspace):
 
 def test_commit_skips_the_listing_when_the_state_directory_is_unchanged(workspace, monkeypatch):
     """Journal commits leave the state directory as it was: no listing of it."""
+    monkeypatch.setattr(relay, "SWEEP_SETTLED_NS", 0)  # as if every change were long ago
     store = _seeded(workspace, sessions=4)
     store.journal = True
     for session in ("s0", "s1"):  # the journal exists from here on, and a sweep saw it
@@ -93,3 +94,19 @@ def test_commit_skips_the_listing_when_the_state_directory_is_unchanged(workspac
     orphan.write_bytes(b"half a ledger")  # a writer killed mid-write: the directory changed
     _grant(store, "s3", now=relay.time.time())
     assert listed == [store.state_dir] and not orphan.exists()
+
+
+def test_a_directory_changed_within_a_timestamp_tick_is_listed_again(workspace, monkeypatch):
+    """A sweep right after the directory changed is not trusted: a temp file
+    made within the same timestamp tick would leave mtime and ctime as
+    they were, so the next commit lists the directory again."""
+    monkeypatch.setattr(relay, "SWEEP_SETTLED_NS", 10**18)  # every change counts as recent
+    store = _seeded(workspace, sessions=3)
+    store.journal = True
+    for session in ("s0", "s1"):
+        _grant(store, session, now=relay.time.time())
+    listed = []
+    real = relay.os.scandir
+    monkeypatch.setattr(relay.os, "scandir", lambda path: listed.append(path) or real(path))
+    _grant(store, "s2", now=relay.time.time())
+    assert listed == [store.state_dir]
