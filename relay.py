@@ -499,6 +499,10 @@ JOURNAL_NAME: Final = "relay-state.journal"
 #: would pass this many bytes (half the checkpoint's size, within these bounds).
 JOURNAL_MIN_BYTES: Final = 16 * KIB
 JOURNAL_MAX_BYTES: Final = 256 * KIB
+#: How long the state directory must have been unchanged before a sweep of it
+#: may be skipped: more than any file system's timestamp granularity, so a
+#: temp file made after that sweep gets a later mtime (``sweep_orphan_temps``).
+SWEEP_SETTLED_NS = 20_000_000
 #: A map with at most this many entries in both ledgers is diffed key by key
 #: when it was not made by ``_put`` (compaction, expiry): bigger ones checkpoint.
 JOURNAL_DIFF_ENTRIES: Final = 256
@@ -1917,6 +1921,8 @@ class Store:
     #: Commit by appending to the journal where the change allows (the
     #: server); otherwise every commit writes a checkpoint (the CLI).
     journal: bool = False
+    #: The state directory as it was at the last orphan sweep (``sweep_orphan_temps``).
+    _swept: tuple[int, ...] | None = None
 
     # Cached: a commit asks for these paths ~40 times, and building a Path
     # costs microseconds each (a quarter of a small commit's CPU).
@@ -2236,6 +2242,24 @@ class Store:
                     os.ftruncate(fd, len(digest))
             finally:
                 os.close(fd)
+
+    def sweep_orphan_temps(self) -> list[str]:
+        """``remove_orphan_temps`` unless the state directory is unchanged since
+        the last sweep (call only under the lock).  A temp file is created
+        only under the lock, so a writer that left one changed the directory
+        after that sweep; a long-lived store (the server's) then pays one
+        stat per commit instead of a listing."""
+        st = os.stat(self.state_dir)
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+        if key == self._swept:
+            return []
+        # Taken before the sweep: an unlink by it changes the directory, and
+        # the next commit lists it once more (and finds nothing).  Kept only
+        # once the directory has settled: a change within the same timestamp
+        # tick as the last one would leave mtime and ctime as they are.
+        settled = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > SWEEP_SETTLED_NS
+        removed, self._swept = self.remove_orphan_temps(), key if settled else None
+        return removed
 
     def remove_orphan_temps(self) -> list[str]:
         """Delete temp files a crashed writer left (call only under the lock)."""
@@ -4292,7 +4316,7 @@ def commit(store: Store, mutations: list[Mutation], config: Config,
     with store.locked():
         # Every time, not once per Store: a long-lived store (the server's)
         # must also sweep what a CLI writer killed mid-write left meanwhile.
-        store.remove_orphan_temps()
+        store.sweep_orphan_temps()
         snap = store.snapshot()
         start = snap.ledger if snap is not None else Ledger()
         if on_start is not None:
@@ -5048,6 +5072,22 @@ def diff_notices(old: Ledger, new: Ledger) -> list[tuple[str, dict[str, Any]]]:
     if old.runtime.status != new.runtime.status:
         kind = {"serving": "served"}.get(new.runtime.status, new.runtime.status)
         out.append((f"runtime.{kind}", to_json(new.runtime)))
+    return out
+
+
+def _expired_since(old: Ledger, new: Ledger) -> list[rc.Lease]:
+    """The leases ``new`` has ``expired`` that ``old`` had not, in ledger order.
+    Only a live lease expires, so ``old``'s index of live leases says first
+    whether any did: released leases stay until compaction, and this runs in
+    the event loop after every commit, so no scan of them all for nothing."""
+    if not any(getattr(new.leases.get(lease_id), "state", "") == "expired"
+               for ids in _lease_index(old).busy.values() for lease_id in ids):
+        return []
+    out = []
+    for lease in new.leases.values():
+        before = old.leases.get(lease.lease_id)
+        if lease.state == "expired" and before is not None and before.state != "expired":
+            out.append(lease)
     return out
 
 
@@ -8263,10 +8303,8 @@ class LedgerOwner:
                 self.hub.notice(revision, kind, data)
         announced = {x.lease_id for p, r in zip(batch, results, strict=True)
                      if p.mutation.method == "reaper" and isinstance(r, list) for x in r}
-        for lease in ledger.leases.values():  # expired by compaction on the way
-            before = old.leases.get(lease.lease_id)
-            if (lease.state == "expired" and before is not None and before.state != "expired"
-                    and lease.lease_id not in announced):
+        for lease in _expired_since(old, ledger):  # expired by compaction on the way
+            if lease.lease_id not in announced:
                 self.hub.notice(ledger.revision, "lease.expired", to_json(lease))
 
     async def refresh(self) -> None:
