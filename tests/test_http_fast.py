@@ -345,3 +345,39 @@ async def test_the_body_read_before_handing_over_is_given_back_in_order():
     replay = relay._replaying(b"".join(chunks), ended, other, receive)
     assert [await replay() for _ in range(2)] == [
         {"type": "http.request", "body": b"abc", "more_body": True}, later]
+
+
+async def _replies_of_each_path(workspace) -> list[tuple[int, dict[str, str], bytes]]:
+    """Status, headers (less the date and length) and body (its own address left out) of a
+    plain GET status, a Connect read, a mutation and a refusal, with a fixed clock."""
+    out = []
+    with trio.fail_after(PATIENCE):
+        async with serving(workspace, now=lambda: T0) as r:
+            for response in (
+                    await r.client.get(STATUS),
+                    await r.client.post(f"/{relay.rc.SERVICE}/GetStatus", content=b"{}",
+                                        headers={"Content-Type": "application/json"}),
+                    await r.post("RegisterProfile", name="p", provider="codex", mode="pooled"),
+                    await r.post("AppendEvent", session_id="nope", kind="k")):
+                headers = {k: v for k, v in response.headers.items() if k not in ("date", "content-length")}
+                assert int(response.headers["content-length"]) == len(response.content)
+                body = response.content.replace(r.server.endpoint.encode(), b"ENDPOINT")
+                out.append((response.status_code, headers, body))
+    return out
+
+
+async def test_the_fast_paths_answer_with_quarts_headers(tmp_path, monkeypatch):
+    """The same requests on a relay whose fast paths are taken out (quart answers
+    everything) get the same status, headers and bodies: a header quart's hooks add
+    cannot be missing from the fast paths."""
+    (tmp_path / "fast").mkdir()
+    (tmp_path / "quart").mkdir()
+    quart_calls = _count_quart_unary(monkeypatch)
+    fast = await _replies_of_each_path(tmp_path / "fast")
+    assert quart_calls == [0]
+    monkeypatch.setattr(relay, "_serve_status_directly", lambda app, service: app)
+    monkeypatch.setattr(relay, "_serve_connect_json_directly", lambda app, service: app)
+    slow = await _replies_of_each_path(tmp_path / "quart")
+    assert quart_calls == [2]  # the two successful Connect calls; the status read is quart's too
+    assert [status for status, _, _ in fast] == [200, 200, 200, 404]
+    assert fast == slow
