@@ -1821,8 +1821,10 @@ def _sync_all(fds: list[int], sync: Callable[[int], None], concurrent: bool) -> 
     """``sync`` every descriptor; the OSError of each (None when it synced).
     ``concurrent``: all but the last on a small thread pool while this thread
     syncs the last (a sync waits on the disk with the GIL released, and the
-    disk flushes several files in about the time of one).  Every sync runs to
-    its end, failed or not: none is retried, and the caller fails the commit."""
+    disk flushes several files in about the time of one); every sync started
+    runs to its end.  One after another, the first failure stops the syncing
+    (nothing more is written after a failure), and those not tried read None.
+    None is retried either way: any failure fails the commit."""
     def one(fd: int) -> OSError | None:
         try:
             sync(fd)
@@ -1834,7 +1836,7 @@ def _sync_all(fds: list[int], sync: Callable[[int], None], concurrent: bool) -> 
         out: list[OSError | None] = []
         for fd in fds:
             out.append(one(fd))
-            if out[-1] is not None:  # the rest are not synced: the commit fails anyway
+            if out[-1] is not None:
                 return out + [None] * (len(fds) - len(out))
         return out
     futures = [_sync_executor().submit(one, fd) for fd in fds[:-1]]
