@@ -28,6 +28,25 @@ from serve_helpers import (
 from test_real_relay import CONFIG, _register_command, point_at_the_mock
 
 
+async def _killed_mid_turn(r, mock, profile: str, endpoint: str, remember: str):
+    """Warm a session of ``profile``, let alice complete a turn saying ``remember``,
+    start a slow one and SIGKILL the provider once the mock model streams it
+    (``endpoint``: the mock's route the provider calls).  Returns the session id,
+    the killed pid, the completed turn and the doomed one."""
+    row = (await warm_sessions(r, profile))[0]
+    sid, pid = row["session_id"], row["process"]["pid"]
+    lease = await borrow_lease(r, profile, "alice", session=sid)
+    first = await turn_ended(r, (await start_turn(r, lease, remember))["turn_id"])
+    assert first["state"] == "completed" and first["thread_id"], first
+    doomed = await start_turn(r, lease, "@slow doomed")
+
+    async def streaming():
+        return any(q["prompt"] == "@slow doomed" for q in mock.requests(endpoint))
+    await until_runtime(r, streaming)
+    os.killpg(pid, signal.SIGKILL)
+    return sid, pid, first, doomed
+
+
 @pytest.mark.slow
 async def test_real_codex_killed_mid_turn_is_repaired_with_its_history(tmp_path, monkeypatch):
     """SIGKILL of the app-server mid-turn: the turn fails (provider_exited), the
@@ -43,17 +62,8 @@ async def test_real_codex_killed_mid_turn_is_repaired_with_its_history(tmp_path,
                 await r.ok("RegisterProfile", name="cx", provider="codex", mode="pooled",
                            command=_register_command(mock, work, [codex_binary(), "app-server"]),
                            cwd=str(work))
-                row = (await warm_sessions(r, "cx"))[0]
-                sid, pid = row["session_id"], row["process"]["pid"]
-                lease = await borrow_lease(r, "cx", "alice", session=sid)
-                first = await turn_ended(r, (await start_turn(r, lease, "remember-gamma"))["turn_id"])
-                assert first["state"] == "completed" and first["thread_id"], first
-                doomed = await start_turn(r, lease, "@slow doomed")
-
-                async def streaming():
-                    return any(q["prompt"] == "@slow doomed" for q in mock.requests("responses"))
-                await until_runtime(r, streaming)
-                os.killpg(pid, signal.SIGKILL)
+                sid, pid, first, doomed = await _killed_mid_turn(r, mock, "cx", "responses",
+                                                                 "remember-gamma")
                 failed = await turn_ended(r, doomed["turn_id"])
                 assert failed["state"] == "failed" and failed["error"].startswith("provider_exited")
                 (gone,) = (await r.ok("ListLeases", session_id=sid))["leases"]
@@ -92,17 +102,8 @@ async def test_real_claude_killed_mid_turn_is_resumed_with_its_session_id(tmp_pa
             async with serving(tmp_path, CONFIG) as r:
                 await r.ok("RegisterProfile", name="cl", provider="claude", mode="one-borrow",
                            command=_register_command(mock, work, argv), cwd=str(work))
-                row = (await warm_sessions(r, "cl"))[0]
-                sid, pid = row["session_id"], row["process"]["pid"]
-                lease = await borrow_lease(r, "cl", "alice", session=sid)
-                first = await turn_ended(r, (await start_turn(r, lease, "remember-delta"))["turn_id"])
-                assert first["state"] == "completed" and first["thread_id"], first
-                doomed = await start_turn(r, lease, "@slow doomed")
-
-                async def streaming():
-                    return any(q["prompt"] == "@slow doomed" for q in mock.requests("messages"))
-                await until_runtime(r, streaming)
-                os.killpg(pid, signal.SIGKILL)
+                sid, pid, first, doomed = await _killed_mid_turn(r, mock, "cl", "messages",
+                                                                 "remember-delta")
                 assert (await turn_ended(r, doomed["turn_id"]))["state"] == "failed"
                 began = time.monotonic()
                 repaired = await r.ok("RepairSession", session_id=sid, apply=True)
