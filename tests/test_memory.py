@@ -4,8 +4,8 @@ by a size it reaches in its first minutes, or by what it serves)."""
 
 from __future__ import annotations
 
+import argparse
 import ctypes
-import inspect
 import json
 import os
 import subprocess
@@ -126,10 +126,15 @@ def test_a_served_relay_gives_each_large_transient_block_pages_of_its_own(tuned)
     assert (mapped >= 28_000_000) if tuned else (mapped == 0)
 
 
-def test_serve_tunes_malloc_before_it_starts():
+def test_serve_tunes_malloc_before_it_starts(workspace, monkeypatch):
     """``_run_serve`` calls ``tune_malloc`` before ``trio.run`` (threads get their heaps then)."""
-    source = inspect.getsource(relay._run_serve)
-    assert source.index("tune_malloc()") < source.index("trio.run(")
+    calls: list[str] = []
+    monkeypatch.setattr(relay, "tune_malloc", lambda: calls.append("tune_malloc"))
+    monkeypatch.setattr(relay.trio, "run", lambda *args, **kwargs: calls.append("trio.run"))
+    monkeypatch.setattr(relay, "_configure_logging", lambda level: None)  # no root handler left behind
+    args = argparse.Namespace(host="127.0.0.1", port=0, log_level=None)
+    relay._run_serve(relay.Store(workspace), relay.Config(), args, as_json=True)
+    assert calls[:2] == ["tune_malloc", "trio.run"]
 
 
 def test_a_key_table_merge_keeps_every_key_sorted_and_the_newest_offset_of_each():
