@@ -65,8 +65,10 @@ except ImportError:  # pragma: no cover - other builds
 # from plain JSON.  It trusts a ledger only when its checksum is the one the
 # last writer recorded as validated (``flow/tmp/relay/ledger.validated``);
 # anything else (absent memo, damage, a hand-edited file) falls through to the
-# full path below, which validates with the typed model.  Both paths build the
-# projection with ``status_doc``, so they cannot disagree.
+# full path below, which validates with the typed model.  The memo also carries
+# the writer's counts of that ledger (its tally), so while they hold the ledger
+# is hashed but not parsed.  Both paths build the projection with
+# ``tally_status``, so they cannot disagree.
 
 PROJECTION = "relay_generated_state_v1"
 OWNER = "relay"
@@ -147,40 +149,61 @@ _EMPTY_RUNTIME = {"status": "absent", "endpoint": "", "mode": "", "token_id": ""
                   "bootstrapped_at": "", "served_at": "", "shutdown_at": ""}
 
 
+def doc_tally(doc: dict, stamp: str) -> dict:
+    """The counts ``status`` shows of a ledger document (plain JSON), its
+    leases counted live as of ``stamp``."""
+    live = [x["state"] for x in doc["leases"].values()
+            if x["state"] in _LIVE and x["expires_at"] > stamp]
+    return {
+        "revision": doc["revision"],
+        "profiles": len(doc["profiles"]),
+        "sessions": len(doc["sessions"]),
+        "active_leases": live.count("active"),
+        "waiting_leases": live.count("waiting"),
+        "active_quarantines": sum(1 for q in doc["quarantines"].values() if q["state"] == "active"),
+        "control_requests": len(doc["control_requests"]),
+        "events": sum(c["events"] for c in doc["cursors"].values()),
+        "results": sum(c["results"] for c in doc["cursors"].values()),
+        "runtime": doc["runtime"],
+    }
+
+
+_EMPTY_TALLY = {"revision": 0, "profiles": 0, "sessions": 0, "active_leases": 0, "waiting_leases": 0,
+                "active_quarantines": 0, "control_requests": 0, "events": 0, "results": 0,
+                "runtime": _EMPTY_RUNTIME}
+
+
 def status_doc(root: str, doc: dict | None, warnings: list[dict], now: float) -> dict:
     """The relay projection over a validated ledger document (or None)."""
-    if doc is not None:
-        warnings = warnings + _runtime_warnings(doc["runtime"])
-    view = doc or {"revision": 0, "runtime": _EMPTY_RUNTIME, "profiles": {}, "sessions": {},
-                   "leases": {}, "quarantines": {}, "control_requests": {}, "cursors": {}}
-    stamp = iso(now)
-    live = [x["state"] for x in view["leases"].values()
-            if x["state"] in _LIVE and x["expires_at"] > stamp]
+    return tally_status(root, doc_tally(doc, iso(now)) if doc is not None else None, warnings)
+
+
+def tally_status(root: str, tally: dict | None, warnings: list[dict]) -> dict:
+    """The relay projection from a ledger's counts (``doc_tally``; None: no ledger)."""
+    if tally is not None:
+        warnings = warnings + _runtime_warnings(tally["runtime"])
+    view = tally or _EMPTY_TALLY
     state_dir = os.path.join(root, "flow", "state", "relay")
     tmp_dir = os.path.join(root, "flow", "tmp", "relay")
     return {
         "status": "fail" if any(w["severity"] == "error" for w in warnings) else "pass",
         "projection": PROJECTION,
-        "relay_mode": _relay_health(doc, warnings),
+        "relay_mode": _relay_health(tally, warnings),
         "ledger_path": LEDGER_REL,
         "state_present": os.path.isdir(state_dir),
         "tmp_present": os.path.isdir(tmp_dir),
         "ledger_present": os.path.exists(os.path.join(root, LEDGER_REL)),
         "durable_artifacts": _count_files(state_dir),
         "tmp_artifacts": _count_files(tmp_dir),
-        "revision": view["revision"],
-        "profiles": len(view["profiles"]),
-        "sessions": len(view["sessions"]),
-        "active_leases": live.count("active"),
-        "waiting_leases": live.count("waiting"),
-        "active_quarantines": sum(1 for q in view["quarantines"].values() if q["state"] == "active"),
-        "control_requests": len(view["control_requests"]),
-        "events": sum(c["events"] for c in view["cursors"].values()),
-        "results": sum(c["results"] for c in view["cursors"].values()),
+        **{k: view[k] for k in _TALLY_COUNTS},
         "runtime": dict(view["runtime"]),
         "warnings": warnings,
         "providers": [],  # the running server's observations; a ledger has none
     }
+
+
+_TALLY_COUNTS = ("revision", "profiles", "sessions", "active_leases", "waiting_leases",
+                 "active_quarantines", "control_requests", "events", "results")
 
 
 def status_text(doc: dict) -> str:
@@ -272,41 +295,109 @@ def _fast_status(argv: list[str]) -> int | None:
     return 0
 
 
+def memo_bytes(checksum: bytes, journal_end: int, tally: dict) -> bytes:
+    """The fast ``status`` memo: the checkpoint's checksum (64 hex), the
+    length of journal the writer vouches for (16 digits), the writer's tally
+    of the ledger they make (``ledger_tally``; JSON padded with spaces to a
+    multiple of 64 bytes, so its length seldom changes), and a CRC-32 of all
+    that: a torn memo fails its CRC."""
+    import zlib
+
+    head = checksum + b" %016d " % journal_end + json.dumps(
+        tally, sort_keys=True, separators=(",", ":")).encode()
+    head += b" " * (-(len(head) + 9) % 64)
+    return head + b" %08x" % zlib.crc32(head)
+
+
+def read_memo(memo: bytes) -> tuple[bytes, int, dict | None] | None:
+    """(checksum, journal length vouched for, tally or None) of a memo, or
+    None when it is not one.  A memo of a checksum alone (or a checksum and a
+    length, as older writers left) vouches for them without a tally."""
+    checksum, rest = memo[:64], memo[64:]
+    if len(checksum) != 64:
+        return None
+    if not rest:
+        return checksum, 0, None
+    if rest[:1] != b" " or len(rest) < 17 or not rest[1:17].isdigit():
+        return None
+    end, rest = int(rest[1:17]), rest[17:]
+    if not rest:
+        return checksum, end, None
+    import zlib
+
+    if rest[:1] != b" " or rest[-9:-8] != b" " or rest[-8:] != b"%08x" % zlib.crc32(memo[:-9]):
+        return None
+    try:
+        tally = json.loads(rest[1:-9])
+        tally = {k: tally[k] for k in (*_TALLY_COUNTS, "runtime", "soonest")}
+    except (ValueError, TypeError, KeyError):
+        return None
+    return checksum, end, tally
+
+
+def _tally_now(tally: dict | None, stamp: str, journal: bytes, checksum: bytes) -> dict | None:
+    """A memo's tally when it is the ledger's as of ``stamp``: no active or
+    waiting lease has expired by then, and the journal is exactly the records
+    the memo vouches for, each with its CRC, the last one on this checkpoint
+    and at the tally's revision."""
+    if tally is None or (tally["soonest"] is not None and tally["soonest"] <= stamp):
+        return None
+    import zlib
+
+    at, last = 0, None
+    while at < len(journal):
+        nl = journal.find(b"\n", at)
+        if nl < 0 or journal[at + 8 : at + 9] != b" " \
+                or journal[at : at + 8] != b"%08x" % zlib.crc32(journal[at + 9 : nl]):
+            return None
+        last, at = journal[at + 9 : nl], nl + 1
+    if last is not None:
+        try:
+            record = json.loads(last)
+            if record["base"] != checksum.decode() or record["top"]["revision"] != tally["revision"]:
+                return None
+        except (ValueError, TypeError, KeyError, UnicodeDecodeError):
+            return None
+    return tally
+
+
 def _fast_status_doc(root: str, now: float) -> dict | None:
     """The projection ``status`` prints from the raw ledger bytes, or None when
     this path cannot vouch for them (the full, typed path answers then)."""
-    doc = None
     try:
         with open(os.path.join(root, LEDGER_REL), "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        pass
+        return status_doc(root, None, [], now)
     except OSError:
         return None
-    else:
-        split = split_checksum(data)
-        try:
-            with open(os.path.join(root, MEMO_REL), "rb") as f:
-                memo = f.read()
-        except OSError:
-            return None
-        # The memo is the checksum, and once journal records follow it, a
-        # space and the (16-digit) length of the journal the writer vouches for.
-        if split is None or split[1] != memo[:64]:
-            return None
-        doc = json.loads(split[0])
-        try:
-            with open(os.path.join(root, JOURNAL_REL), "rb") as f:
-                journal = f.read()
-        except FileNotFoundError:
-            journal = b""
-        except OSError:
-            return None
-        records, end = journal_records(journal, split[1].decode(), doc["revision"])
-        vouched = memo[65:] if len(memo) == 81 and memo[64:65] == b" " else b"0"
-        if not vouched.isdigit() or end != int(vouched):
-            return None
-        doc = apply_journal_doc(doc, [record for record, _ in records])
+    split = split_checksum(data)
+    try:
+        with open(os.path.join(root, MEMO_REL), "rb") as f:
+            memo = read_memo(f.read())
+    except OSError:
+        return None
+    if split is None or memo is None or split[1] != memo[0]:
+        return None
+    checksum, vouched, tally = memo
+    try:
+        with open(os.path.join(root, JOURNAL_REL), "rb") as f:
+            journal = f.read()
+    except FileNotFoundError:
+        journal = b""
+    except OSError:
+        return None
+    # The tally answers when it still holds and the journal is exactly what
+    # the memo vouches for; otherwise the document is parsed and counted.
+    if len(journal) == vouched:
+        tally = _tally_now(tally, iso(now), journal, checksum)
+        if tally is not None:
+            return tally_status(root, tally, [])
+    doc = json.loads(split[0])
+    records, end = journal_records(journal, checksum.decode(), doc["revision"])
+    if end != vouched:
+        return None
+    doc = apply_journal_doc(doc, [record for record, _ in records])
     return status_doc(root, doc, [], now)
 
 
@@ -425,6 +516,7 @@ __all__ = [
     "dashboard_timeline",
     "decode_ledger",
     "decode_record",
+    "doc_tally",
     "encode_ledger",
     "encode_record",
     "end_session",
@@ -435,6 +527,7 @@ __all__ = [
     "inventory",
     "iso",
     "last_thread",
+    "ledger_tally",
     "list_leases",
     "list_profiles",
     "list_records",
@@ -442,6 +535,7 @@ __all__ = [
     "live_leases",
     "load_config",
     "main",
+    "memo_bytes",
     "operation",
     "parse_iso",
     "provider_endpoint",
@@ -450,6 +544,7 @@ __all__ = [
     "quarantine",
     "quarantine_code",
     "quarantine_session",
+    "read_memo",
     "read_rpc",
     "reader",
     "rebuild_scratch",
@@ -470,6 +565,7 @@ __all__ = [
     "split_checksum",
     "status",
     "status_doc",
+    "tally_status",
     "token_accepts",
     "token_digest",
 ]
@@ -1389,6 +1485,98 @@ def _free_index(ledger: Ledger) -> _FreeIndex:
     return index
 
 
+# -- the status tally -----------------------------------------------------------------
+#
+# ``python -m relay status`` would otherwise parse the whole ledger (52-73 ms
+# of JSON at 10,000 sessions) to count a few things.  The writer knows the
+# counts: each map's are derived data (below, in time proportional to the
+# change), and the memo it writes after each commit carries them (``memo_bytes``).
+
+
+class _LeaseTally:
+    """Of a ``leases`` map: how many are active and waiting, and their
+    ``expires_at`` (each with its lease id, sorted), so the soonest is exact."""
+
+    __slots__ = ("active", "waiting", "expiries")
+
+    def __init__(self, active: int, waiting: int, expiries: _SortedIds) -> None:
+        self.active, self.waiting, self.expiries = active, waiting, expiries
+
+    @classmethod
+    def build(cls, leases: dict[str, rc.Lease]) -> _LeaseTally:
+        live = [x for x in leases.values() if x.state in rc.LIVE_LEASE_STATES]
+        active = sum(1 for x in live if x.state == "active")
+        return cls(active, len(live) - active, _SortedIds(sorted(_expiry_key(x) for x in live)))
+
+    def put(self, key: str, old: rc.Lease | None, new: rc.Lease) -> _LeaseTally:
+        active, waiting, expiries = self.active, self.waiting, self.expiries
+        for lease, sign in ((old, -1), (new, 1)):
+            if lease is not None and lease.state in rc.LIVE_LEASE_STATES:
+                if lease.state == "active":
+                    active += sign
+                else:
+                    waiting += sign
+                expiries = expiries.with_id(_expiry_key(lease), sign > 0)
+        return _LeaseTally(active, waiting, expiries)
+
+    def soonest(self) -> str | None:
+        first = self.expiries.first()
+        return first.partition(" ")[0] if first is not None else None
+
+
+def _expiry_key(lease: rc.Lease) -> str:
+    return f"{lease.expires_at} {lease.lease_id}"
+
+
+class _QuarantineTally:
+    """Of a ``quarantines`` map: how many are active."""
+
+    __slots__ = ("active",)
+
+    def __init__(self, active: int) -> None:
+        self.active = active
+
+    @classmethod
+    def build(cls, quarantines: dict[str, rc.Quarantine]) -> _QuarantineTally:
+        return cls(sum(1 for x in quarantines.values() if x.state == "active"))
+
+    def put(self, key: str, old: rc.Quarantine | None, new: rc.Quarantine) -> _QuarantineTally:
+        return _QuarantineTally(self.active + (new.state == "active")
+                                - (old is not None and old.state == "active"))
+
+
+class _CursorTally:
+    """Of a ``cursors`` map: its events and results, summed."""
+
+    __slots__ = ("events", "results")
+
+    def __init__(self, events: int, results: int) -> None:
+        self.events, self.results = events, results
+
+    @classmethod
+    def build(cls, cursors: dict[str, rc.Cursor]) -> _CursorTally:
+        return cls(sum(x.events for x in cursors.values()), sum(x.results for x in cursors.values()))
+
+    def put(self, key: str, old: rc.Cursor | None, new: rc.Cursor) -> _CursorTally:
+        events, results = (old.events, old.results) if old is not None else (0, 0)
+        return _CursorTally(self.events + new.events - events, self.results + new.results - results)
+
+
+def ledger_tally(ledger: Ledger) -> dict[str, Any]:
+    """What ``doc_tally`` counts of ``ledger``, with every active or waiting
+    lease counted and the soonest ``expires_at`` among them (None: no such
+    lease): the counts hold for any moment before it."""
+    leases = _derived(ledger.leases, _LeaseTally)
+    cursors = _derived(ledger.cursors, _CursorTally)
+    return {
+        "revision": ledger.revision, "profiles": len(ledger.profiles), "sessions": len(ledger.sessions),
+        "active_leases": leases.active, "waiting_leases": leases.waiting, "soonest": leases.soonest(),
+        "active_quarantines": _derived(ledger.quarantines, _QuarantineTally).active,
+        "control_requests": len(ledger.control_requests),
+        "events": cursors.events, "results": cursors.results, "runtime": to_json(ledger.runtime),
+    }
+
+
 def encode_ledger(ledger: Ledger) -> bytes:
     """Canonical bytes with a trailing SHA-256 checksum of everything before it."""
     head, tail = _encode_sealed(ledger)
@@ -2141,7 +2329,7 @@ class Store:
         last = head[len(tail) - CHECKSUM_TAIL_BYTES :] + tail  # the file's last bytes
         self._cache = _Snapshot((st.st_ino, st.st_size, st.st_mtime_ns), last, tail[:-3].decode(),
                                 ledger, journal_key, 0, b"", 0, ledger)
-        self._record_validated(tail[:-3])
+        self._record_validated(tail[:-3], 0, ledger)
 
     def _cut_journal(self) -> tuple[int, int, int] | None:
         """Empty the journal after a checkpoint; returns its identity.  Not
@@ -2223,25 +2411,27 @@ class Store:
         self._cache = attrs.evolve(snap, journal_key=(st.st_ino, st.st_size, st.st_mtime_ns),
                                    journal_end=new_end, journal_tail=line[-JOURNAL_TAIL_BYTES:],
                                    records=snap.records + 1, ledger=ledger)
-        self._record_validated(snap.digest.encode() + b" %016d" % new_end)
+        self._record_validated(snap.digest.encode(), new_end, ledger)
         return True
 
-    def _record_validated(self, digest: bytes) -> None:
-        """Tell the fast status path that the ledger with this checksum came
-        from the typed model.  Scratch, not truth: losing it only makes
-        ``status`` slower.  ``digest`` is the hex digest ``encode_ledger``
-        just wrote at the tail (no second hash of the body)."""
-        # Overwritten in place, never truncated: every digest has the same 64
-        # bytes, and O_TRUNC on a file about to be rewritten makes ext4 start
+    def _record_validated(self, checksum: bytes, journal_end: int, ledger: Ledger) -> None:
+        """Tell the fast status path that the checkpoint with this checksum and
+        ``journal_end`` bytes of journal came from the typed model, and what
+        ``ledger``, the ledger they make, counts (``memo_bytes``).  Scratch,
+        not truth: losing it only makes ``status`` slower.  ``checksum`` is
+        the hex digest ``encode_ledger`` wrote at the tail (no second hash)."""
+        memo = memo_bytes(checksum, journal_end, ledger_tally(ledger))
+        # Overwritten in place, never truncated: most memos have the same
+        # length, and O_TRUNC on a file about to be rewritten makes ext4 start
         # writeback at close (its replace-via-truncate heuristic), which cost
-        # ~17% of a commit.  A torn or stale memo only fails to match, and
-        # then the fast path falls back to full validation.
+        # ~17% of a commit.  A torn or stale memo fails its CRC or does not
+        # match, and then the fast path falls back to full validation.
         with contextlib.suppress(OSError):
             fd = os.open(self.tmp_dir / MEMO_NAME, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
-                os.pwrite(fd, digest, 0)
-                if os.fstat(fd).st_size != len(digest):  # an older, longer or empty memo
-                    os.ftruncate(fd, len(digest))
+                os.pwrite(fd, memo, 0)
+                if os.fstat(fd).st_size != len(memo):  # an older, longer or empty memo
+                    os.ftruncate(fd, len(memo))
             finally:
                 os.close(fd)
 

@@ -115,15 +115,17 @@ def test_live_leases_never_trigger_compaction(tmp_path, monkeypatch):
 
 
 def test_validated_memo_is_the_written_digest(tmp_path):
-    """After a commit the memo holds exactly the ledger's checksum digest, even
-    over an older, longer memo (it is overwritten in place, then cut)."""
+    """After a commit the memo holds the ledger's checksum digest and its tally,
+    even over an older, longer memo (it is overwritten in place, then cut)."""
     store = relay.Store(tmp_path)
     commit_ok(store, "RegisterProfile", name="p", provider="codex", mode="pooled")
     memo = store.tmp_dir / relay.MEMO_NAME
     memo.write_bytes(b"x" * 200)
     relay.commit(store, [mutation("CreateSession", profile="p", session_id="s1")], CONFIG, T0)
     data = store.ledger_path.read_bytes()
-    assert memo.read_bytes() == relay.split_checksum(data)[1]
+    checksum, end, tally = relay.read_memo(memo.read_bytes())
+    assert (checksum, end) == (relay.split_checksum(data)[1], 0)
+    assert tally["sessions"] == 1 and tally["revision"] == store.read().revision
     assert relay._fast_status_doc(str(tmp_path), T0) is not None  # the fast path vouches for it
 
 
