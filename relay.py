@@ -1909,6 +1909,47 @@ def _journal_budget(checkpoint_bytes: int) -> int:
 
 
 @attrs.define(eq=False)
+class _Handles:
+    """Descriptors a journaling store (the server's) keeps open from one commit
+    to the next, so that a commit costs a few ``stat`` calls where it opened,
+    read and closed each file (see "Held descriptors" in
+    specs/flow-relay-contract.md).  Each is checked against its path under the
+    lock before it is trusted, and one that fails a write is closed, never
+    used again."""
+
+    #: The state directory, flocked per commit (the lock that excludes), and its (dev, ino).
+    lock_dir: int | None = None
+    lock_dir_id: tuple[int, int] = (0, 0)
+    #: The state directory's stat taken under this commit's lock (for the orphan sweep).
+    dir_stat: os.stat_result | None = None
+    #: Pins the checkpoint's inode: while it is open no other file can get its
+    #: inode number, so (inode, size, mtime) alone tells the file unchanged.
+    checkpoint: int | None = None
+    checkpoint_ino: int = -1
+    #: The journal, appended to in place; its inode.
+    journal: int | None = None
+    journal_ino: int = -1
+    #: The ``ledger.validated`` memo, overwritten in place.
+    memo: int | None = None
+    #: Threads of this process exclude each other here: they share the one
+    #: open file of ``lock_dir``, and a flock does not exclude its own holder.
+    mutex: threading.Lock = attrs.Factory(threading.Lock)
+    #: The thread that holds the lock now (None: nobody in this process).
+    holder: int | None = None
+
+    def drop(self, name: str) -> None:
+        fd = getattr(self, name)
+        setattr(self, name, None)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def close(self) -> None:
+        for name in ("lock_dir", "checkpoint", "journal", "memo"):
+            self.drop(name)
+
+
+@attrs.define(eq=False)
 class Store:
     """Files of one workspace.  Sync by design: the CLI uses it directly and the
     server calls it through one ``trio.to_thread.run_sync`` hop per commit."""
@@ -1925,6 +1966,8 @@ class Store:
     journal: bool = False
     #: The state directory as it was at the last orphan sweep (``sweep_orphan_temps``).
     _swept: tuple[int, ...] | None = None
+    #: What a journaling store keeps open between commits (None until its first lock).
+    _handles: _Handles | None = None
 
     # Cached: a commit asks for these paths ~40 times, and building a Path
     # costs microseconds each (a quarter of a small commit's CPU).
@@ -1975,14 +2018,20 @@ class Store:
         directory's, then ``relay-state.lock``'s (see "Lock and disk faults" in
         specs/flow-relay-contract.md)."""
         fds: list[int] = []
+        held = None
         try:
             try:
-                fds.append(_flock_named(self.state_dir, os.O_RDONLY | os.O_DIRECTORY,
-                                        lambda: _make_dirs(self.state_dir)))
+                if self.journal:  # the state directory's descriptor is kept open
+                    held = self._lock_held_dir()
+                else:
+                    fds.append(_flock_named(self.state_dir, os.O_RDONLY | os.O_DIRECTORY,
+                                            lambda: _make_dirs(self.state_dir)))
                 fds.append(_flock_named(self.lock_path, os.O_RDWR | os.O_CREAT,
                                         lambda: self.tmp_dir.mkdir(parents=True, exist_ok=True)))
             except OSError as exc:
                 raise _io_failure("take the mutation lock", exc, self.lock_path) from exc
+            if held is not None:
+                held.holder = threading.get_ident()
             _failpoint("after_lock")
             try:
                 yield
@@ -1991,6 +2040,60 @@ class Store:
         finally:
             for fd in reversed(fds):
                 os.close(fd)  # closing drops the flock
+            if held is not None:
+                self._unlock_held_dir(held)
+
+    def _lock_held_dir(self) -> _Handles:
+        """Take this process's mutex, then flock the state directory on the
+        kept descriptor once the path still names it (``_flock_named``'s check;
+        a directory replaced meanwhile is opened afresh)."""
+        held = self._handles
+        if held is None:
+            held = self._handles = _Handles()
+            weakref.finalize(self, held.close)
+        held.mutex.acquire()
+        try:
+            for _ in range(LOCK_ATTEMPTS):
+                if held.lock_dir is None:
+                    fd = _flock_named(self.state_dir, os.O_RDONLY | os.O_DIRECTORY,
+                                      lambda: _make_dirs(self.state_dir))
+                    st = os.fstat(fd)
+                    held.lock_dir, held.lock_dir_id = fd, (st.st_dev, st.st_ino)
+                    return held
+                fcntl.flock(held.lock_dir, fcntl.LOCK_EX)
+                try:
+                    st = os.stat(self.state_dir)
+                except FileNotFoundError:
+                    st = None
+                if st is not None and (st.st_dev, st.st_ino) == held.lock_dir_id:
+                    held.dir_stat = st
+                    return held
+                held.drop("lock_dir")  # closing drops the flock
+            raise FileNotFoundError(errno.ENOENT, "the state directory was replaced in each of "
+                                    f"{LOCK_ATTEMPTS} attempts to lock it", self.state_dir)
+        except BaseException:
+            held.mutex.release()
+            raise
+
+    def _unlock_held_dir(self, held: _Handles) -> None:
+        held.holder, held.dir_stat = None, None
+        try:
+            fcntl.flock(held.lock_dir, fcntl.LOCK_UN)
+        except OSError:
+            held.drop("lock_dir")  # closing drops it too
+        finally:
+            held.mutex.release()
+
+    def _held(self) -> _Handles | None:
+        """The kept descriptors, when this thread holds the lock through them."""
+        held = self._handles
+        return held if held is not None and held.holder == threading.get_ident() else None
+
+    def close_handles(self) -> None:
+        """Close what a journaling store keeps open (the server calls it when it stops)."""
+        if self._handles is not None:
+            with self._handles.mutex:
+                self._handles.close()
 
     # -- reading ----------------------------------------------------------------
 
@@ -2007,11 +2110,60 @@ class Store:
         there is no checkpoint).  A checkpoint renamed in while the journal
         was being read makes it read both again (the journal may by then hold
         the new checkpoint's records)."""
+        held = self._held()
+        if held is not None:
+            got = self._unchanged(held)
+            if got is not None:
+                return got
         for _ in range(LOCK_ATTEMPTS):
             got = self._read_once()
             if got is not _RACED:
+                if held is not None and got is not None:
+                    self._pin_checkpoint(held, got)
                 return got
         return got  # consistent still (each record names its checkpoint), only not the newest
+
+    def _unchanged(self, held: _Handles) -> _Snapshot | None:
+        """The cached snapshot, when under the lock both files are the ones it
+        was read from or written as, unchanged: the checkpoint (its inode
+        pinned) and the journal (its inode held) have the (inode, size, mtime)
+        it recorded.  None: read them."""
+        cache = self._cache
+        if cache is None or held.checkpoint is None:
+            return None
+        try:
+            st = os.stat(self.ledger_path)
+        except FileNotFoundError:
+            return None
+        if (st.st_ino != held.checkpoint_ino
+                or (st.st_ino, st.st_size, st.st_mtime_ns) != cache.checkpoint_key):
+            return None
+        try:
+            st = os.stat(self.journal_path)
+        except FileNotFoundError:
+            return cache if cache.journal_key is None else None
+        if (held.journal is None or st.st_ino != held.journal_ino
+                or (st.st_ino, st.st_size, st.st_mtime_ns) != cache.journal_key):
+            return None
+        return cache
+
+    def _pin_checkpoint(self, held: _Handles, snap: _Snapshot) -> None:
+        """Keep the checkpoint ``snap`` was read from (or written as) open, once
+        the file at the path has its identity and last bytes."""
+        if held.checkpoint is not None and held.checkpoint_ino == snap.checkpoint_key[0]:
+            return
+        held.drop("checkpoint")
+        with contextlib.suppress(OSError):
+            fd = os.open(self.ledger_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                st = os.fstat(fd)
+                if ((st.st_ino, st.st_size, st.st_mtime_ns) == snap.checkpoint_key
+                        and os.pread(fd, CHECKSUM_TAIL_BYTES, max(st.st_size - CHECKSUM_TAIL_BYTES, 0))
+                        == snap.checkpoint_tail):
+                    held.checkpoint, held.checkpoint_ino, fd = fd, st.st_ino, -1
+            finally:
+                if fd >= 0:
+                    os.close(fd)
 
     def _read_once(self) -> _Snapshot | None | object:
         cache = self._cache  # once: a commit thread may replace it meanwhile
@@ -2141,6 +2293,8 @@ class Store:
         last = head[len(tail) - CHECKSUM_TAIL_BYTES :] + tail  # the file's last bytes
         self._cache = _Snapshot((st.st_ino, st.st_size, st.st_mtime_ns), last, tail[:-3].decode(),
                                 ledger, journal_key, 0, b"", 0, ledger)
+        if (held := self._held()) is not None:
+            self._pin_checkpoint(held, self._cache)
         self._record_validated(tail[:-3])
 
     def _cut_journal(self) -> tuple[int, int, int] | None:
@@ -2180,16 +2334,24 @@ class Store:
         the journal is shorter than what was read under this lock: someone
         removed it, and the ledger in hand still holds its records."""
         path, end = self.journal_path, snap.journal_end
+        held, keep = self._held(), False
         try:
-            try:  # the usual case first: one open, not a failed O_EXCL create and a second open
-                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-                created = False
-            except FileNotFoundError:
-                try:
-                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                    created = True
-                except FileExistsError:  # made meanwhile by something that ignores the lock
+            created = False
+            if (held is not None and held.journal is not None and snap.journal_key is not None
+                    and snap.journal_key[0] == held.journal_ino):
+                # The journal this lock's read found at the path (``_unchanged``, ``_read_journal``).
+                fd, held.journal = held.journal, None
+            else:
+                if held is not None:
+                    held.drop("journal")
+                try:  # the usual case first: one open, not a failed O_EXCL create and a second open
                     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    try:
+                        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                        created = True
+                    except FileExistsError:  # made meanwhile by something that ignores the lock
+                        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
             try:
                 size = os.fstat(fd).st_size
                 if size < end:
@@ -2208,8 +2370,12 @@ class Store:
                     raise
                 _failpoint("after_journal_fsync")
                 st = os.fstat(fd)
+                keep = held is not None  # kept only after a good write: a failed one closes it
             finally:
-                os.close(fd)
+                if keep:
+                    held.journal, held.journal_ino = fd, st.st_ino
+                else:
+                    os.close(fd)
         except OSError as exc:
             raise _io_failure("append to the ledger journal", exc, path) from exc
         if created:
@@ -2237,12 +2403,34 @@ class Store:
         # ~17% of a commit.  A torn or stale memo only fails to match, and
         # then the fast path falls back to full validation.
         with contextlib.suppress(OSError):
-            fd = os.open(self.tmp_dir / MEMO_NAME, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._write_memo(digest)
+
+    def _write_memo(self, data: bytes) -> None:
+        """Overwrite the memo in place with ``data`` (and cut what an older,
+        longer one left).  A journaling store keeps the descriptor open while
+        the file is still linked (``rm -rf flow/tmp``, ``state cleanup`` or a
+        replacement unlinks it: then the path is opened again)."""
+        held = self._held()
+        if held is not None and held.memo is not None:
             try:
-                os.pwrite(fd, digest, 0)
-                if os.fstat(fd).st_size != len(digest):  # an older, longer or empty memo
-                    os.ftruncate(fd, len(digest))
-            finally:
+                os.pwrite(held.memo, data, 0)
+                st = os.fstat(held.memo)
+            except OSError:
+                st = None
+            if st is not None and st.st_nlink:
+                if st.st_size != len(data):
+                    os.ftruncate(held.memo, len(data))
+                return
+            held.drop("memo")
+        fd = os.open(self.tmp_dir / MEMO_NAME, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.pwrite(fd, data, 0)
+            if os.fstat(fd).st_size != len(data):  # an older, longer or empty memo
+                os.ftruncate(fd, len(data))
+            if held is not None:
+                held.memo, fd = fd, -1
+        finally:
+            if fd >= 0:
                 os.close(fd)
 
     def sweep_orphan_temps(self) -> list[str]:
@@ -2251,7 +2439,8 @@ class Store:
         only under the lock, so a writer that left one changed the directory
         after that sweep; a long-lived store (the server's) then pays one
         stat per commit instead of a listing."""
-        st = os.stat(self.state_dir)
+        held = self._held()
+        st = held.dir_stat if held is not None and held.dir_stat is not None else os.stat(self.state_dir)
         key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
         if key == self._swept:
             return []
@@ -8244,15 +8433,18 @@ class LedgerOwner:
         self.ledger = await trio.to_thread.run_sync(self._read_current)
         self.hub.rebase(self.ledger)
         task_status.started()
-        while True:
-            batch = [await self._receive.receive()]
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self._receive.receive_nowait())
-                except trio.WouldBlock:
-                    break
-            async with self._lock:
-                await self._commit(batch)
+        try:
+            while True:
+                batch = [await self._receive.receive()]
+                while len(batch) < self.max_batch:
+                    try:
+                        batch.append(self._receive.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                async with self._lock:
+                    await self._commit(batch)
+        finally:  # no commit of this owner runs any more (a commit's thread is waited for)
+            self.store.close_handles()
 
     def _read_current(self) -> Ledger:
         return self.store.read() or Ledger()
