@@ -8352,8 +8352,10 @@ class Runtime:
 @attrs.define(eq=False)
 class _Pending:
     mutation: Mutation
-    done: Any
+    done: Any  # a trio.Event set once committed (None when ``on_done`` is given)
     result: Any = None
+    #: Called with the result, in the owner's task, instead of setting ``done`` (``offer``).
+    on_done: Callable[[Any], None] | None = None
 
 
 @attrs.frozen
@@ -8422,6 +8424,16 @@ class LedgerOwner:
                 await self._send.send(pending)  # full: wait for room (back-pressure)
         return pendings
 
+    def offer(self, mutation: Mutation, on_done: Callable[[Any], None]) -> bool:
+        """Queue ``mutation`` without a task waiting for it: once it is committed
+        the owner calls ``on_done`` with its reply or RelayError (it must not
+        raise or block).  False, nothing queued, when the queue is full."""
+        try:
+            self._send.send_nowait(_Pending(mutation, None, on_done=on_done))
+        except trio.WouldBlock:
+            return False
+        return True
+
     async def submit_many(self, mutations: list[Mutation]) -> list[Any]:
         """``enqueue`` and wait for every reply (each a result or a RelayError, not raised)."""
         pendings = await self.enqueue(mutations)
@@ -8481,7 +8493,10 @@ class LedgerOwner:
             self._announce(batch, results, ledger)
         for pending, result in zip(batch, results, strict=True):
             pending.result = result
-            pending.done.set()
+            if pending.on_done is not None:
+                pending.on_done(result)
+            else:
+                pending.done.set()
 
     def _announce(self, batch: list[_Pending], results: list[Any], ledger: Ledger) -> None:
         old, self.ledger = self.ledger, ledger
@@ -9030,14 +9045,18 @@ class Service:
 
     # -- WebSocket channel ------------------------------------------------------------
 
-    async def websocket(self, receive: Callable[[], Any], send: Callable[[str], Any]) -> None:
+    async def websocket(self, receive: Callable[[], Any], send: Callable[[str], Any],
+                        send_texts: Callable[[list[str]], Any] | None = None) -> None:
         """One WebSocket connection: pipelined RPCs, subscriptions and lease
-        holds.  Frames are JSON objects; see specs/flow-relay-contract.md."""
+        holds.  Frames are JSON objects; see specs/flow-relay-contract.md.
+        ``send_texts`` (when the server allows it) sends several frames in
+        one socket write."""
         holds: dict[str, dict[str, Any]] = {}
         out_send, out_receive = trio.open_memory_channel(self.config.subscriber_buffer)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._ws_writer, out_receive, send, nursery.cancel_scope)
+                nursery.start_soon(self._ws_writer, out_receive, send, nursery.cancel_scope,
+                                   send_texts)
                 nursery.start_soon(self._ws_until_shutdown, nursery.cancel_scope)
                 while True:
                     text = await receive()
@@ -9064,9 +9083,19 @@ class Service:
             with trio.move_on_after(CLEANUP_SECONDS, shield=True):
                 await self._ws_release_on_disconnect(holds)
 
-    async def _ws_writer(self, out_receive: Any, send: Callable[[str], Any], scope: Any) -> None:
+    async def _ws_writer(self, out_receive: Any, send: Callable[[str], Any], scope: Any,
+                         send_texts: Callable[[list[str]], Any] | None = None) -> None:
         async for text in out_receive:
-            await send(text)
+            if send_texts is None:
+                await send(text)
+                continue
+            texts = [text]  # and what else is queued (a group commit's replies), in order
+            while len(texts) < WS_WRITE_FRAMES:
+                try:
+                    texts.append(out_receive.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            await send_texts(texts)
         # The queue was closed because the client stopped reading: end the
         # connection rather than keep a muted socket (and its holds) alive.
         scope.cancel()
@@ -9087,7 +9116,8 @@ class Service:
                      holds: dict[str, dict[str, Any]]) -> None:
         kind, ident = msg.get("type"), msg.get("id")
         if kind == "rpc":
-            nursery.start_soon(self._ws_rpc, msg, out)
+            if not self._ws_offer(msg, out):
+                nursery.start_soon(self._ws_rpc, msg, out)
         elif kind == "subscribe":
             nursery.start_soon(self._ws_subscribe, msg, out)
         elif kind == "hold":
@@ -9110,6 +9140,22 @@ class Service:
             _ws_send(out, json.dumps({"type": "heartbeat", "id": ident}))
         else:
             _ws_send(out, _ws_error(ident, InvalidArgument(f"unknown frame type {kind!r}")))
+
+    def _ws_offer(self, msg: dict[str, Any], out: Any) -> bool:
+        """A plain mutation (one ``_mutate`` serves) queued for the owner at once,
+        its reply sent from the commit's completion: no task, no wake-up per
+        call.  False (nothing done) for every other frame, or a full queue;
+        the task of ``_ws_rpc`` answers it then, the same way."""
+        rpc = _PLAIN_MUTATIONS.get(msg.get("method"))  # type: ignore[arg-type]
+        if rpc is None or self.probe_token is not None:
+            return False
+        ident = msg.get("id")
+        try:
+            mutation = rpc_mutation(rpc, from_json(rpc.request, msg.get("request", {})))
+        except RelayError as exc:
+            _ws_send(out, _ws_error(ident, exc))
+            return True
+        return self.owner.offer(mutation, functools.partial(_ws_answer, out, ident))
 
     async def _ws_rpc(self, msg: dict[str, Any], out: Any) -> None:
         ident = msg.get("id")
@@ -9205,12 +9251,19 @@ class Service:
                         "ReleaseLease", rc.ReleaseLeaseRequest(lease_id)))
 
 
+#: The mutating rows ``Service`` serves by ``_mutate`` alone (its bound method, not a
+#: written-out one): what ``Service._ws_offer`` may queue without a task.
+_PLAIN_MUTATIONS: dict[str, rc.Rpc] = {}
+
+
 def _bind_servicer_methods() -> None:
     """Give ``Service`` the method of each row it does not write out: a
     mutation is submitted to the ledger owner, a read answered by ``Reads``."""
     for rpc in rc.RPCS:
         if hasattr(Service, rpc.method):
             continue
+        if rpc.mutates and not rpc.streams:
+            _PLAIN_MUTATIONS[rpc.name] = rpc
 
         async def method(self: Service, request: Any, _rpc: rc.Rpc = rpc) -> Any:
             if _rpc.streams:
@@ -9223,6 +9276,10 @@ def _bind_servicer_methods() -> None:
 
 
 _bind_servicer_methods()
+
+
+#: At most this many queued frames go out in one socket write (``Service._ws_writer``).
+WS_WRITE_FRAMES: Final = 256
 
 
 def _ws_send(out: Any, text: str) -> None:
@@ -9242,6 +9299,14 @@ def _parse_json(text: str | bytes) -> Any:
 
 def _ws_error(ident: Any, exc: RelayError) -> str:
     return json.dumps({"type": "error", "id": ident, "error": exc.to_json()})
+
+
+def _ws_answer(out: Any, ident: Any, result: Any) -> None:
+    """Send a queued mutation's reply or error frame (``Service._ws_offer``)."""
+    if isinstance(result, RelayError):
+        _ws_send(out, _ws_error(ident, result))
+    else:
+        _ws_send(out, json.dumps({"type": "reply", "id": ident, "reply": to_json(result)}))
 
 
 def _lease_lost(lease_id: str, lease: rc.Lease | None) -> str:
@@ -10933,7 +10998,8 @@ def _install_streams(app: Any, service: Service) -> None:
     @app.websocket("/ws")
     async def ws() -> None:
         await websocket.accept()
-        await service.websocket(websocket.receive, websocket.send)
+        texts = _ws_text_sender(websocket.scope.get("extensions", {}).get(_SERVER_SEND))
+        await service.websocket(websocket.receive, websocket.send, texts)
 
 
 def _install_operations(app: Any, service: Service) -> None:
@@ -11128,6 +11194,43 @@ def _h11_socket(send: Any, scope: dict[str, Any]) -> Any:
             or lock.locked() or closed):
         return None
     return stream.socket
+
+
+def _ws_text_sender(send: Any) -> Callable[[list[str]], Any] | None:
+    """A function that sends several text frames with one socket write, for
+    hypercorn's WebSocket stream under this connection (``send`` is its
+    ``WSStream.app_send``); None for anything else (then each frame goes
+    through ASGI).  It does what ``app_send`` does for one
+    ``websocket.send``: nothing once the stream is closed, the wsproto
+    encoding of each message, one ``Data`` event to the protocol."""
+    try:
+        stream = send.__self__  # hypercorn.protocol.ws_stream.WSStream
+        connection, stream_send, stream_id = stream.connection, stream.send, stream.stream_id
+    except AttributeError:
+        return None
+    from hypercorn.protocol.events import Data
+    from hypercorn.protocol.ws_stream import ASGIWebsocketState
+    from wsproto.events import TextMessage
+    from wsproto.utilities import LocalProtocolError
+
+    if type(stream).__name__ != "WSStream" or stream.state != ASGIWebsocketState.CONNECTED:
+        return None
+
+    async def send_texts(texts: list[str]) -> None:
+        if stream.closed:
+            return
+        if stream.state != ASGIWebsocketState.CONNECTED:  # closing: ASGI says what is allowed
+            for text in texts:
+                await send({"type": "websocket.send", "bytes": None, "text": text})
+            return
+        try:
+            data = b"".join([connection.send(TextMessage(data=text)) for text in texts])
+        except LocalProtocolError:  # the connection is closing (as ``_send_wsproto_event``)
+            return
+        await stream_send(Data(stream_id=stream_id, data=data))
+
+    return send_texts
+
 
 
 @attrs.define(eq=False, slots=True)  # one per open stream: slotted (built at import), less memory
@@ -11784,6 +11887,13 @@ def _close_after_response(app: Any) -> Any:
     """
 
     async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket":  # the server's own send, for ``_ws_text_sender``
+            extensions = scope.setdefault("extensions", {})
+            extensions[_SERVER_SEND] = send
+            try:
+                return await app(scope, receive, send)
+            finally:
+                extensions.pop(_SERVER_SEND, None)
         if scope["type"] != "http":
             return await app(scope, receive, send)
         # The server's own send, for the SSE route (``_SERVER_SEND``, ``_h11_socket``).
