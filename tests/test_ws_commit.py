@@ -236,3 +236,60 @@ def test_close_handles_closes_every_kept_descriptor(workspace):
     _grant(store, "s2")  # a later commit opens them again
     store.close_handles()
     assert open_fds() - before == set()
+
+
+# -- /ws: plain mutations go to the owner without a task; replies share socket writes ----
+
+
+async def test_a_burst_of_lease_mutations_is_answered_without_a_task_each(workspace, monkeypatch):
+    """GrantLease frames pipelined on one socket are queued for the ledger owner as they are
+    read (no ``_ws_rpc`` task each; a read still gets one), each answered once by its id,
+    refusals included; the replies of one group commit leave in one socket write."""
+    import trio
+    from serve_helpers import PATIENCE, serving, ws_recv, ws_send
+
+    tasks: list[str] = []
+    real_rpc = relay.Service._ws_rpc
+
+    async def counted(self, msg, out):
+        tasks.append(msg.get("method"))
+        await real_rpc(self, msg, out)
+
+    monkeypatch.setattr(relay.Service, "_ws_rpc", counted)
+    writes: list[int] = []
+    real_sender = relay._ws_text_sender
+
+    def sender(send):
+        texts = real_sender(send)
+
+        async def send_texts(batch):
+            writes.append(len(batch))
+            await texts(batch)
+        return send_texts if texts is not None else None
+
+    monkeypatch.setattr(relay, "_ws_text_sender", sender)
+    with trio.fail_after(PATIENCE):
+        async with serving(workspace) as r:
+            sids = await r.seed(sessions=20)
+            owner = r.server.service.owner
+            async with r.ws() as ws:
+                async with owner._lock:  # commits wait: the burst queues up behind the first
+                    for i, sid in enumerate(sids):
+                        await ws_send(ws, type="rpc", id=i, method="GrantLease",
+                                      request={"session_id": sid, "holder": "h", "mode": WRITE})
+                    await ws_send(ws, type="rpc", id="ghost", method="GrantLease",
+                                  request={"session_id": "ghost", "holder": "h", "mode": WRITE})
+                    await ws_send(ws, type="rpc", id="bad", method="GrantLease",
+                                  request={"session_id": "s1", "holder": "h", "mode": "sideways"})
+                    # Refused as it is read: every frame before it was read and queued.
+                    bad = await ws_recv(ws)
+                frames = [await ws_recv(ws) for _ in range(len(sids) + 1)]
+                await ws_send(ws, type="rpc", id="status", method="GetStatus", request={})
+                status = await ws_recv(ws)
+    assert bad["id"] == "bad" and bad["error"]["code"] == "invalid_argument"
+    by_id = {f["id"]: f for f in frames}
+    assert len(by_id) == len(sids) + 1
+    assert {by_id[i]["reply"]["lease"]["session_id"] for i in range(len(sids))} == set(sids)
+    assert by_id["ghost"]["error"]["code"] == "not_found"
+    assert status["type"] == "reply" and tasks == ["GetStatus"]
+    assert max(writes) >= len(sids) // 2  # one group commit's replies, one write
