@@ -497,7 +497,10 @@ MEMO_NAME: Final = "ledger.validated"
 JOURNAL_NAME: Final = "relay-state.journal"
 #: A journaling store writes a checkpoint instead of a record once the journal
 #: would pass this many bytes (half the checkpoint's size, within these bounds).
-JOURNAL_MIN_BYTES: Final = 16 * KIB
+#: The floor is the cap: a group commit of a few dozen lease changes writes a
+#: record of tens of KiB, and a smaller floor checkpointed a small ledger on
+#: almost every such commit.
+JOURNAL_MIN_BYTES: Final = 256 * KIB
 JOURNAL_MAX_BYTES: Final = 256 * KIB
 #: How long the state directory must have been unchanged before a sweep of it
 #: may be skipped: more than any file system's timestamp granularity, so a
@@ -3042,10 +3045,11 @@ class Ctx:
     now: float
     revision: int
     config: Config = Config()
+    #: ``iso(now)``, made once: an operation asks for it several times.
+    stamp: str = attrs.field(init=False, eq=False, repr=False)
 
-    @property
-    def stamp(self) -> str:
-        return iso(self.now)
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "stamp", iso(self.now))
 
 
 def _session(ledger: Ledger, session_id: str) -> rc.Session:

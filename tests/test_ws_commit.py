@@ -293,3 +293,22 @@ async def test_a_burst_of_lease_mutations_is_answered_without_a_task_each(worksp
     assert by_id["ghost"]["error"]["code"] == "not_found"
     assert status["type"] == "reply" and tasks == ["GetStatus"]
     assert max(writes) >= len(sids) // 2  # one group commit's replies, one write
+
+
+def test_a_big_group_commit_on_a_small_ledger_is_a_journal_record(workspace):
+    """A group commit of 40 lease grants (a ~27 KiB record) on a ledger of a few KB appends to
+    the journal instead of writing the whole checkpoint: the budget is 256 KiB, not half the
+    checkpoint."""
+    cli = relay.Store(workspace)
+    commit_ok(cli, "RegisterProfile", name="p", provider="codex", mode="pooled")
+    sids = [f"s{i:02d}" for i in range(40)]
+    relay.commit(cli, [mutation("CreateSession", profile="p", session_id=sid) for sid in sids],
+                 relay.Config(), T0)
+    store = relay.Store(workspace, journal=True)
+    before = relay.decode_ledger(store.ledger_path.read_bytes()).revision
+    results, ledger = relay.commit(store, [mutation("GrantLease", session_id=sid, holder="h" * 120,
+                                                    mode=WRITE) for sid in sids], relay.Config(), T0)
+    assert all(r.outcome == "granted" for r in results)
+    assert store.journal_path.stat().st_size > 16 * 1024 > store.ledger_path.stat().st_size // 2
+    assert relay.decode_ledger(store.ledger_path.read_bytes()).revision == before  # no checkpoint
+    assert relay.Store(workspace).read() == ledger
