@@ -4415,8 +4415,9 @@ def rpc_mutation(rpc: rc.Rpc | str, request: Any) -> Mutation:
     rpc = rc.RPC_BY_NAME[rpc] if isinstance(rpc, str) else rpc
     validate_request(request)
     op = operation(rpc)
-    body = to_json(request)
-    request_id = body.pop("request_id", "")
+    request_id = getattr(request, "request_id", "")
+    body = to_json(request) if request_id else {}  # only an idempotent request is digested
+    body.pop("request_id", None)
     if rpc.control:  # its id keys the record too; a prefix keeps the two apart
         request_id = CONTROL_KEY_PREFIX + request_id
     return Mutation(lambda ledger, ctx: op(ledger, request, ctx), rpc.name, rpc.response,
@@ -7221,6 +7222,11 @@ class Runtime:
     async def _watch_feed(self, feed: Subscriber) -> None:
         async for _ in feed.receive:
             self._wake.set()
+            while True:  # and what else is queued (a group commit's notices): one wake-up does
+                try:
+                    feed.receive.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
 
     def processes(self) -> dict[str, rc.ProcessInfo]:
         return {sid: live.proc.info for sid, live in self.sessions.items()}
