@@ -593,7 +593,10 @@ MEMO_NAME: Final = "ledger.validated"
 JOURNAL_NAME: Final = "relay-state.journal"
 #: A journaling store writes a checkpoint instead of a record once the journal
 #: would pass this many bytes (half the checkpoint's size, within these bounds).
-JOURNAL_MIN_BYTES: Final = 16 * KIB
+#: The floor is the cap: a group commit of a few dozen lease changes writes a
+#: record of tens of KiB, and a smaller floor checkpointed a small ledger on
+#: almost every such commit.
+JOURNAL_MIN_BYTES: Final = 256 * KIB
 JOURNAL_MAX_BYTES: Final = 256 * KIB
 #: How long the state directory must have been unchanged before a sweep of it
 #: may be skipped: more than any file system's timestamp granularity, so a
@@ -2097,6 +2100,47 @@ def _journal_budget(checkpoint_bytes: int) -> int:
 
 
 @attrs.define(eq=False)
+class _Handles:
+    """Descriptors a journaling store (the server's) keeps open from one commit
+    to the next, so that a commit costs a few ``stat`` calls where it opened,
+    read and closed each file (see "Held descriptors" in
+    specs/flow-relay-contract.md).  Each is checked against its path under the
+    lock before it is trusted, and one that fails a write is closed, never
+    used again."""
+
+    #: The state directory, flocked per commit (the lock that excludes), and its (dev, ino).
+    lock_dir: int | None = None
+    lock_dir_id: tuple[int, int] = (0, 0)
+    #: The state directory's stat taken under this commit's lock (for the orphan sweep).
+    dir_stat: os.stat_result | None = None
+    #: Pins the checkpoint's inode: while it is open no other file can get its
+    #: inode number, so (inode, size, mtime) alone tells the file unchanged.
+    checkpoint: int | None = None
+    checkpoint_ino: int = -1
+    #: The journal, appended to in place; its inode.
+    journal: int | None = None
+    journal_ino: int = -1
+    #: The ``ledger.validated`` memo, overwritten in place.
+    memo: int | None = None
+    #: Threads of this process exclude each other here: they share the one
+    #: open file of ``lock_dir``, and a flock does not exclude its own holder.
+    mutex: threading.Lock = attrs.Factory(threading.Lock)
+    #: The thread that holds the lock now (None: nobody in this process).
+    holder: int | None = None
+
+    def drop(self, name: str) -> None:
+        fd = getattr(self, name)
+        setattr(self, name, None)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def close(self) -> None:
+        for name in ("lock_dir", "checkpoint", "journal", "memo"):
+            self.drop(name)
+
+
+@attrs.define(eq=False)
 class Store:
     """Files of one workspace.  Sync by design: the CLI uses it directly and the
     server calls it through one ``trio.to_thread.run_sync`` hop per commit."""
@@ -2113,6 +2157,8 @@ class Store:
     journal: bool = False
     #: The state directory as it was at the last orphan sweep (``sweep_orphan_temps``).
     _swept: tuple[int, ...] | None = None
+    #: What a journaling store keeps open between commits (None until its first lock).
+    _handles: _Handles | None = None
 
     # Cached: a commit asks for these paths ~40 times, and building a Path
     # costs microseconds each (a quarter of a small commit's CPU).
@@ -2163,14 +2209,20 @@ class Store:
         directory's, then ``relay-state.lock``'s (see "Lock and disk faults" in
         specs/flow-relay-contract.md)."""
         fds: list[int] = []
+        held = None
         try:
             try:
-                fds.append(_flock_named(self.state_dir, os.O_RDONLY | os.O_DIRECTORY,
-                                        lambda: _make_dirs(self.state_dir)))
+                if self.journal:  # the state directory's descriptor is kept open
+                    held = self._lock_held_dir()
+                else:
+                    fds.append(_flock_named(self.state_dir, os.O_RDONLY | os.O_DIRECTORY,
+                                            lambda: _make_dirs(self.state_dir)))
                 fds.append(_flock_named(self.lock_path, os.O_RDWR | os.O_CREAT,
                                         lambda: self.tmp_dir.mkdir(parents=True, exist_ok=True)))
             except OSError as exc:
                 raise _io_failure("take the mutation lock", exc, self.lock_path) from exc
+            if held is not None:
+                held.holder = threading.get_ident()
             _failpoint("after_lock")
             try:
                 yield
@@ -2179,6 +2231,60 @@ class Store:
         finally:
             for fd in reversed(fds):
                 os.close(fd)  # closing drops the flock
+            if held is not None:
+                self._unlock_held_dir(held)
+
+    def _lock_held_dir(self) -> _Handles:
+        """Take this process's mutex, then flock the state directory on the
+        kept descriptor once the path still names it (``_flock_named``'s check;
+        a directory replaced meanwhile is opened afresh)."""
+        held = self._handles
+        if held is None:
+            held = self._handles = _Handles()
+            weakref.finalize(self, held.close)
+        held.mutex.acquire()
+        try:
+            for _ in range(LOCK_ATTEMPTS):
+                if held.lock_dir is None:
+                    fd = _flock_named(self.state_dir, os.O_RDONLY | os.O_DIRECTORY,
+                                      lambda: _make_dirs(self.state_dir))
+                    st = os.fstat(fd)
+                    held.lock_dir, held.lock_dir_id = fd, (st.st_dev, st.st_ino)
+                    return held
+                fcntl.flock(held.lock_dir, fcntl.LOCK_EX)
+                try:
+                    st = os.stat(self.state_dir)
+                except FileNotFoundError:
+                    st = None
+                if st is not None and (st.st_dev, st.st_ino) == held.lock_dir_id:
+                    held.dir_stat = st
+                    return held
+                held.drop("lock_dir")  # closing drops the flock
+            raise FileNotFoundError(errno.ENOENT, "the state directory was replaced in each of "
+                                    f"{LOCK_ATTEMPTS} attempts to lock it", self.state_dir)
+        except BaseException:
+            held.mutex.release()
+            raise
+
+    def _unlock_held_dir(self, held: _Handles) -> None:
+        held.holder, held.dir_stat = None, None
+        try:
+            fcntl.flock(held.lock_dir, fcntl.LOCK_UN)
+        except OSError:
+            held.drop("lock_dir")  # closing drops it too
+        finally:
+            held.mutex.release()
+
+    def _held(self) -> _Handles | None:
+        """The kept descriptors, when this thread holds the lock through them."""
+        held = self._handles
+        return held if held is not None and held.holder == threading.get_ident() else None
+
+    def close_handles(self) -> None:
+        """Close what a journaling store keeps open (the server calls it when it stops)."""
+        if self._handles is not None:
+            with self._handles.mutex:
+                self._handles.close()
 
     # -- reading ----------------------------------------------------------------
 
@@ -2195,11 +2301,60 @@ class Store:
         there is no checkpoint).  A checkpoint renamed in while the journal
         was being read makes it read both again (the journal may by then hold
         the new checkpoint's records)."""
+        held = self._held()
+        if held is not None:
+            got = self._unchanged(held)
+            if got is not None:
+                return got
         for _ in range(LOCK_ATTEMPTS):
             got = self._read_once()
             if got is not _RACED:
+                if held is not None and got is not None:
+                    self._pin_checkpoint(held, got)
                 return got
         return got  # consistent still (each record names its checkpoint), only not the newest
+
+    def _unchanged(self, held: _Handles) -> _Snapshot | None:
+        """The cached snapshot, when under the lock both files are the ones it
+        was read from or written as, unchanged: the checkpoint (its inode
+        pinned) and the journal (its inode held) have the (inode, size, mtime)
+        it recorded.  None: read them."""
+        cache = self._cache
+        if cache is None or held.checkpoint is None:
+            return None
+        try:
+            st = os.stat(self.ledger_path)
+        except FileNotFoundError:
+            return None
+        if (st.st_ino != held.checkpoint_ino
+                or (st.st_ino, st.st_size, st.st_mtime_ns) != cache.checkpoint_key):
+            return None
+        try:
+            st = os.stat(self.journal_path)
+        except FileNotFoundError:
+            return cache if cache.journal_key is None else None
+        if (held.journal is None or st.st_ino != held.journal_ino
+                or (st.st_ino, st.st_size, st.st_mtime_ns) != cache.journal_key):
+            return None
+        return cache
+
+    def _pin_checkpoint(self, held: _Handles, snap: _Snapshot) -> None:
+        """Keep the checkpoint ``snap`` was read from (or written as) open, once
+        the file at the path has its identity and last bytes."""
+        if held.checkpoint is not None and held.checkpoint_ino == snap.checkpoint_key[0]:
+            return
+        held.drop("checkpoint")
+        with contextlib.suppress(OSError):
+            fd = os.open(self.ledger_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                st = os.fstat(fd)
+                if ((st.st_ino, st.st_size, st.st_mtime_ns) == snap.checkpoint_key
+                        and os.pread(fd, CHECKSUM_TAIL_BYTES, max(st.st_size - CHECKSUM_TAIL_BYTES, 0))
+                        == snap.checkpoint_tail):
+                    held.checkpoint, held.checkpoint_ino, fd = fd, st.st_ino, -1
+            finally:
+                if fd >= 0:
+                    os.close(fd)
 
     def _read_once(self) -> _Snapshot | None | object:
         cache = self._cache  # once: a commit thread may replace it meanwhile
@@ -2329,6 +2484,8 @@ class Store:
         last = head[len(tail) - CHECKSUM_TAIL_BYTES :] + tail  # the file's last bytes
         self._cache = _Snapshot((st.st_ino, st.st_size, st.st_mtime_ns), last, tail[:-3].decode(),
                                 ledger, journal_key, 0, b"", 0, ledger)
+        if (held := self._held()) is not None:
+            self._pin_checkpoint(held, self._cache)
         self._record_validated(tail[:-3], 0, ledger)
 
     def _cut_journal(self) -> tuple[int, int, int] | None:
@@ -2368,16 +2525,24 @@ class Store:
         the journal is shorter than what was read under this lock: someone
         removed it, and the ledger in hand still holds its records."""
         path, end = self.journal_path, snap.journal_end
+        held, keep = self._held(), False
         try:
-            try:  # the usual case first: one open, not a failed O_EXCL create and a second open
-                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-                created = False
-            except FileNotFoundError:
-                try:
-                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                    created = True
-                except FileExistsError:  # made meanwhile by something that ignores the lock
+            created = False
+            if (held is not None and held.journal is not None and snap.journal_key is not None
+                    and snap.journal_key[0] == held.journal_ino):
+                # The journal this lock's read found at the path (``_unchanged``, ``_read_journal``).
+                fd, held.journal = held.journal, None
+            else:
+                if held is not None:
+                    held.drop("journal")
+                try:  # the usual case first: one open, not a failed O_EXCL create and a second open
                     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    try:
+                        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                        created = True
+                    except FileExistsError:  # made meanwhile by something that ignores the lock
+                        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
             try:
                 size = os.fstat(fd).st_size
                 if size < end:
@@ -2396,8 +2561,12 @@ class Store:
                     raise
                 _failpoint("after_journal_fsync")
                 st = os.fstat(fd)
+                keep = held is not None  # kept only after a good write: a failed one closes it
             finally:
-                os.close(fd)
+                if keep:
+                    held.journal, held.journal_ino = fd, st.st_ino
+                else:
+                    os.close(fd)
         except OSError as exc:
             raise _io_failure("append to the ledger journal", exc, path) from exc
         if created:
@@ -2427,12 +2596,34 @@ class Store:
         # ~17% of a commit.  A torn or stale memo fails its CRC or does not
         # match, and then the fast path falls back to full validation.
         with contextlib.suppress(OSError):
-            fd = os.open(self.tmp_dir / MEMO_NAME, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._write_memo(memo)
+
+    def _write_memo(self, data: bytes) -> None:
+        """Overwrite the memo in place with ``data`` (and cut what an older,
+        longer one left).  A journaling store keeps the descriptor open while
+        the file is still linked (``rm -rf flow/tmp``, ``state cleanup`` or a
+        replacement unlinks it: then the path is opened again)."""
+        held = self._held()
+        if held is not None and held.memo is not None:
             try:
-                os.pwrite(fd, memo, 0)
-                if os.fstat(fd).st_size != len(memo):  # an older, longer or empty memo
-                    os.ftruncate(fd, len(memo))
-            finally:
+                os.pwrite(held.memo, data, 0)
+                st = os.fstat(held.memo)
+            except OSError:
+                st = None
+            if st is not None and st.st_nlink:
+                if st.st_size != len(data):
+                    os.ftruncate(held.memo, len(data))
+                return
+            held.drop("memo")
+        fd = os.open(self.tmp_dir / MEMO_NAME, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.pwrite(fd, data, 0)
+            if os.fstat(fd).st_size != len(data):  # an older, longer or empty memo
+                os.ftruncate(fd, len(data))
+            if held is not None:
+                held.memo, fd = fd, -1
+        finally:
+            if fd >= 0:
                 os.close(fd)
 
     def sweep_orphan_temps(self) -> list[str]:
@@ -2441,7 +2632,8 @@ class Store:
         only under the lock, so a writer that left one changed the directory
         after that sweep; a long-lived store (the server's) then pays one
         stat per commit instead of a listing."""
-        st = os.stat(self.state_dir)
+        held = self._held()
+        st = held.dir_stat if held is not None and held.dir_stat is not None else os.stat(self.state_dir)
         key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
         if key == self._swept:
             return []
@@ -3043,10 +3235,11 @@ class Ctx:
     now: float
     revision: int
     config: Config = Config()
+    #: ``iso(now)``, made once: an operation asks for it several times.
+    stamp: str = attrs.field(init=False, eq=False, repr=False)
 
-    @property
-    def stamp(self) -> str:
-        return iso(self.now)
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "stamp", iso(self.now))
 
 
 def _session(ledger: Ledger, session_id: str) -> rc.Session:
@@ -4412,8 +4605,9 @@ def rpc_mutation(rpc: rc.Rpc | str, request: Any) -> Mutation:
     rpc = rc.RPC_BY_NAME[rpc] if isinstance(rpc, str) else rpc
     validate_request(request)
     op = operation(rpc)
-    body = to_json(request)
-    request_id = body.pop("request_id", "")
+    request_id = getattr(request, "request_id", "")
+    body = to_json(request) if request_id else {}  # only an idempotent request is digested
+    body.pop("request_id", None)
     if rpc.control:  # its id keys the record too; a prefix keeps the two apart
         request_id = CONTROL_KEY_PREFIX + request_id
     return Mutation(lambda ledger, ctx: op(ledger, request, ctx), rpc.name, rpc.response,
@@ -7218,6 +7412,11 @@ class Runtime:
     async def _watch_feed(self, feed: Subscriber) -> None:
         async for _ in feed.receive:
             self._wake.set()
+            while True:  # and what else is queued (a group commit's notices): one wake-up does
+                try:
+                    feed.receive.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
 
     def processes(self) -> dict[str, rc.ProcessInfo]:
         return {sid: live.proc.info for sid, live in self.sessions.items()}
@@ -8353,8 +8552,10 @@ class Runtime:
 @attrs.define(eq=False)
 class _Pending:
     mutation: Mutation
-    done: Any
+    done: Any  # a trio.Event set once committed (None when ``on_done`` is given)
     result: Any = None
+    #: Called with the result, in the owner's task, instead of setting ``done`` (``offer``).
+    on_done: Callable[[Any], None] | None = None
 
 
 @attrs.frozen
@@ -8423,6 +8624,16 @@ class LedgerOwner:
                 await self._send.send(pending)  # full: wait for room (back-pressure)
         return pendings
 
+    def offer(self, mutation: Mutation, on_done: Callable[[Any], None]) -> bool:
+        """Queue ``mutation`` without a task waiting for it: once it is committed
+        the owner calls ``on_done`` with its reply or RelayError (it must not
+        raise or block).  False, nothing queued, when the queue is full."""
+        try:
+            self._send.send_nowait(_Pending(mutation, None, on_done=on_done))
+        except trio.WouldBlock:
+            return False
+        return True
+
     async def submit_many(self, mutations: list[Mutation]) -> list[Any]:
         """``enqueue`` and wait for every reply (each a result or a RelayError, not raised)."""
         pendings = await self.enqueue(mutations)
@@ -8434,15 +8645,18 @@ class LedgerOwner:
         self.ledger = await trio.to_thread.run_sync(self._read_current)
         self.hub.rebase(self.ledger)
         task_status.started()
-        while True:
-            batch = [await self._receive.receive()]
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self._receive.receive_nowait())
-                except trio.WouldBlock:
-                    break
-            async with self._lock:
-                await self._commit(batch)
+        try:
+            while True:
+                batch = [await self._receive.receive()]
+                while len(batch) < self.max_batch:
+                    try:
+                        batch.append(self._receive.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                async with self._lock:
+                    await self._commit(batch)
+        finally:  # no commit of this owner runs any more (a commit's thread is waited for)
+            self.store.close_handles()
 
     def _read_current(self) -> Ledger:
         return self.store.read() or Ledger()
@@ -8479,7 +8693,10 @@ class LedgerOwner:
             self._announce(batch, results, ledger)
         for pending, result in zip(batch, results, strict=True):
             pending.result = result
-            pending.done.set()
+            if pending.on_done is not None:
+                pending.on_done(result)
+            else:
+                pending.done.set()
 
     def _announce(self, batch: list[_Pending], results: list[Any], ledger: Ledger) -> None:
         old, self.ledger = self.ledger, ledger
@@ -9028,14 +9245,18 @@ class Service:
 
     # -- WebSocket channel ------------------------------------------------------------
 
-    async def websocket(self, receive: Callable[[], Any], send: Callable[[str], Any]) -> None:
+    async def websocket(self, receive: Callable[[], Any], send: Callable[[str], Any],
+                        send_texts: Callable[[list[str]], Any] | None = None) -> None:
         """One WebSocket connection: pipelined RPCs, subscriptions and lease
-        holds.  Frames are JSON objects; see specs/flow-relay-contract.md."""
+        holds.  Frames are JSON objects; see specs/flow-relay-contract.md.
+        ``send_texts`` (when the server allows it) sends several frames in
+        one socket write."""
         holds: dict[str, dict[str, Any]] = {}
         out_send, out_receive = trio.open_memory_channel(self.config.subscriber_buffer)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._ws_writer, out_receive, send, nursery.cancel_scope)
+                nursery.start_soon(self._ws_writer, out_receive, send, nursery.cancel_scope,
+                                   send_texts)
                 nursery.start_soon(self._ws_until_shutdown, nursery.cancel_scope)
                 while True:
                     text = await receive()
@@ -9062,9 +9283,19 @@ class Service:
             with trio.move_on_after(CLEANUP_SECONDS, shield=True):
                 await self._ws_release_on_disconnect(holds)
 
-    async def _ws_writer(self, out_receive: Any, send: Callable[[str], Any], scope: Any) -> None:
+    async def _ws_writer(self, out_receive: Any, send: Callable[[str], Any], scope: Any,
+                         send_texts: Callable[[list[str]], Any] | None = None) -> None:
         async for text in out_receive:
-            await send(text)
+            if send_texts is None:
+                await send(text)
+                continue
+            texts = [text]  # and what else is queued (a group commit's replies), in order
+            while len(texts) < WS_WRITE_FRAMES:
+                try:
+                    texts.append(out_receive.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            await send_texts(texts)
         # The queue was closed because the client stopped reading: end the
         # connection rather than keep a muted socket (and its holds) alive.
         scope.cancel()
@@ -9085,7 +9316,8 @@ class Service:
                      holds: dict[str, dict[str, Any]]) -> None:
         kind, ident = msg.get("type"), msg.get("id")
         if kind == "rpc":
-            nursery.start_soon(self._ws_rpc, msg, out)
+            if not self._ws_offer(msg, out):
+                nursery.start_soon(self._ws_rpc, msg, out)
         elif kind == "subscribe":
             nursery.start_soon(self._ws_subscribe, msg, out)
         elif kind == "hold":
@@ -9108,6 +9340,22 @@ class Service:
             _ws_send(out, json.dumps({"type": "heartbeat", "id": ident}))
         else:
             _ws_send(out, _ws_error(ident, InvalidArgument(f"unknown frame type {kind!r}")))
+
+    def _ws_offer(self, msg: dict[str, Any], out: Any) -> bool:
+        """A plain mutation (one ``_mutate`` serves) queued for the owner at once,
+        its reply sent from the commit's completion: no task, no wake-up per
+        call.  False (nothing done) for every other frame, or a full queue;
+        the task of ``_ws_rpc`` answers it then, the same way."""
+        rpc = _PLAIN_MUTATIONS.get(msg.get("method"))  # type: ignore[arg-type]
+        if rpc is None or self.probe_token is not None:
+            return False
+        ident = msg.get("id")
+        try:
+            mutation = rpc_mutation(rpc, from_json(rpc.request, msg.get("request", {})))
+        except RelayError as exc:
+            _ws_send(out, _ws_error(ident, exc))
+            return True
+        return self.owner.offer(mutation, functools.partial(_ws_answer, out, ident))
 
     async def _ws_rpc(self, msg: dict[str, Any], out: Any) -> None:
         ident = msg.get("id")
@@ -9203,12 +9451,19 @@ class Service:
                         "ReleaseLease", rc.ReleaseLeaseRequest(lease_id)))
 
 
+#: The mutating rows ``Service`` serves by ``_mutate`` alone (its bound method, not a
+#: written-out one): what ``Service._ws_offer`` may queue without a task.
+_PLAIN_MUTATIONS: dict[str, rc.Rpc] = {}
+
+
 def _bind_servicer_methods() -> None:
     """Give ``Service`` the method of each row it does not write out: a
     mutation is submitted to the ledger owner, a read answered by ``Reads``."""
     for rpc in rc.RPCS:
         if hasattr(Service, rpc.method):
             continue
+        if rpc.mutates and not rpc.streams:
+            _PLAIN_MUTATIONS[rpc.name] = rpc
 
         async def method(self: Service, request: Any, _rpc: rc.Rpc = rpc) -> Any:
             if _rpc.streams:
@@ -9221,6 +9476,10 @@ def _bind_servicer_methods() -> None:
 
 
 _bind_servicer_methods()
+
+
+#: At most this many queued frames go out in one socket write (``Service._ws_writer``).
+WS_WRITE_FRAMES: Final = 256
 
 
 def _ws_send(out: Any, text: str) -> None:
@@ -9240,6 +9499,14 @@ def _parse_json(text: str | bytes) -> Any:
 
 def _ws_error(ident: Any, exc: RelayError) -> str:
     return json.dumps({"type": "error", "id": ident, "error": exc.to_json()})
+
+
+def _ws_answer(out: Any, ident: Any, result: Any) -> None:
+    """Send a queued mutation's reply or error frame (``Service._ws_offer``)."""
+    if isinstance(result, RelayError):
+        _ws_send(out, _ws_error(ident, result))
+    else:
+        _ws_send(out, json.dumps({"type": "reply", "id": ident, "reply": to_json(result)}))
 
 
 def _lease_lost(lease_id: str, lease: rc.Lease | None) -> str:
@@ -10931,7 +11198,8 @@ def _install_streams(app: Any, service: Service) -> None:
     @app.websocket("/ws")
     async def ws() -> None:
         await websocket.accept()
-        await service.websocket(websocket.receive, websocket.send)
+        texts = _ws_text_sender(websocket.scope.get("extensions", {}).get(_SERVER_SEND))
+        await service.websocket(websocket.receive, websocket.send, texts)
 
 
 def _install_operations(app: Any, service: Service) -> None:
@@ -11126,6 +11394,43 @@ def _h11_socket(send: Any, scope: dict[str, Any]) -> Any:
             or lock.locked() or closed):
         return None
     return stream.socket
+
+
+def _ws_text_sender(send: Any) -> Callable[[list[str]], Any] | None:
+    """A function that sends several text frames with one socket write, for
+    hypercorn's WebSocket stream under this connection (``send`` is its
+    ``WSStream.app_send``); None for anything else (then each frame goes
+    through ASGI).  It does what ``app_send`` does for one
+    ``websocket.send``: nothing once the stream is closed, the wsproto
+    encoding of each message, one ``Data`` event to the protocol."""
+    try:
+        stream = send.__self__  # hypercorn.protocol.ws_stream.WSStream
+        connection, stream_send, stream_id = stream.connection, stream.send, stream.stream_id
+    except AttributeError:
+        return None
+    from hypercorn.protocol.events import Data
+    from hypercorn.protocol.ws_stream import ASGIWebsocketState
+    from wsproto.events import TextMessage
+    from wsproto.utilities import LocalProtocolError
+
+    if type(stream).__name__ != "WSStream" or stream.state != ASGIWebsocketState.CONNECTED:
+        return None
+
+    async def send_texts(texts: list[str]) -> None:
+        if stream.closed:
+            return
+        if stream.state != ASGIWebsocketState.CONNECTED:  # closing: ASGI says what is allowed
+            for text in texts:
+                await send({"type": "websocket.send", "bytes": None, "text": text})
+            return
+        try:
+            data = b"".join([connection.send(TextMessage(data=text)) for text in texts])
+        except LocalProtocolError:  # the connection is closing (as ``_send_wsproto_event``)
+            return
+        await stream_send(Data(stream_id=stream_id, data=data))
+
+    return send_texts
+
 
 
 @attrs.define(eq=False, slots=True)  # one per open stream: slotted (built at import), less memory
@@ -11782,6 +12087,13 @@ def _close_after_response(app: Any) -> Any:
     """
 
     async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket":  # the server's own send, for ``_ws_text_sender``
+            extensions = scope.setdefault("extensions", {})
+            extensions[_SERVER_SEND] = send
+            try:
+                return await app(scope, receive, send)
+            finally:
+                extensions.pop(_SERVER_SEND, None)
         if scope["type"] != "http":
             return await app(scope, receive, send)
         # The server's own send, for the SSE route (``_SERVER_SEND``, ``_h11_socket``).

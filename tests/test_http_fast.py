@@ -102,8 +102,9 @@ async def test_a_failing_status_projection_is_quarts_internal_error(workspace, m
 
 
 def test_a_journal_append_opens_the_journal_once(workspace, monkeypatch):
-    """The server's journal commit opens the journal for writing once (no failed O_EXCL
-    create first); the records read back whole."""
+    """The server's journal commit opens the journal for writing at most once (no failed
+    O_EXCL create first; the journaling store keeps it open from the commit before); the
+    records read back whole."""
     store = relay.Store(workspace)
     commit_ok(store, "RegisterProfile", name="p", provider="codex", mode="pooled")
     commit_ok(store, "CreateSession", profile="p", session_id="s1")
@@ -116,7 +117,7 @@ def test_a_journal_append_opens_the_journal_once(workspace, monkeypatch):
     commit_ok(store, "AppendEvent", session_id="s1", kind="k", data={"n": 2})
     monkeypatch.undo()
     writes = [f for p, f in opened if p.endswith(relay.JOURNAL_NAME) and f & relay.os.O_RDWR]
-    assert len(writes) == 1 and not writes[0] & relay.os.O_EXCL
+    assert len(writes) <= 1 and not any(f & relay.os.O_EXCL for f in writes)
     fresh = relay.Store(workspace)
     committed = fresh.read().cursors["s1"].events_bytes
     assert [r.data for r in fresh.read_records("s1", "events", committed, 0, 10)] == [{"n": 1}, {"n": 2}]
