@@ -1196,16 +1196,59 @@ _CONVERT_LOCK: Final = threading.Lock()
 class _LazyRecords(dict):
     """A ledger map whose records are typed on first access (see above).
     A value whose type is ``dict`` is a record not yet typed: a typed record
-    is an attrs instance, never a dict."""
+    is an attrs instance, never a dict.
 
-    __slots__ = ("member", "span")
+    A map of flat records (``_FLAT_MAPS``) may even be unread: its entries
+    are then only the span of the checkpoint's text they are in, and a key
+    is looked up by finding ``"key":{`` there (see ``_decode_vouched``); the
+    first use that needs more reads the whole span (``_read``)."""
 
-    def __init__(self, member: str, raw: dict[str, Any], span: bytes | None) -> None:
-        # Another lazy map's pairs as they are: dict(raw) would type them.
-        super().__init__(dict.items(raw) if type(raw) is _LazyRecords else raw)
+    __slots__ = ("member", "span", "text", "bounds", "count", "picked")
+
+    def __init__(self, member: str, raw: dict[str, Any] | None, span: bytes | None,
+                 text: str = "", bounds: tuple[int, int] = (0, 0), count: int = 0) -> None:
+        if type(raw) is _LazyRecords:
+            raw._read()
+            raw = dict.items(raw)  # its pairs as they are: dict(raw) would type them
+        super().__init__(raw or ())
         self.member = member
         #: The canonical bytes of the whole map as read, while it is unchanged.
         self.span = span
+        #: Unread (``raw`` None): the checkpoint's text, where the map's JSON
+        #: is in it, how many entries it has, and the records typed so far.
+        self.text: str | None = text if raw is None else None
+        self.bounds, self.count = bounds, count
+        self.picked: dict[str, Any] = {}
+
+    def _read(self) -> None:
+        """Read an unread map's entries (keeping the records typed so far)."""
+        if self.text is None:
+            return
+        with _CONVERT_LOCK:
+            if self.text is None:
+                return
+            start, end = self.bounds
+            dict.update(self, _unread_json(self.text, start, end))
+            for key, value in self.picked.items():
+                dict.__setitem__(self, key, value)
+            self.text, self.picked = None, {}
+
+    def _pick(self, key: str) -> Any:
+        """An unread map's record of ``key``, typed (``_MISSING`` if absent)."""
+        got = self.picked.get(key, _MISSING)
+        if got is not _MISSING:
+            return got
+        with _CONVERT_LOCK:
+            text = self.text
+            if text is None:
+                return _MISSING
+            got = self.picked.get(key, _MISSING)
+            if got is _MISSING:
+                at = _find_entry(text, self.bounds, key)
+                if at < 0:
+                    return _MISSING
+                got = self.picked[key] = _typed_record(self.member, key, _unread_json(text, at))
+            return got
 
     def _typed(self, key: str, value: Any) -> Any:
         with _CONVERT_LOCK:  # two threads must get the same record
@@ -1216,20 +1259,47 @@ class _LazyRecords(dict):
         return value
 
     def __getitem__(self, key: str) -> Any:
+        if self.text is not None:
+            got = self._pick(key)
+            if got is not _MISSING:
+                return got
+            if self.text is not None:
+                raise KeyError(key)
         value = dict.__getitem__(self, key)
         return self._typed(key, value) if type(value) is dict else value
 
     def get(self, key: str, default: Any = None) -> Any:
+        if self.text is not None:
+            got = self._pick(key)
+            if got is not _MISSING:
+                return got
+            if self.text is not None:
+                return default
         value = dict.get(self, key, _MISSING)
         if value is _MISSING:
             return default
         return self._typed(key, value) if type(value) is dict else value
 
+    def __contains__(self, key: object) -> bool:
+        if self.text is not None:
+            return self.get(key, _MISSING) is not _MISSING  # type: ignore[arg-type]
+        return dict.__contains__(self, key)
+
+    def __len__(self) -> int:
+        return self.count if self.text is not None else dict.__len__(self)
+
     def plain(self, key: str) -> Any:
         """The record as stored now: its JSON object if not yet typed, else typed."""
+        self._read()
         return dict.__getitem__(self, key)
 
+    def plain_items(self) -> Any:
+        """(key, record) pairs, each record typed or still its JSON object."""
+        self._read()
+        return dict.items(self)
+
     def typed_all(self) -> None:
+        self._read()
         for key, value in dict.items(self):
             if type(value) is dict:
                 self._typed(key, value)
@@ -1241,7 +1311,12 @@ class _LazyRecords(dict):
     # Whatever reads the values whole gets them typed.  Overriding __iter__
     # also makes ``dict(this)`` and ``{**this}`` go through __getitem__.
     def __iter__(self) -> Iterator[str]:
+        self._read()
         return dict.__iter__(self)
+
+    def keys(self) -> Any:
+        self._read()
+        return dict.keys(self)
 
     def values(self) -> Any:
         self.typed_all()
@@ -1278,14 +1353,17 @@ class _LazyRecords(dict):
     # An edit (nothing in the relay edits a ledger map, but a test might)
     # leaves the bytes read behind.
     def __setitem__(self, key: str, value: Any) -> None:
+        self._read()
         self.span = None
         dict.__setitem__(self, key, value)
 
     def __delitem__(self, key: str) -> None:
+        self._read()
         self.span = None
         dict.__delitem__(self, key)
 
     def pop(self, key: str, *default: Any) -> Any:
+        self._read()
         self.span = None
         value = dict.pop(self, key, *default)
         return self._plain_typed(key, value)
@@ -1299,32 +1377,95 @@ class _LazyRecords(dict):
         return self[key]
 
     def update(self, *args: Any, **kwargs: Any) -> None:
+        self._read()
         self.span = None
         dict.update(self, *args, **kwargs)
 
     def popitem(self) -> tuple[str, Any]:
+        self._read()
         self.span = None
         key, value = dict.popitem(self)
         return key, self._plain_typed(key, value)
 
     def clear(self) -> None:
+        self._read()
         self.span = None
         dict.clear(self)
 
 
+def _unread_json(text: str, start: int, end: int | None = None) -> Any:
+    """The JSON value of an unread map (``text[start:end]``) or of its record
+    at ``start`` (``end`` None); its damage raises ``LedgerInvalid``."""
+    try:
+        if end is None:
+            return _MEMBER_DECODER.raw_decode(text, start)[0]
+        return _MEMBER_DECODER.decode(text[start:end])
+    except (ValueError, RecursionError) as exc:
+        raise LedgerInvalid(f"ledger is not valid JSON: {exc}", hint=_LEDGER_HINT) from None
+
+
+#: The maps whose records hold only strings and numbers, with the field
+#: every record has once (its id).  In canonical JSON such a map's text has
+#: a raw ``"`` only where a string starts or ends (one inside a string is
+#: escaped), so ``"<key>":{`` occurs only where the entry of ``<key>`` starts,
+#: ``"<field>":"`` once per record, and ``}},"<next member>":`` only where
+#: the map ends: a map is found, counted and looked up without reading it
+#: (a test pins that the record classes stay flat).
+_FLAT_MAPS: Final = {"cursors": "session_id", "leases": "lease_id", "sessions": "session_id",
+                     "tokens": "token_id"}
+
+
+def _find_entry(text: str, bounds: tuple[int, int], key: str) -> int:
+    """Where the record of ``key`` starts in a flat map's text (-1: absent)."""
+    if type(key) is not str or not rc.ID_PATTERN.fullmatch(key):
+        return -1  # (a map's keys are ids: anything else is in no map)
+    pattern = f'"{key}":{{'
+    at = text.find(pattern, bounds[0], bounds[1])
+    return at + len(pattern) - 1 if at >= 0 else -1
+
+
 def _lazy_map_bytes(mapping: Any) -> bytes | None:
     """The canonical bytes of a map on a lazily decoded one (None for any
-    other): the bytes it was read from while it is that map unchanged, else
-    one encoder call over its records' JSON (the few typed ones turned back
-    into JSON), which gives the bytes the typed records would."""
+    other): the bytes it was read from while it is that map unchanged; those
+    bytes with the changed records spliced in when the map is unread and
+    only changed records it has; else one encoder call over its records'
+    JSON (the few typed ones turned back into JSON).  Each gives the bytes
+    the typed records would."""
     if type(mapping) is _Map and not mapping.changes:
         mapping = mapping.base
     if type(mapping) is _LazyRecords and mapping.span is not None:
         return mapping.span
+    if type(mapping) is _Map and type(mapping.base) is _LazyRecords:
+        spliced = _spliced(mapping.base, mapping.changes)
+        if spliced is not None:
+            return spliced
     flat = _as_dict(mapping)
     if type(flat) is not _LazyRecords:
         return None
-    return _canonical({k: v if type(v) is dict else to_json(v) for k, v in dict.items(flat)})
+    return _canonical({k: v if type(v) is dict else to_json(v) for k, v in flat.plain_items()})
+
+
+def _spliced(base: _LazyRecords, changes: dict[str, Any]) -> bytes | None:
+    """An unread map's bytes with ``changes`` (records of keys it has) in
+    place of its records; None for any other change (or map)."""
+    text, span = base.text, base.span
+    if text is None or span is None or len(span) != base.bounds[1] - base.bounds[0]:
+        return None  # (not ASCII: a character's index is not its byte's)
+    start = base.bounds[0]
+    cuts = []
+    for key in sorted(changes):
+        value = changes[key]
+        at = _find_entry(text, base.bounds, key)
+        if value is _ABSENT or at < 0:
+            return None
+        end = _MEMBER_DECODER.raw_decode(text, at)[1]
+        cuts.append((at - start, end - start, _entry_bytes(value)))
+    parts, pos = [], 0
+    for at, end, data in cuts:
+        parts += [span[pos:at], data]
+        pos = end
+    parts.append(span[pos:])
+    return b"".join(parts)
 
 
 def _plain_items(mapping: Any) -> Any:
@@ -1332,7 +1473,7 @@ def _plain_items(mapping: Any) -> Any:
     typed yet, its JSON object: for what reads a few fields of every record
     (``_plain_field``) and need not type them all."""
     flat = _as_dict(mapping)
-    return dict.items(flat) if type(flat) is _LazyRecords else flat.items()
+    return flat.plain_items() if type(flat) is _LazyRecords else flat.items()
 
 
 def _plain_field(record: Any, name: str) -> Any:
@@ -1436,6 +1577,11 @@ class _LiveCount:
 
     @classmethod
     def build(cls, leases: dict[str, rc.Lease]) -> _LiveCount:
+        flat = _as_dict(leases)
+        if type(flat) is _LazyRecords and flat.text is not None:  # unread: a state is '"state":"active"'
+            start, end = flat.bounds
+            return cls(sum(flat.text.count(f'"state":"{state}"', start, end)
+                           for state in rc.LIVE_LEASE_STATES))
         return cls(sum(_plain_field(lease, "state") in rc.LIVE_LEASE_STATES
                        for _, lease in _plain_items(leases)))
 
@@ -1716,14 +1862,15 @@ def decode_ledger(data: bytes, memo: bytes | None = None) -> Ledger:
         raise LedgerInvalid("ledger is empty", hint=hint)
     if data.rfind(_CHECKSUM_TAIL) < 0 or not data.endswith(b'"}\n'):
         raise LedgerInvalid("ledger is truncated or has no checksum", hint=hint)
+    cut = data.rfind(_CHECKSUM_TAIL)
+    if memo is not None and memo[:64] == data[cut + len(_CHECKSUM_TAIL) : -3] and _sealed(data, cut):
+        vouched = _decode_vouched(data, cut)
+        if vouched is not None:
+            return vouched
     split = split_checksum(data)
     if split is None:
         raise LedgerInvalid("ledger checksum does not match its contents", hint=hint)
     body = split[0]
-    if memo is not None and memo[:64] == split[1]:
-        vouched = _decode_vouched(body)
-        if vouched is not None:
-            return vouched
     try:
         doc = rc.strict_loads(body)  # no NaN, no infinities, no number out of range
     except (ValueError, UnicodeDecodeError) as exc:
@@ -1750,7 +1897,15 @@ def decode_ledger(data: bytes, memo: bytes | None = None) -> Ledger:
     return ledger
 
 
-def _decode_vouched(body: bytes) -> Ledger | None:
+def _sealed(data: bytes, cut: int) -> bool:
+    """``split_checksum``'s check without its copy of the body (``cut``: where
+    the checksum member starts; the body is what precedes it and ``}``)."""
+    digest = hashlib.sha256(memoryview(data)[:cut])
+    digest.update(b"}")
+    return digest.hexdigest().encode() == data[cut + len(_CHECKSUM_TAIL) : -3]
+
+
+def _decode_vouched(data: bytes, cut: int) -> Ledger | None:
     """The ledger of a checkpoint body the typed model vouched for, its maps
     ``_LazyRecords`` (each with the bytes it was read from); None when the
     body is not laid out as the encoder writes it, or its members do not
@@ -1758,29 +1913,40 @@ def _decode_vouched(body: bytes) -> Ledger | None:
     wrong).  What is checked here is what is cheap: the members, the scalars
     and the shape of each map; each record is checked as strictly as the
     whole path checks it when it is typed (``_typed_record``)."""
+    body = memoryview(data)[:cut]  # the body but its closing brace (no copy of it)
     try:
-        text = body.decode()  # (strict UTF-8 has a fast path surrogatepass lacks)
+        text = str(body, "utf-8")  # (strict UTF-8 has a fast path surrogatepass lacks)
     except UnicodeDecodeError:
-        text = body.decode("utf-8", "surrogatepass")
+        text = str(body, "utf-8", "surrogatepass")
     try:
         members = _top_members(text)
     except (ValueError, RecursionError, IndexError):
         return None
     if members is None or members.get("schema", (None,))[0] != SCHEMA_ID:
         return None
-    ascii_only = len(text) == len(body)  # then a character's index is its byte's
+    ascii_only = len(text) == cut  # then a character's index is its byte's
+    body = data
     doc = {name: value for name, (value, _, _) in members.items()}
     for name, default in _LATER_MEMBERS:
         doc.setdefault(name, default)
     maps = {}
     for name in _LEDGER_MAPS:
         raw = doc.pop(name, None)
-        if type(raw) is not dict:
-            return None
         start, end = members[name][1:] if name in members else (0, 0)
         span = (body[start:end] if ascii_only else text[start:end].encode("utf-8", "surrogatepass")
                 ) if end else None
         later = _LATER_FIELDS.get(name)
+        if raw is _UNREAD:
+            count = text.count(f'"{_FLAT_MAPS[name]}":"', start, end)
+            if all(text.count(f'"{field}":', start, end) == count for field in later or ()):
+                maps[name] = _LazyRecords(name, None, span, text, (start, end), count)
+                continue
+            try:  # records written before a field existed
+                raw = _MEMBER_DECODER.decode(text[start:end])
+            except (ValueError, RecursionError):
+                return None
+        if type(raw) is not dict:
+            return None
         if later:
             wanted = later.keys()
             for record in raw.values():
@@ -1800,10 +1966,11 @@ def _decode_vouched(body: bytes) -> Ledger | None:
 
 
 def _top_members(text: str) -> dict[str, tuple[Any, int, int]] | None:
-    """A canonical JSON object's members: name -> (value, where its JSON
-    starts, where it ends); None if ``text`` is not laid out canonically."""
+    """A canonical JSON object's members (``text``: the object but its
+    closing brace): name -> (value, where its JSON starts, where it ends);
+    None if ``text`` is not laid out canonically."""
     scan, decode = json.decoder.scanstring, _MEMBER_DECODER.raw_decode
-    if not text.startswith('{"') or not text.endswith("}"):
+    if not text.startswith('{"'):
         return None
     out: dict[str, tuple[Any, int, int]] = {}
     pos = 1
@@ -1811,14 +1978,25 @@ def _top_members(text: str) -> dict[str, tuple[Any, int, int]] | None:
         name, pos = scan(text, pos + 1)
         if text[pos] != ":":
             return None
-        value, end = decode(text, pos + 1)
+        # A flat map (not empty) ends where ``}},"<next member>":`` is (see ``_FLAT_MAPS``).
+        end = (text.find(f'}}}},"{_NEXT_MEMBER[name]}":', pos) if name in _FLAT_MAPS
+               and name in _NEXT_MEMBER and text[pos + 1:pos + 3] == '{"' else -1)
+        if end >= 0:
+            value, end = _UNREAD, end + 2
+        else:
+            value, end = decode(text, pos + 1)
         out[name] = (value, pos + 1, end)
-        if text[end] == "}":
-            return out if end == len(text) - 1 else None
+        if end == len(text):
+            return out
         if text[end] != "," or text[end + 1] != '"':
             return None
         pos = end + 1
 
+
+#: A flat map ``_top_members`` found and did not read.
+_UNREAD: Final = object()
+#: Each member of a ledger -> the one after it in canonical (sorted) order.
+_NEXT_MEMBER: Final = dict(itertools.pairwise(sorted(f.name for f in attrs.fields(Ledger))))
 
 #: ``rc.strict_loads``'s decoder, for one member at a time.
 _MEMBER_DECODER: Final = json.JSONDecoder(parse_constant=rc._reject_constant,

@@ -40,7 +40,20 @@ def seeded(root: Path) -> Path:
               payload={"why": "ünïcode", "nested": {"s2": {"events": 1}}})
     commit_ok(store, "AppendEvent", now=T0, session_id="s1", kind="k", data={"n": 1}, request_id="r1")
     commit_ok(store, "QuarantineSession", now=T0, session_id="s3", reason="flaky ⚠")
+    # Ids that are also member names, and a free-text field holding what a
+    # search of an unread map looks for (see relay._FLAT_MAPS).
+    for sid in ("leases", "ledger_id", "tokens", "turns"):
+        commit_ok(store, "CreateSession", now=T0, profile="cx", session_id=sid)
+    lease = commit_ok(store, "GrantLease", now=T0, session_id="ledger_id", holder="h",
+                      mode="exclusive-write", ttl_seconds=3600).lease
+    commit_ok(store, "RevokeLease", now=T0, lease_id=lease.lease_id, reason=TRICKY)
+    commit_ok(store, "GrantLease", now=T0, session_id="ledger_id", holder="h", mode="exclusive-write",
+              ttl_seconds=3600)
     return root
+
+
+#: What a search of a flat map's text looks for, in a string (and ending one).
+TRICKY = 'x}},"ledger_id":"y" "state":"active" "s1":{"a":1} "lease_id":"z" ":{"é}},"'
 
 
 #: Commits one CLI process each, as (RPC, fields); all within the compaction interval.
@@ -52,13 +65,17 @@ STEPS = [
     ("CreateSession", {"profile": "cx", "session_id": "s9"}),
     ("RecordControl", {"request_id": "c2", "session_id": "s9", "kind": "stop", "payload": "é"}),
     ("AppendEvent", {"session_id": "s9", "kind": "k", "request_id": "r2"}),
+    ("AppendEvent", {"session_id": "ledger_id", "kind": "k"}),
+    ("AppendEvent", {"session_id": "tokens", "kind": "k"}),
 ]
 
 
 def typed(mapping) -> int:
     """How many records of a decoded map are typed (all of a plain dict's)."""
-    values = dict.values(relay._as_dict(mapping))
-    return sum(type(v) is not dict for v in values)
+    flat = relay._as_dict(mapping)
+    if type(flat) is relay._LazyRecords and flat.text is not None:  # not read yet
+        return len(flat.picked)
+    return sum(type(v) is not dict for v in dict.values(flat))
 
 
 def test_a_commit_on_a_vouched_checkpoint_writes_what_the_whole_path_writes(tmp_path):
@@ -83,6 +100,8 @@ def test_a_commit_on_a_vouched_checkpoint_writes_what_the_whole_path_writes(tmp_
         # The leases were counted (the compaction cap) and looked at only where the commit must.
         assert typed(start.leases) <= (1 if rpc == "GrantLease" else 0), rpc
         assert typed(start.sessions) <= 1 and typed(start.cursors) <= 1, rpc
+        if rpc.startswith("Append"):  # not even parsed: found, counted and spliced in the text
+            assert start.leases.text is not None and start.cursors.text is not None, rpc
         assert starts[lazy] == starts[whole]  # and every record types to the same value
     assert relay.Store(lazy).read() == relay.Store(whole).read()
 
@@ -177,3 +196,19 @@ def test_a_journaling_store_validates_whole(tmp_path):
     relay.commit(relay.Store(root, journal=True), [mutation("AppendEvent", session_id="s1", kind="k")],
                  relay.Config(), T0 + 1, on_start=seen.append)
     assert type(seen[0].leases) is dict
+
+
+def test_the_flat_maps_hold_only_strings_and_numbers():
+    """What finding a record in an unread map's text relies on (``relay._FLAT_MAPS``)."""
+    import typing
+
+    import attrs
+
+    import relay_client as rc
+
+    for name, key_field in relay._FLAT_MAPS.items():
+        kind = relay._MAP_RECORDS[name][0]
+        hints = typing.get_type_hints(kind, vars(rc) | vars(relay))
+        fields = {f.name: hints[f.name] for f in attrs.fields(kind)}
+        assert set(fields.values()) <= {str, int}, (name, fields)
+        assert fields[key_field] is str
