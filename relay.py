@@ -12999,21 +12999,23 @@ _ADMIN: Final[dict[tuple[str, ...], tuple[str, list[tuple[tuple[str, ...], dict[
 }
 
 
-def _first_word(argv: list[str] | None) -> str | None:
-    """The command word, skipping ``--root DIR`` and flags (for a lazy parser)."""
-    words = list(argv if argv is not None else sys.argv[1:])
-    while words:
+def _command_words(argv: list[str] | None) -> tuple[str, ...]:
+    """The first two words that are not flags (nor ``--root``'s DIR): the
+    command and its subcommand, if it has one."""
+    words, found = list(argv if argv is not None else sys.argv[1:]), []
+    while words and len(found) < 2:
         word = words.pop(0)
         if word == "--root":
             words[:1] = []
         elif not word.startswith("-"):
-            return word
-    return None
+            found.append(word)
+    return tuple(found)
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The CLI parser.  Given ``argv``, only the named command's subtree is
-    built (argparse costs about a millisecond per subcommand at start-up)."""
+    built, and of a group only the named subcommand (argparse costs about a
+    millisecond per subcommand at start-up, and each builds its request class)."""
     parser = _Parser(
         prog="python -m relay",
         description="flow-relay: lease and track AI coding-agent sessions on this host.",
@@ -13023,9 +13025,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     tree: dict[tuple[str, ...], Any] = {(): parser.add_subparsers(metavar="COMMAND", required=True)}
     leaves = [(rpc.cli, rpc.help, rpc) for rpc in rc.RPCS]
     leaves += [(path, help_, args) for path, (help_, args) in _ADMIN.items()]
-    word = _first_word(argv)
-    if any(path[0] == word for path, _, _ in leaves):
-        leaves = [leaf for leaf in leaves if leaf[0][0] == word]
+    words = _command_words(argv)
+    for depth in (1, 2):  # the named command's subtree; of a group, the named leaf alone
+        if len(words) >= depth and any(path[:depth] == words[:depth] for path, _, _ in leaves):
+            leaves = [leaf for leaf in leaves if leaf[0][:depth] == words[:depth]]
     for path, help_, spec in sorted(leaves, key=lambda x: x[0]):
         for depth in range(1, len(path)):
             if path[:depth] not in tree:

@@ -212,3 +212,31 @@ def test_the_flat_maps_hold_only_strings_and_numbers():
         fields = {f.name: hints[f.name] for f in attrs.fields(kind)}
         assert set(fields.values()) <= {str, int}, (name, fields)
         assert fields[key_field] is str
+
+
+def _leaf(parser, path):
+    import argparse
+
+    for word in path:
+        (group,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        parser = group.choices[word]
+    return parser
+
+
+def test_the_parser_built_for_a_command_is_that_of_the_whole_cli():
+    """The parser built for one command (only its leaf: each leaf builds its
+    request class) takes exactly the options the whole CLI's leaf takes."""
+    import relay_client as rc
+
+    def shape(parser):
+        return [(a.option_strings, a.dest, a.nargs, a.default, a.required, a.choices)
+                for a in parser._actions if a.dest != "command"]
+
+    whole = relay.build_parser()
+    paths = [rpc.cli for rpc in rc.RPCS] + list(relay._ADMIN)
+    for path in paths:
+        for argv in ([*path], ["--root", "/x", *path, "--json"]):
+            assert shape(_leaf(relay.build_parser(argv), path)) == shape(_leaf(whole, path)), argv
+    only = relay.build_parser(["event", "append", "--session", "s1", "--kind", "k"])
+    assert set(_leaf(only, ["event"])._actions[-1].choices) == {"append"}
+    assert set(_leaf(relay.build_parser(["event"]), ["event"])._actions[-1].choices) >= {"append", "list"}
