@@ -1205,7 +1205,7 @@ class _LazyRecords(dict):
 
     __slots__ = ("member", "span", "text", "bounds", "count", "picked")
 
-    def __init__(self, member: str, raw: dict[str, Any] | None, span: bytes | None,
+    def __init__(self, member: str, raw: dict[str, Any] | None, span: bytes | memoryview | None,
                  text: str = "", bounds: tuple[int, int] = (0, 0), count: int = 0) -> None:
         if type(raw) is _LazyRecords:
             raw._read()
@@ -1424,7 +1424,7 @@ def _find_entry(text: str, bounds: tuple[int, int], key: str) -> int:
     return at + len(pattern) - 1 if at >= 0 else -1
 
 
-def _lazy_map_bytes(mapping: Any) -> bytes | None:
+def _lazy_map_bytes(mapping: Any) -> bytes | memoryview | None:
     """The canonical bytes of a map on a lazily decoded one (None for any
     other): the bytes it was read from while it is that map unchanged; those
     bytes with the changed records spliced in when the map is unread and
@@ -1833,7 +1833,7 @@ def _encode_parts_locked(ledger: Ledger) -> list[bytes]:
         value = getattr(ledger, name)
         lazy = _lazy_map_bytes(value) if isinstance(value, (dict, _Map)) else None
         if lazy is not None:
-            parts.append(_canonical(name) + b":" + lazy)
+            parts += [_canonical(name) + b":", lazy]  # (the bytes read: not copied once more)
         elif isinstance(value, (dict, _Map)):
             entries = _derived(value, _Encoded).entries
             parts.append(_canonical(name) + b":{")
@@ -1864,7 +1864,7 @@ def decode_ledger(data: bytes, memo: bytes | None = None) -> Ledger:
         raise LedgerInvalid("ledger is truncated or has no checksum", hint=hint)
     cut = data.rfind(_CHECKSUM_TAIL)
     if memo is not None and memo[:64] == data[cut + len(_CHECKSUM_TAIL) : -3] and _sealed(data, cut):
-        vouched = _decode_vouched(data, cut)
+        vouched = _decode_vouched(data)
         if vouched is not None:
             return vouched
     split = split_checksum(data)
@@ -1905,7 +1905,7 @@ def _sealed(data: bytes, cut: int) -> bool:
     return digest.hexdigest().encode() == data[cut + len(_CHECKSUM_TAIL) : -3]
 
 
-def _decode_vouched(data: bytes, cut: int) -> Ledger | None:
+def _decode_vouched(data: bytes) -> Ledger | None:
     """The ledger of a checkpoint body the typed model vouched for, its maps
     ``_LazyRecords`` (each with the bytes it was read from); None when the
     body is not laid out as the encoder writes it, or its members do not
@@ -1913,19 +1913,18 @@ def _decode_vouched(data: bytes, cut: int) -> Ledger | None:
     wrong).  What is checked here is what is cheap: the members, the scalars
     and the shape of each map; each record is checked as strictly as the
     whole path checks it when it is typed (``_typed_record``)."""
-    body = memoryview(data)[:cut]  # the body but its closing brace (no copy of it)
-    try:
-        text = str(body, "utf-8")  # (strict UTF-8 has a fast path surrogatepass lacks)
+    try:  # all of it (a slice would be a copy); strict UTF-8 has a fast path surrogatepass lacks
+        text = data.decode()
     except UnicodeDecodeError:
-        text = str(body, "utf-8", "surrogatepass")
-    try:
-        members = _top_members(text)
+        text = data.decode("utf-8", "surrogatepass")
+    try:  # the body but its closing brace: up to the checksum member
+        members = _top_members(text, text.rfind(_CHECKSUM_TAIL.decode()))
     except (ValueError, RecursionError, IndexError):
         return None
     if members is None or members.get("schema", (None,))[0] != SCHEMA_ID:
         return None
-    ascii_only = len(text) == cut  # then a character's index is its byte's
-    body = data
+    ascii_only = len(text) == len(data)  # then a character's index is its byte's
+    body = memoryview(data)  # a map's span is a view of the bytes read, not a copy
     doc = {name: value for name, (value, _, _) in members.items()}
     for name, default in _LATER_MEMBERS:
         doc.setdefault(name, default)
@@ -1965,12 +1964,12 @@ def _decode_vouched(data: bytes, cut: int) -> Ledger | None:
     return attrs.evolve(shell, **maps)
 
 
-def _top_members(text: str) -> dict[str, tuple[Any, int, int]] | None:
-    """A canonical JSON object's members (``text``: the object but its
-    closing brace): name -> (value, where its JSON starts, where it ends);
-    None if ``text`` is not laid out canonically."""
+def _top_members(text: str, limit: int) -> dict[str, tuple[Any, int, int]] | None:
+    """A canonical JSON object's members (``text[:limit]``: the object but
+    its closing brace): name -> (value, where its JSON starts, where it
+    ends); None if it is not laid out canonically."""
     scan, decode = json.decoder.scanstring, _MEMBER_DECODER.raw_decode
-    if not text.startswith('{"'):
+    if not text.startswith('{"') or limit < 0:
         return None
     out: dict[str, tuple[Any, int, int]] = {}
     pos = 1
@@ -1979,15 +1978,15 @@ def _top_members(text: str) -> dict[str, tuple[Any, int, int]] | None:
         if text[pos] != ":":
             return None
         # A flat map (not empty) ends where ``}},"<next member>":`` is (see ``_FLAT_MAPS``).
-        end = (text.find(f'}}}},"{_NEXT_MEMBER[name]}":', pos) if name in _FLAT_MAPS
+        end = (text.find(f'}}}},"{_NEXT_MEMBER[name]}":', pos, limit) if name in _FLAT_MAPS
                and name in _NEXT_MEMBER and text[pos + 1:pos + 3] == '{"' else -1)
         if end >= 0:
             value, end = _UNREAD, end + 2
         else:
             value, end = decode(text, pos + 1)
         out[name] = (value, pos + 1, end)
-        if end == len(text):
-            return out
+        if end >= limit:
+            return out if end == limit else None
         if text[end] != "," or text[end + 1] != '"':
             return None
         pos = end + 1
