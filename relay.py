@@ -1415,6 +1415,37 @@ _FLAT_MAPS: Final = {"cursors": "session_id", "leases": "lease_id", "sessions": 
                      "tokens": "token_id"}
 
 
+#: In a flat map's text: where each entry starts (its key), and a record's
+#: field holding a string without escapes or an integer (see ``_flat_column``).
+_ENTRY_KEY: Final = re.compile(r'"([^"\\]*)":\{')
+_FLAT_FIELDS: dict[str, re.Pattern[str]] = {}
+
+
+def _flat_column(mapping: Any, field: str) -> dict[str, Any] | None:
+    """Key -> ``field`` of every record of a flat map not read yet (or of a
+    ``_Map`` of changes over one), found in its text without parsing it;
+    None for any other map, or when a value is not a string without escapes
+    or an integer (then read the records).  For what sums or counts a field
+    over a whole map (a tally) on a CLI commit."""
+    base, changes = (mapping.base, mapping.changes) if type(mapping) is _Map else (mapping, {})
+    if type(base) is not _LazyRecords or base.text is None:
+        return None
+    pattern = _FLAT_FIELDS.get(field)
+    if pattern is None:
+        pattern = _FLAT_FIELDS[field] = re.compile(f'"{re.escape(field)}":("[^"\\\\]*"|-?[0-9]+)[,}}]')
+    text, (start, end) = base.text, base.bounds
+    keys, values = _ENTRY_KEY.findall(text, start, end), pattern.findall(text, start, end)
+    if len(keys) != base.count or len(values) != base.count:
+        return None
+    column = {k: v[1:-1] if v[0] == '"' else int(v) for k, v in zip(keys, values, strict=True)}
+    for key, value in changes.items():
+        if value is _ABSENT:
+            column.pop(key, None)
+        else:
+            column[key] = getattr(value, field)
+    return column
+
+
 def _find_entry(text: str, bounds: tuple[int, int], key: str) -> int:
     """Where the record of ``key`` starts in a flat map's text (-1: absent)."""
     if type(key) is not str or not rc.ID_PATTERN.fullmatch(key):

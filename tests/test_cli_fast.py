@@ -240,3 +240,28 @@ def test_the_parser_built_for_a_command_is_that_of_the_whole_cli():
     only = relay.build_parser(["event", "append", "--session", "s1", "--kind", "k"])
     assert set(_leaf(only, ["event"])._actions[-1].choices) == {"append"}
     assert set(_leaf(relay.build_parser(["event"]), ["event"])._actions[-1].choices) >= {"append", "list"}
+
+
+def test_a_column_of_an_unread_flat_map_is_read_from_its_text(tmp_path):
+    """``_flat_column`` gives each record's field without parsing the map (or
+    None when it cannot tell), also over a ``_Map`` of changes."""
+    import attrs
+
+    data = relay.Store(seeded(tmp_path)).ledger_path.read_bytes()
+    full = relay.decode_ledger(data)
+    for name in relay._FLAT_MAPS:
+        lazy = getattr(relay.decode_ledger(data, memo_path(tmp_path).read_bytes()), name)
+        whole = getattr(full, name)
+        for field in attrs.fields(relay._MAP_RECORDS[name][0]):
+            got = relay._flat_column(lazy, field.name)
+            if got is not None:
+                assert got == {k: getattr(v, field.name) for k, v in whole.items()}, (name, field.name)
+            elif name in ("leases", "cursors") and field.name != "revoke_reason":
+                raise AssertionError((name, field.name))  # (the tricky reason has escapes)
+        assert lazy.text is not None or not whole  # still unread (an empty map is read at once)
+    lazy = relay.decode_ledger(data, memo_path(tmp_path).read_bytes())
+    cursor = attrs.evolve(full.cursors["s1"], events=99)
+    changed = relay._put(lazy.cursors, "s1", cursor)
+    assert relay._flat_column(changed, "events") == {**{k: v.events for k, v in full.cursors.items()},
+                                                     "s1": 99}
+    assert relay._flat_column(full.cursors, "events") is None  # a read map: read its records
