@@ -1605,12 +1605,15 @@ def _lease_index(ledger: Ledger) -> _LeaseIndex:
     return _derived(ledger.leases, _LeaseIndex)
 
 
-@attrs.frozen
 class _LiveCount:
     """Of a ``leases`` map: how many of its leases are active or waiting (what
-    the compaction cap asks a CLI commit, which needs no ``_LeaseIndex``)."""
+    the compaction cap asks a CLI commit, which needs no ``_LeaseIndex``).
+    A plain class: an attrs one would be built (~0.4 ms) by every CLI commit."""
 
-    live: int
+    __slots__ = ("live",)
+
+    def __init__(self, live: int) -> None:
+        self.live = live
 
     @classmethod
     def build(cls, leases: dict[str, rc.Lease]) -> _LiveCount:
