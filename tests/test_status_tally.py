@@ -164,3 +164,25 @@ def test_the_memo_is_a_multiple_of_64_bytes_and_round_trips():
         assert len(memo) % 64 == 0
         assert relay.read_memo(memo) == (b"a" * 64, 12, {**tally, "sessions": sessions})
     assert json.loads(memo[82:-9]) == {**tally, "sessions": 10**9}
+
+
+def test_a_cli_commit_on_a_lazily_read_checkpoint_writes_the_whole_tally(workspace):
+    """A CLI store's commit reads a vouched checkpoint lazily (records typed on
+    use, flat maps not even parsed); the tally it writes still counts every
+    record, as a count of the whole ledger does."""
+    store = relay.Store(workspace)
+    commit_ok(store, "RegisterProfile", name="p", provider="codex", mode="pooled")
+    for i in range(40):
+        commit_ok(store, "CreateSession", profile="p", session_id=f"s{i}")
+    for i in range(0, 40, 2):
+        commit_ok(store, "GrantLease", session_id=f"s{i}", holder="h", mode="exclusive-write",
+                  ttl_seconds=100 + i)
+    for i in range(0, 40, 5):
+        commit_ok(store, "AppendEvent", session_id=f"s{i}", kind="k")
+    commit_ok(store, "QuarantineSession", session_id="s1", reason="x")
+    commit_ok(relay.Store(workspace), "AppendResult", session_id="s3", kind="k")  # a fresh CLI store
+    tally = memo_of(workspace)[2]
+    whole = relay.Store(workspace).read()
+    assert tally == counted(whole)
+    assert (tally["active_leases"], tally["events"], tally["results"], tally["soonest"]) == (
+        20, 8, 1, relay.iso(T0 + 100))
