@@ -5352,8 +5352,8 @@ class EventHub:
         """A relay lifecycle notice (lease granted, revoked, ...) on the feed."""
         last = self._feed[-1] if self._feed else None
         index = last.index + 1 if last is not None and last.revision == revision else 0
-        frame = Frame.make(f"{revision}.{index}", kind, data)
-        kept = FeedNotice.of(revision, index, kind, data)
+        kept = FeedNotice.of(revision, index, kind, data)  # its JSON, encoded once for both
+        frame = _line_frame(f"{revision}.{index}", kind, data, kept.payload, 0)
         self._feed.append(kept)
         self.feed_bytes += len(kept.payload)
         while len(self._feed) > self.feed_history or (

@@ -167,3 +167,20 @@ async def test_a_client_that_leaves_releases_its_hold_on_the_direct_path(workspa
                 released = await ws_until(watcher, lambda f: f["type"] == "lease.released")
     assert released["data"]["lease_id"] == lease_id
     assert seen == []
+
+
+def test_a_feed_notice_is_encoded_once_into_the_frame_frame_make_builds(monkeypatch):
+    """The live frame of a notice is ``Frame.make``'s, byte for byte (a non-ASCII value
+    included), from one JSON encoding of its data (the history's copy)."""
+    data = {"lease_id": "L1", "holder": "h\u00e9 \u2603", "ttl_seconds": 60, "z": [1, None]}
+    hub = relay.EventHub()
+    live = hub.subscribe("relay")
+    calls = []
+    real = relay.json.dumps
+    monkeypatch.setattr(relay.json, "dumps", lambda *a, **k: calls.append(a) or real(*a, **k))
+    hub.notice(7, "lease.granted", data)
+    monkeypatch.undo()
+    frame, want = live.receive.receive_nowait(), relay.Frame.make("7.0", "lease.granted", data)
+    assert (frame.id, frame.event, frame.data, frame.sse, frame.ws, frame.chunk, frame.seq) == (
+        want.id, want.event, want.data, want.sse, want.ws, want.chunk, want.seq)
+    assert len(calls) == 1
