@@ -5905,8 +5905,8 @@ class EventHub:
         """A relay lifecycle notice (lease granted, revoked, ...) on the feed."""
         last = self._feed[-1] if self._feed else None
         index = last.index + 1 if last is not None and last.revision == revision else 0
-        frame = Frame.make(f"{revision}.{index}", kind, data)
-        kept = FeedNotice.of(revision, index, kind, data)
+        kept = FeedNotice.of(revision, index, kind, data)  # its JSON, encoded once for both
+        frame = _line_frame(f"{revision}.{index}", kind, data, kept.payload, 0)
         self._feed.append(kept)
         self.feed_bytes += len(kept.payload)
         while len(self._feed) > self.feed_history or (
@@ -12434,6 +12434,60 @@ def _serve_connect_json_directly(app: Any, service: Service) -> Any:
     return asgi
 
 
+def _serve_ws_directly(app: Any, service: Service) -> Any:
+    """The ASGI wrapper that serves the WebSocket channel ``/ws`` without quart:
+    each received frame goes from hypercorn's queue straight to
+    ``Service.websocket`` (quart passes it through a receiver task and a
+    channel first, and fires a signal per frame).  Like
+    ``_serve_status_directly`` it stands behind the door and takes only the
+    upgrades quart's token check would pass on the ``Authorization`` header
+    (a cookie-only login, a refusal, a query string, a root path go to
+    quart); the handshake, the frames and the close are quart's."""
+
+    async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if (scope["type"] != "websocket" or scope["path"] != "/ws" or scope.get("query_string")
+                or scope.get("root_path")):
+            return await app(scope, receive, send)
+        if service.token_required() and not service.authorized(_header(scope, b"authorization")):
+            return await app(scope, receive, send)
+        await _ws_connection(service, scope, receive, send)
+
+    return asgi
+
+
+async def _ws_connection(service: Service, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """One ``/ws`` connection over ASGI, as quart's route runs it: accepted
+    with no subprotocol, ended without a close frame when the client goes
+    (``websocket.disconnect`` cancels the channel, as quart's receiver
+    does), closed with 1000 when the channel ends (shutdown, a client that
+    stopped reading) or fails (logged)."""
+    if (await receive())["type"] != "websocket.connect":
+        return None
+    await send({"type": "websocket.accept", "subprotocol": None, "headers": []})
+    gone = trio.CancelScope()
+
+    async def frame() -> str | bytes:
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.receive":
+                return message.get("bytes") or message["text"]  # type: ignore[no-any-return]
+            if message["type"] == "websocket.disconnect":
+                gone.cancel()
+                await trio.lowlevel.checkpoint()  # raises Cancelled
+
+    async def send_text(text: str) -> None:
+        await send({"type": "websocket.send", "bytes": None, "text": text})
+
+    with gone:
+        try:
+            texts = _ws_text_sender(scope.get("extensions", {}).get(_SERVER_SEND))
+            await service.websocket(frame, send_text, texts)
+        except Exception as exc:  # noqa: BLE001 - as quart's ``unexpected`` handler: logged
+            _logger("serve").error("internal error on %s", scope["path"], exc_info=exc)
+        await send({"type": "websocket.close", "code": 1000})
+    return None
+
+
 #: How long the Connect fast path waits for a request body before handing it to quart.
 BODY_TIMEOUT_SECONDS: Final = 30
 
@@ -12771,9 +12825,9 @@ async def serve(store: Store, config: Config, *, host: str | None = None, port: 
         await root.start(run_heartbeat, owner, config, probe_token is None)
         await root.start(run_supervision, runtime)
         async with trio.open_nursery() as http:
-            app = _close_after_response(_guard_browsers(
+            app = _close_after_response(_guard_browsers(_serve_ws_directly(
                 _serve_status_directly(_serve_connect_json_directly(create_app(service), service),
-                                       service), service))
+                                       service), service), service))
             urls = await http.start(functools.partial(
                 hypercorn.trio.serve, app, hconfig, shutdown_trigger=stopping.wait))
             endpoint = urls[0]
