@@ -8670,13 +8670,48 @@ async def watch_ledger(owner: LedgerOwner, interval: float, *,
                 await owner.refresh()
 
 
+#: How often a serving relay hands the free pages inside its malloc heap back
+#: to the system (``malloc_trim``; glibc only).
+MALLOC_TRIM_SECONDS: Final = 30.0
+
+
+def _malloc_trim() -> Callable[[int], Any] | None:
+    """glibc's ``malloc_trim`` (None elsewhere)."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        return None
+
+
+async def trim_malloc(interval: float, trim: Callable[[int], Any] | None, *,
+                      task_status: TaskStatus[None] = _TASK_STATUS_IGNORED) -> None:
+    """Heartbeat resident: every ``interval`` seconds, ``trim(0)`` in a worker
+    thread (it walks the heaps; ctypes lets the event loop run meanwhile).
+
+    glibc returns memory to the system only from the top of a heap; pages of
+    free chunks below live ones (the holes the commit thread's ledger copies
+    leave) stay resident until ``malloc_trim`` releases them.  In the soak the
+    heap's free bytes grew ~0.5 MB a minute while the bytes in use stayed flat."""
+    task_status.started()
+    if trim is None:
+        return
+    while True:
+        await trio.sleep(interval)
+        await trio.to_thread.run_sync(trim, 0)
+
+
 async def run_heartbeat(owner: LedgerOwner, config: Config, reaper: bool = True, *,
+                        trim: Callable[[int], Any] | None = None,
                         task_status: TaskStatus[Nursery] = _TASK_STATUS_IGNORED) -> None:
-    """The heartbeat nursery: lease-expiry reaper and the ledger watcher."""
+    """The heartbeat nursery: lease-expiry reaper, the ledger watcher and (when
+    serving on glibc) the heap trimmer."""
     async with trio.open_nursery() as nursery:
         if reaper:
             await nursery.start(reap_expired_leases, owner, config.reaper_interval_seconds)
         await nursery.start(watch_ledger, owner, config.watch_interval_seconds)
+        await nursery.start(trim_malloc, MALLOC_TRIM_SECONDS, trim)
         task_status.started(nursery)
 
 
@@ -11953,7 +11988,8 @@ async def serve(store: Store, config: Config, *, host: str | None = None, port: 
     hconfig.errorlog = None
     async with trio.open_nursery() as root:
         await root.start(owner.run)
-        await root.start(run_heartbeat, owner, config, probe_token is None)
+        await root.start(functools.partial(run_heartbeat, owner, config, probe_token is None,
+                                           trim=_malloc_trim() if probe_token is None else None))
         await root.start(run_supervision, runtime)
         async with trio.open_nursery() as http:
             app = _close_after_response(_guard_browsers(

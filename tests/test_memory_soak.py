@@ -5,6 +5,8 @@ from the log when missing, torn or stale, never trusted wrongly)."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 import relay
@@ -182,3 +184,55 @@ def test_an_index_file_of_a_log_written_again_is_not_trusted(tmp_path, small):
     config = relay.Config()
     assert all(index.lookup(store, k, NOW, config) is None for k in keys[300:])
 
+
+async def test_the_heartbeat_trims_the_heap_every_interval_in_a_worker_thread(tmp_path, autojump_clock):
+    """A serving relay's heartbeat calls ``malloc_trim(0)`` every
+    ``MALLOC_TRIM_SECONDS``, off the event loop (in a worker thread)."""
+    import threading
+
+    import trio
+
+    calls: list[tuple[float, int, bool]] = []
+    loop_thread = threading.get_ident()
+
+    third, token = trio.Event(), trio.lowlevel.current_trio_token()
+
+    def trim(pad: int) -> int:
+        calls.append((autojump_clock.current_time(), pad, threading.get_ident() != loop_thread))
+        if len(calls) == 3:
+            token.run_sync_soon(third.set)
+        return 1
+
+    store, config, hub = relay.Store(tmp_path), relay.Config(), relay.EventHub()
+    owner = relay.LedgerOwner(store, config, hub)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(owner.run)
+        await nursery.start(functools.partial(relay.run_heartbeat, owner, config, False, trim=trim))
+        start = trio.current_time()
+        with trio.fail_after(10 * relay.MALLOC_TRIM_SECONDS):
+            await third.wait()
+        nursery.cancel_scope.cancel()
+    # (the clock may jump on while a call runs in its thread: the next waits a whole interval)
+    assert [(pad, off) for _, pad, off in calls] == [(0, True)] * 3
+    assert relay.MALLOC_TRIM_SECONDS <= calls[0][0] - start < relay.MALLOC_TRIM_SECONDS + 2
+    assert all(b[0] - a[0] >= relay.MALLOC_TRIM_SECONDS for a, b in zip(calls, calls[1:], strict=False))
+
+
+async def test_a_heartbeat_without_a_trimmer_trims_nothing(tmp_path, autojump_clock):
+    import trio
+
+    store, config, hub = relay.Store(tmp_path), relay.Config(), relay.EventHub()
+    owner = relay.LedgerOwner(store, config, hub)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(owner.run)
+        heartbeat = await nursery.start(relay.run_heartbeat, owner, config, False)
+        await trio.sleep(3 * relay.MALLOC_TRIM_SECONDS)
+        assert len(heartbeat.child_tasks) == 1  # the watcher alone: the trimmer returned
+        nursery.cancel_scope.cancel()
+
+
+def test_serve_hands_its_heartbeat_glibc_malloc_trim():
+    trim = relay._malloc_trim()
+    if trim is None:
+        pytest.skip("not glibc")
+    assert trim(0) in (0, 1)
