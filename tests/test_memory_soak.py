@@ -185,17 +185,22 @@ def test_an_index_file_of_a_log_written_again_is_not_trusted(tmp_path, small):
     assert all(index.lookup(store, k, NOW, config) is None for k in keys[300:])
 
 
-async def test_the_heartbeat_trims_the_heap_every_interval_in_a_worker_thread(tmp_path, autojump_clock,
-                                                                           monkeypatch):
-    """A serving relay's heartbeat calls ``malloc_trim(0)`` every
-    ``MALLOC_TRIM_SECONDS``, off the event loop (through ``trio.to_thread``)."""
+async def test_the_heartbeat_collects_garbage_then_trims_the_heap_every_interval(tmp_path, autojump_clock,
+                                                                              monkeypatch):
+    """A serving relay's heartbeat runs a full collection on the event loop,
+    then ``malloc_trim(0)`` off it (through ``trio.to_thread``), every
+    ``MEMORY_TIDY_SECONDS``."""
     import trio
 
-    calls: list[tuple[float, tuple, bool]] = []
+    calls: list[tuple[float, str, bool]] = []
     in_thread = False
 
+    def collect() -> int:
+        calls.append((trio.current_time(), "collect", in_thread))
+        return 0
+
     def trim(pad: int) -> int:
-        calls.append((trio.current_time(), (pad,), in_thread))
+        calls.append((trio.current_time(), f"trim({pad})", in_thread))
         return 1
 
     async def inline(fn, *args, **kwargs):  # the clock stays the test's: no real thread
@@ -212,14 +217,16 @@ async def test_the_heartbeat_trims_the_heap_every_interval_in_a_worker_thread(tm
     async with trio.open_nursery() as nursery:
         await nursery.start(owner.run)
         start = trio.current_time()
-        await nursery.start(functools.partial(relay.run_heartbeat, owner, config, False, trim=trim))
-        await trio.sleep(3.5 * relay.MALLOC_TRIM_SECONDS)
+        await nursery.start(functools.partial(relay.run_heartbeat, owner, config, False,
+                                              collect=collect, trim=trim))
+        await trio.sleep(3.5 * relay.MEMORY_TIDY_SECONDS)
         nursery.cancel_scope.cancel()
-    assert [(round(at - start, 6), args, off) for at, args, off in calls] == [
-        (n * relay.MALLOC_TRIM_SECONDS, (0,), True) for n in (1, 2, 3)]
+    assert [(round(at - start, 6), what, off) for at, what, off in calls] == [
+        (n * relay.MEMORY_TIDY_SECONDS, what, off) for n in (1, 2, 3)
+        for what, off in (("collect", False), ("trim(0)", True))]
 
 
-async def test_a_heartbeat_without_a_trimmer_trims_nothing(tmp_path, autojump_clock):
+async def test_a_heartbeat_without_a_tidier_tidies_nothing(tmp_path, autojump_clock):
     import trio
 
     store, config, hub = relay.Store(tmp_path), relay.Config(), relay.EventHub()
@@ -227,13 +234,32 @@ async def test_a_heartbeat_without_a_trimmer_trims_nothing(tmp_path, autojump_cl
     async with trio.open_nursery() as nursery:
         await nursery.start(owner.run)
         heartbeat = await nursery.start(relay.run_heartbeat, owner, config, False)
-        await trio.sleep(3 * relay.MALLOC_TRIM_SECONDS)
-        assert len(heartbeat.child_tasks) == 1  # the watcher alone: the trimmer returned
+        await trio.sleep(3 * relay.MEMORY_TIDY_SECONDS)
+        assert len(heartbeat.child_tasks) == 1  # the watcher alone: the tidier returned
         nursery.cancel_scope.cancel()
 
 
-def test_serve_hands_its_heartbeat_glibc_malloc_trim():
+def test_malloc_trim_is_glibcs():
     trim = relay._malloc_trim()
     if trim is None:
         pytest.skip("not glibc")
     assert trim(0) in (0, 1)
+
+
+async def test_serve_hands_its_heartbeat_the_collector_and_malloc_trim(tmp_path, monkeypatch):
+    import gc
+
+    from serve_helpers import serving
+
+    given = {}
+    original = relay.run_heartbeat
+
+    async def recording(owner, config, reaper=True, **kwargs):
+        given.update(kwargs, reaper=reaper)
+        await original(owner, config, reaper, **kwargs)
+
+    monkeypatch.setattr(relay, "run_heartbeat", recording)
+    async with serving(tmp_path):
+        pass
+    assert given["reaper"] and given["collect"] is gc.collect
+    assert (given["trim"] is None) == (relay._malloc_trim() is None)
