@@ -75,7 +75,8 @@ def test_a_sealed_request_key_table_holds_arrays_only():
 
 
 def test_the_request_index_seals_buckets_the_cursor_moved_past(tmp_path):
-    """After a reload, only the current bucket's tables keep a dict of newest keys."""
+    """After a reload, the sealed bucket's keys are in its index files (no
+    table left in memory) and only the current bucket's tables hold keys."""
     store, config = relay.Store(tmp_path), relay.Config()
     span = relay._bucket_span(config)
     now = 10 * span + 1.0
@@ -88,8 +89,8 @@ def test_the_request_index_seals_buckets_the_cursor_moved_past(tmp_path):
     index = relay.RequestIndex()
     index.sync(store, ledger.request_log, now + span, config)
     current = ledger.request_log.bucket
-    sealed = [t for (bucket, _), t in index.tables.items() if bucket != current]
-    assert all(not t.newest for t in sealed) and sum(len(t.hashes) for t in sealed) == 40
+    assert all(bucket == current for bucket, _ in index.tables)
+    assert sum(f.count for (bucket, _), f in index.files.items() if bucket != current) == 40
     assert any(t.newest for (bucket, _), t in index.tables.items() if bucket == current)
     assert index.lookup(store, "k0-3", now + span, config) is not None
 
