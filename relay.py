@@ -91,7 +91,12 @@ def split_checksum(data: bytes) -> tuple[bytes, bytes] | None:
     claimed = verified_checksum(data)
     if claimed is None:
         return None
-    return data[: data.rfind(_CHECKSUM_TAIL)] + b"}", claimed
+    return _checksummed_body(data), claimed
+
+
+def _checksummed_body(data: bytes) -> bytes:
+    """The canonical JSON a ledger's checksum covers (its bytes but the checksum member)."""
+    return data[: data.rfind(_CHECKSUM_TAIL)] + b"}"
 
 
 def verified_checksum(data: bytes) -> bytes | None:
@@ -242,18 +247,9 @@ def journal_records(data: bytes, base: str, revision: int, loads=json.loads
     good, its ``base`` is the checkpoint's checksum and its ``from`` is the
     revision the records before it reached.  The first that fails ends the
     journal: it and everything after it are a torn or stale tail, never read."""
-    import zlib
-
     records: list[tuple[dict, int]] = []
     end = 0
-    while True:
-        nl = data.find(b"\n", end)
-        if nl < 0:
-            break
-        line = data[end : nl + 1]
-        body = line[9:-1]
-        if len(line) < 11 or line[8:9] != b" " or line[:8] != b"%08x" % zlib.crc32(body):
-            break
+    for body, line_end in _crc_lines(data):
         try:
             doc = loads(body)
             top = doc["top"]
@@ -265,9 +261,27 @@ def journal_records(data: bytes, base: str, revision: int, loads=json.loads
             ok = False
         if not ok:
             break
-        revision, end = top["revision"], nl + 1
+        revision, end = top["revision"], line_end
         records.append((doc, end))
     return records, end
+
+
+def _crc_lines(data: bytes):
+    """(body, where its line ends) of each line of journal bytes whose CRC is
+    good, up to the first that is not (or a line not ended yet)."""
+    import zlib
+
+    end = 0
+    while True:
+        nl = data.find(b"\n", end)
+        if nl < 0:
+            return
+        line = data[end : nl + 1]
+        body = line[9:-1]
+        if len(line) < 11 or line[8:9] != b" " or line[:8] != b"%08x" % zlib.crc32(body):
+            return
+        yield body, nl + 1
+        end = nl + 1
 
 
 def apply_journal_doc(doc: dict, records: list[dict]) -> dict:
@@ -352,15 +366,11 @@ def _tally_now(tally: dict | None, stamp: str, journal: bytes, checksum: bytes) 
     and at the tally's revision."""
     if tally is None or (tally["soonest"] is not None and tally["soonest"] <= stamp):
         return None
-    import zlib
-
-    at, last = 0, None
-    while at < len(journal):
-        nl = journal.find(b"\n", at)
-        if nl < 0 or journal[at + 8 : at + 9] != b" " \
-                or journal[at : at + 8] != b"%08x" % zlib.crc32(journal[at + 9 : nl]):
-            return None
-        last, at = journal[at + 9 : nl], nl + 1
+    last, end = None, 0
+    for line in _crc_lines(journal):
+        last, end = line
+    if end != len(journal):
+        return None
     if last is not None:
         try:
             record = json.loads(last)
@@ -403,7 +413,7 @@ def _fast_status_doc(root: str, now: float) -> dict | None:
         tally = _tally_now(tally, iso(now), journal, checksum)
         if tally is not None:
             return tally_status(root, tally, [])
-    doc = json.loads(data[: data.rfind(_CHECKSUM_TAIL)] + b"}")
+    doc = json.loads(_checksummed_body(data))
     records, end = journal_records(journal, checksum.decode(), doc["revision"])
     if end != vouched:
         return None
