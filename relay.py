@@ -118,7 +118,9 @@ _BIG_LEDGER_BYTES = 512 * 1024
 
 
 def _hasher(size: int):
-    if size < _BIG_LEDGER_BYTES:
+    """SHA-256 for ``size`` bytes: OpenSSL's once it is loaded (the server's)
+    or worth loading, else the bare module's."""
+    if size < _BIG_LEDGER_BYTES and "hashlib" not in sys.modules:
         return _sha256
     import hashlib
 
@@ -429,31 +431,22 @@ if __name__ == "__main__":
 # The full module: everything below may import attrs and relay_client.
 import argparse  # noqa: E402
 import array  # noqa: E402
-import base64  # noqa: E402
 import bisect  # noqa: E402
 import contextlib  # noqa: E402
-import copy  # noqa: E402
 import errno  # noqa: E402
 import fcntl  # noqa: E402
 import functools  # noqa: E402
 import gc  # noqa: E402
-import gzip  # noqa: E402
-import hashlib  # noqa: E402
-import hmac  # noqa: E402
 import ipaddress  # noqa: E402
 import itertools  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
-import secrets  # noqa: E402
-import shlex  # noqa: E402
-import shutil  # noqa: E402
 import signal  # noqa: E402
 import struct  # noqa: E402
 import threading  # noqa: E402
 import weakref  # noqa: E402
 import zlib  # noqa: E402
 from collections.abc import Callable, Iterator, Mapping  # noqa: E402
-from datetime import UTC, datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING, Any, ClassVar, Final, cast  # noqa: E402
 
@@ -740,6 +733,8 @@ def _failpoint(name: str) -> None:
 
 
 def parse_iso(stamp: str) -> float:
+    from datetime import UTC, datetime
+
     return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
 
 
@@ -757,7 +752,7 @@ _CANONICAL: Final = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensu
 
 
 def _digest(value: Any) -> str:
-    return hashlib.sha256(_canonical(value)).hexdigest()
+    return _sha256(_canonical(value)).hexdigest()
 
 
 ################################################################
@@ -2048,7 +2043,7 @@ def _encode_sealed(ledger: Ledger) -> tuple[bytes, bytes]:
         parts = _encode_parts_locked(ledger)
     parts.append(_CHECKSUM_TAIL)
     head = b"".join(parts)
-    digest = hashlib.sha256(memoryview(head)[: len(head) - len(_CHECKSUM_TAIL)])
+    digest = _hasher(len(head))(memoryview(head)[: len(head) - len(_CHECKSUM_TAIL)])
     digest.update(b"}")  # the body the checksum covers ends where the tail begins
     return head, digest.hexdigest().encode() + b'"}\n'
 
@@ -2209,7 +2204,7 @@ def decode_ledger(data: bytes, memo: bytes | None = None) -> Ledger:
 def _sealed(data: bytes, cut: int) -> bool:
     """``split_checksum``'s check without its copy of the body (``cut``: where
     the checksum member starts; the body is what precedes it and ``}``)."""
-    digest = hashlib.sha256(memoryview(data)[:cut])
+    digest = _hasher(cut)(memoryview(data)[:cut])
     digest.update(b"}")
     return digest.hexdigest().encode() == data[cut + len(_CHECKSUM_TAIL) : -3]
 
@@ -3081,7 +3076,7 @@ class Store:
         pages: the PostgreSQL lesson); the ledger stays the old or the new one.
         """
         head, tail = _encode_sealed(ledger)
-        tmp = self.state_dir / f"{TEMP_PREFIX}{os.getpid()}.{secrets.token_hex(4)}"
+        tmp = self.state_dir / f"{TEMP_PREFIX}{os.getpid()}.{os.urandom(4).hex()}"
         try:
             _make_dirs(self.state_dir)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -4018,6 +4013,8 @@ def _roll_request_log(store: Store, cursor: RequestLogCursor, bucket: str,
     """Seal the current bucket (cut its shards to their committed lengths) and
     remove every bucket directory no committed cursor covers (left by a killed
     writer) or past retention, durably, before a ledger names ``bucket``."""
+    import shutil
+
     base = store.state_dir / REQUESTS_DIR
     for shard, end in enumerate(cursor.shard_bytes):
         path = base / cursor.bucket / f"{shard:x}.log"
@@ -4862,7 +4859,7 @@ def shutdown(ledger: Ledger, ctx: Ctx):
 
 
 def token_digest(raw: str) -> str:
-    return hashlib.sha256(raw.encode()).hexdigest()
+    return _sha256(raw.encode()).hexdigest()
 
 
 def create_token(ledger: Ledger, label: str, digest: str, ctx: Ctx):
@@ -4907,6 +4904,8 @@ def token_usable(token: TokenRecord, stamp: str) -> bool:
 def token_matching(ledger: Ledger, raw: str, stamp: str) -> str:
     """The id of the usable token that ``raw`` is, or "" (constant time: every
     token is compared, whichever matches)."""
+    import hmac
+
     presented = token_digest(raw).encode()
     found = ""
     for token in ledger.tokens.values():
@@ -4918,6 +4917,8 @@ def token_matching(ledger: Ledger, raw: str, stamp: str) -> str:
 def token_accepts(ledger: Ledger, raw: str, stamp: str) -> bool:
     """Constant-time check of a presented bearer token against every token that
     may be used now: active ones, and rotated ones inside their grace period."""
+    import hmac
+
     presented = token_digest(raw).encode()
     ok = False
     for token in ledger.tokens.values():
@@ -5610,7 +5611,7 @@ def commit(store: Store, mutations: list[Mutation], config: Config,
             ledger = attrs.evolve(ledger, cursors=_put_private(ledger.cursors, start.cursors,
                                                                session_id, cursor))
         if not ledger.ledger_id:  # the ledger's first write gives it its identity
-            ledger = attrs.evolve(ledger, ledger_id=secrets.token_hex(16))
+            ledger = attrs.evolve(ledger, ledger_id=os.urandom(16).hex())
         ledger, placed = append_request_records(store, ledger, now, config)
         store.commit_write(snap, ledger, checkpoint=any(m.checkpoint for m in mutations))
         _seal(ledger)
@@ -7671,6 +7672,8 @@ class ProviderProcess:
 
     def spawn(self, now: float) -> None:
         """Fork and exec the child (on the calling, trio, thread: see above)."""
+        import shlex
+
         import subprocess
 
         fds = [os.pipe() for _ in range(3)]  # stdin, stdout, stderr: (read, write)
@@ -7888,6 +7891,8 @@ def provider_argv(profile: rc.Profile) -> list[str]:
     """The argv of a profile's process: its --command (or the real CLI), with
     the documented options that are flags appended (Claude).  The program is
     resolved on PATH; one that cannot be found is ``FailedPrecondition``."""
+    import shutil
+
     argv = list(profile.command or DEFAULT_COMMANDS[profile.provider])
     found = shutil.which(argv[0])
     if found is None:
@@ -8094,6 +8099,8 @@ def rebuild_scratch(tmp_dir: Path, session_id: str) -> Path | None:
     dir are copied back, so the conversation can be resumed; ``tmp`` (stale
     sockets and locks) starts empty, and the spawn rewrites the provider's home
     files.  Returns the evidence directory (None: there was no scratch)."""
+    import shutil
+
     dirs = scratch_dirs(tmp_dir, session_id)
     evidence = None
     if any(dirs[name].exists() for name in ("home", "tmp", "work")):
@@ -9911,7 +9918,7 @@ class Service:
     serving_mode: str = "loopback"
     _status_cache: tuple[Any, bytes] | None = None
     #: Signs browser sessions; a new server's key ends every old session.
-    _session_key: bytes = attrs.field(factory=lambda: secrets.token_bytes(32), repr=False)
+    _session_key: bytes = attrs.field(factory=lambda: os.urandom(32), repr=False)
     #: Session values logged out before their expiry -> that expiry (seconds).
     _logged_out: dict[str, float] = attrs.Factory(dict)
     #: The live runtime (None in the gate's probe and in service-level tests).
@@ -10007,6 +10014,8 @@ class Service:
     def authorized(self, header: str | None, session: str | None = None) -> bool:
         """Bearer check when the runtime has a token (constant time); a browser
         session value (the login cookie) stands in for the header."""
+        import hmac
+
         ledger = self.owner.ledger
         presented = _bearer(header)
         if self.probe_token is not None:  # digests, so the comparison never depends on lengths
@@ -10045,18 +10054,23 @@ class Service:
             raise rc.Unauthenticated("missing or invalid bearer token",
                                      hint='send Authorization: Bearer <token> or {"token": "..."}')
         expires = float(int(self.now() + SESSION_COOKIE_SECONDS))
-        body = f"{token_id}.{int(expires)}.{secrets.token_hex(8)}"  # each login its own value
+        body = f"{token_id}.{int(expires)}.{os.urandom(8).hex()}"  # each login its own value
         digest = self.owner.ledger.tokens[token_id].digest
         return f"{body}.{self._session_mac(body, digest)}", token_id, expires
 
     def _session_mac(self, body: str, digest: str) -> str:
         """The MAC binds the token's digest too (never sent): a token id names
         another token after a state reset (ids restart with revisions)."""
+        import hashlib
+        import hmac
+
         return hmac.new(self._session_key, f"{body}|{digest}".encode(), hashlib.sha256).hexdigest()
 
     def session_token_id(self, value: str) -> str:
         """The token a session value stands for, or "" unless the value is this
         server's, unexpired, not logged out, and the token still usable."""
+        import hmac
+
         body, _, mac = value.rpartition(".")
         token_id, _, expires = body.rsplit(".", 1)[0].rpartition(".")
         if not (token_id and re.fullmatch(r"[0-9]{1,12}", expires)):
@@ -11759,6 +11773,8 @@ def _connect_error_json(exc: RelayError) -> dict[str, Any]:
     """``exc.to_json()`` (code, message, hint) plus Connect's ``details``: the
     hint again as a google.rpc.LocalizedMessage, where Connect clients
     surface it (``ConnectError.details``; ``buf curl`` prints it)."""
+    import base64
+
     body = exc.to_json()
     if exc.hint:
         from google.rpc import error_details_pb2
@@ -11862,6 +11878,8 @@ def _accepts_gzip(header: str) -> bool:
 
 
 def _unary_response(rpc: rc.Rpc, codec: str, reply: dict[str, Any], accept_encoding: str) -> Any:
+    import gzip
+
     from quart import Response
 
     if codec == "proto":
@@ -11880,6 +11898,8 @@ def _get_form(query: bytes) -> tuple[str, bytes, str]:
     [&compression=gzip][&connect=v1]`` -> (codec, message bytes, encoding).
     The query is split by hand on bytes: a proto message sent without base64
     is binary, which a text query parser would mangle."""
+    import base64
+
     from urllib.parse import parse_qsl
 
     args = {k: v.encode("latin-1") for k, v in
@@ -12922,6 +12942,8 @@ def _replaying(raw: bytes, done: bool, other: dict[str, Any] | None, receive: An
 
 def _unary_bytes(reply: dict[str, Any], accept_encoding: str) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     """``_unary_response`` for the JSON codec, as bytes and extra headers."""
+    import gzip
+
     data = json.dumps(reply).encode()
     headers = [(b"vary", b"Accept-Encoding")]
     if len(data) >= _COMPRESS_MIN_BYTES and _accepts_gzip(accept_encoding):
@@ -13777,6 +13799,8 @@ def _check_scratch(view: _GateView) -> tuple[str, str, str]:
 
 
 def _state_digest(store: Store) -> str:
+    import hashlib
+
     digest = hashlib.sha256()
     for dirpath, dirnames, files in sorted(os.walk(store.flow / "state")):
         dirnames.sort()
@@ -13803,6 +13827,8 @@ def _check_http(view: _GateView) -> tuple[str, str, str]:
 async def _probe_reads(view: _GateView) -> list[str]:
     """Start the read-only probe on an ephemeral loopback port and call every
     read route and an SSE replay per session."""
+    import secrets
+
     import httpx2
 
     secret = secrets.token_urlsafe(16)
@@ -14290,6 +14316,8 @@ def _run_admin(store: Store, config: Config, args: argparse.Namespace, as_json: 
 
 
 def _run_token(store: Store, config: Config, args: argparse.Namespace, as_json: bool) -> int:
+    import secrets
+
     cmd = args._cmd
     stamp = iso(time.time())
     if cmd == "token list":
@@ -14437,6 +14465,8 @@ def _run_serve(store: Store, config: Config, args: argparse.Namespace, as_json: 
         raise rc.Unavailable(f"cannot serve on {host}:{port}: {getattr(exc, 'strerror', None) or exc}",
                              hint="pick another --port (0 picks a free one)") from None
     except* RelayError as group:
+        import copy
+
         # A copy, chained to the group: raising the child itself would graft
         # this frame onto its traceback and lose the group's context.
         raise copy.copy(_first_leaf(group)) from group

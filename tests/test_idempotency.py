@@ -7,6 +7,7 @@ Time is injected (``commit(..., now)``, ``serve(now=...)``); nothing sleeps.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -242,7 +243,7 @@ def test_reader_and_schema_agree_on_the_cursor(tmp_path, cursor, ok):
     doc = json.loads(relay.split_checksum(store.ledger_path.read_bytes())[0])
     doc["request_log"] = cursor
     body = relay._canonical(doc)
-    data = (body[:-1] + b',"checksum":"sha256:' + relay.hashlib.sha256(body).hexdigest().encode()
+    data = (body[:-1] + b',"checksum":"sha256:' + hashlib.sha256(body).hexdigest().encode()
             + b'"}\n')
     schema = json.loads((ROOT / "specs" / "relay-state.schema.json").read_text())
     assert jsonschema.Draft202012Validator(schema).is_valid(json.loads(data)) == ok
