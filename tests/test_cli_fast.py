@@ -265,3 +265,22 @@ def test_a_column_of_an_unread_flat_map_is_read_from_its_text(tmp_path):
     assert relay._flat_column(changed, "events") == {**{k: v.events for k, v in full.cursors.items()},
                                                      "s1": 99}
     assert relay._flat_column(full.cursors, "events") is None  # a read map: read its records
+
+
+def test_a_one_commit_cli_rpc_runs_without_the_cyclic_collector_other_commands_with_it(workspace,
+                                                                                      capsys):
+    """``python -m relay`` starts with the collector off (see the module's
+    start); ``main`` turns it on for any command that runs long."""
+    import gc
+
+    was = gc.isenabled()
+    try:
+        gc.disable()
+        assert relay.main(["--root", str(workspace), "profile", "register", "cx", "--provider", "codex",
+                           "--mode", "pooled"]) == 0
+        assert not gc.isenabled()  # one commit, then the process ends
+        assert relay.main(["--root", str(workspace), "state", "inventory"]) == 0
+        assert gc.isenabled()
+    finally:
+        (gc.enable if was else gc.disable)()
+    capsys.readouterr()
