@@ -630,7 +630,7 @@ JOURNAL_MAX_BYTES: Final = 256 * KIB
 #: journal stays within ``CLI_JOURNAL_BYTES``: a smaller bound than the
 #: server's, because a CLI process reads and applies every record of it.
 CLI_JOURNAL_CHECKPOINT_BYTES: Final = 1 * MIB
-CLI_JOURNAL_BYTES: Final = 64 * KIB
+CLI_JOURNAL_BYTES: Final = 32 * KIB
 #: How long the state directory must have been unchanged before a sweep of it
 #: may be skipped: more than any file system's timestamp granularity, so a
 #: temp file made after that sweep gets a later mtime (``sweep_orphan_temps``).
