@@ -2051,7 +2051,7 @@ def _seed_tallies(ledger: Ledger, tally: dict[str, Any]) -> None:
     memo's ``tally`` of it, so that a CLI commit's memo counts only what the
     commit changed instead of scanning every map's text (~70 ms at 10,000
     sessions).  The caller has checked that the memo vouches for exactly
-    this checkpoint, with no journal, at this revision."""
+    this checkpoint and the journal records read on it, at this revision."""
     for mapping, kind, value in (
             (ledger.leases, _LeaseTally,
              _LeaseTally(tally["active_leases"], tally["waiting_leases"], None, tally["soonest"])),
