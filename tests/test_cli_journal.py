@@ -232,3 +232,18 @@ def test_a_journaling_store_carries_on_after_a_cli_journal_commit(big, tmp_path)
     assert server.read() == fresh(root) and fresh(root).cursors["s1"].events == 8
     check_streams(relay.Store(root), fresh(root))
     server.close_handles()
+
+
+def test_a_big_checkpoint_damaged_under_its_vouched_checksum_is_refused(big, tmp_path):
+    """The checksum of a big checkpoint is computed in a worker thread while
+    the checkpoint is parsed; the parse counts only if the checksum matches."""
+    root = copy_of(big, tmp_path)
+    path = relay.Store(root).ledger_path
+    data = bytearray(path.read_bytes())
+    at = data.index(b'"holder":"h"', len(data) // 2)
+    data[at + 10:at + 11] = b"x"  # same length, same claimed checksum, memo still naming it
+    path.write_bytes(bytes(data))
+    before = {p.name: p.read_bytes() for p in path.parent.iterdir() if p.is_file()}
+    code, out, err = run_cli(root, "event", "append", "--session", "s1", "--kind", "k", check=None)
+    assert code == 1 and "checksum does not match" in err, err
+    assert {p.name: p.read_bytes() for p in path.parent.iterdir() if p.is_file()} == before
