@@ -1601,14 +1601,20 @@ def _flat_column(mapping: Any, field: str) -> dict[str, Any] | None:
     keys, values = _flat_values(base, _FLAT_MAPS[base.member]), _flat_values(base, field)
     if len(keys) != base.count or len(values) != base.count:
         return None
-    column = {_utf8(k[1:-1]): _utf8(v[1:-1]) if v[:1] == b'"' else int(v)
-              for k, v in zip(keys, values, strict=True)}
+    column = {k[1:-1]: v[1:-1] if v[:1] == '"' else int(v)
+              for k, v in zip(_utf8_each(keys), _utf8_each(values), strict=True)}
     for key, value in changes.items():
         if value is _ABSENT:
             column.pop(key, None)
         else:
             column[key] = getattr(value, field)
     return column
+
+
+def _utf8_each(pieces: list[bytes]) -> list[str]:
+    """Pieces of ledger bytes holding no NUL (a JSON string escapes it) as
+    text, decoded in one call."""
+    return _utf8(b"\0".join(pieces)).split("\0") if pieces else []
 
 
 def _find_entry(text: bytes, bounds: tuple[int, int], key: str) -> int:
@@ -1988,8 +1994,8 @@ def _fields_of(mapping: Any, *fields: str) -> list[tuple[Any, ...]]:
     """(key, each of ``fields``) of every record of a ledger map, without
     typing the records of a lazily read one (see "Lazily typed maps")."""
     columns = [_flat_column(mapping, name) for name in fields]
-    if all(column is not None for column in columns):
-        return [(key, *(column[key] for column in columns)) for key in columns[0]]
+    if all(column is not None for column in columns):  # (each in the map's order)
+        return list(zip(columns[0], *(column.values() for column in columns), strict=True))
     return [(key, *(_plain_field(record, name) for name in fields)) for key, record in _plain_items(mapping)]
 
 
@@ -4602,6 +4608,9 @@ def revoke_lease(ledger: Ledger, req: rc.RevokeLeaseRequest, ctx: Ctx):
 
 def expire_leases(ledger: Ledger, ctx: Ctx) -> tuple[Ledger, list[rc.Lease]]:
     """Mark leases past their expiry ``expired`` (the reaper's job)."""
+    soonest = _derived(ledger.leases, _LeaseTally).soonest()
+    if soonest is None or (soonest is not _MISSING and soonest > ctx.stamp):
+        return ledger, []  # (no live lease has expired: told without reading any)
     gone = [
         lease for lease in ledger.leases.values()
         if lease.state in rc.LIVE_LEASE_STATES and lease.expires_at <= ctx.stamp
@@ -5031,10 +5040,14 @@ def compact(ledger: Ledger, ctx: Ctx) -> tuple[Ledger, dict[str, list[dict[str, 
     cfg = ctx.config
     lease_cut = iso(ctx.now - cfg.lease_retention_seconds)
     control_cut = iso(ctx.now - cfg.control_request_retention_seconds)
-    ended = sorted((x for x in ledger.leases.values() if x.state not in rc.LIVE_LEASE_STATES),
-                   key=lambda x: (x.ended_at, x.lease_id))
+    # The candidates are found from the fields they are chosen by, so that a
+    # lazily read ledger (a CLI commit's) types only the records that go.
+    ended = sorted((ended_at, key)
+                   for key, state, ended_at in _fields_of(ledger.leases, "state", "ended_at")
+                   if state not in rc.LIVE_LEASE_STATES)
     overflow = max(len(ended) - cfg.max_terminal_leases, 0)
-    old_leases = [x for i, x in enumerate(ended) if i < overflow or x.ended_at < lease_cut]
+    old_leases = [ledger.leases[key] for i, (ended_at, key) in enumerate(ended)
+                  if i < overflow or ended_at < lease_cut]
     old_controls = _old_controls(ledger, control_cut, cfg.max_control_requests)
     old_turns = _old_turns(ledger, lease_cut, cfg.max_terminal_leases)
     old_sessions = _old_sessions(ledger, lease_cut, old_leases, old_turns)
@@ -5074,7 +5087,9 @@ def _old_sessions(ledger: Ledger, cut: str, old_leases: list[rc.Lease],
                   old_turns: list[rc.Turn]) -> list[rc.Session]:
     """Closed sessions past the lease retention window whose leases and turns
     all leave the ledger too (none left behind pointing at a missing session)."""
-    closed = [s for s in ledger.sessions.values() if s.state == "closed" and s.updated_at < cut]
+    closed = [ledger.sessions[key]
+              for key, state, updated_at in _fields_of(ledger.sessions, "state", "updated_at")
+              if state == "closed" and updated_at < cut]
     if not closed:
         return []
     gone = {x.lease_id for x in old_leases} | {x.turn_id for x in old_turns}

@@ -247,3 +247,30 @@ def test_a_big_checkpoint_damaged_under_its_vouched_checksum_is_refused(big, tmp
     code, out, err = run_cli(root, "event", "append", "--session", "s1", "--kind", "k", check=None)
     assert code == 1 and "checksum does not match" in err, err
     assert {p.name: p.read_bytes() for p in path.parent.iterdir() if p.is_file()} == before
+
+
+def test_a_due_compaction_with_nothing_to_archive_types_no_lease_or_session(big, tmp_path,
+                                                                           monkeypatch):
+    """Compaction picks its candidates from the fields it chooses by, so on a
+    lazily read ledger a compaction that archives nothing reads no record
+    whole and commits by a journal record; it makes the ledger the whole
+    path makes."""
+    root, whole = copy_of(big, tmp_path), copy_of(big, tmp_path, "whole")
+    (whole / relay.MEMO_REL).unlink()  # no memo: decoded and typed whole
+    config, later = relay.Config(), time.time() + 2 * relay.Config().compact_interval_seconds
+    typed = []
+    real = relay._typed_record
+    monkeypatch.setattr(relay, "_typed_record", lambda member, key, value: typed.append(member)
+                        or real(member, key, value))
+    checkpoint_bytes = relay.Store(root).ledger_path.read_bytes()
+    ledgers = []
+    for ws in (root, whole):
+        (reply,), ledger = relay.commit(relay.Store(ws), [mutation("AppendEvent", session_id="s1",
+                                                                    kind="k")], config, later)
+        assert ledger.compacted_at == relay.iso(later)
+        ledgers.append(fresh(ws))
+        if ws is root:
+            # The append's own session and cursor; no lease, no other session.
+            assert sorted(typed) == ["cursors", "sessions"], sorted(typed)
+            assert relay.Store(root).ledger_path.read_bytes() == checkpoint_bytes  # journaled
+    assert relay.encode_ledger(ledgers[0]) == relay.encode_ledger(ledgers[1])
