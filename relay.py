@@ -349,16 +349,26 @@ def read_memo(memo: bytes) -> tuple[bytes, int, dict | None] | None:
     end, rest = int(rest[1:17]), rest[17:]
     if not rest:
         return checksum, end, None
+    doc = _memo_doc(rest, memo)
+    if doc is None:
+        return None
+    try:
+        tally = {k: doc[k] for k in (*_TALLY_COUNTS, "runtime", "soonest")}
+    except (TypeError, KeyError):
+        return None
+    return checksum, end, tally
+
+
+def _memo_doc(rest: bytes, memo: bytes) -> Any:
+    """The JSON a memo carries after its checksum and length (``rest``), if its CRC holds."""
     import zlib
 
     if rest[:1] != b" " or rest[-9:-8] != b" " or rest[-8:] != b"%08x" % zlib.crc32(memo[:-9]):
         return None
     try:
-        tally = json.loads(rest[1:-9])
-        tally = {k: tally[k] for k in (*_TALLY_COUNTS, "runtime", "soonest")}
-    except (ValueError, TypeError, KeyError):
+        return json.loads(rest[1:-9])
+    except ValueError:
         return None
-    return checksum, end, tally
 
 
 def _tally_now(tally: dict | None, stamp: str, journal: bytes, checksum: bytes) -> dict | None:
@@ -626,10 +636,11 @@ JOURNAL_MIN_BYTES: Final = 256 * KIB
 JOURNAL_MAX_BYTES: Final = 256 * KIB
 #: A store that does not journal (a CLI process) commits by a journal record
 #: too once the checkpoint is this big (rewriting a 6.6 MB checkpoint for one
-#: event cost a CLI append at 10,000 sessions most of its time), while the
-#: journal stays within ``CLI_JOURNAL_BYTES``: a smaller bound than the
-#: server's, because a CLI process reads and applies every record of it.
-CLI_JOURNAL_CHECKPOINT_BYTES: Final = 1 * MIB
+#: event cost a CLI append at 10,000 sessions most of its time; below this
+#: size a rewrite costs about what an append does), while the journal stays
+#: within ``CLI_JOURNAL_BYTES``: a smaller bound than the server's, because a
+#: CLI process reads and applies every record of it.
+CLI_JOURNAL_CHECKPOINT_BYTES: Final = 256 * KIB
 CLI_JOURNAL_BYTES: Final = 32 * KIB
 #: How long the state directory must have been unchanged before a sweep of it
 #: may be skipped: more than any file system's timestamp granularity, so a
@@ -2073,13 +2084,13 @@ def encode_ledger(ledger: Ledger) -> bytes:
     return head + tail
 
 
-def _encode_sealed(ledger: Ledger) -> tuple[bytes, bytes]:
+def _encode_sealed(ledger: Ledger, layout: dict[str, list[int]] | None = None) -> tuple[bytes, bytes]:
     """``encode_ledger``'s bytes in two pieces, to be written one after the
     other: everything up to the hex digest, then the digest and ``"}\n``.
     One join, one hash: at 10,000 sessions the body is ~6 MB, and each further
     copy of it (a concatenation) costs about as much as hashing it."""
     with _FRAGMENTS_LOCK:
-        parts = _encode_parts_locked(ledger)
+        parts = _encode_parts_locked(ledger, layout)
     parts.append(_CHECKSUM_TAIL)
     head = b"".join(parts)
     digest = _hasher(len(head))(memoryview(head)[: len(head) - len(_CHECKSUM_TAIL)])
@@ -2167,13 +2178,16 @@ class _Encoded:
         return _Encoded(keys, entries)
 
 
-def _encode_parts_locked(ledger: Ledger) -> list[bytes]:
-    """The canonical body as pieces to join, all but its closing brace."""
+def _encode_parts_locked(ledger: Ledger, layout: dict[str, list[int]] | None = None) -> list[bytes]:
+    """The canonical body as pieces to join, all but its closing brace.
+    ``layout`` (given): filled with where each member's value lies in the
+    body, and each map's number of records (see ``_checkpoint_layout``)."""
     parts = [b"{"]
     for name in sorted(f.name for f in attrs.fields(Ledger)):
         if len(parts) > 1:
             parts.append(b",")
         value = getattr(ledger, name)
+        mark = len(parts)
         lazy = _lazy_map_bytes(value) if isinstance(value, (dict, _Map)) else None
         if lazy is not None:
             parts += [_canonical(name) + b":", lazy]  # (the bytes read: not copied once more)
@@ -2187,6 +2201,14 @@ def _encode_parts_locked(ledger: Ledger) -> list[bytes]:
         else:
             parts.append(_canonical(name) + b":" + _canonical(to_json(value) if attrs.has(type(value))
                                                               else value))
+        if layout is not None:
+            layout[name] = [len(name) + 3, sum(len(p) for p in parts[mark:]),
+                            len(value) if isinstance(value, (dict, _Map)) else -1]
+    if layout is not None:  # (offsets within each member's pieces, then from the body's start)
+        at = 1
+        for entry in layout.values():
+            entry[0], entry[1] = at + entry[0], at + entry[1]
+            at = entry[1] + 1
     return parts
 
 
@@ -2200,6 +2222,12 @@ def decode_ledger(data: bytes, memo: bytes | None = None) -> Ledger:
     ``memo``: the ``ledger.validated`` memo.  When it starts with these
     bytes' (verified) checksum, the typed model wrote them, and the records
     are typed only as they are used (``_decode_vouched``)."""
+    return _decode_checkpoint(data, memo)[0]
+
+
+def _decode_checkpoint(data: bytes, memo: bytes | None = None
+                       ) -> tuple[Ledger, dict[str, list[int]] | None]:
+    """``decode_ledger``, and the checkpoint's layout when it was decoded lazily."""
     hint = _LEDGER_HINT
     if not data or data.isspace():  # (not strip(): that copies a 6 MB ledger)
         raise LedgerInvalid("ledger is empty", hint=hint)
@@ -2208,7 +2236,7 @@ def decode_ledger(data: bytes, memo: bytes | None = None) -> Ledger:
     cut = data.rfind(_CHECKSUM_TAIL)
     if memo is not None and memo[:64] == data[cut + len(_CHECKSUM_TAIL) : -3]:
         sealed = _sealing(data, cut)
-        vouched = _decode_vouched(data)  # used only once the checksum is known to match
+        vouched = _decode_vouched(data, memo_layout(memo))  # used once the checksum matches
         if sealed() and vouched is not None:
             return vouched
     split = split_checksum(data)
@@ -2238,7 +2266,7 @@ def decode_ledger(data: bytes, memo: bytes | None = None) -> Ledger:
         raise LedgerInvalid(f"ledger does not validate: {exc.message}", hint=hint) from None
     _check_ledger_keys(ledger, hint)
     _check_request_log_cursor(ledger.request_log, hint)
-    return ledger
+    return ledger, None
 
 
 def _sealed(data: bytes, cut: int) -> bool:
@@ -2268,7 +2296,8 @@ def _sealing(data: bytes, cut: int) -> Callable[[], bool]:
     return wait
 
 
-def _decode_vouched(data: bytes) -> Ledger | None:
+def _decode_vouched(data: bytes, layout: dict[str, list[int]] | None = None
+                    ) -> tuple[Ledger, dict[str, list[int]]] | None:
     """The ledger of a checkpoint body the typed model vouched for, its maps
     ``_LazyRecords`` (each with the bytes it was read from); None when the
     body is not laid out as the encoder writes it, or its members do not
@@ -2277,9 +2306,15 @@ def _decode_vouched(data: bytes) -> Ledger | None:
     and the shape of each map; each record is checked as strictly as the
     whole path checks it when it is typed (``_typed_record``).  The bytes
     are never decoded whole: a flat map is searched as bytes, and only the
-    other members are decoded, one at a time."""
+    other members are decoded, one at a time.  ``layout`` (the memo's, see
+    ``_checkpoint_layout``) tells where the members are and how many records
+    each map has; without it they are searched for and counted.  Returns the
+    ledger and its layout."""
+    limit = data.rfind(_CHECKSUM_TAIL)
     try:  # the body but its closing brace: up to the checksum member
-        members = _top_members(data, data.rfind(_CHECKSUM_TAIL))
+        members = _laid_out_members(data, limit, layout) if layout is not None else None
+        if members is None:  # no layout, or one that does not fit these bytes: search
+            layout, members = None, _top_members(data, limit)
     except (ValueError, RecursionError, IndexError):
         return None
     if members is None or members.get("schema", (None,))[0] != SCHEMA_ID:
@@ -2295,8 +2330,12 @@ def _decode_vouched(data: bytes) -> Ledger | None:
         span = body[start:end] if end else None
         later = _LATER_FIELDS.get(name)
         if raw is _UNREAD:
-            count = data.count(f'"{_FLAT_MAPS[name]}":"'.encode(), start, end)
-            if all(data.count(f'"{field}":'.encode(), start, end) == count for field in later or ()):
+            if layout is not None:  # (the writer wrote every field there is: the layout's stamp)
+                count = layout[name][2]
+            else:
+                count = data.count(f'"{_FLAT_MAPS[name]}":"'.encode(), start, end)
+            if layout is not None or all(data.count(f'"{field}":'.encode(), start, end) == count
+                                         for field in later or ()):
                 maps[name] = _LazyRecords(name, None, span, data, (start, end), count)
                 continue
             try:  # records written before a field existed
@@ -2320,7 +2359,33 @@ def _decode_vouched(data: bytes) -> Ledger | None:
         _check_request_log_cursor(shell.request_log, "")
     except (RelayError, LedgerInvalid):
         return None
-    return attrs.evolve(shell, **maps)
+    found = {name: [start, end, len(maps[name]) if name in maps else -1]
+             for name, (_, start, end) in members.items()}
+    return attrs.evolve(shell, **maps), found
+
+
+def _laid_out_members(data: bytes, limit: int, layout: dict[str, list[int]]
+                      ) -> dict[str, tuple[Any, int, int]] | None:
+    """``_top_members`` from a layout: each member's value where the layout
+    says, once the bytes agree (each member named just before it, one after
+    the other with a comma between, the last ending where the body does, a
+    flat map's braces at its ends); only the members that are not flat maps
+    are decoded."""
+    out: dict[str, tuple[Any, int, int]] = {}
+    pos = 1
+    for name, (start, end, count) in layout.items():
+        head = f'"{name}":'.encode()
+        if (not name.isidentifier() or start != pos + len(head) or end < start
+                or data[pos:start] != head or (pos > 1 and data[pos - 1:pos] != b",")):
+            return None
+        if name in _FLAT_MAPS and count > 0:
+            if data[start:start + 2] != b'{"' or data[end - 2:end] != b"}}":
+                return None
+            out[name] = (_UNREAD, start, end)
+        else:
+            out[name] = (_MEMBER_DECODER.decode(_utf8(data[start:end])), start, end)
+        pos = end + 1
+    return out if out and pos - 1 == limit and data[:1] == b"{" else None
 
 
 def _top_members(data: bytes, limit: int) -> dict[str, tuple[Any, int, int]] | None:
@@ -2427,6 +2492,38 @@ def _check_replies(ledger: Ledger) -> None:
                     inner.setdefault(name, default)
         from_json(rc.RPC_BY_NAME[record.method].response, record.reply,
                   path=f"requests.{key}.reply", complete=True)
+
+
+# -- the checkpoint's layout in the memo ---------------------------------------------
+#
+# A CLI commit on a vouched checkpoint found its flat maps' ends and counted
+# their records with scans of the whole text (~6 ms at 10,000 sessions).  The
+# writer knows both: the encoder fills in where each member's value lies and
+# each map's length (``_encode_parts_locked``), and the memo carries that
+# layout with the tally; a journal commit carries its checkpoint's on.  The
+# stamp says which fields the writer's records have (``_LATER_FIELDS``): a
+# reader with another stamp counts as before.
+
+_LAYOUT_FIELDS: Final = f"{zlib.crc32(repr(sorted(_LATER_FIELDS.items())).encode()):08x}"
+
+
+def _checkpoint_layout(members: dict[str, list[int]] | None) -> dict[str, Any] | None:
+    """The memo's form of a checkpoint's layout (member -> [start, end, records or -1])."""
+    return {"fields": _LAYOUT_FIELDS, "members": members} if members else None
+
+
+def memo_layout(memo: bytes) -> dict[str, list[int]] | None:
+    """The checkpoint layout a memo carries, if its writer's records have our
+    fields and its CRC holds (the caller has checked its checksum)."""
+    doc = _memo_doc(memo[81:], memo) if len(memo) > 81 else None  # (past checksum and length)
+    layout = doc.get("layout") if type(doc) is dict else None
+    if type(layout) is not dict or layout.get("fields") != _LAYOUT_FIELDS:
+        return None
+    members = layout.get("members")
+    if type(members) is not dict or not all(
+            type(v) is list and len(v) == 3 and all(type(x) is int for x in v) for v in members.values()):
+        return None
+    return members
 
 
 def _check_ledger_keys(ledger: Ledger, hint: str) -> None:
@@ -2764,6 +2861,8 @@ class _Snapshot:
     #: The checkpoint was decoded lazily (``decode_ledger``'s memo): only a
     #: commit takes such a snapshot from the cache; ``read`` decodes whole.
     lazy: bool = False
+    #: Where each member of the checkpoint lies (``_checkpoint_layout``), when known.
+    layout: dict[str, list[int]] | None = None
 
 
 #: A snapshot read while a checkpoint was renamed in: read again.
@@ -3074,9 +3173,9 @@ class Store:
             os.close(fd)
         memo = self._memo() if data is not None and lazy else None
         if data is not None:
-            base = decode_ledger(data, memo)
+            base, layout = _decode_checkpoint(data, memo)
             snap = _Snapshot(key, data[-CHECKSUM_TAIL_BYTES:], data[-67:-3].decode(), base,
-                             None, 0, b"", 0, base, type(base.sessions) is _LazyRecords)
+                             None, 0, b"", 0, base, type(base.sessions) is _LazyRecords, layout)
         else:
             snap = cache
         snap = self._read_journal(snap, cache)
@@ -3158,7 +3257,8 @@ class Store:
         descriptor (after a failed fsync the kernel may have dropped the dirty
         pages: the PostgreSQL lesson); the ledger stays the old or the new one.
         """
-        head, tail = _encode_sealed(ledger)
+        layout: dict[str, list[int]] = {}
+        head, tail = _encode_sealed(ledger, layout)
         tmp = self.state_dir / f"{TEMP_PREFIX}{os.getpid()}.{os.urandom(4).hex()}"
         try:
             _make_dirs(self.state_dir)
@@ -3189,10 +3289,10 @@ class Store:
         _failpoint("after_journal_cut")
         last = head[len(tail) - CHECKSUM_TAIL_BYTES :] + tail  # the file's last bytes
         self._cache = _Snapshot((st.st_ino, st.st_size, st.st_mtime_ns), last, tail[:-3].decode(),
-                                ledger, journal_key, 0, b"", 0, ledger)
+                                ledger, journal_key, 0, b"", 0, ledger, layout=layout)
         if (held := self._held()) is not None:
             self._pin_checkpoint(held, self._cache)
-        self._record_validated(tail[:-3], 0, ledger)
+        self._record_validated(tail[:-3], 0, ledger, layout)
 
     def _cut_journal(self) -> tuple[int, int, int] | None:
         """Empty the journal after a checkpoint; returns its identity.  Not
@@ -3297,16 +3397,18 @@ class Store:
         self._cache = attrs.evolve(snap, journal_key=(st.st_ino, st.st_size, st.st_mtime_ns),
                                    journal_end=new_end, journal_tail=line[-JOURNAL_TAIL_BYTES:],
                                    records=snap.records + 1, ledger=ledger)
-        self._record_validated(snap.digest.encode(), new_end, ledger)
+        self._record_validated(snap.digest.encode(), new_end, ledger, snap.layout)
         return True
 
-    def _record_validated(self, checksum: bytes, journal_end: int, ledger: Ledger) -> None:
+    def _record_validated(self, checksum: bytes, journal_end: int, ledger: Ledger,
+                          layout: dict[str, list[int]] | None = None) -> None:
         """Tell the fast status path that the checkpoint with this checksum and
         ``journal_end`` bytes of journal came from the typed model, and what
         ``ledger``, the ledger they make, counts (``memo_bytes``).  Scratch,
         not truth: losing it only makes ``status`` slower.  ``checksum`` is
         the hex digest ``encode_ledger`` wrote at the tail (no second hash)."""
-        memo = memo_bytes(checksum, journal_end, ledger_tally(ledger))
+        tally, laid = ledger_tally(ledger), _checkpoint_layout(layout)
+        memo = memo_bytes(checksum, journal_end, {**tally, "layout": laid} if laid else tally)
         # Overwritten in place, never truncated: most memos have the same
         # length, and O_TRUNC on a file about to be rewritten makes ext4 start
         # writeback at close (its replace-via-truncate heuristic), which cost

@@ -2401,7 +2401,7 @@ def scale_setup(bench: Bench, n: int, root: Path) -> dict[str, Any]:
     commit_ok(relay.Store(root), config, [append_mutation("bench", -1)])  # a fresh Store: cold cache
     first = time.perf_counter() - first_start
     # The commits measured are the server's: its store journals (a CLI's
-    # journals only on a checkpoint of 1 MiB or more: "CLI event append" below).
+    # journals only on a checkpoint of 256 KiB or more: "CLI event append" below).
     journaled = relay.Store(root, journal=True)
     durable = {"raw": raw, "raw_append": raw_append, "lease": timed_lease(journaled, config),
                "append": timed_append(journaled, config), "checkpoint": timed_checkpoint(journaled, config)}

@@ -19,8 +19,9 @@ from test_journal import check_streams, checkpoint, fresh, offline_gate
 
 import relay
 
-#: Sessions with a live lease each: a checkpoint of ~1.1 MiB.
-BIG_SESSIONS = 1_800
+#: Sessions with a live lease each: a checkpoint of ~0.55 MB (past the 512 KiB
+#: above which a vouched checkpoint is hashed beside its parse, too).
+BIG_SESSIONS = 900
 
 #: The steps a CLI event append on a big ledger passes, in order.
 CLI_JOURNAL_STEPS = ("after_lock", "after_logs_written", "after_logs_synced", "after_journal_write",
@@ -51,7 +52,8 @@ def big_workspace(root):
         leases[f"lease-{sid}"] = relay.attrs.evolve(lease, lease_id=f"lease-{sid}", session_id=sid)
     store.write(relay.attrs.evolve(ledger, revision=ledger.revision + 1, sessions=sessions,
                                    cursors=cursors, leases=leases))
-    assert store.ledger_path.stat().st_size >= relay.CLI_JOURNAL_CHECKPOINT_BYTES
+    assert store.ledger_path.stat().st_size >= max(relay.CLI_JOURNAL_CHECKPOINT_BYTES,
+                                                   relay._BIG_LEDGER_BYTES)
     return root
 
 
@@ -274,3 +276,43 @@ def test_a_due_compaction_with_nothing_to_archive_types_no_lease_or_session(big,
             assert sorted(typed) == ["cursors", "sessions"], sorted(typed)
             assert relay.Store(root).ledger_path.read_bytes() == checkpoint_bytes  # journaled
     assert relay.encode_ledger(ledgers[0]) == relay.encode_ledger(ledgers[1])
+
+
+# -- the checkpoint's layout in the memo -------------------------------------------------
+
+
+def test_the_memo_carries_the_checkpoint_layout_and_a_commit_reads_by_it(big, tmp_path, monkeypatch):
+    root = copy_of(big, tmp_path)
+    memo_file = root / relay.MEMO_REL
+    layout = relay.memo_layout(memo_file.read_bytes())
+    data = relay.Store(root).ledger_path.read_bytes()
+    found = relay._top_members(data, data.rfind(relay._CHECKSUM_TAIL))
+    assert [(name, start, end) for name, (start, end, _) in layout.items()] == [
+        (name, start, end) for name, (_, start, end) in found.items()]
+    ledger = fresh(root)
+    assert {name: n for name, (_, _, n) in layout.items() if n >= 0} == {
+        name: len(getattr(ledger, name)) for name in relay._LEDGER_MAPS}
+    # With the layout, a commit neither searches the text for the members nor counts records.
+    monkeypatch.setattr(relay, "_top_members", lambda *args: pytest.fail("searched"))
+    for _ in range(2):  # the second reads the layout a journal commit carried on
+        commit_ok(relay.Store(root), "AppendEvent", now=time.time(), session_id="s1", kind="k",
+                  config=relay.load_config(root / "flow"))
+        assert relay.memo_layout(memo_file.read_bytes()) == layout
+    assert fresh(root).cursors["s1"].events == 2
+
+
+def test_a_layout_that_does_not_fit_the_bytes_is_not_used(big, tmp_path):
+    root = copy_of(big, tmp_path)
+    memo_file = root / relay.MEMO_REL
+    checksum, vouched, tally = memo_tally(root)
+    layout = relay.memo_layout(memo_file.read_bytes())
+    shifted = {name: [start + 1, end + 1, n] for name, (start, end, n) in layout.items()}
+    for wrong in (shifted, {**layout, "schema": [0, 0, -1]}, dict(list(layout.items())[1:])):
+        memo_file.write_bytes(relay.memo_bytes(checksum, vouched, {
+            **tally, "layout": relay._checkpoint_layout(wrong)}))
+        snap = relay.Store(root).snapshot(lazy=True)  # searched for instead: still lazy
+        assert snap.lazy and snap.layout == layout and len(snap.ledger.sessions) == BIG_SESSIONS + 2
+    # A layout of another version of the record fields is not read at all.
+    memo_file.write_bytes(relay.memo_bytes(checksum, vouched, {
+        **tally, "layout": {"fields": "another", "members": layout}}))
+    assert relay.memo_layout(memo_file.read_bytes()) is None
