@@ -2222,12 +2222,27 @@ def decode_ledger(data: bytes, memo: bytes | None = None) -> Ledger:
     ``memo``: the ``ledger.validated`` memo.  When it starts with these
     bytes' (verified) checksum, the typed model wrote them, and the records
     are typed only as they are used (``_decode_vouched``)."""
-    return _decode_checkpoint(data, memo)[0]
+    ledger, _, sealed = _decode_checkpoint(data, memo)
+    if not sealed():
+        raise _unsealed()
+    return ledger
+
+
+def _unsealed() -> LedgerInvalid:
+    return LedgerInvalid("ledger checksum does not match its contents", hint=_LEDGER_HINT)
+
+
+def _sealed_already() -> bool:
+    return True
 
 
 def _decode_checkpoint(data: bytes, memo: bytes | None = None
-                       ) -> tuple[Ledger, dict[str, list[int]] | None]:
-    """``decode_ledger``, and the checkpoint's layout when it was decoded lazily."""
+                       ) -> tuple[Ledger, dict[str, list[int]] | None, Callable[[], bool]]:
+    """``decode_ledger``, the checkpoint's layout when it was decoded lazily,
+    and whether its checksum matches: a lazily decoded big checkpoint is
+    hashed meanwhile (``_sealing``), so the caller may do more work that
+    writes nothing (read the journal) before it asks, and must ask before
+    the ledger is used; a ledger decoded whole was checked already."""
     hint = _LEDGER_HINT
     if not data or data.isspace():  # (not strip(): that copies a 6 MB ledger)
         raise LedgerInvalid("ledger is empty", hint=hint)
@@ -2236,12 +2251,14 @@ def _decode_checkpoint(data: bytes, memo: bytes | None = None
     cut = data.rfind(_CHECKSUM_TAIL)
     if memo is not None and memo[:64] == data[cut + len(_CHECKSUM_TAIL) : -3]:
         sealed = _sealing(data, cut)
-        vouched = _decode_vouched(data, memo_layout(memo))  # used once the checksum matches
-        if sealed() and vouched is not None:
-            return vouched
+        vouched = _decode_vouched(data, memo_layout(memo))
+        if vouched is not None:
+            return (*vouched, sealed)
+        if not sealed():
+            raise _unsealed()
     split = split_checksum(data)
     if split is None:
-        raise LedgerInvalid("ledger checksum does not match its contents", hint=hint)
+        raise _unsealed()
     body = split[0]
     try:
         doc = rc.strict_loads(body)  # no NaN, no infinities, no number out of range
@@ -2266,7 +2283,7 @@ def _decode_checkpoint(data: bytes, memo: bytes | None = None
         raise LedgerInvalid(f"ledger does not validate: {exc.message}", hint=hint) from None
     _check_ledger_keys(ledger, hint)
     _check_request_log_cursor(ledger.request_log, hint)
-    return ledger, None
+    return ledger, None, _sealed_already
 
 
 def _sealed(data: bytes, cut: int) -> bool:
@@ -3172,13 +3189,16 @@ class Store:
         finally:
             os.close(fd)
         memo = self._memo() if data is not None and lazy else None
+        sealed = _sealed_already
         if data is not None:
-            base, layout = _decode_checkpoint(data, memo)
+            base, layout, sealed = _decode_checkpoint(data, memo)
             snap = _Snapshot(key, data[-CHECKSUM_TAIL_BYTES:], data[-67:-3].decode(), base,
                              None, 0, b"", 0, base, type(base.sessions) is _LazyRecords, layout)
         else:
             snap = cache
-        snap = self._read_journal(snap, cache)
+        snap = self._read_journal(snap, cache)  # (reads only: the checksum may still be hashed)
+        if not sealed():
+            raise _unsealed()
         if memo is not None and snap.lazy:
             _seed_from_memo(snap, memo)
         try:
