@@ -324,7 +324,8 @@ def _fast_status(argv: list[str]) -> int | None:
 def memo_bytes(checksum: bytes, journal_end: int, tally: dict) -> bytes:
     """The fast ``status`` memo: the checkpoint's checksum (64 hex), the
     length of journal the writer vouches for (16 digits), the writer's tally
-    of the ledger they make (``ledger_tally``; JSON padded with spaces to a
+    of the ledger they make (``ledger_tally``, with the checkpoint's layout
+    when the writer knows it: ``memo_layout``; JSON padded with spaces to a
     multiple of 64 bytes, so its length seldom changes), and a CRC-32 of all
     that: a torn memo fails its CRC."""
     import zlib
@@ -623,7 +624,7 @@ LOCK_NAME: Final = "relay-state.lock"
 PROVIDERS_RECORD: Final = "providers.json"
 SESSIONS_DIR: Final = "sessions"
 MEMO_NAME: Final = "ledger.validated"
-#: More than any memo's length (a tally is a few hundred bytes).
+#: More than any memo's length (a tally and a layout: about a kilobyte).
 MEMO_MAX_BYTES: Final = 64 * KIB
 #: The commit journal: records of commits since the checkpoint (``relay-state.json``).
 JOURNAL_NAME: Final = "relay-state.journal"
