@@ -274,7 +274,8 @@ def test_damaged_scratch_of_a_running_provider_fails(tmp_path, damage):
 async def test_a_served_workspace_with_a_turn_in_flight_passes(tmp_path):
     """A real server, two warm stand-in sessions, one stalled mid-turn under its
     lease: every runtime check passes; once serve is gone (graceful stop) too."""
-    from serve_helpers import STAND_IN, borrow_lease, serving, start_turn, warm_sessions
+    from serve_helpers import (STAND_IN, borrow_lease, profile_sessions, serving, start_turn,
+                               until_runtime, warm_sessions)
 
     config = relay.Config(stop_stdin_seconds=1.0, stop_term_seconds=1.0, stop_kill_seconds=1.0)
     with trio.fail_after(30):
@@ -286,10 +287,15 @@ async def test_a_served_workspace_with_a_turn_in_flight_passes(tmp_path):
             await start_turn(r, lease, "@stall wait here")
             live = r.server.service.runtime.sessions[lease["session_id"]]
             await live.proc.wait_stderr("stalled:")
+
+            async def refilled():  # the pool back to 2 idle besides the leased one
+                rows = [s for s in await profile_sessions(r, "cx") if s["process"]["state"] == "running"]
+                return len(rows) >= 3
+            await until_runtime(r, refilled)
             checks = await trio.to_thread.run_sync(run_gate, tmp_path, relay.time.time(), True)
             assert_checks(checks)
             assert "1 running turns" in checks["running_turns_leased"].evidence
-            # the pool refilled to 2 idle: 3 providers, all of this server
+            # 3 providers, all of this server
             assert checks["no_orphan_provider_processes"].evidence.startswith("3 provider processes")
     assert_checks(run_gate(tmp_path, relay.time.time()))
 
