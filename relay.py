@@ -7014,7 +7014,9 @@ class CodexProtocol(_JsonLinesProtocol):
     _next_id: int = attrs.field(init=False, default=0)
     _pending: dict = attrs.field(init=False, factory=dict)  # id -> (method, context)
     _approvals: dict = attrs.field(init=False, factory=dict)  # approval_id -> native request id
-    _usage: dict = attrs.field(init=False, factory=dict)  # thread_id -> last token usage
+    #: thread_id -> last token usage, until the thread is archived (a pooled
+    #: process runs a thread per lease: kept for ever, ~800 bytes a lease).
+    _usage: dict = attrs.field(init=False, factory=dict)
     _turns: dict = attrs.field(init=False, factory=dict)  # open turn_id -> thread_id
     _ended: dict = attrs.field(init=False, factory=dict)  # recently ended turn ids (an ordered set)
 
@@ -7129,7 +7131,8 @@ class CodexProtocol(_JsonLinesProtocol):
             return [TurnAccepted(thread_id=ctx["thread_id"], turn_id=turn_id, native=frame)]
         if method == "turn/interrupt":
             return [InterruptAcknowledged(thread_id=ctx["thread_id"], turn_id=ctx["turn_id"], native=frame)]
-        if method == "thread/archive":
+        if method == "thread/archive":  # no turn runs on it again: its usage is done with
+            self._usage.pop(ctx["thread_id"], None)
             return [ThreadArchived(thread_id=ctx["thread_id"], native=frame)]
         return [ProbeAnswered(request_id=str(rid), ok=True, native=frame)]  # thread/loaded/list
 
