@@ -1562,7 +1562,9 @@ def _utf8(data: bytes) -> str:
 
 
 #: A flat record (an object of strings and numbers) at the start of the match.
-_FLAT_RECORD: Final = re.compile(rb'\{(?:[^"{}]+|"(?:[^"\\]|\\.)*")*\}')
+#: Possessive: bytes that are not one fail in linear time (a backtracking
+#: ``(a+)*`` took exponential time on a damaged record).
+_FLAT_RECORD: Final = re.compile(rb'\{(?:[^"{}]++|"(?:[^"\\]++|\\.)*+")*+\}')
 
 
 def _record_end(text: bytes, at: int) -> int:
@@ -2241,9 +2243,8 @@ def _decode_checkpoint(data: bytes, memo: bytes | None = None
                        ) -> tuple[Ledger, dict[str, list[int]] | None, Callable[[], bool]]:
     """``decode_ledger``, the checkpoint's layout when it was decoded lazily,
     and whether its checksum matches: a lazily decoded big checkpoint is
-    hashed meanwhile (``_sealing``), so the caller may do more work that
-    writes nothing (read the journal) before it asks, and must ask before
-    the ledger is used; a ledger decoded whole was checked already."""
+    hashed meanwhile (``_sealing``), and the caller must ask before it reads
+    any record of the ledger; a ledger decoded whole was checked already."""
     hint = _LEDGER_HINT
     if not data or data.isspace():  # (not strip(): that copies a 6 MB ledger)
         raise LedgerInvalid("ledger is empty", hint=hint)
@@ -2342,6 +2343,7 @@ def _decode_vouched(data: bytes, layout: dict[str, list[int]] | None = None
     for name, default in _LATER_MEMBERS:
         doc.setdefault(name, default)
     maps = {}
+    complete = True  # every record has every field (else the layout found is not for the memo)
     for name in _LEDGER_MAPS:
         raw = doc.pop(name, None)
         start, end = members[name][1:] if name in members else (0, 0)
@@ -2356,6 +2358,7 @@ def _decode_vouched(data: bytes, layout: dict[str, list[int]] | None = None
                                          for field in later or ()):
                 maps[name] = _LazyRecords(name, None, span, data, (start, end), count)
                 continue
+            complete = False
             try:  # records written before a field existed
                 raw = _MEMBER_DECODER.decode(_utf8(data[start:end]))
             except (ValueError, RecursionError):
@@ -2370,7 +2373,7 @@ def _decode_vouched(data: bytes, layout: dict[str, list[int]] | None = None
                 if not wanted <= record.keys():  # written before a field existed: what its absence means
                     for key, default in later.items():
                         record.setdefault(key, default)
-                    span = None  # the bytes the typed form encodes to differ now
+                    span, complete = None, False  # the bytes the typed form encodes to differ now
         maps[name] = _LazyRecords(name, raw, span)
     try:
         shell = from_json(Ledger, {**doc, **{name: {} for name in _LEDGER_MAPS}}, complete=True)
@@ -2378,7 +2381,7 @@ def _decode_vouched(data: bytes, layout: dict[str, list[int]] | None = None
     except (RelayError, LedgerInvalid):
         return None
     found = {name: [start, end, len(maps[name]) if name in maps else -1]
-             for name, (_, start, end) in members.items()}
+             for name, (_, start, end) in members.items()} if complete else None
     return attrs.evolve(shell, **maps), found
 
 
@@ -3197,9 +3200,9 @@ class Store:
                              None, 0, b"", 0, base, type(base.sessions) is _LazyRecords, layout)
         else:
             snap = cache
-        snap = self._read_journal(snap, cache)  # (reads only: the checksum may still be hashed)
-        if not sealed():
+        if not sealed():  # before any record of it is read for the journal's records
             raise _unsealed()
+        snap = self._read_journal(snap, cache)
         if memo is not None and snap.lazy:
             _seed_from_memo(snap, memo)
         try:
@@ -14709,7 +14712,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     as_json = getattr(args, "json", False)
     rpc = rc.RPC_BY_NAME.get(args._cmd)
-    if rpc is None or rpc.streams or rpc.runtime:
+    if rpc is None or rpc.streams or rpc.runtime or rpc.name == "Recover":
         gc.enable()  # (a one-commit or one-read RPC leaves it off: see the module's start)
     request = rc.request_from_arguments(args._leaf, rpc, args) if rpc else None  # usage first
     try:

@@ -9,12 +9,15 @@ test sleeps.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
-from conftest import T0, commit_ok, mutation, run_cli, run_json
+from conftest import ROOT, T0, commit_ok, mutation, run_cli, run_json
 from test_journal import check_streams, checkpoint, fresh, offline_gate
 
 import relay
@@ -316,3 +319,65 @@ def test_a_layout_that_does_not_fit_the_bytes_is_not_used(big, tmp_path):
     memo_file.write_bytes(relay.memo_bytes(checksum, vouched, {
         **tally, "layout": {"fields": "another", "members": layout}}))
     assert relay.memo_layout(memo_file.read_bytes()) is None
+
+
+# -- found by review: a ledger of an earlier version, damage the journal's records touch ----
+
+
+def resealed(root, edit):
+    """The checkpoint's body edited as JSON and checksummed again (another writer's file)."""
+    import hashlib
+    import json
+
+    path = relay.Store(root).ledger_path
+    data = path.read_bytes()
+    body = json.loads(data[:data.rfind(relay._CHECKSUM_TAIL)] + b"}")
+    edit(body)
+    out = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    path.write_bytes(out[:-1] + relay._CHECKSUM_TAIL + hashlib.sha256(out).hexdigest().encode() + b'"}\n')
+
+
+def test_a_big_ledger_of_an_earlier_version_stays_usable_commit_after_commit(big, tmp_path):
+    """Sessions written before ``replaces``/``replaced_by`` existed: a layout
+    found on them is not stamped as having every field, so no later commit
+    reads a session as if it had them."""
+    root = copy_of(big, tmp_path)
+
+    def earlier(body):
+        for session in body["sessions"].values():
+            del session["replaces"], session["replaced_by"]
+    resealed(root, earlier)
+    (root / relay.MEMO_REL).unlink()
+    config = relay.load_config(root / "flow")
+    for i in range(4):
+        commit_ok(relay.Store(root), "AppendEvent", now=time.time(), config=config, session_id="s1",
+                  kind="k", data=i)
+        assert relay.memo_layout((root / relay.MEMO_REL).read_bytes()) is None
+    assert fresh(root).cursors["s1"].events == 4 and fresh(root).sessions["s1"].replaces == ""
+    assert run_json(root, "event", "append", "--session", "s1", "--kind", "cli")["record"]["seq"] == 5
+
+
+def test_damage_in_a_record_the_journal_touches_is_refused_as_a_checksum_mismatch(big, tmp_path):
+    """The journal's records are applied only once the checkpoint's checksum
+    matched: damage in a record they touch is reported as the checksum's."""
+    root = copy_of(big, tmp_path)
+    for _ in range(2):  # journal records that set s1's cursor
+        run_json(root, "event", "append", "--session", "s1", "--kind", "k")
+    path = relay.Store(root).ledger_path
+    data = bytearray(path.read_bytes())
+    at = data.index(b'"session_id":"s1"}', data.index(b'"cursors":')) + len(b'"session_id":"s1"')
+    data[at:at + 1] = b" "  # its closing brace: same length, the claimed checksum and the memo unchanged
+    path.write_bytes(bytes(data))
+    journal = relay.Store(root).journal_path.read_bytes()
+    code, _, err = run_cli(root, "event", "append", "--session", "s1", "--kind", "k", check=None)
+    assert code == 1 and "checksum does not match" in err, err
+    assert relay.Store(root).journal_path.read_bytes() == journal
+
+
+def test_bytes_that_are_not_a_flat_record_fail_to_match_at_once():
+    """A record cut short (long numbers, no closing brace) made the record
+    pattern backtrack exponentially: minutes for two 15-digit numbers."""
+    probe = ("import relay; assert relay._FLAT_RECORD.match("
+             "b'{\"events\":' + b'1' * 40 + b',\"x\":' + b'2' * 40 + b',\"y\":\"z\"') is None")
+    subprocess.run([sys.executable, "-c", probe], check=True, timeout=30,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})
