@@ -2299,8 +2299,9 @@ def _sealed(data: bytes, cut: int) -> bool:
 def _sealing(data: bytes, cut: int) -> Callable[[], bool]:
     """``_sealed(data, cut)``, begun now; call the result for the answer.  A
     big ledger is hashed in a worker thread (OpenSSL's SHA-256 lets go of the
-    interpreter), so that the caller parses it meanwhile: at 10,000 sessions
-    the 6.6 MB hash and the parse each take ~4 ms of a CLI mutation."""
+    interpreter), so that the caller parses its members meanwhile: at 10,000
+    sessions the 6.6 MB hash (and hashlib's import) take ~7 ms of a CLI
+    mutation."""
     if cut < _BIG_LEDGER_BYTES:
         answer = _sealed(data, cut)
         return lambda: answer
@@ -2316,7 +2317,7 @@ def _sealing(data: bytes, cut: int) -> Callable[[], bool]:
 
 
 def _decode_vouched(data: bytes, layout: dict[str, list[int]] | None = None
-                    ) -> tuple[Ledger, dict[str, list[int]]] | None:
+                    ) -> tuple[Ledger, dict[str, list[int]] | None] | None:
     """The ledger of a checkpoint body the typed model vouched for, its maps
     ``_LazyRecords`` (each with the bytes it was read from); None when the
     body is not laid out as the encoder writes it, or its members do not
@@ -2328,7 +2329,8 @@ def _decode_vouched(data: bytes, layout: dict[str, list[int]] | None = None
     other members are decoded, one at a time.  ``layout`` (the memo's, see
     ``_checkpoint_layout``) tells where the members are and how many records
     each map has; without it they are searched for and counted.  Returns the
-    ledger and its layout."""
+    ledger and its layout (None when a map's records lack a later field: such
+    a layout must not go into a memo that says every record has them)."""
     limit = data.rfind(_CHECKSUM_TAIL)
     try:  # the body but its closing brace: up to the checksum member
         members = _laid_out_members(data, limit, layout) if layout is not None else None
@@ -7894,7 +7896,6 @@ class ProviderProcess:
     def spawn(self, now: float) -> None:
         """Fork and exec the child (on the calling, trio, thread: see above)."""
         import shlex
-
         import subprocess
 
         fds = [os.pipe() for _ in range(3)]  # stdin, stdout, stderr: (read, write)
